@@ -1,0 +1,114 @@
+"""The one settings object: `llmops.yaml`, then `LLMOPS_...` environment overrides, then flags.
+
+Each package owns its config model (training, registry, ...); this module composes them. Nested
+keys use a double underscore in the environment: `LLMOPS_TRAINING__WORKERS=1`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from training.config import RegistryConfig, TrainingConfig, TuneConfig
+from training.errors import LLMOpsError
+
+DEFAULT_FILE = "llmops.yaml"
+ENV_PREFIX = "LLMOPS_"
+CONFIG_ENV = "LLMOPS_CONFIG"
+
+
+class SettingsError(LLMOpsError):
+    """An unreadable settings file, an unknown key or a bad value."""
+
+
+class RayConfig(BaseModel):
+    """Where Ray runs: empty `address` starts a local head for the command; `auto` joins one."""
+
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+    include_dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    metrics_export_port: int = Field(8080, ge=1, le=65535)
+
+
+class Settings(BaseModel):
+    """Every setting of the platform, validated once at the edge."""
+
+    model_config = ConfigDict(extra="forbid")
+    data_dir: Path = Path(".llmops")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @property
+    def storage_path(self) -> Path:
+        """Ray Train / Tune results and checkpoints."""
+        return self.data_dir.resolve() / "ray_results"
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        node = tree.get(key)
+        if not isinstance(node, dict):
+            node = tree[key] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict:
+    """`LLMOPS_A__B=value` as {"a": {"b": value}}, values parsed as YAML scalars."""
+    tree: dict = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        _set_path(tree, path, yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(root)"
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {where}: {msg}{more}"
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                  overrides: dict | None = None) -> Settings:
+    """Settings from the file (`--config`, `$LLMOPS_CONFIG` or ./llmops.yaml if present),
+    environment overrides and explicit overrides (command-line flags), in that order."""
+    environ = os.environ if environ is None else environ
+    explicit = path or environ.get(CONFIG_ENV)
+    file = Path(explicit) if explicit else Path(DEFAULT_FILE)
+    tree: dict = {}
+    if explicit or file.exists():
+        try:
+            tree = yaml.safe_load(file.read_text()) or {}
+        except OSError as exc:
+            raise SettingsError(f"cannot read settings file {file}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{file}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(tree, dict):
+            raise SettingsError(f"{file}: expected a mapping of settings at the top level")
+    tree = _merge(_merge(tree, env_overrides(environ)), overrides or {})
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, str(file) if tree else "settings")) from exc

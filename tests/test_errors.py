@@ -1,0 +1,84 @@
+"""Bad input: one clear error, a non-zero exit in the CLI, and nothing half-registered."""
+
+import subprocess
+import sys
+
+import pytest
+
+from training.errors import InvalidData, RegistryUnavailable, UnknownName
+from training.job import TaskData, build_task_data, fit_and_register
+from training.registry import Registry
+
+
+def _fit(settings, registry, data, task="support-router"):
+    return fit_and_register(settings.training, registry, task, data,
+                            storage_path=settings.storage_path, use_gpu=False)
+
+
+def _versions(registry) -> int:
+    return len(registry.client.search_model_versions())
+
+
+def test_unknown_task_and_scenario(settings, registry):
+    with pytest.raises(UnknownName, match="unknown task 'sentiment'"):
+        build_task_data(settings.training, "sentiment")
+    with pytest.raises(UnknownName, match="unknown scenario 'winter'"):
+        build_task_data(settings.training, "support-router", "winter")
+
+
+def test_empty_dataset_is_rejected_before_training(settings, registry):
+    data = build_task_data(settings.training, "support-router")
+    data = TaskData(data.train.iloc[:0], data.validation, data.holdouts)
+    with pytest.raises(InvalidData, match="empty"):
+        _fit(settings, registry, data)
+    assert _versions(registry) == 0
+
+
+def test_label_missing_from_training_data_is_rejected(settings, registry):
+    data = build_task_data(settings.training, "support-router")
+    data = TaskData(data.train[data.train.label != "security"], data.validation, data.holdouts)
+    with pytest.raises(InvalidData, match=r"\['security'\] never occur"):
+        _fit(settings, registry, data)
+    assert _versions(registry) == 0
+
+
+def test_unreachable_mlflow_fails_fast_and_registers_nothing(settings):
+    unreachable = settings.registry.model_copy(update={"tracking_uri": "http://127.0.0.1:9",
+                                                       "timeout_s": 2})
+    with pytest.raises(RegistryUnavailable, match="127.0.0.1:9 is unreachable"):
+        _fit(settings, Registry(unreachable, settings.data_dir),
+             build_task_data(settings.training, "support-router"))
+    assert not settings.storage_path.exists()  # no training was started
+
+
+def test_failed_alias_rolls_back_the_new_version(ray_session, settings, registry, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refuse)
+    with pytest.raises(RuntimeError, match="registry went away"):
+        _fit(settings, registry, build_task_data(settings.training, "moderation"), "moderation")
+    monkeypatch.undo()
+    assert _versions(registry) == 0
+
+
+def _cli(*args, data_dir):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["train", "sentiment"], 2, "unknown task 'sentiment'"),
+    (["train", "support-router", "--scenario", "winter"], 2, "unknown scenario 'winter'"),
+    (["train", "support-router", "--mlflow-uri", "http://127.0.0.1:9"], 3, "unreachable"),
+    (["models", "--mlflow-uri", "gopher://x"], 2, "tracking_uri"),
+])
+def test_cli_errors_are_one_line_without_traceback(tmp_path, args, code, fragment):
+    proc = _cli(*args, data_dir=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, proc.stderr
+    assert fragment in lines[-1] and lines[-1].startswith("llmops: error:")
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""

@@ -1,0 +1,121 @@
+"""Typed configuration of the training package: tasks, models, DeepSpeed and the registry."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BUNDLED_ENCODER = "all-MiniLM-L6-v2"
+SCRATCH = "scratch"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """Where a fine-tune starts from.
+
+    `source` is the bundled encoder (`all-MiniLM-L6-v2`), `scratch` (a fresh model built from
+    `architecture`), a local Hugging Face model folder, or a registered `models:/NAME@ALIAS`.
+    """
+
+    source: str = BUNDLED_ENCODER
+    architecture: dict[str, Any] = Field(default_factory=dict)
+    max_length: int = Field(64, ge=8, le=512)
+    tokenizer_vocab_size: int = Field(2000, ge=300, description="BPE vocab trained for scratch LMs")
+
+
+class TaskConfig(_Strict):
+    """One trainable task: which dataset, which kind of model, how long."""
+
+    dataset: Literal["support-tickets", "moderation"]
+    kind: Literal["classification", "causal-lm"]
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    label_priors: dict[str, float] | None = None
+    train_size: int = Field(2400, ge=1)
+    holdout_size: int = Field(300, ge=1)
+    holdouts: list[str] = Field(default_factory=lambda: ["base"])
+    epochs: int = Field(2, ge=1, le=100)
+    batch_size: int = Field(16, ge=1, le=1024)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+
+
+class DeepSpeedConfig(_Strict):
+    """ZeRO stage and precision; bf16 is used on GPUs that support it."""
+
+    stage: int = Field(2, ge=0, le=3)
+    bf16: Literal["auto", "on", "off"] = "auto"
+    gradient_clipping: float = Field(1.0, ge=0)
+
+
+def _default_tasks() -> dict[str, TaskConfig]:
+    gpt2_tiny = {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 128}
+    return {
+        "support-router": TaskConfig(
+            dataset="support-tickets", kind="classification", train_size=2400, epochs=2,
+            learning_rate=1e-4, holdouts=["base", "new-product", "label-shift", "concept-shift",
+                                          "slang"]),
+        "moderation": TaskConfig(
+            dataset="moderation", kind="classification", train_size=1600, epochs=2,
+            learning_rate=1e-4, holdouts=["base", "new-product", "slang"]),
+        "rewriter": TaskConfig(
+            dataset="moderation", kind="causal-lm", label_priors={"toxic": 1.0}, train_size=2000,
+            holdout_size=200, epochs=6, batch_size=32, learning_rate=2e-3, holdouts=["base", "slang"],
+            model=ModelSpec(source=SCRATCH, architecture=gpt2_tiny, max_length=96)),
+    }
+
+
+class TrainingConfig(_Strict):
+    """How fine-tunes run: workers, DeepSpeed, seed, and the tasks that can be trained."""
+
+    workers: int = Field(2, ge=1, le=256)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    seed: int = 0
+    max_failures: int = Field(2, ge=0)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    tasks: dict[str, TaskConfig] = Field(default_factory=_default_tasks)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _merge_task_defaults(cls, value: Any) -> Any:
+        """A task named in the settings file overrides only the fields it names."""
+        if not isinstance(value, dict):
+            return value
+        merged = {k: v.model_dump() for k, v in _default_tasks().items()}
+        for name, task in value.items():
+            if isinstance(task, TaskConfig):
+                task = task.model_dump()
+            base = merged.get(name, {})
+            model = {**base.get("model", {}), **task.get("model", {})}
+            merged[name] = {**base, **task, **({"model": model} if model else {})}
+        return merged
+
+
+class TuneConfig(_Strict):
+    """A small search over learning rate and epochs with ASHA early stopping."""
+
+    trials: int = Field(4, ge=1, le=100)
+    learning_rates: list[float] = Field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
+    epochs: list[int] = Field(default_factory=lambda: [1, 2])
+    grace_period: int = Field(1, ge=1)
+
+
+class RegistryConfig(_Strict):
+    """MLflow tracking and registry; empty `tracking_uri` means SQLite under the data dir."""
+
+    tracking_uri: str | None = None
+    experiment: str = "llmops"
+    timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _known_scheme(self) -> RegistryConfig:
+        uri = self.tracking_uri
+        if uri and not uri.startswith(("http://", "https://", "sqlite:///", "file:", "databricks")):
+            raise ValueError(f"tracking_uri must be http(s)://, sqlite:/// or file:, got {uri!r}")
+        return self
+

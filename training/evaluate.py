@@ -1,0 +1,54 @@
+"""Holdout metrics: accuracy, macro-F1, per-class F1 and calibration for classifiers;
+loss and perplexity for language models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+from training.models import lm_losses, perplexity, predict_proba
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 10) -> float:
+    """Mean gap between confidence and accuracy over equal-width confidence bins."""
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs((pred[in_bin] == y_true[in_bin]).mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def classification_metrics(probs: np.ndarray, y_true: Sequence[str], labels: Sequence[str]) -> dict:
+    idx = {lbl: i for i, lbl in enumerate(labels)}
+    y = np.array([idx[v] for v in y_true])
+    pred = probs.argmax(axis=1)
+    per_class = f1_score(y, pred, labels=range(len(labels)), average=None, zero_division=0)
+    present = sorted(set(y) | set(pred))
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
+        "ece": expected_calibration_error(probs, y),
+        **{f"f1_{lbl}": float(per_class[i]) for i, lbl in enumerate(labels)},
+    }
+
+
+def evaluate_classifier(model, tokenizer, holdouts: dict, labels: Sequence[str],
+                        max_length: int) -> dict[str, dict]:
+    """Metrics per named holdout (each a DataFrame with `text` and `label`)."""
+    return {name: classification_metrics(predict_proba(model, tokenizer, list(df.text), max_length),
+                                         list(df.label), labels)
+            for name, df in holdouts.items()}
+
+
+def evaluate_lm(model, tokenizer, holdouts: dict, max_length: int) -> dict[str, dict]:
+    """Target-token loss and perplexity per named holdout (`text` -> `rewrite`)."""
+    out = {}
+    for name, df in holdouts.items():
+        nll, tokens = lm_losses(model, tokenizer, list(df.text), list(df.rewrite), max_length)
+        out[name] = {"loss": nll / max(tokens, 1), "perplexity": perplexity(nll, tokens)}
+    return out

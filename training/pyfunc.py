@@ -1,0 +1,49 @@
+"""The MLflow pyfunc wrapper every registered model is logged with.
+
+The Hugging Face folder travels as the `hf` artifact, next to `llmops.json` (task kind, labels,
+max length), so any MLflow client can `mlflow.pyfunc.load_model("models:/NAME@champion")`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+import pandas as pd
+
+from training.models import generate_text, predict_proba
+
+META_FILE = "llmops.json"
+GENERATION_PARAMS = {"max_new_tokens": 48, "temperature": 0.0, "seed": 0}
+
+
+def load_hf(folder: Path):
+    """Model, tokenizer and metadata from an `hf` artifact folder."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    meta = json.loads((folder / META_FILE).read_text())
+    auto = AutoModelForSequenceClassification if meta["kind"] == "classification" else AutoModelForCausalLM
+    return auto.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), meta
+
+
+class TaskModel(mlflow.pyfunc.PythonModel):
+    """`predict(DataFrame[text])`: label, confidence and per-class probabilities for
+    classifiers; the rewrite for language models (params: max_new_tokens, temperature, seed)."""
+
+    def load_context(self, context) -> None:
+        self.model, self.tokenizer, self.meta = load_hf(Path(context.artifacts["hf"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        texts = [str(t) for t in model_input["text"]]
+        if self.meta["kind"] == "classification":
+            probs = predict_proba(self.model, self.tokenizer, texts, self.meta["max_length"])
+            labels = self.meta["labels"]
+            out = pd.DataFrame(probs, columns=[f"prob_{lbl}" for lbl in labels])
+            out.insert(0, "confidence", probs.max(axis=1) if len(texts) else [])
+            out.insert(0, "label", [labels[i] for i in probs.argmax(axis=1)])
+            return out
+        p = {**GENERATION_PARAMS, **(params or {})}
+        return pd.DataFrame({"text": generate_text(self.model, self.tokenizer, texts,
+                                                   int(p["max_new_tokens"]), float(p["temperature"]),
+                                                   int(p["seed"]))})

@@ -1,0 +1,194 @@
+"""MLflow tracking and Model Registry: one run per fine-tune, one version per accepted model.
+
+Aliases: the first version of a model becomes `champion`; later ones become `challenger` until
+something promotes them. A version is either fully registered (artifacts, metrics, alias) or
+deleted again: a failure part-way leaves no half-registered version behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from training.config import RegistryConfig
+from training.errors import LLMOpsError, RegistryUnavailable
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: int
+    alias: str
+    run_id: str
+    model_uri: str
+
+
+@dataclass
+class RunRecord:
+    """What a fine-tune leaves for the registry to record."""
+
+    task: str
+    model_dir: Path
+    params: dict
+    history: list[dict]
+    holdout_metrics: dict[str, dict]
+    ds_config: dict
+    datasets: dict[str, pd.DataFrame]
+    input_example: pd.DataFrame
+    tags: dict
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def download_hf_model(model_uri: str) -> Path:
+    """The Hugging Face folder inside a registered model (for `models:/NAME@ALIAS` sources)."""
+    import mlflow.artifacts
+
+    dst = Path(tempfile.mkdtemp(prefix="llmops-model-"))
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    folder = root / "artifacts" / "hf"
+    if not folder.is_dir():
+        raise LLMOpsError(f"{model_uri} was not registered by llmops (no hf artifact)")
+    return folder
+
+
+class Registry:
+    """The MLflow tracking server and model registry of one platform."""
+
+    def __init__(self, config: RegistryConfig, data_dir: Path):
+        self.config = config
+        self.data_dir = Path(data_dir).resolve()
+        self.tracking_uri = config.tracking_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def check(self) -> None:
+        """Fail fast, before any training, when the tracking server cannot be reached."""
+        if self.tracking_uri.startswith("sqlite:///"):
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(self.config.timeout_s))
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:  # any transport or store error means: unreachable
+            raise RegistryUnavailable(f"MLflow at {self.tracking_uri} is unreachable: "
+                                      f"{str(exc).splitlines()[0][:200]}") from exc
+        finally:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.config.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if not self.tracking_uri.startswith(("http://", "https://", "databricks")):
+            location = (self.data_dir / "artifacts").as_uri()
+        return self.client.create_experiment(self.config.experiment, artifact_location=location)
+
+    def record(self, record: RunRecord) -> RegisteredVersion:
+        """Log the run (params, per-epoch metrics, datasets, DeepSpeed config, model) and
+        register it as a new version with its alias."""
+        import mlflow
+        from mlflow.models import infer_signature
+
+        from training.pyfunc import GENERATION_PARAMS, TaskModel, load_hf
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(experiment_id=self._experiment_id(),
+                              run_name=f"{record.task}-finetune") as run:
+            mlflow.set_tags({"llmops.task": record.task, "git_commit": _git_commit(), **record.tags})
+            mlflow.log_params(record.params)
+            for epoch in record.history:
+                mlflow.log_metrics({k: float(v) for k, v in epoch.items() if k != "epoch"},
+                                   step=int(epoch["epoch"]))
+            for holdout, metrics in record.holdout_metrics.items():
+                mlflow.log_metrics({f"{holdout}_{k}": v for k, v in metrics.items()})
+            mlflow.log_dict(record.ds_config, "deepspeed_config.json")
+            for context, (name, df) in zip(["training"] + ["evaluation"] * len(record.datasets),
+                                           record.datasets.items()):
+                mlflow.log_input(mlflow.data.from_pandas(df, name=name),
+                                 context=context, tags={"scenario": name.split(":")[-1]})
+            reference = next(iter(record.datasets.values()))
+            with tempfile.TemporaryDirectory() as tmp:
+                reference.to_parquet(Path(tmp) / "reference.parquet", index=False)
+                mlflow.log_artifact(str(Path(tmp) / "reference.parquet"), "data")
+            model, tokenizer, meta = load_hf(record.model_dir)
+            sample = TaskModel()
+            sample.model, sample.tokenizer, sample.meta = model, tokenizer, meta
+            params = GENERATION_PARAMS if meta["kind"] == "causal-lm" else None
+            signature = infer_signature(record.input_example,
+                                        sample.predict(None, record.input_example), params=params)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=TaskModel(), artifacts={"hf": str(record.model_dir)},
+                signature=signature, input_example=record.input_example,
+                pip_requirements=_requirements(), metadata={"llmops": meta})
+        return self._register(record.task, info.model_uri, run.info.run_id)
+
+    def _register(self, name: str, model_uri: str, run_id: str) -> RegisteredVersion:
+        import mlflow
+
+        client = self.client
+        first = not client.search_model_versions(f"name='{name}'", max_results=1)
+        mv = mlflow.register_model(model_uri, name, tags={"llmops.run_id": run_id})
+        alias = CHAMPION if first else CHALLENGER
+        try:
+            client.set_registered_model_alias(name, alias, mv.version)
+            client.set_model_version_tag(name, mv.version, "llmops.alias_on_registration", alias)
+        except Exception:
+            client.delete_model_version(name, mv.version)
+            raise
+        return RegisteredVersion(name, int(mv.version), alias, run_id, f"models:/{name}@{alias}")
+
+    def models(self) -> list[dict]:
+        """Registered models with their versions, aliases and key holdout metrics."""
+        client = self.client
+        out = []
+        for rm in client.search_registered_models():
+            aliases_by_version: dict[str, list[str]] = {}
+            for alias, version in (rm.aliases or {}).items():
+                aliases_by_version.setdefault(str(version), []).append(alias)
+            versions = []
+            for mv in sorted(client.search_model_versions(f"name='{rm.name}'"),
+                             key=lambda v: int(v.version)):
+                metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+                key = {k: round(v, 4) for k, v in metrics.items()
+                       if k.endswith(("_macro_f1", "_perplexity"))}
+                versions.append({"version": int(mv.version), "aliases": aliases_by_version.get(
+                    str(mv.version), []), "run_id": mv.run_id, "metrics": key})
+            out.append({"name": rm.name, "versions": versions,
+                        "aliases": {a: int(v) for a, v in (rm.aliases or {}).items()}})
+        return sorted(out, key=lambda m: m["name"])
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "mlflow")] + [
+        "pandas<3", "llmops"]
+
+
+def write_meta(model_dir: Path, meta: dict) -> None:
+    """Describe a HF folder for `TaskModel` (kind, labels, max length)."""
+    from training.pyfunc import META_FILE
+
+    (model_dir / META_FILE).write_text(json.dumps(meta))
