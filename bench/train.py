@@ -1,7 +1,7 @@
 """Fine-tune throughput: DeepSpeed ZeRO 0 and 2 on 2 Ray Train workers against a plain
 single-process PyTorch loop, same model, data and batch size, in one run.
 
-    python bench/train.py --json [--samples 512] [--model all-MiniLM-L6-v2|tiny]
+    python bench/train.py --json [--samples 512] [--task support-router] [--tiny]
 
 Prints samples/s per configuration (measured inside the training loop, so start-up is excluded;
 wall seconds including start-up are shown too) and each one's ratio to the baseline.
@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import runtime  # noqa: E402
+from cluster.settings import load_settings  # noqa: E402
 from training.config import DeepSpeedConfig, ModelSpec  # noqa: E402
 from training.data import generate, labels_of  # noqa: E402
 from training.finetune import FinetuneSpec, fit  # noqa: E402
@@ -52,17 +53,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--model", default="all-MiniLM-L6-v2", help="a model source or 'tiny'")
+    parser.add_argument("--task", default="support-router", help="whose model config to use")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer scratch model instead")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     runtime.apply_platform_env()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    model = (ModelSpec(source="scratch", architecture=TINY) if args.model == "tiny"
-             else ModelSpec(source=args.model))
-    df = generate("support-tickets", "base", args.samples, seed=0)
-    labels = labels_of("support-tickets")
+    task = load_settings().training.tasks[args.task]
+    model = ModelSpec(source="scratch", architecture=TINY) if args.tiny else task.model
+    df = generate(task.dataset, "base", args.samples, seed=0)
+    labels = labels_of(task.dataset)
     targets = [labels.index(v) for v in df.label]
     spec = FinetuneSpec(kind="classification", model=model,
                         tokenizer=load_tokenizer(model, "classification"), labels=labels,
@@ -88,8 +90,9 @@ def main() -> None:
                 "samples_per_s": round(sps, 2), "ratio": round(sps / baseline, 3),
                 "wall_s_with_startup": round(time.perf_counter() - started, 1)}
     ray.shutdown()
-    report = {"benchmark": "finetune_throughput", "model": args.model, "samples": args.samples,
-              "batch_size": args.batch_size, "cpus": os.cpu_count(), "results": results}
+    report = {"benchmark": "finetune_throughput", "task": args.task, "model": model.model_dump(),
+              "samples": args.samples, "batch_size": args.batch_size, "cpus": os.cpu_count(),
+              "results": results}
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
 
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cluster import runtime
 from cluster.settings import Settings, load_settings
@@ -36,9 +37,15 @@ def _registry(settings: Settings):
     return Registry(settings.registry, settings.data_dir)
 
 
-def _emit(args, payload: dict, human: Callable[[dict], str]) -> None:
-    text = json.dumps(payload, default=str) if args.json else human(payload)
-    print(text, file=args.stdout, flush=True)
+@dataclass
+class Output:
+    """What a command reports: printed as JSON with --json, else as human-readable text."""
+
+    payload: dict
+    human: Callable[[dict], str]
+
+    def render(self, as_json: bool) -> str:
+        return json.dumps(self.payload, default=str) if as_json else self.human(self.payload)
 
 
 def cmd_data_generate(args) -> None:
@@ -66,7 +73,7 @@ def _format_job(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> Output:
     from training.job import build_task_data, fit_and_register, task_config, with_overrides
 
     settings = _settings(args)
@@ -80,10 +87,10 @@ def cmd_train(args) -> None:
     result = fit_and_register(config, registry, args.task, data,
                               storage_path=settings.storage_path,
                               use_gpu=runtime.use_gpu(config.use_gpu))
-    _emit(args, result.to_dict(), _format_job)
+    return Output(result.to_dict(), _format_job)
 
 
-def cmd_tune(args) -> None:
+def cmd_tune(args) -> Output:
     from training.tune import tune_task
 
     settings = _settings(args)
@@ -95,10 +102,10 @@ def cmd_tune(args) -> None:
     result = tune_task(settings.training, tune, registry, args.task,
                        storage_path=settings.storage_path,
                        use_gpu=runtime.use_gpu(settings.training.use_gpu))
-    _emit(args, result.to_dict(), _format_job)
+    return Output(result.to_dict(), _format_job)
 
 
-def cmd_models(args) -> None:
+def cmd_models(args) -> Output:
     settings = _settings(args)
     registry = _registry(settings)
     registry.check()
@@ -114,7 +121,7 @@ def cmd_models(args) -> None:
                 lines.append(f"  v{v['version']:<3} {tag:22} {shown}")
         return "\n".join(lines) or "no registered models"
 
-    _emit(args, {"models": models}, human)
+    return Output({"models": models}, human)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,12 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     runtime.apply_platform_env()
     args = build_parser().parse_args(argv)
-    # With --json, stdout carries exactly one JSON object: everything else goes to stderr.
-    args.stdout = sys.stdout
-    quiet = contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else None
+    as_json = getattr(args, "json", False)
+    # With --json, stdout carries exactly one JSON object: Ray's and the libraries' output goes
+    # to stderr until Ray has shut down.
     try:
-        with quiet or contextlib.nullcontext():
-            args.func(args)
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            try:
+                output = args.func(args)
+            finally:
+                runtime.disconnect()
+        if output is not None:
+            print(output.render(as_json), flush=True)
     except LLMOpsError as exc:
         print(f"llmops: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -14,7 +14,11 @@ PLATFORM_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else each progress line reaches the driver twice
 }
+
+
+_started_here = False
 
 
 def apply_platform_env() -> None:
@@ -26,6 +30,7 @@ def connect(config: RayConfig) -> None:
     """Join the configured cluster, or start a local head with the dashboard on loopback."""
     import ray
 
+    global _started_here
     apply_platform_env()
     if ray.is_initialized():
         return
@@ -37,6 +42,17 @@ def connect(config: RayConfig) -> None:
                   "_metrics_export_port": config.metrics_export_port}
     ray.init(address=config.address, log_to_driver=True, configure_logging=True,
              logging_level="WARNING", runtime_env={"env_vars": dict(PLATFORM_ENV)}, **kwargs)
+    _started_here = True
+
+
+def disconnect() -> None:
+    """Undo `connect` (a local head it started stops); a Ray the caller started stays up."""
+    import ray
+
+    global _started_here
+    if _started_here:
+        ray.shutdown()
+        _started_here = False
 
 
 def use_gpu(setting: str) -> bool:

@@ -6,12 +6,11 @@ import os
 
 import pytest
 
-os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                   "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                   "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
-                   "RAY_DEDUP_LOGS": "0"})
+from cluster.runtime import PLATFORM_ENV, apply_platform_env
+from cluster.settings import Settings
 
-from cluster.settings import Settings  # noqa: E402
+os.environ["RAY_AUTH_MODE"] = "disabled"
+apply_platform_env()
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
              "intermediate_size": 64}
@@ -24,7 +23,8 @@ def tiny_settings(data_dir, **training) -> Settings:
                   "train_size": 192, "holdout_size": 48, "epochs": 2, "batch_size": 16,
                   "learning_rate": 1e-3}
     tasks = {
-        "support-router": {**classifier, "holdouts": ["base", "new-product"]},
+        "support-router": {**classifier, "holdouts": ["base", "new-product"],
+                           "model": {**classifier["model"], "freeze_embeddings": True}},
         "moderation": {**classifier, "holdouts": ["base"]},
         "rewriter": {"model": {"source": "scratch", "architecture": TINY_GPT2, "max_length": 64,
                                "tokenizer_vocab_size": 400},
@@ -43,7 +43,7 @@ def ray_session():
     import ray
 
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": dict(PLATFORM_ENV)})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -142,7 +142,8 @@ def train_loop(config: dict) -> None:
     _, val_loader = _loader(_encode(spec, spec.val_inputs, spec.val_targets), spec, rank, world, False)
     total_steps = spec.epochs * len(loader)
     warmup = max(1, int(spec.warmup_ratio * total_steps))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate,
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=spec.learning_rate,
                                   weight_decay=spec.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup + 1))))
@@ -202,14 +203,19 @@ def consolidate(checkpoint_dir: Path, kind: str, out_dir: Path):
     from transformers import AutoTokenizer
 
     ds_config = json.loads((checkpoint_dir / "ds_config.json").read_text())
-    if ds_config["zero_optimization"]["stage"] == 0:
-        states = torch.load(checkpoint_dir / _TAG / "mp_rank_00_model_states.pt",
-                            map_location="cpu", weights_only=False)
-        state_dict = {k: v.float() for k, v in states["module"].items()}
-    else:
+    stage = ds_config["zero_optimization"]["stage"]
+    state_dict: dict[str, torch.Tensor] = {}
+    if stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=_TAG)
+    if stage < 3:
+        # Below stage 3 the module states hold every weight; they supply stage 0 entirely, and
+        # frozen weights, which stage 1 partitions leave out.
+        module = torch.load(checkpoint_dir / _TAG / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)["module"]
+        for key, value in module.items():
+            state_dict.setdefault(key, value.float())
     model = model_from_state_dict(checkpoint_dir / _HF_DIR, kind, state_dict)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir / _HF_DIR)
     model.save_pretrained(out_dir)

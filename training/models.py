@@ -84,7 +84,15 @@ def build_model(spec: ModelSpec, kind: str, labels: Sequence[str],
                     "label2id": {lbl: i for i, lbl in enumerate(labels)}}
     auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
     if path is not None:
-        return auto.from_pretrained(path, **label_kw, **spec.architecture)
+        model = auto.from_pretrained(path, **label_kw, **spec.architecture)
+    else:
+        model = _fresh_model(spec, kind, auto, tokenizer, label_kw)
+    if spec.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def _fresh_model(spec: ModelSpec, kind: str, auto, tokenizer, label_kw: dict) -> PreTrainedModel:
     arch = dict(spec.architecture)
     model_type = arch.pop("model_type", "bert" if kind == "classification" else "gpt2")
     special = {"pad_token_id": tokenizer.pad_token_id}
