@@ -86,7 +86,7 @@ def cmd_train(args) -> Output:
     runtime.connect(settings.ray)
     result = fit_and_register(config, registry, args.task, data,
                               storage_path=settings.storage_path,
-                              use_gpu=runtime.use_gpu(config.use_gpu))
+                              use_gpu=runtime.use_gpu(config.use_gpu), resume=args.resume)
     return Output(result.to_dict(), _format_job)
 
 
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int)
     train.add_argument("--deepspeed-stage", type=int, choices=[0, 1, 2, 3])
     train.add_argument("--epochs", type=int)
+    train.add_argument("--resume", metavar="RUN", help="continue a killed run from its checkpoint")
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=cmd_train)
 

@@ -102,3 +102,14 @@ def test_tune_searches_and_registers_the_best_trial(ray_session, settings, regis
     params = registry.client.get_run(result.run_id).data.params
     assert params["tune_trials"] == "2"
     assert float(params["learning_rate"]) in {1e-3, 1e-5}
+
+
+def test_a_rerun_with_resume_continues_after_the_last_epoch(ray_session, settings, registry):
+    data, first = _train(settings, registry, "moderation")
+    run = Path(first.model_dir).parent.name
+    settings.training.tasks["moderation"].epochs = 3
+    second = fit_and_register(settings.training, registry, "moderation", data,
+                              storage_path=settings.storage_path, use_gpu=False, resume=run)
+    assert [h["epoch"] for h in second.history] == [1, 2, 3]
+    assert [h["resumed_from_epoch"] for h in second.history] == [0, 0, 2]
+    assert second.version == 2

@@ -1,11 +1,12 @@
 """One training job end to end: data -> distributed fine-tune -> holdout metrics -> registry.
 
-`train_task` builds its data with the seeded generator; `fit_and_register` takes any prepared
-DataFrame (the closed loop passes reference data plus labelled traffic).
+`build_task_data` makes the data with the seeded generator; `fit_and_register` takes any
+prepared `TaskData` (the closed loop will pass reference data plus labelled traffic).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm
 from training.finetune import Chaos, FinetuneSpec, run_finetune
 from training.models import PROMPT, load_tokenizer
-from training.pyfunc import load_hf
-from training.registry import RegisteredVersion, Registry, RunRecord, write_meta
+from training.pyfunc import load_hf, write_meta
+from training.registry import RegisteredVersion, Registry, RunRecord
 
 
 @dataclass
@@ -117,12 +118,20 @@ def run_name(task: str, kind: str = "finetune") -> str:
 
 def fit_and_register(config: TrainingConfig, registry: Registry, task: str, data: TaskData, *,
                      storage_path: Path, use_gpu: bool, chaos: Chaos | None = None,
-                     tags: dict | None = None) -> JobResult:
-    """Fine-tune on `data`, evaluate every holdout and register a new version of `task`."""
+                     tags: dict | None = None, resume: str | None = None) -> JobResult:
+    """Fine-tune on `data`, evaluate every holdout and register a new version of `task`.
+
+    `resume` names an earlier run under `storage_path`: Ray Train restores its checkpoints and
+    training continues after the last finished epoch (for a command that was killed)."""
     started = time.perf_counter()
     registry.check()
     spec = make_spec(config, registry, task, data, chaos)
-    result = run_finetune(spec, name=run_name(task), storage_path=storage_path,
+    name = resume or run_name(task)
+    if resume and not (storage_path / resume).is_dir():
+        raise UnknownName("run to resume", resume, [p.name for p in storage_path.glob(f"{task}-finetune-*")])
+    print(f"run {name}: checkpoints in {storage_path / name} (continue it with --resume {name})",
+          file=sys.stderr, flush=True)
+    result = run_finetune(spec, name=name, storage_path=storage_path,
                           workers=config.workers, use_gpu=use_gpu,
                           cpus_per_worker=config.cpus_per_worker, max_failures=config.max_failures)
     return register_model_dir(config, registry, task, data, result.model_dir, spec.labels,

@@ -18,6 +18,11 @@ META_FILE = "llmops.json"
 GENERATION_PARAMS = {"max_new_tokens": 48, "temperature": 0.0, "seed": 0}
 
 
+def write_meta(folder: Path, meta: dict) -> None:
+    """Describe a HF folder for `TaskModel`: task kind, labels, max length."""
+    (folder / META_FILE).write_text(json.dumps(meta))
+
+
 def load_hf(folder: Path):
     """Model, tokenizer and metadata from an `hf` artifact folder."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -30,6 +35,13 @@ def load_hf(folder: Path):
 class TaskModel(mlflow.pyfunc.PythonModel):
     """`predict(DataFrame[text])`: label, confidence and per-class probabilities for
     classifiers; the rewrite for language models (params: max_new_tokens, temperature, seed)."""
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> TaskModel:
+        """The same model outside MLflow (to infer the signature before logging)."""
+        task_model = cls()
+        task_model.model, task_model.tokenizer, task_model.meta = load_hf(folder)
+        return task_model
 
     def load_context(self, context) -> None:
         self.model, self.tokenizer, self.meta = load_hf(Path(context.artifacts["hf"]))

@@ -7,7 +7,6 @@ deleted again: a failure part-way leaves no half-registered version behind.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tempfile
@@ -111,7 +110,7 @@ class Registry:
         import mlflow
         from mlflow.models import infer_signature
 
-        from training.pyfunc import GENERATION_PARAMS, TaskModel, load_hf
+        from training.pyfunc import GENERATION_PARAMS, TaskModel
 
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(experiment_id=self._experiment_id(),
@@ -132,16 +131,14 @@ class Registry:
             with tempfile.TemporaryDirectory() as tmp:
                 reference.to_parquet(Path(tmp) / "reference.parquet", index=False)
                 mlflow.log_artifact(str(Path(tmp) / "reference.parquet"), "data")
-            model, tokenizer, meta = load_hf(record.model_dir)
-            sample = TaskModel()
-            sample.model, sample.tokenizer, sample.meta = model, tokenizer, meta
-            params = GENERATION_PARAMS if meta["kind"] == "causal-lm" else None
+            sample = TaskModel.from_folder(record.model_dir)
+            params = GENERATION_PARAMS if sample.meta["kind"] == "causal-lm" else None
             signature = infer_signature(record.input_example,
                                         sample.predict(None, record.input_example), params=params)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=TaskModel(), artifacts={"hf": str(record.model_dir)},
                 signature=signature, input_example=record.input_example,
-                pip_requirements=_requirements(), metadata={"llmops": meta})
+                pip_requirements=_requirements(), metadata={"llmops": sample.meta})
         return self._register(record.task, info.model_uri, run.info.run_id)
 
     def _register(self, name: str, model_uri: str, run_id: str) -> RegisteredVersion:
@@ -186,9 +183,3 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "mlflow")] + [
         "pandas<3", "llmops"]
 
-
-def write_meta(model_dir: Path, meta: dict) -> None:
-    """Describe a HF folder for `TaskModel` (kind, labels, max length)."""
-    from training.pyfunc import META_FILE
-
-    (model_dir / META_FILE).write_text(json.dumps(meta))
