@@ -118,6 +118,27 @@ def _val_loss(engine, loader, device) -> float:
     return float(total[0] / max(total[1], 1))
 
 
+def _linear_warmup_decay(warmup: int, total: int):
+    """Learning-rate factor per step: linear warm-up, then linear decay to zero."""
+    return lambda step: min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup + 1)))
+
+
+def _engine(spec: FinetuneSpec, steps_per_epoch: int, on_gpu: bool):
+    """The model wrapped in a DeepSpeed engine with a torch AdamW and its schedule."""
+    import deepspeed
+
+    model = build_model(spec.model, spec.kind, spec.labels, spec.tokenizer)
+    total = spec.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _linear_warmup_decay(max(1, int(spec.warmup_ratio * total)), total))
+    ds_config = deepspeed_config(spec.deepspeed, spec.batch_size, on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=ds_config)
+    return engine, ds_config
+
+
 def train_loop(config: dict) -> None:
     """The per-worker training function run by `TorchTrainer`."""
     import deepspeed
@@ -136,20 +157,10 @@ def train_loop(config: dict) -> None:
     if spec.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = spec.tracking_uri
 
-    model = build_model(spec.model, spec.kind, spec.labels, spec.tokenizer)
-    train_rows = _encode(spec, spec.train_inputs, spec.train_targets)
-    sampler, loader = _loader(train_rows, spec, rank, world, shuffle=True)
+    sampler, loader = _loader(_encode(spec, spec.train_inputs, spec.train_targets), spec, rank,
+                              world, shuffle=True)
     _, val_loader = _loader(_encode(spec, spec.val_inputs, spec.val_targets), spec, rank, world, False)
-    total_steps = spec.epochs * len(loader)
-    warmup = max(1, int(spec.warmup_ratio * total_steps))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=spec.learning_rate,
-                                  weight_decay=spec.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup + 1))))
-    ds_config = deepspeed_config(spec.deepspeed, spec.batch_size, on_gpu)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=ds_config)
+    engine, ds_config = _engine(spec, len(loader), on_gpu)
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
