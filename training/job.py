@@ -124,11 +124,12 @@ def fit_and_register(config: TrainingConfig, registry: Registry, task: str, data
     `resume` names an earlier run under `storage_path`: Ray Train restores its checkpoints and
     training continues after the last finished epoch (for a command that was killed)."""
     started = time.perf_counter()
+    if resume and not (storage_path / resume).is_dir():
+        runs = [p.name for p in storage_path.glob(f"{task}-finetune-*")]
+        raise UnknownName("run to resume", resume, runs)
     registry.check()
     spec = make_spec(config, registry, task, data, chaos)
     name = resume or run_name(task)
-    if resume and not (storage_path / resume).is_dir():
-        raise UnknownName("run to resume", resume, [p.name for p in storage_path.glob(f"{task}-finetune-*")])
     print(f"run {name}: checkpoints in {storage_path / name} (continue it with --resume {name})",
           file=sys.stderr, flush=True)
     result = run_finetune(spec, name=name, storage_path=storage_path,

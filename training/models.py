@@ -74,6 +74,11 @@ def load_tokenizer(spec: ModelSpec, kind: str, corpus: Sequence[str] = ()) -> Pr
     return tokenizer
 
 
+def auto_class(kind: str):
+    """The transformers auto class of a task kind."""
+    return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+
+
 def build_model(spec: ModelSpec, kind: str, labels: Sequence[str],
                 tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A model ready to fine-tune: pretrained weights when the source has them, else fresh."""
@@ -82,7 +87,7 @@ def build_model(spec: ModelSpec, kind: str, labels: Sequence[str],
     if kind == "classification":
         label_kw = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                     "label2id": {lbl: i for i, lbl in enumerate(labels)}}
-    auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+    auto = auto_class(kind)
     if path is not None:
         model = auto.from_pretrained(path, **label_kw, **spec.architecture)
     else:
@@ -107,8 +112,7 @@ def model_from_state_dict(config_dir: Path, kind: str,
                           state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
     """Rebuild full weights (for example from a consolidated ZeRO checkpoint)."""
     config = AutoConfig.from_pretrained(config_dir)
-    auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
-    model = auto.from_config(config)
+    model = auto_class(kind).from_config(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

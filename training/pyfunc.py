@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-from training.models import generate_text, predict_proba
+from training.models import auto_class, generate_text, predict_proba
 
 META_FILE = "llmops.json"
 GENERATION_PARAMS = {"max_new_tokens": 48, "temperature": 0.0, "seed": 0}
@@ -25,11 +25,11 @@ def write_meta(folder: Path, meta: dict) -> None:
 
 def load_hf(folder: Path):
     """Model, tokenizer and metadata from an `hf` artifact folder."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     meta = json.loads((folder / META_FILE).read_text())
-    auto = AutoModelForSequenceClassification if meta["kind"] == "classification" else AutoModelForCausalLM
-    return auto.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), meta
+    model = auto_class(meta["kind"]).from_pretrained(folder).eval()
+    return model, AutoTokenizer.from_pretrained(folder), meta
 
 
 class TaskModel(mlflow.pyfunc.PythonModel):
