@@ -10,6 +10,8 @@ export TRANSFORMERS_OFFLINE = 1
 export MLFLOW_DISABLE_TELEMETRY = true
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export TOKENIZERS_PARALLELISM = false
+export RAY_AUTH_MODE = disabled
+# (the local head binds the dashboard to 127.0.0.1; see cluster.yaml for a shared cluster)
 
 .PHONY: install demo test lint bench clean
 
@@ -21,21 +23,33 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(LLMOPS) down >/dev/null 2>&1 || true
 	$(LLMOPS) data generate support-tickets --scenario new-product --n 200 --out .llmops/data/new-product.parquet
 	$(LLMOPS) train support-router
 	$(LLMOPS) train moderation
 	$(LLMOPS) train rewriter
 	$(LLMOPS) models
+	$(LLMOPS) up
+	curl -s localhost:8000/v1/moderate -H 'content-type: application/json' \
+	  -d '{"texts": ["You are all useless idiots, fix the app", "mail me at jane.doe@example.com"]}'
+	@echo
+	curl -s localhost:8000/v1/support/route -H 'content-type: application/json' \
+	  -d '{"text": "I was charged twice for my Pro subscription this month"}'
+	@echo
+	$(LLMOPS) status
+	$(LLMOPS) down
 
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) -m pytest
+	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/train.py --json
+	$(PY) bench/serve.py --json
+	$(PY) bench/swap.py --json
 
 clean:
-	ray stop --force >/dev/null 2>&1 || true
+	$(VENV)/bin/ray stop --force >/dev/null 2>&1 || true
 	rm -rf .llmops

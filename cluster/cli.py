@@ -124,6 +124,132 @@ def cmd_models(args) -> Output:
     return Output({"models": models}, human)
 
 
+def _serve_cluster(settings: Settings):
+    from serve_apps.deploy import ServeCluster
+
+    cluster = ServeCluster(settings.dashboard_address)
+    try:
+        cluster.details()
+    except Exception as exc:
+        raise LLMOpsError(f"no Ray dashboard at {settings.dashboard_address} "
+                          f"(start the platform with `llmops up`)") from exc
+    return cluster
+
+
+def _generated_serve_config(settings: Settings, registry, gpus: float) -> dict:
+    from serve_apps.deploy import serve_config
+
+    gpu = settings.serve.use_gpu == "yes" or (settings.serve.use_gpu == "auto" and gpus >= 1)
+    return serve_config(settings.serve, registry.tracking_uri, gpu, dict(runtime.PLATFORM_ENV))
+
+
+def _format_status(payload: dict) -> str:
+    lines = []
+    for app, a in payload["applications"].items():
+        lines.append(f"{app:11} {a['status']:10} {a['route_prefix']}")
+        for dep, d in a["deployments"].items():
+            replicas = " ".join(f"{n} {s.lower()}" for s, n in d["replicas"].items()) or "0"
+            model = f"{d['model']} (@{d['alias']})" if d["alias"] else (d["model"] or "")
+            canary = d.get("canary")
+            if canary:
+                mode = "shadow" if canary["shadow"] else f"{canary['fraction']:.0%}"
+                model += f" + canary {canary['model']} {mode}"
+            lines.append(f"  {dep:20} {d['status']:9} {replicas:12} {model}")
+    return "\n".join(lines + [f"http: {payload['url']}"]) if lines else "no applications"
+
+
+def cmd_up(args) -> Output:
+    import yaml
+
+    settings = _settings(args)
+    registry = _registry(settings)
+    registry.check()
+    started = False
+    if settings.ray.address is None:
+        started = runtime.start_head(settings.ray, settings.data_dir)
+    config = _generated_serve_config(settings, registry, runtime.cluster_gpus(settings.ray.address))
+    path = settings.data_dir / "serve_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cluster = _serve_cluster(settings)
+    seconds = cluster.deploy(config, timeout_s=args.timeout)
+    payload = {"url": f"http://{settings.serve.host}:{settings.serve.port}",
+               "dashboard": settings.dashboard_address, "serve_config": str(path),
+               "started_ray": started, "seconds": round(seconds, 1),
+               "applications": cluster.status()}
+    return Output(payload, _format_status)
+
+
+def cmd_status(args) -> Output:
+    settings = _settings(args)
+    payload = {"url": f"http://{settings.serve.host}:{settings.serve.port}",
+               "applications": _serve_cluster(settings).status()}
+    return Output(payload, _format_status)
+
+
+def cmd_down(args) -> Output:
+    settings = _settings(args)
+    try:
+        _serve_cluster(settings).shutdown()
+        removed = True
+    except LLMOpsError:
+        removed = False
+    stopped = runtime.stop_head(settings.data_dir)
+    return Output({"applications_removed": removed, "ray_stopped": stopped},
+                  lambda p: ("removed the Serve applications; " if removed else "no Serve running; ")
+                  + ("stopped the local Ray head" if stopped else "left Ray running (not started "
+                     "by llmops up)"))
+
+
+def _format_change(p: dict) -> str:
+    what = f"now serving {p['serving']}" if "serving" in p else "canary updated"
+    return f"{p['model']}: {what} on {', '.join(p['deployments'])} ({p['seconds']} s)"
+
+
+def cmd_swap(args) -> Output:
+    from serve_apps.deploy import swap
+
+    settings = _settings(args)
+    registry = _registry(settings)
+    registry.check()
+    result = swap(_serve_cluster(settings), args.model, registry.tracking_uri,
+                  version=args.version, alias=args.alias)
+    return Output(result, _format_change)
+
+
+def cmd_canary(args) -> Output:
+    from pydantic import ValidationError
+
+    from serve_apps.config import CanaryConfig
+    from serve_apps.deploy import set_canary
+
+    settings = _settings(args)
+    registry = _registry(settings)
+    registry.check()
+    canary = None
+    if not args.off:
+        if (args.version is None) == (args.alias is None):
+            raise LLMOpsError("give --version N or --alias A (or --off)")
+        ref = (f"models:/{args.model}/{args.version}" if args.version is not None
+               else f"models:/{args.model}@{args.alias}")
+        try:
+            canary = CanaryConfig(model=ref, fraction=args.fraction, shadow=args.shadow)
+        except ValidationError as exc:
+            raise LLMOpsError(f"--fraction: {exc.errors()[0]['msg']}") from None
+    result = set_canary(_serve_cluster(settings), args.model, registry.tracking_uri, canary)
+    return Output(result, _format_change)
+
+
+def cmd_serve_config(args) -> None:
+    import yaml
+
+    settings = _settings(args)
+    registry = _registry(settings)
+    registry.check()
+    gpus = {"yes": 1, "no": 0}.get(settings.serve.use_gpu, 0)
+    print(yaml.safe_dump(_generated_serve_config(settings, registry, gpus), sort_keys=False))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmops", description=__doc__)
     _global_options(parser, None)
@@ -164,6 +290,35 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", parents=[common], help="registered models and aliases")
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=cmd_models)
+
+    up = sub.add_parser("up", parents=[common], help="start Ray (if needed) and deploy the apps")
+    up.add_argument("--timeout", type=float, default=600, help="seconds to wait for RUNNING")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=cmd_up)
+    status = sub.add_parser("status", parents=[common], help="applications, replicas, versions")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    sub.add_parser("down", parents=[common],
+                   help="remove the apps; stop Ray if `up` started it").set_defaults(func=cmd_down)
+    swap = sub.add_parser("swap", parents=[common], help="hot-swap the version a model serves")
+    swap.add_argument("model")
+    which = swap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int)
+    which.add_argument("--alias")
+    swap.add_argument("--json", action="store_true")
+    swap.set_defaults(func=cmd_swap)
+    canary = sub.add_parser("canary", parents=[common],
+                            help="serve a challenger beside the champion (or shadow it)")
+    canary.add_argument("model")
+    canary.add_argument("--version", type=int)
+    canary.add_argument("--alias")
+    canary.add_argument("--fraction", type=float, default=0.1, help="share of request ids")
+    canary.add_argument("--shadow", action="store_true", help="mirror instead of answering")
+    canary.add_argument("--off", action="store_true", help="end the canary")
+    canary.add_argument("--json", action="store_true")
+    canary.set_defaults(func=cmd_canary)
+    sub.add_parser("serve-config", parents=[common], help="print the generated Serve config"
+                   ).set_defaults(func=cmd_serve_config)
     return parser
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from cluster.settings import RayConfig
+from training.errors import LLMOpsError
 
 # Environment every process of the platform runs with: no hub downloads, no telemetry.
 PLATFORM_ENV = {
@@ -53,6 +59,63 @@ def disconnect() -> None:
     if _started_here:
         ray.shutdown()
         _started_here = False
+
+
+HEAD_FILE = "head.json"
+
+
+def _ray_cli() -> str:
+    """The `ray` command of this environment (also when the venv is not activated)."""
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def start_head(config: RayConfig, data_dir: Path) -> bool:
+    """A long-lived local Ray head (`ray start --head`) for `llmops up`, unless one already
+    answers; True when this call started it (then `stop_head` may stop it)."""
+    import ray
+
+    apply_platform_env()
+    try:
+        ray.init(address="auto", logging_level="ERROR")
+        ray.shutdown()
+        return False
+    except ConnectionError:
+        pass
+    cmd = [_ray_cli(), "start", "--head", "--disable-usage-stats",
+           f"--dashboard-host={config.dashboard_host}", f"--dashboard-port={config.dashboard_port}",
+           f"--metrics-export-port={config.metrics_export_port}"]
+    cmd += [f"--num-cpus={config.num_cpus}"] if config.num_cpus else []
+    cmd += [f"--num-gpus={config.num_gpus}"] if config.num_gpus is not None else []
+    env = {**os.environ, **PLATFORM_ENV}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if done.returncode != 0:
+        raise LLMOpsError(f"ray start failed: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / HEAD_FILE).write_text(json.dumps({"started_at": time.time()}))
+    return True
+
+
+def stop_head(data_dir: Path) -> bool:
+    """Stop the local head if `start_head` started it; False when it was not ours."""
+    marker = data_dir / HEAD_FILE
+    if not marker.exists():
+        return False
+    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, timeout=120)
+    marker.unlink()
+    return True
+
+
+def cluster_gpus(address: str | None) -> float:
+    """GPUs the cluster at `address` has (joining it briefly)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0)
+    ray.init(address=address or "auto", logging_level="ERROR")
+    try:
+        return ray.cluster_resources().get("GPU", 0)
+    finally:
+        ray.shutdown()
 
 
 def use_gpu(setting: str) -> bool:

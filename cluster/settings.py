@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve_apps.config import ServeConfig
 from training.config import RegistryConfig, TrainingConfig, TuneConfig
 from training.errors import LLMOpsError
 
@@ -48,11 +49,17 @@ class Settings(BaseModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @property
     def storage_path(self) -> Path:
         """Ray Train / Tune results and checkpoints."""
         return self.data_dir.resolve() / "ray_results"
+
+    @property
+    def dashboard_address(self) -> str:
+        """The Ray dashboard (Serve's REST API) of the cluster the platform runs on."""
+        return f"http://{self.ray.dashboard_host}:{self.ray.dashboard_port}"
 
 
 def _set_path(tree: dict, path: list[str], value: Any) -> None:

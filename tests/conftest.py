@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 
@@ -37,14 +38,21 @@ def tiny_settings(data_dir, **training) -> Settings:
     })
 
 
+@dataclass(frozen=True)
+class RaySession:
+    address: str
+    dashboard: str
+
+
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole test session (2 logical CPUs, like CI)."""
+def ray_session() -> RaySession:
+    """One local Ray instance for the whole test session: 2 logical CPUs, like CI, and 2 logical
+    GPUs so GPU placement and autoscaling can be checked without a GPU (nothing runs CUDA)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": dict(PLATFORM_ENV)})
-    yield ray.get_runtime_context().gcs_address
+    ctx = ray.init(num_cpus=2, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                   log_to_driver=True, runtime_env={"env_vars": dict(PLATFORM_ENV)})
+    yield RaySession(ray.get_runtime_context().gcs_address, f"http://{ctx.dashboard_url}")
     ray.shutdown()
 
 
@@ -58,3 +66,42 @@ def registry(settings):
     from training.registry import Registry
 
     return Registry(settings.registry, settings.data_dir)
+
+
+def register_quick(settings: Settings, registry, task: str, epochs: int = 6, seed: int = 0,
+                   lr: float = 3e-3):
+    """A tiny model trained in-process (plain PyTorch, seconds) and registered as a new version:
+    serving tests need registered models, not a distributed fine-tune."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from training.job import build_task_data, make_spec, register_model_dir
+    from training.models import build_model, collate, encode_causal_lm, encode_classification
+
+    started = time.perf_counter()
+    data = build_task_data(settings.training, task)
+    spec = make_spec(settings.training, registry, task, data)
+    torch.manual_seed(seed)
+    model = build_model(spec.model, spec.kind, spec.labels, spec.tokenizer)
+    if spec.kind == "classification":
+        rows = encode_classification(spec.tokenizer, spec.train_inputs, spec.train_targets,
+                                     spec.model.max_length)
+    else:
+        rows = encode_causal_lm(spec.tokenizer, spec.train_inputs, spec.train_targets,
+                                spec.model.max_length)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for i in range(0, len(rows), 16):
+            loss = model(**collate(rows[i:i + 16], spec.tokenizer.pad_token_id)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    folder = Path(tempfile.mkdtemp(prefix=f"quick-{task}-"))
+    model.eval().save_pretrained(folder)
+    spec.tokenizer.save_pretrained(folder)
+    return register_model_dir(settings.training, registry, task, data, folder, spec.labels,
+                              history=[], ds_config={}, started=started)

@@ -9,7 +9,7 @@ import yaml
 
 
 def _llmops(*args, config, ray_address):
-    env = {**os.environ, "LLMOPS_RAY__ADDRESS": ray_address}
+    env = {**os.environ, "LLMOPS_RAY__ADDRESS": ray_address, "LLMOPS_TRAINING__USE_GPU": "no"}
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--config", str(config)],
                           capture_output=True, text=True, timeout=600, env=env)
 
@@ -18,7 +18,7 @@ def test_train_json_then_models_json(ray_session, settings, tmp_path):
     config = tmp_path / "llmops.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
     proc = _llmops("train", "moderation", "--epochs", "1", "--deepspeed-stage", "1", "--json",
-                   config=config, ray_address=ray_session)
+                   config=config, ray_address=ray_session.address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # stdout is exactly one JSON object
     assert (result["model"], result["version"], result["alias"]) == ("moderation", 1, "champion")
@@ -26,7 +26,7 @@ def test_train_json_then_models_json(ray_session, settings, tmp_path):
     assert [h["epoch"] for h in result["history"]] == [1]
     assert "epoch 1/1 step" in proc.stderr  # progress is visible
 
-    proc = _llmops("models", "--json", config=config, ray_address=ray_session)
+    proc = _llmops("models", "--json", config=config, ray_address=ray_session.address)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [model] = json.loads(proc.stdout)["models"]
     assert model["name"] == "moderation" and model["aliases"] == {"champion": 1}

@@ -7,7 +7,8 @@ Training, evaluation and the registered pyfunc all call `predict_proba`, `lm_los
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -195,24 +196,51 @@ def perplexity(total_nll: float, tokens: int) -> float:
     return math.exp(min(total_nll / max(tokens, 1), 50.0))
 
 
+def _prompt_inputs(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_new_tokens: int):
+    """Left-padded prompts cut to fit the context window beside `max_new_tokens` new tokens."""
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    window = getattr(model.config, "max_position_embeddings", None) or 1 << 20
+    max_new_tokens = max(1, min(max_new_tokens, window // 2))
+    enc = tokenizer([PROMPT.format(text=t) for t in texts], return_tensors="pt", padding=True,
+                    truncation=True, max_length=window - max_new_tokens,
+                    add_special_tokens=False).to(_device_of(model))
+    return enc, {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+                 "eos_token_id": tokenizer.eos_token_id}
+
+
+def _sampling(temperature: float) -> dict:
+    return {"do_sample": temperature > 0, "temperature": temperature if temperature > 0 else None}
+
+
 @torch.inference_mode()
 def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_new_tokens: int = 48,
                   temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> list[str]:
     """Rewrites of `texts`; greedy (deterministic) at temperature 0, seeded sampling above it."""
     torch.manual_seed(seed)
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    window = getattr(model.config, "max_position_embeddings", None) or 1 << 20
-    max_new_tokens = max(1, min(max_new_tokens, window // 2))
     out: list[str] = []
     for i in range(0, len(texts), batch_size):
-        prompts = [PROMPT.format(text=t) for t in texts[i:i + batch_size]]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                        max_length=window - max_new_tokens,
-                        add_special_tokens=False).to(_device_of(model))
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else None,
-                             pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        enc, kw = _prompt_inputs(model, tokenizer, texts[i:i + batch_size], max_new_tokens)
+        gen = model.generate(**enc, **kw, **_sampling(temperature))
         new = gen[:, enc["input_ids"].shape[1]:]
         out.extend(s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True))
     return out
+
+
+def stream_text(model: PreTrainedModel, tokenizer, text: str, max_new_tokens: int = 48,
+                temperature: float = 0.0, seed: int = 0) -> Iterator[str]:
+    """The rewrite of one text, piece by piece as tokens are generated (same output as
+    `generate_text` for the same seed)."""
+    from transformers import TextIteratorStreamer
+
+    enc, kw = _prompt_inputs(model, tokenizer, [text], max_new_tokens)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    def run() -> None:
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            model.generate(**enc, **kw, **_sampling(temperature), streamer=streamer)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    yield from streamer
+    worker.join()

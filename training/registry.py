@@ -17,6 +17,7 @@ import pandas as pd
 
 from training.config import RegistryConfig
 from training.errors import LLMOpsError, RegistryUnavailable
+from training.pyfunc import META_FILE
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -59,10 +60,11 @@ def download_hf_model(model_uri: str) -> Path:
 
     dst = Path(tempfile.mkdtemp(prefix="llmops-model-"))
     root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
-    folder = root / "artifacts" / "hf"
-    if not folder.is_dir():
+    # MLflow keeps the artifact under its source folder's name: find it by its metadata file.
+    folders = [p.parent for p in (root / "artifacts").glob(f"*/{META_FILE}")]
+    if len(folders) != 1:
         raise LLMOpsError(f"{model_uri} was not registered by llmops (no hf artifact)")
-    return folder
+    return folders[0]
 
 
 class Registry:

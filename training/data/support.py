@@ -244,3 +244,65 @@ LEXICON = Lexicon(
                      "password_reset": "security", "account_locked": "security",
                      "damaged_parcel": "refund"},
 )
+
+# How an agent resolved each kind of ticket: the reply the support pipeline suggests when a new
+# ticket is closest to a resolved one of that intent.
+RESOLUTIONS = {
+    "double_charge": "Sorry about the duplicate charge. I have refunded the second payment; it "
+                     "will show on your statement within 5 business days.",
+    "invoice": "You can download every invoice under Billing > Invoices. I have also sent a "
+               "corrected copy to your account e-mail.",
+    "plan_price": "I have checked your plan: the correct price is now applied and the difference "
+                  "will be credited on your next invoice.",
+    "payment_failed": "Please update your card under Billing > Payment methods; I have waived the "
+                      "late fee and we will retry the payment tomorrow.",
+    "app_crash": "Please update the app to the latest version and clear its cache. If it still "
+                 "crashes, send us the error code from Settings > About.",
+    "connectivity": "Restart the device and the router, then re-add it from the app. Devices "
+                    "need a 2.4 GHz network to pair.",
+    "bug": "Thanks for the report. Our engineers have reproduced it and a fix ships in the next "
+           "release; I will update this ticket when it is out.",
+    "setup_help": "Our setup guide walks through each step: Settings > Devices > Add device. I "
+                  "can also book a 15-minute call with a technician.",
+    "password_reset": "I have sent a password reset link to your account e-mail; it is valid "
+                      "for one hour.",
+    "profile_update": "Your profile details are updated. Changes to the e-mail address need a "
+                      "confirmation click in the message we just sent.",
+    "close_account": "Your account is scheduled for closure in 14 days. You can download your "
+                     "data until then under Settings > Privacy.",
+    "account_locked": "I have unlocked your account after verifying your identity. Please sign "
+                      "in and choose a new password.",
+    "where_is_order": "Your order is with the carrier and due within 2 business days; the "
+                      "tracking link is in your order confirmation.",
+    "delivery_change": "I have asked the carrier to change the delivery; you will get a "
+                       "confirmation by e-mail once they accept it.",
+    "damaged_parcel": "Sorry the parcel arrived damaged. A replacement is on its way and you do "
+                      "not need to send the damaged item back.",
+    "shipping_cost": "Shipping is free above the threshold shown at checkout; I have refunded "
+                     "the shipping fee on this order.",
+    "refund_request": "Your refund is approved and goes back to the original payment method "
+                      "within 5 to 10 business days.",
+    "refund_status": "Your refund was issued; banks usually take 5 to 10 business days to show "
+                     "it on your statement.",
+    "return_label": "I have e-mailed you a prepaid return label. Drop the parcel at any carrier "
+                    "point within 30 days.",
+    "account_hacked": "I have signed out every session and locked the account. Reset your "
+                      "password with the link we sent and turn on two-factor authentication.",
+    "phishing": "That message did not come from us. Please do not click its links; we have "
+                "reported the sender.",
+    "two_factor": "I have reset two-factor authentication on your account; set it up again "
+                  "under Settings > Security after signing in.",
+    "fraud_report": "I have blocked the card and opened a fraud case. You will not be charged "
+                    "for the transactions you did not make.",
+    "nimbus_credits": "Nimbus credits appear within 24 hours of purchase; I have added the "
+                      "missing credits to your balance.",
+    "nimbus_halo": "Hold the Halo hub's button for 10 seconds to reset it, then pair it again "
+                   "from the Nimbus app.",
+    "nimbus_household": "I have updated your Nimbus household; invited members get an e-mail "
+                        "to accept.",
+    "nimbus_starter_kit": "Your Nimbus starter kit has shipped; the tracking link is in your "
+                          "order confirmation.",
+    "nimbus_trial": "Your Nimbus trial is cancelled and the charge refunded.",
+    "nimbus_intrusion": "I have revoked every device session on your Nimbus home and reset the "
+                        "hub's access codes. Please change your password.",
+}

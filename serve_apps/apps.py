@@ -1,0 +1,91 @@
+"""Application builders (the `import_path`s of the Serve config) and the options of each model
+deployment, derived from `ServeConfig`.
+
+Every model reference is pinned to an exact version when an application is built or swapped, so
+all replicas, including ones the autoscaler adds later, serve the same version even if the
+registry alias moves meanwhile.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from serve_apps.chat import ChatPipeline
+from serve_apps.config import (
+    ChatAppConfig,
+    ModelDeploymentConfig,
+    ModerationAppConfig,
+    SupportAppConfig,
+)
+from serve_apps.deployments import Classifier, Encoder, Generator
+from serve_apps.model import resolve
+from serve_apps.moderation import ModerationPipeline
+from serve_apps.support import SupportPipeline
+
+
+def pin(ref: str, tracking_uri: str | None) -> tuple[str, str | None]:
+    """(`models:/NAME/VERSION` the reference points at now, the alias it was given by)."""
+    identity = resolve(ref, tracking_uri)
+    return identity.uri, identity.alias
+
+
+def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None) -> dict:
+    model, alias = pin(md.model, tracking_uri)
+    canary = None
+    if md.canary:
+        ref, canary_alias = pin(md.canary.model, tracking_uri)
+        canary = md.canary.model_copy(update={"model": ref, "alias": canary_alias})
+    return md.user_config(model, alias, canary)
+
+
+def deployment_options(md: ModelDeploymentConfig, use_gpu: bool,
+                       tracking_uri: str | None) -> dict:
+    """`.options()` of a model deployment, in the field names of Serve's config file."""
+    a = md.autoscaling
+    autoscaling = a.model_dump(exclude_none=True)
+    actor = {"num_cpus": md.resources.num_cpus,
+             "num_gpus": md.resources.num_gpus if use_gpu else 0}
+    if md.resources.memory_mb:
+        actor["memory"] = md.resources.memory_mb * 2**20
+    return {"user_config": pinned_user_config(md, tracking_uri), "autoscaling_config": autoscaling,
+            "ray_actor_options": actor,
+            "max_ongoing_requests": max(md.max_ongoing_requests, md.batching.max_batch_size)}
+
+
+def _ingress(args: dict) -> dict:
+    return {"ray_actor_options": {"num_cpus": args["ingress_cpus"]}}
+
+
+def _model(deployment, md: ModelDeploymentConfig, args: dict):
+    uri = args["tracking_uri"]
+    return deployment.options(**deployment_options(md, args["use_gpu"], uri)).bind(uri)
+
+
+def moderation(args: dict) -> Application:
+    """args: config (ModerationAppConfig), limits, tracking_uri, use_gpu, ingress_cpus."""
+    cfg = ModerationAppConfig.model_validate(args["config"])
+    return ModerationPipeline.options(**_ingress(args)).bind(
+        _model(Classifier, cfg.classifier, args), _model(Generator, cfg.generator, args),
+        args["config"], args["limits"])
+
+
+def support(args: dict) -> Application:
+    cfg = SupportAppConfig.model_validate(args["config"])
+    return SupportPipeline.options(**_ingress(args)).bind(
+        _model(Classifier, cfg.classifier, args), _model(Encoder, cfg.encoder, args),
+        args["config"], args["limits"], args["tracking_uri"])
+
+
+def chat(args: dict) -> Application:
+    cfg = ChatAppConfig.model_validate(args["config"])
+    return ChatPipeline.options(**_ingress(args)).bind(_model(Generator, cfg.generator, args),
+                                                        args["limits"])
+
+
+# application name -> (builder, the model deployments it holds, by config field)
+APPS = {
+    "moderation": (moderation, {"Classifier": "classifier", "Generator": "generator"},
+                   "ModerationPipeline"),
+    "support": (support, {"Classifier": "classifier", "Encoder": "encoder"}, "SupportPipeline"),
+    "chat": (chat, {"Generator": "generator"}, "ChatPipeline"),
+}

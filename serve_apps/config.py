@@ -1,0 +1,156 @@
+"""Typed configuration of the serving package: model deployments and the three applications.
+
+`ServeConfig` is the `serve:` section of `llmops.yaml`; `serve_apps.deploy.serve_config`
+turns it into Ray Serve's own config format. What a replica may change in place
+(`reconfigure()`: model version, canary, batching, generation) lives in `ModelDeploymentConfig.
+user_config()`; replica resources and autoscaling need new replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchingConfig(_Strict):
+    """`@serve.batch`: a batch closes when full or when the oldest request waited this long."""
+
+    max_batch_size: int = Field(16, ge=1, le=512)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve's autoscaling policy; `min_replicas: 0` scales an idle deployment to zero."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(5, ge=0)
+    downscale_delay_s: float = Field(60, ge=0)
+    look_back_period_s: float = Field(30, gt=0, description="window the load is averaged over")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ResourcesConfig(_Strict):
+    """What one replica asks Ray for; `num_gpus` applies only when the cluster has GPUs."""
+
+    num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.25, ge=0, le=8)
+    memory_mb: int | None = Field(None, ge=1)
+
+
+class CanaryConfig(_Strict):
+    """A challenger beside the champion: `fraction` of request ids (sticky) go to it, or with
+    `shadow` it sees a copy of them while the user gets the champion's answer."""
+
+    model: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION")
+    alias: str | None = Field(None, description="set when the version was pinned from an alias")
+    fraction: float = Field(0.1, ge=0, le=1)
+    shadow: bool = False
+
+
+class GenerationConfig(_Strict):
+    """Defaults for generated text; requests may lower `max_new_tokens` or set their own."""
+
+    max_new_tokens: int = Field(48, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = 0
+    stop: list[str] = Field(default_factory=lambda: ["\n"], max_length=4,
+                            description="the answer ends before the first of these")
+
+
+class ModelDeploymentConfig(_Strict):
+    """One model deployment: which registered model, how it batches, scales and is placed."""
+
+    model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION or all-MiniLM-L6-v2")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_ongoing_requests: int = Field(64, ge=1)
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto", description="auto: fp16 on GPU, fp32 on CPU; int8: quantized linear layers on "
+        "CPU (faster; scores depend slightly on the batch a text lands in)")
+    canary: CanaryConfig | None = None
+    generation: GenerationConfig | None = None
+
+    def user_config(self, model: str, alias: str | None, canary: CanaryConfig | None) -> dict:
+        """What `reconfigure()` receives (with the model pinned to a version): changes here swap
+        in place, without new replicas."""
+        return {"model": model, "alias": alias, "precision": self.precision,
+                "batching": self.batching.model_dump(),
+                "canary": canary.model_dump() if canary else None,
+                "generation": (self.generation or GenerationConfig()).model_dump()}
+
+
+class LimitsConfig(_Strict):
+    """Request limits enforced at the ingress (422 beyond them)."""
+
+    max_chars: int = Field(2000, ge=1)
+    max_items: int = Field(32, ge=1, description="texts per batch request")
+    max_messages: int = Field(32, ge=1, description="chat messages per request")
+
+
+def _classifier(model: str) -> ModelDeploymentConfig:
+    return ModelDeploymentConfig(model=model)
+
+
+def _generator() -> ModelDeploymentConfig:
+    return ModelDeploymentConfig(model="models:/rewriter@champion")
+
+
+class ModerationAppConfig(_Strict):
+    """Classify a post; rewrite toxic ones with the generator; redact personal data."""
+
+    enabled: bool = True
+    route_prefix: str = "/v1/moderate"
+    classifier: ModelDeploymentConfig = Field(
+        default_factory=lambda: _classifier("models:/moderation@champion"))
+    generator: ModelDeploymentConfig = Field(default_factory=_generator)
+    rewrite_labels: list[str] = Field(default_factory=lambda: ["toxic"])
+    block_labels: list[str] = Field(default_factory=lambda: ["spam"])
+    redact_labels: list[str] = Field(default_factory=lambda: ["pii"])
+
+
+class SupportAppConfig(_Strict):
+    """Route a ticket to a queue; suggest the reply of the closest resolved ticket."""
+
+    enabled: bool = True
+    route_prefix: str = "/v1/support"
+    classifier: ModelDeploymentConfig = Field(
+        default_factory=lambda: _classifier("models:/support-router@champion"))
+    encoder: ModelDeploymentConfig = Field(
+        default_factory=lambda: ModelDeploymentConfig(model="all-MiniLM-L6-v2"))
+    examples_per_intent: int = Field(8, ge=1, le=200,
+                                     description="resolved tickets per intent in the reply index")
+
+
+class ChatAppConfig(_Strict):
+    """OpenAI-compatible chat completions over a registered causal LM."""
+
+    enabled: bool = True
+    route_prefix: str = "/v1"
+    generator: ModelDeploymentConfig = Field(default_factory=_generator)
+
+
+class ServeConfig(_Strict):
+    """HTTP front door and the applications it serves."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    ingress_cpus: float = Field(0.1, gt=0)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    moderation: ModerationAppConfig = Field(default_factory=ModerationAppConfig)
+    support: SupportAppConfig = Field(default_factory=SupportAppConfig)
+    chat: ChatAppConfig = Field(default_factory=ChatAppConfig)

@@ -1,0 +1,175 @@
+"""Serve config generation, deployment, status, hot swap and canary: all through Ray Serve's own
+config format and REST API (what `serve deploy` / `serve status` use), so the two agree.
+
+Hot swap and canary edit only the `user_config` of the affected deployments and deploy the whole
+config again; Serve then calls `reconfigure()` on every running replica (no restart). The
+changed config is also what `serve status` / `serve config` show.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from serve_apps.apps import APPS, deployment_options, pin
+from serve_apps.config import CanaryConfig, ServeConfig
+from serve_apps.model import UnknownModel, resolve
+from training.errors import LLMOpsError
+
+
+class DeployFailed(LLMOpsError):
+    """Serve could not bring an application up (its message says why)."""
+
+    exit_code = 5
+
+
+def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
+                 env_vars: dict[str, str]) -> dict:
+    """The Serve config (`ServeDeploySchema`) of every enabled application."""
+    apps = []
+    for name, (_, models, ingress) in APPS.items():
+        app_cfg = getattr(config, name)
+        if not app_cfg.enabled:
+            continue
+        args = {"config": app_cfg.model_dump(mode="json"), "limits": config.limits.model_dump(),
+                "tracking_uri": tracking_uri, "use_gpu": use_gpu,
+                "ingress_cpus": config.ingress_cpus}
+        deployments = [{"name": ingress, "ray_actor_options": {"num_cpus": config.ingress_cpus}}]
+        deployments += [{"name": dep, **deployment_options(getattr(app_cfg, field), use_gpu,
+                                                           tracking_uri)}
+                        for dep, field in models.items()]
+        apps.append({"name": name, "route_prefix": app_cfg.route_prefix,
+                     "import_path": f"serve_apps.apps:{name}", "args": args,
+                     "runtime_env": {"env_vars": env_vars}, "deployments": deployments})
+    return {"proxy_location": "HeadOnly", "http_options": {"host": config.host, "port": config.port},
+            "applications": apps}
+
+
+class ServeCluster:
+    """The Serve instance of one Ray cluster, reached through its dashboard's REST API."""
+
+    def __init__(self, dashboard_address: str):
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+        url = dashboard_address if "://" in dashboard_address else f"http://{dashboard_address}"
+        self.client = ServeSubmissionClient(url)
+
+    def details(self) -> dict:
+        return self.client.get_serve_details()
+
+    def deployed_config(self) -> dict:
+        """The config Serve is running now (what `serve config` prints), as one document."""
+        d = self.details()
+        http = d.get("http_options") or {}
+        return {"proxy_location": d.get("proxy_location") or "HeadOnly",
+                "http_options": {"host": http.get("host"), "port": http.get("port")},
+                "applications": [a["deployed_app_config"] for a in d["applications"].values()
+                                 if a.get("deployed_app_config")]}
+
+    def deploy(self, config: dict, timeout_s: float = 300) -> float:
+        """Apply `config` and wait until every application runs it; seconds it took."""
+        from ray.serve.schema import ServeDeploySchema
+
+        ServeDeploySchema.model_validate(config)
+        started = time.perf_counter()
+        self.client.deploy_applications(config)
+        self.wait(config, timeout_s)
+        return time.perf_counter() - started
+
+    def wait(self, config: dict, timeout_s: float) -> None:
+        """Until each application is RUNNING with every deployment HEALTHY on the target
+        `user_config` (so a swap has reached every replica)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            problems = self._pending(config)
+            if not problems:
+                return
+            failed = [p for p in problems if "FAILED" in p]
+            if failed or time.monotonic() > deadline:
+                raise DeployFailed("; ".join(failed or problems)[:500])
+            time.sleep(0.25)
+
+    def _pending(self, config: dict) -> list[str]:
+        apps = self.details()["applications"]
+        pending = []
+        for app in config["applications"]:
+            state = apps.get(app["name"])
+            if state is None or state["status"] != "RUNNING":
+                status = state["status"] if state else "NOT_STARTED"
+                message = (state or {}).get("message", "")
+                pending.append(f"{app['name']}: {status} {message}".strip())
+                continue
+            for dep in app.get("deployments", []):
+                live = state["deployments"].get(dep["name"], {})
+                target = dep.get("user_config")
+                running = live.get("deployment_config", {}).get("user_config")
+                if live.get("status") != "HEALTHY" or (target is not None and running != target):
+                    pending.append(f"{app['name']}/{dep['name']}: {live.get('status')}")
+        return pending
+
+    def shutdown(self) -> None:
+        self.client.delete_applications()
+
+    def status(self) -> dict:
+        """Applications, deployments, replica states and the model versions in service."""
+        out = {}
+        for name, app in self.details()["applications"].items():
+            deps = {}
+            for dname, dep in app["deployments"].items():
+                replicas: dict[str, int] = {}
+                for r in dep.get("replicas", []):
+                    replicas[r["state"]] = replicas.get(r["state"], 0) + 1
+                uc = dep.get("deployment_config", {}).get("user_config") or {}
+                deps[dname] = {"status": dep["status"], "replicas": replicas,
+                               "model": uc.get("model"), "alias": uc.get("alias"),
+                               "canary": uc.get("canary")}
+            out[name] = {"status": app["status"], "route_prefix": app.get("route_prefix"),
+                         "deployments": deps}
+        return out
+
+    def update_models(self, model: str, change: Callable[[dict], dict],
+                      timeout_s: float = 300) -> dict:
+        """Apply `change` to the user_config of every deployment serving `model`, redeploy,
+        wait until every replica serves it. Returns which deployments changed and how long."""
+        config = self.deployed_config()
+        changed = []
+        for app in config["applications"]:
+            for dep in app.get("deployments", []):
+                uc = dep.get("user_config")
+                if uc and resolve(uc["model"], app["args"]["tracking_uri"]).name == model:
+                    dep["user_config"] = change(uc)
+                    changed.append(f"{app['name']}/{dep['name']}")
+        if not changed:
+            raise UnknownModel(f"no running deployment serves model {model!r}")
+        seconds = self.deploy(config, timeout_s)
+        return {"model": model, "deployments": changed, "seconds": round(seconds, 2)}
+
+
+def swap(cluster: ServeCluster, model: str, tracking_uri: str | None, *, version: int | None = None,
+         alias: str | None = None) -> dict:
+    """Every deployment serving `model` switches to `version` (or what `alias` points at now)."""
+    if (version is None) == (alias is None):
+        raise LLMOpsError("give exactly one of a version or an alias")
+    ref, pinned_alias = pin(f"models:/{model}/{version}" if version is not None
+                            else f"models:/{model}@{alias}", tracking_uri)
+
+    def change(uc: dict) -> dict:
+        canary = uc.get("canary")
+        if canary and resolve(canary["model"], tracking_uri).uri == ref:
+            canary = None  # the challenger became the model itself
+        return {**uc, "model": ref, "alias": pinned_alias, "canary": canary}
+
+    return {**cluster.update_models(model, change), "serving": ref}
+
+
+def set_canary(cluster: ServeCluster, model: str, tracking_uri: str | None,
+               canary: CanaryConfig | None) -> dict:
+    """Serve `canary` (a challenger version with a traffic fraction, or shadow) beside the
+    champion of every deployment of `model`; None ends the canary."""
+    if canary is not None:
+        ref, alias = pin(canary.model, tracking_uri)
+        if resolve(ref, tracking_uri).name != model:
+            raise LLMOpsError(f"the canary {canary.model} is not a version of {model}")
+        canary = canary.model_copy(update={"model": ref, "alias": alias})
+    body = canary.model_dump() if canary else None
+    return cluster.update_models(model, lambda uc: {**uc, "canary": body})

@@ -1,0 +1,205 @@
+"""The model deployments: sentence encoder, classifier and generator, all built on `ModelSlot`.
+
+Hot swap: a changed `user_config` (model version, canary) reaches every replica through Serve's
+`reconfigure()`. The new weights load in a worker thread while the replica keeps answering with
+the old ones; then one assignment switches. Each batch reads the slot once, so a request is
+answered wholly by one version, and requests already in a batch finish on the model they started
+on. Reconfiguring in place (rather than a rolling replacement of replicas) keeps warm replicas and
+their batch queues, and needs no spare capacity for a second set of replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+
+from ray import serve
+
+from serve_apps.config import CanaryConfig, GenerationConfig
+from serve_apps.model import LoadedModel, ModelIdentity, device, load, resolve
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def bucket(request_id: str) -> float:
+    """A stable number in [0, 1) per request id: the same id always lands on the same side."""
+    return int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) / 2**32
+
+
+@dataclass(frozen=True)
+class Item:
+    """One text in a batch, with what routes it (request id) and how to run it (params)."""
+
+    text: str
+    request_id: str
+    params: tuple = ()
+
+
+@dataclass(frozen=True)
+class Variants:
+    """What a replica serves at one moment; replaced as a whole, never edited."""
+
+    champion: LoadedModel
+    challenger: LoadedModel | None = None
+    canary: CanaryConfig | None = None
+
+    def route(self, request_id: str) -> tuple[str, bool]:
+        """(variant that answers, whether the challenger also shadows the request)."""
+        if self.challenger is None or self.canary is None:
+            return CHAMPION, False
+        chosen = bucket(request_id) < self.canary.fraction
+        if self.canary.shadow:
+            return CHAMPION, chosen
+        return (CHALLENGER if chosen else CHAMPION), False
+
+
+@dataclass
+class ModelSlot:
+    """The model(s) a replica serves, loaded off the request path and switched atomically."""
+
+    tracking_uri: str | None
+    variants: Variants | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def configure(self, user_config: dict) -> None:
+        async with self._lock:
+            canary = CanaryConfig(**user_config["canary"]) if user_config.get("canary") else None
+            current = self.variants
+            precision = user_config.get("precision", "fp32")
+            champion = await self._get(user_config["model"], user_config.get("alias"), precision,
+                                       current)
+            challenger = (await self._get(canary.model, canary.alias, precision, current)
+                          if canary else None)
+            self.generation = GenerationConfig(**(user_config.get("generation") or {}))
+            self.variants = Variants(champion, challenger, canary)
+
+    async def _get(self, ref: str, alias: str | None, precision: str,
+                   current: Variants | None) -> LoadedModel:
+        """The loaded model for `ref`: reused when this replica already holds that version."""
+        identity: ModelIdentity = await asyncio.to_thread(resolve, ref, self.tracking_uri)
+        identity = replace(identity, alias=alias or identity.alias)
+        for held in (current.champion, current.challenger) if current else ():
+            if held is not None and (held.identity.name, held.identity.version, held.precision) \
+                    == (identity.name, identity.version, precision):
+                return replace(held, identity=identity)
+        loaded = await asyncio.to_thread(load, ref, self.tracking_uri, precision)
+        return replace(loaded, identity=identity, precision=precision)
+
+    def identities(self) -> dict:
+        v = self.variants
+        return {"champion": v.champion.identity.to_dict(),
+                "challenger": v.challenger.identity.to_dict() if v.challenger else None,
+                "canary": v.canary.model_dump() if v.canary else None}
+
+    async def run(self, items: list[Item], fn: Callable[[LoadedModel, list[str], tuple], list[dict]]
+                  ) -> list[dict]:
+        """Answer a batch: group items by variant and params, one forward pass per group."""
+        v = self.variants
+        routes = [v.route(it.request_id) for it in items]
+        jobs: dict[tuple, list[int]] = {}
+        for i, (it, (variant, shadow)) in enumerate(zip(items, routes)):
+            jobs.setdefault((variant, it.params), []).append(i)
+            if shadow:
+                jobs.setdefault(("shadow", it.params), []).append(i)
+        results: list[dict] = [{} for _ in items]
+        for (variant, params), idx in jobs.items():
+            model = v.champion if variant == CHAMPION else v.challenger
+            outs = await asyncio.to_thread(fn, model, [items[i].text for i in idx], params)
+            for i, out in zip(idx, outs):
+                out = {**out, "model": {**model.identity.to_dict(), "variant": variant}}
+                if variant == "shadow":
+                    results[i]["shadow"] = out
+                else:
+                    results[i].update(out)
+        return results
+
+
+class _ModelDeployment:
+    """What every model deployment shares: the slot, `reconfigure()` and `identity()`."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        self.slot = ModelSlot(tracking_uri)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await self.slot.configure(user_config)
+        batching = user_config.get("batching") or {}
+        if "max_batch_size" in batching:
+            self.predict.set_max_batch_size(batching["max_batch_size"])
+            self.predict.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+
+    async def predict_many(self, items: list[Item]) -> list[dict]:
+        """A batch a pipeline already formed, run as one batch (no second wait)."""
+        return await self.slot.run(items, self.run_batch)
+
+    def identity(self) -> dict:
+        """The versions this replica serves now, and where it runs."""
+        import ray
+
+        return {**self.slot.identities(), "device": str(device()),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class Classifier(_ModelDeployment):
+    """Any registered classifier (support-router, moderation): label, confidence, scores."""
+
+    @staticmethod
+    def run_batch(model: LoadedModel, texts: list[str], _params: tuple) -> list[dict]:
+        return [{**r, "batch_size": len(texts)} for r in model.classify(texts)]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict(self, items: list[Item]) -> list[dict]:
+        return await self.slot.run(items, self.run_batch)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class Encoder(_ModelDeployment):
+    """The bundled sentence encoder: L2-normalised embeddings (numpy float32)."""
+
+    @staticmethod
+    def run_batch(model: LoadedModel, texts: list[str], _params: tuple) -> list[dict]:
+        return [{"embedding": e} for e in model.embed(texts)]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def predict(self, items: list[Item]) -> list[dict]:
+        return await self.slot.run(items, self.run_batch)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class Generator(_ModelDeployment):
+    """Any registered causal LM. Greedy requests batch together; a sampled request (temperature
+    above 0) runs alone so its seed alone decides its output."""
+
+    def params(self, max_new_tokens: int | None = None, temperature: float | None = None,
+               seed: int | None = None, stop: list[str] | None = None, salt: str = "") -> tuple:
+        g = self.slot.generation
+        p = {"max_new_tokens": min(max_new_tokens or g.max_new_tokens, g.max_new_tokens),
+             "temperature": g.temperature if temperature is None else temperature,
+             "seed": g.seed if seed is None else seed,
+             "stop": tuple(g.stop if stop is None else stop)}
+        key = (("salt", salt),) if p["temperature"] > 0 else ()
+        return tuple(sorted(p.items())) + key
+
+    async def generate(self, text: str, request_id: str, **options) -> dict:
+        return await self.predict(Item(text, request_id, self.params(salt=request_id, **options)))
+
+    @staticmethod
+    def run_batch(model: LoadedModel, texts: list[str], params: tuple) -> list[dict]:
+        return model.generate(texts, **{k: v for k, v in params if k != "salt"})
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict(self, items: list[Item]) -> list[dict]:
+        return await self.slot.run(items, self.run_batch)
+
+    async def stream(self, text: str, request_id: str, **options) -> AsyncIterator[dict]:
+        """Pieces of the answer as they are generated; the first carries the model identity."""
+        p = dict(kv for kv in self.params(**options) if kv[0] != "salt")
+        variant, _ = self.slot.variants.route(request_id)
+        model = getattr(self.slot.variants, variant)
+        pieces = await asyncio.to_thread(model.stream, text, **p)
+        yield {"model": {**model.identity.to_dict(), "variant": variant}}
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            yield {"text": piece}
