@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from training.config import GpuChoice
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -148,7 +150,7 @@ class ServeConfig(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    use_gpu: GpuChoice = "auto"
     ingress_cpus: float = Field(0.1, gt=0)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     moderation: ModerationAppConfig = Field(default_factory=ModerationAppConfig)

@@ -118,7 +118,8 @@ class ModelSlot:
 
 
 class _ModelDeployment:
-    """What every model deployment shares: the slot, `reconfigure()` and `identity()`."""
+    """What every model deployment shares: the slot, `reconfigure()`, batched `predict()` and
+    `identity()`; each deployment adds only `run_batch`, its forward pass on a list of texts."""
 
     def __init__(self, tracking_uri: str | None = None):
         self.slot = ModelSlot(tracking_uri)
@@ -129,6 +130,11 @@ class _ModelDeployment:
         if "max_batch_size" in batching:
             self.predict.set_max_batch_size(batching["max_batch_size"])
             self.predict.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # reconfigure() sets both
+    async def predict(self, items: list[Item]) -> list[dict]:
+        """One item per call; concurrent calls are answered as one batch."""
+        return await self.slot.run(items, self.run_batch)
 
     async def predict_many(self, items: list[Item]) -> list[dict]:
         """A batch a pipeline already formed, run as one batch (no second wait)."""
@@ -150,10 +156,6 @@ class Classifier(_ModelDeployment):
     def run_batch(model: LoadedModel, texts: list[str], _params: tuple) -> list[dict]:
         return [{**r, "batch_size": len(texts)} for r in model.classify(texts)]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict(self, items: list[Item]) -> list[dict]:
-        return await self.slot.run(items, self.run_batch)
-
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Encoder(_ModelDeployment):
@@ -162,10 +164,6 @@ class Encoder(_ModelDeployment):
     @staticmethod
     def run_batch(model: LoadedModel, texts: list[str], _params: tuple) -> list[dict]:
         return [{"embedding": e} for e in model.embed(texts)]
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def predict(self, items: list[Item]) -> list[dict]:
-        return await self.slot.run(items, self.run_batch)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -189,10 +187,6 @@ class Generator(_ModelDeployment):
     @staticmethod
     def run_batch(model: LoadedModel, texts: list[str], params: tuple) -> list[dict]:
         return model.generate(texts, **{k: v for k, v in params if k != "salt"})
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict(self, items: list[Item]) -> list[dict]:
-        return await self.slot.run(items, self.run_batch)
 
     async def stream(self, text: str, request_id: str, **options) -> AsyncIterator[dict]:
         """Pieces of the answer as they are generated; the first carries the model identity."""

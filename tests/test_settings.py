@@ -21,6 +21,20 @@ def test_environment_overrides_the_file(tmp_path):
     assert (s.training.workers, s.training.deepspeed.stage, str(s.data_dir)) == (3, 3, "/tmp/x")
 
 
+def test_bare_yes_and_no_are_gpu_choices_not_booleans(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("serve:\n  use_gpu: yes\n")
+    s = load_settings(f, environ={"LLMOPS_TRAINING__USE_GPU": "no"})
+    assert (s.training.use_gpu, s.serve.use_gpu) == ("no", "yes")
+
+
+def test_repo_settings_match_the_serving_defaults():
+    s = load_settings("llmops.yaml", environ={})
+    assert s.serve.moderation.generator.generation.stop == ["\n"]
+    assert s.serve.moderation.classifier.model == "models:/moderation@champion"
+    assert s.serve.support.classifier.batching.max_batch_size == 16
+
+
 def test_task_override_keeps_the_other_task_defaults(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text("training:\n  tasks:\n    support-router: {epochs: 5, model: {max_length: 32}}\n")

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 BUNDLED_ENCODER = "all-MiniLM-L6-v2"
+
+
+def _yaml_bool(value: Any) -> Any:
+    """YAML reads a bare `yes` / `no` as a boolean; take it back as the word."""
+    return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+
+
+# Whether to use GPUs: `auto` when the cluster has them.
+GpuChoice = Annotated[Literal["auto", "yes", "no"], BeforeValidator(_yaml_bool)]
 SCRATCH = "scratch"
 
 
@@ -79,7 +88,7 @@ class TrainingConfig(_Strict):
 
     workers: int = Field(2, ge=1, le=256)
     cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    use_gpu: GpuChoice = "auto"
     seed: int = 0
     max_failures: int = Field(2, ge=0)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
