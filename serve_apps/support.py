@@ -53,8 +53,7 @@ def resolved_examples(tracking_uri: str | None, name: str, version: str, per_int
                                                tracking_uri=tracking_uri)
     df = pd.read_parquet(path)
     df = df[df.intent.isin(RESOLUTIONS) & (df.scenario == "base")]
-    return (df.groupby("intent", group_keys=False)
-            .apply(lambda g: g.sample(min(len(g), per_intent), random_state=seed))
+    return (df.sample(frac=1.0, random_state=seed).groupby("intent").head(per_intent)
             .reset_index(drop=True))
 
 
