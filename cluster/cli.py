@@ -32,9 +32,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _registry(settings: Settings):
+    """The platform's registry, checked reachable (before any slow work)."""
     from training.registry import Registry
 
-    return Registry(settings.registry, settings.data_dir)
+    registry = Registry(settings.registry, settings.data_dir)
+    registry.check()
+    return registry
 
 
 @dataclass
@@ -82,7 +85,6 @@ def cmd_train(args) -> Output:
     task_config(config, args.task)
     data = build_task_data(config, args.task, args.scenario)
     registry = _registry(settings)
-    registry.check()
     runtime.connect(settings.ray)
     result = fit_and_register(config, registry, args.task, data,
                               storage_path=settings.storage_path,
@@ -97,7 +99,6 @@ def cmd_tune(args) -> Output:
     tune = settings.tune if args.trials is None else settings.tune.model_copy(
         update={"trials": args.trials})
     registry = _registry(settings)
-    registry.check()
     runtime.connect(settings.ray)
     result = tune_task(settings.training, tune, registry, args.task,
                        storage_path=settings.storage_path,
@@ -108,7 +109,6 @@ def cmd_tune(args) -> Output:
 def cmd_models(args) -> Output:
     settings = _settings(args)
     registry = _registry(settings)
-    registry.check()
     models = registry.models()
 
     def human(payload: dict) -> str:
@@ -163,7 +163,6 @@ def cmd_up(args) -> Output:
 
     settings = _settings(args)
     registry = _registry(settings)
-    registry.check()
     started = False
     if settings.ray.address is None:
         started = runtime.start_head(settings.ray, settings.data_dir)
@@ -211,7 +210,6 @@ def cmd_swap(args) -> Output:
 
     settings = _settings(args)
     registry = _registry(settings)
-    registry.check()
     result = swap(_serve_cluster(settings), args.model, registry.tracking_uri,
                   version=args.version, alias=args.alias)
     return Output(result, _format_change)
@@ -225,7 +223,6 @@ def cmd_canary(args) -> Output:
 
     settings = _settings(args)
     registry = _registry(settings)
-    registry.check()
     canary = None
     if not args.off:
         if (args.version is None) == (args.alias is None):
@@ -245,7 +242,6 @@ def cmd_serve_config(args) -> None:
 
     settings = _settings(args)
     registry = _registry(settings)
-    registry.check()
     gpus = {"yes": 1, "no": 0}.get(settings.serve.use_gpu, 0)
     print(yaml.safe_dump(_generated_serve_config(settings, registry, gpus), sort_keys=False))
 

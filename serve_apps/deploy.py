@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from serve_apps.apps import APPS, deployment_options, pin
 from serve_apps.config import CanaryConfig, ServeConfig
-from serve_apps.model import UnknownModel, resolve
+from serve_apps.model import UnknownModel, model_name, resolve
 from training.errors import LLMOpsError
 
 
@@ -136,7 +136,7 @@ class ServeCluster:
         for app in config["applications"]:
             for dep in app.get("deployments", []):
                 uc = dep.get("user_config")
-                if uc and resolve(uc["model"], app["args"]["tracking_uri"]).name == model:
+                if uc and model_name(uc["model"]) == model:
                     dep["user_config"] = change(uc)
                     changed.append(f"{app['name']}/{dep['name']}")
         if not changed:
@@ -168,7 +168,7 @@ def set_canary(cluster: ServeCluster, model: str, tracking_uri: str | None,
     champion of every deployment of `model`; None ends the canary."""
     if canary is not None:
         ref, alias = pin(canary.model, tracking_uri)
-        if resolve(ref, tracking_uri).name != model:
+        if model_name(ref) != model:
             raise LLMOpsError(f"the canary {canary.model} is not a version of {model}")
         canary = canary.model_copy(update={"model": ref, "alias": alias})
     body = canary.model_dump() if canary else None

@@ -23,6 +23,12 @@ from serve_apps.model import LoadedModel, ModelIdentity, device, load, resolve
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+def set_batching(method, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    """Resize a `@serve.batch` method's batches in place (from config, at any time)."""
+    method.set_max_batch_size(max_batch_size)
+    method.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+
 def bucket(request_id: str) -> float:
     """A stable number in [0, 1) per request id: the same id always lands on the same side."""
     return int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) / 2**32
@@ -127,9 +133,8 @@ class _ModelDeployment:
     async def reconfigure(self, user_config: dict) -> None:
         await self.slot.configure(user_config)
         batching = user_config.get("batching") or {}
-        if "max_batch_size" in batching:
-            self.predict.set_max_batch_size(batching["max_batch_size"])
-            self.predict.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+        if batching:
+            set_batching(self.predict, **batching)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # reconfigure() sets both
     async def predict(self, items: list[Item]) -> list[dict]:

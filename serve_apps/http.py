@@ -75,6 +75,12 @@ def parse(model: type[M], value: M | dict) -> M:
         raise InvalidRequest(_first_error(exc.errors())) from None
 
 
+def request_texts(request: TextsRequest | dict, limits: LimitsConfig) -> list[str]:
+    """The texts of a moderation or support request (HTTP body or a handle caller's dict),
+    checked against the limits."""
+    return check_texts(parse(TextsRequest, request).items(), limits)
+
+
 def check_texts(texts: Sequence[str], limits: LimitsConfig) -> list[str]:
     if not texts:
         raise InvalidRequest("give 'text' or a non-empty 'texts'")

@@ -44,14 +44,24 @@ class ModelIdentity:
         return asdict(self)
 
 
-def resolve(ref: str, tracking_uri: str | None) -> ModelIdentity:
-    """The exact version a reference points at now; `UnknownModel` if there is none."""
-    if ref == BUNDLED_ENCODER:
-        return ModelIdentity(BUNDLED_ENCODER, "bundled")
+def _parse(ref: str) -> re.Match:
     m = _REF.match(ref)
     if not m:
         raise UnknownModel(f"model reference {ref!r} is not models:/NAME@ALIAS, "
                            f"models:/NAME/VERSION or {BUNDLED_ENCODER!r}")
+    return m
+
+
+def model_name(ref: str) -> str:
+    """The model a reference names (no registry lookup)."""
+    return BUNDLED_ENCODER if ref == BUNDLED_ENCODER else _parse(ref)["name"]
+
+
+def resolve(ref: str, tracking_uri: str | None) -> ModelIdentity:
+    """The exact version a reference points at now; `UnknownModel` if there is none."""
+    if ref == BUNDLED_ENCODER:
+        return ModelIdentity(BUNDLED_ENCODER, "bundled")
+    m = _parse(ref)
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 

@@ -12,8 +12,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps.config import LimitsConfig, ModerationAppConfig
-from serve_apps.deployments import Item
-from serve_apps.http import StageModel, TextsRequest, check_texts, create_app, new_request_id, parse
+from serve_apps.deployments import Item, set_batching
+from serve_apps.http import StageModel, TextsRequest, create_app, new_request_id, request_texts
 from serve_apps.pii import redact
 
 
@@ -44,9 +44,7 @@ class ModerationPipeline:
         self.classifier, self.generator = classifier, generator
         self.config = ModerationAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
-        batching = self.config.classifier.batching
-        self._classify.set_max_batch_size(batching.max_batch_size)
-        self._classify.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        set_batching(self._classify, **self.config.classifier.batching.model_dump())
 
     @app.post("/", response_model=ModerateResponse)
     async def http_moderate(self, body: TextsRequest, request: Request) -> ModerateResponse:
@@ -55,7 +53,7 @@ class ModerationPipeline:
     async def moderate(self, request: TextsRequest | dict,
                        request_id: str | None = None) -> ModerateResponse:
         """Moderate every text of the request; the same for HTTP and handle callers."""
-        texts = check_texts(parse(TextsRequest, request).items(), self.limits)
+        texts = request_texts(request, self.limits)
         rid = new_request_id(request_id)
         verdicts = await asyncio.gather(*(self._classify(Item(t, rid)) for t in texts))
         return ModerateResponse(request_id=rid, results=await asyncio.gather(

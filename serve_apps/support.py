@@ -15,8 +15,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps.config import LimitsConfig, SupportAppConfig
-from serve_apps.deployments import Item
-from serve_apps.http import StageModel, TextsRequest, check_texts, create_app, new_request_id, parse
+from serve_apps.deployments import Item, set_batching
+from serve_apps.http import StageModel, TextsRequest, create_app, new_request_id, request_texts
 from training.data.support import RESOLUTIONS
 
 
@@ -69,9 +69,7 @@ class SupportPipeline:
         self.config = SupportAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
         self.tracking_uri = tracking_uri
-        batching = self.config.classifier.batching
-        self._route_and_embed.set_max_batch_size(batching.max_batch_size)
-        self._route_and_embed.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        set_batching(self._route_and_embed, **self.config.classifier.batching.model_dump())
         self._examples: pd.DataFrame | None = None
         self._matrix: np.ndarray | None = None
         self._lock = asyncio.Lock()
@@ -83,7 +81,7 @@ class SupportPipeline:
     async def route(self, request: TextsRequest | dict,
                     request_id: str | None = None) -> RouteResponse:
         """Route every text of the request; the same for HTTP and handle callers."""
-        texts = check_texts(parse(TextsRequest, request).items(), self.limits)
+        texts = request_texts(request, self.limits)
         rid = new_request_id(request_id)
         await self._build_index()
         pairs = await asyncio.gather(*(self._route_and_embed(Item(t, rid)) for t in texts))
