@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(LLMOPS) train support-router
 	$(LLMOPS) train moderation
 	$(LLMOPS) train rewriter
+	$(LLMOPS) train support-reply
 	$(LLMOPS) models
 	$(LLMOPS) up
 	curl -s localhost:8000/v1/moderate -H 'content-type: application/json' \

@@ -6,10 +6,11 @@ alone (the baseline), all in one run.
     python bench/serve.py --json [--duration 8] [--concurrency 1 8 32] [--data-dir DIR]
 
 Models: the configured architectures (MiniLM router and moderation heads, the GPT-2-style
-rewriter), registered untrained in a scratch registry unless `--data-dir` names one holding
-trained champions: speed does not depend on the weights, but moderation's cost does depend on how
-many posts get flagged and rewritten, so the report says which models ran. Clients are closed
-loops: `concurrency` workers each send a request as soon as the previous one returned.
+rewriter and reply generator), registered untrained in a scratch registry unless `--data-dir`
+names one holding trained champions. Speed does not depend on the weights, but the pipelines'
+cost does depend on how many posts get rewritten and how many tickets fall back to retrieval,
+so the report says which models ran (use trained ones for figures). Clients are closed loops:
+`concurrency` workers each send a request as soon as the previous one returned.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import runtime  # noqa: E402
 from cluster.settings import load_settings  # noqa: E402
-from serve_apps.config import ServeConfig  # noqa: E402
+from serve_apps.config import GenerationConfig, ServeConfig  # noqa: E402
 from training.data import generate  # noqa: E402
 
 PIPELINES = {"support": ("support-tickets", "/v1/support/route", "route"),
@@ -45,7 +46,7 @@ def register_untrained(settings, registry) -> None:
     from training.models import build_model
 
     torch.manual_seed(0)  # the same untrained weights, so the same share of posts gets rewritten
-    for task in ("support-router", "moderation", "rewriter"):
+    for task in ("support-router", "moderation", "rewriter", "support-reply"):
         tc = settings.training.tasks[task]
         settings.training.tasks[task] = tc.model_copy(update={"holdouts": ["base"],
                                                               "holdout_size": 16})
@@ -95,52 +96,67 @@ def http_call(client, url: str):
     return call
 
 
-def limit(pipeline: str, models: dict, texts: list[str], batch: int, duration: float) -> dict:
-    """The same stages called in-process on batches of `batch` texts: no queues, no hops."""
+def run_pipeline(name: str, models: dict, texts: list[str], cfg: ServeConfig) -> None:
+    """What a pipeline computes for `texts`, called directly (no Serve): the limit runs it on
+    whole batches, the naive baseline on one text per request."""
+    if name == "support":
+        models["router"].classify(texts)
+        g = cfg.support.generator.generation
+        replies = models["replier"].generate(texts, g.max_new_tokens, g.temperature, g.seed, g.stop)
+        unsure = [t for t, r in zip(texts, replies)
+                  if r["confidence"] < cfg.support.min_reply_confidence]
+        if unsure:
+            models["encoder"].embed(unsure)
+    else:
+        verdicts = models["moderation"].classify(texts)
+        flagged = [t for t, v in zip(texts, verdicts) if v["label"] in cfg.moderation.rewrite_labels]
+        if flagged:
+            g = cfg.moderation.generator.generation or GenerationConfig()
+            models["rewriter"].generate(flagged, g.max_new_tokens, g.temperature, g.seed, g.stop)
+
+
+def served_models(cfg: ServeConfig) -> dict:
+    return {"router": cfg.support.classifier, "encoder": cfg.support.encoder,
+            "replier": cfg.support.generator, "moderation": cfg.moderation.classifier,
+            "rewriter": cfg.moderation.generator}
+
+
+def load_models(cfg: ServeConfig, tracking_uri: str, precision: bool) -> dict:
+    """The served models; in their served precision, or fp32 (the naive baseline)."""
+    from serve_apps.model import load
+
+    return {k: load(md.model, tracking_uri, md.precision if precision else "fp32")
+            for k, md in served_models(cfg).items()}
+
+
+def limit(name: str, models: dict, texts: list[str], cfg: ServeConfig, batch: int,
+          duration: float) -> dict:
+    """The pipeline called in-process on batches of `batch` texts: no queues, no hops."""
     started, done, latencies = time.perf_counter(), 0, []
     while time.perf_counter() - started < duration:
-        chunk = [texts[(done + j) % len(texts)] for j in range(batch)]
         t = time.perf_counter()
-        if pipeline == "support":
-            models["router"].classify(chunk)
-            models["encoder"].embed(chunk)
-        else:
-            verdicts = models["moderation"].classify(chunk)
-            flagged = [x for x, v in zip(chunk, verdicts) if v["label"] == "toxic"]
-            if flagged:
-                models["rewriter"].generate(flagged, 48, 0.0, 0, ["\n"])
+        run_pipeline(name, models, [texts[(done + j) % len(texts)] for j in range(batch)], cfg)
         latencies.append(time.perf_counter() - t)
         done += batch
     return {**summarize(latencies, time.perf_counter() - started, done, 0), "batch_size": batch}
 
 
-def naive_server(port: int, tracking_uri: str) -> None:
+def naive_server(port: int, tracking_uri: str, cfg: ServeConfig) -> None:
     """The baseline: FastAPI + transformers (fp32, as loaded), one request per forward pass,
     no batching."""
     import uvicorn
     from fastapi import FastAPI
 
-    from serve_apps.model import load
-
-    m = {"router": load("models:/support-router@champion", tracking_uri),
-         "encoder": load("all-MiniLM-L6-v2", tracking_uri),
-         "moderation": load("models:/moderation@champion", tracking_uri),
-         "rewriter": load("models:/rewriter@champion", tracking_uri)}
+    models = load_models(cfg, tracking_uri, precision=False)
     app = FastAPI()
 
-    @app.post("/v1/support/route")
-    def route(body: dict) -> dict:
-        out = m["router"].classify([body["text"]])[0]
-        m["encoder"].embed([body["text"]])
-        return out
+    def endpoint(name: str):
+        def call(body: dict) -> None:  # plain def: FastAPI runs it in its thread pool
+            run_pipeline(name, models, [body["text"]], cfg)
+        return call
 
-    @app.post("/v1/moderate")
-    def moderate(body: dict) -> dict:
-        out = m["moderation"].classify([body["text"]])[0]
-        if out["label"] == "toxic":
-            out = m["rewriter"].generate([body["text"]], 48, 0.0, 0, ["\n"])[0]
-        return out
-
+    for name, (_, path, _) in PIPELINES.items():
+        app.post(path)(endpoint(name))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="error")
 
 
@@ -197,18 +213,19 @@ def main() -> None:
                         help="override every served model's precision (default: settings)")
     parser.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tracking-uri", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-config", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     runtime.apply_platform_env()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.naive_server:
-        return naive_server(args.naive_server, args.tracking_uri)
+        return naive_server(args.naive_server, args.tracking_uri,
+                            ServeConfig.model_validate_json(args.serve_config))
 
     import ray
     import torch
 
     from serve_apps.deploy import ServeCluster, serve_config
-    from serve_apps.model import load
     from training.registry import Registry
 
     settings = load_settings(overrides={"data_dir": args.data_dir or tempfile.mkdtemp()})
@@ -222,7 +239,7 @@ def main() -> None:
     cfg = settings.serve.model_dump()
     cfg.update(port=args.port, use_gpu="no", chat={"enabled": False})
     if args.precision:
-        for app, deps in (("support", ("classifier", "encoder")),
+        for app, deps in (("support", ("classifier", "encoder", "generator")),
                           ("moderation", ("classifier", "generator"))):
             for dep in deps:
                 cfg[app][dep]["precision"] = args.precision
@@ -231,17 +248,16 @@ def main() -> None:
 
     # (a) the in-process limit: the served models (same precision), all cores, same batch size
     torch.set_num_threads(os.cpu_count())
-    served = {"router": serve_cfg.support.classifier, "encoder": serve_cfg.support.encoder,
-              "moderation": serve_cfg.moderation.classifier,
-              "rewriter": serve_cfg.moderation.generator}
-    models = {k: load(md.model, registry.tracking_uri, md.precision) for k, md in served.items()}
-    limits = {name: limit(name, models, texts[name], batch, args.duration) for name in PIPELINES}
+    models = load_models(serve_cfg, registry.tracking_uri, precision=True)
+    limits = {name: limit(name, models, texts[name], serve_cfg, batch, args.duration)
+              for name in PIPELINES}
     del models
 
     # (b) the naive baseline in its own process
     naive_port = args.port + 1
     naive = subprocess.Popen([sys.executable, __file__, "--naive-server", str(naive_port),
-                              "--tracking-uri", registry.tracking_uri])
+                              "--tracking-uri", registry.tracking_uri,
+                              "--serve-config", serve_cfg.model_dump_json()])
     try:
         _wait_http(f"http://127.0.0.1:{naive_port}/v1/support/route")
         baseline = asyncio.run(measure_http(f"http://127.0.0.1:{naive_port}", args.concurrency,
@@ -264,7 +280,7 @@ def main() -> None:
 
     report = {"benchmark": "serve_pipelines", "cpus": os.cpu_count(), "batch_size": batch,
               "models": "trained champions" if trained else "configured architectures, untrained",
-              "precision": {k: md.precision for k, md in served.items()},
+              "precision": {k: md.precision for k, md in served_models(serve_cfg).items()},
               "duration_s": args.duration, "in_process_limit": limits,
               "naive_fastapi_baseline": baseline, "serve_http": http, "serve_handle": handles,
               "ratios": {}}

@@ -124,6 +124,30 @@ def cmd_models(args) -> Output:
     return Output({"models": models}, human)
 
 
+def cmd_drift_check(args) -> Output:
+    from monitoring.drift import check_model
+
+    settings = _settings(args)
+    registry = _registry(settings)
+    decision = check_model(settings.log_uri, registry, settings.monitoring.drift, args.model,
+                           window=args.window, report_dir=settings.data_dir.resolve() / "drift")
+
+    def human(payload: dict) -> str:
+        verdict = "DRIFT" if payload["drift"] else "no drift"
+        lines = [f"{payload['model']} v{payload['version']}: {verdict} ({payload['drifted_windows']}"
+                 f" of the last {len(payload['windows'])} windows drifted; policy {payload['k']} "
+                 f"of {payload['n']})"]
+        for w in payload["windows"]:
+            shown = "  ".join(f"{m['name']} {m['value']:g}{'!' if m['drifted'] else ''}"
+                              for m in w["metrics"])
+            lines.append(f"  {w['end'][:19]} {w['rows']:>5} rows  {shown}")
+        if payload["windows"][-1]["html"]:
+            lines.append(f"report: {payload['windows'][-1]['html']}")
+        return "\n".join(lines)
+
+    return Output(decision.to_dict(), human)
+
+
 def _serve_cluster(settings: Settings):
     from serve_apps.deploy import ServeCluster
 
@@ -140,7 +164,8 @@ def _generated_serve_config(settings: Settings, registry, gpus: float) -> dict:
     from serve_apps.deploy import serve_config
 
     gpu = settings.serve.use_gpu == "yes" or (settings.serve.use_gpu == "auto" and gpus >= 1)
-    return serve_config(settings.serve, registry.tracking_uri, gpu, dict(runtime.PLATFORM_ENV))
+    return serve_config(settings.serve, registry.tracking_uri, gpu, dict(runtime.PLATFORM_ENV),
+                        settings.log_settings())
 
 
 def _format_status(payload: dict) -> str:
@@ -268,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list the drift scenarios").set_defaults(func=cmd_data_scenarios)
 
     train = sub.add_parser("train", parents=[common], help="fine-tune and register a model")
-    train.add_argument("task", help="support-router, moderation or rewriter")
+    train.add_argument("task", help="support-router, moderation, rewriter or support-reply")
     train.add_argument("--scenario", default="base", help="data distribution to train on")
     train.add_argument("--workers", type=int)
     train.add_argument("--deepspeed-stage", type=int, choices=[0, 1, 2, 3])
@@ -315,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     canary.set_defaults(func=cmd_canary)
     sub.add_parser("serve-config", parents=[common], help="print the generated Serve config"
                    ).set_defaults(func=cmd_serve_config)
+
+    drift = sub.add_parser("drift", help="drift of served traffic against the training data")
+    drift_sub = drift.add_subparsers(dest="drift_command", required=True)
+    check = drift_sub.add_parser("check", parents=[common],
+                                 help="check a model's logged traffic once (`!` marks a metric "
+                                 "over its threshold)")
+    check.add_argument("model", help="a served classifier, e.g. support-router")
+    check.add_argument("--window", type=int, help="requests per window (default from settings)")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(func=cmd_drift_check)
     return parser
 
 

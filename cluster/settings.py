@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from monitoring.config import MonitoringConfig
 from serve_apps.config import ServeConfig
 from training.config import RegistryConfig, TrainingConfig, TuneConfig
 from training.errors import LLMOpsError
@@ -50,11 +51,23 @@ class Settings(BaseModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     @property
     def storage_path(self) -> Path:
         """Ray Train / Tune results and checkpoints."""
         return self.data_dir.resolve() / "ray_results"
+
+    @property
+    def log_uri(self) -> str:
+        """The inference and feedback logs: `monitoring.log.uri`, or under the data dir."""
+        return self.monitoring.log.uri or str(self.data_dir.resolve() / "inference_log")
+
+    def log_settings(self) -> dict | None:
+        """What pipelines receive to write the log; None when it is switched off."""
+        log = self.monitoring.log
+        return {"uri": self.log_uri, **log.model_dump(exclude={"uri", "enabled"})} if log.enabled \
+            else None
 
     @property
     def dashboard_address(self) -> str:

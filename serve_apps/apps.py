@@ -18,6 +18,7 @@ from serve_apps.config import (
     SupportAppConfig,
 )
 from serve_apps.deployments import Classifier, Encoder, Generator
+from serve_apps.feedback import FeedbackService
 from serve_apps.model import resolve
 from serve_apps.moderation import ModerationPipeline
 from serve_apps.support import SupportPipeline
@@ -62,30 +63,38 @@ def _model(deployment, md: ModelDeploymentConfig, args: dict):
 
 
 def moderation(args: dict) -> Application:
-    """args: config (ModerationAppConfig), limits, tracking_uri, use_gpu, ingress_cpus."""
+    """args: config (ModerationAppConfig), limits, tracking_uri, use_gpu, ingress_cpus, and
+    log (the inference log's uri and LogConfig; absent: no log)."""
     cfg = ModerationAppConfig.model_validate(args["config"])
     return ModerationPipeline.options(**_ingress(args)).bind(
         _model(Classifier, cfg.classifier, args), _model(Generator, cfg.generator, args),
-        args["config"], args["limits"])
+        args["config"], args["limits"], args.get("log"))
 
 
 def support(args: dict) -> Application:
     cfg = SupportAppConfig.model_validate(args["config"])
     return SupportPipeline.options(**_ingress(args)).bind(
         _model(Classifier, cfg.classifier, args), _model(Encoder, cfg.encoder, args),
-        args["config"], args["limits"], args["tracking_uri"])
+        _model(Generator, cfg.generator, args), args["config"], args["limits"], args["tracking_uri"],
+        args.get("log"))
 
 
 def chat(args: dict) -> Application:
     cfg = ChatAppConfig.model_validate(args["config"])
     return ChatPipeline.options(**_ingress(args)).bind(_model(Generator, cfg.generator, args),
-                                                        args["limits"])
+                                                        args["limits"], args.get("log"))
+
+
+def feedback(args: dict) -> Application:
+    return FeedbackService.options(**_ingress(args)).bind(args["log"], args["tracking_uri"])
 
 
 # application name -> (builder, the model deployments it holds, by config field)
 APPS = {
     "moderation": (moderation, {"Classifier": "classifier", "Generator": "generator"},
                    "ModerationPipeline"),
-    "support": (support, {"Classifier": "classifier", "Encoder": "encoder"}, "SupportPipeline"),
+    "support": (support, {"Classifier": "classifier", "Encoder": "encoder",
+                          "Generator": "generator"}, "SupportPipeline"),
     "chat": (chat, {"Generator": "generator"}, "ChatPipeline"),
+    "feedback": (feedback, {}, "FeedbackService"),
 }

@@ -18,7 +18,9 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_apps.config import LimitsConfig
 from serve_apps.http import InvalidRequest, check_texts, create_app, new_request_id, parse
+from serve_apps.inference_log import InferenceLog
 from serve_apps.model import UnknownModel
+from training.features import descriptors
 
 
 class ContentPart(BaseModel):
@@ -62,9 +64,10 @@ app = create_app("llmops chat", "OpenAI-compatible chat completions over registe
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class ChatPipeline:
-    def __init__(self, generator: DeploymentHandle, limits: dict):
+    def __init__(self, generator: DeploymentHandle, limits: dict, log: dict | None = None):
         self.generator = generator
         self.limits = LimitsConfig.model_validate(limits)
+        self.log = InferenceLog("chat", log)
         self.created = int(time.time())
 
     @app.get("/models")
@@ -108,7 +111,9 @@ class ChatPipeline:
         request = parse(ChatRequest, request)
         rid = new_request_id(request_id)
         text = await self._prepare(request)
+        started = time.perf_counter()
         out = await self.generator.generate.remote(text, rid, **request.options())
+        await self._record(rid, text, out, started)
         return {
             "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
             "model": request.model,
@@ -125,11 +130,13 @@ class ChatPipeline:
         request = parse(ChatRequest, request)
         rid = new_request_id(request_id)
         text = prepared if prepared is not None else await self._prepare(request)
+        started, first = time.perf_counter(), {}
         base = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": request.model}
         pieces = self.generator.options(stream=True).stream.remote(text, rid, **request.options())
         async for piece in pieces:
             if "model" in piece:
+                first = piece
                 yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
                                             "finish_reason": None}],
                        "llmops": {"request_id": rid, "model": piece["model"]}}
@@ -137,3 +144,15 @@ class ChatPipeline:
                 yield {**base, "choices": [{"index": 0, "delta": {"content": piece["text"]},
                                             "finish_reason": None}]}
         yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await self._record(rid, text, {**first, "finish_reason": "stop"}, started)
+
+    async def _record(self, rid: str, text: str, out: dict, started: float) -> None:
+        """The log keeps the prompt's descriptors and how the answer ended, not the text."""
+        decision = {"model": out.get("model"), "label": out.get("finish_reason"),
+                    "confidence": out.get("confidence"),
+                    "features": descriptors(text, out.get("prompt_tokens", 0))}
+        await self.log.record(rid, [decision], [{"generator": out.get("model") or {}}], started)
+
+    async def __del__(self) -> None:
+        """Serve calls this on a graceful shutdown: nothing buffered is lost."""
+        await self.log.close()

@@ -124,8 +124,14 @@ class ModerationAppConfig(_Strict):
     redact_labels: list[str] = Field(default_factory=lambda: ["pii"])
 
 
+def _reply_generator() -> ModelDeploymentConfig:
+    return ModelDeploymentConfig(model="models:/support-reply@champion",
+                                 generation=GenerationConfig(max_new_tokens=64, stop=[]))
+
+
 class SupportAppConfig(_Strict):
-    """Route a ticket to a queue; suggest the reply of the closest resolved ticket."""
+    """Route a ticket to a queue; suggest a generated reply, or the reply of the closest resolved
+    ticket when the generator is not confident."""
 
     enabled: bool = True
     route_prefix: str = "/v1/support"
@@ -133,6 +139,10 @@ class SupportAppConfig(_Strict):
         default_factory=lambda: _classifier("models:/support-router@champion"))
     encoder: ModelDeploymentConfig = Field(
         default_factory=lambda: ModelDeploymentConfig(model="all-MiniLM-L6-v2"))
+    generator: ModelDeploymentConfig = Field(default_factory=_reply_generator)
+    min_reply_confidence: float = Field(
+        0.5, ge=0, le=1, description="below this generator confidence (probability of its least "
+        "likely token) the reply comes from the closest resolved ticket instead; 1 = always")
     examples_per_intent: int = Field(8, ge=1, le=200,
                                      description="resolved tickets per intent in the reply index")
 
@@ -143,6 +153,13 @@ class ChatAppConfig(_Strict):
     enabled: bool = True
     route_prefix: str = "/v1"
     generator: ModelDeploymentConfig = Field(default_factory=_generator)
+
+
+class FeedbackAppConfig(_Strict):
+    """Ground-truth labels for logged requests (needs the inference log)."""
+
+    enabled: bool = True
+    route_prefix: str = "/v1/feedback"
 
 
 class ServeConfig(_Strict):
@@ -156,3 +173,4 @@ class ServeConfig(_Strict):
     moderation: ModerationAppConfig = Field(default_factory=ModerationAppConfig)
     support: SupportAppConfig = Field(default_factory=SupportAppConfig)
     chat: ChatAppConfig = Field(default_factory=ChatAppConfig)
+    feedback: FeedbackAppConfig = Field(default_factory=FeedbackAppConfig)

@@ -24,16 +24,17 @@ class DeployFailed(LLMOpsError):
 
 
 def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
-                 env_vars: dict[str, str]) -> dict:
-    """The Serve config (`ServeDeploySchema`) of every enabled application."""
+                 env_vars: dict[str, str], log: dict | None = None) -> dict:
+    """The Serve config (`ServeDeploySchema`) of every enabled application; `log` is where and
+    how pipelines write the inference log (`{"uri": ..., **LogConfig}`), None for no log."""
     apps = []
     for name, (_, models, ingress) in APPS.items():
         app_cfg = getattr(config, name)
-        if not app_cfg.enabled:
+        if not app_cfg.enabled or (name == "feedback" and log is None):
             continue
         args = {"config": app_cfg.model_dump(mode="json"), "limits": config.limits.model_dump(),
                 "tracking_uri": tracking_uri, "use_gpu": use_gpu,
-                "ingress_cpus": config.ingress_cpus}
+                "ingress_cpus": config.ingress_cpus, "log": log}
         deployments = [{"name": ingress, "ray_actor_options": {"num_cpus": config.ingress_cpus}}]
         deployments += [{"name": dep, **deployment_options(getattr(app_cfg, field), use_gpu,
                                                            tracking_uri)}

@@ -189,6 +189,11 @@ class Generator(_ModelDeployment):
     async def generate(self, text: str, request_id: str, **options) -> dict:
         return await self.predict(Item(text, request_id, self.params(salt=request_id, **options)))
 
+    async def generate_many(self, items: list[Item]) -> list[dict]:
+        """A batch a pipeline already formed, with this deployment's generation settings."""
+        return await self.predict_many([Item(it.text, it.request_id, self.params(salt=it.request_id))
+                                        for it in items])
+
     @staticmethod
     def run_batch(model: LoadedModel, texts: list[str], params: tuple) -> list[dict]:
         return model.generate(texts, **{k: v for k, v in params if k != "salt"})
@@ -199,6 +204,7 @@ class Generator(_ModelDeployment):
         variant, _ = self.slot.variants.route(request_id)
         model = getattr(self.slot.variants, variant)
         pieces = await asyncio.to_thread(model.stream, text, **p)
-        yield {"model": {**model.identity.to_dict(), "variant": variant}}
+        yield {"model": {**model.identity.to_dict(), "variant": variant},
+               "prompt_tokens": model.prompt_tokens(text)}
         while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
             yield {"text": piece}

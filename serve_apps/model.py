@@ -96,27 +96,32 @@ class LoadedModel:
         return self.meta["kind"]
 
     def classify(self, texts: Sequence[str]) -> list[dict]:
-        from training.models import predict_proba
+        """Label, confidence and scores per text, and its drift features (descriptors and the
+        projected embedding: what the inference log keeps instead of the text)."""
+        from training.features import EMBEDDING_DIMS, feature_rows
+        from training.models import classify
 
-        probs = predict_proba(self.model, self.tokenizer, texts, self.meta["max_length"],
-                              batch_size=max(len(texts), 1))
+        out = classify(self.model, self.tokenizer, texts, self.meta["max_length"],
+                       batch_size=max(len(texts), 1), embedding_dims=EMBEDDING_DIMS)
         labels = self.meta["labels"]
         return [{"label": labels[int(p.argmax())], "confidence": round(float(p.max()), 6),
-                 "scores": {lbl: round(float(x), 6) for lbl, x in zip(labels, p)}} for p in probs]
+                 "scores": {lbl: round(float(x), 6) for lbl, x in zip(labels, p)},
+                 "features": {k: v for k, v in row.items() if k not in ("prediction", "confidence")}}
+                for p, row in zip(out.probs, feature_rows(texts, labels, out))]
 
     def generate(self, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
                  stop: Sequence[str]) -> list[dict]:
-        from training.models import PROMPT, generate_text
+        from training.models import generate_text
 
         outs = generate_text(self.model, self.tokenizer, texts, max_new_tokens, temperature, seed,
                              batch_size=max(len(texts), 1))
         results = []
-        for text, out in zip(texts, outs):
+        for text, (out, confidence) in zip(texts, outs):
             cut = min([out.find(s) for s in stop if s and s in out], default=-1)
             finish = "stop" if cut >= 0 else "length"
             out = out[:cut].strip() if cut >= 0 else out
-            results.append({"text": out, "finish_reason": finish,
-                            "prompt_tokens": self.count_tokens(PROMPT.format(text=text)),
+            results.append({"text": out, "finish_reason": finish, "confidence": confidence,
+                            "prompt_tokens": self.prompt_tokens(text),
                             "completion_tokens": self.count_tokens(out)})
         return results
 
@@ -130,6 +135,12 @@ class LoadedModel:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_tokens(self, text: str) -> int:
+        """Tokens of the prompt a generator actually reads for `text`."""
+        from training.models import PROMPT
+
+        return self.count_tokens(PROMPT.format(text=text))
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -5,6 +5,7 @@ HTTP: `POST /v1/moderate`. Python: `serve.get_app_handle("moderation").moderate.
 """
 
 import asyncio
+import time
 
 from fastapi import Request
 from pydantic import BaseModel, Field
@@ -14,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps.config import LimitsConfig, ModerationAppConfig
 from serve_apps.deployments import Item, set_batching
 from serve_apps.http import StageModel, TextsRequest, create_app, new_request_id, request_texts
+from serve_apps.inference_log import InferenceLog
 from serve_apps.pii import redact
 
 
@@ -40,10 +42,11 @@ app = create_app("llmops moderation", "Classify posts; rewrite toxic ones; redac
 @serve.ingress(app)
 class ModerationPipeline:
     def __init__(self, classifier: DeploymentHandle, generator: DeploymentHandle, config: dict,
-                 limits: dict):
+                 limits: dict, log: dict | None = None):
         self.classifier, self.generator = classifier, generator
         self.config = ModerationAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
+        self.log = InferenceLog("moderation", log)
         set_batching(self._classify, **self.config.classifier.batching.model_dump())
 
     @app.post("/", response_model=ModerateResponse)
@@ -55,9 +58,16 @@ class ModerationPipeline:
         """Moderate every text of the request; the same for HTTP and handle callers."""
         texts = request_texts(request, self.limits)
         rid = new_request_id(request_id)
-        verdicts = await asyncio.gather(*(self._classify(Item(t, rid)) for t in texts))
-        return ModerateResponse(request_id=rid, results=await asyncio.gather(
-            *(self._finish(t, v, rid) for t, v in zip(texts, verdicts))))
+        started = time.perf_counter()
+        try:
+            verdicts = await asyncio.gather(*(self._classify(Item(t, rid)) for t in texts))
+            results = await asyncio.gather(*(self._finish(t, v, rid)
+                                             for t, v in zip(texts, verdicts)))
+        except Exception:
+            await self.log.failed(rid, len(texts), started)
+            raise
+        await self.log.record(rid, verdicts, [r.models for r in results], started)
+        return ModerateResponse(request_id=rid, results=results)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _classify(self, items: list[Item]) -> list[dict]:
@@ -90,3 +100,7 @@ class ModerationPipeline:
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
+
+    async def __del__(self) -> None:
+        """Serve calls this on a graceful shutdown: nothing buffered is lost."""
+        await self.log.close()

@@ -1,11 +1,16 @@
 """The `support` application: route a ticket to a queue with the router's confidence, and
-suggest the reply that resolved the closest earlier ticket (nearest neighbour by sentence
-embedding among resolved tickets of the router's own training data).
+suggest a reply. The reply generator (`support-reply`) answers first; when it is not confident
+(`min_reply_confidence`), the suggestion is the reply that resolved the closest earlier ticket
+instead (nearest neighbour by sentence embedding among resolved tickets of the router's own
+training data), so a ticket unlike anything seen in training gets a real agent's reply, not a
+guess. Router and generator run side by side; the encoder only for the unsure ones.
 
 HTTP: `POST /v1/support/route`. Python: `serve.get_app_handle("support").route.remote({...})`.
 """
 
 import asyncio
+import time
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -17,14 +22,18 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps.config import LimitsConfig, SupportAppConfig
 from serve_apps.deployments import Item, set_batching
 from serve_apps.http import StageModel, TextsRequest, create_app, new_request_id, request_texts
+from serve_apps.inference_log import InferenceLog
 from training.data.support import RESOLUTIONS
 
 
 class Suggestion(BaseModel):
     reply: str
-    intent: str = Field(description="the intent of the closest resolved ticket")
-    similarity: float = Field(description="cosine similarity to that ticket")
-    example: str
+    source: Literal["generator", "retrieval"]
+    confidence: float = Field(description="the generator's confidence in its own reply: the "
+                              "probability of its least likely token")
+    intent: str | None = Field(None, description="retrieval: the closest resolved ticket's intent")
+    similarity: float | None = Field(None, description="retrieval: cosine similarity to it")
+    example: str | None = Field(None, description="retrieval: that ticket's text")
 
 
 class Routing(BaseModel):
@@ -63,13 +72,15 @@ app = create_app("llmops support", "Route support tickets to a queue and suggest
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class SupportPipeline:
-    def __init__(self, classifier: DeploymentHandle, encoder: DeploymentHandle, config: dict,
-                 limits: dict, tracking_uri: str | None):
-        self.classifier, self.encoder = classifier, encoder
+    def __init__(self, classifier: DeploymentHandle, encoder: DeploymentHandle,
+                 generator: DeploymentHandle, config: dict, limits: dict, tracking_uri: str | None,
+                 log: dict | None = None):
+        self.classifier, self.encoder, self.generator = classifier, encoder, generator
         self.config = SupportAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
         self.tracking_uri = tracking_uri
-        set_batching(self._route_and_embed, **self.config.classifier.batching.model_dump())
+        self.log = InferenceLog("support", log)
+        set_batching(self._route_and_reply, **self.config.classifier.batching.model_dump())
         self._examples: pd.DataFrame | None = None
         self._matrix: np.ndarray | None = None
         self._lock = asyncio.Lock()
@@ -83,27 +94,57 @@ class SupportPipeline:
         """Route every text of the request; the same for HTTP and handle callers."""
         texts = request_texts(request, self.limits)
         rid = new_request_id(request_id)
-        await self._build_index()
-        pairs = await asyncio.gather(*(self._route_and_embed(Item(t, rid)) for t in texts))
-        return RouteResponse(request_id=rid, results=[self._result(r, e) for r, e in pairs])
+        started = time.perf_counter()
+        try:
+            pairs = await asyncio.gather(*(self._route_and_reply(Item(t, rid)) for t in texts))
+        except Exception:
+            await self.log.failed(rid, len(texts), started)
+            raise
+        results = [result for result, _ in pairs]
+        await self.log.record(rid, [route for _, route in pairs], [r.models for r in results],
+                              started)
+        return RouteResponse(request_id=rid, results=results)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
-    async def _route_and_embed(self, items: list[Item]) -> list[tuple[dict, dict]]:
-        """Texts of concurrent requests go to each model in one call, not one call each."""
-        routes, embeddings = await asyncio.gather(self.classifier.predict_many.remote(items),
-                                                  self.encoder.predict_many.remote(items))
-        return list(zip(routes, embeddings))
+    async def _route_and_reply(self, items: list[Item]) -> list[tuple[Routing, dict]]:
+        """Texts of concurrent requests go to each model in one call, not one call each. Each
+        answer comes with the router's raw output (its drift features go to the log)."""
+        routes, replies = await asyncio.gather(self.classifier.predict_many.remote(items),
+                                               self.generator.generate_many.remote(items))
+        unsure = [i for i, r in enumerate(replies)
+                  if r["confidence"] < self.config.min_reply_confidence]
+        retrieved = dict(zip(unsure, await self._retrieve([items[i] for i in unsure])))
+        return [(self._result(route, reply, retrieved.get(i)), route)
+                for i, (route, reply) in enumerate(zip(routes, replies))]
 
-    def _result(self, route: dict, embedding: dict) -> Routing:
-        sims = self._matrix @ embedding["embedding"]
-        best = int(sims.argmax())
-        row = self._examples.iloc[best]
-        return Routing(
-            queue=route["label"], confidence=route["confidence"], scores=route["scores"],
-            suggestion=Suggestion(reply=RESOLUTIONS[row.intent], intent=row.intent,
-                                  similarity=round(float(sims[best]), 4), example=row.text),
-            models={"router": StageModel(**route["model"]),
-                    "encoder": StageModel(**embedding["model"])})
+    async def _retrieve(self, items: list[Item]) -> list[dict]:
+        """The closest resolved ticket's reply for each item, and the encoder that found it."""
+        if not items:
+            return []
+        await self._build_index()
+        found = []
+        for embedding in await self.encoder.predict_many.remote(items):
+            sims = self._matrix @ embedding["embedding"]
+            best = int(sims.argmax())
+            row = self._examples.iloc[best]
+            found.append({"reply": RESOLUTIONS[row.intent], "intent": row.intent,
+                          "similarity": round(float(sims[best]), 4), "example": row.text,
+                          "model": embedding["model"]})
+        return found
+
+    @staticmethod
+    def _result(route: dict, reply: dict, retrieved: dict | None) -> Routing:
+        models = {"router": StageModel(**route["model"]),
+                  "generator": StageModel(**reply["model"])}
+        if retrieved is None:
+            suggestion = Suggestion(reply=reply["text"], source="generator",
+                                    confidence=reply["confidence"])
+        else:
+            models["encoder"] = StageModel(**retrieved.pop("model"))
+            suggestion = Suggestion(source="retrieval", confidence=reply["confidence"],
+                                    **retrieved)
+        return Routing(queue=route["label"], confidence=route["confidence"],
+                       scores=route["scores"], suggestion=suggestion, models=models)
 
     async def _build_index(self) -> None:
         """Embed the resolved tickets once, on first use (not in the constructor, so replicas
@@ -125,3 +166,7 @@ class SupportPipeline:
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
+
+    async def __del__(self) -> None:
+        """Serve calls this on a graceful shutdown: nothing buffered is lost."""
+        await self.log.close()

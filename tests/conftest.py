@@ -30,6 +30,10 @@ def tiny_settings(data_dir, **training) -> Settings:
         "rewriter": {"model": {"source": "scratch", "architecture": TINY_GPT2, "max_length": 64,
                                "tokenizer_vocab_size": 400},
                      "train_size": 96, "holdout_size": 24, "epochs": 1, "holdouts": ["base"]},
+        "support-reply": {"model": {"source": "scratch", "architecture": TINY_GPT2,
+                                    "max_length": 96, "tokenizer_vocab_size": 1000},
+                          "train_size": 400, "holdout_size": 24, "epochs": 1,
+                          "holdouts": ["base"]},
     }
     return Settings.model_validate({
         "data_dir": str(data_dir),

@@ -10,16 +10,20 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 import yaml
 from conftest import register_quick, tiny_settings
 from ray import serve
 
 from cluster.runtime import PLATFORM_ENV
+from monitoring.config import MonitoringConfig
+from monitoring.log import FEEDBACK, read, with_feedback
 from serve_apps.config import CanaryConfig, ServeConfig
 from serve_apps.deploy import ServeCluster, serve_config, set_canary, swap
 from serve_apps.deployments import Item, bucket
@@ -31,6 +35,7 @@ from training.registry import Registry
 
 MODEL = {"name": "moderation", "version": "1", "alias": "champion", "variant": "champion"}
 ONE_REPLICA = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+SUPPORT_TEXTS = list(generate("support-tickets", "base", 6, seed=3).text)
 
 
 @dataclass
@@ -40,6 +45,8 @@ class Platform:
     env: dict
     registry: Registry
     cluster: ServeCluster
+    reply_threshold: float
+    log_uri: str
 
 
 def _free_port() -> int:
@@ -54,16 +61,32 @@ def _llmops(platform_or_env, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, env=env)
 
 
+def _split_threshold(tracking_uri: str) -> float:
+    """A `min_reply_confidence` that sends some of SUPPORT_TEXTS down each path (generated reply,
+    retrieved reply): the middle of the widest gap between the generator's confidences."""
+    from serve_apps.model import load
+
+    model = load("models:/support-reply@champion", tracking_uri)
+    confidences = sorted(o["confidence"] for o in model.generate(SUPPORT_TEXTS, 64, 0.0, 0, []))
+    low, high = max(zip(confidences, confidences[1:]), key=lambda pair: pair[1] - pair[0])
+    assert high - low > 1e-3, confidences
+    return (low + high) / 2
+
+
 def _settings(state: Path, port: int):
     settings = tiny_settings(state)
     tasks = dict(settings.training.tasks)
     moderation = tasks["moderation"]
+    tasks["support-router"] = tasks["support-router"].model_copy(update={"holdout_size": 300})
     tasks["moderation"] = moderation.model_copy(update={  # ~0.93 macro-F1 in 5 s
         "train_size": 800, "label_priors": {"safe": 0.3, "toxic": 0.3, "spam": 0.2, "pii": 0.2},
         "model": moderation.model.model_copy(update={"architecture": {
             "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
             "intermediate_size": 128}})})
     settings.training.tasks = tasks
+    settings.monitoring = MonitoringConfig.model_validate({
+        "log": {"flush_interval_s": 0.5},
+        "drift": {"k": 1, "n": 1}})  # 500-request windows, 200 at least
     classifier = {"model": "models:/moderation@champion", **ONE_REPLICA,
                   "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}}
     settings.serve = ServeConfig.model_validate({
@@ -71,7 +94,9 @@ def _settings(state: Path, port: int):
         "moderation": {"classifier": classifier, "generator": {
             "model": "models:/rewriter@champion", **ONE_REPLICA}},
         "support": {"classifier": {"model": "models:/support-router@champion", **ONE_REPLICA},
-                    "encoder": {"model": "all-MiniLM-L6-v2", **ONE_REPLICA}},
+                    "encoder": {"model": "all-MiniLM-L6-v2", **ONE_REPLICA},
+                    "generator": {"model": "models:/support-reply@champion", **ONE_REPLICA,
+                                  "generation": {"max_new_tokens": 64, "stop": []}}},
         "chat": {"generator": {"model": "models:/rewriter@champion", **ONE_REPLICA}}})
     return settings
 
@@ -86,6 +111,9 @@ def platform(ray_session, tmp_path_factory):
     register_quick(settings, registry, "moderation", epochs=10, lr=1e-3, seed=1)
     register_quick(settings, registry, "rewriter")
     register_quick(settings, registry, "support-router")
+    register_quick(settings, registry, "support-reply")
+    threshold = _split_threshold(registry.tracking_uri)
+    settings.serve.support.min_reply_confidence = threshold
     config = root / "llmops.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
     env = {**os.environ, "LLMOPS_RAY__ADDRESS": ray_session.address,
@@ -96,7 +124,7 @@ def platform(ray_session, tmp_path_factory):
     assert up["started_ray"] is False  # it joined the running cluster
     assert yaml.safe_load(Path(up["serve_config"]).read_text())["applications"]
     yield Platform(f"http://127.0.0.1:{port}", config, env, registry,
-                   ServeCluster(ray_session.dashboard))
+                   ServeCluster(ray_session.dashboard), threshold, settings.log_uri)
     down = _llmops((env, config), "down")
     assert down.returncode == 0, down.stderr[-2000:]
     assert not ServeCluster(ray_session.dashboard).details()["applications"]
@@ -140,21 +168,30 @@ def test_moderation_pipeline_over_http_and_handle(platform):
         handle.moderate.remote({"text": "  "}).result()
 
 
-def test_support_routes_and_suggests_a_resolved_reply(platform):
-    texts = list(generate("support-tickets", "base", 4, seed=3).text)
-    r = httpx.post(f"{platform.url}/v1/support/route", json={"texts": texts}, timeout=120)
+def test_support_routes_and_suggests_a_generated_or_a_retrieved_reply(platform):
+    r = httpx.post(f"{platform.url}/v1/support/route", json={"texts": SUPPORT_TEXTS}, timeout=120)
     assert r.status_code == 200, r.text
-    for res in r.json()["results"]:
+    results = r.json()["results"]
+    generator = serve.get_deployment_handle("Generator", "support")
+    for text, res in zip(SUPPORT_TEXTS, results):
         assert res["queue"] in res["scores"] and res["confidence"] == max(res["scores"].values())
-        s = res["suggestion"]
-        assert s["reply"] == RESOLUTIONS[s["intent"]] and -1 <= s["similarity"] <= 1.0001
         assert res["models"]["router"]["name"] == "support-router"
-        assert res["models"]["encoder"]["version"] == "bundled"
-    # A resolved ticket asked again is its own nearest neighbour.
-    example = r.json()["results"][0]["suggestion"]
-    again = serve.get_app_handle("support").route.remote({"text": example["example"]}).result()
-    assert again.results[0].suggestion.intent == example["intent"]
-    assert again.results[0].suggestion.similarity > 0.99
+        assert res["models"]["generator"]["name"] == "support-reply"
+        s = res["suggestion"]
+        if s["confidence"] >= platform.reply_threshold:
+            assert s["source"] == "generator" and "encoder" not in res["models"]
+            assert s["reply"] == generator.generate.remote(text, "check").result()["text"]
+            assert s["intent"] is None and s["example"] is None
+        else:  # not confident: an agent's reply to the closest resolved ticket
+            assert s["source"] == "retrieval" and s["reply"] == RESOLUTIONS[s["intent"]]
+            assert -1 <= s["similarity"] <= 1.0001 and s["example"]
+            assert res["models"]["encoder"]["version"] == "bundled"
+    assert {r["suggestion"]["source"] for r in results} == {"generator", "retrieval"}
+    # Python callers get the same answers through the application handle.
+    again = serve.get_app_handle("support").route.remote({"texts": SUPPORT_TEXTS}, "sup-2").result()
+    assert again.request_id == "sup-2"
+    assert [(x.queue, x.suggestion.source, x.suggestion.reply) for x in again.results] == [
+        (x["queue"], x["suggestion"]["source"], x["suggestion"]["reply"]) for x in results]
 
 
 def test_requests_are_batched_under_concurrent_load(platform):
@@ -287,7 +324,7 @@ def test_cli_status_swap_and_errors(platform):
     assert proc.returncode == 0, proc.stderr[-2000:]
     apps = json.loads(proc.stdout)["applications"]
     assert {a: apps[a]["status"] for a in apps} == {"moderation": "RUNNING", "support": "RUNNING",
-                                                    "chat": "RUNNING"}
+                                                    "chat": "RUNNING", "feedback": "RUNNING"}
     assert apps["chat"]["deployments"]["Generator"]["model"] == "models:/rewriter/1"
     for args, message in [(("swap", "moderation", "--version", "99"), "not in the registry"),
                           (("swap", "nosuch", "--alias", "champion"), "not in the registry"),
@@ -296,6 +333,106 @@ def test_cli_status_swap_and_errors(platform):
         proc = _llmops(run, *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def _logged(platform, ids: set[str], timeout: float = 20) -> pd.DataFrame:
+    """The log records of `ids`, once the replicas' periodic flush has written them all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = read(platform.log_uri)
+        log = log[log.request_id.isin(ids)]
+        if set(log.request_id) == ids or time.monotonic() > deadline:
+            return log
+        time.sleep(0.25)
+
+
+def test_every_request_is_logged_and_feedback_joins_it(platform):
+    texts = list(generate("moderation", "base", 20, seed=21).text)
+    ids = {f"log-{i}" for i in range(len(texts))}
+    for i, text in enumerate(texts):
+        r = httpx.post(f"{platform.url}/v1/moderate", json={"text": text},
+                       headers={"X-Request-ID": f"log-{i}"}, timeout=60)
+        assert r.status_code == 200
+    multi = httpx.post(f"{platform.url}/v1/support/route", json={"texts": SUPPORT_TEXTS[:3]},
+                       headers={"X-Request-ID": "log-multi"}, timeout=60).json()
+    log = _logged(platform, ids | {"log-multi"})
+    assert len(log) == len(texts) + 3  # N requests in, N records out (one per text)
+    mod = log[log.application == "moderation"].set_index("request_id")
+    assert (mod.model == "moderation").all() and (mod.model_version == "1").all()
+    assert (mod.outcome == "ok").all() and (mod.latency_ms > 0).all()
+    assert all(len(e) == 32 for e in mod.embedding) and (mod.chars > 0).all()
+    assert "log-0" in mod.index and texts[0] not in set(log.astype(str).stack())  # no raw text
+    sup = log[log.request_id == "log-multi"].sort_values("item")
+    assert list(sup.item) == [0, 1, 2]
+    assert list(sup.prediction) == [r["queue"] for r in multi["results"]]
+    assert dict(sup.stages.iloc[0])["router"] == "support-router/1"
+
+    label = "refund" if multi["results"][1]["queue"] != "refund" else "billing"
+    r = httpx.post(f"{platform.url}/v1/feedback/",
+                   json={"request_id": "log-multi", "item": 1, "label": label}, timeout=30)
+    assert r.status_code == 201, r.text
+    handle = serve.get_app_handle("feedback")
+    assert handle.submit.remote({"request_id": "log-3", "label": "spam"}).result().accepted
+    for body, status, message in [
+            ({"request_id": "no-such-request", "label": "spam"}, 404, "no logged request"),
+            ({"request_id": "log-3", "label": "billing"}, 422, "not one of moderation's labels"),
+            ({"request_id": "log-multi", "item": 7, "label": "refund"}, 404, "item 7"),
+            ({"request_id": "log-3"}, 422, "label")]:
+        r = httpx.post(f"{platform.url}/v1/feedback/", json=body, timeout=30)
+        assert r.status_code == status and message in r.json()["detail"], r.text
+    deadline = time.monotonic() + 20
+    while len(feedback := read(platform.log_uri, FEEDBACK)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    joined = with_feedback(_logged(platform, {"log-multi", "log-3"}), feedback)
+    labels = joined.set_index(["request_id", "item"]).label
+    assert labels[("log-3", 0)] == "spam" and labels[("log-multi", 1)] == label
+    assert labels.isna().sum() == 2  # items 0 and 2 of log-multi got no feedback
+
+
+def test_drift_check_on_the_served_log(platform):
+    """Clean traffic then new-product traffic through the running stack, checked by the CLI."""
+    run = (platform.env, platform.config)
+    proc = _llmops(run, "drift", "check", "support-router", "--json")
+    assert proc.returncode == 2 and "needs a window of at least 200" in proc.stderr
+
+    def send(scenario: str, fraction: float, seed: int) -> None:
+        texts = list(generate("support-tickets", scenario, 500, seed=seed, fraction=fraction).text)
+        for i in range(0, len(texts), 8):
+            r = httpx.post(f"{platform.url}/v1/support/route", json={"texts": texts[i:i + 8]},
+                           timeout=60)
+            assert r.status_code == 200
+        time.sleep(1.5)  # the log is flushed every 0.5 s
+
+    send("base", 0.0, 31)
+    clean = _llmops(run, "drift", "check", "support-router", "--json")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    clean = json.loads(clean.stdout)
+    assert clean["model"] == "support-router" and clean["version"] == "1"
+    assert not clean["drift"], clean["windows"][-1]["metrics"]
+    assert Path(clean["windows"][-1]["html"]).is_file()
+
+    send("new-product", 1.0, 32)
+    shifted = json.loads(_llmops(run, "drift", "check", "support-router", "--json").stdout)
+    assert shifted["drift"] and shifted["windows"][-1]["rows"] == 500
+    drifted = {m["name"] for m in shifted["windows"][-1]["metrics"] if m["drifted"]}
+    assert "share_of_drifted_descriptors" in drifted
+    human = _llmops(run, "drift", "check", "support-router")
+    assert human.returncode == 0 and "DRIFT" in human.stdout
+    unknown = _llmops(run, "drift", "check", "nosuch")
+    assert unknown.returncode == 2 and "no requests of 'nosuch'" in unknown.stderr
+
+
+def test_log_survives_a_graceful_shutdown(platform):
+    """Requests answered just before their application is deleted are all in the log."""
+    ids = [f"restart-{i}" for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda rid: httpx.post(
+            f"{platform.url}/v1/support/route", json={"text": SUPPORT_TEXTS[0]},
+            headers={"X-Request-ID": rid}, timeout=60).status_code, ids))
+    assert codes == [200] * len(ids)
+    serve.delete("support")  # drains, then each replica's __del__ flushes its buffer
+    log = read(platform.log_uri)
+    assert sorted(log[log.request_id.isin(ids)].request_id) == sorted(ids)
 
 
 def test_gpu_replicas_are_placed_and_autoscale(ray_session, platform):

@@ -81,6 +81,7 @@ def test_causal_lm_rewriter_registers_and_generates_deterministically(ray_sessio
     a = model.predict(toxic, params={"max_new_tokens": 12})
     b = model.predict(toxic, params={"max_new_tokens": 12})
     assert isinstance(a.text[0], str) and a.text[0] == b.text[0]
+    assert 0 < a.confidence[0] <= 1 and a.confidence[0] == b.confidence[0]
 
 
 def test_resumes_from_checkpoint_after_a_worker_is_killed(ray_session, settings, registry, tmp_path):

@@ -80,6 +80,10 @@ def _default_tasks() -> dict[str, TaskConfig]:
             dataset="moderation", kind="causal-lm", label_priors={"toxic": 1.0}, train_size=2000,
             holdout_size=200, epochs=6, batch_size=32, learning_rate=2e-3, holdouts=["base", "slang"],
             model=ModelSpec(source=SCRATCH, architecture=gpt2_tiny, max_length=96)),
+        "support-reply": TaskConfig(
+            dataset="support-tickets", kind="causal-lm", train_size=2000, holdout_size=200,
+            epochs=6, batch_size=32, learning_rate=2e-3, holdouts=["base", "new-product"],
+            model=ModelSpec(source=SCRATCH, architecture=gpt2_tiny, max_length=128)),
     }
 
 

@@ -17,6 +17,7 @@ from training import data as datagen
 from training.config import TaskConfig, TrainingConfig
 from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm
+from training.features import reference_profile
 from training.finetune import Chaos, FinetuneSpec, run_finetune
 from training.models import PROMPT, load_tokenizer
 from training.pyfunc import load_hf, write_meta
@@ -65,7 +66,7 @@ def build_task_data(config: TrainingConfig, task: str, scenario: str = "base") -
     seed = config.seed
     return TaskData(
         train=make(scenario, tc.train_size, seed),
-        validation=make("base", min(tc.holdout_size, 200), seed + 101),
+        validation=make(scenario, min(tc.holdout_size, 200), seed + 101),
         holdouts={h: make(h, tc.holdout_size, seed + 1000 + i) for i, h in enumerate(tc.holdouts)},
         scenario=scenario)
 
@@ -149,8 +150,11 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
     write_meta(model_dir, {"kind": tc.kind, "labels": labels, "max_length": tc.model.max_length,
                            "task": task})
     model, tokenizer, _ = load_hf(model_dir)
+    profile = None
     if tc.kind == "classification":
         metrics = evaluate_classifier(model, tokenizer, data.holdouts, labels, tc.model.max_length)
+        held_out = pd.concat([data.validation, data.holdouts.get(data.scenario, data.validation[:0])])
+        profile = reference_profile(model, tokenizer, held_out, labels, tc.model.max_length)
     else:
         metrics = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length)
     params = {**{k: v for k, v in tc.model_dump().items() if k not in ("model", "holdouts")},
@@ -162,7 +166,8 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
         ds_config=ds_config,
         datasets={f"{tc.dataset}:{data.scenario}": data.train,
                   **{f"{tc.dataset}-holdout:{h}": df for h, df in data.holdouts.items()}},
-        input_example=pd.DataFrame({"text": list(data.train.text[:2])}), tags=tags or {})
+        input_example=pd.DataFrame({"text": list(data.train.text[:2])}), tags=tags or {},
+        profile=profile)
     version: RegisteredVersion = registry.record(record)
     return JobResult(model=version.name, version=version.version, alias=version.alias,
                      run_id=version.run_id, model_uri=version.model_uri, metrics=metrics,

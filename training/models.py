@@ -6,9 +6,11 @@ Training, evaluation and the registered pyfunc all call `predict_proba`, `lm_los
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,16 +164,51 @@ def _device_of(model: PreTrainedModel) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass
+class Classified:
+    """Class probabilities (n, labels); with `embedding_dims`, each text's mean-pooled last
+    hidden state under a fixed random projection (n, dims), the model's own view of the input
+    for drift checks; and each text's token count after truncation."""
+
+    probs: np.ndarray
+    embeddings: np.ndarray
+    tokens: np.ndarray
+
+
+@functools.lru_cache(maxsize=8)
+def projection(width: int, dims: int) -> torch.Tensor:
+    """The same (width, dims) Gaussian matrix in every process: distances survive the cut
+    (Johnson-Lindenstrauss), so 32 logged numbers stand for a 384-wide embedding."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(width, dims, generator=gen) / math.sqrt(dims)
+
+
 @torch.inference_mode()
-def predict_proba(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_length: int,
-                  batch_size: int = 32) -> np.ndarray:
-    """Class probabilities, shape (len(texts), num_labels), float32."""
-    out = []
+def classify(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_length: int,
+             batch_size: int = 32, embedding_dims: int = 0) -> Classified:
+    probs, embeddings, tokens = [], [], []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[i:i + batch_size]), truncation=True, max_length=max_length,
                         padding=True, return_tensors="pt").to(_device_of(model))
-        out.append(torch.softmax(model(**enc).logits.float(), dim=-1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.num_labels), np.float32)
+        out = model(**enc, output_hidden_states=embedding_dims > 0)
+        probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        tokens.append(mask.sum((1, 2)).long().cpu().numpy())
+        if embedding_dims:
+            pooled = (out.hidden_states[-1].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+            proj = projection(pooled.shape[-1], embedding_dims).to(pooled.device)
+            embeddings.append((pooled @ proj).cpu().numpy())
+    if not probs:
+        return Classified(np.zeros((0, model.config.num_labels), np.float32),
+                          np.zeros((0, embedding_dims), np.float32), np.zeros(0, np.int64))
+    return Classified(np.concatenate(probs), np.concatenate(embeddings) if embeddings else
+                      np.zeros((sum(len(p) for p in probs), 0), np.float32), np.concatenate(tokens))
+
+
+def predict_proba(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_length: int,
+                  batch_size: int = 32) -> np.ndarray:
+    """Class probabilities, shape (len(texts), num_labels), float32."""
+    return classify(model, tokenizer, texts, max_length, batch_size).probs
 
 
 @torch.inference_mode()
@@ -214,15 +251,25 @@ def _sampling(temperature: float) -> dict:
 
 @torch.inference_mode()
 def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_new_tokens: int = 48,
-                  temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> list[str]:
-    """Rewrites of `texts`; greedy (deterministic) at temperature 0, seeded sampling above it."""
+                  temperature: float = 0.0, seed: int = 0,
+                  batch_size: int = 16) -> list[tuple[str, float]]:
+    """(text, confidence) per input: greedy (deterministic) at temperature 0, seeded sampling
+    above it. Confidence is the probability of the least likely generated token (EOS included):
+    one unsure choice (which reply, which fact) is enough to distrust a text, while a mean over
+    tokens is dominated by the easy ones that follow it."""
     torch.manual_seed(seed)
-    out: list[str] = []
+    out: list[tuple[str, float]] = []
     for i in range(0, len(texts), batch_size):
         enc, kw = _prompt_inputs(model, tokenizer, texts[i:i + batch_size], max_new_tokens)
-        gen = model.generate(**enc, **kw, **_sampling(temperature))
-        new = gen[:, enc["input_ids"].shape[1]:]
-        out.extend(s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True))
+        gen = model.generate(**enc, **kw, **_sampling(temperature), output_scores=True,
+                             return_dict_in_generate=True)
+        new = gen.sequences[:, enc["input_ids"].shape[1]:]
+        logp = model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
+        eos = (new == tokenizer.eos_token_id).long()
+        counted = (eos.cumsum(1) - eos) == 0  # up to and including the first EOS
+        weakest = torch.where(counted, logp.float(), 0.0).min(1).values
+        decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+        out.extend((t.strip(), round(math.exp(float(w)), 6)) for t, w in zip(decoded, weakest))
     return out
 
 

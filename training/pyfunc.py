@@ -34,7 +34,8 @@ def load_hf(folder: Path):
 
 class TaskModel(mlflow.pyfunc.PythonModel):
     """`predict(DataFrame[text])`: label, confidence and per-class probabilities for
-    classifiers; the rewrite for language models (params: max_new_tokens, temperature, seed)."""
+    classifiers; the generated text and its confidence for language models (params:
+    max_new_tokens, temperature, seed)."""
 
     @classmethod
     def from_folder(cls, folder: Path) -> TaskModel:
@@ -56,6 +57,6 @@ class TaskModel(mlflow.pyfunc.PythonModel):
             out.insert(0, "label", [labels[i] for i in probs.argmax(axis=1)])
             return out
         p = {**GENERATION_PARAMS, **(params or {})}
-        return pd.DataFrame({"text": generate_text(self.model, self.tokenizer, texts,
-                                                   int(p["max_new_tokens"]), float(p["temperature"]),
-                                                   int(p["seed"]))})
+        out = generate_text(self.model, self.tokenizer, texts, int(p["max_new_tokens"]),
+                            float(p["temperature"]), int(p["seed"]))
+        return pd.DataFrame(out, columns=["text", "confidence"])

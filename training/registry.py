@@ -16,10 +16,11 @@ from pathlib import Path
 import pandas as pd
 
 from training.config import RegistryConfig
-from training.errors import LLMOpsError, RegistryUnavailable
+from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
 from training.pyfunc import META_FILE
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+PROFILE_FILE = "profile.parquet"  # under the run's data/: the reference profile for drift checks
 
 
 @dataclass
@@ -44,6 +45,7 @@ class RunRecord:
     datasets: dict[str, pd.DataFrame]
     input_example: pd.DataFrame
     tags: dict
+    profile: pd.DataFrame | None = None  # drift features of held-out training-distribution rows
 
 
 def _git_commit() -> str:
@@ -129,10 +131,13 @@ class Registry:
                                            record.datasets.items()):
                 mlflow.log_input(mlflow.data.from_pandas(df, name=name),
                                  context=context, tags={"scenario": name.split(":")[-1]})
-            reference = next(iter(record.datasets.values()))
+            files = {"reference.parquet": next(iter(record.datasets.values())),
+                     PROFILE_FILE: record.profile}
             with tempfile.TemporaryDirectory() as tmp:
-                reference.to_parquet(Path(tmp) / "reference.parquet", index=False)
-                mlflow.log_artifact(str(Path(tmp) / "reference.parquet"), "data")
+                for file, df in files.items():
+                    if df is not None:
+                        df.to_parquet(Path(tmp) / file, index=False)
+                        mlflow.log_artifact(str(Path(tmp) / file), "data")
             sample = TaskModel.from_folder(record.model_dir)
             params = GENERATION_PARAMS if sample.meta["kind"] == "causal-lm" else None
             signature = infer_signature(record.input_example,
@@ -157,6 +162,39 @@ class Registry:
             client.delete_model_version(name, mv.version)
             raise
         return RegisteredVersion(name, int(mv.version), alias, run_id, f"models:/{name}@{alias}")
+
+    def _version(self, name: str, version: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            raise UnknownName("model version", f"{name}/{version}",
+                              [f"{m['name']}/{v['version']}" for m in self.models()
+                               for v in m["versions"]]) from exc
+
+    def labels(self, name: str, version: str) -> list[str]:
+        """The label set of a registered classifier (empty for a language model)."""
+        import mlflow.models
+
+        mv = self._version(name, version)
+        info = mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
+        return list((info.metadata or {}).get("llmops", {}).get("labels", []))
+
+    def reference_profile(self, name: str, version: str) -> pd.DataFrame:
+        """The drift features of held-out rows of the version's training distribution, logged
+        at registration (classifiers)."""
+        import mlflow.artifacts
+
+        run_id = self._version(name, version).run_id
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"data/{PROFILE_FILE}", tracking_uri=self.tracking_uri)
+        except Exception as exc:
+            raise LLMOpsError(f"{name} version {version} has no reference profile (only "
+                              f"classifiers registered by this version of llmops have one); "
+                              f"register a new version") from exc
+        return pd.read_parquet(path)
 
     def models(self) -> list[dict]:
         """Registered models with their versions, aliases and key holdout metrics."""

@@ -18,6 +18,8 @@ from training.errors import InvalidData, LLMOpsError, UnknownName
 __all__ = ["DATASETS", "SCENARIOS", "Scenario", "generate", "labels_of", "summarize", "write"]
 
 DATASETS: dict[str, Lexicon] = {"support-tickets": support.LEXICON, "moderation": moderation.LEXICON}
+# `rewrite` is the target text of generators: the safe rewrite of a toxic post (moderation), the
+# agent's reply to a ticket (support-tickets); empty where there is none.
 COLUMNS = ["id", "text", "label", "intent", "scenario", "rewrite"]
 
 

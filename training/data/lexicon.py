@@ -14,7 +14,8 @@ NEW_PRODUCT = "new-product"
 
 @dataclass(frozen=True)
 class Intent:
-    """One reason to write a message: phrasings sharing a label (and, for toxic ones, rewrites)."""
+    """One reason to write a message: phrasings sharing a label (and, for toxic ones, one safe
+    rewrite per phrasing)."""
 
     name: str
     label: str
@@ -39,6 +40,7 @@ class Lexicon:
     typo_rate: float = 0.03
     label_noise: float = 0.03
     ambiguity: float = 0.12
+    replies: dict[str, str] = field(default_factory=dict)  # intent -> how an agent resolved it
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,8 @@ class MessageSampler:
         templates = [intent.templates[k]] + ([intent.rewrites[k]] if intent.rewrites else [])
         values = _slot_values(templates, lex.slots, rng)
         core = _capitalize(_fill(intent.templates[k], values))
-        rewrite = _capitalize(_fill(intent.rewrites[k], values)) if intent.rewrites else ""
+        rewrite = (_capitalize(_fill(intent.rewrites[k], values)) if intent.rewrites
+                   else lex.replies.get(intent.name, ""))
         parts = [rng.choice(lex.openers), core]
         if rng.random() < lex.ambiguity:
             other = rng.choice([i for i in self.base_pool if i.label != intent.label])

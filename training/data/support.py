@@ -228,25 +228,8 @@ CLOSERS = [
     "This is urgent.", "Thanks in advance.", "Can someone get back to me today?", "Cheers.",
 ]
 
-LEXICON = Lexicon(
-    name="support-tickets",
-    labels=["billing", "technical", "account", "shipping", "refund", "security"],
-    priors={"billing": 0.2, "technical": 0.24, "account": 0.16, "shipping": 0.16,
-            "refund": 0.14, "security": 0.1},
-    intents=INTENTS,
-    slots=SLOTS,
-    openers=OPENERS,
-    closers=CLOSERS,
-    shifted_priors={"billing": 0.05, "technical": 0.1, "account": 0.1, "shipping": 0.1,
-                    "refund": 0.3, "security": 0.35},
-    # A reorganisation: refunds are now handled by billing, a lost second factor is a security case.
-    concept_relabel={"refund_request": "billing", "refund_status": "billing",
-                     "password_reset": "security", "account_locked": "security",
-                     "damaged_parcel": "refund"},
-)
-
-# How an agent resolved each kind of ticket: the reply the support pipeline suggests when a new
-# ticket is closest to a resolved one of that intent.
+# How an agent resolved each kind of ticket: the `rewrite` (target text) of support rows, which
+# trains the `support-reply` generator and backs the support pipeline's retrieval fallback.
 RESOLUTIONS = {
     "double_charge": "Sorry about the duplicate charge. I have refunded the second payment; it "
                      "will show on your statement within 5 business days.",
@@ -306,3 +289,21 @@ RESOLUTIONS = {
     "nimbus_intrusion": "I have revoked every device session on your Nimbus home and reset the "
                         "hub's access codes. Please change your password.",
 }
+
+LEXICON = Lexicon(
+    name="support-tickets",
+    labels=["billing", "technical", "account", "shipping", "refund", "security"],
+    priors={"billing": 0.2, "technical": 0.24, "account": 0.16, "shipping": 0.16,
+            "refund": 0.14, "security": 0.1},
+    intents=INTENTS,
+    slots=SLOTS,
+    openers=OPENERS,
+    closers=CLOSERS,
+    shifted_priors={"billing": 0.05, "technical": 0.1, "account": 0.1, "shipping": 0.1,
+                    "refund": 0.3, "security": 0.35},
+    # A reorganisation: refunds are now handled by billing, a lost second factor is a security case.
+    replies=RESOLUTIONS,
+    concept_relabel={"refund_request": "billing", "refund_status": "billing",
+                     "password_reset": "security", "account_locked": "security",
+                     "damaged_parcel": "refund"},
+)

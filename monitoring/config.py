@@ -1,0 +1,73 @@
+"""Typed configuration of the monitoring package: the inference log and drift detection."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LogConfig(_Strict):
+    """Where and how the inference log is written.
+
+    Every pipeline replica buffers its records and appends them as Parquet segments, off the
+    request path, every `flush_interval_s` or as soon as `max_buffered` records wait.
+    """
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="a folder or fsspec URI (s3://...); empty: "
+                            "<data_dir>/inference_log")
+    flush_interval_s: float = Field(1.0, gt=0, le=3600)
+    max_buffered: int = Field(2000, ge=1, description="records a replica holds before the "
+                              "request that fills the buffer waits for a write (bounded memory)")
+
+
+class DriftThresholds(_Strict):
+    """A metric drifts when its value passes its threshold."""
+
+    descriptor_drift: float = Field(0.15, gt=0, description="Evidently's normed Wasserstein "
+                                    "distance above which one text descriptor counts as drifted")
+    share_of_drifted_descriptors: float = Field(0.4, gt=0, le=1, description="share of drifted "
+                                                "descriptors above which the window drifts")
+    prediction_drift: float = Field(0.1, gt=0, le=1, description="Evidently's Jensen-Shannon "
+                                    "distance of the predicted class (above drifts)")
+    confidence_drift: float = Field(0.3, gt=0, description="Evidently's normed Wasserstein "
+                                    "distance of confidence (above drifts)")
+    embedding_drift: float = Field(0.015, gt=0, description="Evidently's MMD embedding drift "
+                                   "score (above drifts)")
+    kl_divergence: float = Field(0.05, gt=0, description="KL(window || reference) of the "
+                                 "predicted-class distribution, in nats")
+    feedback_accuracy_drop: float = Field(0.05, gt=0, le=1, description="accuracy on "
+                                          "feedback labels below that on the reference rows")
+
+
+class DriftConfig(_Strict):
+    """Per-window checks and the decision policy: drift is declared when `k` of the last `n`
+    windows drifted, counting only windows of at least `min_rows` requests."""
+
+    window: int = Field(500, ge=10, description="requests per window")
+    min_rows: int = Field(200, ge=10)
+    k: int = Field(2, ge=1)
+    n: int = Field(3, ge=1)
+    reference_rows: int = Field(1000, ge=10, description="rows of the reference profile used")
+    thresholds: DriftThresholds = Field(default_factory=DriftThresholds)
+    models: dict[str, DriftThresholds] = Field(default_factory=dict,
+                                               description="per-model thresholds")
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> DriftConfig:
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) cannot exceed n ({self.n})")
+        if self.min_rows > self.window:
+            raise ValueError(f"min_rows ({self.min_rows}) cannot exceed window ({self.window})")
+        return self
+
+    def thresholds_for(self, model: str) -> DriftThresholds:
+        return self.models.get(model, self.thresholds)
+
+
+class MonitoringConfig(_Strict):
+    log: LogConfig = Field(default_factory=LogConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)

@@ -1,0 +1,209 @@
+"""Drift of a served model's traffic against its reference profile, one window at a time.
+
+The reference profile is the model version's view of labelled held-out rows of its training
+distribution (descriptors, predictions, confidence, projected embeddings, true labels), stored
+with the version in MLflow at registration. Per window Evidently computes: data drift of the
+text descriptors (share of drifted columns), drift of the predicted class (Jensen-Shannon
+distance) and of confidence (Wasserstein distance), and embedding drift (MMD, the fast method:
+see `bench/drift.py`); next to them the KL divergence of the predicted-class distribution and,
+when the window has enough feedback labels, the drop in accuracy against the reference rows
+(concept shift changes the right answers, not the inputs). A window drifts when any metric
+passes its threshold; drift is *declared* when `k` of the last `n` windows drifted (hysteresis:
+one noisy window does not trigger a retrain).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from monitoring.config import DriftConfig, DriftThresholds
+from training.errors import LLMOpsError
+from training.features import DESCRIPTORS
+
+MIN_FEEDBACK = 30  # labelled requests a window needs before its accuracy counts
+
+
+class NotEnoughData(LLMOpsError):
+    """A window with fewer requests than `min_rows`: no verdict either way."""
+
+    status = 422
+
+
+@dataclass
+class Metric:
+    name: str
+    value: float
+    threshold: float
+    drifted: bool
+    method: str
+
+
+@dataclass
+class DriftReport:
+    """One window's verdict."""
+
+    model: str
+    version: str
+    rows: int
+    start: str
+    end: str
+    metrics: list[Metric]
+    drifted: bool
+    seconds: float
+    html: str | None = None
+    labelled: int = 0
+
+    def metric(self, name: str) -> Metric:
+        return next(m for m in self.metrics if m.name == name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Decision:
+    """The policy's answer over the last `n` windows."""
+
+    model: str
+    version: str
+    drift: bool
+    drifted_windows: int
+    windows: list[DriftReport] = field(default_factory=list)
+    k: int = 2
+    n: int = 3
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "windows": [w.to_dict() for w in self.windows]}
+
+
+def _frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Descriptors, prediction, confidence and one column per embedding dimension."""
+    emb = np.stack(df["embedding"].to_numpy()).astype(np.float32)
+    out = df[DESCRIPTORS + ["prediction", "confidence"]].reset_index(drop=True).copy()
+    out[DESCRIPTORS + ["confidence"]] = out[DESCRIPTORS + ["confidence"]].astype(float)
+    out["prediction"] = out["prediction"].astype(str)
+    return pd.concat([out, pd.DataFrame(emb, columns=[f"e{i}" for i in range(emb.shape[1])])],
+                     axis=1)
+
+
+def kl_divergence(current: pd.Series, reference: pd.Series, labels: list[str]) -> float:
+    """KL(current || reference) of two categorical samples, add-one smoothed, in nats."""
+    p = current.value_counts().reindex(labels, fill_value=0).to_numpy() + 1.0
+    q = reference.value_counts().reindex(labels, fill_value=0).to_numpy() + 1.0
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: DriftThresholds,
+                 *, model: str, version: str, min_rows: int,
+                 html_path: Path | None = None) -> DriftReport:
+    """Evidently's drift metrics for one window of logged requests (rows of the inference log,
+    optionally with a `label` column from feedback) against the reference profile."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import DriftedColumnsCount, EmbeddingsDrift, ValueDrift
+    from evidently.metrics.embeddings import MMDDriftMethod
+
+    if len(current) < min_rows:
+        raise NotEnoughData(f"the window holds {len(current)} requests of {model}; a drift check "
+                            f"needs at least {min_rows}")
+    started = time.perf_counter()
+    cur, ref = _frame(current), _frame(reference)
+    embedding = [c for c in cur.columns if c.startswith("e") and c[1:].isdigit()]
+    definition = DataDefinition(numerical_columns=DESCRIPTORS + ["confidence"],
+                                categorical_columns=["prediction"],
+                                embeddings={"embedding": embedding})
+    t = thresholds
+    report = Report([
+        DriftedColumnsCount(columns=DESCRIPTORS, method="wasserstein", threshold=t.descriptor_drift),
+        ValueDrift(column="prediction", method="jensenshannon", threshold=t.prediction_drift),
+        ValueDrift(column="confidence", method="wasserstein", threshold=t.confidence_drift),
+        EmbeddingsDrift(embeddings_name="embedding",
+                        drift_method=MMDDriftMethod(threshold=t.embedding_drift)),
+    ])
+    snapshot = report.run(Dataset.from_pandas(cur, data_definition=definition),
+                          Dataset.from_pandas(ref, data_definition=definition))
+    values = [m["value"] for m in json.loads(snapshot.json())["metrics"]]
+    labels = sorted(set(ref["prediction"]) | set(cur["prediction"]))
+    metrics = [
+        Metric("share_of_drifted_descriptors", round(float(values[0]["share"]), 4),
+               t.share_of_drifted_descriptors,
+               values[0]["share"] >= t.share_of_drifted_descriptors, "evidently:wasserstein"),
+        Metric("prediction_drift", round(float(values[1]), 4), t.prediction_drift,
+               values[1] >= t.prediction_drift, "evidently:jensenshannon"),
+        Metric("confidence_drift", round(float(values[2]), 4), t.confidence_drift,
+               values[2] >= t.confidence_drift, "evidently:wasserstein"),
+        Metric("embedding_drift", round(float(values[3]), 5), t.embedding_drift,
+               values[3] >= t.embedding_drift, "evidently:mmd"),
+    ]
+    kl = kl_divergence(cur["prediction"], ref["prediction"], labels)
+    metrics.append(Metric("kl_divergence", round(kl, 4), t.kl_divergence, kl >= t.kl_divergence,
+                          "kl(current||reference)"))
+    labelled = current.dropna(subset=["label"]) if "label" in current else current.iloc[:0]
+    if len(labelled) >= MIN_FEEDBACK and "label" in reference:
+        drop = (float((reference.prediction == reference.label).mean())
+                - float((labelled.prediction == labelled.label).mean()))
+        metrics.append(Metric("feedback_accuracy_drop", round(drop, 4), t.feedback_accuracy_drop,
+                              drop >= t.feedback_accuracy_drop, "reference - feedback accuracy"))
+    html = None
+    if html_path is not None:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.save_html(str(html_path))
+        html = str(html_path)
+    return DriftReport(model=model, version=version, rows=len(current),
+                       start=str(current.ts.min()), end=str(current.ts.max()), metrics=metrics,
+                       drifted=any(m.drifted for m in metrics),
+                       seconds=round(time.perf_counter() - started, 3), html=html,
+                       labelled=len(labelled))
+
+
+def windows(log: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    """Consecutive windows of `size` requests ending with the newest request, oldest first; only
+    the oldest can be partial."""
+    return [log.iloc[max(0, end - size):end] for end in reversed(range(len(log), 0, -size))]
+
+
+def decide(reports: list[DriftReport], config: DriftConfig, model: str, version: str) -> Decision:
+    """Drift when `k` of the last `n` windows (of at least `min_rows` each) drifted."""
+    recent = reports[-config.n:]
+    drifted = sum(r.drifted for r in recent)
+    return Decision(model=model, version=version, drift=drifted >= config.k,
+                    drifted_windows=drifted, windows=recent, k=config.k, n=config.n)
+
+
+def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
+                window: int | None = None, report_dir: Path | None = None) -> Decision:
+    """Run the policy on the inference log as it is now: the model version that served the
+    latest request, its last `n` windows (the newest ends with the latest request; a window
+    below `min_rows` is skipped), feedback joined, against that version's reference profile.
+    The newest window's Evidently report is saved as HTML under `report_dir`."""
+    from monitoring.log import FEEDBACK, read, with_feedback
+
+    size = window or config.window
+    if size < config.min_rows:
+        raise LLMOpsError(f"a window of {size} requests is below min_rows ({config.min_rows}): "
+                          f"no window could ever be checked")
+    log = read(log_uri, model=model, outcome="ok")
+    if log.empty:
+        raise NotEnoughData(f"the inference log at {log_uri} holds no requests of {model!r}")
+    version = str(log.model_version.iloc[-1])
+    log = with_feedback(log[log.model_version == version], read(log_uri, FEEDBACK))
+    full = [w for w in windows(log, size) if len(w) >= config.min_rows][-config.n:]
+    if not full:
+        raise NotEnoughData(f"{model} version {version} has {len(log)} logged requests; a drift "
+                            f"check needs a window of at least {config.min_rows}")
+    reference = registry.reference_profile(model, version)
+    if len(reference) > config.reference_rows:
+        reference = reference.sample(n=config.reference_rows, random_state=0)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    reports = [check_window(w, reference, config.thresholds_for(model), model=model,
+                            version=version, min_rows=config.min_rows,
+                            html_path=(report_dir / f"{model}-v{version}-{stamp}.html"
+                                       if report_dir is not None and i == len(full) - 1 else None))
+               for i, w in enumerate(full)]
+    return decide(reports, config, model, version)

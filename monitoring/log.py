@@ -1,0 +1,157 @@
+"""The inference log and the feedback log: append-only Parquet segments under a folder or any
+fsspec URI, written off the request path, read back by window.
+
+Each pipeline replica owns a `SegmentWriter`: records wait in memory and are written as one new
+segment every `flush_interval_s`, or at once when `max_buffered` wait (the request that fills the
+buffer waits for that write: memory stays bounded under any load). A segment is written under a
+hidden name and renamed when complete, so readers never see half a file. On a graceful shutdown
+the replica's `__del__` flushes what is left.
+
+Records hold what drift checks and audits need, not the text: request id, time, tenant,
+application, the model and version of every stage, text descriptors, a projected embedding, the
+prediction, confidence, latency and outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pandas as pd
+import pyarrow as pa
+
+from monitoring.config import LogConfig
+from training.errors import LLMOpsError
+from training.features import DESCRIPTORS
+
+INFERENCE = "inference"
+FEEDBACK = "feedback"
+
+INFERENCE_SCHEMA = pa.schema([
+    ("request_id", pa.string()), ("item", pa.int32()), ("ts", pa.timestamp("us", tz="UTC")),
+    ("tenant", pa.string()), ("application", pa.string()), ("model", pa.string()),
+    ("model_version", pa.string()), ("variant", pa.string()),
+    ("stages", pa.map_(pa.string(), pa.string())),
+    *[(d, pa.float32()) for d in DESCRIPTORS],
+    ("embedding", pa.list_(pa.float32())), ("prediction", pa.string()),
+    ("confidence", pa.float32()), ("latency_ms", pa.float32()), ("outcome", pa.string()),
+])
+FEEDBACK_SCHEMA = pa.schema([
+    ("request_id", pa.string()), ("item", pa.int32()), ("label", pa.string()),
+    ("ts", pa.timestamp("us", tz="UTC")), ("tenant", pa.string()),
+])
+SCHEMAS = {INFERENCE: INFERENCE_SCHEMA, FEEDBACK: FEEDBACK_SCHEMA}
+
+
+class LogUnavailable(LLMOpsError):
+    """The log folder cannot be read or written."""
+
+
+def _fs(uri: str):
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    return fs, root.rstrip("/")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SegmentWriter:
+    """Buffered, append-only Parquet writer for one kind of record (one per replica)."""
+
+    def __init__(self, uri: str, kind: str, config: LogConfig, writer_id: str | None = None):
+        self.schema = SCHEMAS[kind]
+        self.fs, root = _fs(uri)
+        self.folder = f"{root}/{kind}"
+        self.config = config
+        self.writer_id = writer_id or uuid.uuid4().hex[:12]
+        self._rows: list[dict] = []
+        self._write_lock = asyncio.Lock()
+        self._flusher: asyncio.Task | None = None
+        self.written = 0
+
+    async def append(self, rows: Sequence[dict]) -> None:
+        self._rows.extend(rows)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+        if len(self._rows) >= self.config.max_buffered:
+            await self.flush()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_interval_s)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything buffered as one segment (in a thread: the event loop keeps serving)."""
+        async with self._write_lock:
+            rows, self._rows = self._rows, []
+            if rows:
+                await asyncio.to_thread(self.write_segment, rows)
+
+    def write_segment(self, rows: list[dict]) -> str:
+        import pyarrow.parquet as pq
+
+        day = rows[0]["ts"].strftime("%Y-%m-%d")
+        folder = f"{self.folder}/date={day}"
+        name = f"{time.time_ns()}-{self.writer_id}.parquet"
+        self.fs.makedirs(folder, exist_ok=True)
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        with self.fs.open(f"{folder}/.{name}.tmp", "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        self.fs.mv(f"{folder}/.{name}.tmp", f"{folder}/{name}")
+        self.written += len(rows)
+        return f"{folder}/{name}"
+
+    async def close(self) -> None:
+        """Stop the periodic flush and write what is left."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        await self.flush()
+
+
+def read(uri: str, kind: str = INFERENCE, *, last: int | None = None,
+         since: datetime | None = None, until: datetime | None = None,
+         **equals: str) -> pd.DataFrame:
+    """Records of `kind` in time order: those in [since, until), matching every `equals`
+    column (for example `model="support-router"`), then the `last` N of them."""
+    import pyarrow.dataset as ds
+
+    fs, root = _fs(uri)
+    folder = f"{root}/{kind}"
+    schema = SCHEMAS[kind]
+    try:
+        if not fs.exists(folder):
+            return schema.empty_table().to_pandas()
+        dataset = ds.dataset(folder, format="parquet", filesystem=fs, schema=schema,
+                             partitioning="hive", exclude_invalid_files=False)
+    except OSError as exc:
+        raise LogUnavailable(f"cannot read the {kind} log at {uri}: {exc}") from exc
+    condition = None
+    for column, value in equals.items():
+        if value is not None:
+            condition = _and(condition, ds.field(column) == value)
+    if since is not None:
+        condition = _and(condition, ds.field("ts") >= pa.scalar(since, pa.timestamp("us", "UTC")))
+    if until is not None:
+        condition = _and(condition, ds.field("ts") < pa.scalar(until, pa.timestamp("us", "UTC")))
+    table = dataset.to_table(filter=condition, columns=schema.names)
+    df = table.to_pandas().sort_values("ts", kind="stable").reset_index(drop=True)
+    return df.tail(last).reset_index(drop=True) if last is not None else df
+
+
+def _and(a, b):
+    return b if a is None else a & b
+
+
+def with_feedback(log: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
+    """The log with a `label` column from feedback (the latest label per request and item)."""
+    latest = (feedback.sort_values("ts").drop_duplicates(["request_id", "item"], keep="last")
+              [["request_id", "item", "label"]])
+    return log.merge(latest, on=["request_id", "item"], how="left")

@@ -1,0 +1,70 @@
+"""The `feedback` application: ground-truth labels from human review for logged requests.
+
+HTTP: `POST /v1/feedback {"request_id": ..., "label": ..., "item": 0}` -> 201. Python:
+`serve.get_app_handle("feedback").submit.remote({...})`. A request id the log does not hold is a
+404, a label outside the answering model's label set a 422.
+"""
+
+import asyncio
+import functools
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from monitoring.config import LogConfig
+from monitoring.feedback import feedback_row
+from monitoring.log import FEEDBACK, SegmentWriter, now
+from serve_apps.http import create_app, parse
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=128)
+    label: str = Field(min_length=1, max_length=64)
+    item: int = Field(0, ge=0, description="which text of a multi-text request")
+
+
+class FeedbackReceipt(BaseModel):
+    request_id: str
+    item: int
+    label: str
+    accepted: bool = True
+
+
+@functools.lru_cache(maxsize=64)
+def _labels(tracking_uri: str, model: str, version: str) -> tuple[str, ...]:
+    """A model version's label set (versions never change, so this caches for good)."""
+    from training.config import RegistryConfig
+    from training.registry import Registry
+
+    return tuple(Registry(RegistryConfig(tracking_uri=tracking_uri), ".").labels(model, version))
+
+
+app = create_app("llmops feedback", "Ground-truth labels for logged requests.")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64)
+@serve.ingress(app)
+class FeedbackService:
+    def __init__(self, log: dict, tracking_uri: str | None):
+        self.uri = log["uri"]
+        self.writer = SegmentWriter(self.uri, FEEDBACK, LogConfig.model_validate(
+            {k: v for k, v in log.items() if k != "uri"}))
+        self.tracking_uri = tracking_uri
+
+    @app.post("/", response_model=FeedbackReceipt, status_code=201)
+    async def http_submit(self, body: FeedbackRequest, request: Request) -> FeedbackReceipt:
+        return await self.submit(body)
+
+    async def submit(self, request: FeedbackRequest | dict) -> FeedbackReceipt:
+        body = parse(FeedbackRequest, request)
+        labels = functools.partial(_labels, self.tracking_uri)
+        row = await asyncio.to_thread(feedback_row, self.uri, labels, body.request_id, body.item,
+                                      body.label)
+        await self.writer.append([{**row, "ts": now()}])
+        return FeedbackReceipt(request_id=body.request_id, item=body.item, label=body.label)
+
+    async def __del__(self) -> None:
+        """Serve calls this on a graceful shutdown: nothing buffered is lost."""
+        await self.writer.close()

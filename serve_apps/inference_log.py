@@ -1,0 +1,61 @@
+"""What a pipeline replica writes to the inference log: one record per text it answered, built
+from the stage outputs it already has (no extra model call), appended off the request path."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from monitoring.config import LogConfig
+from monitoring.log import INFERENCE, SegmentWriter, now
+from training.features import DESCRIPTORS
+
+DEFAULT_TENANT = "default"
+
+
+class InferenceLog:
+    """A pipeline's log writer; `settings` is None when logging is off."""
+
+    def __init__(self, application: str, settings: dict | None):
+        self.application = application
+        self.writer = None
+        if settings:
+            config = LogConfig.model_validate({k: v for k, v in settings.items() if k != "uri"})
+            self.writer = SegmentWriter(settings["uri"], INFERENCE, config)
+
+    async def record(self, request_id: str, decisions: list[dict], stages: list[Mapping],
+                     started: float, outcome: str = "ok", tenant: str = DEFAULT_TENANT) -> None:
+        """One record per text: `decisions[i]` is the stage output the drift checks watch (its
+        model, prediction, confidence, features), `stages[i]` every stage's model; `started`
+        is the request's `time.perf_counter()` at arrival."""
+        if self.writer is None:
+            return
+        ts, latency = now(), (time.perf_counter() - started) * 1000
+        await self.writer.append([
+            _row(request_id, i, ts, tenant, self.application, d, s, latency, outcome)
+            for i, (d, s) in enumerate(zip(decisions, stages))])
+
+    async def failed(self, request_id: str, texts: int, started: float) -> None:
+        """A request that passed validation and then failed: logged, with outcome `error`."""
+        await self.record(request_id, [{}] * texts, [{}] * texts, started, outcome="error")
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer.close()
+
+
+def _row(request_id: str, item: int, ts, tenant: str, application: str, decision: dict,
+         stages: Mapping, latency_ms: float, outcome: str) -> dict:
+    model = decision.get("model") or {}
+    features = decision.get("features") or {}
+    return {"request_id": request_id, "item": item, "ts": ts, "tenant": tenant,
+            "application": application, "model": model.get("name"),
+            "model_version": model.get("version"), "variant": model.get("variant"),
+            "stages": {k: f"{_get(v, 'name')}/{_get(v, 'version')}" for k, v in stages.items()},
+            **{d: features.get(d) for d in DESCRIPTORS}, "embedding": features.get("embedding"),
+            "prediction": decision.get("label"), "confidence": decision.get("confidence"),
+            "latency_ms": latency_ms, "outcome": outcome}
+
+
+def _get(stage, key: str):
+    return stage[key] if isinstance(stage, Mapping) else getattr(stage, key)

@@ -1,0 +1,176 @@
+"""Monitoring: the inference log's writer and reader, and drift detection with Evidently on the
+features of a real (small) registered classifier, against the reference profile registered with
+it in MLflow."""
+
+import asyncio
+import time
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import register_quick
+
+from monitoring.config import DriftConfig, LogConfig
+from monitoring.drift import NotEnoughData, check_window, decide, kl_divergence, windows
+from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now, read, with_feedback
+from training.data import SCENARIOS, generate
+from training.features import DESCRIPTORS
+
+
+def _record(i: int, **extra) -> dict:
+    return {"request_id": f"r{i}", "item": 0, "ts": now(), "tenant": "default",
+            "application": "support", "model": "support-router", "model_version": "1",
+            "variant": "champion", "stages": {"router": "support-router/1"},
+            **dict.fromkeys(DESCRIPTORS, 1.0), "embedding": [0.0] * 4, "prediction": "billing",
+            "confidence": 0.9, "latency_ms": 3.0, "outcome": "ok", **extra}
+
+
+def test_segment_writer_batches_bounds_memory_and_flushes_on_close(tmp_path):
+    uri = str(tmp_path / "log")
+
+    async def scenario() -> list[int]:
+        writer = SegmentWriter(uri, INFERENCE, LogConfig(flush_interval_s=0.2, max_buffered=50))
+        seen = []
+        await writer.append([_record(i) for i in range(10)])
+        seen.append(len(read(uri)))  # buffered, not written on the request path
+        await asyncio.sleep(0.5)
+        seen.append(len(read(uri)))  # the periodic flush wrote them
+        await writer.append([_record(i) for i in range(10, 70)])  # over max_buffered: written now
+        seen.append(len(read(uri)))
+        await writer.append([_record(i) for i in range(70, 75)])
+        await writer.close()  # what a replica's graceful shutdown does
+        seen.append(len(read(uri)))
+        return seen
+
+    assert asyncio.run(scenario()) == [0, 10, 70, 75]
+    log = read(uri)
+    assert list(log.request_id) == [f"r{i}" for i in range(75)]  # time order
+    assert list(read(uri, last=5).request_id) == [f"r{i}" for i in range(70, 75)]
+    assert read(uri, model="moderation").empty
+    assert len(read(uri, since=log.ts[10])) == 65
+    assert len(read(uri, until=log.ts[10])) == 10
+    hidden = [p for p in (tmp_path / "log").rglob("*") if p.name.startswith(".")]
+    assert not hidden  # no half-written segment left behind
+    assert read(uri, FEEDBACK).empty
+
+
+def test_feedback_joins_by_request_and_item_latest_label_wins(tmp_path):
+    log = pd.DataFrame([_record(1), _record(2), {**_record(2), "item": 1}])
+    t = now()
+    feedback = pd.DataFrame([
+        {"request_id": "r2", "item": 1, "label": "refund", "ts": t, "tenant": "default"},
+        {"request_id": "r2", "item": 1, "label": "billing", "ts": t + timedelta(seconds=1),
+         "tenant": "default"}])
+    joined = with_feedback(log, feedback)
+    assert joined.label.isna().tolist() == [True, True, False]
+    assert joined.label.iloc[2] == "billing"
+
+
+def test_kl_divergence_is_zero_for_equal_mixes_and_grows_with_shift():
+    ref = pd.Series(["a"] * 50 + ["b"] * 50)
+    assert kl_divergence(ref, ref, ["a", "b"]) == pytest.approx(0, abs=1e-12)
+    small = kl_divergence(pd.Series(["a"] * 60 + ["b"] * 40), ref, ["a", "b"])
+    large = kl_divergence(pd.Series(["a"] * 90 + ["b"] * 10), ref, ["a", "b"])
+    assert 0 < small < large
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    """A small support router (~0.9 accuracy, seconds to train), registered with its profile."""
+    from conftest import tiny_settings
+
+    from serve_apps.model import load
+    from training.registry import Registry
+
+    settings = tiny_settings(tmp_path_factory.mktemp("drift"))
+    tasks = dict(settings.training.tasks)
+    tc = tasks["support-router"]
+    tasks["support-router"] = tc.model_copy(update={
+        "train_size": 1200, "holdout_size": 300, "model": tc.model.model_copy(
+        update={"freeze_embeddings": False, "architecture": {
+            "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 128}})})
+    settings.training.tasks = tasks
+    registry = Registry(settings.registry, settings.data_dir)
+    register_quick(settings, registry, "support-router", epochs=10, lr=1e-3)
+    model = load("models:/support-router/1", registry.tracking_uri)
+    return registry, model
+
+
+def _window(model, scenario: str, seed: int, n: int = 500, feedback: bool = False) -> pd.DataFrame:
+    """What the inference log holds for n requests of `scenario` mixed 50% into base traffic."""
+    df = generate("support-tickets", scenario, n, seed=seed, fraction=0.5)
+    rows = [{**o["features"], "prediction": o["label"], "confidence": o["confidence"]}
+            for o in model.classify(list(df.text))]
+    window = pd.DataFrame(rows)
+    window["ts"] = pd.Timestamp.now(tz="UTC")
+    window["label"] = list(df.label) if feedback else None
+    return window
+
+
+def test_drift_detected_in_one_window_for_every_scenario_and_quiet_on_clean_traffic(router):
+    registry, model = router
+    config = DriftConfig()
+    reference = registry.reference_profile("support-router", "1")
+    assert len(reference) == 500 and {"embedding", "prediction", "label"} <= set(reference.columns)
+    assert (reference.prediction == reference.label).mean() > 0.8
+
+    def check(window: pd.DataFrame):
+        return check_window(window, reference, config.thresholds, model="support-router",
+                            version="1", min_rows=config.min_rows)
+
+    clean = [check(_window(model, "base", seed, feedback=seed % 2 == 0)) for seed in range(20)]
+    decisions = [decide(clean[:i + 1], config, "support-router", "1") for i in range(20)]
+    assert not any(d.drift for d in decisions)  # 20 consecutive clean windows: never declared
+    assert sum(r.drifted for r in clean) <= 2
+    assert any(r.labelled == 500 for r in clean)
+
+    for scenario in sorted(set(SCENARIOS) - {"base"}):
+        report = check(_window(model, scenario, 100, feedback=True))
+        assert report.drifted, (scenario, report.metrics)
+    shifted = check(_window(model, "label-shift", 101))
+    assert shifted.metric("kl_divergence").drifted
+    novel = check(_window(model, "new-product", 101))
+    assert novel.metric("embedding_drift").drifted
+    concept = check(_window(model, "concept-shift", 101, feedback=True))
+    assert concept.metric("feedback_accuracy_drop").drifted  # the inputs alone look clean
+    assert not concept.metric("embedding_drift").drifted
+
+
+def test_drift_policy_needs_k_of_n_windows_and_enough_rows(router):
+    registry, model = router
+    config = DriftConfig(k=2, n=3, window=100, min_rows=100)
+    reference = registry.reference_profile("support-router", "1")
+    drifted = check_window(_window(model, "new-product", 3, n=300), reference, config.thresholds,
+                           model="support-router", version="1", min_rows=100)
+    clean = check_window(_window(model, "base", 4, n=300), reference, config.thresholds,
+                         model="support-router", version="1", min_rows=100)
+    assert drifted.drifted and not clean.drifted
+    assert not decide([clean, drifted, clean], config, "m", "1").drift  # one window is noise
+    assert decide([drifted, clean, drifted], config, "m", "1").drift
+    with pytest.raises(NotEnoughData, match="at least 100"):
+        check_window(_window(model, "base", 5, n=99), reference, config.thresholds,
+                     model="support-router", version="1", min_rows=100)
+
+
+def test_drift_report_saves_an_evidently_html_report(router, tmp_path):
+    registry, model = router
+    reference = registry.reference_profile("support-router", "1")
+    started = time.perf_counter()
+    report = check_window(_window(model, "slang", 7, n=300), reference,
+                          DriftConfig().thresholds, model="support-router", version="1",
+                          min_rows=100, html_path=tmp_path / "r.html")
+    assert report.seconds <= time.perf_counter() - started
+    html = (tmp_path / "r.html").read_text()
+    assert "Drift in embeddings 'embedding'" in html and "column 'confidence" in html
+    assert {m.name for m in report.metrics} == {
+        "share_of_drifted_descriptors", "prediction_drift", "confidence_drift",
+        "embedding_drift", "kl_divergence"}
+    assert all(np.isfinite(m.value) for m in report.metrics)
+
+
+def test_windows_end_with_the_newest_request():
+    log = pd.DataFrame({"i": range(1050)})
+    parts = [list(w.i) for w in windows(log, 500)]
+    assert [len(p) for p in parts] == [50, 500, 500] and parts[-1][-1] == 1049

@@ -1,0 +1,54 @@
+"""Drift features of texts, computed one way for the reference profile stored with a model
+version at registration and for every request the model serves: text descriptors, the model's
+prediction and confidence, and a fixed projection of its sentence embedding. Raw text is not
+kept: the log and the profile hold only these numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from training.models import Classified, classify
+
+DESCRIPTORS = ["chars", "words", "mean_word_length", "tokens_per_word", "non_letter_share",
+               "upper_share", "digit_share"]
+EMBEDDING_DIMS = 32
+
+
+def descriptors(text: str, tokens: int) -> dict[str, float]:
+    """Cheap statistics that move when the wording of traffic moves: new vocabulary splits into
+    more tokens per word, slang shortens words, pasted codes add digits."""
+    words = text.split()
+    n, letters = max(len(text), 1), sum(c.isalpha() for c in text)
+    return {"chars": float(len(text)), "words": float(len(words)),
+            "mean_word_length": float(np.mean([len(w) for w in words])) if words else 0.0,
+            "tokens_per_word": tokens / max(len(words), 1),
+            "non_letter_share": 1 - letters / n,
+            "upper_share": sum(c.isupper() for c in text) / n,
+            "digit_share": sum(c.isdigit() for c in text) / n}
+
+
+def feature_rows(texts: Sequence[str], labels: Sequence[str], out: Classified) -> list[dict]:
+    """One row per text: descriptors, prediction, confidence, embedding."""
+    rows = []
+    for i, text in enumerate(texts):
+        p = out.probs[i]
+        rows.append({**descriptors(text, int(out.tokens[i])), "prediction": labels[int(p.argmax())],
+                     "confidence": float(p.max()),
+                     "embedding": out.embeddings[i].astype(np.float32).tolist()})
+    return rows
+
+
+def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], max_length: int,
+                      rows: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """The features of (up to `rows` of) labelled texts the model was not fit on, drawn from its
+    training distribution, with their true labels: what live traffic is compared with. (On the
+    very rows it was fit on a model is overconfident, which would read as drift on clean
+    traffic.)"""
+    sample = df.sample(n=min(rows, len(df)), random_state=seed) if len(df) > rows else df
+    out = classify(model, tokenizer, list(sample.text), max_length, embedding_dims=EMBEDDING_DIMS)
+    profile = pd.DataFrame(feature_rows(list(sample.text), labels, out))
+    profile["label"] = list(sample.label)
+    return profile
