@@ -38,6 +38,10 @@ demo: $(STAMP)
 	  -d '{"text": "I was charged twice for my Pro subscription this month"}'
 	@echo
 	$(LLMOPS) status
+	$(LLMOPS) traffic support --n 500
+	$(LLMOPS) drift check support-router
+	$(LLMOPS) traffic support --scenario new-product --n 1000
+	$(LLMOPS) drift check support-router
 	$(LLMOPS) down
 
 test: $(STAMP)
@@ -50,6 +54,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py --json
 	$(PY) bench/serve.py --json
 	$(PY) bench/swap.py --json
+	$(PY) bench/drift.py --json
 
 clean:
 	$(VENV)/bin/ray stop --force >/dev/null 2>&1 || true

@@ -124,6 +124,19 @@ def cmd_models(args) -> Output:
     return Output({"models": models}, human)
 
 
+def cmd_traffic(args) -> Output:
+    from cluster.traffic import send
+
+    settings = _settings(args)
+    app = getattr(settings.serve, args.app, None)
+    prefix = app.route_prefix if app is not None else ""
+    report = send(f"http://{settings.serve.host}:{settings.serve.port}", args.app, prefix,
+                  args.scenario, args.n, args.seed, args.fraction, args.concurrency)
+    return Output(report, lambda p: (f"{p['requests']} requests ({p['scenario']}) to {p['url']}: "
+                                     f"{p['ok']} ok, {p['failed']} failed, {p['rps']} req/s, "
+                                     f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms"))
+
+
 def cmd_drift_check(args) -> Output:
     from monitoring.drift import check_model
 
@@ -340,6 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     canary.set_defaults(func=cmd_canary)
     sub.add_parser("serve-config", parents=[common], help="print the generated Serve config"
                    ).set_defaults(func=cmd_serve_config)
+
+    traffic = sub.add_parser("traffic", parents=[common],
+                             help="send seeded traffic of a scenario to a running pipeline")
+    traffic.add_argument("app", help="support or moderation")
+    traffic.add_argument("--scenario", default="base")
+    traffic.add_argument("--n", type=int, default=500, help="requests (one text each)")
+    traffic.add_argument("--fraction", type=float, default=1.0,
+                         help="share drawn from the scenario, the rest from base")
+    traffic.add_argument("--seed", type=int, default=0)
+    traffic.add_argument("--concurrency", type=int, default=8)
+    traffic.add_argument("--json", action="store_true")
+    traffic.set_defaults(func=cmd_traffic)
 
     drift = sub.add_parser("drift", help="drift of served traffic against the training data")
     drift_sub = drift.add_subparsers(dest="drift_command", required=True)

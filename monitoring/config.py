@@ -52,6 +52,9 @@ class DriftConfig(_Strict):
     k: int = Field(2, ge=1)
     n: int = Field(3, ge=1)
     reference_rows: int = Field(1000, ge=10, description="rows of the reference profile used")
+    sample_rows: int = Field(2000, ge=100, description="a larger window is checked on a seeded "
+                             "random sample of this many requests (the KL divergence and feedback "
+                             "accuracy use every row): a check's cost stays flat as windows grow")
     thresholds: DriftThresholds = Field(default_factory=DriftThresholds)
     models: dict[str, DriftThresholds] = Field(default_factory=dict,
                                                description="per-model thresholds")

@@ -51,6 +51,7 @@ class DriftReport:
     model: str
     version: str
     rows: int
+    sampled: int
     start: str
     end: str
     metrics: list[Metric]
@@ -82,7 +83,7 @@ class Decision:
         return {**asdict(self), "windows": [w.to_dict() for w in self.windows]}
 
 
-def _frame(df: pd.DataFrame) -> pd.DataFrame:
+def feature_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Descriptors, prediction, confidence and one column per embedding dimension."""
     emb = np.stack(df["embedding"].to_numpy()).astype(np.float32)
     out = df[DESCRIPTORS + ["prediction", "confidence"]].reset_index(drop=True).copy()
@@ -101,7 +102,7 @@ def kl_divergence(current: pd.Series, reference: pd.Series, labels: list[str]) -
 
 
 def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: DriftThresholds,
-                 *, model: str, version: str, min_rows: int,
+                 *, model: str, version: str, min_rows: int, sample_rows: int = 2000,
                  html_path: Path | None = None) -> DriftReport:
     """Evidently's drift metrics for one window of logged requests (rows of the inference log,
     optionally with a `label` column from feedback) against the reference profile."""
@@ -113,7 +114,8 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
         raise NotEnoughData(f"the window holds {len(current)} requests of {model}; a drift check "
                             f"needs at least {min_rows}")
     started = time.perf_counter()
-    cur, ref = _frame(current), _frame(reference)
+    sample = current.sample(n=sample_rows, random_state=0) if len(current) > sample_rows else current
+    cur, ref = feature_frame(sample), feature_frame(reference)
     embedding = [c for c in cur.columns if c.startswith("e") and c[1:].isdigit()]
     definition = DataDefinition(numerical_columns=DESCRIPTORS + ["confidence"],
                                 categorical_columns=["prediction"],
@@ -129,7 +131,7 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
     snapshot = report.run(Dataset.from_pandas(cur, data_definition=definition),
                           Dataset.from_pandas(ref, data_definition=definition))
     values = [m["value"] for m in json.loads(snapshot.json())["metrics"]]
-    labels = sorted(set(ref["prediction"]) | set(cur["prediction"]))
+    labels = sorted(set(ref["prediction"]) | set(current["prediction"].astype(str)))
     metrics = [
         Metric("share_of_drifted_descriptors", round(float(values[0]["share"]), 4),
                t.share_of_drifted_descriptors,
@@ -141,7 +143,7 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
         Metric("embedding_drift", round(float(values[3]), 5), t.embedding_drift,
                values[3] >= t.embedding_drift, "evidently:mmd"),
     ]
-    kl = kl_divergence(cur["prediction"], ref["prediction"], labels)
+    kl = kl_divergence(current["prediction"].astype(str), ref["prediction"], labels)
     metrics.append(Metric("kl_divergence", round(kl, 4), t.kl_divergence, kl >= t.kl_divergence,
                           "kl(current||reference)"))
     labelled = current.dropna(subset=["label"]) if "label" in current else current.iloc[:0]
@@ -155,7 +157,7 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
         html_path.parent.mkdir(parents=True, exist_ok=True)
         snapshot.save_html(str(html_path))
         html = str(html_path)
-    return DriftReport(model=model, version=version, rows=len(current),
+    return DriftReport(model=model, version=version, rows=len(current), sampled=len(sample),
                        start=str(current.ts.min()), end=str(current.ts.max()), metrics=metrics,
                        drifted=any(m.drifted for m in metrics),
                        seconds=round(time.perf_counter() - started, 3), html=html,
@@ -203,6 +205,7 @@ def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
     stamp = time.strftime("%Y%m%d-%H%M%S")
     reports = [check_window(w, reference, config.thresholds_for(model), model=model,
                             version=version, min_rows=config.min_rows,
+                            sample_rows=config.sample_rows,
                             html_path=(report_dir / f"{model}-v{version}-{stamp}.html"
                                        if report_dir is not None and i == len(full) - 1 else None))
                for i, w in enumerate(full)]

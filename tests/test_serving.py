@@ -392,18 +392,19 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
 def test_drift_check_on_the_served_log(platform):
     """Clean traffic then new-product traffic through the running stack, checked by the CLI."""
     run = (platform.env, platform.config)
-    proc = _llmops(run, "drift", "check", "support-router", "--json")
-    assert proc.returncode == 2 and "needs a window of at least 200" in proc.stderr
 
-    def send(scenario: str, fraction: float, seed: int) -> None:
-        texts = list(generate("support-tickets", scenario, 500, seed=seed, fraction=fraction).text)
-        for i in range(0, len(texts), 8):
-            r = httpx.post(f"{platform.url}/v1/support/route", json={"texts": texts[i:i + 8]},
-                           timeout=60)
-            assert r.status_code == 200
+    def send(scenario: str, seed: int, n: int = 500) -> None:
+        proc = _llmops(run, "traffic", "support", "--scenario", scenario, "--n", str(n),
+                       "--seed", str(seed), "--json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        sent = json.loads(proc.stdout)
+        assert sent["ok"] == n and sent["failed"] == 0 and sent["rps"] > 0
         time.sleep(1.5)  # the log is flushed every 0.5 s
 
-    send("base", 0.0, 31)
+    send("base", 30, n=20)
+    proc = _llmops(run, "drift", "check", "support-router", "--json")
+    assert proc.returncode == 2 and "needs a window of at least 200" in proc.stderr
+    send("base", 31)
     clean = _llmops(run, "drift", "check", "support-router", "--json")
     assert clean.returncode == 0, clean.stderr[-2000:]
     clean = json.loads(clean.stdout)
@@ -411,7 +412,7 @@ def test_drift_check_on_the_served_log(platform):
     assert not clean["drift"], clean["windows"][-1]["metrics"]
     assert Path(clean["windows"][-1]["html"]).is_file()
 
-    send("new-product", 1.0, 32)
+    send("new-product", 32)
     shifted = json.loads(_llmops(run, "drift", "check", "support-router", "--json").stdout)
     assert shifted["drift"] and shifted["windows"][-1]["rows"] == 500
     drifted = {m["name"] for m in shifted["windows"][-1]["metrics"] if m["drifted"]}

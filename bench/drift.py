@@ -1,0 +1,170 @@
+"""Cost of drift checks and of the inference log, in one run.
+
+    python bench/drift.py --json [--data-dir DIR] [--duration 8]
+
+1. Seconds per `check_window` (every Evidently metric, KL, HTML not saved) for windows of 1k, 5k
+   and 20k requests: as configured (windows above `sample_rows` are checked on a random sample
+   of that many) and, where memory allows, on every row (the baseline).
+2. Per embedding drift method Evidently offers (mmd, distance, ratio, model): seconds on a
+   2k-row window and its score on clean traffic and on 50% new-product traffic.
+3. Logging overhead: `support` and `moderation` pipeline throughput over handles at concurrency
+   32 with the inference log off, then on (the ratio is the cost).
+
+Features come from the support router (the `--data-dir` champion, else the configured
+architecture untrained) on texts of the seeded generator; large windows are drawn with
+replacement from 2k computed rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cluster import runtime  # noqa: E402
+from cluster.settings import load_settings  # noqa: E402
+from monitoring.config import DriftThresholds  # noqa: E402
+from monitoring.drift import check_window, feature_frame  # noqa: E402
+from training.data import generate  # noqa: E402
+from training.features import EMBEDDING_DIMS, reference_profile  # noqa: E402
+
+
+def _serve_bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def features(model, scenario: str, n: int, seed: int, fraction: float = 1.0) -> pd.DataFrame:
+    df = generate("support-tickets", scenario, n, seed=seed, fraction=fraction)
+    rows = []
+    for i in range(0, n, 64):
+        out = model.classify(list(df.text[i:i + 64]))
+        rows += [{**o["features"], "prediction": o["label"], "confidence": o["confidence"]}
+                 for o in out]
+    frame = pd.DataFrame(rows)
+    frame["ts"] = pd.Timestamp.now(tz="UTC")
+    return frame
+
+
+def timed_check(window: pd.DataFrame, reference: pd.DataFrame, sample_rows: int) -> float:
+    report = check_window(window, reference, DriftThresholds(), model="support-router",
+                          version="bench", min_rows=1, sample_rows=sample_rows)
+    return report.seconds
+
+
+def embedding_methods(clean: pd.DataFrame, shifted: pd.DataFrame, big: pd.DataFrame,
+                      reference: pd.DataFrame) -> dict:
+    from evidently.metrics.embeddings import (
+        DistanceDriftMethod,
+        MMDDriftMethod,
+        ModelDriftMethod,
+        RatioDriftMethod,
+    )
+
+    columns = [f"e{i}" for i in range(EMBEDDING_DIMS)]
+    ref = feature_frame(reference)[columns]
+    out = {}
+    for name, method in {"mmd": MMDDriftMethod(), "distance": DistanceDriftMethod(),
+                         "ratio": RatioDriftMethod(), "model": ModelDriftMethod()}.items():
+        started = time.perf_counter()
+        method(feature_frame(big)[columns], ref)
+        seconds = time.perf_counter() - started
+        scores = {label: method(feature_frame(w)[columns], ref) for label, w in
+                  (("clean_500", clean), ("new_product_50pct_500", shifted))}
+        out[name] = {"seconds_2k_rows": round(seconds, 3),
+                     **{k: {"score": round(float(v[0]), 5), "drift": bool(v[1])}
+                        for k, v in scores.items()}}
+    return out
+
+
+def logging_overhead(settings, registry, duration: float) -> dict:
+    """Handle throughput at c=32 of both pipelines with the log off, then on."""
+    import ray
+
+    from serve_apps.config import ServeConfig
+    from serve_apps.deploy import ServeCluster, serve_config
+
+    bench = _serve_bench()
+    cfg = settings.serve.model_dump()
+    cfg.update(use_gpu="no", chat={"enabled": False})
+    serve_cfg = ServeConfig.model_validate(cfg)
+    texts = {name: list(generate(ds, "base", 256, seed=11).text)
+             for name, (ds, _, _) in bench.PIPELINES.items()}
+    ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                   log_to_driver=False, runtime_env={"env_vars": dict(runtime.PLATFORM_ENV)})
+    cluster = ServeCluster(ctx.dashboard_url)
+    out = {}
+    try:
+        for label, log in (("log_off", None), ("log_on", settings.log_settings())):
+            cluster.deploy(serve_config(serve_cfg, registry.tracking_uri, False,
+                                        dict(runtime.PLATFORM_ENV), log), timeout_s=600)
+            out[label] = asyncio.run(bench.measure_handles([32], duration, texts))
+    finally:
+        cluster.shutdown()
+        ray.shutdown()
+    for name in bench.PIPELINES:
+        off, on = out["log_off"][name]["c32"]["rps"], out["log_on"][name]["c32"]["rps"]
+        out[f"{name}_throughput_cost"] = round(1 - on / off, 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="a data dir with a trained support-router champion")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per throughput run")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    runtime.apply_platform_env()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    from serve_apps.model import load
+    from training.registry import Registry
+
+    settings = load_settings(overrides={"data_dir": args.data_dir or tempfile.mkdtemp()})
+    registry = Registry(settings.registry, settings.data_dir)
+    registry.check()
+    if not args.data_dir:
+        _serve_bench().register_untrained(settings, registry)
+    model = load("models:/support-router@champion", registry.tracking_uri)
+
+    held_out = generate("support-tickets", "base", 1000, seed=901)
+    reference = reference_profile(model.model, model.tokenizer, held_out, model.meta["labels"],
+                                  model.meta["max_length"])
+    pool = features(model, "base", 2000, seed=902)
+    shifted = features(model, "new-product", 500, seed=903, fraction=0.5)
+    rng = np.random.default_rng(0)
+
+    def window(n: int) -> pd.DataFrame:
+        return pool.iloc[rng.integers(0, len(pool), n)].reset_index(drop=True)
+
+    checks = {}
+    for n in (1000, 5000, 20000):
+        w = window(n)
+        checks[f"{n}_rows"] = {"sampled_to_2000_s": round(timed_check(w, reference, 2000), 3)}
+        if n <= 5000:  # every row: Evidently's MMD kernel grows with the square of the rows
+            checks[f"{n}_rows"]["every_row_s"] = round(timed_check(w, reference, n), 3)
+    report = {"benchmark": "drift", "cpus": os.cpu_count(), "reference_rows": len(reference),
+              "models": "trained champion" if args.data_dir else "untrained architecture",
+              "check_window": checks,
+              "embedding_methods": embedding_methods(window(500), shifted, window(2000),
+                                                     reference),
+              "inference_log": logging_overhead(settings, registry, args.duration)}
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
