@@ -266,12 +266,13 @@ def main() -> None:
         naive.terminate()
         naive.wait()
 
-    # Ray Serve, deployed from the same settings as `llmops up`
+    # Ray Serve, deployed from the same settings as `llmops up` (inference log included)
     ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
                    log_to_driver=False, runtime_env={"env_vars": dict(runtime.PLATFORM_ENV)})
     cluster = ServeCluster(ctx.dashboard_url)
     cluster.deploy(serve_config(serve_cfg, registry.tracking_uri, False,
-                                dict(runtime.PLATFORM_ENV)), timeout_s=600)
+                                dict(runtime.PLATFORM_ENV), settings.log_settings()),
+                   timeout_s=600)
     http = asyncio.run(measure_http(f"http://127.0.0.1:{args.port}", args.concurrency,
                                     args.duration, texts))
     handles = asyncio.run(measure_handles(args.concurrency, args.duration, texts))

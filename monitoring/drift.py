@@ -107,7 +107,7 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
     """Evidently's drift metrics for one window of logged requests (rows of the inference log,
     optionally with a `label` column from feedback) against the reference profile."""
     from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import DriftedColumnsCount, EmbeddingsDrift, ValueDrift
+    from evidently.metrics import DriftedColumnsCount, ValueDrift
     from evidently.metrics.embeddings import MMDDriftMethod
 
     if len(current) < min_rows:
@@ -118,19 +118,19 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
     cur, ref = feature_frame(sample), feature_frame(reference)
     embedding = [c for c in cur.columns if c.startswith("e") and c[1:].isdigit()]
     definition = DataDefinition(numerical_columns=DESCRIPTORS + ["confidence"],
-                                categorical_columns=["prediction"],
-                                embeddings={"embedding": embedding})
+                                categorical_columns=["prediction"])
     t = thresholds
     report = Report([
         DriftedColumnsCount(columns=DESCRIPTORS, method="wasserstein", threshold=t.descriptor_drift),
         ValueDrift(column="prediction", method="jensenshannon", threshold=t.prediction_drift),
         ValueDrift(column="confidence", method="wasserstein", threshold=t.confidence_drift),
-        EmbeddingsDrift(embeddings_name="embedding",
-                        drift_method=MMDDriftMethod(threshold=t.embedding_drift)),
     ])
-    snapshot = report.run(Dataset.from_pandas(cur, data_definition=definition),
-                          Dataset.from_pandas(ref, data_definition=definition))
+    snapshot = report.run(Dataset.from_pandas(cur.drop(columns=embedding), data_definition=definition),
+                          Dataset.from_pandas(ref.drop(columns=embedding), data_definition=definition))
     values = [m["value"] for m in json.loads(snapshot.json())["metrics"]]
+    # Evidently's MMD method, called directly: its EmbeddingsDrift metric also fits a t-SNE for
+    # its plot, 95% of a check's time (7 of 7.7 s on a 2k-row window).
+    values.append(MMDDriftMethod(threshold=t.embedding_drift)(cur[embedding], ref[embedding])[0])
     labels = sorted(set(ref["prediction"]) | set(current["prediction"].astype(str)))
     metrics = [
         Metric("share_of_drifted_descriptors", round(float(values[0]["share"]), 4),

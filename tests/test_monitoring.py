@@ -163,7 +163,7 @@ def test_drift_report_saves_an_evidently_html_report(router, tmp_path):
                           min_rows=100, html_path=tmp_path / "r.html")
     assert report.seconds <= time.perf_counter() - started
     html = (tmp_path / "r.html").read_text()
-    assert "Drift in embeddings 'embedding'" in html and "column 'confidence" in html
+    assert "Drifted Columns" in html and "column 'confidence" in html
     assert {m.name for m in report.metrics} == {
         "share_of_drifted_descriptors", "prediction_drift", "confidence_drift",
         "embedding_drift", "kl_divergence"}

@@ -1,9 +1,13 @@
 """One typed settings object: file, environment overrides, flags, and clear errors."""
 
+import re
+
 import pytest
 
 from cluster.cli import main
 from cluster.settings import SettingsError, load_settings
+from monitoring.config import MonitoringConfig
+from serve_apps.config import ServeConfig
 
 
 def test_repo_settings_file_is_valid_and_matches_the_defaults():
@@ -33,6 +37,8 @@ def test_repo_settings_match_the_serving_defaults():
     assert s.serve.moderation.generator.generation.stop == ["\n"]
     assert s.serve.moderation.classifier.model == "models:/moderation@champion"
     assert s.serve.support.classifier.batching.max_batch_size == 16
+    assert s.serve.support.generator == ServeConfig().support.generator
+    assert s.monitoring == MonitoringConfig()  # the commented file shows the real defaults
 
 
 def test_task_override_keeps_the_other_task_defaults(tmp_path):
@@ -49,11 +55,14 @@ def test_task_override_keeps_the_other_task_defaults(tmp_path):
     ("registry:\n  tracking_uri: ftp://x\n", "tracking_uri"),
     ("training: [1, 2\n", "not valid YAML"),
     ("- a\n- b\n", "mapping"),
+    ("monitoring:\n  drift: {k: 4, n: 3}\n", "k (4) cannot exceed n (3)"),
+    ("monitoring:\n  drift: {window: 100}\n", "min_rows (200) cannot exceed window (100)"),
+    ("serve:\n  support: {min_reply_confidence: 2}\n", "min_reply_confidence"),
 ])
 def test_bad_settings_name_the_key(tmp_path, text, fragment):
     f = tmp_path / "s.yaml"
     f.write_text(text)
-    with pytest.raises(SettingsError, match=fragment.replace("[", r"\[")):
+    with pytest.raises(SettingsError, match=re.escape(fragment)):
         load_settings(f, environ={})
 
 
