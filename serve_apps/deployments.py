@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from ray import serve
 
+from serve_apps import metrics
 from serve_apps.config import CanaryConfig, GenerationConfig
 from serve_apps.model import LoadedModel, ModelIdentity, device, load, resolve
 
@@ -80,7 +82,9 @@ class ModelSlot:
             challenger = (await self._get(canary.model, canary.alias, precision, current)
                           if canary else None)
             self.generation = GenerationConfig(**(user_config.get("generation") or {}))
+            previous = self.identities() if current else {}
             self.variants = Variants(champion, challenger, canary)
+            metrics.model_info(self.identities(), previous)
 
     async def _get(self, ref: str, alias: str | None, precision: str,
                    current: Variants | None) -> LoadedModel:
@@ -113,7 +117,10 @@ class ModelSlot:
         results: list[dict] = [{} for _ in items]
         for (variant, params), idx in jobs.items():
             model = v.champion if variant == CHAMPION else v.challenger
+            started = time.perf_counter()
             outs = await asyncio.to_thread(fn, model, [items[i].text for i in idx], params)
+            metrics.batch(model.identity.name, model.identity.version, len(idx),
+                          time.perf_counter() - started)
             for i, out in zip(idx, outs):
                 out = {**out, "model": {**model.identity.to_dict(), "variant": variant}}
                 if variant == "shadow":

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from serve_apps import metrics
 from serve_apps.config import LimitsConfig
 from training.errors import LLMOpsError
 
@@ -107,6 +108,7 @@ def problem(status: int, title: str, detail: str, request_id: str | None) -> JSO
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
             "request_id": request_id,
             "error": {"message": detail, "type": title.lower().replace(" ", "_"), "code": status}}
+    metrics.error(status)
     return JSONResponse(body, status_code=status, media_type="application/problem+json")
 
 

@@ -1,5 +1,6 @@
-"""What a pipeline replica writes to the inference log: one record per text it answered, built
-from the stage outputs it already has (no extra model call), appended off the request path."""
+"""What a pipeline replica records for every answered request: one inference-log record per
+text, built from the stage outputs it already has (no extra model call) and appended off the
+request path, and the request metrics (counts by model and outcome, latency)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Mapping
 
 from monitoring.config import LogConfig
 from monitoring.log import INFERENCE, SegmentWriter, now
+from serve_apps import metrics
 from training.features import DESCRIPTORS
 
 DEFAULT_TENANT = "default"
@@ -28,9 +30,15 @@ class InferenceLog:
         """One record per text: `decisions[i]` is the stage output the drift checks watch (its
         model, prediction, confidence, features), `stages[i]` every stage's model; `started`
         is the request's `time.perf_counter()` at arrival."""
+        seconds = time.perf_counter() - started
+        for d in decisions:
+            model = d.get("model") or {}
+            metrics.request_answered(model.get("name"), model.get("version"), outcome)
+        metrics.request_latency(((decisions[0] if decisions else {}).get("model") or {}).get("name"),
+                                seconds)
         if self.writer is None:
             return
-        ts, latency = now(), (time.perf_counter() - started) * 1000
+        ts, latency = now(), seconds * 1000
         await self.writer.append([
             _row(request_id, i, ts, tenant, self.application, d, s, latency, outcome)
             for i, (d, s) in enumerate(zip(decisions, stages))])

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_apps import metrics
 from serve_apps.config import LimitsConfig, ModerationAppConfig
 from serve_apps.deployments import Item, set_batching
 from serve_apps.http import StageModel, TextsRequest, create_app, new_request_id, request_texts
@@ -67,6 +68,8 @@ class ModerationPipeline:
             await self.log.failed(rid, len(texts), started)
             raise
         await self.log.record(rid, verdicts, [r.models for r in results], started)
+        for r in results:
+            metrics.guardrail_action(r.action)
         return ModerateResponse(request_id=rid, results=results)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)

@@ -423,6 +423,34 @@ def test_drift_check_on_the_served_log(platform):
     assert unknown.returncode == 2 and "no requests of 'nosuch'" in unknown.stderr
 
 
+def test_metrics_reach_the_ray_metrics_export_port(ray_session, platform):
+    """Serve replicas record the platform's metrics; Ray exports them with the `ray_` prefix."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {
+        "ray_llmops_requests_total": ('application="moderation"', 'model="moderation"',
+                                      'outcome="ok"'),
+        "ray_llmops_request_latency_seconds_bucket": ('application="support"',
+                                                      'model="support-router"'),
+        "ray_llmops_guardrail_actions_total": ('action="rewrite"',),
+        "ray_llmops_errors_total": ('status="422"',),
+        "ray_llmops_batch_size_bucket": ('deployment="Classifier"', 'model="moderation"'),
+        "ray_llmops_model_batch_seconds_count": ('model="support-reply"',),
+        "ray_llmops_model_info": ('model="moderation"', 'variant="champion"'),
+    }
+    deadline, missing = time.monotonic() + 60, set(wanted)
+    while missing and time.monotonic() < deadline:
+        lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+        missing = {name for name, labels in wanted.items() if not any(
+            line.startswith(name + "{") and all(lab in line for lab in labels) for line in lines)}
+        time.sleep(2)
+    assert not missing
+    info = [line for line in lines if line.startswith("ray_llmops_model_info{")
+            and 'model="moderation"' in line and line.endswith(" 1.0")]
+    assert info  # the version in service is marked 1
+
+
 def test_log_survives_a_graceful_shutdown(platform):
     """Requests answered just before their application is deleted are all in the log."""
     ids = [f"restart-{i}" for i in range(24)]

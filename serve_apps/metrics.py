@@ -1,0 +1,77 @@
+"""Prometheus metrics of the serving path, recorded inside the replicas through
+`ray.serve.metrics`: Ray exports them on each node's metrics export port (8080 on the local
+head) with a `ray_` prefix, and Serve adds `application`, `deployment` and `replica` tags.
+
+    ray_llmops_requests_total{model, model_version, outcome}     answered texts, by deciding model
+    ray_llmops_request_latency_seconds{model}                     request latency at the ingress
+    ray_llmops_guardrail_actions_total{action}                    moderation: allow/redact/rewrite/block
+    ray_llmops_errors_total{status}                               problem responses, by HTTP status
+    ray_llmops_batch_size{model, model_version}                   texts per forward pass
+    ray_llmops_model_batch_seconds{model, model_version}          time of one forward pass
+    ray_llmops_model_info{model, model_version, alias, variant}   1 for each version a replica serves
+"""
+
+from __future__ import annotations
+
+import functools
+
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+@functools.cache
+def _metric(kind: str, name: str, description: str, tags: tuple[str, ...],
+            boundaries: tuple[float, ...] = ()):
+    """One metric object per process (Ray registers a name once per worker)."""
+    from ray.serve import metrics
+
+    if kind == "histogram":
+        return metrics.Histogram(name, description=description, boundaries=list(boundaries),
+                                 tag_keys=tags)
+    return getattr(metrics, kind.capitalize())(name, description=description, tag_keys=tags)
+
+
+def request_answered(model: str | None, version: str | None, outcome: str) -> None:
+    _metric("counter", "llmops_requests", "Answered texts by deciding model and outcome.",
+            ("model", "model_version", "outcome")).inc(
+        tags={"model": model or "none", "model_version": version or "none", "outcome": outcome})
+
+
+def request_latency(model: str | None, seconds: float) -> None:
+    _metric("histogram", "llmops_request_latency_seconds", "Request latency at the ingress.",
+            ("model",), tuple(LATENCY_BUCKETS_S)).observe(seconds, tags={"model": model or "none"})
+
+
+def guardrail_action(action: str) -> None:
+    _metric("counter", "llmops_guardrail_actions", "Moderation actions taken.",
+            ("action",)).inc(tags={"action": action})
+
+
+def error(status: int) -> None:
+    _metric("counter", "llmops_errors", "Problem responses by HTTP status.",
+            ("status",)).inc(tags={"status": str(status)})
+
+
+def batch(model: str, version: str, size: int, seconds: float) -> None:
+    tags = {"model": model, "model_version": version}
+    _metric("histogram", "llmops_batch_size", "Texts per forward pass.",
+            ("model", "model_version"), tuple(BATCH_BUCKETS)).observe(size, tags=tags)
+    _metric("histogram", "llmops_model_batch_seconds", "Time of one forward pass.",
+            ("model", "model_version"), tuple(LATENCY_BUCKETS_S)).observe(seconds, tags=tags)
+
+
+def model_info(identities: dict[str, dict | None], previous: dict[str, dict | None]) -> None:
+    """Mark the versions a replica serves now (1) and those it stopped serving (0)."""
+    gauge = _metric("gauge", "llmops_model_info", "1 for each model version a replica serves.",
+                    ("model", "model_version", "alias", "variant"))
+
+    def tags(variant: str, ident: dict) -> dict:
+        return {"model": ident["name"], "model_version": ident["version"],
+                "alias": ident.get("alias") or "none", "variant": variant}
+
+    for variant, ident in previous.items():
+        if ident is not None:
+            gauge.set(0, tags=tags(variant, ident))
+    for variant, ident in identities.items():
+        if ident is not None:
+            gauge.set(1, tags=tags(variant, ident))
