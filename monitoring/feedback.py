@@ -32,6 +32,9 @@ def feedback_row(log_uri: str, labels_of, request_id: str, item: int, label: str
     if record.model is None or record.outcome != "ok":
         raise InvalidLabel(f"request {request_id!r} did not get a prediction to label")
     labels = labels_of(record.model, record.model_version)
+    if not labels:
+        raise InvalidLabel(f"{record.model} answers with text, not a label: feedback labels "
+                           f"classifiers' answers")
     if label not in labels:
         raise InvalidLabel(f"label {label!r} is not one of {record.model}'s labels: "
                            f"{', '.join(labels)}")

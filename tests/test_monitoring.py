@@ -174,3 +174,28 @@ def test_windows_end_with_the_newest_request():
     log = pd.DataFrame({"i": range(1050)})
     parts = [list(w.i) for w in windows(log, 500)]
     assert [len(p) for p in parts] == [50, 500, 500] and parts[-1][-1] == 1049
+
+
+def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
+    from monitoring.feedback import InvalidLabel, UnknownRequest, feedback_row
+
+    uri = str(tmp_path / "log")
+    writer = SegmentWriter(uri, INFERENCE, LogConfig())
+    writer.write_segment([_record(1), {**_record(2), "model": "rewriter", "prediction": "stop"},
+                          {**_record(3), "model": None, "outcome": "error"}])
+    labels = {"support-router": ["billing", "refund"], "rewriter": []}
+
+    def labels_of(model: str, version: str) -> list[str]:
+        assert version == "1"
+        return labels[model]
+
+    row = feedback_row(uri, labels_of, "r1", 0, "refund")
+    assert row == {"request_id": "r1", "item": 0, "label": "refund", "tenant": "default"}
+    for rid, item, label, error, message in [
+            ("nope", 0, "refund", UnknownRequest, "no logged request"),
+            ("r1", 3, "refund", UnknownRequest, "item 3"),
+            ("r1", 0, "shipping", InvalidLabel, "billing, refund"),
+            ("r2", 0, "refund", InvalidLabel, "answers with text"),
+            ("r3", 0, "refund", InvalidLabel, "did not get a prediction")]:
+        with pytest.raises(error, match=message):
+            feedback_row(uri, labels_of, rid, item, label)
