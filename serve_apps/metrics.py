@@ -60,8 +60,9 @@ def batch(model: str, version: str, size: int, seconds: float) -> None:
             ("model", "model_version"), tuple(LATENCY_BUCKETS_S)).observe(seconds, tags=tags)
 
 
-def model_info(identities: dict[str, dict | None], previous: dict[str, dict | None]) -> None:
-    """Mark the versions a replica serves now (1) and those it stopped serving (0)."""
+def model_info(identities: dict, previous: dict) -> None:
+    """Mark the versions a replica serves now (1) and those it stopped serving (0); both are
+    `ModelSlot.identities()`: the champion's and challenger's identity, beside other keys."""
     gauge = _metric("gauge", "llmops_model_info", "1 for each model version a replica serves.",
                     ("model", "model_version", "alias", "variant"))
 
@@ -69,9 +70,7 @@ def model_info(identities: dict[str, dict | None], previous: dict[str, dict | No
         return {"model": ident["name"], "model_version": ident["version"],
                 "alias": ident.get("alias") or "none", "variant": variant}
 
-    for variant, ident in previous.items():
-        if ident is not None:
-            gauge.set(0, tags=tags(variant, ident))
-    for variant, ident in identities.items():
-        if ident is not None:
-            gauge.set(1, tags=tags(variant, ident))
+    for value, served in ((0, previous), (1, identities)):
+        for variant in ("champion", "challenger"):
+            if served.get(variant) is not None:
+                gauge.set(value, tags=tags(variant, served[variant]))
