@@ -71,6 +71,7 @@ class ModelSlot:
     variants: Variants | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _reporter: asyncio.Task | None = None
 
     async def configure(self, user_config: dict) -> None:
         async with self._lock:
@@ -82,9 +83,15 @@ class ModelSlot:
             challenger = (await self._get(canary.model, canary.alias, precision, current)
                           if canary else None)
             self.generation = GenerationConfig(**(user_config.get("generation") or {}))
-            previous = self.identities() if current else {}
             self.variants = Variants(champion, challenger, canary)
-            metrics.model_info(self.identities(), previous)
+            if self._reporter is None:
+                self._reporter = asyncio.get_running_loop().create_task(self._report_versions())
+
+    async def _report_versions(self, every_s: float = 5.0) -> None:
+        """Keep the `llmops_model_info` gauge of this replica's versions fresh."""
+        while True:
+            metrics.model_info(self.identities())
+            await asyncio.sleep(every_s)
 
     async def _get(self, ref: str, alias: str | None, precision: str,
                    current: Variants | None) -> LoadedModel:

@@ -8,7 +8,7 @@ head) with a `ray_` prefix, and Serve adds `application`, `deployment` and `repl
     ray_llmops_errors_total{status}                               problem responses, by HTTP status
     ray_llmops_batch_size{model, model_version}                   texts per forward pass
     ray_llmops_model_batch_seconds{model, model_version}          time of one forward pass
-    ray_llmops_model_info{model, model_version, alias, variant}   1 for each version a replica serves
+    ray_llmops_model_info{model, model_version, alias, variant}   1 for each version a replica serves now
 """
 
 from __future__ import annotations
@@ -60,17 +60,13 @@ def batch(model: str, version: str, size: int, seconds: float) -> None:
             ("model", "model_version"), tuple(LATENCY_BUCKETS_S)).observe(seconds, tags=tags)
 
 
-def model_info(identities: dict, previous: dict) -> None:
-    """Mark the versions a replica serves now (1) and those it stopped serving (0); both are
-    `ModelSlot.identities()`: the champion's and challenger's identity, beside other keys."""
+def model_info(identities: dict) -> None:
+    """Mark the versions a replica serves (1). `identities` is `ModelSlot.identities()`. Ray
+    drops a gauge series that is not set again within two export intervals, so the replica
+    re-marks every few seconds and a swapped-out version disappears by itself."""
     gauge = _metric("gauge", "llmops_model_info", "1 for each model version a replica serves.",
                     ("model", "model_version", "alias", "variant"))
-
-    def tags(variant: str, ident: dict) -> dict:
-        return {"model": ident["name"], "model_version": ident["version"],
-                "alias": ident.get("alias") or "none", "variant": variant}
-
-    for value, served in ((0, previous), (1, identities)):
-        for variant in ("champion", "challenger"):
-            if served.get(variant) is not None:
-                gauge.set(value, tags=tags(variant, served[variant]))
+    for variant in ("champion", "challenger"):
+        if (ident := identities.get(variant)) is not None:
+            gauge.set(1, tags={"model": ident["name"], "model_version": ident["version"],
+                               "alias": ident.get("alias") or "none", "variant": variant})
