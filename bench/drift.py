@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 from cluster import runtime  # noqa: E402
 from cluster.settings import load_settings  # noqa: E402
 from monitoring.config import DriftThresholds  # noqa: E402
-from monitoring.drift import check_window, feature_frame  # noqa: E402
+from monitoring.drift import check_window, embedding_frame  # noqa: E402
 from training.data import generate  # noqa: E402
-from training.features import EMBEDDING_DIMS, reference_profile  # noqa: E402
+from training.features import reference_profile  # noqa: E402
 
 
 def _serve_bench():
@@ -76,15 +76,14 @@ def embedding_methods(clean: pd.DataFrame, shifted: pd.DataFrame, big: pd.DataFr
         RatioDriftMethod,
     )
 
-    columns = [f"e{i}" for i in range(EMBEDDING_DIMS)]
-    ref = feature_frame(reference)[columns]
+    ref = embedding_frame(reference)
     out = {}
     for name, method in {"mmd": MMDDriftMethod(), "distance": DistanceDriftMethod(),
                          "ratio": RatioDriftMethod(), "model": ModelDriftMethod()}.items():
         started = time.perf_counter()
-        method(feature_frame(big)[columns], ref)
+        method(embedding_frame(big), ref)
         seconds = time.perf_counter() - started
-        scores = {label: method(feature_frame(w)[columns], ref) for label, w in
+        scores = {label: method(embedding_frame(w), ref) for label, w in
                   (("clean_500", clean), ("new_product_50pct_500", shifted))}
         out[name] = {"seconds_2k_rows": round(seconds, 3),
                      **{k: {"score": round(float(v[0]), 5), "drift": bool(v[1])}

@@ -83,14 +83,22 @@ class Decision:
         return {**asdict(self), "windows": [w.to_dict() for w in self.windows]}
 
 
-def feature_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Descriptors, prediction, confidence and one column per embedding dimension."""
-    emb = np.stack(df["embedding"].to_numpy()).astype(np.float32)
+def scalar_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Descriptors, prediction and confidence, typed for Evidently."""
     out = df[DESCRIPTORS + ["prediction", "confidence"]].reset_index(drop=True).copy()
     out[DESCRIPTORS + ["confidence"]] = out[DESCRIPTORS + ["confidence"]].astype(float)
     out["prediction"] = out["prediction"].astype(str)
-    return pd.concat([out, pd.DataFrame(emb, columns=[f"e{i}" for i in range(emb.shape[1])])],
-                     axis=1)
+    return out
+
+
+def embedding_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One column per dimension of the projected embeddings (what Evidently's methods take)."""
+    emb = np.stack(df["embedding"].to_numpy()).astype(np.float32)
+    return pd.DataFrame(emb, columns=[f"e{i}" for i in range(emb.shape[1])])
+
+
+def _metric(name: str, value: float, threshold: float, method: str, digits: int = 4) -> Metric:
+    return Metric(name, round(float(value), digits), threshold, bool(value >= threshold), method)
 
 
 def kl_divergence(current: pd.Series, reference: pd.Series, labels: list[str]) -> float:
@@ -115,8 +123,6 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
                             f"needs at least {min_rows}")
     started = time.perf_counter()
     sample = current.sample(n=sample_rows, random_state=0) if len(current) > sample_rows else current
-    cur, ref = feature_frame(sample), feature_frame(reference)
-    embedding = [c for c in cur.columns if c.startswith("e") and c[1:].isdigit()]
     definition = DataDefinition(numerical_columns=DESCRIPTORS + ["confidence"],
                                 categorical_columns=["prediction"])
     t = thresholds
@@ -125,33 +131,29 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
         ValueDrift(column="prediction", method="jensenshannon", threshold=t.prediction_drift),
         ValueDrift(column="confidence", method="wasserstein", threshold=t.confidence_drift),
     ])
-    snapshot = report.run(Dataset.from_pandas(cur.drop(columns=embedding), data_definition=definition),
-                          Dataset.from_pandas(ref.drop(columns=embedding), data_definition=definition))
-    values = [m["value"] for m in json.loads(snapshot.json())["metrics"]]
+    snapshot = report.run(Dataset.from_pandas(scalar_frame(sample), data_definition=definition),
+                          Dataset.from_pandas(scalar_frame(reference), data_definition=definition))
+    share, prediction, confidence = [m["value"] for m in json.loads(snapshot.json())["metrics"]]
     # Evidently's MMD method, called directly: its EmbeddingsDrift metric also fits a t-SNE for
     # its plot, 95% of a check's time (7 of 7.7 s on a 2k-row window).
-    values.append(MMDDriftMethod(threshold=t.embedding_drift)(cur[embedding], ref[embedding])[0])
-    labels = sorted(set(ref["prediction"]) | set(current["prediction"].astype(str)))
+    mmd = MMDDriftMethod(threshold=t.embedding_drift)(embedding_frame(sample),
+                                                       embedding_frame(reference))[0]
+    predicted, expected = current["prediction"].astype(str), reference["prediction"].astype(str)
+    kl = kl_divergence(predicted, expected, sorted(set(expected) | set(predicted)))
     metrics = [
-        Metric("share_of_drifted_descriptors", round(float(values[0]["share"]), 4),
-               t.share_of_drifted_descriptors,
-               values[0]["share"] >= t.share_of_drifted_descriptors, "evidently:wasserstein"),
-        Metric("prediction_drift", round(float(values[1]), 4), t.prediction_drift,
-               values[1] >= t.prediction_drift, "evidently:jensenshannon"),
-        Metric("confidence_drift", round(float(values[2]), 4), t.confidence_drift,
-               values[2] >= t.confidence_drift, "evidently:wasserstein"),
-        Metric("embedding_drift", round(float(values[3]), 5), t.embedding_drift,
-               values[3] >= t.embedding_drift, "evidently:mmd"),
+        _metric("share_of_drifted_descriptors", share["share"], t.share_of_drifted_descriptors,
+                "evidently:wasserstein"),
+        _metric("prediction_drift", prediction, t.prediction_drift, "evidently:jensenshannon"),
+        _metric("confidence_drift", confidence, t.confidence_drift, "evidently:wasserstein"),
+        _metric("embedding_drift", mmd, t.embedding_drift, "evidently:mmd", digits=5),
+        _metric("kl_divergence", kl, t.kl_divergence, "kl(current||reference)"),
     ]
-    kl = kl_divergence(current["prediction"].astype(str), ref["prediction"], labels)
-    metrics.append(Metric("kl_divergence", round(kl, 4), t.kl_divergence, kl >= t.kl_divergence,
-                          "kl(current||reference)"))
     labelled = current.dropna(subset=["label"]) if "label" in current else current.iloc[:0]
     if len(labelled) >= MIN_FEEDBACK and "label" in reference:
         drop = (float((reference.prediction == reference.label).mean())
                 - float((labelled.prediction == labelled.label).mean()))
-        metrics.append(Metric("feedback_accuracy_drop", round(drop, 4), t.feedback_accuracy_drop,
-                              drop >= t.feedback_accuracy_drop, "reference - feedback accuracy"))
+        metrics.append(_metric("feedback_accuracy_drop", drop, t.feedback_accuracy_drop,
+                               "reference - feedback accuracy"))
     html = None
     if html_path is not None:
         html_path.parent.mkdir(parents=True, exist_ok=True)
