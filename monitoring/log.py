@@ -64,6 +64,12 @@ def now() -> datetime:
 class SegmentWriter:
     """Buffered, append-only Parquet writer for one kind of record (one per replica)."""
 
+    @classmethod
+    def from_settings(cls, settings: dict, kind: str) -> SegmentWriter:
+        """A writer from what a replica receives: `{"uri": ..., **LogConfig fields}`."""
+        config = LogConfig.model_validate({k: v for k, v in settings.items() if k != "uri"})
+        return cls(settings["uri"], kind, config)
+
     def __init__(self, uri: str, kind: str, config: LogConfig, writer_id: str | None = None):
         self.schema = SCHEMAS[kind]
         self.fs, root = _fs(uri)

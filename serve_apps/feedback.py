@@ -12,7 +12,6 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from monitoring.config import LogConfig
 from monitoring.feedback import feedback_row
 from monitoring.log import FEEDBACK, SegmentWriter, now
 from serve_apps.http import create_app, parse
@@ -35,10 +34,9 @@ class FeedbackReceipt(BaseModel):
 @functools.lru_cache(maxsize=64)
 def _labels(tracking_uri: str, model: str, version: str) -> tuple[str, ...]:
     """A model version's label set (versions never change, so this caches for good)."""
-    from training.config import RegistryConfig
     from training.registry import Registry
 
-    return tuple(Registry(RegistryConfig(tracking_uri=tracking_uri), ".").labels(model, version))
+    return tuple(Registry.at(tracking_uri).labels(model, version))
 
 
 app = create_app("llmops feedback", "Ground-truth labels for logged requests.")
@@ -49,8 +47,7 @@ app = create_app("llmops feedback", "Ground-truth labels for logged requests.")
 class FeedbackService:
     def __init__(self, log: dict, tracking_uri: str | None):
         self.uri = log["uri"]
-        self.writer = SegmentWriter(self.uri, FEEDBACK, LogConfig.model_validate(
-            {k: v for k, v in log.items() if k != "uri"}))
+        self.writer = SegmentWriter.from_settings(log, FEEDBACK)
         self.tracking_uri = tracking_uri
 
     @app.post("/", response_model=FeedbackReceipt, status_code=201)

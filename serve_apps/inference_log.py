@@ -4,10 +4,10 @@ request path, and the request metrics (counts by model and outcome, latency)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 
-from monitoring.config import LogConfig
 from monitoring.log import INFERENCE, SegmentWriter, now
 from serve_apps import metrics
 from training.features import DESCRIPTORS
@@ -20,10 +20,7 @@ class InferenceLog:
 
     def __init__(self, application: str, settings: dict | None):
         self.application = application
-        self.writer = None
-        if settings:
-            config = LogConfig.model_validate({k: v for k, v in settings.items() if k != "uri"})
-            self.writer = SegmentWriter(settings["uri"], INFERENCE, config)
+        self.writer = SegmentWriter.from_settings(settings, INFERENCE) if settings else None
 
     async def record(self, request_id: str, decisions: list[dict], stages: list[Mapping],
                      started: float, outcome: str = "ok", tenant: str = DEFAULT_TENANT) -> None:
@@ -43,9 +40,15 @@ class InferenceLog:
             _row(request_id, i, ts, tenant, self.application, d, s, latency, outcome)
             for i, (d, s) in enumerate(zip(decisions, stages))])
 
-    async def failed(self, request_id: str, texts: int, started: float) -> None:
-        """A request that passed validation and then failed: logged, with outcome `error`."""
-        await self.record(request_id, [{}] * texts, [{}] * texts, started, outcome="error")
+    @contextlib.asynccontextmanager
+    async def on_failure(self, request_id: str, texts: int, started: float):
+        """Around a request's work after validation: if it raises, its texts are logged with
+        outcome `error` and the exception goes on."""
+        try:
+            yield
+        except Exception:
+            await self.record(request_id, [{}] * texts, [{}] * texts, started, outcome="error")
+            raise
 
     async def close(self) -> None:
         if self.writer is not None:

@@ -98,7 +98,7 @@ class LoadedModel:
     def classify(self, texts: Sequence[str]) -> list[dict]:
         """Label, confidence and scores per text, and its drift features (descriptors and the
         projected embedding: what the inference log keeps instead of the text)."""
-        from training.features import EMBEDDING_DIMS, feature_rows
+        from training.features import EMBEDDING_DIMS, input_features
         from training.models import classify
 
         out = classify(self.model, self.tokenizer, texts, self.meta["max_length"],
@@ -106,8 +106,8 @@ class LoadedModel:
         labels = self.meta["labels"]
         return [{"label": labels[int(p.argmax())], "confidence": round(float(p.max()), 6),
                  "scores": {lbl: round(float(x), 6) for lbl, x in zip(labels, p)},
-                 "features": {k: v for k, v in row.items() if k not in ("prediction", "confidence")}}
-                for p, row in zip(out.probs, feature_rows(texts, labels, out))]
+                 "features": features}
+                for p, features in zip(out.probs, input_features(texts, out))]
 
     def generate(self, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
                  stop: Sequence[str]) -> list[dict]:

@@ -49,18 +49,13 @@ class RouteResponse(BaseModel):
     results: list[Routing]
 
 
-def resolved_examples(tracking_uri: str | None, name: str, version: str, per_intent: int,
+def resolved_examples(tracking_uri: str, name: str, version: str, per_intent: int,
                       seed: int = 0) -> pd.DataFrame:
     """Up to `per_intent` base-scenario tickets per intent from the data the router version was
     trained on (the `data/reference.parquet` of its MLflow run)."""
-    import mlflow.artifacts
-    from mlflow.tracking import MlflowClient
+    from training.registry import REFERENCE_FILE, Registry
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    run_id = client.get_model_version(name, version).run_id
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/reference.parquet",
-                                               tracking_uri=tracking_uri)
-    df = pd.read_parquet(path)
+    df = Registry.at(tracking_uri).run_data(name, version, REFERENCE_FILE)
     df = df[df.intent.isin(RESOLUTIONS) & (df.scenario == "base")]
     return (df.sample(frac=1.0, random_state=seed).groupby("intent").head(per_intent)
             .reset_index(drop=True))
@@ -95,11 +90,8 @@ class SupportPipeline:
         texts = request_texts(request, self.limits)
         rid = new_request_id(request_id)
         started = time.perf_counter()
-        try:
+        async with self.log.on_failure(rid, len(texts), started):
             pairs = await asyncio.gather(*(self._route_and_reply(Item(t, rid)) for t in texts))
-        except Exception:
-            await self.log.failed(rid, len(texts), started)
-            raise
         results = [result for result, _ in pairs]
         await self.log.record(rid, [route for _, route in pairs], [r.models for r in results],
                               started)

@@ -30,15 +30,12 @@ def descriptors(text: str, tokens: int) -> dict[str, float]:
             "digit_share": sum(c.isdigit() for c in text) / n}
 
 
-def feature_rows(texts: Sequence[str], labels: Sequence[str], out: Classified) -> list[dict]:
-    """One row per text: descriptors, prediction, confidence, embedding."""
-    rows = []
-    for i, text in enumerate(texts):
-        p = out.probs[i]
-        rows.append({**descriptors(text, int(out.tokens[i])), "prediction": labels[int(p.argmax())],
-                     "confidence": float(p.max()),
-                     "embedding": out.embeddings[i].astype(np.float32).tolist()})
-    return rows
+def input_features(texts: Sequence[str], out: Classified) -> list[dict]:
+    """One row per text: its descriptors and projected embedding (the model's answer is
+    beside them in `out`)."""
+    return [{**descriptors(text, int(out.tokens[i])),
+             "embedding": out.embeddings[i].astype(np.float32).tolist()}
+            for i, text in enumerate(texts)]
 
 
 def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], max_length: int,
@@ -49,6 +46,8 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
     traffic.)"""
     sample = df.sample(n=min(rows, len(df)), random_state=seed) if len(df) > rows else df
     out = classify(model, tokenizer, list(sample.text), max_length, embedding_dims=EMBEDDING_DIMS)
-    profile = pd.DataFrame(feature_rows(list(sample.text), labels, out))
+    profile = pd.DataFrame(input_features(list(sample.text), out))
+    profile["prediction"] = [labels[int(i)] for i in out.probs.argmax(axis=1)]
+    profile["confidence"] = out.probs.max(axis=1).astype(float)
     profile["label"] = list(sample.label)
     return profile

@@ -20,7 +20,8 @@ from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
 from training.pyfunc import META_FILE
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-PROFILE_FILE = "profile.parquet"  # under the run's data/: the reference profile for drift checks
+# Tables under each run's data/: the training data, and the reference profile for drift checks.
+REFERENCE_FILE, PROFILE_FILE = "reference.parquet", "profile.parquet"
 
 
 @dataclass
@@ -79,6 +80,12 @@ class Registry:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
 
+    @classmethod
+    def at(cls, tracking_uri: str) -> Registry:
+        """The registry behind a resolved tracking URI, for processes that have no settings
+        (Serve replicas)."""
+        return cls(RegistryConfig(tracking_uri=tracking_uri), Path("."))
+
     @property
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -131,7 +138,7 @@ class Registry:
                                            record.datasets.items()):
                 mlflow.log_input(mlflow.data.from_pandas(df, name=name),
                                  context=context, tags={"scenario": name.split(":")[-1]})
-            files = {"reference.parquet": next(iter(record.datasets.values())),
+            files = {REFERENCE_FILE: next(iter(record.datasets.values())),
                      PROFILE_FILE: record.profile}
             with tempfile.TemporaryDirectory() as tmp:
                 for file, df in files.items():
@@ -181,20 +188,27 @@ class Registry:
         info = mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
         return list((info.metadata or {}).get("llmops", {}).get("labels", []))
 
+    def run_data(self, name: str, version: str, file: str) -> pd.DataFrame:
+        """A table logged under `data/` of the run that registered the version
+        (`reference.parquet`: its training data; `profile.parquet`: its reference profile)."""
+        import mlflow.artifacts
+
+        path = mlflow.artifacts.download_artifacts(
+            run_id=self._version(name, version).run_id, artifact_path=f"data/{file}",
+            tracking_uri=self.tracking_uri)
+        return pd.read_parquet(path)
+
     def reference_profile(self, name: str, version: str) -> pd.DataFrame:
         """The drift features of held-out rows of the version's training distribution, logged
         at registration (classifiers)."""
-        import mlflow.artifacts
-
-        run_id = self._version(name, version).run_id
         try:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=f"data/{PROFILE_FILE}", tracking_uri=self.tracking_uri)
+            return self.run_data(name, version, PROFILE_FILE)
+        except UnknownName:
+            raise
         except Exception as exc:
             raise LLMOpsError(f"{name} version {version} has no reference profile (only "
                               f"classifiers registered by this version of llmops have one); "
                               f"register a new version") from exc
-        return pd.read_parquet(path)
 
     def models(self) -> list[dict]:
         """Registered models with their versions, aliases and key holdout metrics."""

@@ -301,8 +301,8 @@ LEXICON = Lexicon(
     closers=CLOSERS,
     shifted_priors={"billing": 0.05, "technical": 0.1, "account": 0.1, "shipping": 0.1,
                     "refund": 0.3, "security": 0.35},
-    # A reorganisation: refunds are now handled by billing, a lost second factor is a security case.
     replies=RESOLUTIONS,
+    # A reorganisation: refunds are now handled by billing, a lost second factor is a security case.
     concept_relabel={"refund_request": "billing", "refund_status": "billing",
                      "password_reset": "security", "account_locked": "security",
                      "damaged_parcel": "refund"},
