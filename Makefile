@@ -4,6 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 LLMOPS  = $(VENV)/bin/llmops
 STAMP   = $(VENV)/.installed
+SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
@@ -18,6 +19,9 @@ export RAY_AUTH_MODE = disabled
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade-strategy only-if-needed -e '.[dev]'
+	@# promtool (Debian's prometheus package) runs the alert rules' unit tests
+	command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +34,7 @@ demo: $(STAMP)
 	$(LLMOPS) train rewriter
 	$(LLMOPS) train support-reply
 	$(LLMOPS) models
+	$(LLMOPS) healthcheck
 	$(LLMOPS) up
 	curl -s localhost:8000/v1/moderate -H 'content-type: application/json' \
 	  -d '{"texts": ["You are all useless idiots, fix the app", "mail me at jane.doe@example.com"]}'
@@ -42,6 +47,7 @@ demo: $(STAMP)
 	$(LLMOPS) drift check support-router
 	$(LLMOPS) traffic support --scenario new-product --n 1000
 	$(LLMOPS) drift check support-router
+	$(LLMOPS) monitor --once | grep -E '^llmops_(drift_detected|model_alias_version)'
 	$(LLMOPS) down
 
 test: $(STAMP)

@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from cluster import runtime
 from cluster.settings import Settings, load_settings
@@ -46,6 +47,7 @@ class Output:
 
     payload: dict
     human: Callable[[dict], str]
+    exit_code: int = 0
 
     def render(self, as_json: bool) -> str:
         return json.dumps(self.payload, default=str) if as_json else self.human(self.payload)
@@ -70,8 +72,8 @@ def _format_job(result: dict) -> str:
     lines = [f"registered {result['model']} version {result['version']} as @{result['alias']} "
              f"(run {result['run_id']}, {result['seconds']} s)"]
     for holdout, metrics in result["metrics"].items():
-        shown = {k: v for k, v in metrics.items() if k in ("macro_f1", "accuracy", "ece",
-                                                            "loss", "perplexity")}
+        shown = {k: v for k, v in metrics.items() if k in (
+            "macro_f1", "accuracy", "ece", "loss", "perplexity", "exact_match", "latency_p50_ms")}
         lines.append(f"  {holdout:14} " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     return "\n".join(lines)
 
@@ -159,6 +161,65 @@ def cmd_drift_check(args) -> Output:
         return "\n".join(lines)
 
     return Output(decision.to_dict(), human)
+
+
+def _verdicts(decisions: dict) -> str:
+    return "; ".join(f"{m} v{d.version}: {'DRIFT' if d.drift else 'no drift'} "
+                     f"({d.drifted_windows} of {len(d.windows)} windows)" if d is not None
+                     else f"{m}: too few requests" for m, d in decisions.items()) or "no models"
+
+
+def cmd_monitor(args) -> Output | None:
+    import time
+
+    from monitoring.monitor import Monitor
+
+    settings = _settings(args)
+    monitor = Monitor(_registry(settings), settings.log_uri, settings.monitoring,
+                      settings.metrics_dir)
+    if args.once:
+        decisions = monitor.tick()
+        return Output({"decisions": {m: d and d.to_dict() for m, d in decisions.items()},
+                       "metrics": monitor.text()}, lambda p: p["metrics"].rstrip())
+    cfg = settings.monitoring.monitor
+    print(f"monitor: http://{cfg.host}:{cfg.port}/metrics, drift checks every {cfg.interval_s:g} s"
+          " (Ctrl-C stops)", flush=True)
+    monitor.serve(lambda d: print(f"{time.strftime('%H:%M:%S')} {_verdicts(d)}", flush=True))
+    return None
+
+
+def cmd_healthcheck(args) -> Output:
+    import time
+
+    from monitoring.health import check_champions
+    from monitoring.metrics import health_families, registry_of, write_textfile
+
+    settings = _settings(args)
+    results = check_champions(_registry(settings), settings.monitoring.health, args.models or None)
+    metrics = registry_of(lambda: health_families(results, time.time()))
+    textfile = Path(args.textfile) if args.textfile else settings.metrics_dir / "healthcheck.prom"
+    write_textfile(metrics, textfile)
+    if args.pushgateway:
+        from prometheus_client import push_to_gateway
+
+        try:
+            push_to_gateway(args.pushgateway, job="llmops_healthcheck", registry=metrics)
+        except OSError as exc:
+            raise LLMOpsError(f"cannot push to {args.pushgateway}: {exc}") from exc
+    healthy = all(r.healthy for r in results)
+
+    def human(payload: dict) -> str:
+        lines = []
+        for r in payload["results"]:
+            lines.append(f"{r['model']} v{r['version']}: "
+                         f"{'healthy' if r['healthy'] else 'DEGRADED'}"
+                         + (f" ({r['error']})" if r["error"] else ""))
+            lines += [f"  {c['name']:15} {c['value']:>10g}  registered {c['baseline']:g}  "
+                      f"limit {c['limit']:g}{'' if c['ok'] else '  !'}" for c in r["checks"]]
+        return "\n".join(lines + [f"metrics: {payload['textfile']}"])
+
+    return Output({"healthy": healthy, "results": [r.to_dict() for r in results],
+                   "textfile": str(textfile)}, human, exit_code=0 if healthy else 1)
 
 
 def _serve_cluster(settings: Settings):
@@ -375,6 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--window", type=int, help="requests per window (default from settings)")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_drift_check)
+
+    monitor = sub.add_parser("monitor", parents=[common],
+                             help="check drift on a schedule and serve Prometheus metrics")
+    monitor.add_argument("--once", action="store_true",
+                         help="one round of checks; print the metrics and exit")
+    monitor.add_argument("--json", action="store_true")
+    monitor.set_defaults(func=cmd_monitor)
+
+    health = sub.add_parser("healthcheck", parents=[common],
+                            help="measure each champion on its golden set against its "
+                            "registration; exit 1 when degraded")
+    health.add_argument("models", nargs="*", help="registered models (default: every champion)")
+    health.add_argument("--textfile", help="Prometheus textfile to write (default "
+                        "<data_dir>/metrics/healthcheck.prom, served by `llmops monitor`)")
+    health.add_argument("--pushgateway", metavar="URL", help="also push to a Pushgateway")
+    health.add_argument("--json", action="store_true")
+    health.set_defaults(func=cmd_healthcheck)
     return parser
 
 
@@ -392,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                 runtime.disconnect()
         if output is not None:
             print(output.render(as_json), flush=True)
+            return output.exit_code
     except LLMOpsError as exc:
         print(f"llmops: error: {exc}", file=sys.stderr)
         return exc.exit_code

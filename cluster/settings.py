@@ -63,6 +63,11 @@ class Settings(BaseModel):
         """The inference and feedback logs: `monitoring.log.uri`, or under the data dir."""
         return self.monitoring.log.uri or str(self.data_dir.resolve() / "inference_log")
 
+    @property
+    def metrics_dir(self) -> Path:
+        """Prometheus textfiles of batch commands (`llmops healthcheck`) the monitor serves."""
+        return self.data_dir.resolve() / "metrics"
+
     def log_settings(self) -> dict | None:
         """What pipelines receive to write the log; None when it is switched off."""
         log = self.monitoring.log

@@ -71,6 +71,30 @@ class DriftConfig(_Strict):
         return self.models.get(model, self.thresholds)
 
 
+class HealthConfig(_Strict):
+    """How far a champion's golden-set figures may fall from those recorded at registration
+    before `llmops healthcheck` calls it degraded."""
+
+    quality_tolerance: float = Field(0.02, ge=0, le=1, description="drop allowed in accuracy "
+                                     "(classifiers) or exact match (generators)")
+    confidence_tolerance: float = Field(0.05, ge=0, le=1, description="drop allowed in mean "
+                                        "confidence")
+    latency_factor: float = Field(2.0, gt=0, description="p50 batch latency may reach this "
+                                  "multiple of the registered one (plus the slack)")
+    latency_slack_ms: float = Field(20.0, ge=0, description="absolute allowance for timer noise "
+                                    "on small models")
+
+
+class MonitorConfig(_Strict):
+    """`llmops monitor`: the loop that checks drift and serves the metrics of the monitor."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=1, le=65535, description="Prometheus scrapes /metrics here")
+    interval_s: float = Field(60.0, gt=0, description="seconds between drift checks")
+
+
 class MonitoringConfig(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)

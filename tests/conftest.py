@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -21,18 +22,19 @@ TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_p
 def tiny_settings(data_dir, **training) -> Settings:
     """Settings whose tasks train in seconds: scratch models, a few hundred rows."""
     classifier = {"model": {"source": "scratch", "architecture": TINY_BERT, "max_length": 48},
-                  "train_size": 192, "holdout_size": 48, "epochs": 2, "batch_size": 16,
-                  "learning_rate": 1e-3}
+                  "train_size": 192, "holdout_size": 48, "golden_size": 48, "epochs": 2,
+                  "batch_size": 16, "learning_rate": 1e-3}
     tasks = {
         "support-router": {**classifier, "holdouts": ["base", "new-product"],
                            "model": {**classifier["model"], "freeze_embeddings": True}},
         "moderation": {**classifier, "holdouts": ["base"]},
         "rewriter": {"model": {"source": "scratch", "architecture": TINY_GPT2, "max_length": 64,
                                "tokenizer_vocab_size": 400},
-                     "train_size": 96, "holdout_size": 24, "epochs": 1, "holdouts": ["base"]},
+                     "train_size": 96, "holdout_size": 24, "golden_size": 32, "epochs": 1,
+                     "holdouts": ["base"]},
         "support-reply": {"model": {"source": "scratch", "architecture": TINY_GPT2,
                                     "max_length": 96, "tokenizer_vocab_size": 1000},
-                          "train_size": 400, "holdout_size": 24, "epochs": 1,
+                          "train_size": 400, "holdout_size": 24, "golden_size": 32, "epochs": 1,
                           "holdouts": ["base"]},
     }
     return Settings.model_validate({
@@ -78,7 +80,6 @@ def register_quick(settings: Settings, registry, task: str, epochs: int = 6, see
     serving tests need registered models, not a distributed fine-tune."""
     import tempfile
     import time
-    from pathlib import Path
 
     import torch
 
@@ -109,3 +110,29 @@ def register_quick(settings: Settings, registry, task: str, epochs: int = 6, see
     spec.tokenizer.save_pretrained(folder)
     return register_model_dir(settings.training, registry, task, data, folder, spec.labels,
                               history=[], ds_config={}, started=started)
+
+
+MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
+
+
+def dashboard_exprs() -> list[str]:
+    import json
+
+    dashboard = json.loads((MONITORING / "grafana" / "llmops.json").read_text())
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def referenced_metrics(prefix: str) -> set[str]:
+    """Metric names starting with `prefix` that the Grafana dashboard and the alert rules use."""
+    import re
+
+    import yaml
+
+    rules = yaml.safe_load((MONITORING / "prometheus" / "alerts.yml").read_text())
+    exprs = dashboard_exprs() + [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    return {m for e in exprs for m in re.findall(rf"\b{prefix}[a-z_]+\b", e)}
+
+
+def exposed(name: str, lines: list[str]) -> bool:
+    """Whether a scrape (exposition lines) has a sample of the metric."""
+    return any(line.startswith((name + "{", name + " ")) for line in lines)

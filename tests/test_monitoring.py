@@ -199,3 +199,77 @@ def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
             ("r3", 0, "refund", InvalidLabel, "did not get a prediction")]:
         with pytest.raises(error, match=message):
             feedback_row(uri, labels_of, rid, item, label)
+
+
+def test_health_check_compares_golden_set_figures_with_the_registration(router):
+    from monitoring.config import HealthConfig
+    from monitoring.health import check_champions, compare
+    from training.errors import UnknownName
+
+    registry, _ = router
+    registered = registry.run_metrics("support-router", "1")
+    assert {"golden_accuracy", "golden_confidence", "golden_latency_p50_ms",
+            "golden_latency_p99_ms"} <= set(registered)
+    [health] = check_champions(registry, HealthConfig())
+    assert health.healthy and health.error is None, health
+    checks = {c.name: c for c in health.checks}
+    # The same rows through the same function: the same answers as at registration.
+    assert checks["accuracy"].value == round(registered["golden_accuracy"], 4)
+    assert checks["latency_p50_ms"].limit == pytest.approx(
+        registered["golden_latency_p50_ms"] * 2 + 20, abs=1e-3)
+
+    [slow] = check_champions(registry, HealthConfig(latency_factor=0.01, latency_slack_ms=0),
+                             ["support-router"])
+    assert not slow.healthy and [c.name for c in slow.checks if not c.ok] == ["latency_p50_ms"]
+    with pytest.raises(UnknownName, match="nosuch"):
+        check_champions(registry, HealthConfig(), ["nosuch"])
+
+    base = {"golden_exact_match": 0.9, "golden_confidence": 0.8, "golden_latency_p50_ms": 10.0}
+    now = {"exact_match": 0.87, "confidence": 0.8, "latency_p50_ms": 35.0}
+    verdict = {c.name: c.ok for c in compare(now, base, "causal-lm", HealthConfig())}
+    assert verdict == {"exact_match": False, "confidence": True, "latency_p50_ms": True}
+    verdict = {c.name: c.ok for c in compare({**now, "exact_match": 0.89, "latency_p50_ms": 41},
+                                             base, "causal-lm", HealthConfig())}
+    assert verdict == {"exact_match": True, "confidence": True, "latency_p50_ms": False}
+
+
+def test_healthcheck_command_writes_a_textfile_and_pushes_to_a_pushgateway(router, tmp_path,
+                                                                           capsys):
+    import http.server
+    import json
+    import threading
+
+    from cluster.cli import main
+
+    registry, _ = router
+    pushed = []
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            pushed.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    data_dir = ["--data-dir", str(registry.data_dir)]
+    try:
+        code = main(["healthcheck", *data_dir, "--textfile", str(tmp_path / "h.prom"),
+                     "--pushgateway", f"127.0.0.1:{server.server_port}", "--json"])
+    finally:
+        server.shutdown()
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["healthy"] and out["textfile"] == str(tmp_path / "h.prom")
+    textfile = (tmp_path / "h.prom").read_text()
+    assert 'llmops_healthcheck_healthy{model="support-router",model_version="1"} 1.0' in textfile
+    [(path, body)] = pushed
+    assert path == "/metrics/job/llmops_healthcheck" and b"llmops_healthcheck_value" in body
+
+    code = main(["healthcheck", *data_dir, "--textfile", str(tmp_path / "h.prom"),
+                 "--pushgateway", f"127.0.0.1:{server.server_port}"])
+    assert code == 2 and "cannot push to 127.0.0.1" in capsys.readouterr().err
+    assert main(["healthcheck", "nosuch", *data_dir]) == 2
+    assert "unknown registered model 'nosuch'" in capsys.readouterr().err

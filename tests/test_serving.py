@@ -5,6 +5,7 @@ in a real MLflow registry."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
-from conftest import register_quick, tiny_settings
+from conftest import exposed, referenced_metrics, register_quick, tiny_settings
 from ray import serve
 
 from cluster.runtime import PLATFORM_ENV
@@ -423,6 +424,62 @@ def test_drift_check_on_the_served_log(platform):
     assert unknown.returncode == 2 and "no requests of 'nosuch'" in unknown.stderr
 
 
+def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
+    """`llmops healthcheck` measures every champion against its registration and writes a
+    textfile; `llmops monitor` checks drift, reads the registry and serves all of it."""
+    run = (platform.env, platform.config)
+    sent = _llmops(run, "traffic", "support", "--scenario", "new-product", "--n", "250",
+                   "--seed", "40", "--json")
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    time.sleep(1.5)
+    health = _llmops(run, "healthcheck", "--json")
+    assert health.returncode == 0, health.stdout + health.stderr[-2000:]
+    report = json.loads(health.stdout)
+    assert report["healthy"] and {r["model"] for r in report["results"]} == {
+        "moderation", "rewriter", "support-router", "support-reply"}
+    assert {c["name"] for c in report["results"][0]["checks"]} >= {"latency_p50_ms", "confidence"}
+    slow = {**platform.env, "LLMOPS_MONITORING__HEALTH__LATENCY_FACTOR": "0.001",
+            "LLMOPS_MONITORING__HEALTH__LATENCY_SLACK_MS": "0"}
+    degraded = _llmops((slow, platform.config), "healthcheck", "moderation")
+    assert degraded.returncode == 1 and "moderation v1: DEGRADED" in degraded.stdout
+    assert "latency_p50_ms" in degraded.stdout and Path(report["textfile"]).is_file()
+
+    once = _llmops(run, "monitor", "--once", "--json")
+    assert once.returncode == 0, once.stderr[-2000:]
+    out = json.loads(once.stdout)
+    check = json.loads(_llmops(run, "drift", "check", "support-router", "--json").stdout)
+    decision = out["decisions"]["support-router"]
+    assert decision["drift"] == check["drift"] and decision["version"] == "1"
+    lines = out["metrics"].splitlines()
+    detected = f'llmops_drift_detected{{model="support-router",model_version="1"}} ' \
+               f'{float(check["drift"])}'
+    assert detected in lines
+    assert 'llmops_model_alias_version{alias="challenger",model="moderation"} 2.0' in lines
+    assert 'llmops_model_versions{model="moderation"} 2.0' in lines
+    # the degraded run's textfile, served by the monitor
+    assert 'llmops_healthcheck_healthy{model="moderation",model_version="1"} 0.0' in lines
+    assert {m for m in referenced_metrics("llmops_") if not exposed(m, lines)} == set()
+
+    port = _free_port()
+    env = {**platform.env, "LLMOPS_MONITORING__MONITOR__PORT": str(port),
+           "LLMOPS_MONITORING__MONITOR__INTERVAL_S": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "monitor", "--config",
+                             str(platform.config)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline, text = time.monotonic() + 60, ""
+        while "llmops_drift_score{" not in text and time.monotonic() < deadline:
+            time.sleep(1)
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.TransportError:
+                pass
+        assert '{metric="embedding_drift",model="support-router",model_version="1"}' in text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "support-router v1:" in stdout
+
+
 def test_metrics_reach_the_ray_metrics_export_port(ray_session, platform):
     """Serve replicas record the platform's metrics; Ray exports them with the `ray_` prefix."""
     import ray
@@ -446,6 +503,8 @@ def test_metrics_reach_the_ray_metrics_export_port(ray_session, platform):
             line.startswith(name + "{") and all(lab in line for lab in labels) for line in lines)}
         time.sleep(2)
     assert not missing
+    # Every Ray-exported metric the Grafana dashboard and the alert rules query exists.
+    assert {m for m in referenced_metrics("ray_") if not exposed(m, lines)} == set()
     info = [line for line in lines if line.startswith("ray_llmops_model_info{")
             and 'model="moderation"' in line and line.endswith(" 1.0")]
     assert info  # the version in service is marked 1

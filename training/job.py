@@ -19,8 +19,9 @@ from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm
 from training.features import reference_profile
 from training.finetune import Chaos, FinetuneSpec, run_finetune
+from training.golden import golden_set, measure
 from training.models import PROMPT, load_tokenizer
-from training.pyfunc import load_hf, write_meta
+from training.pyfunc import TaskModel, write_meta
 from training.registry import RegisteredVersion, Registry, RunRecord
 
 
@@ -149,7 +150,8 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
     tc = task_config(config, task)
     write_meta(model_dir, {"kind": tc.kind, "labels": labels, "max_length": tc.model.max_length,
                            "task": task})
-    model, tokenizer, _ = load_hf(model_dir)
+    task_model = TaskModel.from_folder(model_dir)
+    model, tokenizer = task_model.model, task_model.tokenizer
     profile = None
     if tc.kind == "classification":
         metrics = evaluate_classifier(model, tokenizer, data.holdouts, labels, tc.model.max_length)
@@ -157,6 +159,8 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
         profile = reference_profile(model, tokenizer, held_out, labels, tc.model.max_length)
     else:
         metrics = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length)
+    golden = golden_set(tc)
+    metrics["golden"] = measure(lambda df: task_model.predict(None, df), golden, tc.kind)
     params = {**{k: v for k, v in tc.model_dump().items() if k not in ("model", "holdouts")},
               "model_source": tc.model.source, "max_length": tc.model.max_length,
               "workers": config.workers, "deepspeed_stage": config.deepspeed.stage,
@@ -165,9 +169,10 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
         task=task, model_dir=model_dir, params=params, history=history, holdout_metrics=metrics,
         ds_config=ds_config,
         datasets={f"{tc.dataset}:{data.scenario}": data.train,
-                  **{f"{tc.dataset}-holdout:{h}": df for h, df in data.holdouts.items()}},
+                  **{f"{tc.dataset}-holdout:{h}": df for h, df in data.holdouts.items()},
+                  f"{tc.dataset}-golden:base": golden},
         input_example=pd.DataFrame({"text": list(data.train.text[:2])}), tags=tags or {},
-        profile=profile)
+        profile=profile, golden=golden)
     version: RegisteredVersion = registry.record(record)
     return JobResult(model=version.name, version=version.version, alias=version.alias,
                      run_id=version.run_id, model_uri=version.model_uri, metrics=metrics,

@@ -20,8 +20,9 @@ from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
 from training.pyfunc import META_FILE
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-# Tables under each run's data/: the training data, and the reference profile for drift checks.
-REFERENCE_FILE, PROFILE_FILE = "reference.parquet", "profile.parquet"
+# Tables under each run's data/: the training data, the reference profile for drift checks and
+# the golden set of the health check.
+REFERENCE_FILE, PROFILE_FILE, GOLDEN_FILE = "reference.parquet", "profile.parquet", "golden.parquet"
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RunRecord:
     input_example: pd.DataFrame
     tags: dict
     profile: pd.DataFrame | None = None  # drift features of held-out training-distribution rows
+    golden: pd.DataFrame | None = None  # the golden set, measured as holdout "golden"
 
 
 def _git_commit() -> str:
@@ -139,7 +141,7 @@ class Registry:
                 mlflow.log_input(mlflow.data.from_pandas(df, name=name),
                                  context=context, tags={"scenario": name.split(":")[-1]})
             files = {REFERENCE_FILE: next(iter(record.datasets.values())),
-                     PROFILE_FILE: record.profile}
+                     PROFILE_FILE: record.profile, GOLDEN_FILE: record.golden}
             with tempfile.TemporaryDirectory() as tmp:
                 for file, df in files.items():
                     if df is not None:
@@ -197,6 +199,17 @@ class Registry:
             run_id=self._version(name, version).run_id, artifact_path=f"data/{file}",
             tracking_uri=self.tracking_uri)
         return pd.read_parquet(path)
+
+    def load_model(self, name: str, version: str):
+        """The registered version as its `TaskModel` (loaded through MLflow, as any client)."""
+        import mlflow.pyfunc
+
+        mv = self._version(name, version)
+        return mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
+
+    def run_metrics(self, name: str, version: str) -> dict[str, float]:
+        """The metrics the run that registered the version logged (`<holdout>_<metric>`)."""
+        return dict(self.client.get_run(self._version(name, version).run_id).data.metrics)
 
     def reference_profile(self, name: str, version: str) -> pd.DataFrame:
         """The drift features of held-out rows of the version's training distribution, logged

@@ -1,0 +1,76 @@
+"""The monitor: every `interval_s` it runs the drift policy on each champion classifier's logged
+traffic and keeps the latest verdicts, which Prometheus scrapes from its /metrics together
+with the registry's versions and the health check's last result (`monitoring/metrics.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from monitoring.config import MonitoringConfig
+from monitoring.drift import Decision, NotEnoughData, check_model
+from monitoring.metrics import drift_families, exposition, registry_families, registry_of, textfile_families
+from training.registry import CHAMPION
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(self, registry, log_uri: str, config: MonitoringConfig, textfile_dir: Path):
+        self.registry, self.log_uri, self.config = registry, log_uri, config
+        self.decisions: dict[str, Decision | None] = {}
+        self.checked_at: dict[str, float] = {}
+        self.failures: Counter[str] = Counter()
+        self.models: list[dict] = []
+        self._classifier: dict[tuple[str, str], bool] = {}
+        self.prometheus = registry_of(
+            lambda: drift_families(self.decisions, self.checked_at, self.failures),
+            lambda: registry_families(self.models),
+            lambda: textfile_families(textfile_dir))
+
+    def _is_classifier(self, name: str, version: str) -> bool:
+        """Drift is checked for classifiers (they have a reference profile); cached per version."""
+        if (name, version) not in self._classifier:
+            self._classifier[name, version] = bool(self.registry.labels(name, version))
+        return self._classifier[name, version]
+
+    def tick(self) -> dict[str, Decision | None]:
+        """One round of checks. A model with too little traffic has no verdict (None); a check
+        that fails is counted and logged, and the others still run."""
+        self.models = self.registry.models()
+        for m in self.models:
+            name, champion = m["name"], m["aliases"].get(CHAMPION)
+            if champion is None or not self._is_classifier(name, str(champion)):
+                continue
+            try:
+                self.decisions[name] = check_model(self.log_uri, self.registry, self.config.drift,
+                                                   name)
+            except NotEnoughData:
+                self.decisions[name] = None
+            except Exception:
+                self.failures[name] += 1
+                log.exception("drift check of %s failed", name)
+            self.checked_at[name] = time.time()
+        return dict(self.decisions)
+
+    def text(self) -> str:
+        """What a scrape of /metrics returns now."""
+        return exposition(self.prometheus)
+
+    def serve(self, after_tick: Callable[[dict[str, Decision | None]], None]) -> None:
+        """Serve /metrics and check every `interval_s` until interrupted."""
+        from prometheus_client import start_http_server
+
+        cfg = self.config.monitor
+        server, _ = start_http_server(cfg.port, addr=cfg.host, registry=self.prometheus)
+        try:
+            while True:
+                began = time.monotonic()
+                after_tick(self.tick())
+                time.sleep(max(0.0, cfg.interval_s - (time.monotonic() - began)))
+        finally:
+            server.shutdown()
