@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,18 +80,21 @@ def _format_job(result: dict) -> str:
 
 
 def cmd_train(args) -> Output:
-    from training.job import build_task_data, fit_and_register, task_config, with_overrides
+    from training.job import TaskData, build_task_data, fit_and_register, task_config, with_overrides
 
     settings = _settings(args)
     config = with_overrides(settings.training, args.task, workers=args.workers,
                             deepspeed_stage=args.deepspeed_stage, epochs=args.epochs)
     task_config(config, args.task)
-    data = build_task_data(config, args.task, args.scenario)
+    data = TaskData.load(Path(args.data)) if args.data else build_task_data(config, args.task,
+                                                                           args.scenario)
+    tags = dict(t.split("=", 1) for t in args.tag)
     registry = _registry(settings)
     runtime.connect(settings.ray)
     result = fit_and_register(config, registry, args.task, data,
                               storage_path=settings.storage_path,
-                              use_gpu=runtime.use_gpu(config.use_gpu), resume=args.resume)
+                              use_gpu=runtime.use_gpu(config.use_gpu), resume=args.resume,
+                              tags=tags)
     return Output(result.to_dict(), _format_job)
 
 
@@ -133,10 +137,12 @@ def cmd_traffic(args) -> Output:
     app = getattr(settings.serve, args.app, None)
     prefix = app.route_prefix if app is not None else ""
     report = send(f"http://{settings.serve.host}:{settings.serve.port}", args.app, prefix,
-                  args.scenario, args.n, args.seed, args.fraction, args.concurrency)
+                  args.scenario, args.n, args.seed, args.fraction, args.concurrency,
+                  args.feedback, settings.serve.feedback.route_prefix)
     return Output(report, lambda p: (f"{p['requests']} requests ({p['scenario']}) to {p['url']}: "
                                      f"{p['ok']} ok, {p['failed']} failed, {p['rps']} req/s, "
-                                     f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms"))
+                                     f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms; "
+                                     f"{p['feedback']['accepted']} labels given"))
 
 
 def cmd_drift_check(args) -> Output:
@@ -220,6 +226,110 @@ def cmd_healthcheck(args) -> Output:
 
     return Output({"healthy": healthy, "results": [r.to_dict() for r in results],
                    "textfile": str(textfile)}, human, exit_code=0 if healthy else 1)
+
+
+def _portable(settings: Settings) -> Settings:
+    """The settings with absolute paths, for processes that run elsewhere (actors, jobs)."""
+    from training.registry import Registry
+
+    out = settings.model_copy(deep=True)
+    out.data_dir = settings.data_dir.resolve()
+    out.registry.tracking_uri = Registry(settings.registry, settings.data_dir).tracking_uri
+    return out
+
+
+def _controller_actor(settings: Settings, model: str, start: bool = False):
+    """The model's controller actor on the running cluster (started with `start`), or None."""
+    import ray
+
+    from cluster.controller import ACTOR_NAMESPACE, ControllerActor, actor_name
+
+    if not runtime.join(settings.ray):
+        if start:
+            raise LLMOpsError("no Ray cluster is running (start the platform with `llmops up`)")
+        return None
+    if start:
+        return ray.remote(ControllerActor).options(
+            name=actor_name(model), namespace=ACTOR_NAMESPACE, lifetime="detached",
+            get_if_exists=True, num_cpus=0, max_restarts=-1).remote(
+            _portable(settings).model_dump_json(), model)
+    try:
+        return ray.get_actor(actor_name(model), namespace=ACTOR_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def _control(settings: Settings, model: str, method: str, *args) -> dict | list:
+    """A controller method, on the model's actor when one runs (so it never races the loop),
+    else here."""
+    import ray
+
+    from cluster.controller import Controller, Refused
+    from cluster.state import ControllerState
+
+    actor = _controller_actor(settings, model)
+    if actor is None:
+        result = getattr(Controller(settings, model, _registry(settings)), method)(*args)
+        return result.model_dump() if isinstance(result, ControllerState) else result
+    result = ray.get(actor.call.remote(method, *args))
+    if isinstance(result, dict) and "refused" in result:
+        raise Refused(result["refused"])
+    return result
+
+
+def _format_state(p: dict) -> str:
+    since = time.strftime("%H:%M:%S", time.localtime(p["since"]))
+    line = (f"{p['model']}: {p['state']} since {since}; champion v{p['champion']}"
+            + (f", challenger v{p['challenger']}" if p.get("challenger") else ""))
+    waiting = p.get("detail", {}).get("waiting")
+    return line + (f" (waiting: {waiting})" if waiting else "")
+
+
+def _format_events(events: list[dict]) -> list[str]:
+    return [f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} {e['from']} -> {e['to']}: "
+            f"{e['reason']}" for e in events]
+
+
+def cmd_controller(args) -> Output:
+    from cluster.controller import ACTOR_NAMESPACE
+
+    settings = _settings(args)
+    models = args.models or settings.controller.models
+    out = {}
+    for model in models:
+        if args.action == "start":
+            _controller_actor(settings, model, start=True)
+        elif args.action == "stop":
+            import ray
+
+            actor = _controller_actor(settings, model)
+            if actor is not None:
+                ray.get(actor.stop.remote())
+                ray.kill(actor)
+        elif args.action == "step":
+            _control(settings, model, "step")
+        running = _controller_actor(settings, model) is not None
+        out[model] = {"running": running, "namespace": ACTOR_NAMESPACE,
+                      "state": _control(settings, model, "state"),
+                      "events": _control(settings, model, "events")[-args.events:]}
+
+    def human(payload: dict) -> str:
+        lines = []
+        for p in payload.values():
+            lines.append(_format_state(p["state"]) + ("" if p["running"] else
+                                                      "  [controller not running]"))
+            lines += _format_events(p["events"])
+        return "\n".join(lines)
+
+    return Output(out, human)
+
+
+def _manual(method: str, *args_of: str):
+    def command(args) -> Output:
+        settings = _settings(args)
+        state = _control(settings, args.model, method, *(getattr(args, a) for a in args_of))
+        return Output(state, _format_state)
+    return command
 
 
 def _serve_cluster(settings: Settings):
@@ -345,6 +455,12 @@ def cmd_serve_config(args) -> None:
     print(yaml.safe_dump(_generated_serve_config(settings, registry, gpus), sort_keys=False))
 
 
+def _tag(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmops", description=__doc__)
     _global_options(parser, None)
@@ -373,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--deepspeed-stage", type=int, choices=[0, 1, 2, 3])
     train.add_argument("--epochs", type=int)
     train.add_argument("--resume", metavar="RUN", help="continue a killed run from its checkpoint")
+    train.add_argument("--data", metavar="DIR", help="train on a saved TaskData folder (what the "
+                       "controller's retrain writes) instead of generated data")
+    train.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE",
+                       help="tag the MLflow run (repeatable)")
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=cmd_train)
 
@@ -424,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="share drawn from the scenario, the rest from base")
     traffic.add_argument("--seed", type=int, default=0)
     traffic.add_argument("--concurrency", type=int, default=8)
+    traffic.add_argument("--feedback", type=float, default=0.0, metavar="SHARE",
+                         help="share of answered requests to label with the true label")
     traffic.add_argument("--json", action="store_true")
     traffic.set_defaults(func=cmd_traffic)
 
@@ -436,6 +558,35 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--window", type=int, help="requests per window (default from settings)")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_drift_check)
+
+    ctl = sub.add_parser("controller", parents=[common],
+                         help="the closed loop per model: drift -> retrain -> gate -> canary -> "
+                         "promotion")
+    ctl.add_argument("action", choices=["start", "stop", "status", "step"],
+                     help="start/stop the detached controller actors on the cluster, show their "
+                     "state and transitions, or run one step here")
+    ctl.add_argument("models", nargs="*", help="default: controller.models in the settings")
+    ctl.add_argument("--events", type=int, default=10, help="transitions shown per model")
+    ctl.add_argument("--json", action="store_true")
+    ctl.set_defaults(func=cmd_controller)
+    promote = sub.add_parser("promote", parents=[common],
+                             help="make the challenger (or the canary) the champion now")
+    promote.add_argument("model")
+    promote.add_argument("--json", action="store_true")
+    promote.set_defaults(func=_manual("promote"))
+    rollback = sub.add_parser("rollback", parents=[common],
+                              help="end a canary, or make an earlier version the champion again")
+    rollback.add_argument("model")
+    rollback.add_argument("--to-version", type=int, help="default: the previous champion")
+    rollback.add_argument("--json", action="store_true")
+    rollback.set_defaults(func=_manual("rollback", "to_version"))
+    retrain = sub.add_parser("retrain", parents=[common],
+                             help="retrain on labelled recent traffic now, without waiting for "
+                             "drift (the gate and the canary still apply)")
+    retrain.add_argument("model")
+    retrain.add_argument("--now", action="store_true", required=True)
+    retrain.add_argument("--json", action="store_true")
+    retrain.set_defaults(func=_manual("retrain_now"))
 
     monitor = sub.add_parser("monitor", parents=[common],
                              help="check drift on a schedule and serve Prometheus metrics")

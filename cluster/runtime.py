@@ -51,6 +51,24 @@ def connect(config: RayConfig) -> None:
     _started_here = True
 
 
+def join(config: RayConfig) -> bool:
+    """Join the running cluster (the configured address, or the local head `llmops up`
+    started) without starting one; False when none answers."""
+    import ray
+
+    global _started_here
+    apply_platform_env()
+    if ray.is_initialized():
+        return True
+    try:
+        ray.init(address=config.address or "auto", logging_level="ERROR",
+                 runtime_env={"env_vars": dict(PLATFORM_ENV)})
+    except ConnectionError:
+        return False
+    _started_here = True
+    return True
+
+
 def disconnect() -> None:
     """Undo `connect` (a local head it started stops); a Ray the caller started stays up."""
     import ray

@@ -41,6 +41,37 @@ class RayConfig(BaseModel):
     metrics_export_port: int = Field(8080, ge=1, le=65535)
 
 
+class CanaryPolicy(BaseModel):
+    """When a canary challenger may be promoted: after `min_requests` answered by it, with its
+    error rate, latency, confidence and (given enough labels) feedback accuracy no worse than
+    the champion's over the same period by more than these allowances."""
+
+    model_config = ConfigDict(extra="forbid")
+    fraction: float = Field(0.2, gt=0, le=1, description="share of request ids it answers")
+    shadow: bool = Field(False, description="mirror requests instead of answering them")
+    min_requests: int = Field(150, ge=1)
+    max_error_rate_increase: float = Field(0.01, ge=0, le=1)
+    max_latency_ratio: float = Field(1.5, ge=1, description="challenger p50 / champion p50")
+    max_confidence_drop: float = Field(0.05, ge=0, le=1)
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1, description="on feedback labels, once "
+                                     "both sides have 30")
+    timeout_s: float = Field(3600, gt=0, description="not enough traffic by then: roll back")
+
+
+class ControllerConfig(BaseModel):
+    """The closed loop per monitored model: drift -> retrain -> gate -> canary -> promotion."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[str] = Field(default_factory=lambda: ["support-router"])
+    store: str | None = Field(None, description="state and events; empty: <data_dir>/controller")
+    interval_s: float = Field(10.0, gt=0, description="seconds between steps")
+    cooldown_s: float = Field(3600.0, ge=0, description="after a retrain ends, before the next")
+    max_retrains_per_day: int = Field(3, ge=0)
+    recent_rows: int = Field(5000, ge=10, description="newest logged requests searched for "
+                             "feedback labels when retraining")
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
+
+
 class Settings(BaseModel):
     """Every setting of the platform, validated once at the edge."""
 
@@ -52,6 +83,7 @@ class Settings(BaseModel):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
 
     @property
     def storage_path(self) -> Path:
@@ -62,6 +94,10 @@ class Settings(BaseModel):
     def log_uri(self) -> str:
         """The inference and feedback logs: `monitoring.log.uri`, or under the data dir."""
         return self.monitoring.log.uri or str(self.data_dir.resolve() / "inference_log")
+
+    @property
+    def controller_uri(self) -> str:
+        return self.controller.store or str(self.data_dir.resolve() / "controller")
 
     @property
     def metrics_dir(self) -> Path:

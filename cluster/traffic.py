@@ -17,38 +17,69 @@ TARGETS = {"support": ("support-tickets", "/route"), "moderation": ("moderation"
 
 
 def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed: int,
-         fraction: float, concurrency: int) -> dict:
-    """Send `n` generated texts; the report counts answers by status code and gives latency."""
+         fraction: float, concurrency: int, feedback: float = 0.0,
+         feedback_prefix: str = "/v1/feedback") -> dict:
+    """Send `n` generated texts; the report counts answers by status code and gives latency.
+    A seeded `feedback` share of the answered requests then gets its true label through the
+    feedback application, as human review would (the labels retraining learns from)."""
     import httpx
 
     if app not in TARGETS:
         raise LLMOpsError(f"traffic goes to one of {sorted(TARGETS)}, not {app!r}")
     if concurrency < 1:
         raise LLMOpsError(f"--concurrency must be at least 1, got {concurrency}")
+    if not 0.0 <= feedback <= 1.0:
+        raise LLMOpsError(f"--feedback is a share between 0 and 1, got {feedback}")
     dataset, path = TARGETS[app]
-    texts = list(generate(dataset, scenario, n, seed, fraction).text)
+    rows = generate(dataset, scenario, n, seed, fraction)
+    ids = [f"traffic-{scenario}-{seed}-{time.time_ns()}-{i}" for i in range(n)]
     url = base_url + route_prefix.rstrip("/") + path
     with httpx.Client(timeout=60) as client:
         try:
-            client.post(url, json={"text": texts[0]})
+            client.post(url, json={"text": rows.text.iloc[0]})
         except httpx.HTTPError as exc:
             raise LLMOpsError(f"nothing answers at {url} (start it with `llmops up`)") from exc
 
-        def one(text: str) -> tuple[int, float]:
+        def one(i: int) -> tuple[int, float]:
             started = time.perf_counter()
             try:
-                code = client.post(url, json={"text": text}).status_code
+                code = client.post(url, json={"text": rows.text.iloc[i]},
+                                   headers={"X-Request-ID": ids[i]}).status_code
             except httpx.HTTPError:
                 code = 0
             return code, time.perf_counter() - started
 
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            results = list(pool.map(one, texts))
-    seconds = time.perf_counter() - started
-    codes = [c for c, _ in results]
+            results = list(pool.map(one, range(n)))
+        seconds = time.perf_counter() - started
+        codes = [c for c, _ in results]
+        chosen = np.random.default_rng(seed).random(n) < feedback
+        labelled = [i for i in range(n) if chosen[i] and codes[i] == 200]
+        accepted = _feedback(client, base_url + feedback_prefix.rstrip("/") + "/",
+                             [(ids[i], rows.label.iloc[i]) for i in labelled])
     latency = np.array([t for _, t in results]) * 1000
     return {"url": url, "scenario": scenario, "fraction": fraction, "requests": n,
             "ok": codes.count(200), "failed": n - codes.count(200),
             "rps": round(n / seconds, 1), "p50_ms": round(float(np.percentile(latency, 50)), 1),
-            "p99_ms": round(float(np.percentile(latency, 99)), 1)}
+            "p99_ms": round(float(np.percentile(latency, 99)), 1),
+            "feedback": {"sent": len(labelled), "accepted": accepted}}
+
+
+def _feedback(client, url: str, labels: list[tuple[str, str]], wait_s: float = 30.0) -> int:
+    """POST each label; a 404 means the answer is not in the log yet (it is written every
+    flush interval), so those are retried until `wait_s` has passed."""
+    pending, accepted = list(labels), 0
+    deadline = time.monotonic() + wait_s
+    while pending and time.monotonic() < deadline:
+        retry = []
+        for request_id, label in pending:
+            code = client.post(url, json={"request_id": request_id, "label": label}).status_code
+            if code == 201:
+                accepted += 1
+            elif code == 404:
+                retry.append((request_id, label))
+        pending = retry
+        if pending:
+            time.sleep(0.5)
+    return accepted

@@ -22,6 +22,8 @@ class LogConfig(_Strict):
     flush_interval_s: float = Field(1.0, gt=0, le=3600)
     max_buffered: int = Field(2000, ge=1, description="records a replica holds before the "
                               "request that fills the buffer waits for a write (bounded memory)")
+    keep_text: bool = Field(True, description="keep each text, PII redacted (retraining on "
+                            "feedback labels needs it); false keeps only the drift features")
 
 
 class DriftThresholds(_Strict):

@@ -38,6 +38,7 @@ INFERENCE_SCHEMA = pa.schema([
     *[(d, pa.float32()) for d in DESCRIPTORS],
     ("embedding", pa.list_(pa.float32())), ("prediction", pa.string()),
     ("confidence", pa.float32()), ("latency_ms", pa.float32()), ("outcome", pa.string()),
+    ("text", pa.string()),
 ])
 FEEDBACK_SCHEMA = pa.schema([
     ("request_id", pa.string()), ("item", pa.int32()), ("label", pa.string()),

@@ -147,11 +147,12 @@ class ChatPipeline:
         await self._record(rid, text, {**first, "finish_reason": "stop"}, started)
 
     async def _record(self, rid: str, text: str, out: dict, started: float) -> None:
-        """The log keeps the prompt's descriptors and how the answer ended, not the text."""
+        """The log keeps the prompt (redacted), its descriptors and how the answer ended."""
         decision = {"model": out.get("model"), "label": out.get("finish_reason"),
                     "confidence": out.get("confidence"),
                     "features": descriptors(text, out.get("prompt_tokens", 0))}
-        await self.log.record(rid, [decision], [{"generator": out.get("model") or {}}], started)
+        await self.log.record(rid, [text], [decision], [{"generator": out.get("model") or {}}],
+                              started)
 
     async def __del__(self) -> None:
         """Serve calls this on a graceful shutdown: nothing buffered is lost."""

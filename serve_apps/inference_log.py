@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from monitoring.log import INFERENCE, SegmentWriter, now
 from serve_apps import metrics
+from serve_apps.pii import redact
 from training.features import DESCRIPTORS
 
 DEFAULT_TENANT = "default"
@@ -22,11 +23,13 @@ class InferenceLog:
         self.application = application
         self.writer = SegmentWriter.from_settings(settings, INFERENCE) if settings else None
 
-    async def record(self, request_id: str, decisions: list[dict], stages: list[Mapping],
-                     started: float, outcome: str = "ok", tenant: str = DEFAULT_TENANT) -> None:
+    async def record(self, request_id: str, texts: Sequence[str], decisions: list[dict],
+                     stages: list[Mapping], started: float, outcome: str = "ok",
+                     tenant: str = DEFAULT_TENANT) -> None:
         """One record per text: `decisions[i]` is the stage output the drift checks watch (its
         model, prediction, confidence, features), `stages[i]` every stage's model; `started`
-        is the request's `time.perf_counter()` at arrival."""
+        is the request's `time.perf_counter()` at arrival. Texts are kept PII-redacted, or not
+        at all (`keep_text: false`)."""
         seconds = time.perf_counter() - started
         for d in decisions:
             model = d.get("model") or {}
@@ -36,18 +39,20 @@ class InferenceLog:
         if self.writer is None:
             return
         ts, latency = now(), seconds * 1000
+        kept = [redact(t).text if self.writer.config.keep_text else None for t in texts]
         await self.writer.append([
-            _row(request_id, i, ts, tenant, self.application, d, s, latency, outcome)
-            for i, (d, s) in enumerate(zip(decisions, stages))])
+            {**_row(request_id, i, ts, tenant, self.application, d, s, latency, outcome),
+             "text": text} for i, (d, s, text) in enumerate(zip(decisions, stages, kept))])
 
     @contextlib.asynccontextmanager
-    async def on_failure(self, request_id: str, texts: int, started: float):
+    async def on_failure(self, request_id: str, texts: Sequence[str], started: float):
         """Around a request's work after validation: if it raises, its texts are logged with
         outcome `error` and the exception goes on."""
         try:
             yield
         except Exception:
-            await self.record(request_id, [{}] * texts, [{}] * texts, started, outcome="error")
+            empty = [{}] * len(texts)
+            await self.record(request_id, texts, empty, empty, started, outcome="error")
             raise
 
     async def close(self) -> None:

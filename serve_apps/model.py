@@ -8,9 +8,11 @@ produced it even if the alias moves meanwhile.
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,20 +83,32 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _one_at_a_time(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 @dataclass
 class LoadedModel:
-    """A model in memory with its tokenizer and metadata, ready for batches."""
+    """A model in memory with its tokenizer and metadata, ready for batches. Calls take turns:
+    a fast tokenizer keeps its padding and truncation settings as state, so two batches
+    tokenized at once in different threads can garble each other."""
 
     identity: ModelIdentity
     model: torch.nn.Module
     tokenizer: object
     meta: dict
     precision: str = "fp32"
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
         return self.meta["kind"]
 
+    @_one_at_a_time
     def classify(self, texts: Sequence[str]) -> list[dict]:
         """Label, confidence and scores per text, and its drift features (descriptors and the
         projected embedding: what the inference log keeps instead of the text)."""
@@ -109,6 +123,7 @@ class LoadedModel:
                  "features": features}
                 for p, features in zip(out.probs, input_features(texts, out))]
 
+    @_one_at_a_time
     def generate(self, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
                  stop: Sequence[str]) -> list[dict]:
         from training.models import generate_text
@@ -125,6 +140,7 @@ class LoadedModel:
                             "completion_tokens": self.count_tokens(out)})
         return results
 
+    @_one_at_a_time
     def stream(self, text: str, max_new_tokens: int, temperature: float, seed: int,
                stop: Sequence[str]) -> Iterator[str]:
         """Pieces of `generate`'s answer as they appear; joined they equal its text."""
@@ -133,6 +149,7 @@ class LoadedModel:
         return until_stop(stream_text(self.model, self.tokenizer, text, max_new_tokens,
                                       temperature, seed), stop)
 
+    @_one_at_a_time
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -142,6 +159,7 @@ class LoadedModel:
 
         return self.count_tokens(PROMPT.format(text=text))
 
+    @_one_at_a_time
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2's recipe)."""

@@ -60,11 +60,11 @@ class ModerationPipeline:
         texts = request_texts(request, self.limits)
         rid = new_request_id(request_id)
         started = time.perf_counter()
-        async with self.log.on_failure(rid, len(texts), started):
+        async with self.log.on_failure(rid, texts, started):
             verdicts = await asyncio.gather(*(self._classify(Item(t, rid)) for t in texts))
             results = await asyncio.gather(*(self._finish(t, v, rid)
                                              for t, v in zip(texts, verdicts)))
-        await self.log.record(rid, verdicts, [r.models for r in results], started)
+        await self.log.record(rid, texts, verdicts, [r.models for r in results], started)
         for r in results:
             metrics.guardrail_action(r.action)
         return ModerateResponse(request_id=rid, results=results)

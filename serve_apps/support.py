@@ -90,11 +90,11 @@ class SupportPipeline:
         texts = request_texts(request, self.limits)
         rid = new_request_id(request_id)
         started = time.perf_counter()
-        async with self.log.on_failure(rid, len(texts), started):
+        async with self.log.on_failure(rid, texts, started):
             pairs = await asyncio.gather(*(self._route_and_reply(Item(t, rid)) for t in texts))
         results = [result for result, _ in pairs]
-        await self.log.record(rid, [route for _, route in pairs], [r.models for r in results],
-                              started)
+        await self.log.record(rid, texts, [route for _, route in pairs],
+                              [r.models for r in results], started)
         return RouteResponse(request_id=rid, results=results)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)

@@ -27,7 +27,7 @@ def test_two_worker_zero2_finetune_registers_champion_then_challenger(ray_sessio
     assert (first.model, first.version, first.alias) == ("support-router", 1, "champion")
     assert [h["epoch"] for h in first.history] == [1, 2]
     assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
-    assert set(first.metrics) == {"base", "new-product"}
+    assert set(first.metrics) == {"base", "new-product", "golden"}  # holdouts + the golden set
     assert {"accuracy", "macro_f1", "ece", "f1_billing"} <= set(first.metrics["base"])
 
     # Loading by alias predicts bit-identically to the consolidated trained weights.

@@ -88,6 +88,29 @@ def _default_tasks() -> dict[str, TaskConfig]:
     }
 
 
+class RetrainConfig(_Strict):
+    """What a retrain on drift learns from: labelled recent traffic plus a replay sample of the
+    champion's own training rows (against forgetting)."""
+
+    min_labelled: int = Field(60, ge=10, description="labelled recent requests a retrain needs")
+    recent_holdout_share: float = Field(0.3, gt=0, lt=1, description="of the labelled recent "
+                                        "requests, held out for the evaluation gate")
+    recent_repeats: int = Field(2, ge=1, le=20, description="times each labelled recent row is "
+                                "repeated in the training set")
+    replay_rows: int = Field(1200, ge=0, description="rows of the champion's training data mixed in")
+    validation_rows: int = Field(200, ge=16, description="held out of the mix for early stopping "
+                                 "and the new version's drift reference")
+
+
+class GateConfig(_Strict):
+    """Promote a challenger only if it beats the champion on recent labelled traffic by
+    `margin` and loses no more than `tolerance` on the original holdout (the golden set)."""
+
+    metric: Literal["accuracy", "macro_f1"] = "macro_f1"
+    margin: float = Field(0.02, ge=0, le=1)
+    tolerance: float = Field(0.02, ge=0, le=1)
+
+
 class TrainingConfig(_Strict):
     """How fine-tunes run: workers, DeepSpeed, seed, and the tasks that can be trained."""
 
@@ -98,6 +121,8 @@ class TrainingConfig(_Strict):
     max_failures: int = Field(2, ge=0)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tasks: dict[str, TaskConfig] = Field(default_factory=_default_tasks)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -34,6 +34,26 @@ class TaskData:
     holdouts: dict[str, pd.DataFrame]
     scenario: str = "base"
 
+    def save(self, folder: Path) -> Path:
+        """As Parquet files (what a retrain job reads back with `load`)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, df in {"train": self.train, "validation": self.validation,
+                         **{f"holdout-{h}": df for h, df in self.holdouts.items()}}.items():
+            df.to_parquet(folder / f"{name}.parquet", index=False)
+        (folder / "scenario").write_text(self.scenario)
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> TaskData:
+        folder = Path(folder)
+        if not (folder / "train.parquet").is_file():
+            raise InvalidData(f"{folder} holds no train.parquet (see TaskData.save)")
+        return cls(train=pd.read_parquet(folder / "train.parquet"),
+                   validation=pd.read_parquet(folder / "validation.parquet"),
+                   holdouts={p.stem.removeprefix("holdout-"): pd.read_parquet(p)
+                             for p in sorted(folder.glob("holdout-*.parquet"))},
+                   scenario=(folder / "scenario").read_text().strip())
+
 
 @dataclass
 class JobResult:
@@ -103,8 +123,9 @@ def make_spec(config: TrainingConfig, registry: Registry, task: str, data: TaskD
     """Check the data and describe the fine-tune for the workers."""
     tc = task_config(config, task)
     labels = validate_data(tc, data)
-    tokenizer = load_tokenizer(tc.model, tc.kind, corpus=[
-        PROMPT.format(text=t) + " " + r for t, r in zip(data.train.text, data.train.rewrite)])
+    corpus = [PROMPT.format(text=t) + " " + r for t, r in zip(data.train.text, data.train.rewrite)
+              ] if tc.kind == "causal-lm" else []  # a scratch LM's tokenizer is trained on it
+    tokenizer = load_tokenizer(tc.model, tc.kind, corpus=corpus)
     return FinetuneSpec(
         kind=tc.kind, model=tc.model, tokenizer=tokenizer, labels=labels,
         train_inputs=list(data.train.text), train_targets=_targets(tc, data.train, labels),

@@ -276,7 +276,8 @@ def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_n
 def stream_text(model: PreTrainedModel, tokenizer, text: str, max_new_tokens: int = 48,
                 temperature: float = 0.0, seed: int = 0) -> Iterator[str]:
     """The rewrite of one text, piece by piece as tokens are generated (same output as
-    `generate_text` for the same seed)."""
+    `generate_text` for the same seed). The prompt is tokenized and generation started before
+    this returns (in the caller's thread), the pieces come as they are ready."""
     from transformers import TextIteratorStreamer
 
     enc, kw = _prompt_inputs(model, tokenizer, [text], max_new_tokens)
@@ -289,5 +290,9 @@ def stream_text(model: PreTrainedModel, tokenizer, text: str, max_new_tokens: in
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    yield from streamer
-    worker.join()
+
+    def pieces() -> Iterator[str]:
+        yield from streamer
+        worker.join()
+
+    return pieces()

@@ -155,14 +155,16 @@ class Registry:
                 name="model", python_model=TaskModel(), artifacts={"hf": str(record.model_dir)},
                 signature=signature, input_example=record.input_example,
                 pip_requirements=_requirements(), metadata={"llmops": sample.meta})
-        return self._register(record.task, info.model_uri, run.info.run_id)
+        return self._register(record.task, info.model_uri, run.info.run_id, {
+            k: v for k, v in record.tags.items() if k.startswith("llmops.")})
 
-    def _register(self, name: str, model_uri: str, run_id: str) -> RegisteredVersion:
+    def _register(self, name: str, model_uri: str, run_id: str,
+                  tags: dict | None = None) -> RegisteredVersion:
         import mlflow
 
         client = self.client
         first = not client.search_model_versions(f"name='{name}'", max_results=1)
-        mv = mlflow.register_model(model_uri, name, tags={"llmops.run_id": run_id})
+        mv = mlflow.register_model(model_uri, name, tags={"llmops.run_id": run_id, **(tags or {})})
         alias = CHAMPION if first else CHALLENGER
         try:
             client.set_registered_model_alias(name, alias, mv.version)
@@ -199,6 +201,32 @@ class Registry:
             run_id=self._version(name, version).run_id, artifact_path=f"data/{file}",
             tracking_uri=self.tracking_uri)
         return pd.read_parquet(path)
+
+    def find_version(self, name: str, tag: str, value: str) -> int | None:
+        """The version of `name` carrying model-version tag `tag` = `value` (None: none yet)."""
+        found = self.client.search_model_versions(f"name='{name}' and tags.`{tag}` = '{value}'")
+        return max((int(v.version) for v in found), default=None)
+
+    def tag_version(self, name: str, version: int, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, str(version), key, value)
+
+    def alias_version(self, name: str, alias: str) -> int | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return int(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: int | None) -> None:
+        """Point `alias` at `version` (None removes it)."""
+        if version is None:
+            if self.alias_version(name, alias) is not None:
+                self.client.delete_registered_model_alias(name, alias)
+        else:
+            self.client.set_registered_model_alias(name, alias, str(self._version(name, version)
+                                                                    .version))
 
     def load_model(self, name: str, version: str):
         """The registered version as its `TaskModel` (loaded through MLflow, as any client)."""

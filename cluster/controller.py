@@ -1,0 +1,434 @@
+"""The closed loop for one model: a durable state machine
+
+    serving -> drift_suspected -> retraining -> evaluating -> canary -> promoting -> serving
+                                      |             |            |
+                                      +-> rejected  +-> rejected +-> rolled_back -> serving
+
+`step()` looks at the world (the drift policy, the retrain's Ray job, the gate, the canary's
+traffic in the inference log) and makes at most one transition. Every transition is appended to
+the event log, recorded on the MLflow model version it concerns, and saved as the new state
+(`cluster/state.py`) before anything else happens, and every action a state performs is
+idempotent (a Ray job submitted under the retrain's id, an alias set, a swap to a pinned
+version), so a controller killed anywhere and started again finishes or cleanly abandons the
+step it was in.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from cluster.settings import CanaryPolicy, Settings
+from cluster.state import BUSY, ControllerState, StateStore
+from training.errors import LLMOpsError
+from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
+
+log = logging.getLogger(__name__)
+DAY_S = 86400.0
+MIN_LABELS = 30  # feedback labels each side of a canary needs before accuracy counts
+PREVIOUS = "previous"  # alias of the champion before the last promotion (what rollback restores)
+
+
+class Refused(LLMOpsError):
+    """A manual command that cannot apply now; nothing was changed."""
+
+    exit_code = 2
+
+
+def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | None, str, dict]:
+    """Champion against challenger over the same period (log rows with `variant`, `outcome`,
+    `latency_ms`, `confidence` and maybe `label`): None while the challenger has answered fewer
+    than `min_requests`, else whether it may be promoted and why."""
+    stats = {}
+    for side in ("champion", "challenger"):
+        part = rows[rows.variant == side]
+        ok = part[part.outcome == "ok"]
+        labelled = ok[ok.label.notna()] if "label" in ok else ok.iloc[:0]
+        stats[side] = {
+            "requests": len(part),
+            "error_rate": float((part.outcome != "ok").mean()) if len(part) else 0.0,
+            "latency_p50_ms": float(ok.latency_ms.median()) if len(ok) else 0.0,
+            "confidence": float(ok.confidence.mean()) if len(ok) else 0.0,
+            "labelled": len(labelled),
+            "accuracy": float((labelled.prediction == labelled.label).mean())
+            if len(labelled) else None}
+    ch, cc = stats["champion"], stats["challenger"]
+    if cc["requests"] < policy.min_requests or ch["requests"] == 0:
+        return None, f"challenger answered {cc['requests']} of {policy.min_requests}", stats
+    failures = []
+    if cc["error_rate"] > ch["error_rate"] + policy.max_error_rate_increase:
+        failures.append(f"error rate {cc['error_rate']:.3f} vs {ch['error_rate']:.3f}")
+    if cc["latency_p50_ms"] > ch["latency_p50_ms"] * policy.max_latency_ratio:
+        failures.append(f"p50 latency {cc['latency_p50_ms']:.0f} ms vs {ch['latency_p50_ms']:.0f}")
+    if cc["confidence"] < ch["confidence"] - policy.max_confidence_drop:
+        failures.append(f"confidence {cc['confidence']:.3f} vs {ch['confidence']:.3f}")
+    if min(cc["labelled"], ch["labelled"]) >= MIN_LABELS and \
+            cc["accuracy"] < ch["accuracy"] - policy.max_accuracy_drop:
+        failures.append(f"feedback accuracy {cc['accuracy']:.3f} vs {ch['accuracy']:.3f}")
+    if failures:
+        return False, "worse than the champion: " + "; ".join(failures), stats
+    return True, (f"no worse than the champion over {cc['requests']} requests (error rate "
+                  f"{cc['error_rate']:.3f}, p50 {cc['latency_p50_ms']:.0f} ms, confidence "
+                  f"{cc['confidence']:.3f})"), stats
+
+
+class Controller:
+    """The loop for `model`. Serving is reached through Serve's REST API on the cluster's
+    dashboard; retrains run as Ray jobs submitted there."""
+
+    def __init__(self, settings: Settings, model: str, registry: Registry | None = None):
+        self.settings, self.model = settings, model
+        self.registry = registry or Registry(settings.registry, settings.data_dir)
+        self.store = StateStore(settings.controller_uri)
+        self.work = Path(settings.data_dir).resolve() / "retrain"
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state(self) -> ControllerState:
+        state = self.store.load(self.model)
+        if state is None:
+            state = ControllerState(model=self.model,
+                                    champion=self.registry.alias_version(self.model, CHAMPION))
+            self.store.save(state)
+        return state
+
+    def events(self) -> list[dict]:
+        return self.store.events(self.model)
+
+    def _to(self, state: ControllerState, new: str, reason: str, **changes) -> ControllerState:
+        """One transition: the event, the tag on the model version it concerns, the state."""
+        now = time.time()
+        event = {"ts": now, "model": self.model, "from": state.state, "to": new,
+                 "reason": reason, "champion": changes.get("champion", state.champion),
+                 "challenger": changes.get("challenger", state.challenger),
+                 "retrain_id": changes.get("retrain_id", state.retrain_id)}
+        self.store.append_event(event)
+        version = event["challenger"] or event["champion"]
+        if version is not None:
+            try:
+                self.registry.tag_version(self.model, version, {
+                    "llmops.state": new, f"llmops.transition.{int(now * 1000)}":
+                    f"{state.state} -> {new}: {reason}"[:5000]})
+            except Exception:  # the event log and the state still hold the decision
+                log.exception("could not tag %s v%s", self.model, version)
+        new_state = state.model_copy(update={"state": new, "since": now, **changes})
+        self.store.save(new_state)
+        log.warning("%s: %s -> %s (%s)", self.model, state.state, new, reason)
+        return new_state
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> ControllerState:
+        state = self.state()
+        handler: Callable[[ControllerState], ControllerState] = getattr(self, f"_{state.state}")
+        return handler(state)
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        while not stop():
+            try:
+                self.step()
+            except Exception:
+                log.exception("%s: step failed; retrying", self.model)
+            time.sleep(self.settings.controller.interval_s)
+
+    def _serving(self, state: ControllerState) -> ControllerState:
+        from monitoring.drift import NotEnoughData, check_model
+
+        try:
+            decision = check_model(self.settings.log_uri, self.registry,
+                                   self.settings.monitoring.drift, self.model)
+        except NotEnoughData:
+            return state
+        if not decision.drift:
+            return state
+        return self._to(state, "drift_suspected",
+                        f"drift in {decision.drifted_windows} of the last "
+                        f"{len(decision.windows)} windows of v{decision.version}",
+                        trigger="drift", detail={"drift": decision.windows[-1].to_dict()
+                                                 | {"html": None}})
+
+    def _drift_suspected(self, state: ControllerState) -> ControllerState:
+        cfg = self.settings.controller
+        now = time.time()
+        today = [t for t in state.retrain_started if now - t < DAY_S]
+        if len(today) >= cfg.max_retrains_per_day:
+            return self._hold(state, f"budget: {len(today)} retrains in the last 24 h")
+        if state.retrain_finished and now - state.retrain_finished < cfg.cooldown_s:
+            until = time.localtime(state.retrain_finished + cfg.cooldown_s)
+            return self._hold(state, f"cooldown until {time.strftime('%H:%M:%S', until)}")
+        return self._start_retrain(state, "drift")
+
+    def _hold(self, state: ControllerState, why: str) -> ControllerState:
+        """Stay, saying why (saved once, not an event per step)."""
+        if state.detail.get("waiting") != why:
+            state = state.model_copy(update={"detail": {**state.detail, "waiting": why}})
+            self.store.save(state)
+        return state
+
+    def _start_retrain(self, state: ControllerState, trigger: str) -> ControllerState:
+        """Assemble the training set, then hand over to `retraining` (which submits the job)."""
+        from monitoring.log import FEEDBACK, read, with_feedback
+        from training.errors import InvalidData
+        from training.retrain import retraining_data
+
+        champion = self.registry.alias_version(self.model, CHAMPION)
+        recent = with_feedback(read(self.settings.log_uri, model=self.model, outcome="ok",
+                                    last=None).tail(self.settings.controller.recent_rows),
+                               read(self.settings.log_uri, FEEDBACK))
+        try:
+            data = retraining_data(recent, self.registry.run_data(self.model, champion,
+                                                                  REFERENCE_FILE),
+                                   self.registry.run_data(self.model, champion, GOLDEN_FILE),
+                                   self.settings.training.retrain, self.settings.training.seed)
+        except InvalidData as exc:
+            return self._hold(state, str(exc))
+        retrain_id = f"retrain-{self.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        data.save(self.work / retrain_id / "data")
+        return self._to(state, "retraining",
+                        f"{trigger}: fine-tune on {len(data.train)} rows "
+                        f"({len(data.holdouts['recent'])} recent labelled held out)",
+                        trigger=trigger, champion=champion, challenger=None,
+                        retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
+                        detail={})
+
+    # retraining: the fine-tune runs as a Ray job named by the retrain id --------------------------
+
+    def _job_client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.settings.dashboard_address)
+
+    def _submit(self, state: ControllerState) -> None:
+        folder = self.work / state.retrain_id
+        settings = self.settings.model_copy(deep=True)
+        settings.ray.address = "auto"  # the job's driver joins the cluster it runs on
+        settings.registry.tracking_uri = self.registry.tracking_uri
+        settings.data_dir = Path(self.settings.data_dir).resolve()
+        tasks = dict(settings.training.tasks)  # fine-tune the champion's weights, not a fresh model
+        task = tasks[self.model]
+        tasks[self.model] = task.model_copy(update={"model": task.model.model_copy(update={
+            "source": f"models:/{self.model}/{state.champion}", "architecture": {}})})
+        settings.training.tasks = tasks
+        (folder / "llmops.yaml").write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        # (no runtime_env: the command sets the platform's environment for its own driver)
+        self._job_client().submit_job(
+            submission_id=state.retrain_id,
+            entrypoint=(f"{sys.executable} -m cluster.cli train {self.model} --data "
+                        f"{folder / 'data'} --config {folder / 'llmops.yaml'} "
+                        f"--tag llmops.retrain_id={state.retrain_id} --json"))
+
+    def _retraining(self, state: ControllerState) -> ControllerState:
+        from ray.job_submission import JobStatus
+
+        version = self.registry.find_version(self.model, "llmops.retrain_id", state.retrain_id)
+        if version is not None:
+            return self._to(state, "evaluating", f"the retrain registered v{version}",
+                            challenger=version, retrain_finished=time.time())
+        client = self._job_client()
+        try:
+            status = client.get_job_status(state.retrain_id)
+        except RuntimeError:  # never submitted (a crash right after the transition): submit
+            self._submit(state)
+            return state
+        if status in (JobStatus.FAILED, JobStatus.STOPPED):
+            tail = client.get_job_logs(state.retrain_id).strip().splitlines()[-1:] or [""]
+            return self._to(state, "rejected", f"the retrain job {status.value.lower()}: "
+                            f"{tail[0][:300]}", retrain_finished=time.time())
+        if status == JobStatus.SUCCEEDED:  # succeeded, yet no version: registration failed
+            return self._to(state, "rejected", "the retrain job ended without a new version",
+                            retrain_finished=time.time())
+        return state
+
+    def _evaluating(self, state: ControllerState) -> ControllerState:
+        from training.job import TaskData
+        from training.retrain import evaluate_pair
+
+        holdouts = TaskData.load(self.work / state.retrain_id / "data").holdouts
+        gate = self.settings.training.gate
+        result = evaluate_pair(self.registry.load_model(self.model, state.champion),
+                               self.registry.load_model(self.model, state.challenger),
+                               holdouts, gate)
+        self.registry.tag_version(self.model, state.challenger, {
+            "llmops.gate": "accepted" if result.promote else "rejected",
+            "llmops.gate.reason": result.reason,
+            **{f"llmops.gate.{who}.{h}": str(v) for who, scores in
+               (("champion", result.champion), ("challenger", result.challenger))
+               for h, v in scores.items()}})
+        if not result.promote:
+            return self._to(state, "rejected", "gate: " + result.reason, detail={
+                "gate": result.to_dict()})
+        policy = self.settings.controller.canary
+        self._set_canary(state.challenger, policy)
+        return self._to(state, "canary", "gate: " + result.reason, canary_started=time.time(),
+                        detail={"gate": result.to_dict()})
+
+    # canary and promotion ------------------------------------------------------------------------
+
+    def _serve(self):
+        from serve_apps.deploy import ServeCluster
+
+        return ServeCluster(self.settings.dashboard_address)
+
+    def _set_canary(self, version: int | None, policy: CanaryPolicy | None = None) -> None:
+        """Serve `version` beside the champion (None ends any canary). Idempotent."""
+        from serve_apps.config import CanaryConfig
+        from serve_apps.deploy import set_canary
+        from serve_apps.model import UnknownModel
+
+        canary = None if version is None else CanaryConfig(
+            model=f"models:/{self.model}/{version}", fraction=policy.fraction,
+            shadow=policy.shadow)
+        try:
+            set_canary(self._serve(), self.model, self.registry.tracking_uri, canary)
+        except UnknownModel:
+            pass  # not deployed: the canary waits for traffic (`llmops up`) or its timeout
+
+    def _canary(self, state: ControllerState) -> ControllerState:
+        from monitoring.log import FEEDBACK, read, with_feedback
+
+        policy = self.settings.controller.canary
+        since = datetime.fromtimestamp(state.canary_started, UTC)
+        rows = with_feedback(read(self.settings.log_uri, model=self.model, since=since),
+                             read(self.settings.log_uri, FEEDBACK, since=since))
+        verdict, reason, stats = canary_verdict(rows, policy)
+        if verdict is None:
+            if time.time() - state.canary_started > policy.timeout_s:
+                return self._to(state, "rolled_back", f"canary timed out: {reason}",
+                                detail={**state.detail, "canary": stats})
+            return self._hold(state, reason)
+        return self._to(state, "promoting" if verdict else "rolled_back", "canary: " + reason,
+                        detail={**state.detail, "canary": stats})
+
+    def _promoting(self, state: ControllerState) -> ControllerState:
+        """Move the aliases, then hot-swap every replica to the new champion (which also ends
+        the canary). Both steps are idempotent: a restart repeats them."""
+        from serve_apps.deploy import swap
+        from serve_apps.model import UnknownModel
+
+        new, old = state.challenger, state.champion
+        if self.registry.alias_version(self.model, CHAMPION) != new:
+            self.registry.set_alias(self.model, PREVIOUS, old)
+            self.registry.set_alias(self.model, CHAMPION, new)
+        if self.registry.alias_version(self.model, CHALLENGER) == new:
+            self.registry.set_alias(self.model, CHALLENGER, None)
+        try:
+            swap(self._serve(), self.model, self.registry.tracking_uri, version=new)
+        except UnknownModel:
+            pass  # not deployed: the next `llmops up` serves the champion
+        return self._to(state, "serving", f"v{new} is the champion (was v{old})",
+                        champion=new, challenger=None, previous_champion=old,
+                        canary_started=None)
+
+    def _rejected(self, state: ControllerState) -> ControllerState:
+        """The challenger (if any) never served: drop its alias and any canary."""
+        return self._abandon(state, "the challenger was rejected")
+
+    def _rolled_back(self, state: ControllerState) -> ControllerState:
+        return self._abandon(state, "the canary ended; the champion serves everything")
+
+    def _abandon(self, state: ControllerState, reason: str) -> ControllerState:
+        self._set_canary(None)
+        if state.challenger is not None and \
+                self.registry.alias_version(self.model, CHALLENGER) == state.challenger:
+            self.registry.set_alias(self.model, CHALLENGER, None)
+        return self._to(state, "serving", reason, challenger=None, canary_started=None)
+
+    # manual commands (the same transitions, recorded the same way) ------------------------------
+
+    def retrain_now(self) -> ControllerState:
+        state = self.state()
+        if state.state in BUSY:
+            raise Refused(f"{self.model} is {state.state} (since "
+                          f"{time.strftime('%H:%M:%S', time.localtime(state.since))}); "
+                          f"wait for it to finish")
+        new = self._start_retrain(state, "manual")
+        if new.state != "retraining":
+            raise Refused(f"cannot retrain {self.model}: {new.detail.get('waiting')}")
+        return new
+
+    def promote(self) -> ControllerState:
+        state = self.state()
+        if state.state == "canary":
+            return self._promoting(self._to(state, "promoting", "manual promotion"))
+        challenger = self.registry.alias_version(self.model, CHALLENGER)
+        if state.state in BUSY or challenger is None:
+            raise Refused(f"{self.model} has no challenger to promote"
+                          + (f" ({state.state})" if state.state in BUSY else ""))
+        state = self._to(state, "promoting", f"manual promotion of v{challenger}",
+                         trigger="manual", challenger=challenger,
+                         champion=self.registry.alias_version(self.model, CHAMPION))
+        return self._promoting(state)
+
+    def rollback(self, to_version: int | None = None) -> ControllerState:
+        state = self.state()
+        if state.state == "canary" and to_version is None:
+            return self._rolled_back(self._to(state, "rolled_back", "manual rollback"))
+        if state.state in BUSY:
+            raise Refused(f"{self.model} is {state.state}; roll back when it is serving")
+        target = to_version if to_version is not None else \
+            self.registry.alias_version(self.model, PREVIOUS)
+        if target is None:
+            raise Refused(f"{self.model} has no previous champion; name one with --to-version")
+        known = [v["version"] for m in self.registry.models() if m["name"] == self.model
+                 for v in m["versions"]]
+        if target not in known:
+            raise Refused(f"{self.model} has no version {target} (versions: "
+                          f"{', '.join(map(str, known)) or 'none'})")
+        champion = self.registry.alias_version(self.model, CHAMPION)
+        if target == champion:
+            raise Refused(f"v{target} is already the champion of {self.model}")
+        state = self._to(state, "promoting", f"manual rollback to v{target}", trigger="manual",
+                         challenger=target, champion=champion)
+        return self._promoting(state)
+
+
+ACTOR_NAMESPACE = "llmops"
+
+
+def actor_name(model: str) -> str:
+    return f"controller-{model}"
+
+
+class ControllerActor:
+    """A controller as a detached Ray actor (visible in the Ray dashboard's Actors tab; Ray
+    restarts it if its process dies, and it resumes from the stored state). Manual commands
+    run on the actor between steps, never beside one."""
+
+    def __init__(self, settings_json: str, model: str):
+        import threading
+
+        self.controller = Controller(Settings.model_validate_json(settings_json), model)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        interval = self.controller.settings.controller.interval_s
+        while not self.stopping.wait(interval):
+            with self.lock:
+                try:
+                    self.controller.step()
+                except Exception:
+                    log.exception("%s: step failed; retrying", self.controller.model)
+
+    def call(self, method: str, *args):
+        """`step`, `state`, `events`, `promote`, `rollback` or `retrain_now` (a Refused error
+        comes back as its message, so the caller can raise it again)."""
+        with self.lock:
+            try:
+                result = getattr(self.controller, method)(*args)
+            except Refused as exc:
+                return {"refused": str(exc)}
+            return result.model_dump() if isinstance(result, ControllerState) else result
+
+    def stop(self) -> None:
+        self.stopping.set()

@@ -1,0 +1,74 @@
+"""The controller's durable state: one JSON document per model (replaced atomically, so a crash
+leaves the old or the new state, never half of one) and an append-only JSON-lines log of every
+transition, under `<data_dir>/controller/` or any fsspec URI (object storage on a cluster).
+
+The state names the step in progress and everything needed to finish or abandon it after a
+restart: the Ray job id of a retrain, the challenger version, when the canary started.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+State = Literal["serving", "drift_suspected", "retraining", "evaluating", "canary", "promoting",
+                "rejected", "rolled_back"]
+STATES: tuple[str, ...] = State.__args__
+# Steps that own the model: a retrain, a manual promotion or a rollback waits until they end.
+BUSY = ("retraining", "evaluating", "canary", "promoting")
+
+
+class ControllerState(BaseModel):
+    model: str
+    state: State = "serving"
+    since: float = Field(default_factory=time.time)
+    champion: int | None = None
+    challenger: int | None = None
+    previous_champion: int | None = None
+    retrain_id: str | None = None     # names the Ray job and tags the version it registers
+    retrain_started: list[float] = Field(default_factory=list)  # for the daily budget
+    retrain_finished: float | None = None  # for the cooldown
+    canary_started: float | None = None
+    trigger: str | None = None        # drift, manual
+    detail: dict = Field(default_factory=dict)  # the last decision (gate, canary verdict, error)
+
+
+class StateStore:
+    def __init__(self, uri: str):
+        import fsspec
+
+        self.fs, root = fsspec.core.url_to_fs(uri)
+        self.root = root.rstrip("/")
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def _path(self, model: str, suffix: str) -> str:
+        return f"{self.root}/{model}{suffix}"
+
+    def load(self, model: str) -> ControllerState | None:
+        path = self._path(model, ".json")
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as f:
+            return ControllerState.model_validate_json(f.read())
+
+    def save(self, state: ControllerState) -> None:
+        tmp = self._path(f".{state.model}.{uuid.uuid4().hex[:8]}", ".tmp")
+        with self.fs.open(tmp, "w") as f:
+            f.write(state.model_dump_json(indent=1))
+        self.fs.mv(tmp, self._path(state.model, ".json"))
+
+    def append_event(self, event: dict) -> None:
+        """One line per transition (fsspec appends where the filesystem can; local files do)."""
+        with self.fs.open(self._path(event["model"], ".events.jsonl"), "a") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+
+    def events(self, model: str) -> list[dict]:
+        path = self._path(model, ".events.jsonl")
+        if not self.fs.exists(path):
+            return []
+        with self.fs.open(path, "r") as f:
+            return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,197 @@
+"""The closed-loop controller against a real MLflow registry and the session's Ray: the gate, the
+canary verdict and the retraining set as functions; then the state machine resumed from stored
+states (a worse challenger rejected, manual promotion and rollback, refusals that change
+nothing) and a retrain that runs as a real Ray job (Ray Train + DeepSpeed) and registers a
+challenger."""
+
+import time
+
+import pandas as pd
+import pytest
+from conftest import register_quick, tiny_settings
+
+from cluster.controller import PREVIOUS, Controller, Refused, canary_verdict
+from cluster.settings import CanaryPolicy
+from cluster.state import ControllerState
+from monitoring.config import LogConfig
+from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
+from training.config import GateConfig, RetrainConfig
+from training.data import generate
+from training.errors import InvalidData
+from training.job import TaskData
+from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
+from training.retrain import ORIGINAL, RECENT, gate, retraining_data
+
+MODEL = "support-router"
+
+
+def test_gate_needs_a_gain_on_recent_traffic_and_no_loss_on_the_original():
+    cfg = GateConfig(margin=0.02, tolerance=0.02)
+    champion = {RECENT: 0.70, ORIGINAL: 0.90}
+    assert gate(champion, {RECENT: 0.80, ORIGINAL: 0.89}, cfg).promote
+    small = gate(champion, {RECENT: 0.71, ORIGINAL: 0.95}, cfg)
+    assert not small.promote and "below the margin" in small.reason
+    forgot = gate(champion, {RECENT: 0.95, ORIGINAL: 0.85}, cfg)
+    assert not forgot.promote and "over the tolerance" in forgot.reason
+    assert forgot.champion == champion and forgot.challenger[ORIGINAL] == 0.85
+
+
+def _rows(side: str, n: int, *, error: float = 0.0, latency: float = 10.0, confidence: float = 0.9,
+          right: float = 0.9, labelled: int = 0) -> pd.DataFrame:
+    """`n` log rows of one side; of the first `labelled`, a share `right` labelled as predicted."""
+    k_err, k_right = round(n * error), round(labelled * right)
+    return pd.DataFrame({
+        "variant": side, "outcome": ["ok"] * (n - k_err) + ["error"] * k_err,
+        "latency_ms": latency, "confidence": confidence, "prediction": "a",
+        "label": ["a"] * k_right + ["b"] * (labelled - k_right) + [None] * (n - labelled)})
+
+
+def test_canary_verdict_compares_the_challenger_with_the_champion_over_the_same_period():
+    policy = CanaryPolicy(min_requests=100)
+    champion = _rows("champion", 400, labelled=40)
+    verdict, reason, stats = canary_verdict(pd.concat([champion, _rows("challenger", 99)]), policy)
+    assert verdict is None and "99 of 100" in reason
+    same = pd.concat([champion, _rows("challenger", 100, labelled=40)])
+    assert canary_verdict(same, policy)[0] is True
+    for challenger, why in [(_rows("challenger", 100, error=0.05), "error rate"),
+                            (_rows("challenger", 100, latency=16.0), "p50 latency"),
+                            (_rows("challenger", 100, confidence=0.8), "confidence"),
+                            (_rows("challenger", 100, right=0.7, labelled=40), "feedback accuracy")]:
+        verdict, reason, _ = canary_verdict(pd.concat([champion, challenger]), policy)
+        assert verdict is False and why in reason, reason
+    # 20 labels are too few to judge accuracy by
+    few = canary_verdict(pd.concat([champion, _rows("challenger", 100, right=0.7, labelled=20)]),
+                         policy)
+    assert few[0] is True and few[2]["challenger"]["labelled"] == 20
+
+
+def test_retraining_set_mixes_labelled_recent_traffic_with_a_replay_sample(tmp_path):
+    recent = generate("support-tickets", "new-product", 120, seed=1)[["text", "label"]]
+    recent.loc[100:, "label"] = None  # answered, never labelled
+    reference = generate("support-tickets", "base", 2000, seed=2)
+    golden = generate("support-tickets", "base", 50, seed=3)
+    config = RetrainConfig(min_labelled=60, recent_holdout_share=0.3, recent_repeats=2,
+                           replay_rows=500, validation_rows=100)
+    data = retraining_data(recent, reference, golden, config)
+    assert len(data.holdouts[RECENT]) == 30 and data.holdouts[ORIGINAL].equals(
+        golden[["text", "label"]])
+    assert len(data.train) + len(data.validation) == 500 + 70 * 2 and len(data.validation) == 100
+    mix = pd.concat([data.train, data.validation])
+    assert not set(data.holdouts[RECENT].text) & set(mix.text)  # held out means held out
+    assert mix.text.isin(recent.text).sum() == 140 and mix.label.notna().all()
+    back = TaskData.load(data.save(tmp_path / "d"))
+    assert back.train.equals(data.train) and back.holdouts.keys() == data.holdouts.keys()
+    with pytest.raises(InvalidData, match="59 labelled recent requests"):
+        retraining_data(recent.iloc[:59], reference, golden, config)
+
+
+@pytest.fixture
+def loop(ray_session, tmp_path):
+    """A registry with a good champion (v1) and a worse challenger (v2) of the router, and
+    settings that reach the session's Ray dashboard (no Serve application runs)."""
+    settings = tiny_settings(tmp_path / "state")
+    settings.ray.dashboard_port = int(ray_session.dashboard.rsplit(":", 1)[1])
+    settings.training.workers = 1
+    settings.training.use_gpu = "no"  # the session's GPUs are logical ones
+    settings.training.retrain = RetrainConfig(min_labelled=40, replay_rows=192,
+                                              validation_rows=32)
+    registry = Registry(settings.registry, settings.data_dir)
+    register_quick(settings, registry, MODEL, epochs=8)
+    register_quick(settings, registry, MODEL, epochs=1, lr=1e-6)
+    return settings, registry, Controller(settings, MODEL, registry)
+
+
+def _served(settings, registry, scenario: str, n: int, labelled: int, version: int = 1) -> None:
+    """What serving writes for n requests answered by `version`: log records with the (redacted)
+    text, and feedback labels for the first `labelled`."""
+    model = registry.load_model(MODEL, version)
+    df = generate("support-tickets", scenario, n, seed=11)
+    out = model.predict(None, df[["text"]])
+    writer = SegmentWriter(settings.log_uri, INFERENCE, LogConfig())
+    ts = now()
+    writer.write_segment([
+        {"request_id": f"q{i}", "item": 0, "ts": ts, "tenant": "default", "application": "support",
+         "model": MODEL, "model_version": str(version), "variant": "champion",
+         "prediction": out.label[i], "confidence": float(out.confidence[i]), "latency_ms": 5.0,
+         "outcome": "ok", "text": df.text[i]} for i in range(n)])
+    SegmentWriter(settings.log_uri, FEEDBACK, LogConfig()).write_segment([
+        {"request_id": f"q{i}", "item": 0, "label": df.label[i], "ts": ts, "tenant": "default"}
+        for i in range(labelled)])
+
+
+def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):
+    settings, registry, controller = loop
+    _served(settings, registry, "new-product", 80, 80)
+    data = retraining_data(
+        pd.DataFrame({"text": generate("support-tickets", "new-product", 80, seed=11).text,
+                      "label": generate("support-tickets", "new-product", 80, seed=11).label}),
+        registry.run_data(MODEL, 1, REFERENCE_FILE), registry.run_data(MODEL, 1, GOLDEN_FILE),
+        settings.training.retrain)
+    data.save(controller.work / "r-worse" / "data")
+    # a controller that stopped after the retrain registered v2 resumes at the gate
+    controller.store.save(ControllerState(model=MODEL, state="evaluating", champion=1,
+                                          challenger=2, retrain_id="r-worse"))
+    state = controller.step()
+    assert state.state == "rejected" and "gate" in state.detail
+    assert state.detail["gate"]["challenger"][RECENT] < state.detail["gate"]["champion"][RECENT]
+    state = controller.step()
+    assert state.state == "serving" and state.champion == 1 and state.challenger is None
+    assert registry.alias_version(MODEL, CHAMPION) == 1
+    assert registry.alias_version(MODEL, CHALLENGER) is None  # never served
+    tags = registry.client.get_model_version(MODEL, "2").tags
+    assert tags["llmops.gate"] == "rejected" and "below the margin" in tags["llmops.gate.reason"]
+    assert [(e["from"], e["to"]) for e in controller.events()] == [
+        ("evaluating", "rejected"), ("rejected", "serving")]
+
+
+def test_manual_commands_refuse_what_cannot_apply_and_change_nothing(loop):
+    settings, registry, controller = loop
+    registry.set_alias(MODEL, CHALLENGER, None)
+    before = controller.state()
+    for call, message in [(controller.promote, "no challenger to promote"),
+                          (lambda: controller.rollback(99), "no version 99"),
+                          (controller.rollback, "no previous champion"),
+                          (lambda: controller.rollback(1), "already the champion"),
+                          (controller.retrain_now, "0 labelled recent requests")]:
+        with pytest.raises(Refused, match=message):
+            call()
+    controller.store.save(before.model_copy(update={"state": "retraining",
+                                                    "retrain_id": "r-running"}))
+    with pytest.raises(Refused, match="is retraining"):
+        controller.retrain_now()
+    with pytest.raises(Refused, match="has no challenger to promote .retraining."):
+        controller.promote()
+    assert controller.state().retrain_id == "r-running" and controller.events() == []
+    assert registry.alias_version(MODEL, CHAMPION) == 1
+
+
+def test_manual_promotion_then_rollback_move_the_champion_and_record_it(loop):
+    settings, registry, controller = loop
+    assert controller.promote().champion == 2
+    assert registry.alias_version(MODEL, CHAMPION) == 2 and \
+        registry.alias_version(MODEL, PREVIOUS) == 1
+    state = controller.rollback()
+    assert state.state == "serving" and state.champion == 1
+    assert registry.alias_version(MODEL, CHAMPION) == 1
+    assert [e["to"] for e in controller.events()] == ["promoting", "serving"] * 2
+    assert "manual rollback to v1" in controller.events()[2]["reason"]
+    assert registry.client.get_model_version(MODEL, "1").tags["llmops.state"] == "serving"
+
+
+def test_retrain_runs_as_a_ray_job_and_registers_a_challenger(loop):
+    settings, registry, controller = loop
+    registry.set_alias(MODEL, CHALLENGER, None)
+    _served(settings, registry, "new-product", 120, 100)
+    state = controller.retrain_now()
+    assert state.state == "retraining" and state.trigger == "manual"
+    deadline = time.monotonic() + 420
+    while state.state == "retraining" and time.monotonic() < deadline:
+        state = controller.step()  # the first step submits the job
+        time.sleep(3)
+    assert state.state == "evaluating", controller._job_client().get_job_logs(state.retrain_id)
+    assert state.challenger == 3
+    tags = registry.client.get_model_version(MODEL, "3").tags
+    assert tags["llmops.retrain_id"] == state.retrain_id
+    assert controller._job_client().get_job_status(state.retrain_id).value == "SUCCEEDED"
+    with pytest.raises(Refused, match="is evaluating"):
+        controller.retrain_now()

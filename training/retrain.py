@@ -1,0 +1,96 @@
+"""The training set of a retrain on drift, and the evaluation gate that decides whether the
+retrained challenger may replace the champion.
+
+Training rows: the labelled recent requests (texts from the inference log, labels from feedback;
+the part not held out, repeated `recent_repeats` times) plus a replay sample of the champion's
+own training rows, so the new version learns the new traffic without forgetting the old. The
+gate scores champion and challenger on the same two holdouts: the held-out labelled recent
+requests, and the champion's golden set (the original distribution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score
+
+from training.config import GateConfig, RetrainConfig
+from training.errors import InvalidData
+
+RECENT, ORIGINAL = "recent", "original"
+
+
+def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.DataFrame,
+                    config: RetrainConfig, seed: int = 0):
+    """A `TaskData` (`scenario` "retrain") with holdouts `recent` and `original`."""
+    from training.job import TaskData
+
+    recent = recent.dropna(subset=["text", "label"])[["text", "label"]].reset_index(drop=True)
+    if len(recent) < config.min_labelled:
+        raise InvalidData(f"{len(recent)} labelled recent requests; a retrain needs "
+                          f"{config.min_labelled} (send feedback labels: POST /v1/feedback)")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(recent))
+    n_holdout = max(1, round(len(recent) * config.recent_holdout_share))
+    holdout, learn = recent.iloc[order[:n_holdout]], recent.iloc[order[n_holdout:]]
+    replay = reference[["text", "label"]].sample(n=min(config.replay_rows, len(reference)),
+                                                 random_state=seed)
+    mix = pd.concat([replay] + [learn] * config.recent_repeats, ignore_index=True)
+    mix = mix.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    n_val = min(config.validation_rows, len(mix) // 5)
+    return TaskData(train=mix.iloc[n_val:].reset_index(drop=True),
+                    validation=mix.iloc[:n_val].reset_index(drop=True),
+                    holdouts={RECENT: holdout.reset_index(drop=True),
+                              ORIGINAL: golden[["text", "label"]].reset_index(drop=True)},
+                    scenario="retrain")
+
+
+def score(task_model, holdout: pd.DataFrame, metric: str) -> float:
+    """`metric` of a registered classifier (`TaskModel`) on a labelled holdout."""
+    predicted = task_model.predict(None, holdout[["text"]])["label"]
+    if metric == "accuracy":
+        return float(accuracy_score(holdout["label"], predicted))
+    return float(f1_score(holdout["label"], predicted, average="macro", zero_division=0))
+
+
+@dataclass
+class GateResult:
+    promote: bool
+    reason: str
+    metric: str
+    champion: dict[str, float]
+    challenger: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gate(champion: dict[str, float], challenger: dict[str, float], config: GateConfig
+         ) -> GateResult:
+    """Scores per holdout (`recent`, `original`) -> the decision and why, in one line."""
+    gain = challenger[RECENT] - champion[RECENT]
+    loss = champion[ORIGINAL] - challenger[ORIGINAL]
+    if gain < config.margin:
+        reason = (f"{config.metric} on recent traffic {challenger[RECENT]:.4f} vs the champion's "
+                  f"{champion[RECENT]:.4f}: a gain of {gain:+.4f}, below the margin "
+                  f"{config.margin}")
+    elif loss > config.tolerance:
+        reason = (f"{config.metric} on the original holdout fell {loss:.4f} (from "
+                  f"{champion[ORIGINAL]:.4f} to {challenger[ORIGINAL]:.4f}), over the "
+                  f"tolerance {config.tolerance}")
+    else:
+        reason = (f"{config.metric} on recent traffic {gain:+.4f} (>= {config.margin}), on the "
+                  f"original holdout {-loss:+.4f} (tolerance {config.tolerance})")
+    return GateResult(gain >= config.margin and loss <= config.tolerance, reason, config.metric,
+                      {k: round(v, 4) for k, v in champion.items()},
+                      {k: round(v, 4) for k, v in challenger.items()})
+
+
+def evaluate_pair(champion_model, challenger_model, holdouts: dict[str, pd.DataFrame],
+                  config: GateConfig) -> GateResult:
+    """Both models scored on the same holdouts, then `gate`."""
+    return gate({name: score(champion_model, df, config.metric) for name, df in holdouts.items()},
+                {name: score(challenger_model, df, config.metric) for name, df in holdouts.items()},
+                config)
