@@ -228,55 +228,6 @@ def cmd_healthcheck(args) -> Output:
                    "textfile": str(textfile)}, human, exit_code=0 if healthy else 1)
 
 
-def _portable(settings: Settings) -> Settings:
-    """The settings with absolute paths, for processes that run elsewhere (actors, jobs)."""
-    from training.registry import Registry
-
-    out = settings.model_copy(deep=True)
-    out.data_dir = settings.data_dir.resolve()
-    out.registry.tracking_uri = Registry(settings.registry, settings.data_dir).tracking_uri
-    return out
-
-
-def _controller_actor(settings: Settings, model: str, start: bool = False):
-    """The model's controller actor on the running cluster (started with `start`), or None."""
-    import ray
-
-    from cluster.controller import ACTOR_NAMESPACE, ControllerActor, actor_name
-
-    if not runtime.join(settings.ray):
-        if start:
-            raise LLMOpsError("no Ray cluster is running (start the platform with `llmops up`)")
-        return None
-    if start:
-        return ray.remote(ControllerActor).options(
-            name=actor_name(model), namespace=ACTOR_NAMESPACE, lifetime="detached",
-            get_if_exists=True, num_cpus=0, max_restarts=-1).remote(
-            _portable(settings).model_dump_json(), model)
-    try:
-        return ray.get_actor(actor_name(model), namespace=ACTOR_NAMESPACE)
-    except ValueError:
-        return None
-
-
-def _control(settings: Settings, model: str, method: str, *args) -> dict | list:
-    """A controller method, on the model's actor when one runs (so it never races the loop),
-    else here."""
-    import ray
-
-    from cluster.controller import Controller, Refused
-    from cluster.state import ControllerState
-
-    actor = _controller_actor(settings, model)
-    if actor is None:
-        result = getattr(Controller(settings, model, _registry(settings)), method)(*args)
-        return result.model_dump() if isinstance(result, ControllerState) else result
-    result = ray.get(actor.call.remote(method, *args))
-    if isinstance(result, dict) and "refused" in result:
-        raise Refused(result["refused"])
-    return result
-
-
 def _format_state(p: dict) -> str:
     since = time.strftime("%H:%M:%S", time.localtime(p["since"]))
     line = (f"{p['model']}: {p['state']} since {since}; champion v{p['champion']}"
@@ -291,27 +242,24 @@ def _format_events(events: list[dict]) -> list[str]:
 
 
 def cmd_controller(args) -> Output:
-    from cluster.controller import ACTOR_NAMESPACE
+    from cluster.controller import ACTOR_NAMESPACE, actor, control
 
     settings = _settings(args)
     models = args.models or settings.controller.models
     out = {}
     for model in models:
         if args.action == "start":
-            _controller_actor(settings, model, start=True)
-        elif args.action == "stop":
+            actor(settings, model, start=True)
+        elif args.action == "stop" and (handle := actor(settings, model)) is not None:
             import ray
 
-            actor = _controller_actor(settings, model)
-            if actor is not None:
-                ray.get(actor.stop.remote())
-                ray.kill(actor)
+            ray.get(handle.stop.remote())
+            ray.kill(handle)
         elif args.action == "step":
-            _control(settings, model, "step")
-        running = _controller_actor(settings, model) is not None
-        out[model] = {"running": running, "namespace": ACTOR_NAMESPACE,
-                      "state": _control(settings, model, "state"),
-                      "events": _control(settings, model, "events")[-args.events:]}
+            control(settings, model, "step")
+        out[model] = {"running": actor(settings, model) is not None,
+                      "namespace": ACTOR_NAMESPACE, "state": control(settings, model, "state"),
+                      "events": control(settings, model, "events")[-args.events:]}
 
     def human(payload: dict) -> str:
         lines = []
@@ -324,10 +272,34 @@ def cmd_controller(args) -> Output:
     return Output(out, human)
 
 
+def cmd_demo(args) -> Output:
+    from cluster import demo
+
+    settings = _settings(args)
+    passed = [(flag, getattr(args, name, None)) for flag, name in (
+        ("--config", "config"), ("--data-dir", "data_dir"), ("--mlflow-uri", "mlflow_uri"))]
+    summary = demo.run(settings, [x for flag, value in passed if value for x in (flag, value)],
+                       args.scenario, args.teardown, lambda text: print(text, flush=True))
+
+    def human(p: dict) -> str:
+        acc = ", ".join(f"{v} {a:.1%}" for v, a in p["accuracy_on_drifted_traffic"].items())
+        took = p["seconds_from_drift_onset_to_new_champion"]
+        return "\n".join([
+            f"{p['model']}: {p['outcome']} (champion v{p['old_champion']} -> v{p['new_champion']})",
+            f"accuracy on {p['scenario']} traffic: {acc}",
+            f"requests served {p['requests_served']}, failed {p['requests_failed']}",
+            f"drift onset to new champion serving: {took} s" if took else "no new champion",
+            *[f"{k}: {v}" for k, v in p["where_to_look"].items()]])
+
+    return Output(summary, human, exit_code=0 if summary["requests_failed"] == 0 else 1)
+
+
 def _manual(method: str, *args_of: str):
     def command(args) -> Output:
+        from cluster.controller import control
+
         settings = _settings(args)
-        state = _control(settings, args.model, method, *(getattr(args, a) for a in args_of))
+        state = control(settings, args.model, method, *(getattr(args, a) for a in args_of))
         return Output(state, _format_state)
     return command
 
@@ -587,6 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--now", action="store_true", required=True)
     retrain.add_argument("--json", action="store_true")
     retrain.set_defaults(func=_manual("retrain_now"))
+
+    demo = sub.add_parser("demo", parents=[common],
+                          help="the whole loop on this machine: train, serve, drift, retrain, "
+                          "gate, canary, promote")
+    demo.add_argument("--scenario", default="new-product", help="the drift to mix in")
+    demo.add_argument("--teardown", action="store_true", help="stop everything at the end")
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(func=cmd_demo)
 
     monitor = sub.add_parser("monitor", parents=[common],
                              help="check drift on a schedule and serve Prometheus metrics")

@@ -119,7 +119,9 @@ class Controller:
                     f"{state.state} -> {new}: {reason}"[:5000]})
             except Exception:  # the event log and the state still hold the decision
                 log.exception("could not tag %s v%s", self.model, version)
-        new_state = state.model_copy(update={"state": new, "since": now, **changes})
+        detail = {k: v for k, v in changes.pop("detail", state.detail).items() if k != "waiting"}
+        new_state = state.model_copy(update={"state": new, "since": now, "detail": detail,
+                                             **changes})
         self.store.save(new_state)
         log.warning("%s: %s -> %s (%s)", self.model, state.state, new, reason)
         return new_state
@@ -144,7 +146,8 @@ class Controller:
 
         try:
             decision = check_model(self.settings.log_uri, self.registry,
-                                   self.settings.monitoring.drift, self.model)
+                                   self.settings.monitoring.drift, self.model,
+                                   since=datetime.fromtimestamp(state.since, UTC))
         except NotEnoughData:
             return state
         if not decision.drift:
@@ -210,6 +213,8 @@ class Controller:
         folder = self.work / state.retrain_id
         settings = self.settings.model_copy(deep=True)
         settings.ray.address = "auto"  # the job's driver joins the cluster it runs on
+        settings.training.workers = self.settings.controller.retrain_workers
+        settings.training.cpus_per_worker = self.settings.controller.retrain_cpus_per_worker
         settings.registry.tracking_uri = self.registry.tracking_uri
         settings.data_dir = Path(self.settings.data_dir).resolve()
         tasks = dict(settings.training.tasks)  # fine-tune the champion's weights, not a fresh model
@@ -432,3 +437,49 @@ class ControllerActor:
 
     def stop(self) -> None:
         self.stopping.set()
+
+
+def portable(settings: Settings) -> Settings:
+    """The settings with absolute paths, for processes that run elsewhere (actors, jobs)."""
+    out = settings.model_copy(deep=True)
+    out.data_dir = Path(settings.data_dir).resolve()
+    out.registry.tracking_uri = Registry(settings.registry, settings.data_dir).tracking_uri
+    return out
+
+
+def actor(settings: Settings, model: str, start: bool = False):
+    """The model's controller actor on the running cluster (started with `start`), or None."""
+    import ray
+
+    from cluster import runtime
+
+    if not runtime.join(settings.ray):
+        if start:
+            raise LLMOpsError("no Ray cluster is running (start the platform with `llmops up`)")
+        return None
+    if start:
+        return ray.remote(ControllerActor).options(
+            name=actor_name(model), namespace=ACTOR_NAMESPACE, lifetime="detached",
+            get_if_exists=True, num_cpus=0, max_restarts=-1).remote(
+            portable(settings).model_dump_json(), model)
+    try:
+        return ray.get_actor(actor_name(model), namespace=ACTOR_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def control(settings: Settings, model: str, method: str, *args) -> dict | list:
+    """A controller method, on the model's actor when one runs (so it never races the loop),
+    else here."""
+    import ray
+
+    handle = actor(settings, model)
+    if handle is None:
+        registry = Registry(settings.registry, settings.data_dir)
+        registry.check()
+        result = getattr(Controller(settings, model, registry), method)(*args)
+        return result.model_dump() if isinstance(result, ControllerState) else result
+    result = ray.get(handle.call.remote(method, *args))
+    if isinstance(result, dict) and "refused" in result:
+        raise Refused(result["refused"])
+    return result

@@ -69,6 +69,9 @@ class ControllerConfig(BaseModel):
     max_retrains_per_day: int = Field(3, ge=0)
     recent_rows: int = Field(5000, ge=10, description="newest logged requests searched for "
                              "feedback labels when retraining")
+    retrain_workers: int = Field(1, ge=1, description="Ray Train workers of a retrain")
+    retrain_cpus_per_worker: float = Field(0.05, gt=0, description="what each asks of the "
+                                           "scheduler: a retrain shares the nodes with serving")
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -181,18 +182,20 @@ def decide(reports: list[DriftReport], config: DriftConfig, model: str, version:
 
 
 def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
-                window: int | None = None, report_dir: Path | None = None) -> Decision:
+                window: int | None = None, report_dir: Path | None = None,
+                since: datetime | None = None) -> Decision:
     """Run the policy on the inference log as it is now: the model version that served the
     latest request, its last `n` windows (the newest ends with the latest request; a window
     below `min_rows` is skipped), feedback joined, against that version's reference profile.
-    The newest window's Evidently report is saved as HTML under `report_dir`."""
+    The newest window's Evidently report is saved as HTML under `report_dir`. With `since`,
+    only requests from then on count."""
     from monitoring.log import FEEDBACK, read, with_feedback
 
     size = window or config.window
     if size < config.min_rows:
         raise LLMOpsError(f"a window of {size} requests is below min_rows ({config.min_rows}): "
                           f"no window could ever be checked")
-    log = read(log_uri, model=model, outcome="ok")
+    log = read(log_uri, model=model, outcome="ok", since=since)
     if log.empty:
         raise NotEnoughData(f"the inference log at {log_uri} holds no requests of {model!r}")
     version = str(log.model_version.iloc[-1])

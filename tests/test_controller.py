@@ -91,7 +91,6 @@ def loop(ray_session, tmp_path):
     settings that reach the session's Ray dashboard (no Serve application runs)."""
     settings = tiny_settings(tmp_path / "state")
     settings.ray.dashboard_port = int(ray_session.dashboard.rsplit(":", 1)[1])
-    settings.training.workers = 1
     settings.training.use_gpu = "no"  # the session's GPUs are logical ones
     settings.training.retrain = RetrainConfig(min_labelled=40, replay_rows=192,
                                               validation_rows=32)
@@ -195,3 +194,76 @@ def test_retrain_runs_as_a_ray_job_and_registers_a_challenger(loop):
     assert controller._job_client().get_job_status(state.retrain_id).value == "SUCCEEDED"
     with pytest.raises(Refused, match="is evaluating"):
         controller.retrain_now()
+
+
+def test_a_crash_between_the_alias_move_and_the_swap_is_finished_by_the_next_controller(
+        loop, monkeypatch):
+    import serve_apps.deploy
+
+    settings, registry, controller = loop
+
+    def killed(*args, **kwargs):
+        raise SystemExit("controller killed")
+
+    monkeypatch.setattr(serve_apps.deploy, "swap", killed)
+    with pytest.raises(SystemExit):
+        controller.promote()
+    assert controller.state().state == "promoting"  # the decision was saved before acting
+    assert registry.alias_version(MODEL, CHAMPION) == 2  # the alias had moved
+    monkeypatch.undo()
+    restarted = Controller(settings, MODEL, Registry(settings.registry, settings.data_dir))
+    state = restarted.step()
+    assert state.state == "serving" and state.champion == 2 and state.previous_champion == 1
+    assert registry.alias_version(MODEL, CHAMPION) == 2 and \
+        registry.alias_version(MODEL, PREVIOUS) == 1  # one champion, the old one kept as previous
+    assert [e["to"] for e in restarted.events()] == ["promoting", "serving"]
+
+
+def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
+    import ray
+    from ray.job_submission import JobStatus
+
+    from cluster.controller import actor, control
+
+    settings, registry, controller = loop
+    registry.set_alias(MODEL, CHALLENGER, None)
+    settings.controller.interval_s = 1.0
+    _served(settings, registry, "new-product", 120, 100)
+    handle = actor(settings, MODEL, start=True)
+    try:
+        state = control(settings, MODEL, "retrain_now")
+        assert state["state"] == "retraining"
+        client = controller._job_client()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if client.get_job_status(state["retrain_id"]) == JobStatus.RUNNING:
+                    break
+            except RuntimeError:
+                pass  # not submitted yet
+            time.sleep(0.5)
+        ray.kill(handle, no_restart=False)  # Ray starts the actor again; it resumes from the store
+
+        def current() -> dict:
+            for _ in range(60):  # while Ray restarts the actor
+                try:
+                    return control(settings, MODEL, "state")
+                except ray.exceptions.RayActorError:
+                    time.sleep(1)
+            raise AssertionError("the controller actor did not come back")
+
+        deadline = time.monotonic() + 420
+        while (after := current())["state"] == "retraining":
+            assert time.monotonic() < deadline
+            time.sleep(2)
+        assert after["state"] in ("evaluating", "canary", "rejected", "serving"), after
+        assert after["retrain_id"] == state["retrain_id"]
+        assert registry.find_version(MODEL, "llmops.retrain_id", state["retrain_id"]) == 3
+        jobs = [j for j in client.list_jobs() if (j.submission_id or "").startswith("retrain-")
+                and j.submission_id == state["retrain_id"]]
+        assert len(jobs) == 1  # resumed, not submitted again
+        moves = [(e["from"], e["to"]) for e in controller.events()]
+        assert moves[:2] == [("serving", "retraining"), ("retraining", "evaluating")]
+        assert registry.alias_version(MODEL, CHAMPION) == 1
+    finally:
+        ray.kill(actor(settings, MODEL) or handle)

@@ -489,7 +489,6 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
     from cluster.settings import load_settings
 
     settings = load_settings(platform.config, environ=platform.env)
-    settings.training.workers, settings.training.cpus_per_worker = 1, 0.1  # serving holds the CPUs
     settings.training.use_gpu = "no"  # the session's GPUs are logical ones
     settings.training.gate.tolerance = 0.1
     tasks = dict(settings.training.tasks)  # enough steps for the tiny router to learn the launch
@@ -499,6 +498,7 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
     settings.controller.canary = settings.controller.canary.model_copy(
         update={"fraction": 0.5, "min_requests": 60})
     controller = Controller(settings, "support-router", platform.registry)
+    assert controller.state().state == "serving"  # it watches traffic from now on
     run = (platform.env, platform.config)
     sent = [_llmops(run, "traffic", "support", "--scenario", "new-product", "--n", "500",
                     "--seed", "50", "--feedback", "0.4", "--json")]
