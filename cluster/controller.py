@@ -133,14 +133,6 @@ class Controller:
         handler: Callable[[ControllerState], ControllerState] = getattr(self, f"_{state.state}")
         return handler(state)
 
-    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
-        while not stop():
-            try:
-                self.step()
-            except Exception:
-                log.exception("%s: step failed; retrying", self.model)
-            time.sleep(self.settings.controller.interval_s)
-
     def _serving(self, state: ControllerState) -> ControllerState:
         from monitoring.drift import NotEnoughData, check_model
 
