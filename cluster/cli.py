@@ -242,7 +242,7 @@ def _format_events(events: list[dict]) -> list[str]:
 
 
 def cmd_controller(args) -> Output:
-    from cluster.controller import ACTOR_NAMESPACE, actor, control
+    from cluster.controller import ACTOR_NAMESPACE, actor, control, stop
 
     settings = _settings(args)
     models = args.models or settings.controller.models
@@ -250,11 +250,8 @@ def cmd_controller(args) -> Output:
     for model in models:
         if args.action == "start":
             actor(settings, model, start=True)
-        elif args.action == "stop" and (handle := actor(settings, model)) is not None:
-            import ray
-
-            ray.get(handle.stop.remote())
-            ray.kill(handle)
+        elif args.action == "stop":
+            stop(settings, model)
         elif args.action == "step":
             control(settings, model, "step")
         out[model] = {"running": actor(settings, model) is not None,
@@ -272,6 +269,53 @@ def cmd_controller(args) -> Output:
     return Output(out, human)
 
 
+def cmd_token_create(args) -> Output:
+    from serve_apps.auth import issue, secret_path
+
+    settings = _settings(args)
+    token = issue(settings.serve.auth, settings.data_dir, tenant=args.tenant, scopes=args.scopes,
+                  subject=args.subject, ttl_s=args.ttl)
+    payload = {"token": token, "tenant": args.tenant, "scopes": args.scopes,
+               "expires_in_s": args.ttl or settings.serve.auth.default_ttl_s,
+               "secret_file": str(secret_path(settings.serve.auth, settings.data_dir))}
+    return Output(payload, lambda p: p["token"])
+
+
+def cmd_audit_verify(args) -> Output:
+    from monitoring.audit import verify
+
+    result = verify(_settings(args).audit_dir).to_dict()
+
+    def human(p: dict) -> str:
+        if p["ok"]:
+            return f"audit chain intact: {p['records']} records in {p['files']} files"
+        bad = p["first_bad"]
+        return f"audit chain BROKEN at {bad['file']} line {bad['line']}: {bad['reason']}"
+
+    return Output(result, human, exit_code=0 if result["ok"] else 1)
+
+
+def _when(text: str | None):
+    """An ISO 8601 time (UTC unless it says otherwise), or None."""
+    from datetime import UTC, datetime
+
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise LLMOpsError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-25 or "
+                          f"2026-11-25T12:00:00Z)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def cmd_audit_export(args) -> None:
+    from monitoring.audit import export
+
+    for line in export(_settings(args).audit_dir, _when(args.since), _when(args.until)):
+        print(line)
+
+
 def cmd_demo(args) -> Output:
     from cluster import demo
 
@@ -282,13 +326,16 @@ def cmd_demo(args) -> Output:
                        args.scenario, args.teardown, lambda text: print(text, flush=True))
 
     def human(p: dict) -> str:
-        acc = ", ".join(f"{v} {a:.1%}" for v, a in p["accuracy_on_drifted_traffic"].items())
-        took = p["seconds_from_drift_onset_to_new_champion"]
+        f1, at = p["macro_f1"], p["seconds_after_drift_onset"]
+        drifted = ", ".join(f"{v} {x:.3f}" for v, x in f1["drifted_traffic"].items())
         return "\n".join([
             f"{p['model']}: {p['outcome']} (champion v{p['old_champion']} -> v{p['new_champion']})",
-            f"accuracy on {p['scenario']} traffic: {acc}",
+            f"macro-F1: {f1['clean_traffic_before_drift']:.3f} on clean traffic before the drift; "
+            f"on {p['scenario']} traffic {drifted} ({f1['recovered']:.0%} recovered)",
             f"requests served {p['requests_served']}, failed {p['requests_failed']}",
-            f"drift onset to new champion serving: {took} s" if took else "no new champion",
+            "after the drift began: " + ", ".join(
+                f"{k.replace('_', ' ')} {v} s" for k, v in at.items() if v is not None),
+            f"the demo took {p['seconds_total'] / 60:.1f} min",
             *[f"{k}: {v}" for k, v in p["where_to_look"].items()]])
 
     return Output(summary, human, exit_code=0 if summary["requests_failed"] == 0 else 1)
@@ -530,6 +577,31 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--window", type=int, help="requests per window (default from settings)")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_drift_check)
+
+    token = sub.add_parser("token", help="development bearer tokens (JWT)")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", parents=[common], help="print a token signed with "
+                                  "the local secret (<data_dir>/auth/jwt_secret, made if absent)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--scopes", nargs="+", required=True,
+                        help="moderate, support, chat, feedback, admin")
+    create.add_argument("--subject", help="the principal (default <tenant>-dev)")
+    create.add_argument("--ttl", type=int, help="seconds the token is valid (default "
+                        "serve.auth.default_ttl_s)")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(func=cmd_token_create)
+
+    audit = sub.add_parser("audit", help="the hash-chained audit log of every inference")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", parents=[common],
+                                  help="check the chain; exit 1 and name the first bad line")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_audit_verify)
+    export = audit_sub.add_parser("export", parents=[common],
+                                  help="print the records (JSON lines) for a log shipper")
+    export.add_argument("--since", help="ISO 8601 time, inclusive (UTC unless it says)")
+    export.add_argument("--until", help="ISO 8601 time, exclusive")
+    export.set_defaults(func=cmd_audit_export)
 
     ctl = sub.add_parser("controller", parents=[common],
                          help="the closed loop per model: drift -> retrain -> gate -> canary -> "

@@ -15,6 +15,7 @@ step it was in.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -27,7 +28,8 @@ import pandas as pd
 import yaml
 
 from cluster.settings import CanaryPolicy, Settings
-from cluster.state import BUSY, ControllerState, StateStore
+from cluster.state import BUSY, STATES, ControllerState, StateStore
+from monitoring.log import SHADOW
 from training.errors import LLMOpsError
 from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
 
@@ -46,7 +48,10 @@ class Refused(LLMOpsError):
 def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | None, str, dict]:
     """Champion against challenger over the same period (log rows with `variant`, `outcome`,
     `latency_ms`, `confidence` and maybe `label`): None while the challenger has answered fewer
-    than `min_requests`, else whether it may be promoted and why."""
+    than `min_requests`, else whether it may be promoted and why. A shadowing challenger's
+    answers count as the challenger's (its latency is the request's, so only the other
+    criteria tell the two apart)."""
+    rows = rows.assign(variant=rows.variant.replace(SHADOW, "challenger"))
     stats = {}
     for side in ("champion", "challenger"):
         part = rows[rows.variant == side]
@@ -78,6 +83,39 @@ def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | Non
     return True, (f"no worse than the champion over {cc['requests']} requests (error rate "
                   f"{cc['error_rate']:.3f}, p50 {cc['latency_p50_ms']:.0f} ms, confidence "
                   f"{cc['confidence']:.3f})"), stats
+
+
+@functools.cache
+def _metric(kind: str, name: str, description: str, tags: tuple[str, ...]):
+    """One Ray metric object per process (Ray registers a name once per worker)."""
+    from ray.util import metrics
+
+    return getattr(metrics, kind)(name, description=description, tag_keys=tags)
+
+
+def export(state: ControllerState, moved_from: str | None = None) -> None:
+    """The state (and the transition into it) as metrics on Ray's export port, with a `ray_`
+    prefix, where the controller runs in a Ray process (its actor, a driver); else nothing.
+
+        ray_llmops_controller_state{model, state}               1 for the current state, else 0
+        ray_llmops_controller_state_since_timestamp_seconds{model}
+        ray_llmops_controller_transitions_total{model, from, to}
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return
+    gauge = _metric("Gauge", "llmops_controller_state", "1 for the loop's current state.",
+                    ("model", "state"))
+    for name in STATES:
+        gauge.set(float(name == state.state), tags={"model": state.model, "state": name})
+    _metric("Gauge", "llmops_controller_state_since_timestamp_seconds",
+            "When the loop entered its current state.", ("model",)).set(
+        state.since, tags={"model": state.model})
+    if moved_from is not None:
+        _metric("Counter", "llmops_controller_transitions", "Transitions of the loop.",
+                ("model", "from", "to")).inc(
+            tags={"model": state.model, "from": moved_from, "to": state.state})
 
 
 class Controller:
@@ -120,9 +158,12 @@ class Controller:
             except Exception:  # the event log and the state still hold the decision
                 log.exception("could not tag %s v%s", self.model, version)
         detail = {k: v for k, v in changes.pop("detail", state.detail).items() if k != "waiting"}
+        if new == "serving":
+            changes["serving_since"] = now
         new_state = state.model_copy(update={"state": new, "since": now, "detail": detail,
                                              **changes})
         self.store.save(new_state)
+        export(new_state, moved_from=state.state)
         log.warning("%s: %s -> %s (%s)", self.model, state.state, new, reason)
         return new_state
 
@@ -131,7 +172,9 @@ class Controller:
     def step(self) -> ControllerState:
         state = self.state()
         handler: Callable[[ControllerState], ControllerState] = getattr(self, f"_{state.state}")
-        return handler(state)
+        state = handler(state)
+        export(state)  # also after a restart, when no transition has happened yet
+        return state
 
     def _serving(self, state: ControllerState) -> ControllerState:
         from monitoring.drift import NotEnoughData, check_model
@@ -175,8 +218,11 @@ class Controller:
         from training.retrain import retraining_data
 
         champion = self.registry.alias_version(self.model, CHAMPION)
+        # the champion's own traffic: what earlier champions were retrained on is in the replay
+        since = None if state.serving_since is None else datetime.fromtimestamp(
+            state.serving_since, UTC)
         recent = with_feedback(read(self.settings.log_uri, model=self.model, outcome="ok",
-                                    last=None).tail(self.settings.controller.recent_rows),
+                                    since=since, last=self.settings.controller.recent_rows),
                                read(self.settings.log_uri, FEEDBACK))
         try:
             data = retraining_data(recent, self.registry.run_data(self.model, champion,
@@ -293,7 +339,8 @@ class Controller:
 
         policy = self.settings.controller.canary
         since = datetime.fromtimestamp(state.canary_started, UTC)
-        rows = with_feedback(read(self.settings.log_uri, model=self.model, since=since),
+        rows = with_feedback(read(self.settings.log_uri, model=self.model, since=since,
+                                  shadow=True),
                              read(self.settings.log_uri, FEEDBACK, since=since))
         verdict, reason, stats = canary_verdict(rows, policy)
         if verdict is None:
@@ -428,7 +475,9 @@ class ControllerActor:
             return result.model_dump() if isinstance(result, ControllerState) else result
 
     def stop(self) -> None:
-        self.stopping.set()
+        """Returns once no step runs, and no further one will."""
+        with self.lock:
+            self.stopping.set()
 
 
 def portable(settings: Settings) -> Settings:
@@ -458,6 +507,19 @@ def actor(settings: Settings, model: str, start: bool = False):
         return ray.get_actor(actor_name(model), namespace=ACTOR_NAMESPACE)
     except ValueError:
         return None
+
+
+def stop(settings: Settings, model: str) -> bool:
+    """Stop the model's controller actor between two steps (its state stays in the store, and
+    the next start resumes it); False when none was running."""
+    import ray
+
+    handle = actor(settings, model)
+    if handle is None:
+        return False
+    ray.get(handle.stop.remote())
+    ray.kill(handle)
+    return True
 
 
 def control(settings: Settings, model: str, method: str, *args) -> dict | list:

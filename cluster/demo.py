@@ -5,12 +5,15 @@ happen until the retrained router serves (or the loop stops at the gate or the c
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from cluster import runtime
 from cluster.controller import actor, control
 from cluster.settings import Settings
 from cluster.traffic import send
@@ -21,32 +24,40 @@ MODEL = "support-router"
 TASKS = ("support-router", "moderation", "rewriter", "support-reply")
 
 
-def _cli(settings_args: list[str], *args: str) -> None:
+def _cli(settings_args: list[str], *args: str, env: dict | None = None) -> None:
     """A step as its own `llmops` command (its progress goes to stderr)."""
     done = subprocess.run([sys.executable, "-m", "cluster.cli", *args, *settings_args],
-                          stdout=sys.stderr)
+                          stdout=sys.stderr, env=env)
     if done.returncode != 0:
         raise LLMOpsError(f"`llmops {' '.join(args)}` failed (exit {done.returncode})")
 
 
-def run(settings: Settings, settings_args: list[str], scenario: str, teardown: bool,
-        say: Callable[[str], None], timeout_s: float = 900) -> dict:
-    started = time.time()
-
-    def step(text: str) -> None:
-        say(f"[{time.time() - started:6.0f} s] {text}")
-
+def prepare(settings: Settings, settings_args: list[str], step: Callable[[str], None]) -> None:
+    """The first champions (trained and registered if absent) and the pipelines, deployed."""
     registry = Registry(settings.registry, settings.data_dir)
     registry.check()
+    if settings.ray.address is None and runtime.start_head(settings.ray, Path(settings.data_dir)):
+        step(f"started the local Ray head (dashboard {settings.dashboard_address})")
+    # the trainings join that head instead of each starting and stopping a Ray of its own
+    env = {**os.environ, "LLMOPS_RAY__ADDRESS": settings.ray.address or "auto"}
     for task in TASKS:
         if registry.alias_version(task, CHAMPION) is None:
             step(f"training the first {task} (DeepSpeed on Ray Train)")
-            _cli(settings_args, "train", task)
+            _cli(settings_args, "train", task, env=env)
     step("deploying the pipelines (llmops up)")
     _cli(settings_args, "up")
+
+
+def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
+               timeout_s: float = 900) -> dict:
+    """Clean traffic, then `scenario` with feedback labels, with the router's controller running;
+    follows its transitions until the loop ends (a new champion, or a stop at the gate or the
+    canary). Returns the figures: when each step happened after the drift began, macro-F1 before
+    and after, requests served and failed."""
+    registry = Registry(settings.registry, settings.data_dir)
     old = registry.alias_version(MODEL, CHAMPION)
     actor(settings, MODEL, start=True)
-    step(f"controller for {MODEL} v{old} started (Ray actor, Actors tab of the dashboard)")
+    step(f"controller for {MODEL} v{old} running (Ray actor, Actors tab of the dashboard)")
     url = f"http://{settings.serve.host}:{settings.serve.port}"
     prefix, feedback = settings.serve.support.route_prefix, settings.serve.feedback.route_prefix
     reports = []
@@ -57,38 +68,64 @@ def run(settings: Settings, settings_args: list[str], scenario: str, teardown: b
         step(f"sent {n} {scenario} requests ({r['ok']} ok, {r['failed']} failed, {r['rps']} "
              f"req/s), {r['feedback']['accepted']} labelled")
 
-    seen, outcome, seed, shown = len(control(settings, MODEL, "events")), None, 3, 0
-    traffic("base", settings.monitoring.drift.window, seed=1)
+    seen, events, seed, shown, drifted = len(control(settings, MODEL, "events")), [], 3, 0, 0
+    started = time.time()
+    traffic("base", 300, seed=1)
     onset = time.time()
-    traffic(scenario, 2 * settings.monitoring.drift.window, seed=2, labels=0.3)
-    while outcome is None and time.time() - started < timeout_s:
+    while time.time() - started < timeout_s:
         for e in control(settings, MODEL, "events")[seen:]:
             step(f"{e['from']} -> {e['to']}: {e['reason']}")
             seen += 1
-            if e["to"] == "serving" and e["from"] != "serving":
-                outcome = e  # promoted, or the loop stopped at the gate or the canary
-        state = control(settings, MODEL, "state")
-        if outcome is None and state["state"] == "canary":
+            events.append(e)
+        if events and events[-1]["to"] == "serving":
+            break  # promoted, or the loop stopped at the gate or the canary
+        current = control(settings, MODEL, "state")
+        state = current["state"]
+        if state in ("serving", "drift_suspected") and drifted < 2000:
+            traffic(scenario, 250, seed=seed, labels=0.3)  # until the controller acts on it
+            drifted += 250
+        elif state == "canary":
             traffic(scenario, 200, seed=seed, fraction=0.5, labels=0.3)  # for it to be judged
-            seed += 1
-        elif outcome is None:
-            if state["state"] == "retraining":
-                shown = _progress(settings, state["retrain_id"], shown, step)
+        else:
+            if state == "retraining":
+                shown = _progress(settings, current["retrain_id"], shown, step)
             time.sleep(3)
+        seed += 1
+
+    def after(to: str, came_from: str | None = None) -> float | None:
+        return next((round(e["ts"] - onset, 1) for e in events if e["to"] == to and
+                     came_from in (None, e["from"])), None)
+
     new = registry.alias_version(MODEL, CHAMPION)
-    promoted = outcome is not None and outcome["from"] == "promoting"
-    summary = {
+    promoted = after("serving", "promoting") is not None
+    last = events[-1] if events else None
+    return {
         "scenario": scenario, "model": MODEL, "old_champion": old, "new_champion": new,
-        "outcome": ("promoted" if promoted else outcome["from"] if outcome else "timed out"),
-        "accuracy_on_drifted_traffic": _accuracy(registry, scenario, {old, new}),
+        "outcome": "promoted" if promoted else last["from"] if last else "timed out",
+        "seconds_after_drift_onset": {
+            "drift_detected": after("drift_suspected"),
+            "challenger_registered": after("evaluating", "retraining"),
+            "new_champion_serving": after("serving", "promoting")},
+        "macro_f1": quality(registry, scenario, old, new),
         "requests_served": sum(r["ok"] for r in reports),
-        "requests_failed": sum(r["failed"] for r in reports),
-        "seconds_from_drift_onset_to_new_champion": round(outcome["ts"] - onset, 1)
-        if promoted else None,
+        "requests_failed": sum(r["failed"] for r in reports)}
+
+
+def run(settings: Settings, settings_args: list[str], scenario: str, teardown: bool,
+        say: Callable[[str], None], timeout_s: float = 900) -> dict:
+    started = time.time()
+
+    def step(text: str) -> None:
+        say(f"[{time.time() - started:6.0f} s] {text}")
+
+    prepare(settings, settings_args, step)
+    summary = drift_loop(settings, scenario, step, timeout_s)
+    summary |= {
         "seconds_total": round(time.time() - started, 1),
         "where_to_look": {
             "ray_dashboard": settings.dashboard_address,
-            "mlflow_ui": f"mlflow ui --backend-store-uri {registry.tracking_uri}",
+            "mlflow_ui": "mlflow ui --backend-store-uri "
+                         + Registry(settings.registry, settings.data_dir).tracking_uri,
             "grafana_dashboard": "monitoring/grafana/llmops.json",
             "controller": "llmops controller status"}}
     if teardown:
@@ -114,10 +151,15 @@ def _progress(settings: Settings, job_id: str, shown: int, step: Callable[[str],
     return len(lines)
 
 
-def _accuracy(registry: Registry, scenario: str, versions: set[int]) -> dict[str, float]:
-    """Each version's accuracy on fresh labelled traffic of the scenario (a seed of its own)."""
+def quality(registry: Registry, scenario: str, old: int, new: int) -> dict:
+    """Macro-F1 on fresh labelled traffic (a seed of its own): the old champion on clean traffic
+    (the level to recover), each version on the drifted traffic, and the recovered share."""
     from training.data import generate
+    from training.retrain import score
 
-    df = generate("support-tickets", scenario, 300, seed=4242)
-    return {f"v{v}": round(float((registry.load_model(MODEL, v).predict(None, df[["text"]])
-                                  .label == df.label).mean()), 4) for v in sorted(versions)}
+    models = {v: registry.load_model(MODEL, v) for v in {old, new}}
+    clean, drifted = (generate("support-tickets", s, 300, seed=4242) for s in ("base", scenario))
+    before = score(models[old], clean, "macro_f1")
+    on_drift = {f"v{v}": round(score(m, drifted, "macro_f1"), 4) for v, m in sorted(models.items())}
+    return {"clean_traffic_before_drift": round(before, 4), "drifted_traffic": on_drift,
+            "recovered": round(on_drift[f"v{new}"] / before, 3)}

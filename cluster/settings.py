@@ -49,7 +49,7 @@ class CanaryPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fraction: float = Field(0.2, gt=0, le=1, description="share of request ids it answers")
     shadow: bool = Field(False, description="mirror requests instead of answering them")
-    min_requests: int = Field(150, ge=1)
+    min_requests: int = Field(100, ge=1)
     max_error_rate_increase: float = Field(0.01, ge=0, le=1)
     max_latency_ratio: float = Field(1.5, ge=1, description="challenger p50 / champion p50")
     max_confidence_drop: float = Field(0.05, ge=0, le=1)
@@ -69,8 +69,8 @@ class ControllerConfig(BaseModel):
     max_retrains_per_day: int = Field(3, ge=0)
     recent_rows: int = Field(5000, ge=10, description="newest logged requests searched for "
                              "feedback labels when retraining")
-    retrain_workers: int = Field(1, ge=1, description="Ray Train workers of a retrain")
-    retrain_cpus_per_worker: float = Field(0.05, gt=0, description="what each asks of the "
+    retrain_workers: int = Field(2, ge=1, description="Ray Train workers of a retrain")
+    retrain_cpus_per_worker: float = Field(0.02, gt=0, description="what each asks of the "
                                            "scheduler: a retrain shares the nodes with serving")
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
 
@@ -97,6 +97,12 @@ class Settings(BaseModel):
     def log_uri(self) -> str:
         """The inference and feedback logs: `monitoring.log.uri`, or under the data dir."""
         return self.monitoring.log.uri or str(self.data_dir.resolve() / "inference_log")
+
+    @property
+    def audit_dir(self) -> Path:
+        """The audit log's folder: `monitoring.audit.folder`, or under the data dir."""
+        folder = self.monitoring.audit.folder
+        return Path(folder) if folder else self.data_dir.resolve() / "audit"
 
     @property
     def controller_uri(self) -> str:

@@ -26,6 +26,7 @@ class ControllerState(BaseModel):
     model: str
     state: State = "serving"
     since: float = Field(default_factory=time.time)
+    serving_since: float | None = None  # when the loop last entered serving (None: never)
     champion: int | None = None
     challenger: int | None = None
     previous_champion: int | None = None

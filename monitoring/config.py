@@ -95,8 +95,19 @@ class MonitorConfig(_Strict):
     interval_s: float = Field(60.0, gt=0, description="seconds between drift checks")
 
 
+class AuditConfig(_Strict):
+    """The audit log (`monitoring/audit.py`): one hash-chained JSON line per inference in a
+    local folder, fsynced before the request is answered."""
+
+    enabled: bool = True
+    folder: str | None = Field(None, description="a local folder; empty: <data_dir>/audit")
+    max_bytes: int = Field(64 * 2**20, ge=1024, description="a new file past this size (and "
+                           "at UTC midnight)")
+
+
 class MonitoringConfig(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)

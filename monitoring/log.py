@@ -29,6 +29,7 @@ from training.features import DESCRIPTORS
 
 INFERENCE = "inference"
 FEEDBACK = "feedback"
+SHADOW = "shadow"  # the variant of a shadowing challenger's answers
 
 INFERENCE_SCHEMA = pa.schema([
     ("request_id", pa.string()), ("item", pa.int32()), ("ts", pa.timestamp("us", tz="UTC")),
@@ -124,10 +125,11 @@ class SegmentWriter:
 
 
 def read(uri: str, kind: str = INFERENCE, *, last: int | None = None,
-         since: datetime | None = None, until: datetime | None = None,
+         since: datetime | None = None, until: datetime | None = None, shadow: bool = False,
          **equals: str) -> pd.DataFrame:
     """Records of `kind` in time order: those in [since, until), matching every `equals`
-    column (for example `model="support-router"`), then the `last` N of them."""
+    column (for example `model="support-router"`), then the `last` N of them. A shadowing
+    challenger's answers (variant `shadow`: nobody saw them) are left out unless `shadow`."""
     import pyarrow.dataset as ds
 
     fs, root = _fs(uri)
@@ -144,6 +146,9 @@ def read(uri: str, kind: str = INFERENCE, *, last: int | None = None,
     for column, value in equals.items():
         if value is not None:
             condition = _and(condition, ds.field(column) == value)
+    if kind == INFERENCE and not shadow:
+        variant = ds.field("variant")
+        condition = _and(condition, variant.is_null() | (variant != SHADOW))
     if since is not None:
         condition = _and(condition, ds.field("ts") >= pa.scalar(since, pa.timestamp("us", "UTC")))
     if until is not None:

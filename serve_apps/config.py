@@ -162,6 +162,26 @@ class FeedbackAppConfig(_Strict):
     route_prefix: str = "/v1/feedback"
 
 
+Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"]
+
+
+class AuthConfig(_Strict):
+    """OAuth2 bearer JWTs (`serve_apps/auth.py`): which signatures are accepted and what a token
+    must say. HS* tokens are checked with the shared secret, RS*/ES* ones with the public key or
+    the JWKS file (by `kid`); a token signed with any other algorithm, `none` included, is
+    refused."""
+
+    algorithms: list[Algorithm] = Field(default_factory=lambda: ["HS256"], min_length=1)
+    secret_file: str | None = Field(None, description="HS* secret; empty: "
+                                    "<data_dir>/auth/jwt_secret, created with mode 0600")
+    public_key_file: str | None = Field(None, description="PEM public key for RS*/ES*")
+    jwks_file: str | None = Field(None, description="a JWKS document (keys chosen by kid)")
+    issuer: str = "llmops"
+    audience: str = "llmops"
+    leeway_s: float = Field(30, ge=0, le=600, description="clock skew allowed on exp and nbf")
+    default_ttl_s: int = Field(3600, ge=1, description="lifetime of `llmops token create` tokens")
+
+
 class ServeConfig(_Strict):
     """HTTP front door and the applications it serves."""
 
@@ -174,3 +194,4 @@ class ServeConfig(_Strict):
     support: SupportAppConfig = Field(default_factory=SupportAppConfig)
     chat: ChatAppConfig = Field(default_factory=ChatAppConfig)
     feedback: FeedbackAppConfig = Field(default_factory=FeedbackAppConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -40,9 +40,12 @@ class InferenceLog:
             return
         ts, latency = now(), seconds * 1000
         kept = [redact(t).text if self.writer.config.keep_text else None for t in texts]
+        # a shadowing challenger's answer is a record of its own (variant `shadow`), so a
+        # shadow canary is judged like a live one; readers leave it out unless they ask
         await self.writer.append([
-            {**_row(request_id, i, ts, tenant, self.application, d, s, latency, outcome),
-             "text": text} for i, (d, s, text) in enumerate(zip(decisions, stages, kept))])
+            {**_row(request_id, i, ts, tenant, self.application, answer, s, latency, outcome),
+             "text": text} for i, (d, s, text) in enumerate(zip(decisions, stages, kept))
+            for answer in (d, d.get("shadow")) if answer is not None])
 
     @contextlib.asynccontextmanager
     async def on_failure(self, request_id: str, texts: Sequence[str], started: float):

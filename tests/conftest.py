@@ -119,7 +119,8 @@ def dashboard_exprs() -> list[str]:
     import json
 
     dashboard = json.loads((MONITORING / "grafana" / "llmops.json").read_text())
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])] + [
+        a["expr"] for a in dashboard["annotations"]["list"]]
 
 
 def referenced_metrics(prefix: str) -> set[str]:

@@ -59,6 +59,11 @@ def test_canary_verdict_compares_the_challenger_with_the_champion_over_the_same_
                             (_rows("challenger", 100, right=0.7, labelled=40), "feedback accuracy")]:
         verdict, reason, _ = canary_verdict(pd.concat([champion, challenger]), policy)
         assert verdict is False and why in reason, reason
+    # a shadowing challenger's answers are judged the same way
+    shadow = _rows("challenger", 100, right=0.7, labelled=40).assign(variant="shadow")
+    verdict, reason, stats = canary_verdict(pd.concat([champion, shadow]), policy)
+    assert verdict is False and "feedback accuracy" in reason
+    assert stats["challenger"]["requests"] == 100
     # 20 labels are too few to judge accuracy by
     few = canary_verdict(pd.concat([champion, _rows("challenger", 100, right=0.7, labelled=20)]),
                          policy)
@@ -101,21 +106,50 @@ def loop(ray_session, tmp_path):
 
 
 def _served(settings, registry, scenario: str, n: int, labelled: int, version: int = 1) -> None:
-    """What serving writes for n requests answered by `version`: log records with the (redacted)
-    text, and feedback labels for the first `labelled`."""
-    model = registry.load_model(MODEL, version)
+    """What serving writes for n requests answered by `version`: log records with the features
+    drift checks read and the (redacted) text, and feedback labels for the first `labelled`."""
+    from serve_apps.model import load
+
     df = generate("support-tickets", scenario, n, seed=11)
-    out = model.predict(None, df[["text"]])
+    out = load(f"models:/{MODEL}/{version}", registry.tracking_uri).classify(list(df.text))
     writer = SegmentWriter(settings.log_uri, INFERENCE, LogConfig())
     ts = now()
     writer.write_segment([
         {"request_id": f"q{i}", "item": 0, "ts": ts, "tenant": "default", "application": "support",
          "model": MODEL, "model_version": str(version), "variant": "champion",
-         "prediction": out.label[i], "confidence": float(out.confidence[i]), "latency_ms": 5.0,
-         "outcome": "ok", "text": df.text[i]} for i in range(n)])
+         **out[i]["features"], "prediction": out[i]["label"],
+         "confidence": float(out[i]["confidence"]), "latency_ms": 5.0, "outcome": "ok",
+         "text": df.text[i]} for i in range(n)])
     SegmentWriter(settings.log_uri, FEEDBACK, LogConfig()).write_segment([
         {"request_id": f"q{i}", "item": 0, "label": df.label[i], "ts": ts, "tenant": "default"}
         for i in range(labelled)])
+
+
+def _canary_traffic(settings, variant: str, n: int, start: int = 0) -> None:
+    """What serving logs while a canary runs: `n` answers of one side (v1 the champion, v2 the
+    challenger), equally fast and confident."""
+    SegmentWriter(settings.log_uri, INFERENCE, LogConfig()).write_segment([
+        {"request_id": f"{variant}-{start + i}", "item": 0, "ts": now(), "tenant": "default",
+         "application": "support", "model": MODEL, "variant": variant,
+         "model_version": "1" if variant == "champion" else "2", "prediction": "billing",
+         "confidence": 0.9, "latency_ms": 5.0, "outcome": "ok", "text": "a ticket"}
+        for i in range(n)])
+
+
+def _metrics(port: int, name: str) -> list[str]:
+    import httpx
+
+    lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+    return [line for line in lines if line.startswith(name + "{")]
+
+
+def test_clean_traffic_never_starts_a_retrain(loop):
+    settings, registry, controller = loop
+    controller.state()  # it watches traffic from now on
+    _served(settings, registry, "base", 1500, 300)  # three full windows, labelled as predicted
+    for _ in range(3):
+        assert controller.step().state == "serving"
+    assert controller.events() == [] and controller.state().retrain_id is None
 
 
 def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):
@@ -219,6 +253,20 @@ def test_a_crash_between_the_alias_move_and_the_swap_is_finished_by_the_next_con
     assert [e["to"] for e in restarted.events()] == ["promoting", "serving"]
 
 
+def _actor_state(settings) -> dict:
+    """The model's state from its controller actor, waiting while Ray restarts a killed one."""
+    import ray
+
+    from cluster.controller import control
+
+    for _ in range(60):
+        try:
+            return control(settings, MODEL, "state")
+        except ray.exceptions.RayActorError:
+            time.sleep(1)
+    raise AssertionError("the controller actor did not come back")
+
+
 def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
     import ray
     from ray.job_submission import JobStatus
@@ -243,17 +291,8 @@ def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
                 pass  # not submitted yet
             time.sleep(0.5)
         ray.kill(handle, no_restart=False)  # Ray starts the actor again; it resumes from the store
-
-        def current() -> dict:
-            for _ in range(60):  # while Ray restarts the actor
-                try:
-                    return control(settings, MODEL, "state")
-                except ray.exceptions.RayActorError:
-                    time.sleep(1)
-            raise AssertionError("the controller actor did not come back")
-
         deadline = time.monotonic() + 420
-        while (after := current())["state"] == "retraining":
+        while (after := _actor_state(settings))["state"] == "retraining":
             assert time.monotonic() < deadline
             time.sleep(2)
         assert after["state"] in ("evaluating", "canary", "rejected", "serving"), after
@@ -267,3 +306,77 @@ def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
         assert registry.alias_version(MODEL, CHAMPION) == 1
     finally:
         ray.kill(actor(settings, MODEL) or handle)
+
+
+def test_the_controller_actor_killed_mid_canary_judges_the_same_canary_and_promotes_once(loop):
+    """The canary's state (challenger, start) is in the store and its evidence in the inference
+    log, so the restarted actor goes on judging the same canary; the transitions reach Ray's
+    metrics export port."""
+    import ray
+
+    from cluster.controller import actor
+
+    settings, registry, controller = loop
+    settings.controller.interval_s = 1.0
+    settings.controller.canary = CanaryPolicy(min_requests=150)
+    started = time.time()
+    controller.store.save(ControllerState(model=MODEL, state="canary", champion=1, challenger=2,
+                                          retrain_id="r-canary", canary_started=started))
+    _canary_traffic(settings, "champion", 400)
+    _canary_traffic(settings, "challenger", 100)
+    handle = actor(settings, MODEL, start=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "100 of 150" not in _actor_state(settings)["detail"].get("waiting", ""):
+            assert time.monotonic() < deadline, _actor_state(settings)
+            time.sleep(0.5)
+        ray.kill(handle, no_restart=False)  # Ray starts it again; it resumes from the store
+        _canary_traffic(settings, "challenger", 60, start=100)
+        deadline = time.monotonic() + 90
+        while (state := _actor_state(settings))["state"] != "serving":
+            assert time.monotonic() < deadline and state["state"] in ("canary", "promoting"), state
+            time.sleep(0.5)
+        assert state["champion"] == 2 and state["previous_champion"] == 1
+        assert state["detail"]["canary"]["challenger"]["requests"] == 160
+        assert [(e["from"], e["to"]) for e in controller.events()] == [
+            ("canary", "promoting"), ("promoting", "serving")]  # one decision, one promotion
+        assert registry.alias_version(MODEL, CHAMPION) == 2 and \
+            registry.alias_version(MODEL, PREVIOUS) == 1
+        port = ray.nodes()[0]["MetricsExportPort"]
+        deadline, wanted = time.monotonic() + 60, {
+            "ray_llmops_controller_state": 'state="serving"',
+            "ray_llmops_controller_transitions_total": 'from="canary"'}
+        while wanted and time.monotonic() < deadline:
+            wanted = {name: label for name, label in wanted.items() if not any(
+                f'model="{MODEL}"' in line and label in line for line in _metrics(port, name))}
+            time.sleep(2)
+        assert not wanted, wanted
+        serving = [line for line in _metrics(port, "ray_llmops_controller_state")
+                   if 'state="serving"' in line and f'model="{MODEL}"' in line]
+        assert any(line.endswith(" 1.0") for line in serving), serving
+    finally:
+        ray.kill(actor(settings, MODEL) or handle)
+
+
+def test_a_retrain_lost_with_the_cluster_is_submitted_again_and_a_stopped_one_abandoned(loop):
+    """After the whole cluster restarts, Ray's job table is empty: the controller submits the
+    retrain again under the same id (from the same stored data); a job that is stopped ends in
+    `rejected`, then serving, with the champion untouched."""
+    settings, registry, controller = loop
+    registry.set_alias(MODEL, CHALLENGER, None)
+    _served(settings, registry, "new-product", 120, 100)
+    state = controller.retrain_now()
+    client = controller._job_client()
+    with pytest.raises(RuntimeError):
+        client.get_job_status(state.retrain_id)  # as after a cluster restart: no such job
+    assert controller.step().state == "retraining"  # submitted now
+    assert client.get_job_info(state.retrain_id).submission_id == state.retrain_id
+    client.stop_job(state.retrain_id)
+    deadline = time.monotonic() + 120
+    while (state := controller.step()).state == "retraining":
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    assert state.state == "rejected" and "stopped" in controller.events()[-1]["reason"]
+    state = controller.step()
+    assert state.state == "serving" and state.champion == 1 and state.challenger is None
+    assert registry.alias_version(MODEL, CHAMPION) == 1

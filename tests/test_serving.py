@@ -315,6 +315,14 @@ def test_canary_split_is_sticky_and_shadow_answers_with_champion(platform):
     assert models["classifier"].model_dump() == MODEL
     assert (models["classifier_shadow"].version, models["classifier_shadow"].variant) == (
         "2", "shadow")
+    # the shadow's answer is logged beside the champion's (a shadow canary is judged on it);
+    # drift checks, retraining and feedback read only what users got
+    deadline = time.monotonic() + 20
+    while len(both := read(platform.log_uri, request_id="s-1", shadow=True)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.25)
+    assert sorted(zip(both.variant, both.model_version)) == [("champion", "1"), ("shadow", "2")]
+    assert list(read(platform.log_uri, request_id="s-1").variant) == ["champion"]
     set_canary(platform.cluster, "moderation", uri, None)
     assert platform.cluster.status()["moderation"]["deployments"]["Classifier"]["canary"] is None
 

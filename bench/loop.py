@@ -1,0 +1,81 @@
+"""The closed loop per drift scenario: seconds from drift onset to detection, to a registered
+challenger and to the new champion serving; macro-F1 on the drifted traffic before and after
+(against the champion's macro-F1 on clean traffic, the level to recover); failed requests.
+
+    python bench/loop.py --json [--scenarios new-product slang ...] [--data-dir .llmops]
+
+Runs on the demo's stack (`make demo` trains the champions; the pipelines are deployed if they
+are not): for each scenario, what `llmops demo` does after its setup (clean traffic, then the
+scenario with 30% of the requests labelled, the support router's controller stepping every
+`controller.interval_s`). Before each scenario the router's first champion is restored
+(`llmops rollback --to-version`, `--from-version` picks it), so every scenario starts from the
+same model; the retrain
+cooldown and daily budget are lifted for the run. The baseline of each row is its own first
+line: the old champion's macro-F1 on the drifted traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster import demo  # noqa: E402
+from cluster.controller import control, stop  # noqa: E402
+from cluster.settings import load_settings  # noqa: E402
+from training.data import SCENARIOS  # noqa: E402
+from training.registry import CHAMPION, Registry  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=[s for s in SCENARIOS if s != "base"],
+                        choices=[s for s in SCENARIOS if s != "base"])
+    parser.add_argument("--from-version", type=int, default=None,
+                        help="the router version every scenario starts from (default: the champion)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    settings = load_settings(args.config, overrides={"data_dir": args.data_dir} if args.data_dir
+                             else None)
+    settings.controller.cooldown_s = 0
+    settings.controller.max_retrains_per_day = 10 * len(args.scenarios)
+    settings_args = [x for flag, value in (("--config", args.config),
+                                           ("--data-dir", args.data_dir)) if value
+                     for x in (flag, value)]
+
+    def say(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    demo.prepare(settings, settings_args, say)
+    stop(settings, demo.MODEL)  # started again below with this run's settings
+    first = args.from_version or Registry(settings.registry, settings.data_dir).alias_version(
+        demo.MODEL, CHAMPION)
+    rows = []
+    for scenario in args.scenarios:
+        if Registry(settings.registry, settings.data_dir).alias_version(
+                demo.MODEL, CHAMPION) != first:
+            control(settings, demo.MODEL, "rollback", first)
+            say(f"{demo.MODEL}: back to v{first}")
+        say(f"scenario {scenario}")
+        rows.append(demo.drift_loop(settings, scenario, say))
+    stop(settings, demo.MODEL)
+    result = {"model": demo.MODEL, "first_champion": first, "scenarios": rows}
+    if args.json:
+        print(json.dumps(result))
+        return
+    for r in rows:
+        f1, at = r["macro_f1"], r["seconds_after_drift_onset"]
+        print(f"{r['scenario']:14s} {r['outcome']:10s} detected {at['drift_detected']} s, "
+              f"challenger {at['challenger_registered']} s, serving {at['new_champion_serving']} s;"
+              f" macro-F1 clean {f1['clean_traffic_before_drift']}, drifted "
+              f"{f1['drifted_traffic']} ({f1['recovered']}); failed {r['requests_failed']}")
+
+
+if __name__ == "__main__":
+    main()
