@@ -182,6 +182,27 @@ class AuthConfig(_Strict):
     default_ttl_s: int = Field(3600, ge=1, description="lifetime of `llmops token create` tokens")
 
 
+class TenantLimits(_Strict):
+    """A tenant's budgets (None: no limit). Days are UTC days."""
+
+    requests_per_day: int | None = Field(100_000, ge=1)
+    tokens_per_day: int | None = Field(20_000_000, ge=1, description="prompt plus generated")
+    requests_per_second: float | None = Field(50, gt=0, description="sustained; bursts up to "
+                                              "one second's worth")
+
+
+class QuotaConfig(_Strict):
+    """Per-tenant quotas, kept by one authority (`serve_apps/quota.py`)."""
+
+    default: TenantLimits = Field(default_factory=TenantLimits)
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict, description="per-tenant "
+                                             "limits replacing the default")
+    store: str | None = Field(None, description="the ledger file; empty: <data_dir>/quota.json")
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        return self.tenants.get(tenant, self.default)
+
+
 class ServeConfig(_Strict):
     """HTTP front door and the applications it serves."""
 
@@ -195,3 +216,4 @@ class ServeConfig(_Strict):
     chat: ChatAppConfig = Field(default_factory=ChatAppConfig)
     feedback: FeedbackAppConfig = Field(default_factory=FeedbackAppConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
