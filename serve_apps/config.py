@@ -182,6 +182,42 @@ class AuthConfig(_Strict):
     default_ttl_s: int = Field(3600, ge=1, description="lifetime of `llmops token create` tokens")
 
 
+class GuardrailRule(_Strict):
+    """One check of a text (`serve_apps/guardrails.py`) and what a hit does: `block` refuses the
+    request (422), `redact` replaces what matched, `flag` only reports it."""
+
+    name: str
+    kind: Literal["denylist", "injection", "pii", "bias"]
+    action: Literal["block", "redact", "flag"]
+    patterns: list[str] = Field(default_factory=list, description="denylist: regular "
+                                "expressions, matched case-insensitively")
+
+    @model_validator(mode="after")
+    def _patterns(self) -> GuardrailRule:
+        import re
+
+        if self.kind == "denylist" and not self.patterns:
+            raise ValueError(f"guardrail {self.name!r}: a denylist needs patterns")
+        for pattern in self.patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"guardrail {self.name!r}: bad pattern {pattern!r}: {exc}") \
+                    from None
+        return self
+
+
+class GuardrailsConfig(_Strict):
+    """Rules run in the declared order on each input text before the models see it, and on each
+    output text before it leaves."""
+
+    input: list[GuardrailRule] = Field(default_factory=lambda: [
+        GuardrailRule(name="prompt-injection", kind="injection", action="block")])
+    output: list[GuardrailRule] = Field(default_factory=lambda: [
+        GuardrailRule(name="personal-data", kind="pii", action="redact"),
+        GuardrailRule(name="protected-attributes", kind="bias", action="flag")])
+
+
 class TenantLimits(_Strict):
     """A tenant's budgets (None: no limit). Days are UTC days."""
 
