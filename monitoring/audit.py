@@ -15,6 +15,7 @@ writer cuts it off. The folder is local (fsync); ship it elsewhere with `export`
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -111,6 +112,56 @@ class AuditChain:
         tmp.write_text(json.dumps({"seq": self.seq, "hash": self.last, "file": path.name}))
         tmp.replace(self.folder / HEAD)
         return chained
+
+
+class AuditLogger:
+    """The one writer of a cluster's audit chain, as an async Ray actor (`logger()` starts or
+    finds it): appends that arrive while a batch is being written go together into the next one,
+    one fsync per batch (group commit), and each call returns only once its records are on
+    disk. Ray restarts it if its process dies; the new writer continues the chain from disk,
+    and a call cut off by the crash is retried, so its records may be written twice, never
+    lost."""
+
+    def __init__(self, folder: str, config_json: str):
+        self.chain = AuditChain(folder, AuditConfig.model_validate_json(config_json))
+        self.waiting: list[tuple[list[dict], asyncio.Future]] = []
+        self.writer: asyncio.Task | None = None
+
+    async def append(self, records: list[dict]) -> list[int]:
+        """The records' sequence numbers, once they are on disk."""
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((records, future))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.get_running_loop().create_task(self._write())
+        return await future
+
+    async def _write(self) -> None:
+        while self.waiting:
+            batch, self.waiting = self.waiting, []
+            try:
+                written = await asyncio.to_thread(self.chain.append,
+                                                  [r for records, _ in batch for r in records])
+            except Exception as exc:  # each waiting caller gets the error
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for records, future in batch:
+                future.set_result([r["seq"] for r in written[start:start + len(records)]])
+                start += len(records)
+
+
+LOGGER = "llmops-audit"
+
+
+def logger(config: AuditConfig, folder: str | Path):
+    """The audit logger of the connected Ray cluster, started on first use (detached, in the
+    `llmops` namespace; restarted by Ray, calls retried)."""
+    import ray
+
+    return ray.remote(AuditLogger).options(
+        name=LOGGER, namespace="llmops", lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_restarts=-1, max_task_retries=-1).remote(str(folder), config.model_dump_json())
 
 
 @dataclass

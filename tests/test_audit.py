@@ -120,6 +120,53 @@ def test_a_writer_killed_mid_load_loses_no_acknowledged_record(tmp_path):
     assert {f"r{i}" for i in range(acked)} <= logged
 
 
+def test_the_logger_actor_killed_mid_load_loses_no_acknowledged_record(ray_session, tmp_path):
+    """Eight clients append through the cluster's one logger while Ray kills and restarts it:
+    every append that returned is in the chain, and the chain verifies."""
+    import threading
+    import time
+
+    import ray
+
+    from monitoring.audit import logger
+
+    folder = tmp_path / "audit"
+    audit = logger(AuditConfig(), folder)
+    acked: set[str] = set()
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            ids = [f"c{k}-{i}-{j}" for j in range(4)]
+            ray.get(audit.append.remote([{"request_id": r} for r in ids]), timeout=120)
+            acked.update(ids)  # acknowledged: only now may its request be answered
+            i += 1
+
+    def until(n: int) -> None:
+        deadline = time.monotonic() + 120
+        while len(acked) < n:
+            assert time.monotonic() < deadline, len(acked)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        until(400)
+        ray.kill(audit, no_restart=False)  # mid-load; Ray restarts it and retries the calls
+        until(len(acked) + 400)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        ray.kill(audit)
+    assert verify(folder).ok
+    logged = {json.loads(line)["request_id"] for f in sorted(folder.glob("audit-*.jsonl"))
+              for line in f.read_text().splitlines()}
+    assert acked <= logged and len(acked) >= 800
+
+
 def _llmops(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--data-dir",
                            str(data_dir)], capture_output=True, text=True, timeout=120)
