@@ -9,9 +9,8 @@ are not): for each scenario, what `llmops demo` does after its setup (clean traf
 scenario with 30% of the requests labelled, the support router's controller stepping every
 `controller.interval_s`). Before each scenario the router's first champion is restored
 (`llmops rollback --to-version`, `--from-version` picks it), so every scenario starts from the
-same model; the retrain
-cooldown and daily budget are lifted for the run. The baseline of each row is its own first
-line: the old champion's macro-F1 on the drifted traffic.
+same model; the retrain cooldown and daily budget are lifted for the run. The baseline of each
+row is its own first line: the old champion's macro-F1 on the drifted traffic.
 """
 
 from __future__ import annotations
@@ -54,12 +53,11 @@ def main() -> None:
 
     demo.prepare(settings, settings_args, say)
     stop(settings, demo.MODEL)  # started again below with this run's settings
-    first = args.from_version or Registry(settings.registry, settings.data_dir).alias_version(
-        demo.MODEL, CHAMPION)
+    registry = Registry(settings.registry, settings.data_dir)
+    first = args.from_version or registry.alias_version(demo.MODEL, CHAMPION)
     rows = []
     for scenario in args.scenarios:
-        if Registry(settings.registry, settings.data_dir).alias_version(
-                demo.MODEL, CHAMPION) != first:
+        if registry.alias_version(demo.MODEL, CHAMPION) != first:
             control(settings, demo.MODEL, "rollback", first)
             say(f"{demo.MODEL}: back to v{first}")
         say(f"scenario {scenario}")

@@ -15,7 +15,6 @@ step it was in.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import time
@@ -85,14 +84,6 @@ def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | Non
                   f"{cc['confidence']:.3f})"), stats
 
 
-@functools.cache
-def _metric(kind: str, name: str, description: str, tags: tuple[str, ...]):
-    """One Ray metric object per process (Ray registers a name once per worker)."""
-    from ray.util import metrics
-
-    return getattr(metrics, kind)(name, description=description, tag_keys=tags)
-
-
 def export(state: ControllerState, moved_from: str | None = None) -> None:
     """The state (and the transition into it) as metrics on Ray's export port, with a `ray_`
     prefix, where the controller runs in a Ray process (its actor, a driver); else nothing.
@@ -103,17 +94,19 @@ def export(state: ControllerState, moved_from: str | None = None) -> None:
     """
     import ray
 
+    from serve_apps.metrics import metric
+
     if not ray.is_initialized():
         return
-    gauge = _metric("Gauge", "llmops_controller_state", "1 for the loop's current state.",
+    gauge = metric("gauge", "llmops_controller_state", "1 for the loop's current state.",
                     ("model", "state"))
     for name in STATES:
         gauge.set(float(name == state.state), tags={"model": state.model, "state": name})
-    _metric("Gauge", "llmops_controller_state_since_timestamp_seconds",
+    metric("gauge", "llmops_controller_state_since_timestamp_seconds",
             "When the loop entered its current state.", ("model",)).set(
         state.since, tags={"model": state.model})
     if moved_from is not None:
-        _metric("Counter", "llmops_controller_transitions", "Transitions of the loop.",
+        metric("counter", "llmops_controller_transitions", "Transitions of the loop.",
                 ("model", "from", "to")).inc(
             tags={"model": state.model, "from": moved_from, "to": state.state})
 

@@ -109,12 +109,13 @@ class Verifier:
         if not authorization:
             raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise Unauthorized("the Authorization header must be 'Bearer <token>'")
         try:
-            header = jwt.get_unverified_header(token.strip())
+            header = jwt.get_unverified_header(token)
             key = self._key(header)
-            claims = jwt.decode(token.strip(), key, algorithms=[header["alg"]],
+            claims = jwt.decode(token, key, algorithms=[header["alg"]],
                                 audience=self.config.audience, issuer=self.config.issuer,
                                 leeway=self.config.leeway_s,
                                 options={"require": ["exp", "iss", "aud", "sub"]})

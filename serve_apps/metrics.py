@@ -20,9 +20,10 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 @functools.cache
-def _metric(kind: str, name: str, description: str, tags: tuple[str, ...],
-            boundaries: tuple[float, ...] = ()):
-    """One metric object per process (Ray registers a name once per worker)."""
+def metric(kind: str, name: str, description: str, tags: tuple[str, ...],
+           boundaries: tuple[float, ...] = ()):
+    """One metric object per process (Ray registers a name once per worker). Outside a replica
+    (the closed-loop controller's actor) Serve adds no tags of its own."""
     from ray.serve import metrics
 
     if kind == "histogram":
@@ -32,31 +33,31 @@ def _metric(kind: str, name: str, description: str, tags: tuple[str, ...],
 
 
 def request_answered(model: str | None, version: str | None, outcome: str) -> None:
-    _metric("counter", "llmops_requests", "Answered texts by deciding model and outcome.",
+    metric("counter", "llmops_requests", "Answered texts by deciding model and outcome.",
             ("model", "model_version", "outcome")).inc(
         tags={"model": model or "none", "model_version": version or "none", "outcome": outcome})
 
 
 def request_latency(model: str | None, seconds: float) -> None:
-    _metric("histogram", "llmops_request_latency_seconds", "Request latency at the ingress.",
+    metric("histogram", "llmops_request_latency_seconds", "Request latency at the ingress.",
             ("model",), tuple(LATENCY_BUCKETS_S)).observe(seconds, tags={"model": model or "none"})
 
 
 def guardrail_action(action: str) -> None:
-    _metric("counter", "llmops_guardrail_actions", "Moderation actions taken.",
+    metric("counter", "llmops_guardrail_actions", "Moderation actions taken.",
             ("action",)).inc(tags={"action": action})
 
 
 def error(status: int) -> None:
-    _metric("counter", "llmops_errors", "Problem responses by HTTP status.",
+    metric("counter", "llmops_errors", "Problem responses by HTTP status.",
             ("status",)).inc(tags={"status": str(status)})
 
 
 def batch(model: str, version: str, size: int, seconds: float) -> None:
     tags = {"model": model, "model_version": version}
-    _metric("histogram", "llmops_batch_size", "Texts per forward pass.",
+    metric("histogram", "llmops_batch_size", "Texts per forward pass.",
             ("model", "model_version"), tuple(BATCH_BUCKETS)).observe(size, tags=tags)
-    _metric("histogram", "llmops_model_batch_seconds", "Time of one forward pass.",
+    metric("histogram", "llmops_model_batch_seconds", "Time of one forward pass.",
             ("model", "model_version"), tuple(LATENCY_BUCKETS_S)).observe(seconds, tags=tags)
 
 
@@ -64,7 +65,7 @@ def model_info(identities: dict) -> None:
     """Mark the versions a replica serves (1). `identities` is `ModelSlot.identities()`. Ray
     drops a gauge series that is not set again within two export intervals, so the replica
     re-marks every few seconds and a swapped-out version disappears by itself."""
-    gauge = _metric("gauge", "llmops_model_info", "1 for each model version a replica serves.",
+    gauge = metric("gauge", "llmops_model_info", "1 for each model version a replica serves.",
                     ("model", "model_version", "alias", "variant"))
     for variant in ("champion", "challenger"):
         if (ident := identities.get(variant)) is not None:
