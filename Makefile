@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/serve.py --json
 	$(PY) bench/swap.py --json
 	$(PY) bench/drift.py --json
+	$(PY) bench/governance.py --json
 	$(PY) bench/loop.py --json   # on the demo's stack: trains the champions if absent
 
 clean:

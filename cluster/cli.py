@@ -131,14 +131,14 @@ def cmd_models(args) -> Output:
 
 
 def cmd_traffic(args) -> Output:
-    from cluster.traffic import send
+    from cluster.traffic import send, token
 
     settings = _settings(args)
     app = getattr(settings.serve, args.app, None)
     prefix = app.route_prefix if app is not None else ""
     report = send(f"http://{settings.serve.host}:{settings.serve.port}", args.app, prefix,
                   args.scenario, args.n, args.seed, args.fraction, args.concurrency,
-                  args.feedback, settings.serve.feedback.route_prefix)
+                  args.feedback, settings.serve.feedback.route_prefix, token(settings))
     return Output(report, lambda p: (f"{p['requests']} requests ({p['scenario']}) to {p['url']}: "
                                      f"{p['ok']} ok, {p['failed']} failed, {p['rps']} req/s, "
                                      f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms; "
@@ -242,7 +242,8 @@ def _format_events(events: list[dict]) -> list[str]:
 
 
 def cmd_controller(args) -> Output:
-    from cluster.controller import ACTOR_NAMESPACE, actor, control, stop
+    from cluster.controller import actor, control, stop
+    from monitoring.singleton import NAMESPACE
 
     settings = _settings(args)
     models = args.models or settings.controller.models
@@ -255,7 +256,7 @@ def cmd_controller(args) -> Output:
         elif args.action == "step":
             control(settings, model, "step")
         out[model] = {"running": actor(settings, model) is not None,
-                      "namespace": ACTOR_NAMESPACE, "state": control(settings, model, "state"),
+                      "namespace": NAMESPACE, "state": control(settings, model, "state"),
                       "events": control(settings, model, "events")[-args.events:]}
 
     def human(payload: dict) -> str:
@@ -368,7 +369,7 @@ def _generated_serve_config(settings: Settings, registry, gpus: float) -> dict:
 
     gpu = settings.serve.use_gpu == "yes" or (settings.serve.use_gpu == "auto" and gpus >= 1)
     return serve_config(settings.serve, registry.tracking_uri, gpu, dict(runtime.PLATFORM_ENV),
-                        settings.log_settings())
+                        settings.log_settings(), settings.governance())
 
 
 def _format_status(payload: dict) -> str:
@@ -389,11 +390,15 @@ def _format_status(payload: dict) -> str:
 def cmd_up(args) -> Output:
     import yaml
 
+    from serve_apps.auth import ensure_secret, secret_path
+
     settings = _settings(args)
     registry = _registry(settings)
     started = False
     if settings.ray.address is None:
         started = runtime.start_head(settings.ray, settings.data_dir)
+    if any(a.startswith("HS") for a in settings.serve.auth.algorithms):
+        ensure_secret(secret_path(settings.serve.auth, settings.data_dir.resolve()))
     config = _generated_serve_config(settings, registry, runtime.cluster_gpus(settings.ray.address))
     path = settings.data_dir / "serve_config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

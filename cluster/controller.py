@@ -29,6 +29,7 @@ import yaml
 from cluster.settings import CanaryPolicy, Settings
 from cluster.state import BUSY, STATES, ControllerState, StateStore
 from monitoring.log import SHADOW
+from monitoring.singleton import NAMESPACE, singleton
 from training.errors import LLMOpsError
 from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
 
@@ -427,9 +428,6 @@ class Controller:
         return self._promoting(state)
 
 
-ACTOR_NAMESPACE = "llmops"
-
-
 def actor_name(model: str) -> str:
     return f"controller-{model}"
 
@@ -492,12 +490,10 @@ def actor(settings: Settings, model: str, start: bool = False):
             raise LLMOpsError("no Ray cluster is running (start the platform with `llmops up`)")
         return None
     if start:
-        return ray.remote(ControllerActor).options(
-            name=actor_name(model), namespace=ACTOR_NAMESPACE, lifetime="detached",
-            get_if_exists=True, num_cpus=0, max_restarts=-1).remote(
-            portable(settings).model_dump_json(), model)
+        return singleton(ControllerActor, actor_name(model), portable(settings).model_dump_json(),
+                         model, retry_calls=False)
     try:
-        return ray.get_actor(actor_name(model), namespace=ACTOR_NAMESPACE)
+        return ray.get_actor(actor_name(model), namespace=NAMESPACE)
     except ValueError:
         return None
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from cluster import runtime
 from cluster.controller import actor, control
 from cluster.settings import Settings
-from cluster.traffic import send
+from cluster.traffic import send, token
 from training.errors import LLMOpsError
 from training.registry import CHAMPION, Registry
 
@@ -60,10 +60,10 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
     step(f"controller for {MODEL} v{old} running (Ray actor, Actors tab of the dashboard)")
     url = f"http://{settings.serve.host}:{settings.serve.port}"
     prefix, feedback = settings.serve.support.route_prefix, settings.serve.feedback.route_prefix
-    reports = []
+    reports, bearer = [], token(settings)
 
     def traffic(scenario: str, n: int, seed: int, fraction: float = 1.0, labels: float = 0.0):
-        r = send(url, "support", prefix, scenario, n, seed, fraction, 8, labels, feedback)
+        r = send(url, "support", prefix, scenario, n, seed, fraction, 8, labels, feedback, bearer)
         reports.append(r)
         step(f"sent {n} {scenario} requests ({r['ok']} ok, {r['failed']} failed, {r['rps']} "
              f"req/s), {r['feedback']['accepted']} labelled")

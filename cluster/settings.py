@@ -119,6 +119,19 @@ class Settings(BaseModel):
         return {"uri": self.log_uri, **log.model_dump(exclude={"uri", "enabled"})} if log.enabled \
             else None
 
+    def governance(self) -> dict:
+        """What the pipelines' policies receive (`serve_apps.policies.chain`), every path
+        resolved: the token secret, the quota ledger, the audit folder (None when off)."""
+        from serve_apps.auth import secret_path
+
+        data = self.data_dir.resolve()
+        auth, quota, audit = self.serve.auth, self.serve.quota, self.monitoring.audit
+        auth = auth.model_copy(update={"secret_file": str(secret_path(auth, data))})
+        quota = quota.model_copy(update={"store": quota.store or str(data / "quota.json")})
+        return {"auth": auth.model_dump(mode="json"), "quota": quota.model_dump(mode="json"),
+                "audit": {"folder": str(self.audit_dir), "max_bytes": audit.max_bytes}
+                if audit.enabled else None}
+
     @property
     def dashboard_address(self) -> str:
         """The Ray dashboard (Serve's REST API) of the cluster the platform runs on."""

@@ -9,19 +9,32 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from cluster.settings import Settings
 from training.data import generate
 from training.errors import LLMOpsError
 
+MAX_WAIT_S = 10.0
 # application -> (dataset, path under its route prefix)
 TARGETS = {"support": ("support-tickets", "/route"), "moderation": ("moderation", "/")}
 
 
+def token(settings: Settings) -> str:
+    """A development token of tenant `traffic` with the scopes traffic needs (moderate,
+    support, feedback), signed with the platform's secret."""
+    from serve_apps.auth import issue
+
+    return issue(settings.serve.auth, settings.data_dir, tenant="traffic",
+                 scopes=["moderate", "support", "feedback"], subject="llmops-traffic",
+                 ttl_s=24 * 3600)
+
+
 def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed: int,
          fraction: float, concurrency: int, feedback: float = 0.0,
-         feedback_prefix: str = "/v1/feedback") -> dict:
-    """Send `n` generated texts; the report counts answers by status code and gives latency.
-    A seeded `feedback` share of the answered requests then gets its true label through the
-    feedback application, as human review would (the labels retraining learns from)."""
+         feedback_prefix: str = "/v1/feedback", bearer: str | None = None) -> dict:
+    """Send `n` generated texts (with the `bearer` token); the report counts answers by status
+    code and gives latency. A seeded `feedback` share of the answered requests then gets its
+    true label through the feedback application, as human review would (the labels retraining
+    learns from)."""
     import httpx
 
     if app not in TARGETS:
@@ -34,20 +47,28 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
     rows = generate(dataset, scenario, n, seed, fraction)
     ids = [f"traffic-{scenario}-{seed}-{time.time_ns()}-{i}" for i in range(n)]
     url = base_url + route_prefix.rstrip("/") + path
-    with httpx.Client(timeout=60) as client:
+    auth = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+    with httpx.Client(timeout=60, headers=auth) as client:
         try:
             client.post(url, json={"text": rows.text.iloc[0]})
         except httpx.HTTPError as exc:
             raise LLMOpsError(f"nothing answers at {url} (start it with `llmops up`)") from exc
 
         def one(i: int) -> tuple[int, float]:
-            started = time.perf_counter()
-            try:
-                code = client.post(url, json={"text": rows.text.iloc[i]},
-                                   headers={"X-Request-ID": ids[i]}).status_code
-            except httpx.HTTPError:
-                code = 0
-            return code, time.perf_counter() - started
+            """A request, sent again after `Retry-After` when throttled (429 by the tenant's
+            rate limit, 503 by load shedding) for up to `MAX_WAIT_S`, as a polite client does."""
+            started, waited = time.perf_counter(), 0.0
+            while True:
+                try:
+                    r = client.post(url, json={"text": rows.text.iloc[i]},
+                                    headers={"X-Request-ID": ids[i]})
+                except httpx.HTTPError:
+                    return 0, time.perf_counter() - started
+                wait = float(r.headers.get("retry-after", "inf"))
+                if r.status_code not in (429, 503) or waited + wait > MAX_WAIT_S:
+                    return r.status_code, time.perf_counter() - started
+                time.sleep(wait)
+                waited += wait
 
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:

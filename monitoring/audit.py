@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from monitoring.batching import GroupCommit
 from monitoring.config import AuditConfig
+from monitoring.singleton import keyed, singleton
 
 GENESIS = "0" * 64
 HEAD = "head.json"
@@ -124,44 +126,17 @@ class AuditLogger:
 
     def __init__(self, folder: str, config_json: str):
         self.chain = AuditChain(folder, AuditConfig.model_validate_json(config_json))
-        self.waiting: list[tuple[list[dict], asyncio.Future]] = []
-        self.writer: asyncio.Task | None = None
+        self.commit = GroupCommit(lambda records: asyncio.to_thread(self.chain.append, records))
 
     async def append(self, records: list[dict]) -> list[int]:
         """The records' sequence numbers, once they are on disk."""
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append((records, future))
-        if self.writer is None or self.writer.done():
-            self.writer = asyncio.get_running_loop().create_task(self._write())
-        return await future
-
-    async def _write(self) -> None:
-        while self.waiting:
-            batch, self.waiting = self.waiting, []
-            try:
-                written = await asyncio.to_thread(self.chain.append,
-                                                  [r for records, _ in batch for r in records])
-            except Exception as exc:  # each waiting caller gets the error
-                for _, future in batch:
-                    future.set_exception(exc)
-                continue
-            start = 0
-            for records, future in batch:
-                future.set_result([r["seq"] for r in written[start:start + len(records)]])
-                start += len(records)
-
-
-LOGGER = "llmops-audit"
+        return [r["seq"] for r in await self.commit.submit(records)]
 
 
 def logger(config: AuditConfig, folder: str | Path):
-    """The audit logger of the connected Ray cluster, started on first use (detached, in the
-    `llmops` namespace; restarted by Ray, calls retried)."""
-    import ray
-
-    return ray.remote(AuditLogger).options(
-        name=LOGGER, namespace="llmops", lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_restarts=-1, max_task_retries=-1).remote(str(folder), config.model_dump_json())
+    """The audit logger of `folder` on the connected Ray cluster, started on first use."""
+    folder = str(Path(folder).resolve())
+    return singleton(AuditLogger, keyed("llmops-audit", folder), folder, config.model_dump_json())
 
 
 @dataclass

@@ -62,15 +62,26 @@ class Monitor:
         return exposition(self.prometheus)
 
     def serve(self, after_tick: Callable[[dict[str, Decision | None]], None]) -> None:
-        """Serve /metrics and check every `interval_s` until interrupted."""
+        """Serve /metrics and check every `interval_s` until SIGINT or SIGTERM, which stop the
+        loop after the check in progress (an interrupt inside Evidently or pandas can leave
+        their worker threads hanging); then raises `KeyboardInterrupt`."""
+        import signal
+        import threading
+
         from prometheus_client import start_http_server
 
         cfg = self.config.monitor
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         server, _ = start_http_server(cfg.port, addr=cfg.host, registry=self.prometheus)
         try:
-            while True:
+            while not stop.is_set():
                 began = time.monotonic()
                 after_tick(self.tick())
-                time.sleep(max(0.0, cfg.interval_s - (time.monotonic() - began)))
+                stop.wait(max(0.0, cfg.interval_s - (time.monotonic() - began)))
         finally:
             server.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        raise KeyboardInterrupt

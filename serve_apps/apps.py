@@ -13,8 +13,10 @@ from ray.serve import Application
 from serve_apps.chat import ChatPipeline
 from serve_apps.config import (
     ChatAppConfig,
+    FeedbackAppConfig,
     ModelDeploymentConfig,
     ModerationAppConfig,
+    OverloadConfig,
     SupportAppConfig,
 )
 from serve_apps.deployments import Classifier, Encoder, Generator
@@ -53,8 +55,17 @@ def deployment_options(md: ModelDeploymentConfig, use_gpu: bool,
             "max_ongoing_requests": max(md.max_ongoing_requests, md.batching.max_batch_size)}
 
 
-def _ingress(args: dict) -> dict:
-    return {"ray_actor_options": {"num_cpus": args["ingress_cpus"]}}
+def ingress_options(overload: OverloadConfig, cpus: float) -> dict:
+    """`.options()` of an application's ingress, in the field names of Serve's config file:
+    Serve sheds load past `max_queued_requests` with 503 and `Retry-After`."""
+    return {"ray_actor_options": {"num_cpus": cpus},
+            "max_ongoing_requests": overload.max_ongoing_requests,
+            "max_queued_requests": overload.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": overload.retry_after_s}}
+
+
+def _ingress(cfg, args: dict) -> dict:
+    return ingress_options(cfg.overload, args["ingress_cpus"])
 
 
 def _model(deployment, md: ModelDeploymentConfig, args: dict):
@@ -63,30 +74,34 @@ def _model(deployment, md: ModelDeploymentConfig, args: dict):
 
 
 def moderation(args: dict) -> Application:
-    """args: config (ModerationAppConfig), limits, tracking_uri, use_gpu, ingress_cpus, and
-    log (the inference log's uri and LogConfig; absent: no log)."""
+    """args: config (ModerationAppConfig), limits, tracking_uri, use_gpu, ingress_cpus, log
+    (the inference log's uri and LogConfig; absent: no log) and governance (what the policies
+    need, `serve_apps.policies.chain`; absent: no policies)."""
     cfg = ModerationAppConfig.model_validate(args["config"])
-    return ModerationPipeline.options(**_ingress(args)).bind(
+    return ModerationPipeline.options(**_ingress(cfg, args)).bind(
         _model(Classifier, cfg.classifier, args), _model(Generator, cfg.generator, args),
-        args["config"], args["limits"], args.get("log"))
+        args["config"], args["limits"], args.get("log"), args.get("governance"))
 
 
 def support(args: dict) -> Application:
     cfg = SupportAppConfig.model_validate(args["config"])
-    return SupportPipeline.options(**_ingress(args)).bind(
+    return SupportPipeline.options(**_ingress(cfg, args)).bind(
         _model(Classifier, cfg.classifier, args), _model(Encoder, cfg.encoder, args),
         _model(Generator, cfg.generator, args), args["config"], args["limits"], args["tracking_uri"],
-        args.get("log"))
+        args.get("log"), args.get("governance"))
 
 
 def chat(args: dict) -> Application:
     cfg = ChatAppConfig.model_validate(args["config"])
-    return ChatPipeline.options(**_ingress(args)).bind(_model(Generator, cfg.generator, args),
-                                                        args["limits"], args.get("log"))
+    return ChatPipeline.options(**_ingress(cfg, args)).bind(
+        _model(Generator, cfg.generator, args), args["config"], args["limits"], args.get("log"),
+        args.get("governance"))
 
 
 def feedback(args: dict) -> Application:
-    return FeedbackService.options(**_ingress(args)).bind(args["log"], args["tracking_uri"])
+    cfg = FeedbackAppConfig.model_validate(args["config"])
+    return FeedbackService.options(**_ingress(cfg, args)).bind(
+        args["log"], args["tracking_uri"], args["config"], args.get("governance"))
 
 
 # application name -> (builder, the model deployments it holds, by config field)

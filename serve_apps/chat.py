@@ -10,16 +10,20 @@ import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_apps.config import LimitsConfig
-from serve_apps.http import InvalidRequest, check_texts, create_app, new_request_id, parse
+from serve_apps import metrics
+from serve_apps.auth import Principal
+from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable
+from serve_apps.config import ChatAppConfig, GenerationConfig, LimitsConfig
+from serve_apps.http import InvalidRequest, check_texts, create_app, parse
 from serve_apps.inference_log import InferenceLog
 from serve_apps.model import UnknownModel
+from serve_apps.policies import Answer, Call, Caller, chain, estimate_tokens
 from training.features import descriptors
 
 
@@ -64,37 +68,44 @@ app = create_app("llmops chat", "OpenAI-compatible chat completions over registe
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class ChatPipeline:
-    def __init__(self, generator: DeploymentHandle, limits: dict, log: dict | None = None):
+    def __init__(self, generator: DeploymentHandle, config: dict, limits: dict,
+                 log: dict | None = None, governance: dict | None = None):
         self.generator = generator
+        self.config = ChatAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
         self.log = InferenceLog("chat", log)
+        self.policies = chain("chat", self.config.policies, self.config.guardrails, governance)
+        self.breaker = CircuitBreaker(self.config.breaker)
         self.created = int(time.time())
 
     @app.get("/models")
-    async def http_models(self) -> dict:
+    async def http_models(self, request: Request) -> dict:
+        await self.policies.authorize(Caller.http(request), "chat")
         return {"object": "list", "data": await self.models()}
 
     @app.post("/chat/completions")
-    async def http_complete(self, body: ChatRequest, request: Request):
-        rid = request.state.request_id
+    async def http_complete(self, body: ChatRequest, request: Request, response: Response):
+        caller = Caller.http(request)
         if not body.stream:
-            return await self.complete(body, rid)
-        first = await self._prepare(body)  # errors surface as a 4xx before the stream opens
+            out = await self._complete(body, caller)
+            response.headers.update(out.pop("headers"))
+            return out
+        call = await self._enter(body, caller)  # errors are a 4xx before the stream opens
 
         async def events() -> AsyncIterator[str]:
-            async for chunk in self.stream(body, rid, prepared=first):
+            async for chunk in self._chunks(call, body):
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=call.headers)
 
     async def models(self) -> list[dict]:
         served = await self.generator.identity.remote()
         return [{"id": served["champion"]["name"], "object": "model", "created": self.created,
                  "owned_by": "llmops", "version": served["champion"]["version"]}]
 
-    async def _prepare(self, request: ChatRequest) -> str:
-        """The text to answer, after checking the model name and the limits."""
+    async def _open(self, request: ChatRequest, caller: Caller) -> Call:
+        """The call for the text to answer, after checking the model name and the limits."""
         served = {m["id"] for m in await self.models()}
         if request.model not in served:
             raise UnknownModel(f"model {request.model!r} is not served here; "
@@ -104,55 +115,124 @@ class ChatPipeline:
         users = [m.text() for m in request.messages if m.role == "user"]
         if not users:
             raise InvalidRequest("messages: at least one message must have role 'user'")
-        return check_texts(users[-1:], self.limits)[0]
+        text = check_texts(users[-1:], self.limits)[0]
+        limit = request.options()["max_new_tokens"] or (self.config.generator.generation
+                                                        or GenerationConfig()).max_new_tokens
+        return self.policies.open("chat", [text], caller, estimate_tokens([text], limit))
 
-    async def complete(self, request: ChatRequest | dict, request_id: str | None = None) -> dict:
+    async def complete(self, request: ChatRequest | dict, request_id: str | None = None,
+                       principal: Principal | dict | None = None) -> dict:
         """A `chat.completion` object, with the exact model version under `llmops`."""
-        request = parse(ChatRequest, request)
-        rid = new_request_id(request_id)
-        text = await self._prepare(request)
-        started = time.perf_counter()
-        out = await self.generator.generate.remote(text, rid, **request.options())
-        await self._record(rid, text, out, started)
+        out = await self._complete(parse(ChatRequest, request), Caller(request_id, principal))
+        out.pop("headers")
+        return out
+
+    async def _complete(self, request: ChatRequest, caller: Caller) -> dict:
+        call = await self._open(request, caller)
+        answer = await self.policies.run(call, lambda c: self._generate(c, request))
+        out, rid = answer.payload, call.request_id
         return {
             "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
             "model": request.model,
             "choices": [{"index": 0, "finish_reason": out["finish_reason"],
-                         "message": {"role": "assistant", "content": out["text"]}}],
+                         "message": {"role": "assistant", "content": answer.outputs[0]}}],
             "usage": {"prompt_tokens": out["prompt_tokens"],
                       "completion_tokens": out["completion_tokens"],
                       "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
-            "llmops": {"request_id": rid, "model": out["model"]}}
+            "llmops": self._meta(call, answer.degraded, out["model"]), "headers": call.headers}
+
+    async def _generate(self, call: Call, request: ChatRequest) -> Answer:
+        """The generator's answer, or the fallback reply while it fails or its breaker is open."""
+        try:
+            out = await self.breaker.call(lambda: self.generator.generate.remote(
+                call.texts[0], call.request_id, **request.options()))
+            degraded = False
+        except Exception as exc:
+            out, degraded = self._fallback(exc), True
+        await self._record(call, out)
+        return Answer([out["text"]], [{"generator": out["model"]}],
+                      out["prompt_tokens"] + out["completion_tokens"], degraded, out)
+
+    def _fallback(self, error: Exception) -> dict:
+        metrics.degraded(type(error).__name__)
+        if self.config.fallback_reply is None:
+            if isinstance(error, GeneratorUnavailable):
+                raise error
+            raise GeneratorUnavailable(f"the generator failed ({type(error).__name__})",
+                                       self.config.breaker.cooldown_s) from error
+        return {"text": self.config.fallback_reply, "finish_reason": "stop", "model": None,
+                "prompt_tokens": 0, "completion_tokens": 0}
+
+    def _meta(self, call: Call, degraded: bool, model: dict | None) -> dict:
+        return {"request_id": call.request_id, "model": model, "degraded": degraded,
+                "guardrails": [f.to_dict() for f in call.findings]}
+
+    async def _enter(self, request: ChatRequest, caller: Caller) -> Call:
+        call = await self._open(request, caller)
+        await self.policies.enter(call)
+        return call
 
     async def stream(self, request: ChatRequest | dict, request_id: str | None = None,
-                     prepared: str | None = None) -> AsyncIterator[dict]:
+                     principal: Principal | dict | None = None) -> AsyncIterator[dict]:
         """`chat.completion.chunk` objects: the role, the content piece by piece, the finish."""
         request = parse(ChatRequest, request)
-        rid = new_request_id(request_id)
-        text = prepared if prepared is not None else await self._prepare(request)
-        started, first = time.perf_counter(), {}
+        call = await self._enter(request, Caller(request_id, principal))
+        async for chunk in self._chunks(call, request):
+            yield chunk
+
+    async def _chunks(self, call: Call, request: ChatRequest) -> AsyncIterator[dict]:
+        """The chunks of a call the policies let in. With output guardrails the content is
+        held until the whole answer is checked (a pattern may span pieces), then sent."""
+        rid, hold = call.request_id, self.policies.checks_output
         base = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": request.model}
-        pieces = self.generator.options(stream=True).stream.remote(text, rid, **request.options())
-        async for piece in pieces:
-            if "model" in piece:
-                first = piece
-                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                            "finish_reason": None}],
-                       "llmops": {"request_id": rid, "model": piece["model"]}}
-            else:
-                yield {**base, "choices": [{"index": 0, "delta": {"content": piece["text"]},
-                                            "finish_reason": None}]}
-        yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        await self._record(rid, text, {**first, "finish_reason": "stop"}, started)
 
-    async def _record(self, rid: str, text: str, out: dict, started: float) -> None:
+        def content(text: str) -> dict:
+            return {**base, "choices": [{"index": 0, "delta": {"content": text},
+                                         "finish_reason": None}]}
+
+        pieces: list[str] = []
+        try:
+            stream = self.generator.options(stream=True).stream.remote(call.texts[0], rid,
+                                                                       **request.options())
+            try:
+                first = await self.breaker.call(lambda: anext(stream))
+            except Exception as exc:
+                first, stream = self._fallback(exc), None
+                pieces.append(first["text"])
+            yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
+                                        "finish_reason": None}],
+                   "llmops": {"request_id": rid, "model": first["model"]}}
+            if stream is not None:
+                async for piece in stream:
+                    pieces.append(piece["text"])
+                    if not hold:
+                        yield content(piece["text"])
+        except Exception as exc:
+            await self.policies.fail(call, exc)
+            raise
+        text = "".join(pieces)
+        out = {"text": text, "model": first["model"], "finish_reason": "stop",
+               "prompt_tokens": first["prompt_tokens"],
+               "completion_tokens": estimate_tokens([text]) if stream else 0}
+        answer = await self.policies.leave(call, Answer(
+            [text], [{"generator": first["model"]}], out["prompt_tokens"] +
+            out["completion_tokens"], stream is None, out))
+        if hold or stream is None:
+            yield content(answer.outputs[0])
+        yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+               "llmops": self._meta(call, answer.degraded, first["model"])}
+        await self._record(call, out)
+
+    async def _record(self, call: Call, out: dict) -> None:
         """The log keeps the prompt (redacted), its descriptors and how the answer ended."""
+        text = call.texts[0]
         decision = {"model": out.get("model"), "label": out.get("finish_reason"),
                     "confidence": out.get("confidence"),
                     "features": descriptors(text, out.get("prompt_tokens", 0))}
-        await self.log.record(rid, [text], [decision], [{"generator": out.get("model") or {}}],
-                              started)
+        stages = {"generator": out["model"]} if out.get("model") else {}  # none: the fallback
+        await self.log.record(call.request_id, [text], [decision], [stages], call.started,
+                              tenant=call.principal.tenant)
 
     async def __del__(self) -> None:
         """Serve calls this on a graceful shutdown: nothing buffered is lost."""

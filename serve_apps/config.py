@@ -103,65 +103,6 @@ class LimitsConfig(_Strict):
     max_messages: int = Field(32, ge=1, description="chat messages per request")
 
 
-def _classifier(model: str) -> ModelDeploymentConfig:
-    return ModelDeploymentConfig(model=model)
-
-
-def _generator() -> ModelDeploymentConfig:
-    return ModelDeploymentConfig(model="models:/rewriter@champion")
-
-
-class ModerationAppConfig(_Strict):
-    """Classify a post; rewrite toxic ones with the generator; redact personal data."""
-
-    enabled: bool = True
-    route_prefix: str = "/v1/moderate"
-    classifier: ModelDeploymentConfig = Field(
-        default_factory=lambda: _classifier("models:/moderation@champion"))
-    generator: ModelDeploymentConfig = Field(default_factory=_generator)
-    rewrite_labels: list[str] = Field(default_factory=lambda: ["toxic"])
-    block_labels: list[str] = Field(default_factory=lambda: ["spam"])
-    redact_labels: list[str] = Field(default_factory=lambda: ["pii"])
-
-
-def _reply_generator() -> ModelDeploymentConfig:
-    return ModelDeploymentConfig(model="models:/support-reply@champion",
-                                 generation=GenerationConfig(max_new_tokens=64, stop=[]))
-
-
-class SupportAppConfig(_Strict):
-    """Route a ticket to a queue; suggest a generated reply, or the reply of the closest resolved
-    ticket when the generator is not confident."""
-
-    enabled: bool = True
-    route_prefix: str = "/v1/support"
-    classifier: ModelDeploymentConfig = Field(
-        default_factory=lambda: _classifier("models:/support-router@champion"))
-    encoder: ModelDeploymentConfig = Field(
-        default_factory=lambda: ModelDeploymentConfig(model="all-MiniLM-L6-v2"))
-    generator: ModelDeploymentConfig = Field(default_factory=_reply_generator)
-    min_reply_confidence: float = Field(
-        0.5, ge=0, le=1, description="below this generator confidence (probability of its least "
-        "likely token) the reply comes from the closest resolved ticket instead; 1 = always")
-    examples_per_intent: int = Field(8, ge=1, le=200,
-                                     description="resolved tickets per intent in the reply index")
-
-
-class ChatAppConfig(_Strict):
-    """OpenAI-compatible chat completions over a registered causal LM."""
-
-    enabled: bool = True
-    route_prefix: str = "/v1"
-    generator: ModelDeploymentConfig = Field(default_factory=_generator)
-
-
-class FeedbackAppConfig(_Strict):
-    """Ground-truth labels for logged requests (needs the inference log)."""
-
-    enabled: bool = True
-    route_prefix: str = "/v1/feedback"
-
-
 Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"]
 
 
@@ -216,6 +157,120 @@ class GuardrailsConfig(_Strict):
     output: list[GuardrailRule] = Field(default_factory=lambda: [
         GuardrailRule(name="personal-data", kind="pii", action="redact"),
         GuardrailRule(name="protected-attributes", kind="bias", action="flag")])
+
+
+def _flag_injection() -> GuardrailsConfig:
+    """Moderation and support read what users wrote about anything, instructions to a model
+    included: injection attempts are flagged there, not refused."""
+    return GuardrailsConfig(input=[GuardrailRule(name="prompt-injection", kind="injection",
+                                                 action="flag")])
+
+
+Policy = Literal["audit", "auth", "quota", "guardrails"]
+
+
+class OverloadConfig(_Strict):
+    """Load shedding at an application's ingress, done by Serve itself: past
+    `max_ongoing_requests` per replica requests queue, past `max_queued_requests` they are
+    refused with 503 and `Retry-After`."""
+
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(512, ge=-1, description="-1: no limit")
+    retry_after_s: int = Field(1, ge=0)
+
+
+class BreakerConfig(_Strict):
+    """The circuit breaker on a pipeline's generator (`serve_apps/breaker.py`): `failures`
+    errors or timeouts within `window_s` open it; after `cooldown_s` one call probes it."""
+
+    failures: int = Field(5, ge=1)
+    window_s: float = Field(30, gt=0)
+    cooldown_s: float = Field(10, gt=0)
+    timeout_s: float = Field(30, gt=0, description="a generator call slower than this fails")
+
+
+class _AppConfig(_Strict):
+    """What every application has: its route, its policies in the order they run
+    (`serve_apps/policies.py`), its guardrail rules and its load shedding."""
+
+    enabled: bool = True
+    policies: list[Policy] = Field(default_factory=lambda: ["audit", "auth", "quota",
+                                                            "guardrails"])
+    guardrails: GuardrailsConfig = Field(default_factory=_flag_injection)
+    overload: OverloadConfig = Field(default_factory=OverloadConfig)
+
+    @model_validator(mode="after")
+    def _once_each(self) -> _AppConfig:
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError("each policy may appear once in `policies`")
+        return self
+
+
+def _classifier(model: str) -> ModelDeploymentConfig:
+    return ModelDeploymentConfig(model=model)
+
+
+def _generator() -> ModelDeploymentConfig:
+    return ModelDeploymentConfig(model="models:/rewriter@champion")
+
+
+class ModerationAppConfig(_AppConfig):
+    """Classify a post; rewrite toxic ones with the generator; redact personal data. While the
+    generator's breaker is open, a post to rewrite is hidden instead (`degraded`)."""
+
+    route_prefix: str = "/v1/moderate"
+    classifier: ModelDeploymentConfig = Field(
+        default_factory=lambda: _classifier("models:/moderation@champion"))
+    generator: ModelDeploymentConfig = Field(default_factory=_generator)
+    rewrite_labels: list[str] = Field(default_factory=lambda: ["toxic"])
+    block_labels: list[str] = Field(default_factory=lambda: ["spam"])
+    redact_labels: list[str] = Field(default_factory=lambda: ["pii"])
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+
+
+def _reply_generator() -> ModelDeploymentConfig:
+    return ModelDeploymentConfig(model="models:/support-reply@champion",
+                                 generation=GenerationConfig(max_new_tokens=64, stop=[]))
+
+
+class SupportAppConfig(_AppConfig):
+    """Route a ticket to a queue; suggest a generated reply, or the reply of the closest resolved
+    ticket when the generator is not confident, or fails, or its breaker is open (`degraded`)."""
+
+    route_prefix: str = "/v1/support"
+    classifier: ModelDeploymentConfig = Field(
+        default_factory=lambda: _classifier("models:/support-router@champion"))
+    encoder: ModelDeploymentConfig = Field(
+        default_factory=lambda: ModelDeploymentConfig(model="all-MiniLM-L6-v2"))
+    generator: ModelDeploymentConfig = Field(default_factory=_reply_generator)
+    min_reply_confidence: float = Field(
+        0.5, ge=0, le=1, description="below this generator confidence (probability of its least "
+        "likely token) the reply comes from the closest resolved ticket instead; 1 = always")
+    examples_per_intent: int = Field(8, ge=1, le=200,
+                                     description="resolved tickets per intent in the reply index")
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+
+
+class ChatAppConfig(_AppConfig):
+    """OpenAI-compatible chat completions over a registered causal LM. Prompt injection is
+    refused here (the model follows what it reads)."""
+
+    route_prefix: str = "/v1"
+    generator: ModelDeploymentConfig = Field(default_factory=_generator)
+    guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    fallback_reply: str | None = Field(
+        "The assistant is busy right now; please try again in a minute.",
+        description="the answer (`degraded`) while the generator fails or its breaker is open; "
+        "empty: 503 with Retry-After instead")
+
+
+class FeedbackAppConfig(_AppConfig):
+    """Ground-truth labels for logged requests (needs the inference log). Labels are audited
+    and need the `feedback` scope; they are charged to no quota and pass no guardrail."""
+
+    route_prefix: str = "/v1/feedback"
+    policies: list[Policy] = Field(default_factory=lambda: ["audit", "auth"])
 
 
 class TenantLimits(_Strict):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from serve_apps.apps import APPS, deployment_options, pin
+from serve_apps.apps import APPS, deployment_options, ingress_options, pin
 from serve_apps.config import CanaryConfig, ServeConfig
 from serve_apps.model import UnknownModel, model_name, resolve
 from training.errors import LLMOpsError
@@ -24,9 +24,11 @@ class DeployFailed(LLMOpsError):
 
 
 def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
-                 env_vars: dict[str, str], log: dict | None = None) -> dict:
+                 env_vars: dict[str, str], log: dict | None = None,
+                 governance: dict | None = None) -> dict:
     """The Serve config (`ServeDeploySchema`) of every enabled application; `log` is where and
-    how pipelines write the inference log (`{"uri": ..., **LogConfig}`), None for no log."""
+    how pipelines write the inference log (`{"uri": ..., **LogConfig}`), None for no log;
+    `governance` what the policies need (`serve_apps.policies.chain`), None for none."""
     apps = []
     for name, (_, models, ingress) in APPS.items():
         app_cfg = getattr(config, name)
@@ -34,8 +36,8 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
             continue
         args = {"config": app_cfg.model_dump(mode="json"), "limits": config.limits.model_dump(),
                 "tracking_uri": tracking_uri, "use_gpu": use_gpu,
-                "ingress_cpus": config.ingress_cpus, "log": log}
-        deployments = [{"name": ingress, "ray_actor_options": {"num_cpus": config.ingress_cpus}}]
+                "ingress_cpus": config.ingress_cpus, "log": log, "governance": governance}
+        deployments = [{"name": ingress, **ingress_options(app_cfg.overload, config.ingress_cpus)}]
         deployments += [{"name": dep, **deployment_options(getattr(app_cfg, field), use_gpu,
                                                            tracking_uri)}
                         for dep, field in models.items()]

@@ -14,7 +14,10 @@ from ray import serve
 
 from monitoring.feedback import feedback_row
 from monitoring.log import FEEDBACK, SegmentWriter, now
+from serve_apps.auth import Principal
+from serve_apps.config import FeedbackAppConfig
 from serve_apps.http import create_app, parse
+from serve_apps.policies import Answer, Caller, chain
 
 
 class FeedbackRequest(BaseModel):
@@ -45,22 +48,34 @@ app = create_app("llmops feedback", "Ground-truth labels for logged requests.")
 @serve.deployment(ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64)
 @serve.ingress(app)
 class FeedbackService:
-    def __init__(self, log: dict, tracking_uri: str | None):
+    def __init__(self, log: dict, tracking_uri: str | None, config: dict | None = None,
+                 governance: dict | None = None):
         self.uri = log["uri"]
         self.writer = SegmentWriter.from_settings(log, FEEDBACK)
         self.tracking_uri = tracking_uri
+        cfg = FeedbackAppConfig.model_validate(config or {})
+        self.policies = chain("feedback", cfg.policies, cfg.guardrails, governance)
 
     @app.post("/", response_model=FeedbackReceipt, status_code=201)
     async def http_submit(self, body: FeedbackRequest, request: Request) -> FeedbackReceipt:
-        return await self.submit(body)
+        return await self._submit(body, Caller.http(request))
 
-    async def submit(self, request: FeedbackRequest | dict) -> FeedbackReceipt:
+    async def submit(self, request: FeedbackRequest | dict, request_id: str | None = None,
+                     principal: Principal | dict | None = None) -> FeedbackReceipt:
+        return await self._submit(request, Caller(request_id, principal))
+
+    async def _submit(self, request: FeedbackRequest | dict, caller: Caller) -> FeedbackReceipt:
         body = parse(FeedbackRequest, request)
+        await self.policies.apply("feedback", [f"{body.request_id}#{body.item}: {body.label}"],
+                                  caller, lambda call: self._store(body))
+        return FeedbackReceipt(request_id=body.request_id, item=body.item, label=body.label)
+
+    async def _store(self, body: FeedbackRequest) -> Answer:
         labels = functools.partial(_labels, self.tracking_uri)
         row = await asyncio.to_thread(feedback_row, self.uri, labels, body.request_id, body.item,
                                       body.label)
         await self.writer.append([{**row, "ts": now()}])
-        return FeedbackReceipt(request_id=body.request_id, item=body.item, label=body.label)
+        return Answer([None], [{}])
 
     async def __del__(self) -> None:
         """Serve calls this on a graceful shutdown: nothing buffered is lost."""

@@ -111,12 +111,12 @@ class Guardrails:
         self.where = where
         self.rules = [(rule, scanner(rule)) for rule in rules]
 
-    def check(self, texts: Sequence[str]) -> tuple[list[str], list[Finding]]:
+    def check(self, texts: Sequence[str | None]) -> tuple[list[str | None], list[Finding]]:
         """The texts as they may go on, and every finding; raises `Blocked` at the first text a
-        `block` rule catches."""
+        `block` rule catches. A None (no text, e.g. a blocked post) stays None."""
         out, findings = [], []
         for item, text in enumerate(texts):
-            for rule, scan in self.rules:
+            for rule, scan in self.rules if text is not None else ():
                 result = scan(text)
                 if not result.found:
                     continue

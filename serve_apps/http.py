@@ -57,6 +57,18 @@ class StageModel(BaseModel):
     variant: str
 
 
+class GuardrailFinding(BaseModel):
+    """A guardrail rule that matched (`serve_apps/guardrails.py`): what it did and to which
+    text; never the matched text itself."""
+
+    rule: str
+    kind: str
+    action: str
+    where: str
+    item: int
+    found: dict[str, int]
+
+
 def new_request_id(given: str | None = None) -> str:
     """`given` when it is a sane id (letters, digits, `.:-_`, at most 128), else a fresh one."""
     if given is None:
@@ -96,6 +108,24 @@ def check_texts(texts: Sequence[str], limits: LimitsConfig) -> list[str]:
     return list(texts)
 
 
+class InvalidOutput(LLMOpsError):
+    """A model answered outside its contract (a label not in its label set): 502, never shown."""
+
+    status = 502
+
+
+def check_label(answer: dict) -> dict:
+    """A classifier's answer, once its label is one of its labels and its confidence a
+    probability."""
+    scores, label = answer.get("scores") or {}, answer.get("label")
+    confidence = answer.get("confidence")
+    if label not in scores or not isinstance(confidence, float) or not 0 <= confidence <= 1:
+        model = answer.get("model") or {}
+        raise InvalidOutput(f"model {model.get('name')}/{model.get('version')} answered "
+                            f"{label!r} ({confidence}) outside its labels {sorted(scores)}")
+    return answer
+
+
 def _first_error(errors: Sequence[dict]) -> str:
     err = errors[0]
     where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
@@ -103,13 +133,23 @@ def _first_error(errors: Sequence[dict]) -> str:
     return f"{where}: {err['msg']}{more}"
 
 
-def problem(status: int, title: str, detail: str, request_id: str | None) -> JSONResponse:
-    """An RFC 9457 problem; `error` repeats it in the shape OpenAI clients read."""
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
-            "request_id": request_id,
-            "error": {"message": detail, "type": title.lower().replace(" ", "_"), "code": status}}
+def problem(status: int, title: str, detail: str, request_id: str | None, kind: str | None = None,
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    """An RFC 9457 problem whose `type` names the error for good (`urn:llmops:problem:<kind>`,
+    the error class, or the status title); `error` repeats it in the shape OpenAI clients
+    read."""
+    kind = kind or title.lower().replace(" ", "-")
+    body = {"type": f"urn:llmops:problem:{kind}", "title": title, "status": status,
+            "detail": detail, "request_id": request_id,
+            "error": {"message": detail, "type": kind.replace("-", "_"), "code": status}}
     metrics.error(status)
-    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+    return JSONResponse(body, status_code=status, media_type="application/problem+json",
+                        headers=headers)
+
+
+def _kind(exc: Exception) -> str:
+    """`QuotaExceeded` -> `quota-exceeded`."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", type(exc).__name__).lower()
 
 
 def _rid(request: Request) -> str | None:
@@ -131,7 +171,7 @@ def create_app(title: str, description: str) -> FastAPI:
             rid = new_request_id(request.headers.get(REQUEST_ID_HEADER)
                                  or serve.context._get_serve_request_context().request_id or None)
         except InvalidRequest as exc:
-            return problem(400, "Bad Request", str(exc), None)
+            return problem(400, "Bad Request", str(exc), None, "invalid-request")
         request.state.request_id = rid
         return await call_next(request)
 
@@ -139,8 +179,10 @@ def create_app(title: str, description: str) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e["type"] == "json_invalid" for e in errors):
-            return problem(400, "Bad Request", "the body is not valid JSON", _rid(request))
-        return problem(422, "Unprocessable Content", _first_error(errors), _rid(request))
+            return problem(400, "Bad Request", "the body is not valid JSON", _rid(request),
+                           "invalid-json")
+        return problem(422, "Unprocessable Content", _first_error(errors), _rid(request),
+                       "invalid-request")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -149,8 +191,12 @@ def create_app(title: str, description: str) -> FastAPI:
 
     @app.exception_handler(LLMOpsError)
     async def refused(request: Request, exc: LLMOpsError):
+        cause = getattr(exc, "cause", None)  # the error itself when it crossed a Ray call
+        exc = cause if isinstance(cause, LLMOpsError) else exc
         status = getattr(exc, "status", 400)
-        return problem(status, _TITLES.get(status, "Bad Request"), _message(exc), _rid(request))
+        message = str(exc).strip().splitlines()[-1]
+        return problem(status, _TITLES.get(status, "Bad Request"), message, _rid(request),
+                       _kind(exc), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
@@ -162,12 +208,6 @@ def create_app(title: str, description: str) -> FastAPI:
     return app
 
 
-def _message(exc: LLMOpsError) -> str:
-    """The user-facing line of an error, also when it crossed a Ray call (RayTaskError)."""
-    cause = getattr(exc, "cause", None)
-    return str(cause if isinstance(cause, LLMOpsError) else exc).strip().splitlines()[-1]
-
-
 _TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 422: "Unprocessable Content", 429: "Too Many Requests",
-           503: "Service Unavailable"}
+           502: "Bad Gateway", 503: "Service Unavailable"}

@@ -48,14 +48,15 @@ class InferenceLog:
             for answer in (d, d.get("shadow")) if answer is not None])
 
     @contextlib.asynccontextmanager
-    async def on_failure(self, request_id: str, texts: Sequence[str], started: float):
+    async def on_failure(self, request_id: str, texts: Sequence[str], started: float,
+                         tenant: str = DEFAULT_TENANT):
         """Around a request's work after validation: if it raises, its texts are logged with
         outcome `error` and the exception goes on."""
         try:
             yield
         except Exception:
             empty = [{}] * len(texts)
-            await self.record(request_id, texts, empty, empty, started, outcome="error")
+            await self.record(request_id, texts, empty, empty, started, "error", tenant)
             raise
 
     async def close(self) -> None:

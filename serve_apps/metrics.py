@@ -48,6 +48,18 @@ def guardrail_action(action: str) -> None:
             ("action",)).inc(tags={"action": action})
 
 
+def guardrail_finding(rule: str, action: str) -> None:
+    """(Serve adds the `application` tag inside a replica.)"""
+    metric("counter", "llmops_guardrail_findings", "Guardrail rule hits by rule and action.",
+           ("rule", "action")).inc(tags={"rule": rule, "action": action})
+
+
+def degraded(reason: str) -> None:
+    metric("counter", "llmops_degraded_answers", "Answers given by a fallback (generator "
+           "failed, timed out or its breaker was open).", ("reason",)).inc(
+        tags={"reason": reason})
+
+
 def error(status: int) -> None:
     metric("counter", "llmops_errors", "Problem responses by HTTP status.",
             ("status",)).inc(tags={"status": str(status)})

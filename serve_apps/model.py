@@ -120,8 +120,8 @@ class LoadedModel:
         labels = self.meta["labels"]
         return [{"label": labels[int(p.argmax())], "confidence": round(float(p.max()), 6),
                  "scores": {lbl: round(float(x), 6) for lbl, x in zip(labels, p)},
-                 "features": features}
-                for p, features in zip(out.probs, input_features(texts, out))]
+                 "features": features, "tokens": int(n)}
+                for p, features, n in zip(out.probs, input_features(texts, out), out.tokens)]
 
     @_one_at_a_time
     def generate(self, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,

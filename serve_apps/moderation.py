@@ -5,19 +5,28 @@ HTTP: `POST /v1/moderate`. Python: `serve.get_app_handle("moderation").moderate.
 """
 
 import asyncio
-import time
 
-from fastapi import Request
+from fastapi import Request, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps import metrics
-from serve_apps.config import LimitsConfig, ModerationAppConfig
+from serve_apps.auth import Principal
+from serve_apps.breaker import CircuitBreaker
+from serve_apps.config import GenerationConfig, LimitsConfig, ModerationAppConfig
 from serve_apps.deployments import Item, set_batching
-from serve_apps.http import StageModel, TextsRequest, create_app, new_request_id, request_texts
+from serve_apps.http import (
+    GuardrailFinding,
+    StageModel,
+    TextsRequest,
+    check_label,
+    create_app,
+    request_texts,
+)
 from serve_apps.inference_log import InferenceLog
 from serve_apps.pii import redact
+from serve_apps.policies import Answer, Call, Caller, chain
 
 
 class Moderation(BaseModel):
@@ -34,6 +43,9 @@ class Moderation(BaseModel):
 class ModerateResponse(BaseModel):
     request_id: str
     results: list[Moderation]
+    guardrails: list[GuardrailFinding] = Field(default_factory=list)
+    degraded: bool = Field(False, description="a fallback answered for the generator (a post "
+                           "to rewrite was hidden instead)")
 
 
 app = create_app("llmops moderation", "Classify posts; rewrite toxic ones; redact personal data.")
@@ -43,48 +55,84 @@ app = create_app("llmops moderation", "Classify posts; rewrite toxic ones; redac
 @serve.ingress(app)
 class ModerationPipeline:
     def __init__(self, classifier: DeploymentHandle, generator: DeploymentHandle, config: dict,
-                 limits: dict, log: dict | None = None):
+                 limits: dict, log: dict | None = None, governance: dict | None = None):
         self.classifier, self.generator = classifier, generator
         self.config = ModerationAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
         self.log = InferenceLog("moderation", log)
+        self.policies = chain("moderation", self.config.policies, self.config.guardrails,
+                              governance)
+        self.breaker = CircuitBreaker(self.config.breaker)
         set_batching(self._classify, **self.config.classifier.batching.model_dump())
 
     @app.post("/", response_model=ModerateResponse)
-    async def http_moderate(self, body: TextsRequest, request: Request) -> ModerateResponse:
-        return await self.moderate(body, request.state.request_id)
+    async def http_moderate(self, body: TextsRequest, request: Request,
+                            response: Response) -> ModerateResponse:
+        return await self._moderate(body, Caller.http(request), response)
 
-    async def moderate(self, request: TextsRequest | dict,
-                       request_id: str | None = None) -> ModerateResponse:
+    async def moderate(self, request: TextsRequest | dict, request_id: str | None = None,
+                       principal: Principal | dict | None = None) -> ModerateResponse:
         """Moderate every text of the request; the same for HTTP and handle callers."""
-        texts = request_texts(request, self.limits)
-        rid = new_request_id(request_id)
-        started = time.perf_counter()
-        async with self.log.on_failure(rid, texts, started):
+        return await self._moderate(request, Caller(request_id, principal))
+
+    async def _moderate(self, request: TextsRequest | dict, caller: Caller,
+                        response: Response | None = None) -> ModerateResponse:
+        rewrites = self.config.generator.generation or GenerationConfig()
+        call, answer = await self.policies.apply("moderate", request_texts(request, self.limits),
+                                                 caller, self._work, rewrites.max_new_tokens,
+                                                 response)
+        results = [r.model_copy(update={"safe_text": out})
+                   for r, out in zip(answer.payload, answer.outputs)]
+        return ModerateResponse(request_id=call.request_id, results=results,
+                                guardrails=[f.to_dict() for f in call.findings],
+                                degraded=answer.degraded)
+
+    async def _work(self, call: Call) -> Answer:
+        texts, rid = call.texts, call.request_id
+        async with self.log.on_failure(rid, texts, call.started, call.principal.tenant):
             verdicts = await asyncio.gather(*(self._classify(Item(t, rid)) for t in texts))
-            results = await asyncio.gather(*(self._finish(t, v, rid)
-                                             for t, v in zip(texts, verdicts)))
-        await self.log.record(rid, texts, verdicts, [r.models for r in results], started)
+            finished = await asyncio.gather(*(self._finish(t, check_label(v), rid)
+                                              for t, v in zip(texts, verdicts)))
+        results = [r for r, _, _ in finished]
+        await self.log.record(rid, texts, verdicts, [r.models for r in results], call.started,
+                              tenant=call.principal.tenant)
         for r in results:
             metrics.guardrail_action(r.action)
-        return ModerateResponse(request_id=rid, results=results)
+        return Answer([r.safe_text for r in results], [r.models for r in results],
+                      sum(v["tokens"] for v in verdicts) + sum(n for _, n, _ in finished),
+                      any(d for _, _, d in finished), results)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _classify(self, items: list[Item]) -> list[dict]:
         """Texts of concurrent requests go to the classifier in one call, not one call each."""
         return await self.classifier.predict_many.remote(items)
 
-    async def _finish(self, text: str, verdict: dict, rid: str) -> Moderation:
+    async def _rewrite(self, text: str, rid: str) -> dict | None:
+        """The generator's safe version of `text`; None when it failed or its breaker is open
+        (the post is then hidden: never shown unrewritten)."""
+        try:
+            return await self.breaker.call(lambda: self.generator.generate.remote(text, rid))
+        except Exception as exc:
+            metrics.degraded(type(exc).__name__)
+            return None
+
+    async def _finish(self, text: str, verdict: dict, rid: str) -> tuple[Moderation, int, bool]:
+        """The result of one text, the tokens its rewrite used, whether a fallback answered."""
         label = verdict["label"]
         models = {"classifier": StageModel(**verdict["model"])}
         if "shadow" in verdict:  # the challenger's answer is recorded, never returned as text
             models["classifier_shadow"] = StageModel(**verdict["shadow"]["model"])
+        tokens, degraded = 0, False
         if label in self.config.block_labels:
             action, safe = "block", None
         elif label in self.config.rewrite_labels:
-            rewrite = await self.generator.generate.remote(text, rid)
-            action, safe = "rewrite", rewrite["text"]
-            models["generator"] = StageModel(**rewrite["model"])
+            rewrite = await self._rewrite(text, rid)
+            if rewrite is None:
+                action, safe, degraded = "block", None, True
+            else:
+                action, safe = "rewrite", rewrite["text"]
+                models["generator"] = StageModel(**rewrite["model"])
+                tokens = rewrite["prompt_tokens"] + rewrite["completion_tokens"]
         else:
             action, safe = "allow", text
         found: dict[str, int] = {}
@@ -93,12 +141,13 @@ class ModerationPipeline:
             safe, found = redaction.text, redaction.found
             if action == "allow" and (found or label in self.config.redact_labels):
                 action = "redact"
-        return Moderation(verdict=label, flagged=label != "safe", action=action,
-                          confidence=verdict["confidence"], scores=verdict["scores"],
-                          safe_text=safe, redactions=found, models=models)
+        return (Moderation(verdict=label, flagged=label != "safe", action=action,
+                           confidence=verdict["confidence"], scores=verdict["scores"],
+                           safe_text=safe, redactions=found, models=models), tokens, degraded)
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
+        """Liveness, without authentication (for load balancers)."""
         return {"status": "ok"}
 
     async def __del__(self) -> None:

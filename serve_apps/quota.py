@@ -12,6 +12,7 @@ exceeded, at worst under-used until midnight).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from monitoring.singleton import keyed, singleton
 from serve_apps.config import QuotaConfig, TenantLimits
 from training.errors import LLMOpsError
 
@@ -133,6 +135,16 @@ class Ledger:
         usage.tokens -= tokens
         self._save()
 
+    @contextlib.contextmanager
+    def deferred(self):
+        """Changes inside are saved once, at the end (a batch of calls, one write)."""
+        self.path, path = None, self.path
+        try:
+            yield
+        finally:
+            self.path = path
+            self._save()
+
     def _save(self) -> None:
         if self.path is None:
             return
@@ -149,6 +161,9 @@ class QuotaAuthority:
     def __init__(self, config_json: str, path: str):
         self.ledger = Ledger(QuotaConfig.model_validate_json(config_json), Path(path))
 
+    def configure(self, config_json: str) -> None:
+        self.ledger.config = QuotaConfig.model_validate_json(config_json)
+
     def reserve(self, tenant: str, request_id: str, tokens: int) -> dict:
         """`{"headers": ...}`, or `{"refused": message, "headers": ...}` (an exception would
         reach the caller wrapped; the caller raises `QuotaExceeded` itself)."""
@@ -157,6 +172,21 @@ class QuotaAuthority:
         except QuotaExceeded as exc:
             return {"refused": str(exc), "headers": exc.headers}
 
+    def reserve_many(self, asks: list[tuple[str, str, int]]) -> list[dict]:
+        """`reserve` of each (tenant, request id, tokens) in order; one save for the batch."""
+        with self.ledger.deferred():
+            return [self.reserve(*ask) for ask in asks]
+
+    def settle_many(self, outcomes: list[tuple[str, str, int | None]]) -> list[None]:
+        """Each (tenant, request id, tokens used) committed, or refunded where tokens is None."""
+        with self.ledger.deferred():
+            for tenant, request_id, tokens in outcomes:
+                if tokens is None:
+                    self.ledger.refund(tenant, request_id)
+                else:
+                    self.ledger.commit(tenant, request_id, tokens)
+        return [None] * len(outcomes)
+
     def commit(self, tenant: str, request_id: str, tokens: int) -> None:
         self.ledger.commit(tenant, request_id, tokens)
 
@@ -164,16 +194,12 @@ class QuotaAuthority:
         self.ledger.refund(tenant, request_id)
 
 
-AUTHORITY = "llmops-quota"
-NAMESPACE = "llmops"
-
-
 def authority(config: QuotaConfig, path: Path):
-    """The quota authority of the connected Ray cluster, started on first use (detached, so it
-    outlives the replicas; restarted by Ray from the saved ledger if its process dies)."""
-    import ray
-
-    return ray.remote(QuotaAuthority).options(
-        name=AUTHORITY, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
-        config.model_dump_json(), str(path))
+    """The quota authority of the ledger at `path` on the connected Ray cluster, started on
+    first use (it outlives the replicas; restarted by Ray from the saved ledger). A running
+    authority takes `config` as its limits from now on."""
+    path = Path(path).resolve()
+    actor = singleton(QuotaAuthority, keyed("llmops-quota", str(path)), config.model_dump_json(),
+                      str(path))
+    actor.configure.remote(config.model_dump_json())
+    return actor

@@ -9,20 +9,30 @@ HTTP: `POST /v1/support/route`. Python: `serve.get_app_handle("support").route.r
 """
 
 import asyncio
-import time
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from fastapi import Request
+from fastapi import Request, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_apps.config import LimitsConfig, SupportAppConfig
+from serve_apps import metrics
+from serve_apps.auth import Principal
+from serve_apps.breaker import CircuitBreaker
+from serve_apps.config import GenerationConfig, LimitsConfig, SupportAppConfig
 from serve_apps.deployments import Item, set_batching
-from serve_apps.http import StageModel, TextsRequest, create_app, new_request_id, request_texts
+from serve_apps.http import (
+    GuardrailFinding,
+    StageModel,
+    TextsRequest,
+    check_label,
+    create_app,
+    request_texts,
+)
 from serve_apps.inference_log import InferenceLog
+from serve_apps.policies import Answer, Call, Caller, chain
 from training.data.support import RESOLUTIONS
 
 
@@ -47,6 +57,9 @@ class Routing(BaseModel):
 class RouteResponse(BaseModel):
     request_id: str
     results: list[Routing]
+    guardrails: list[GuardrailFinding] = Field(default_factory=list)
+    degraded: bool = Field(False, description="the generator failed or its breaker is open: "
+                           "every suggestion is a retrieved reply")
 
 
 def resolved_examples(tracking_uri: str, name: str, version: str, per_intent: int,
@@ -69,45 +82,76 @@ app = create_app("llmops support", "Route support tickets to a queue and suggest
 class SupportPipeline:
     def __init__(self, classifier: DeploymentHandle, encoder: DeploymentHandle,
                  generator: DeploymentHandle, config: dict, limits: dict, tracking_uri: str | None,
-                 log: dict | None = None):
+                 log: dict | None = None, governance: dict | None = None):
         self.classifier, self.encoder, self.generator = classifier, encoder, generator
         self.config = SupportAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
         self.tracking_uri = tracking_uri
         self.log = InferenceLog("support", log)
+        self.policies = chain("support", self.config.policies, self.config.guardrails, governance)
+        self.breaker = CircuitBreaker(self.config.breaker)
         set_batching(self._route_and_reply, **self.config.classifier.batching.model_dump())
         self._examples: pd.DataFrame | None = None
         self._matrix: np.ndarray | None = None
         self._lock = asyncio.Lock()
 
     @app.post("/route", response_model=RouteResponse)
-    async def http_route(self, body: TextsRequest, request: Request) -> RouteResponse:
-        return await self.route(body, request.state.request_id)
+    async def http_route(self, body: TextsRequest, request: Request,
+                         response: Response) -> RouteResponse:
+        return await self._route(body, Caller.http(request), response)
 
-    async def route(self, request: TextsRequest | dict,
-                    request_id: str | None = None) -> RouteResponse:
+    async def route(self, request: TextsRequest | dict, request_id: str | None = None,
+                    principal: Principal | dict | None = None) -> RouteResponse:
         """Route every text of the request; the same for HTTP and handle callers."""
-        texts = request_texts(request, self.limits)
-        rid = new_request_id(request_id)
-        started = time.perf_counter()
-        async with self.log.on_failure(rid, texts, started):
-            pairs = await asyncio.gather(*(self._route_and_reply(Item(t, rid)) for t in texts))
-        results = [result for result, _ in pairs]
-        await self.log.record(rid, texts, [route for _, route in pairs],
-                              [r.models for r in results], started)
-        return RouteResponse(request_id=rid, results=results)
+        return await self._route(request, Caller(request_id, principal))
+
+    async def _route(self, request: TextsRequest | dict, caller: Caller,
+                     response: Response | None = None) -> RouteResponse:
+        replies = self.config.generator.generation or GenerationConfig()
+        call, answer = await self.policies.apply("support", request_texts(request, self.limits),
+                                                 caller, self._work, replies.max_new_tokens,
+                                                 response)
+        results = [r.model_copy(update={"suggestion": r.suggestion.model_copy(
+            update={"reply": out})}) for r, out in zip(answer.payload, answer.outputs)]
+        return RouteResponse(request_id=call.request_id, results=results,
+                             guardrails=[f.to_dict() for f in call.findings],
+                             degraded=answer.degraded)
+
+    async def _work(self, call: Call) -> Answer:
+        texts, rid, tenant = call.texts, call.request_id, call.principal.tenant
+        async with self.log.on_failure(rid, texts, call.started, tenant):
+            triples = await asyncio.gather(*(self._route_and_reply(Item(t, rid)) for t in texts))
+        results = [result for result, _, _ in triples]
+        routes = [route for _, route, _ in triples]
+        await self.log.record(rid, texts, routes, [r.models for r in results], call.started,
+                              tenant=tenant)
+        return Answer([r.suggestion.reply for r in results], [r.models for r in results],
+                      sum(r["tokens"] for r in routes) + sum(n for _, _, n in triples),
+                      any("generator" not in r.models for r in results), results)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
-    async def _route_and_reply(self, items: list[Item]) -> list[tuple[Routing, dict]]:
+    async def _route_and_reply(self, items: list[Item]) -> list[tuple[Routing, dict, int]]:
         """Texts of concurrent requests go to each model in one call, not one call each. Each
-        answer comes with the router's raw output (its drift features go to the log)."""
+        answer comes with the router's raw output (its drift features go to the log) and the
+        tokens its reply used. The reply is retrieved when the generator is unsure, fails or
+        its breaker is open."""
         routes, replies = await asyncio.gather(self.classifier.predict_many.remote(items),
-                                               self.generator.generate_many.remote(items))
+                                               self._replies(items))
+        routes = [check_label(r) for r in routes]
         unsure = [i for i, r in enumerate(replies)
-                  if r["confidence"] < self.config.min_reply_confidence]
+                  if r is None or r["confidence"] < self.config.min_reply_confidence]
         retrieved = dict(zip(unsure, await self._retrieve([items[i] for i in unsure])))
-        return [(self._result(route, reply, retrieved.get(i)), route)
+        return [(self._result(route, reply, retrieved.get(i)), route,
+                 reply["prompt_tokens"] + reply["completion_tokens"] if reply else 0)
                 for i, (route, reply) in enumerate(zip(routes, replies))]
+
+    async def _replies(self, items: list[Item]) -> list[dict | None]:
+        """The generator's replies; Nones when it failed or its breaker is open."""
+        try:
+            return await self.breaker.call(lambda: self.generator.generate_many.remote(items))
+        except Exception as exc:
+            metrics.degraded(type(exc).__name__)
+            return [None] * len(items)
 
     async def _retrieve(self, items: list[Item]) -> list[dict]:
         """The closest resolved ticket's reply for each item, and the encoder that found it."""
@@ -125,16 +169,17 @@ class SupportPipeline:
         return found
 
     @staticmethod
-    def _result(route: dict, reply: dict, retrieved: dict | None) -> Routing:
-        models = {"router": StageModel(**route["model"]),
-                  "generator": StageModel(**reply["model"])}
+    def _result(route: dict, reply: dict | None, retrieved: dict | None) -> Routing:
+        models = {"router": StageModel(**route["model"])}
+        if reply is not None:
+            models["generator"] = StageModel(**reply["model"])
         if retrieved is None:
             suggestion = Suggestion(reply=reply["text"], source="generator",
                                     confidence=reply["confidence"])
         else:
             models["encoder"] = StageModel(**retrieved.pop("model"))
-            suggestion = Suggestion(source="retrieval", confidence=reply["confidence"],
-                                    **retrieved)
+            suggestion = Suggestion(source="retrieval", confidence=reply["confidence"] if reply
+                                    else 0.0, **retrieved)
         return Routing(queue=route["label"], confidence=route["confidence"],
                        scores=route["scores"], suggestion=suggestion, models=models)
 
@@ -157,6 +202,7 @@ class SupportPipeline:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
+        """Liveness, without authentication (for load balancers)."""
         return {"status": "ok"}
 
     async def __del__(self) -> None:

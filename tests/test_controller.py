@@ -84,6 +84,9 @@ def test_retraining_set_mixes_labelled_recent_traffic_with_a_replay_sample(tmp_p
     mix = pd.concat([data.train, data.validation])
     assert not set(data.holdouts[RECENT].text) & set(mix.text)  # held out means held out
     assert mix.text.isin(recent.text).sum() == 140 and mix.label.notna().all()
+    # replayed rows keep their provenance (the support pipeline's resolved tickets come from it)
+    replayed = mix[~mix.text.isin(recent.text)]
+    assert replayed.intent.notna().all() and (replayed.scenario == "base").all()
     back = TaskData.load(data.save(tmp_path / "d"))
     assert back.train.equals(data.train) and back.holdouts.keys() == data.holdouts.keys()
     with pytest.raises(InvalidData, match="59 labelled recent requests"):

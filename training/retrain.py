@@ -20,6 +20,7 @@ from training.config import GateConfig, RetrainConfig
 from training.errors import InvalidData
 
 RECENT, ORIGINAL = "recent", "original"
+PROVENANCE = ("intent", "scenario")
 
 
 def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.DataFrame,
@@ -35,8 +36,10 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     order = rng.permutation(len(recent))
     n_holdout = max(1, round(len(recent) * config.recent_holdout_share))
     holdout, learn = recent.iloc[order[:n_holdout]], recent.iloc[order[n_holdout:]]
-    replay = reference[["text", "label"]].sample(n=min(config.replay_rows, len(reference)),
-                                                 random_state=seed)
+    # the replay keeps its provenance (`intent`, `scenario`) where the reference has it: the
+    # support pipeline picks its resolved tickets from the serving router's training data
+    kept = ["text", "label"] + [c for c in PROVENANCE if c in reference.columns]
+    replay = reference[kept].sample(n=min(config.replay_rows, len(reference)), random_state=seed)
     mix = pd.concat([replay] + [learn] * config.recent_repeats, ignore_index=True)
     mix = mix.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     n_val = min(config.validation_rows, len(mix) // 5)

@@ -1,0 +1,122 @@
+"""What governance costs: throughput and latency of the `support` and `moderation` pipelines over
+HTTP with every policy on (bearer token verified, quota reserved and committed with the quota
+authority, input and output guardrails, an audit record fsynced before each answer) against
+the same deployment with no policies, in one run on one Ray instance.
+
+    python bench/governance.py --json [--duration 8] [--concurrency 8 32] [--data-dir DIR]
+
+The phases alternate off, on, off (the ingress is redeployed between them; the models stay),
+so a drift of the machine over the run shows as a difference between the two `off` phases.
+The tenant has no rate limit or budget here (the quota is still reserved and committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve import PIPELINES, closed_loop, register_untrained  # noqa: E402
+
+from cluster import runtime  # noqa: E402
+from cluster.settings import load_settings  # noqa: E402
+from training.data import generate  # noqa: E402
+
+POLICIES = ("audit", "auth", "quota", "guardrails")
+UNLIMITED = {"requests_per_day": None, "tokens_per_day": None, "requests_per_second": None}
+
+
+async def measure(base: str, headers: dict, concurrencies: list[int], duration: float,
+                  texts: dict) -> dict:
+    import httpx
+
+    out = {}
+    limits = httpx.Limits(max_connections=256)
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
+        for name, (_, path, _) in PIPELINES.items():
+            async def call(text: str, url: str = base + path) -> None:
+                r = await client.post(url, json={"text": text})
+                r.raise_for_status()
+
+            await closed_loop(call, texts[name], 4, 1.0)  # warm-up
+            out[name] = {f"c{c}": await closed_loop(call, texts[name], c, duration)
+                         for c in concurrencies}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--data-dir", help="a data dir with trained champions (default: scratch)")
+    parser.add_argument("--port", type=int, default=8021)
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
+                        help="the policies of the `on` phase (default: all, in their order)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    runtime.apply_platform_env()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    import ray
+
+    from serve_apps.auth import issue
+    from serve_apps.deploy import ServeCluster, serve_config
+    from training.registry import Registry
+
+    settings = load_settings(overrides={
+        "data_dir": args.data_dir or tempfile.mkdtemp(),
+        "serve": {"port": args.port, "use_gpu": "no", "chat": {"enabled": False},
+                  "quota": {"tenants": {"bench": UNLIMITED}},
+                  **{app: {"policies": args.policies} for app in PIPELINES}}})
+    registry = Registry(settings.registry, settings.data_dir)
+    registry.check()
+    if not args.data_dir:
+        register_untrained(settings, registry)
+    texts = {name: list(generate(ds, "base", 256, seed=11).text)
+             for name, (ds, _, _) in PIPELINES.items()}
+    token = issue(settings.serve.auth, settings.data_dir, tenant="bench",
+                  scopes=["moderate", "support"], ttl_s=3600)
+    headers = {"Authorization": f"Bearer {token}"}
+
+    ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                   log_to_driver=False, runtime_env={"env_vars": dict(runtime.PLATFORM_ENV)})
+    cluster = ServeCluster(ctx.dashboard_url)
+    base = f"http://127.0.0.1:{args.port}"
+    phases = []
+    for governed in (False, True, False):
+        config = serve_config(settings.serve, registry.tracking_uri, False,
+                              dict(runtime.PLATFORM_ENV), settings.log_settings(),
+                              settings.governance() if governed else None)
+        cluster.deploy(config, timeout_s=600)
+        phases.append(asyncio.run(measure(base, headers, args.concurrency, args.duration,
+                                          texts)))
+    cluster.shutdown()
+    ray.shutdown()
+
+    off_a, on, off_b = phases
+    report = {"benchmark": "governance", "cpus": os.cpu_count(), "policies": args.policies,
+              "models": "trained champions" if args.data_dir else
+              "configured architectures, untrained", "duration_s": args.duration,
+              "policies_off": off_a, "policies_on": on, "policies_off_again": off_b,
+              "ratios": {}}
+    for name in PIPELINES:
+        for c in args.concurrency:
+            key = f"c{c}"
+            off_rps = (off_a[name][key]["rps"] + off_b[name][key]["rps"]) / 2
+            off_p99 = (off_a[name][key]["p99_ms"] + off_b[name][key]["p99_ms"]) / 2
+            report["ratios"][f"{name}_{key}"] = {
+                "throughput_on_vs_off": round(on[name][key]["rps"] / off_rps, 3),
+                "p99_on_vs_off": round(on[name][key]["p99_ms"] / off_p99, 3),
+                "failed_on": on[name][key]["failed"]}
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

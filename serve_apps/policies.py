@@ -1,0 +1,322 @@
+"""The governance policies every application runs, as one chain: each policy is one small unit
+with three hooks, `before` (in the declared order, before the models run), `after` (in reverse
+order, on the answer before it leaves) and `failed` (for the policies whose `before` ran, when
+anything later failed). An application declares its order in `policies` (default `audit, auth,
+quota, guardrails`): audit first, so refused requests are audited too; its `after` last, so the
+record holds the answer exactly as it leaves.
+
+HTTP and `DeploymentHandle` calls go through the same chain. Trust model: an HTTP caller proves
+who it is with a bearer token (`Caller.http`); a handle caller is code inside the Ray cluster,
+which can already do anything the cluster can, so it states its `Principal` (or passes a token
+to be verified) and that principal's scopes, quota and audit apply as for HTTP. A handle call
+with neither is refused (401) wherever `auth` is a policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from monitoring.batching import GroupCommit
+from serve_apps import metrics
+from serve_apps.auth import Principal, Unauthorized, Verifier
+from serve_apps.config import AuthConfig, GuardrailsConfig, QuotaConfig
+from serve_apps.guardrails import Finding, Guardrails
+from serve_apps.http import new_request_id
+from serve_apps.inference_log import DEFAULT_TENANT
+from serve_apps.pii import redact
+from serve_apps.quota import QuotaExceeded
+from training.errors import LLMOpsError
+
+ANONYMOUS = Principal(subject="anonymous", tenant=DEFAULT_TENANT, scopes=frozenset())
+
+
+class AuditUnavailable(LLMOpsError):
+    """The audit record could not be written, so the answer is not given: 503."""
+
+    status = 503
+    headers = {"Retry-After": "5"}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sends a request: an HTTP client with its `Authorization` header, or in-cluster code
+    with a handle, stating its principal."""
+
+    request_id: str | None = None
+    principal: Principal | dict | None = None
+    authorization: str | None = None
+    transport: str = "handle"
+
+    @classmethod
+    def http(cls, request) -> Caller:
+        return cls(request.state.request_id, None, request.headers.get("authorization"), "http")
+
+
+@dataclass
+class Call:
+    """One request as the policies see it. `texts` are what the models read (input guardrails
+    may redact them); `tokens` is the estimate the quota reserves."""
+
+    application: str
+    scope: str
+    request_id: str
+    texts: list[str]
+    caller: Caller
+    tokens: int = 0
+    principal: Principal = ANONYMOUS
+    started: float = field(default_factory=time.perf_counter)
+    raw_hashes: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    entered: list = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    """What a pipeline produced: per item the text that leaves (None: no text) and the models
+    of every stage; the tokens actually used; `payload` is the pipeline's own result."""
+
+    outputs: list[str | None]
+    models: list[dict]
+    tokens: int = 0
+    degraded: bool = False
+    payload: Any = None
+
+
+class Policy:
+    """The hooks; a policy overrides those it needs."""
+
+    async def before(self, call: Call) -> None:
+        return None
+
+    async def after(self, call: Call, answer: Answer) -> None:
+        return None
+
+    async def failed(self, call: Call, error: Exception) -> None:
+        return None
+
+
+class Authenticate(Policy):
+    """A verified principal holding the route's scope: 401 / 403 otherwise."""
+
+    def __init__(self, verifier: Verifier):
+        self.verifier = verifier
+
+    async def before(self, call: Call) -> None:
+        stated = call.caller.principal
+        if isinstance(stated, dict):
+            try:
+                stated = Principal(str(stated["subject"]), str(stated["tenant"]),
+                                   frozenset(stated["scopes"]))
+            except (KeyError, TypeError):
+                raise Unauthorized("a stated principal needs a subject, a tenant and a list "
+                                   "of scopes") from None
+        principal = stated or self.verifier.verify(call.caller.authorization)
+        principal.require(call.scope)
+        call.principal = principal
+
+
+class Quota(Policy):
+    """Reserve one request and the estimated tokens with the tenant's quota authority, commit
+    the tokens used, refund a failed request."""
+
+    def __init__(self, authority):
+        # concurrent requests of a replica share one call to the authority
+        self.reserve = GroupCommit(lambda asks: authority.reserve_many.remote(asks))
+        self.settle = GroupCommit(lambda outcomes: authority.settle_many.remote(outcomes))
+
+    async def before(self, call: Call) -> None:
+        [decision] = await self.reserve.submit([(call.principal.tenant, call.request_id,
+                                                 call.tokens)])
+        call.headers.update(decision["headers"])
+        if "refused" in decision:
+            raise QuotaExceeded(decision["refused"], decision["headers"])
+
+    async def after(self, call: Call, answer: Answer) -> None:
+        await self.settle.submit([(call.principal.tenant, call.request_id, answer.tokens)])
+
+    async def failed(self, call: Call, error: Exception) -> None:
+        await self.settle.submit([(call.principal.tenant, call.request_id, None)])
+
+
+class Guard(Policy):
+    """The application's guardrails: input rules before the models, output rules after."""
+
+    def __init__(self, config: GuardrailsConfig):
+        self.input, self.output = Guardrails(config.input, "input"), Guardrails(config.output,
+                                                                                "output")
+
+    def _found(self, call: Call, findings: list[Finding]) -> None:
+        call.findings += findings
+        for f in findings:
+            metrics.guardrail_finding(f.rule, f.action)
+
+    async def before(self, call: Call) -> None:
+        call.texts, findings = self.input.check(call.texts)
+        self._found(call, findings)
+
+    async def after(self, call: Call, answer: Answer) -> None:
+        answer.outputs, findings = self.output.check(answer.outputs)
+        self._found(call, findings)
+
+
+class Audit(Policy):
+    """One hash-chained record per request, on disk before the answer leaves."""
+
+    def __init__(self, logger):
+        # concurrent requests of a replica share one call to the logger (and one fsync)
+        self.commit = GroupCommit(lambda records: logger.append.remote(records))
+
+    async def _write(self, record: dict) -> None:
+        try:
+            await self.commit.submit([record])
+        except Exception as exc:
+            raise AuditUnavailable("the audit log cannot be written; the request was not "
+                                   "answered") from exc
+
+    async def after(self, call: Call, answer: Answer) -> None:
+        await self._write(audit_record(call, answer, "ok", 200))
+
+    async def failed(self, call: Call, error: Exception) -> None:
+        status = getattr(error, "status", 500)
+        outcome = "refused" if isinstance(error, LLMOpsError) and status < 500 else "error"
+        await self._write(audit_record(call, None, outcome, status, str(error)[:300]))
+
+
+def audit_record(call: Call, answer: Answer | None, outcome: str, status: int,
+                 error: str | None = None) -> dict:
+    """Who asked what and what was answered: inputs as a hash of the raw text and PII-redacted,
+    outputs as they left (redacted again for the log)."""
+    return {
+        "ts": datetime.now(UTC).isoformat(), "request_id": call.request_id,
+        "tenant": call.principal.tenant, "principal": call.principal.subject,
+        "transport": call.caller.transport, "application": call.application,
+        "scope": call.scope, "input_sha256": call.raw_hashes,
+        "input": [redact(t).text for t in call.texts],
+        "output": [None if o is None else redact(o).text for o in answer.outputs]
+        if answer else None,
+        "models": [{stage: _model_ref(m) for stage, m in models.items()}
+                   for models in answer.models] if answer else None,
+        "guardrails": [f.to_dict() for f in call.findings],
+        "degraded": answer.degraded if answer else False,
+        "tokens": answer.tokens if answer else 0,
+        "latency_ms": round((time.perf_counter() - call.started) * 1000, 2),
+        "outcome": outcome, "status": status, "error": error}
+
+
+def _model_ref(model) -> str | None:
+    if model is None:
+        return None
+    m = model if isinstance(model, dict) else model.model_dump()
+    return f"{m.get('name')}/{m.get('version')}:{m.get('variant')}" if m else None
+
+
+class PolicyChain:
+    """An application's policies in their declared order."""
+
+    def __init__(self, application: str, policies: list[Policy]):
+        self.application, self.policies = application, policies
+
+    @property
+    def checks_output(self) -> bool:
+        """Whether an answer's text may still change after the model (output guardrails)."""
+        return any(isinstance(p, Guard) and p.output.rules for p in self.policies)
+
+    def open(self, scope: str, texts: list[str], caller: Caller, tokens: int = 0) -> Call:
+        from monitoring.audit import input_hash
+
+        return Call(self.application, scope, new_request_id(caller.request_id), list(texts),
+                    caller, tokens, raw_hashes=[input_hash(t) for t in texts])
+
+    async def enter(self, call: Call) -> None:
+        """The `before` hooks; on a refusal, `failed` of those that ran, then the refusal."""
+        for policy in self.policies:
+            try:
+                await policy.before(call)
+            except Exception as exc:
+                await self.fail(call, exc)
+                raise
+            call.entered.append(policy)
+
+    async def leave(self, call: Call, answer: Answer) -> Answer:
+        """The `after` hooks, in reverse order."""
+        try:
+            for policy in reversed(call.entered):
+                await policy.after(call, answer)
+        except Exception as exc:
+            await self.fail(call, exc)
+            raise
+        return answer
+
+    async def fail(self, call: Call, error: Exception) -> None:
+        entered, call.entered = call.entered, []
+        for policy in reversed(entered):
+            await policy.failed(call, error)
+
+    async def authorize(self, caller: Caller, scope: str) -> Principal:
+        """Only the authentication (for reads that are no inference, like listing models)."""
+        call = self.open(scope, [], caller)
+        for policy in self.policies:
+            if isinstance(policy, Authenticate):
+                await policy.before(call)
+        return call.principal
+
+    async def run(self, call: Call, work: Callable[[Call], Awaitable[Answer]]) -> Answer:
+        await self.enter(call)
+        try:
+            answer = await work(call)
+        except Exception as exc:
+            await self.fail(call, exc)
+            raise
+        return await self.leave(call, answer)
+
+
+    async def apply(self, scope: str, texts: list[str], caller: Caller,
+                    work: Callable[[Call], Awaitable[Answer]], generated_per_text: int = 0,
+                    response=None) -> tuple[Call, Answer]:
+        """`work` on `texts` under the chain, charged the estimated tokens; the answer's
+        headers (`RateLimit-*`) set on the HTTP `response`, if any."""
+        call = self.open(scope, texts, caller, estimate_tokens(texts, generated_per_text))
+        answer = await self.run(call, work)
+        if response is not None:
+            response.headers.update(call.headers)
+        return call, answer
+
+
+def chain(application: str, order: list[str], guardrails: GuardrailsConfig,
+          governance: dict | None) -> PolicyChain:
+    """The chain of `order` for one application. `governance` (from the platform settings):
+    `auth` (AuthConfig with its secret file), `quota` (QuotaConfig with its store), `audit`
+    (`{"folder": ..., **AuditConfig}`, or None when off); None: no policies at all."""
+    if governance is None:
+        return PolicyChain(application, [])
+    policies: list[Policy] = []
+    for name in order:
+        if name == "audit" and governance.get("audit"):
+            from monitoring.audit import logger
+            from monitoring.config import AuditConfig
+
+            audit = governance["audit"]
+            policies.append(Audit(logger(AuditConfig(max_bytes=audit["max_bytes"]),
+                                         audit["folder"])))
+        elif name == "auth":
+            policies.append(Authenticate(Verifier(AuthConfig(**governance["auth"]), Path("."))))
+        elif name == "quota":
+            from serve_apps.quota import authority
+
+            quota = QuotaConfig(**governance["quota"])
+            policies.append(Quota(authority(quota, Path(quota.store))))
+        elif name == "guardrails":
+            policies.append(Guard(guardrails))
+    return PolicyChain(application, policies)
+
+
+def estimate_tokens(texts: list[str], generated_per_text: int = 0) -> int:
+    """What a request may cost before it runs: about four characters per prompt token, plus
+    the generator's limit per text (the commit charges the real count)."""
+    return sum(len(t) // 4 + 1 + generated_per_text for t in texts)
