@@ -87,8 +87,8 @@ class ChatPipeline:
     async def http_complete(self, body: ChatRequest, request: Request, response: Response):
         caller = Caller.http(request)
         if not body.stream:
-            out = await self._complete(body, caller)
-            response.headers.update(out.pop("headers"))
+            out, call = await self._complete(body, caller)
+            response.headers.update(call.headers)
             return out
         call = await self._enter(body, caller)  # errors are a 4xx before the stream opens
 
@@ -123,15 +123,15 @@ class ChatPipeline:
     async def complete(self, request: ChatRequest | dict, request_id: str | None = None,
                        principal: Principal | dict | None = None) -> dict:
         """A `chat.completion` object, with the exact model version under `llmops`."""
-        out = await self._complete(parse(ChatRequest, request), Caller(request_id, principal))
-        out.pop("headers")
+        out, _ = await self._complete(parse(ChatRequest, request), Caller(request_id, principal))
         return out
 
-    async def _complete(self, request: ChatRequest, caller: Caller) -> dict:
+    async def _complete(self, request: ChatRequest, caller: Caller) -> tuple[dict, Call]:
+        """The completion and the call it ran as (its headers go on an HTTP response)."""
         call = await self._open(request, caller)
         answer = await self.policies.run(call, lambda c: self._generate(c, request))
         out, rid = answer.payload, call.request_id
-        return {
+        return ({
             "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
             "model": request.model,
             "choices": [{"index": 0, "finish_reason": out["finish_reason"],
@@ -139,7 +139,7 @@ class ChatPipeline:
             "usage": {"prompt_tokens": out["prompt_tokens"],
                       "completion_tokens": out["completion_tokens"],
                       "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
-            "llmops": self._meta(call, answer.degraded, out["model"]), "headers": call.headers}
+            "llmops": self._meta(call, answer.degraded, out["model"])}, call)
 
     async def _generate(self, call: Call, request: ChatRequest) -> Answer:
         """The generator's answer, or the fallback reply while it fails or its breaker is open."""
