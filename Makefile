@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM = false
 export RAY_AUTH_MODE = disabled
 # (the local head binds the dashboard to 127.0.0.1; see cluster.yaml for a shared cluster)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench manifests clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The KubeRay manifests, generated from cluster.yaml and cluster/config/llmops.yaml
+manifests: $(STAMP)
+	$(LLMOPS) kuberay
 
 bench: $(STAMP)
 	$(PY) bench/train.py --json

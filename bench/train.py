@@ -82,9 +82,10 @@ def main() -> None:
         for stage in (0, 2):
             started = time.perf_counter()
             staged = FinetuneSpec(**{**spec.__dict__, "deepspeed": DeepSpeedConfig(stage=stage)})
+            gpu = runtime.use_gpu("auto")
             result = fit(staged, name=f"bench-zero{stage}", storage_path=Path(storage),
-                         workers=args.workers, use_gpu=runtime.use_gpu("auto"),
-                         cpus_per_worker=1, max_failures=0)
+                         workers=args.workers, use_gpu=gpu,
+                         resources={"CPU": 1, **({"GPU": 1} if gpu else {})}, max_failures=0)
             sps = result.metrics["samples_per_s"]
             results[f"deepspeed_zero{stage}_{args.workers}_workers"] = {
                 "samples_per_s": round(sps, 2), "ratio": round(sps / baseline, 3),

@@ -479,6 +479,26 @@ def cmd_serve_config(args) -> None:
     print(yaml.safe_dump(_generated_serve_config(settings, registry, gpus), sort_keys=False))
 
 
+def cmd_cluster_check(args) -> Output:
+    from cluster.capacity import check, load_cluster_config
+
+    settings = _settings(args)
+    rows = check(settings, load_cluster_config(args.cluster_config))
+
+    def human(p: dict) -> str:
+        return "\n".join(f"{r['who']:36} x{r['count']:<3} {r['resources']} -> "
+                         f"{', '.join(r['node_types'])}" for r in p["requests"])
+    return Output({"cluster_config": args.cluster_config, "requests": rows}, human)
+
+
+def cmd_kuberay(args) -> Output:
+    from cluster.manifests import write_all
+
+    paths = write_all(Path(args.config or "cluster/config/llmops.yaml"),
+                      Path(args.cluster_config), Path(args.out), tuple(args.task or ["support-router"]))
+    return Output({"written": [str(p) for p in paths]}, lambda p: "\n".join(p["written"]))
+
+
 def _tag(text: str) -> str:
     if "=" not in text or not text.split("=", 1)[0]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -558,6 +578,26 @@ def build_parser() -> argparse.ArgumentParser:
     canary.set_defaults(func=cmd_canary)
     sub.add_parser("serve-config", parents=[common], help="print the generated Serve config"
                    ).set_defaults(func=cmd_serve_config)
+
+    cluster = sub.add_parser("cluster", help="a multi-node cluster's config (`ray up`)")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    ccheck = cluster_sub.add_parser(
+        "check", parents=[common], help="check that every replica and fine-tune worker the "
+        "settings ask for fits some node type of the cluster config (exit 2 if not)")
+    ccheck.add_argument("--cluster-config", default="cluster.yaml", metavar="FILE")
+    ccheck.add_argument("--json", action="store_true")
+    ccheck.set_defaults(func=cmd_cluster_check)
+    kuberay = sub.add_parser("kuberay", parents=[common],
+                             help="write the KubeRay RayService and RayJob manifests generated "
+                             "from cluster.yaml and the cluster settings (--config, default "
+                             "cluster/config/llmops.yaml)")
+    kuberay.add_argument("--cluster-config", default="cluster.yaml", metavar="FILE")
+    kuberay.add_argument("--out", default="cluster/kuberay", metavar="DIR")
+    kuberay.add_argument("--task", action="append", default=None,
+                         help="a task to write a fine-tune RayJob for (repeatable; "
+                         "default support-router)")
+    kuberay.add_argument("--json", action="store_true")
+    kuberay.set_defaults(func=cmd_kuberay)
 
     traffic = sub.add_parser("traffic", parents=[common],
                              help="send seeded traffic of a scenario to a running pipeline")

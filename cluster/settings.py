@@ -89,9 +89,10 @@ class Settings(BaseModel):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
 
     @property
-    def storage_path(self) -> Path:
-        """Ray Train / Tune results and checkpoints."""
-        return self.data_dir.resolve() / "ray_results"
+    def storage_path(self) -> str:
+        """Ray Train / Tune results and checkpoints: `training.storage_path` (a URI on a
+        cluster), or a folder under the data dir."""
+        return self.training.storage_path or str(self.data_dir.resolve() / "ray_results")
 
     @property
     def log_uri(self) -> str:

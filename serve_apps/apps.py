@@ -41,17 +41,28 @@ def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None) -> d
     return md.user_config(model, alias, canary)
 
 
-def deployment_options(md: ModelDeploymentConfig, use_gpu: bool,
-                       tracking_uri: str | None) -> dict:
-    """`.options()` of a model deployment, in the field names of Serve's config file."""
-    a = md.autoscaling
-    autoscaling = a.model_dump(exclude_none=True)
-    actor = {"num_cpus": md.resources.num_cpus,
-             "num_gpus": md.resources.num_gpus if use_gpu else 0}
+def actor_resources(md: ModelDeploymentConfig, use_gpu: bool, gpu_resource: str | None) -> dict:
+    """`ray_actor_options` of one replica: on GPUs also `gpu_resource` (the serving GPU node
+    type's own resource), as much as its GPU share."""
+    gpus = md.resources.num_gpus if use_gpu else 0
+    actor: dict = {"num_cpus": md.resources.num_cpus, "num_gpus": gpus}
+    if gpus and gpu_resource:
+        actor["resources"] = {gpu_resource: gpus}
     if md.resources.memory_mb:
         actor["memory"] = md.resources.memory_mb * 2**20
-    return {"user_config": pinned_user_config(md, tracking_uri), "autoscaling_config": autoscaling,
-            "ray_actor_options": actor,
+    return actor
+
+
+def deployment_options(md: ModelDeploymentConfig, use_gpu: bool, tracking_uri: str | None,
+                       gpu_resource: str | None = None, pin_models: bool = True) -> dict:
+    """`.options()` of a model deployment, in the field names of Serve's config file. With
+    `pin_models` every reference is pinned to its version now (the registry is asked); without,
+    each replica resolves its alias when it starts (a manifest written before any deploy)."""
+    user_config = pinned_user_config(md, tracking_uri) if pin_models else \
+        md.user_config(md.model, None, md.canary)
+    return {"user_config": user_config,
+            "autoscaling_config": md.autoscaling.model_dump(exclude_none=True),
+            "ray_actor_options": actor_resources(md, use_gpu, gpu_resource),
             "max_ongoing_requests": max(md.max_ongoing_requests, md.batching.max_batch_size)}
 
 
@@ -70,11 +81,13 @@ def _ingress(cfg, args: dict) -> dict:
 
 def _model(deployment, md: ModelDeploymentConfig, args: dict):
     uri = args["tracking_uri"]
-    return deployment.options(**deployment_options(md, args["use_gpu"], uri)).bind(uri)
+    return deployment.options(**deployment_options(
+        md, args["use_gpu"], uri, args.get("gpu_resource"))).bind(uri)
 
 
 def moderation(args: dict) -> Application:
-    """args: config (ModerationAppConfig), limits, tracking_uri, use_gpu, ingress_cpus, log
+    """args: config (ModerationAppConfig), limits, tracking_uri, use_gpu, gpu_resource,
+    ingress_cpus, log
     (the inference log's uri and LogConfig; absent: no log) and governance (what the policies
     need, `serve_apps.policies.chain`; absent: no policies)."""
     cfg = ModerationAppConfig.model_validate(args["config"])

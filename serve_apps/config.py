@@ -300,6 +300,10 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     use_gpu: GpuChoice = "auto"
+    gpu_resource: str | None = Field(
+        None, description="a custom Ray resource every GPU replica also asks for, as much as its "
+        "num_gpus: declared only by the serving GPU node type (cluster.yaml), so the autoscaler "
+        "launches that type for replicas and fine-tunes keep their own GPU nodes")
     ingress_cpus: float = Field(0.1, gt=0)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     moderation: ModerationAppConfig = Field(default_factory=ModerationAppConfig)

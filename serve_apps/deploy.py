@@ -25,10 +25,11 @@ class DeployFailed(LLMOpsError):
 
 def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
                  env_vars: dict[str, str], log: dict | None = None,
-                 governance: dict | None = None) -> dict:
+                 governance: dict | None = None, pin_models: bool = True) -> dict:
     """The Serve config (`ServeDeploySchema`) of every enabled application; `log` is where and
     how pipelines write the inference log (`{"uri": ..., **LogConfig}`), None for no log;
-    `governance` what the policies need (`serve_apps.policies.chain`), None for none."""
+    `governance` what the policies need (`serve_apps.policies.chain`), None for none;
+    `pin_models` as in `deployment_options` (False for a manifest written offline)."""
     apps = []
     for name, (_, models, ingress) in APPS.items():
         app_cfg = getattr(config, name)
@@ -36,11 +37,12 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
             continue
         args = {"config": app_cfg.model_dump(mode="json"), "limits": config.limits.model_dump(),
                 "tracking_uri": tracking_uri, "use_gpu": use_gpu,
-                "ingress_cpus": config.ingress_cpus, "log": log, "governance": governance}
+                "gpu_resource": config.gpu_resource, "ingress_cpus": config.ingress_cpus,
+                "log": log, "governance": governance}
         deployments = [{"name": ingress, **ingress_options(app_cfg.overload, config.ingress_cpus)}]
-        deployments += [{"name": dep, **deployment_options(getattr(app_cfg, field), use_gpu,
-                                                           tracking_uri)}
-                        for dep, field in models.items()]
+        deployments += [{"name": dep, **deployment_options(
+            getattr(app_cfg, field), use_gpu, tracking_uri, config.gpu_resource, pin_models)}
+            for dep, field in models.items()]
         apps.append({"name": name, "route_prefix": app_cfg.route_prefix,
                      "import_path": f"serve_apps.apps:{name}", "args": args,
                      "runtime_env": {"env_vars": env_vars}, "deployments": deployments})

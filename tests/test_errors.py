@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_unreachable_mlflow_fails_fast_and_registers_nothing(settings):
     with pytest.raises(RegistryUnavailable, match="127.0.0.1:9 is unreachable"):
         _fit(settings, Registry(unreachable, settings.data_dir),
              build_task_data(settings.training, "support-router"))
-    assert not settings.storage_path.exists()  # no training was started
+    assert not Path(settings.storage_path).exists()  # no training was started
 
 
 def test_failed_alias_rolls_back_the_new_version(ray_session, settings, registry, monkeypatch):

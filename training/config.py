@@ -117,12 +117,23 @@ class TrainingConfig(_Strict):
     workers: int = Field(2, ge=1, le=256)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: GpuChoice = "auto"
+    gpu_resource: str | None = Field(
+        None, description="a custom Ray resource each GPU worker also asks for (1): declared only "
+        "by the fine-tuning GPU node type (cluster.yaml), so workers land on those nodes")
+    storage_path: str | None = Field(
+        None, description="Ray Train checkpoints and results: empty: <data_dir>/ray_results; on "
+        "a cluster of several nodes a URI every node reaches (s3://bucket/checkpoints, gs://...)")
     seed: int = 0
     max_failures: int = Field(2, ge=0)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tasks: dict[str, TaskConfig] = Field(default_factory=_default_tasks)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    def worker_resources(self, use_gpu: bool) -> dict[str, float]:
+        """What each Ray Train worker asks the scheduler for (one GPU each on GPUs)."""
+        gpu = {"GPU": 1, **({self.gpu_resource: 1} if self.gpu_resource else {})} if use_gpu else {}
+        return {"CPU": self.cpus_per_worker, **gpu}
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -67,7 +67,7 @@ class FinetuneSpec:
 @dataclass
 class FinetuneResult:
     model_dir: Path
-    checkpoint_dir: Path
+    checkpoint: str  # the last checkpoint, a path of the storage's filesystem
     history: list[dict] = field(default_factory=list)
     ds_config: dict = field(default_factory=dict)
 
@@ -234,9 +234,10 @@ def consolidate(checkpoint_dir: Path, kind: str, out_dir: Path):
     return model, tokenizer, ds_config
 
 
-def fit(spec: FinetuneSpec, *, name: str, storage_path: Path, workers: int, use_gpu: bool,
-        cpus_per_worker: float, max_failures: int, callbacks: list | None = None):
-    """Run the workers on the connected Ray cluster; the Ray Train `Result`."""
+def fit(spec: FinetuneSpec, *, name: str, storage_path: str, workers: int, use_gpu: bool,
+        resources: dict[str, float], max_failures: int, callbacks: list | None = None):
+    """Run the workers on the connected Ray cluster, each asking for `resources`
+    (`TrainingConfig.worker_resources`); the Ray Train `Result`."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -244,10 +245,9 @@ def fit(spec: FinetuneSpec, *, name: str, storage_path: Path, workers: int, use_
         train_loop,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage_path),
+            name=name, storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or None),
@@ -261,13 +261,44 @@ def fit(spec: FinetuneSpec, *, name: str, storage_path: Path, workers: int, use_
     return result
 
 
-def run_finetune(spec: FinetuneSpec, *, name: str, storage_path: Path, **fit_kwargs) -> FinetuneResult:
+def _filesystem(storage: str):
+    """(pyarrow filesystem, path in it) of a local folder or a URI (s3://, gs://, ...)."""
+    import pyarrow.fs
+
+    if "://" in storage:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), storage
+
+
+def run_names(storage: str, prefix: str) -> list[str]:
+    """The runs under `storage` whose names start with `prefix` (to resume one)."""
+    import pyarrow.fs
+
+    fs, root = _filesystem(storage)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    names = (Path(i.path).name for i in found if i.type == pyarrow.fs.FileType.Directory)
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def consolidate_run(checkpoint_path: str, storage: str, name: str, kind: str):
+    """Consolidate the checkpoint at `checkpoint_path` (a path of `storage`'s filesystem) to a
+    model folder on this machine: beside the run's checkpoints when they are local, else a
+    scratch folder (the registry keeps the copy that lasts). (model folder, DeepSpeed config)."""
+    import ray.train
+
+    fs, _ = _filesystem(storage)
+    local = "://" not in storage
+    model_dir = Path(storage, name, "model") if local else Path(tempfile.mkdtemp(prefix=name))
+    with ray.train.Checkpoint(checkpoint_path, filesystem=fs).as_directory() as folder:
+        _, _, ds_config = consolidate(Path(folder), kind, model_dir)
+    return model_dir, ds_config
+
+
+def run_finetune(spec: FinetuneSpec, *, name: str, storage_path: str, **fit_kwargs) -> FinetuneResult:
     """Fit, then consolidate the last checkpoint to a full-weight model folder."""
     result = fit(spec, name=name, storage_path=storage_path, **fit_kwargs)
-    ckpt_dir = Path(result.checkpoint.path)
-    model_dir = storage_path / name / "model"
-    _, _, ds_config = consolidate(ckpt_dir, spec.kind, model_dir)
-    return FinetuneResult(model_dir=model_dir, checkpoint_dir=ckpt_dir,
+    model_dir, ds_config = consolidate_run(result.checkpoint.path, storage_path, name, spec.kind)
+    return FinetuneResult(model_dir=model_dir, checkpoint=result.checkpoint.path,
                           history=result.metrics.get("history", []), ds_config=ds_config)
 
 

@@ -18,7 +18,7 @@ from training.config import TaskConfig, TrainingConfig
 from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm
 from training.features import reference_profile
-from training.finetune import Chaos, FinetuneSpec, run_finetune
+from training.finetune import Chaos, FinetuneSpec, run_finetune, run_names
 from training.golden import golden_set, measure
 from training.models import PROMPT, load_tokenizer
 from training.pyfunc import TaskModel, write_meta
@@ -140,24 +140,24 @@ def run_name(task: str, kind: str = "finetune") -> str:
 
 
 def fit_and_register(config: TrainingConfig, registry: Registry, task: str, data: TaskData, *,
-                     storage_path: Path, use_gpu: bool, chaos: Chaos | None = None,
+                     storage_path: str, use_gpu: bool, chaos: Chaos | None = None,
                      tags: dict | None = None, resume: str | None = None) -> JobResult:
     """Fine-tune on `data`, evaluate every holdout and register a new version of `task`.
 
     `resume` names an earlier run under `storage_path`: Ray Train restores its checkpoints and
     training continues after the last finished epoch (for a command that was killed)."""
     started = time.perf_counter()
-    if resume and not (storage_path / resume).is_dir():
-        runs = [p.name for p in storage_path.glob(f"{task}-finetune-*")]
-        raise UnknownName("run to resume", resume, runs)
+    if resume and resume not in run_names(storage_path, ""):
+        raise UnknownName("run to resume", resume, run_names(storage_path, f"{task}-finetune-"))
     registry.check()
     spec = make_spec(config, registry, task, data, chaos)
     name = resume or run_name(task)
-    print(f"run {name}: checkpoints in {storage_path / name} (continue it with --resume {name})",
+    print(f"run {name}: checkpoints in {storage_path}/{name} (continue it with --resume {name})",
           file=sys.stderr, flush=True)
     result = run_finetune(spec, name=name, storage_path=storage_path,
                           workers=config.workers, use_gpu=use_gpu,
-                          cpus_per_worker=config.cpus_per_worker, max_failures=config.max_failures)
+                          resources=config.worker_resources(use_gpu),
+                          max_failures=config.max_failures)
     return register_model_dir(config, registry, task, data, result.model_dir, spec.labels,
                               history=result.history, ds_config=result.ds_config,
                               started=started, tags=tags)

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 from training.config import TrainingConfig, TuneConfig
 from training.errors import TrainingFailed
-from training.finetune import FinetuneSpec, consolidate, fit
+from training.finetune import FinetuneSpec, consolidate_run, fit
 from training.job import JobResult, build_task_data, make_spec, register_model_dir, run_name
 from training.registry import Registry
 
 
 def tune_task(config: TrainingConfig, tune_config: TuneConfig, registry: Registry, task: str, *,
-              storage_path: Path, use_gpu: bool, scenario: str = "base") -> JobResult:
+              storage_path: str, use_gpu: bool, scenario: str = "base") -> JobResult:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -35,7 +34,7 @@ def tune_task(config: TrainingConfig, tune_config: TuneConfig, registry: Registr
                                          epochs=params["epochs"])
         fit(trial_spec, name=f"{name}-{tune.get_context().get_trial_id()}",
             storage_path=storage_path, workers=config.workers, use_gpu=use_gpu,
-            cpus_per_worker=config.cpus_per_worker, max_failures=config.max_failures,
+            resources=config.worker_resources(use_gpu), max_failures=config.max_failures,
             callbacks=[TuneReportCallback()])
 
     tuner = tune.Tuner(
@@ -49,15 +48,15 @@ def tune_task(config: TrainingConfig, tune_config: TuneConfig, registry: Registr
             max_concurrent_trials=1, scheduler=ASHAScheduler(
                 time_attr="training_iteration", max_t=max(tune_config.epochs),
                 grace_period=min(tune_config.grace_period, max(tune_config.epochs)))),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage_path)),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path),
     )
     grid = tuner.fit()
     ok = [r for r in grid if r.error is None and "checkpoint_path" in (r.metrics or {})]
     if not ok:
         raise TrainingFailed(f"every trial of {name!r} failed: {grid.errors[:1]}")
     best = min(ok, key=lambda r: r.metrics["val_loss"])
-    model_dir = storage_path / name / "model"
-    _, _, ds_config = consolidate(Path(best.metrics["checkpoint_path"]), spec.kind, model_dir)
+    model_dir, ds_config = consolidate_run(best.metrics["checkpoint_path"], storage_path, name,
+                                           spec.kind)
     return register_model_dir(
         config, registry, task, data, model_dir, spec.labels, history=best.metrics["history"],
         ds_config=ds_config, started=started,

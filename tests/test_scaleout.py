@@ -1,0 +1,153 @@
+"""Scale-out artefacts checked without a cloud: `cluster.yaml` against Ray's own schema and the
+platform's resource requests, the KubeRay manifests against their sources, the Dockerfile lint."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.capacity import Unplaceable, check, load_cluster_config, placements
+from cluster.manifests import serve_config_of, write_all
+from cluster.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_YAML = ROOT / "cluster.yaml"
+CLUSTER_SETTINGS = ROOT / "cluster" / "config" / "llmops.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster_config() -> dict:
+    return load_cluster_config(CLUSTER_YAML)
+
+
+@pytest.fixture(scope="module")
+def cluster_settings():
+    return load_settings(CLUSTER_SETTINGS, environ={})
+
+
+def test_cluster_yaml_passes_rays_own_validation(cluster_config):
+    """What `ray up` does before it talks to AWS: fill the provider's defaults, then validate
+    against ray-schema.json of the pinned Ray."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cluster_config))
+    validate_config(prepared)
+    types = prepared["available_node_types"]
+    assert prepared["head_node_type"] == "ray.head.default"
+    assert types["ray.head.default"]["resources"].get("GPU", 0) == 0
+    gpu_types = {n for n, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    assert gpu_types == {"serve-gpu", "train-gpu"}
+    assert all(types[n]["min_workers"] == 0 for n in gpu_types)  # scale to zero
+    assert 0 < prepared["idle_timeout_minutes"] <= 30
+    start = " ".join(prepared["head_start_ray_commands"])
+    assert "--metrics-export-port=8080" in start and "--dashboard-host=0.0.0.0" in start
+
+    broken = copy.deepcopy(cluster_config)
+    broken["available_node_types"]["serve-gpu"]["min_workers"] = "none"
+    with pytest.raises(Exception, match="none"):
+        validate_config(prepare_config(broken))
+
+
+def test_every_request_fits_the_intended_node_type(cluster_config, cluster_settings):
+    rows = {r["who"]: r for r in check(cluster_settings, cluster_config)}
+    models = [r for who, r in rows.items() if who.startswith("serve ") and "GPU" in r["resources"]]
+    assert len(models) == 6  # every model deployment asks for a GPU share ...
+    assert all(r["node_types"] == ["serve-gpu"] for r in models)  # ... of the serving type only
+    assert rows["train worker"]["node_types"] == ["train-gpu"]
+    assert rows["train worker"]["resources"]["train_gpu"] == 1
+    ingresses = [r for who, r in rows.items() if who.endswith(("Pipeline", "Service"))]
+    assert ingresses and all("ray.head.default" in r["node_types"] for r in ingresses)
+
+    # Without the custom resources a replica could land on (and keep awake) the training node.
+    plain = cluster_settings.model_copy(deep=True)
+    plain.serve.gpu_resource = None
+    loose = {r["who"]: r for r in placements(plain, cluster_config)}
+    assert loose["serve chat/Generator"]["node_types"] == ["serve-gpu", "train-gpu"]
+
+
+def test_a_request_no_node_type_can_hold_is_named(cluster_config, cluster_settings):
+    greedy = cluster_settings.model_copy(deep=True)
+    greedy.serve.chat.generator.resources.num_gpus = 2  # serve-gpu nodes have one
+    greedy.training.workers = 9                         # 2 train nodes x 4 GPUs
+    with pytest.raises(Unplaceable) as err:
+        check(greedy, cluster_config)
+    assert "chat/Generator" in str(err.value) and "train worker" in str(err.value)
+    assert "moderation" not in str(err.value)
+
+
+def test_cluster_check_cli(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "cluster.cli", "cluster", "check", "--config",
+                         str(CLUSTER_SETTINGS), "--cluster-config", str(CLUSTER_YAML), "--json"],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "small.yaml"
+    config = load_cluster_config(CLUSTER_YAML)
+    del config["available_node_types"]["train-gpu"]
+    bad.write_text(yaml.safe_dump(config))
+    failed = subprocess.run([sys.executable, "-m", "cluster.cli", "cluster", "check", "--config",
+                             str(CLUSTER_SETTINGS), "--cluster-config", str(bad)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert failed.returncode != 0
+    assert failed.stderr.startswith("llmops: error: no node type can hold: train worker")
+    assert "Traceback" not in failed.stderr
+
+
+def test_kuberay_manifests_agree_with_their_sources(tmp_path, cluster_config, cluster_settings):
+    """The committed manifests are what `llmops kuberay` writes now, and what they say agrees
+    with the serve config `llmops up` deploys and with cluster.yaml's node types."""
+    from ray.serve.schema import ServeDeploySchema
+
+    committed = ROOT / "cluster" / "kuberay"
+    for path in write_all(CLUSTER_SETTINGS, CLUSTER_YAML, tmp_path):
+        assert (committed / path.name).read_text() == path.read_text(), \
+            f"{path.name} is stale: run `make manifests`"
+
+    docs = list(yaml.safe_load_all((committed / "rayservice.yaml").read_text()))
+    settings_map, _, service = docs
+    assert yaml.safe_load(settings_map["data"]["llmops.yaml"]) == \
+        yaml.safe_load(CLUSTER_SETTINGS.read_text())
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve)
+    assert serve == serve_config_of(cluster_settings)
+    names = {a["name"] for a in serve["applications"]}
+    assert names == {"moderation", "support", "chat", "feedback"}
+
+    ray_cluster = service["spec"]["rayClusterConfig"]
+    assert ray_cluster["enableInTreeAutoscaling"] is True
+    assert ray_cluster["autoscalerOptions"]["idleTimeoutSeconds"] == \
+        cluster_config["idle_timeout_minutes"] * 60
+    groups = {g["groupName"]: g for g in ray_cluster["workerGroupSpecs"]}
+    types = cluster_config["available_node_types"]
+    assert set(groups) == set(types) - {cluster_config["head_node_type"]}
+    for name, group in groups.items():
+        resources = types[name]["resources"]
+        assert (group["minReplicas"], group["maxReplicas"]) == \
+            (types[name]["min_workers"], types[name]["max_workers"])
+        params = group["rayStartParams"]
+        assert int(params["num-gpus"]) == resources["GPU"]
+        custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+        assert (yaml.safe_load(yaml.safe_load(params["resources"])) if custom else {}) == custom
+        container = group["template"]["spec"]["containers"][0]
+        assert int(container["resources"]["limits"].get("nvidia.com/gpu", 0)) == resources["GPU"]
+        assert container["image"].endswith("-cuda" if resources["GPU"] else "-cpu")
+
+    job = yaml.safe_load((committed / "rayjob-support-router.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"] == "llmops train support-router"
+    assert [g["groupName"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]] == \
+        ["train-gpu"]
+
+
+def test_dockerfile_lints_clean():
+    import shutil
+
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    done = subprocess.run([hadolint, str(ROOT / "cluster" / "Dockerfile")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (ROOT / "cluster" / "Dockerfile").read_text()
+    assert "ARG RAY_VERSION=2.60.0" in text  # the pinned Ray's image
