@@ -44,6 +44,11 @@ def tiny_settings(data_dir, **training) -> Settings:
     })
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked `own_ray` start Ray clusters of their own (stopping the session's): last."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+
+
 @dataclass(frozen=True)
 class RaySession:
     address: str

@@ -1,0 +1,92 @@
+"""The registry through a real MLflow tracking server, as on a cluster: `mlflow server` with a
+database backend and an artifact root it serves over HTTP (`--serve-artifacts`), so the client
+holds neither the database nor the artifacts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import register_quick, tiny_settings
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on loopback: SQLite backend (a database file standing for PostgreSQL) and
+    a local artifact root standing for the object store; stopped with its workers at the end."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
+         "--artifacts-destination", (root / "artifacts").as_uri(), "--serve-artifacts"],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url, root
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_models_registered_and_served_through_a_tracking_server(mlflow_server, tmp_path):
+    from serve_apps.model import load, resolve
+    from training.registry import Registry
+
+    url, server_root = mlflow_server
+    settings = tiny_settings(tmp_path / "client")
+    settings.registry.tracking_uri = url
+    registry = Registry(settings.registry, settings.data_dir)
+    registry.check()
+
+    first = register_quick(settings, registry, "moderation", epochs=2)
+    second = register_quick(settings, registry, "moderation", epochs=2, seed=1)
+    assert (first.alias, second.alias) == ("champion", "challenger")
+    registry.set_alias("moderation", "champion", int(second.version))
+
+    # What a Serve replica on another node does: resolve the alias and download the weights.
+    identity = resolve("models:/moderation@champion", url)
+    assert identity.version == str(second.version) != str(first.version)
+    loaded = load("models:/moderation@champion", url)
+    answers = loaded.classify(["you are an idiot", "see you at the meetup"])
+    assert [a["label"] in loaded.meta["labels"] for a in answers] == [True, True]
+
+    # The lineage and artifacts live with the server, nothing with the client.
+    run = registry.client.get_run(first.run_id)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    stored = list((server_root / "artifacts").rglob("*.safetensors"))
+    assert stored, "the model's weights are in the server's artifact root"
+    assert not (settings.data_dir / "mlflow.db").exists()
+    assert not (settings.data_dir / "artifacts").exists()
+    assert registry.run_metrics("moderation", str(first.version))
+
+    listed = subprocess.run([sys.executable, "-m", "cluster.cli", "models", "--mlflow-uri", url,
+                             "--data-dir", str(tmp_path / "other"), "--json"],
+                            capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert '"moderation"' in listed.stdout and "champion" in listed.stdout
+
