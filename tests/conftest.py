@@ -44,6 +44,15 @@ def tiny_settings(data_dir, **training) -> Settings:
     })
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pytest_collection_modifyitems(items):
     """Tests marked `own_ray` start Ray clusters of their own (stopping the session's): last."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)

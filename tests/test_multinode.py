@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import register_quick, tiny_settings
+from conftest import free_port, register_quick, tiny_settings
 
 from cluster.capacity import load_cluster_config
 from cluster.runtime import PLATFORM_ENV
@@ -36,11 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST_HEALTH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
                "health_check_failure_threshold": 3}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -89,7 +83,7 @@ def test_placement_training_spread_and_node_loss_under_load(private_ray_tmp, tmp
 
     settings = tiny_settings(tmp_path / "state")
     registry = Registry(settings.registry, settings.data_dir)
-    dashboard, http_port = _free_port(), _free_port()
+    dashboard, http_port = free_port(), free_port()
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": dashboard, "_system_config": FAST_HEALTH})
@@ -260,7 +254,7 @@ def test_fake_autoscaler_launches_gpu_nodes_on_demand_and_removes_idle_ones(priv
     from serve_apps.config import ModelDeploymentConfig
     from training.config import TrainingConfig
 
-    config = fake_autoscaling_config(load_cluster_config(ROOT / "cluster.yaml"), _free_port(),
+    config = fake_autoscaling_config(load_cluster_config(ROOT / "cluster.yaml"), free_port(),
                                      idle_minutes=0.1)
     config_file = tmp_path / "autoscaling.yaml"
     config_file.write_text(yaml.safe_dump(config))

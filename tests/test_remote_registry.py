@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import register_quick, tiny_settings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, register_quick, tiny_settings
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +21,7 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` on loopback: SQLite backend (a database file standing for PostgreSQL) and
     a local artifact root standing for the object store; stopped with its workers at the end."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
         [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

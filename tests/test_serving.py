@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
-from conftest import exposed, referenced_metrics, register_quick, tiny_settings
+from conftest import exposed, free_port, referenced_metrics, register_quick, tiny_settings
 from ray import serve
 
 from cluster.runtime import PLATFORM_ENV
@@ -59,11 +58,6 @@ class Platform:
     def headers(self, **more: str) -> dict:
         return {**self.auth, **{k.replace("_", "-"): v for k, v in more.items()}}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _llmops(platform_or_env, *args) -> subprocess.CompletedProcess:
@@ -117,7 +111,7 @@ def _settings(state: Path, port: int):
 @pytest.fixture(scope="module")
 def platform(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
-    port = _free_port()
+    port = free_port()
     settings = _settings(root / "state", port)
     registry = Registry(settings.registry, settings.data_dir)
     register_quick(settings, registry, "moderation", epochs=10, lr=1e-3)
@@ -613,7 +607,7 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
     assert 'llmops_healthcheck_healthy{model="moderation",model_version="1"} 0.0' in lines
     assert {m for m in referenced_metrics("llmops_") if not exposed(m, lines)} == set()
 
-    port = _free_port()
+    port = free_port()
     env = {**platform.env, "LLMOPS_MONITORING__MONITOR__PORT": str(port),
            "LLMOPS_MONITORING__MONITOR__INTERVAL_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "monitor", "--config",
