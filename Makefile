@@ -12,6 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export TOKENIZERS_PARALLELISM = false
 export RAY_AUTH_MODE = disabled
+export PYTHONUNBUFFERED = 1
 # (the local head binds the dashboard to 127.0.0.1; see cluster.yaml for a shared cluster)
 
 .PHONY: install demo test lint bench manifests clean
@@ -33,8 +34,11 @@ demo: $(STAMP)
 	$(LLMOPS) demo
 	@echo "the platform is still up: llmops status, llmops controller status, llmops down"
 
+# Tests on the session's Ray first, then (in a process of their own) the ones that start Ray
+# clusters of their own: several nodes, the fake autoscaler, the GPU smoke test.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not own_ray"
+	$(PY) -m pytest -m own_ray
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

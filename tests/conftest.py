@@ -53,6 +53,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_runtest_logreport(report):
+    """A failure is printed when it happens too, not only in the summary: a Ray process that
+    takes the interpreter down at exit would otherwise take the report with it."""
+    if report.failed:
+        import sys
+
+        print(f"\nFAILED {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}",
+              file=sys.stderr, flush=True)
+
+
 def pytest_collection_modifyitems(items):
     """Tests marked `own_ray` start Ray clusters of their own (stopping the session's): last."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
