@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import runtime  # noqa: E402
 from cluster.settings import load_settings  # noqa: E402
-from training.config import DeepSpeedConfig, ModelSpec  # noqa: E402
+from training.config import DeepSpeedConfig, ModelSpec, TrainingConfig  # noqa: E402
 from training.data import generate, labels_of  # noqa: E402
 from training.finetune import FinetuneSpec, fit  # noqa: E402
 from training.models import build_model, collate, encode_classification, load_tokenizer  # noqa: E402
@@ -85,7 +85,8 @@ def main() -> None:
             gpu = runtime.use_gpu("auto")
             result = fit(staged, name=f"bench-zero{stage}", storage_path=Path(storage),
                          workers=args.workers, use_gpu=gpu,
-                         resources={"CPU": 1, **({"GPU": 1} if gpu else {})}, max_failures=0)
+                         resources=TrainingConfig(cpus_per_worker=1).worker_resources(gpu),
+                         max_failures=0)
             sps = result.metrics["samples_per_s"]
             results[f"deepspeed_zero{stage}_{args.workers}_workers"] = {
                 "samples_per_s": round(sps, 2), "ratio": round(sps / baseline, 3),

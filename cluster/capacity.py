@@ -47,7 +47,7 @@ def load_cluster_config(path: str | Path) -> dict:
         raise LLMOpsError(f"cannot read cluster config {path}: {exc}") from exc
 
 
-def _gpu(choice: str, types: dict[str, dict]) -> bool:
+def uses_gpu(choice: str, types: dict[str, dict]) -> bool:
     """`auto` counts as GPUs when some node type has them (what the platform would see)."""
     any_gpu = any(t["resources"].get("GPU", 0) > 0 for t in types.values())
     return choice == "yes" or (choice == "auto" and any_gpu)
@@ -60,7 +60,7 @@ def requests(settings: Settings, types: dict[str, dict]) -> list[Request]:
 
     out = []
     config = serve_config(settings.serve, settings.registry.tracking_uri,
-                          _gpu(settings.serve.use_gpu, types), {}, settings.log_settings(),
+                          uses_gpu(settings.serve.use_gpu, types), {}, settings.log_settings(),
                           None, pin_models=False)
     for app in config["applications"]:
         for dep in app["deployments"]:
@@ -71,7 +71,7 @@ def requests(settings: Settings, types: dict[str, dict]) -> list[Request]:
             out.append(Request(f"serve {app['name']}/{dep['name']}",
                                {k: v for k, v in asked.items() if v},
                                scaling.get("max_replicas", dep.get("num_replicas", 1))))
-    use_gpu = _gpu(settings.training.use_gpu, types)
+    use_gpu = uses_gpu(settings.training.use_gpu, types)
     out.append(Request("train worker", settings.training.worker_resources(use_gpu),
                        settings.training.workers))
     retrain = settings.training.model_copy(
@@ -81,8 +81,10 @@ def requests(settings: Settings, types: dict[str, dict]) -> list[Request]:
     return out
 
 
-def fits(request: Request, resources: dict[str, float]) -> bool:
-    return all(resources.get(k, 0) >= v for k, v in request.resources.items())
+def fitting(request: Request, types: dict[str, dict]) -> list[str]:
+    """The node types one actor of `request` fits on."""
+    return [name for name, t in types.items()
+            if all(t["resources"].get(k, 0) >= v for k, v in request.resources.items())]
 
 
 def placements(settings: Settings, cluster_config: dict) -> list[dict]:
@@ -91,7 +93,7 @@ def placements(settings: Settings, cluster_config: dict) -> list[dict]:
     types = node_types(cluster_config)
     rows = []
     for r in requests(settings, types):
-        where = [name for name, t in types.items() if fits(r, t["resources"])]
+        where = fitting(r, types)
         room = sum(int(min(types[n]["resources"].get(k, 0) / v for k, v in r.resources.items()))
                    * types[n]["max_workers"] for n in where) if r.resources else r.count
         rows.append({"who": r.who, "resources": r.resources, "count": r.count,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.capacity import node_types
+from cluster.capacity import Request, fitting, node_types, uses_gpu
 from cluster.runtime import PLATFORM_ENV
 from cluster.settings import Settings
 
@@ -23,13 +23,13 @@ GIB_PER_CPU = 4                        # pod memory per CPU of a node type (m5 /
 METRICS_PORT = 8080
 
 
-def serve_config_of(settings: Settings) -> dict:
+def serve_config_of(settings: Settings, cluster_config: dict) -> dict:
     """The Serve config of a cluster: written before any deploy, so every model reference stays
     an alias that each replica resolves when it starts (`llmops swap` pins versions later)."""
     from serve_apps.deploy import serve_config
 
-    return serve_config(settings.serve, settings.registry.tracking_uri,
-                        settings.serve.use_gpu != "no", dict(PLATFORM_ENV),
+    gpu = uses_gpu(settings.serve.use_gpu, node_types(cluster_config))
+    return serve_config(settings.serve, settings.registry.tracking_uri, gpu, dict(PLATFORM_ENV),
                         settings.log_settings(), settings.governance(), pin_models=False)
 
 
@@ -126,7 +126,7 @@ def rayservice(settings: Settings, settings_text: str, cluster_config: dict) -> 
     service = {
         "apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": "llmops"},
         "spec": {
-            "serveConfigV2": _yaml(serve_config_of(settings)),
+            "serveConfigV2": _yaml(serve_config_of(settings, cluster_config)),
             "rayClusterConfig": _cluster_spec(
                 cluster_config,
                 head_data={"persistentVolumeClaim": {"claimName": "llmops-head-data"}},
@@ -137,13 +137,10 @@ def rayservice(settings: Settings, settings_text: str, cluster_config: dict) -> 
 def rayjob(settings: Settings, cluster_config: dict, task: str) -> list[dict]:
     """A RayJob that fine-tunes `task` on a cluster of its own (a head and the node types its
     workers fit on, per `cluster.capacity`), registers the version, then goes away."""
-    from cluster.capacity import Request, fits
-
     types = node_types(cluster_config)
     need = Request("train worker", settings.training.worker_resources(
-        settings.training.use_gpu != "no"))
-    groups = [n for n, t in types.items()
-              if n != cluster_config["head_node_type"] and fits(need, t["resources"])]
+        uses_gpu(settings.training.use_gpu, types)))
+    groups = [n for n in fitting(need, types) if n != cluster_config["head_node_type"]]
     job = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": {"name": f"llmops-finetune-{task}"},

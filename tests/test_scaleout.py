@@ -113,7 +113,7 @@ def test_kuberay_manifests_agree_with_their_sources(tmp_path, cluster_config, cl
         yaml.safe_load(CLUSTER_SETTINGS.read_text())
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve)
-    assert serve == serve_config_of(cluster_settings)
+    assert serve == serve_config_of(cluster_settings, cluster_config)
     names = {a["name"] for a in serve["applications"]}
     assert names == {"moderation", "support", "chat", "feedback"}
 
