@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable
-from serve_apps.config import ChatAppConfig, GenerationConfig, LimitsConfig
+from serve_apps.config import ChatAppConfig, LimitsConfig
 from serve_apps.http import InvalidRequest, check_texts, create_app, parse
 from serve_apps.inference_log import InferenceLog
 from serve_apps.model import UnknownModel
@@ -116,8 +116,8 @@ class ChatPipeline:
         if not users:
             raise InvalidRequest("messages: at least one message must have role 'user'")
         text = check_texts(users[-1:], self.limits)[0]
-        limit = request.options()["max_new_tokens"] or (self.config.generator.generation
-                                                        or GenerationConfig()).max_new_tokens
+        limit = request.options()["max_new_tokens"] or \
+            self.config.generator.generation_config.max_new_tokens
         return self.policies.open("chat", [text], caller, estimate_tokens([text], limit))
 
     async def complete(self, request: ChatRequest | dict, request_id: str | None = None,
@@ -164,8 +164,7 @@ class ChatPipeline:
                 "prompt_tokens": 0, "completion_tokens": 0}
 
     def _meta(self, call: Call, degraded: bool, model: dict | None) -> dict:
-        return {"request_id": call.request_id, "model": model, "degraded": degraded,
-                "guardrails": [f.to_dict() for f in call.findings]}
+        return {**call.summary(degraded), "model": model}
 
     async def _enter(self, request: ChatRequest, caller: Caller) -> Call:
         call = await self._open(request, caller)

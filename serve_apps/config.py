@@ -86,13 +86,18 @@ class ModelDeploymentConfig(_Strict):
     canary: CanaryConfig | None = None
     generation: GenerationConfig | None = None
 
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The generation defaults of this deployment (GenerationConfig's when unset)."""
+        return self.generation or GenerationConfig()
+
     def user_config(self, model: str, alias: str | None, canary: CanaryConfig | None) -> dict:
         """What `reconfigure()` receives (with the model pinned to a version): changes here swap
         in place, without new replicas."""
         return {"model": model, "alias": alias, "precision": self.precision,
                 "batching": self.batching.model_dump(),
                 "canary": canary.model_dump() if canary else None,
-                "generation": (self.generation or GenerationConfig()).model_dump()}
+                "generation": self.generation_config.model_dump()}
 
 
 class LimitsConfig(_Strict):

@@ -14,7 +14,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker
-from serve_apps.config import GenerationConfig, LimitsConfig, ModerationAppConfig
+from serve_apps.config import LimitsConfig, ModerationAppConfig
 from serve_apps.deployments import Item, set_batching
 from serve_apps.http import (
     GuardrailFinding,
@@ -77,15 +77,12 @@ class ModerationPipeline:
 
     async def _moderate(self, request: TextsRequest | dict, caller: Caller,
                         response: Response | None = None) -> ModerateResponse:
-        rewrites = self.config.generator.generation or GenerationConfig()
-        call, answer = await self.policies.apply("moderate", request_texts(request, self.limits),
-                                                 caller, self._work, rewrites.max_new_tokens,
-                                                 response)
+        call, answer = await self.policies.apply(
+            "moderate", request_texts(request, self.limits), caller, self._work,
+            self.config.generator.generation_config.max_new_tokens, response)
         results = [r.model_copy(update={"safe_text": out})
                    for r, out in zip(answer.payload, answer.outputs)]
-        return ModerateResponse(request_id=call.request_id, results=results,
-                                guardrails=[f.to_dict() for f in call.findings],
-                                degraded=answer.degraded)
+        return ModerateResponse(results=results, **call.summary(answer.degraded))
 
     async def _work(self, call: Call) -> Answer:
         texts, rid = call.texts, call.request_id

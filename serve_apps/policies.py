@@ -75,6 +75,11 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     entered: list = field(default_factory=list)
 
+    def summary(self, degraded: bool) -> dict:
+        """What every answer reports of its call: request id, guardrail findings, degraded."""
+        return {"request_id": self.request_id,
+                "guardrails": [f.to_dict() for f in self.findings], "degraded": degraded}
+
 
 @dataclass
 class Answer:

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker
-from serve_apps.config import GenerationConfig, LimitsConfig, SupportAppConfig
+from serve_apps.config import LimitsConfig, SupportAppConfig
 from serve_apps.deployments import Item, set_batching
 from serve_apps.http import (
     GuardrailFinding,
@@ -107,15 +107,12 @@ class SupportPipeline:
 
     async def _route(self, request: TextsRequest | dict, caller: Caller,
                      response: Response | None = None) -> RouteResponse:
-        replies = self.config.generator.generation or GenerationConfig()
-        call, answer = await self.policies.apply("support", request_texts(request, self.limits),
-                                                 caller, self._work, replies.max_new_tokens,
-                                                 response)
+        call, answer = await self.policies.apply(
+            "support", request_texts(request, self.limits), caller, self._work,
+            self.config.generator.generation_config.max_new_tokens, response)
         results = [r.model_copy(update={"suggestion": r.suggestion.model_copy(
             update={"reply": out})}) for r, out in zip(answer.payload, answer.outputs)]
-        return RouteResponse(request_id=call.request_id, results=results,
-                             guardrails=[f.to_dict() for f in call.findings],
-                             degraded=answer.degraded)
+        return RouteResponse(results=results, **call.summary(answer.degraded))
 
     async def _work(self, call: Call) -> Answer:
         texts, rid, tenant = call.texts, call.request_id, call.principal.tenant
