@@ -741,15 +741,19 @@ def test_metrics_reach_the_ray_metrics_export_port(ray_session, platform):
         "ray_llmops_model_batch_seconds_count": ('model="support-reply"',),
         "ray_llmops_model_info": ('model="moderation"', 'variant="champion"'),
     }
-    deadline, missing = time.monotonic() + 60, set(wanted)
-    while missing and time.monotonic() < deadline:
+    # Every Ray-exported metric the Grafana dashboard and the alert rules query must exist too;
+    # both are awaited (a gauge the controller set a moment ago reaches the export port with
+    # the next report).
+    referenced = referenced_metrics("ray_")
+    deadline, missing, unexposed = time.monotonic() + 60, set(wanted), set(referenced)
+    while (missing or unexposed) and time.monotonic() < deadline:
         lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
         missing = {name for name, labels in wanted.items() if not any(
             line.startswith(name + "{") and all(lab in line for lab in labels) for line in lines)}
+        unexposed = {m for m in referenced if not exposed(m, lines)}
         time.sleep(2)
     assert not missing
-    # Every Ray-exported metric the Grafana dashboard and the alert rules query exists.
-    assert {m for m in referenced_metrics("ray_") if not exposed(m, lines)} == set()
+    assert unexposed == set()
     info = [line for line in lines if line.startswith("ray_llmops_model_info{")
             and 'model="moderation"' in line and line.endswith(" 1.0")]
     assert info  # the version in service is marked 1
