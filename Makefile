@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) bench/swap.py --json
 	$(PY) bench/drift.py --json
 	$(PY) bench/governance.py --json
+	$(PY) bench/soak.py --json   # 30 minutes of steady mixed load: memory slope per process
 	$(PY) bench/loop.py --json   # on the demo's stack: trains the champions if absent
 
 clean:

@@ -283,9 +283,11 @@ def cmd_token_create(args) -> Output:
 
 
 def cmd_audit_verify(args) -> Output:
-    from monitoring.audit import verify
+    from monitoring.audit import anchor_path, verify
 
-    result = verify(_settings(args).audit_dir).to_dict()
+    settings = _settings(args)
+    result = verify(settings.audit_dir,
+                    anchor_path(settings.audit_dir, settings.monitoring.audit)).to_dict()
 
     def human(p: dict) -> str:
         if p["ok"]:
@@ -394,11 +396,11 @@ def cmd_up(args) -> Output:
 
     settings = _settings(args)
     registry = _registry(settings)
+    if any(a.startswith("HS") for a in settings.serve.auth.algorithms):  # a weak one: refused
+        ensure_secret(secret_path(settings.serve.auth, settings.data_dir.resolve()))
     started = False
     if settings.ray.address is None:
         started = runtime.start_head(settings.ray, settings.data_dir)
-    if any(a.startswith("HS") for a in settings.serve.auth.algorithms):
-        ensure_secret(secret_path(settings.serve.auth, settings.data_dir.resolve()))
     config = _generated_serve_config(settings, registry, runtime.cluster_gpus(settings.ray.address))
     path = settings.data_dir / "serve_config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

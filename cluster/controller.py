@@ -95,17 +95,18 @@ def export(state: ControllerState, moved_from: str | None = None) -> None:
     """
     import ray
 
+    from monitoring.gauges import hold
     from serve_apps.metrics import metric
 
     if not ray.is_initialized():
         return
     gauge = metric("gauge", "llmops_controller_state", "1 for the loop's current state.",
                     ("model", "state"))
-    for name in STATES:
-        gauge.set(float(name == state.state), tags={"model": state.model, "state": name})
-    metric("gauge", "llmops_controller_state_since_timestamp_seconds",
-            "When the loop entered its current state.", ("model",)).set(
-        state.since, tags={"model": state.model})
+    for name in STATES:  # held: the state stays visible between steps
+        hold(gauge, float(name == state.state), {"model": state.model, "state": name})
+    hold(metric("gauge", "llmops_controller_state_since_timestamp_seconds",
+                "When the loop entered its current state.", ("model",)),
+         state.since, {"model": state.model})
     if moved_from is not None:
         metric("counter", "llmops_controller_transitions", "Transitions of the loop.",
                 ("model", "from", "to")).inc(

@@ -21,6 +21,11 @@ CONFIG_DIR = "/home/ray/config"       # the settings file ($LLMOPS_CONFIG of the
 SECRETS_DIR = "/home/ray/secrets"     # the JWT secret (serve.auth.secret_file)
 GIB_PER_CPU = 4                        # pod memory per CPU of a node type (m5 / g5 ratio)
 METRICS_PORT = 8080
+SERVE_PORT = 8000
+DASHBOARD_PORT = 8265                  # also the Job API: code runs as the cluster's user
+OPERATOR_NAMESPACE = "ray-system"      # where the KubeRay operator runs (it polls the dashboard)
+MONITORING_NAMESPACE = "monitoring"    # where Prometheus runs
+RAY_POD = {"matchLabels": {"ray.io/is-ray-node": "yes"}}  # the label KubeRay gives Ray pods
 
 
 def serve_config_of(settings: Settings, cluster_config: dict) -> dict:
@@ -112,13 +117,42 @@ def _cluster_spec(cluster_config: dict, worker_types: list[str] | None = None,
         "workerGroupSpecs": groups}
 
 
+def _namespace(name: str) -> dict:
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+
+def network_policies() -> list[dict]:
+    """Who may reach what: Ray pods reach each other; from outside, only Serve's HTTP port is
+    open; the dashboard and its Job API to the KubeRay operator alone, the metrics port to
+    Prometheus alone; MLflow (which the controller and replicas unpickle models from) to Ray
+    pods alone. Everything else, GCS included, is refused."""
+
+    def policy(name: str, pods: dict, ingress: list[dict]) -> dict:
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": name},
+                "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": ingress}}
+
+    def port(number: int) -> list[dict]:
+        return [{"protocol": "TCP", "port": number}]
+
+    return [
+        policy("llmops-ray", RAY_POD, [
+            {"from": [{"podSelector": RAY_POD}]},
+            {"ports": port(SERVE_PORT)},
+            {"from": [_namespace(OPERATOR_NAMESPACE)], "ports": port(DASHBOARD_PORT)},
+            {"from": [_namespace(MONITORING_NAMESPACE)], "ports": port(METRICS_PORT)}]),
+        policy("llmops-mlflow", {"matchLabels": {"app": "mlflow"}},
+               [{"from": [{"podSelector": RAY_POD}], "ports": port(5000)}])]
+
+
 def _settings_map(settings_text: str) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "llmops-settings"},
             "data": {"llmops.yaml": settings_text}}
 
 
 def rayservice(settings: Settings, settings_text: str, cluster_config: dict) -> list[dict]:
-    """The settings ConfigMap, the head's data volume claim and the RayService."""
+    """The settings ConfigMap, the head's data volume claim, the RayService and the network
+    policies around it."""
     claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
              "metadata": {"name": "llmops-head-data"},
              "spec": {"accessModes": ["ReadWriteOnce"],
@@ -131,7 +165,7 @@ def rayservice(settings: Settings, settings_text: str, cluster_config: dict) -> 
                 cluster_config,
                 head_data={"persistentVolumeClaim": {"claimName": "llmops-head-data"}},
                 secrets=True)}}
-    return [_settings_map(settings_text), claim, service]
+    return [_settings_map(settings_text), claim, service, *network_policies()]
 
 
 def rayjob(settings: Settings, cluster_config: dict, task: str) -> list[dict]:

@@ -21,6 +21,9 @@ PLATFORM_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else each progress line reaches the driver twice
+    # GCS keeps the events of this many tasks (every handle call is one) for the dashboard:
+    # Ray's 100,000 grew its memory for hours under steady load (bench/soak.py)
+    "RAY_task_events_max_num_task_in_gcs": "10000",
 }
 
 
@@ -43,6 +46,7 @@ def connect(config: RayConfig) -> None:
     kwargs = {}
     if config.address is None:
         kwargs = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus,
+                  "_node_ip_address": config.node_ip_address,
                   "include_dashboard": config.include_dashboard,
                   "dashboard_host": config.dashboard_host, "dashboard_port": config.dashboard_port,
                   "_metrics_export_port": config.metrics_export_port}
@@ -100,6 +104,7 @@ def start_head(config: RayConfig, data_dir: Path) -> bool:
     except ConnectionError:
         pass
     cmd = [_ray_cli(), "start", "--head", "--disable-usage-stats",
+           f"--node-ip-address={config.node_ip_address}",
            f"--dashboard-host={config.dashboard_host}", f"--dashboard-port={config.dashboard_port}",
            f"--metrics-export-port={config.metrics_export_port}"]
     cmd += [f"--num-cpus={config.num_cpus}"] if config.num_cpus else []

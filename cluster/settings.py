@@ -39,6 +39,9 @@ class RayConfig(BaseModel):
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
     metrics_export_port: int = Field(8080, ge=1, le=65535)
+    node_ip_address: str = Field("127.0.0.1", description="the local head's address: on "
+                                 "loopback its GCS, workers and Serve replicas are reachable "
+                                 "from this machine only (a cluster's nodes use their own)")
 
 
 class CanaryPolicy(BaseModel):
@@ -130,7 +133,8 @@ class Settings(BaseModel):
         auth = auth.model_copy(update={"secret_file": str(secret_path(auth, data))})
         quota = quota.model_copy(update={"store": quota.store or str(data / "quota.json")})
         return {"auth": auth.model_dump(mode="json"), "quota": quota.model_dump(mode="json"),
-                "audit": {"folder": str(self.audit_dir), "max_bytes": audit.max_bytes}
+                "audit": {"folder": str(self.audit_dir),
+                          **audit.model_dump(exclude={"folder", "enabled"})}
                 if audit.enabled else None}
 
     @property

@@ -1,6 +1,7 @@
-"""The controller's durable state: one JSON document per model (replaced atomically, so a crash
-leaves the old or the new state, never half of one) and an append-only JSON-lines log of every
-transition, under `<data_dir>/controller/` or any fsspec URI (object storage on a cluster).
+"""The controller's durable state: one JSON document per model (replaced atomically and fsynced,
+so a crash leaves the old or the new state, never half of one) and an append-only JSON-lines log
+of every transition, under `<data_dir>/controller/` or any fsspec URI (object storage on a
+cluster). A state file found corrupt is moved aside, never crash-looped on.
 
 The state names the step in progress and everything needed to finish or abandon it after a
 restart: the Ray job id of a retrain, the challenger version, when the canary started.
@@ -9,11 +10,15 @@ restart: the Ray job id of a retrain, the challenger version, when the canary st
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from monitoring.files import quarantine, write_atomic
 
 State = Literal["serving", "drift_suspected", "retraining", "evaluating", "canary", "promoting",
                 "rejected", "rolled_back"]
@@ -49,23 +54,49 @@ class StateStore:
     def _path(self, model: str, suffix: str) -> str:
         return f"{self.root}/{model}{suffix}"
 
+    @property
+    def local(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "file" in protocol or "local" in protocol
+
     def load(self, model: str) -> ControllerState | None:
+        """The saved state; None when there is none, or when it was corrupt (moved aside with
+        an error and the `LLMOpsStateFileCorrupt` alert: the loop starts again from serving)."""
         path = self._path(model, ".json")
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "r") as f:
-            return ControllerState.model_validate_json(f.read())
+            text = f.read()
+        try:
+            return ControllerState.model_validate_json(text)
+        except ValueError as exc:
+            quarantine(path, f"unreadable controller state: {str(exc).splitlines()[0]}",
+                       None if self.local else self.fs)
+            return None
 
     def save(self, state: ControllerState) -> None:
+        """Replace the state whole; on a local disk fsynced (file and folder) before it
+        returns, so the step it names is on disk before the step runs."""
+        if self.local:
+            write_atomic(Path(self._path(state.model, ".json")), state.model_dump_json(indent=1))
+            return
         tmp = self._path(f".{state.model}.{uuid.uuid4().hex[:8]}", ".tmp")
         with self.fs.open(tmp, "w") as f:
             f.write(state.model_dump_json(indent=1))
         self.fs.mv(tmp, self._path(state.model, ".json"))
 
     def append_event(self, event: dict) -> None:
-        """One line per transition (fsspec appends where the filesystem can; local files do)."""
+        """One line per transition (fsspec appends where the filesystem can; local files do,
+        fsynced)."""
+        line = json.dumps(event, default=str) + "\n"
+        if self.local:
+            with open(self._path(event["model"], ".events.jsonl"), "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            return
         with self.fs.open(self._path(event["model"], ".events.jsonl"), "a") as f:
-            f.write(json.dumps(event, default=str) + "\n")
+            f.write(line)
 
     def events(self, model: str) -> list[dict]:
         path = self._path(model, ".events.jsonl")

@@ -45,7 +45,6 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
         raise LLMOpsError(f"--feedback is a share between 0 and 1, got {feedback}")
     dataset, path = TARGETS[app]
     rows = generate(dataset, scenario, n, seed, fraction)
-    ids = [f"traffic-{scenario}-{seed}-{time.time_ns()}-{i}" for i in range(n)]
     url = base_url + route_prefix.rstrip("/") + path
     auth = {"Authorization": f"Bearer {bearer}"} if bearer else {}
     with httpx.Client(timeout=60, headers=auth) as client:
@@ -54,19 +53,20 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
         except httpx.HTTPError as exc:
             raise LLMOpsError(f"nothing answers at {url} (start it with `llmops up`)") from exc
 
-        def one(i: int) -> tuple[int, float]:
+        def one(i: int) -> tuple[int, float, str | None]:
             """A request, sent again after `Retry-After` when throttled (429 by the tenant's
-            rate limit, 503 by load shedding) for up to `MAX_WAIT_S`, as a polite client does."""
+            rate limit, 503 by load shedding) for up to `MAX_WAIT_S`, as a polite client does;
+            its status, seconds and the request id the platform gave it (feedback names it)."""
             started, waited = time.perf_counter(), 0.0
             while True:
                 try:
-                    r = client.post(url, json={"text": rows.text.iloc[i]},
-                                    headers={"X-Request-ID": ids[i]})
+                    r = client.post(url, json={"text": rows.text.iloc[i]})
                 except httpx.HTTPError:
-                    return 0, time.perf_counter() - started
+                    return 0, time.perf_counter() - started, None
                 wait = float(r.headers.get("retry-after", "inf"))
                 if r.status_code not in (429, 503) or waited + wait > MAX_WAIT_S:
-                    return r.status_code, time.perf_counter() - started
+                    rid = r.json().get("request_id") if r.status_code == 200 else None
+                    return r.status_code, time.perf_counter() - started, rid
                 time.sleep(wait)
                 waited += wait
 
@@ -74,12 +74,13 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
         with ThreadPoolExecutor(concurrency) as pool:
             results = list(pool.map(one, range(n)))
         seconds = time.perf_counter() - started
-        codes = [c for c, _ in results]
+        codes = [c for c, _, _ in results]
+        ids = [rid for _, _, rid in results]
         chosen = np.random.default_rng(seed).random(n) < feedback
         labelled = [i for i in range(n) if chosen[i] and codes[i] == 200]
         accepted = _feedback(client, base_url + feedback_prefix.rstrip("/") + "/",
                              [(ids[i], rows.label.iloc[i]) for i in labelled])
-    latency = np.array([t for _, t in results]) * 1000
+    latency = np.array([t for _, t, _ in results]) * 1000
     return {"url": url, "scenario": scenario, "fraction": fraction, "requests": n,
             "ok": codes.count(200), "failed": n - codes.count(200),
             "rps": round(n / seconds, 1), "p50_ms": round(float(np.percentile(latency, 50)), 1),

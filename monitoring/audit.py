@@ -3,14 +3,22 @@ and hash-chained, so that an edited, removed, inserted or reordered line is dete
 
 Every record carries `seq` (1, 2, ...), `prev` (the hash of the record before it, 64 zeros for
 the first) and `hash`, the SHA-256 of its canonical JSON without `hash`. Files are
-`<folder>/audit-<YYYYMMDD>-<NNNN>.jsonl`, a new one at UTC midnight and past `max_bytes`; the
-chain runs on across files in name order. `head.json` names the newest record, so removing
-lines at the end is detectable too.
+`<folder>/audit-<YYYYMMDD>-<NNNNNN>.jsonl`, a new one at UTC midnight and past `max_bytes`; the
+chain runs on across files in day and number order (numbers compared as numbers).
+
+Two anchors name the newest record (seq and hash), so removing lines at the end is detectable:
+`head.json` in the folder and, independently, the anchor file beside the folder
+(`<folder>.anchor`, or `monitoring.audit.anchor_file`: put it on another volume, or ship it, to
+survive the loss of the whole folder). Both are replaced atomically after each fsynced batch:
+they may lag a crash, never lead. `verify` checks the chain against both; a writer that finds
+the chain shorter than an anchor refuses to continue it (the tail was cut), so requests are
+refused (503) until an operator looks.
 
 Durability: `AuditChain.append` writes a batch and fsyncs it before it returns (group commit):
 a request is acknowledged only once its record is on disk, so after a crash every acknowledged
-request has its record. A line torn by a crash (no newline yet) was never acknowledged; the next
-writer cuts it off. The folder is local (fsync); ship it elsewhere with `export`.
+request has its record. The chain advances only after the write: a failed write is cut off
+again and leaves no gap. A line torn by a crash (no newline yet) was never acknowledged; the
+next writer cuts it off. The folder is local (fsync); ship it elsewhere with `export`.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -26,7 +36,10 @@ from pathlib import Path
 
 from monitoring.batching import GroupCommit
 from monitoring.config import AuditConfig
+from monitoring.files import fsync_dir, write_atomic
+from monitoring.gauges import gauge, hold
 from monitoring.singleton import keyed, singleton
+from training.errors import LLMOpsError
 
 GENESIS = "0" * 64
 HEAD = "head.json"
@@ -41,11 +54,40 @@ def digest(record: dict) -> str:
 
 def input_hash(text: str) -> str:
     """What the audit keeps of the raw input: its SHA-256 (the record holds it redacted)."""
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _order(path: Path) -> tuple[str, int]:
+    _, day, number = path.stem.split("-")
+    return day, int(number)
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("audit-*.jsonl"))
+    return sorted(folder.glob("audit-*-*.jsonl"), key=_order)
+
+
+def anchor_path(folder: Path, config: AuditConfig | None = None) -> Path:
+    """The independent anchor: `anchor_file`, or `<folder>.anchor` beside the folder."""
+    if config is not None and config.anchor_file:
+        return Path(config.anchor_file)
+    return folder.parent / f"{folder.name}.anchor"
+
+
+class AuditDiskFull(LLMOpsError):
+    """Too little space left to write records safely: requests are refused until there is."""
+
+
+class AuditTampered(LLMOpsError):
+    """The chain on disk ends before the record an anchor names: it will not be continued."""
+
+
+def _anchors(folder: Path, anchor: Path) -> list[tuple[str, dict]]:
+    """(where, {"seq", "hash"}) of each anchor present."""
+    found = []
+    for where in (folder / HEAD, anchor):
+        if where.exists():
+            found.append((where.name, json.loads(where.read_text())))
+    return found
 
 
 class AuditChain:
@@ -56,6 +98,7 @@ class AuditChain:
         self.folder = Path(folder)
         self.config = config or AuditConfig()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.anchor = anchor_path(self.folder, self.config)
         self.seq, self.last, self.path = 0, GENESIS, None
         files = _files(self.folder)
         if files:
@@ -67,6 +110,11 @@ class AuditChain:
                 newest = json.loads(lines[-1])
                 self.seq, self.last = newest["seq"], newest["hash"]
                 break
+        for where, anchor in _anchors(self.folder, self.anchor):
+            if anchor["seq"] > self.seq:
+                raise AuditTampered(f"the audit chain in {self.folder} ends at record {self.seq} "
+                                    f"but {where} names record {anchor['seq']}: its tail was "
+                                    f"removed; run `llmops audit verify` and restore it")
 
     @staticmethod
     def _cut_torn_line(path: Path) -> None:
@@ -81,38 +129,45 @@ class AuditChain:
         if self.path is not None and self.path.name.startswith(f"audit-{day}-") and \
                 self.path.stat().st_size < self.config.max_bytes:
             return self.path
-        n = int(self.path.stem.rsplit("-", 1)[1]) + 1 if self.path is not None and \
+        n = _order(self.path)[1] + 1 if self.path is not None and \
             self.path.name.startswith(f"audit-{day}-") else 1
-        self.path = self.folder / f"audit-{day}-{n:04d}.jsonl"
+        self.path = self.folder / f"audit-{day}-{n:06d}.jsonl"
         self.path.touch()
-        fd = os.open(self.folder, os.O_RDONLY)  # the new name itself must survive a crash
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.folder)  # the new name itself must survive a crash
         return self.path
 
     def append(self, records: list[dict]) -> list[dict]:
         """Chain, write and fsync `records` (one batch, one fsync); returns them as written."""
         if not records:
             return []
+        free = shutil.disk_usage(self.folder).free
+        if free < self.config.min_free_bytes:
+            raise AuditDiskFull(f"{free} bytes free on the audit volume of {self.folder}, under "
+                                f"monitoring.audit.min_free_bytes ({self.config.min_free_bytes})")
         now = datetime.now(UTC)
         path = self._target(now)
-        chained = []
+        seq, last, chained = self.seq, self.last, []
         for record in records:
-            self.seq += 1
-            line = {**record, "ts": record.get("ts") or now.isoformat(), "seq": self.seq,
-                    "prev": self.last}
-            line["hash"] = self.last = digest(line)
+            seq += 1
+            line = {**record, "ts": record.get("ts") or now.isoformat(), "seq": seq,
+                    "prev": last}
+            line["hash"] = last = digest(line)
             chained.append(line)
-        data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in chained)
-        with path.open("a", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp = self.folder / f".{HEAD}.tmp"
-        tmp.write_text(json.dumps({"seq": self.seq, "hash": self.last, "file": path.name}))
-        tmp.replace(self.folder / HEAD)
+        data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                       for r in chained).encode("utf-8", "backslashreplace")
+        with path.open("ab") as f:
+            size = f.tell()
+            try:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                f.truncate(size)  # nothing of a failed batch stays: the next one follows on
+                raise
+        self.seq, self.last = seq, last  # only now: the chain advances after a durable write
+        anchor = json.dumps({"seq": seq, "hash": last, "file": path.name})
+        write_atomic(self.folder / HEAD, anchor)
+        write_atomic(self.anchor, anchor)
         return chained
 
 
@@ -126,11 +181,24 @@ class AuditLogger:
 
     def __init__(self, folder: str, config_json: str):
         self.chain = AuditChain(folder, AuditConfig.model_validate_json(config_json))
+        self._reported = 0.0
         self.commit = GroupCommit(lambda records: asyncio.to_thread(self.chain.append, records))
 
     async def append(self, records: list[dict]) -> list[int]:
         """The records' sequence numbers, once they are on disk."""
-        return [r["seq"] for r in await self.commit.submit(records)]
+        try:
+            return [r["seq"] for r in await self.commit.submit(records)]
+        finally:
+            self._report_free_space()
+
+    def _report_free_space(self) -> None:
+        """`ray_llmops_audit_free_bytes` (alert `LLMOpsAuditDiskLow`), measured at most once a
+        second and held between appends."""
+        now = time.monotonic()
+        if now - self._reported >= 1:
+            self._reported = now
+            hold(gauge("llmops_audit_free_bytes", "Free bytes on the audit log's volume."),
+                 shutil.disk_usage(self.chain.folder).free)
 
 
 def logger(config: AuditConfig, folder: str | Path):
@@ -150,10 +218,13 @@ class Verification:
         return asdict(self)
 
 
-def verify(folder: str | Path) -> Verification:
+def verify(folder: str | Path, anchor: str | Path | None = None) -> Verification:
     """Check the whole chain: each line's hash, its link to the line before, consecutive seq
-    numbers, and that it ends where `head.json` says."""
+    numbers, and that it ends where `head.json` and the anchor file (`anchor`, by default
+    `<folder>.anchor`) say. A chain with records and neither anchor is broken: the writer
+    always leaves both."""
     folder = Path(folder)
+    anchor = Path(anchor) if anchor else anchor_path(folder)
     files = _files(folder)
     seq, last, count = 0, GENESIS, 0
 
@@ -176,15 +247,18 @@ def verify(folder: str | Path) -> Verification:
             if record.get("prev") != last:
                 return bad(path, number, "not linked to the record before it", at)
             seq, last, count = at, record["hash"], count + 1
-    head_path = folder / HEAD  # written after each fsync: it may lag a crash, never lead
-    if head_path.exists():
-        head, where = json.loads(head_path.read_text()), files[-1] if files else head_path
+    anchors = _anchors(folder, anchor)  # written after each fsync: they may lag, never lead
+    where = files[-1] if files else folder
+    if count and not anchors:
+        return bad(where, 0, f"neither {HEAD} nor {anchor.name} names the newest record (both "
+                             f"removed): the end of the chain cannot be checked", seq)
+    for name, head in anchors:
         if head["seq"] > seq:
-            return bad(where, 0, f"the chain ends at record {seq} but was written up to "
+            return bad(where, 0, f"the chain ends at record {seq} but {name} names record "
                                  f"{head['seq']} (records removed at the end)", seq)
         if head["seq"] == seq and head["hash"] != last:
-            return bad(where, 0, "the newest record was rewritten (it is not the one written)",
-                       seq)
+            return bad(where, 0, f"the newest record was rewritten (it is not the one {name} "
+                                 f"names)", seq)
     return Verification(True, count, len(files))
 
 

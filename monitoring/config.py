@@ -103,6 +103,11 @@ class AuditConfig(_Strict):
     folder: str | None = Field(None, description="a local folder; empty: <data_dir>/audit")
     max_bytes: int = Field(64 * 2**20, ge=1024, description="a new file past this size (and "
                            "at UTC midnight)")
+    anchor_file: str | None = Field(None, description="the independent record of the chain's "
+                                    "newest record; empty: <folder>.anchor beside the folder")
+    min_free_bytes: int = Field(256 * 2**20, ge=0, description="below this much free space on "
+                                "the audit volume requests are refused (503) before the disk "
+                                "fills, and the free-space gauge alerts")
 
 
 class MonitoringConfig(_Strict):

@@ -20,10 +20,12 @@ class InvalidLabel(LLMOpsError):
     status = 422
 
 
-def feedback_row(log_uri: str, labels_of, request_id: str, item: int, label: str) -> dict:
+def feedback_row(log_uri: str, labels_of, request_id: str, item: int, label: str,
+                 tenant: str) -> dict:
     """The feedback record for `label` on text `item` of `request_id`, or a typed error.
-    `labels_of(model, version)` returns a model version's label set."""
-    logged = read(log_uri, INFERENCE, request_id=request_id)
+    `labels_of(model, version)` returns a model version's label set. Only `tenant`'s own
+    requests can be labelled: another tenant's request is as unknown as one never made."""
+    logged = read(log_uri, INFERENCE, request_id=request_id, tenant=tenant)
     logged = logged[logged["item"] == item]
     if logged.empty:
         raise UnknownRequest(f"no logged request {request_id!r} with item {item}; feedback can "

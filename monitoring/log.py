@@ -10,20 +10,28 @@ the replica's `__del__` flushes what is left.
 Records hold what drift checks and audits need, not the text: request id, time, tenant,
 application, the model and version of every stage, text descriptors, a projected embedding, the
 prediction, confidence, latency and outcome.
+
+A segment on a local disk is fsynced (file and folder) before it counts as written; a failed
+write keeps its rows for the next try (the periodic flush backs off and goes on), so nothing
+appended is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 
 from monitoring.config import LogConfig
+from monitoring.files import fsync_dir
 from training.errors import LLMOpsError
 from training.features import DESCRIPTORS
 
@@ -46,6 +54,7 @@ FEEDBACK_SCHEMA = pa.schema([
     ("ts", pa.timestamp("us", tz="UTC")), ("tenant", pa.string()),
 ])
 SCHEMAS = {INFERENCE: INFERENCE_SCHEMA, FEEDBACK: FEEDBACK_SCHEMA}
+_log = logging.getLogger(__name__)
 
 
 class LogUnavailable(LLMOpsError):
@@ -57,6 +66,11 @@ def _fs(uri: str):
 
     fs, root = fsspec.core.url_to_fs(uri)
     return fs, root.rstrip("/")
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
 
 
 def now() -> datetime:
@@ -91,16 +105,32 @@ class SegmentWriter:
             await self.flush()
 
     async def _flush_periodically(self) -> None:
+        """Flush every interval; a failed write is retried at the next (its rows kept), with
+        the interval doubling up to a minute while the log stays unwritable."""
+        wait = self.config.flush_interval_s
         while True:
-            await asyncio.sleep(self.config.flush_interval_s)
-            await self.flush()
+            await asyncio.sleep(wait)
+            try:
+                await self.flush()
+                wait = self.config.flush_interval_s
+            except Exception as exc:
+                _log.error("the %s log cannot be written (%s); %d rows kept for the next try",
+                           self.folder, exc, len(self._rows))
+                wait = min(60.0, wait * 2)
 
     async def flush(self) -> None:
-        """Write everything buffered as one segment (in a thread: the event loop keeps serving)."""
+        """Write everything buffered as one segment (in a thread: the event loop keeps serving).
+        If the write fails its rows go back in front of the buffer and `LogUnavailable` is
+        raised: nothing appended is ever dropped."""
         async with self._write_lock:
             rows, self._rows = self._rows, []
-            if rows:
+            if not rows:
+                return
+            try:
                 await asyncio.to_thread(self.write_segment, rows)
+            except Exception as exc:
+                self._rows[:0] = rows
+                raise LogUnavailable(f"cannot write the {self.folder} log: {exc}") from exc
 
     def write_segment(self, rows: list[dict]) -> str:
         import pyarrow.parquet as pq
@@ -110,9 +140,19 @@ class SegmentWriter:
         name = f"{time.time_ns()}-{self.writer_id}.parquet"
         self.fs.makedirs(folder, exist_ok=True)
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        with self.fs.open(f"{folder}/.{name}.tmp", "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        self.fs.mv(f"{folder}/.{name}.tmp", f"{folder}/{name}")
+        if _is_local(self.fs):  # on disk, and named, before it counts as written
+            path = Path(folder) / name
+            tmp = path.with_name(f".{name}.tmp")
+            with tmp.open("wb") as f:
+                pq.write_table(table, f, compression="zstd")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+            fsync_dir(path.parent)
+        else:  # object stores: a put is atomic and durable once it returns
+            with self.fs.open(f"{folder}/.{name}.tmp", "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+            self.fs.mv(f"{folder}/.{name}.tmp", f"{folder}/{name}")
         self.written += len(rows)
         return f"{folder}/{name}"
 

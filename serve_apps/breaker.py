@@ -33,6 +33,13 @@ class GeneratorUnavailable(LLMOpsError):
         self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
 
 
+def callers_fault(error: BaseException) -> bool:
+    """Whether an error is the caller's (a 4xx refusal of its input), also when it crossed a
+    Ray call (the original is its `cause`)."""
+    error = getattr(error, "cause", None) or error
+    return isinstance(error, LLMOpsError) and getattr(error, "status", 500) < 500
+
+
 class CircuitBreaker:
     def __init__(self, config: BreakerConfig, name: str = "generator",
                  clock: Callable[[], float] = time.monotonic):
@@ -49,7 +56,8 @@ class CircuitBreaker:
 
     async def call(self, make: Callable[[], Awaitable[T]]) -> T:
         """`make()`'s result; raises `GeneratorUnavailable` without calling it while open (or while
-        another call is probing), and whatever it raised (a timeout as `TimeoutError`)."""
+        another call is probing), and whatever it raised (a timeout as `TimeoutError`). Only
+        the model's failures count toward opening, never a caller's refused input."""
         state = self.state
         if state == OPEN or (state == HALF_OPEN and self.probing):
             wait = self.config.cooldown_s - (self.clock() - self.opened_at)
@@ -58,8 +66,9 @@ class CircuitBreaker:
         self.probing = state == HALF_OPEN
         try:
             result = await asyncio.wait_for(make(), self.config.timeout_s)
-        except Exception:
-            self._failed(state)
+        except Exception as exc:
+            if not callers_fault(exc):  # one caller's bad input says nothing of the model
+                self._failed(state)
             raise
         finally:
             self.probing = False

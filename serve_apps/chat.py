@@ -5,20 +5,21 @@ and `GET /v1/models`, so the official `openai` client works with `base_url=.../v
 user message is what the model answers. Python: `serve.get_app_handle("chat").complete.remote`.
 """
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps import metrics
 from serve_apps.auth import Principal
-from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable
+from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable, callers_fault
 from serve_apps.config import ChatAppConfig, LimitsConfig
 from serve_apps.http import InvalidRequest, check_texts, create_app, parse
 from serve_apps.inference_log import InferenceLog
@@ -42,19 +43,31 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The OpenAI request fields this server honours; others (top_p, ...) are accepted and
-    ignored, as OpenAI-compatible servers do."""
+    """The OpenAI request fields this server honours; others are accepted and ignored, as
+    OpenAI-compatible servers do. Every value is checked here, before the request can join a
+    batch: one caller's bad value is that caller's 422, never a failed batch."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: str = Field(max_length=256)
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+                                description="accepted and checked; sampling uses the full "
+                                "distribution")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="a 32-bit seed")
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        None, max_length=4)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        if isinstance(value, str) and not 1 <= len(value) <= 64:
+            raise ValueError("a stop sequence has 1-64 characters")
+        return value
 
     def options(self) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -76,6 +89,7 @@ class ChatPipeline:
         self.log = InferenceLog("chat", log)
         self.policies = chain("chat", self.config.policies, self.config.guardrails, governance)
         self.breaker = CircuitBreaker(self.config.breaker)
+        app.state.edge = self.policies.edge(self.limits)
         self.created = int(time.time())
 
     @app.get("/models")
@@ -116,14 +130,15 @@ class ChatPipeline:
         if not users:
             raise InvalidRequest("messages: at least one message must have role 'user'")
         text = check_texts(users[-1:], self.limits)[0]
-        limit = request.options()["max_new_tokens"] or \
-            self.config.generator.generation_config.max_new_tokens
+        cap = self.config.generator.generation_config.max_new_tokens  # the generator's own cap
+        limit = min(request.options()["max_new_tokens"] or cap, cap)
         return self.policies.open("chat", [text], caller, estimate_tokens([text], limit))
 
-    async def complete(self, request: ChatRequest | dict, request_id: str | None = None,
+    async def complete(self, request: ChatRequest | dict, correlation_id: str | None = None,
                        principal: Principal | dict | None = None) -> dict:
         """A `chat.completion` object, with the exact model version under `llmops`."""
-        out, _ = await self._complete(parse(ChatRequest, request), Caller(request_id, principal))
+        out, _ = await self._complete(parse(ChatRequest, request),
+                                      Caller(correlation_id, principal))
         return out
 
     async def _complete(self, request: ChatRequest, caller: Caller) -> tuple[dict, Call]:
@@ -148,6 +163,8 @@ class ChatPipeline:
                 call.texts[0], call.request_id, **request.options()))
             degraded = False
         except Exception as exc:
+            if callers_fault(exc):  # this caller's input: its own 4xx, no fallback
+                raise
             out, degraded = self._fallback(exc), True
         await self._record(call, out)
         return Answer([out["text"]], [{"generator": out["model"]}],
@@ -171,11 +188,11 @@ class ChatPipeline:
         await self.policies.enter(call)
         return call
 
-    async def stream(self, request: ChatRequest | dict, request_id: str | None = None,
+    async def stream(self, request: ChatRequest | dict, correlation_id: str | None = None,
                      principal: Principal | dict | None = None) -> AsyncIterator[dict]:
         """`chat.completion.chunk` objects: the role, the content piece by piece, the finish."""
         request = parse(ChatRequest, request)
-        call = await self._enter(request, Caller(request_id, principal))
+        call = await self._enter(request, Caller(correlation_id, principal))
         async for chunk in self._chunks(call, request):
             yield chunk
 
@@ -191,24 +208,30 @@ class ChatPipeline:
                                          "finish_reason": None}]}
 
         pieces: list[str] = []
+        stream = None
         try:
             stream = self.generator.options(stream=True).stream.remote(call.texts[0], rid,
                                                                        **request.options())
             try:
                 first = await self.breaker.call(lambda: anext(stream))
             except Exception as exc:
+                if callers_fault(exc):
+                    raise
                 first, stream = self._fallback(exc), None
                 pieces.append(first["text"])
             yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
                                         "finish_reason": None}],
                    "llmops": {"request_id": rid, "model": first["model"]}}
+            wait = self.config.generator.generation_config.piece_timeout_s
+            while stream is not None and (piece := await asyncio.wait_for(
+                    anext(stream, None), wait)) is not None:
+                pieces.append(piece["text"])
+                if not hold:
+                    yield content(piece["text"])
+        except BaseException as exc:  # a client gone (cancelled, closed) is settled too
             if stream is not None:
-                async for piece in stream:
-                    pieces.append(piece["text"])
-                    if not hold:
-                        yield content(piece["text"])
-        except Exception as exc:
-            await self.policies.fail(call, exc)
+                stream.cancel()  # the generator replica stops generating for nobody
+            await asyncio.shield(self.policies.fail(call, exc))
             raise
         text = "".join(pieces)
         out = {"text": text, "model": first["model"], "finish_reason": "stop",

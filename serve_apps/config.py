@@ -70,6 +70,9 @@ class GenerationConfig(_Strict):
     seed: int = 0
     stop: list[str] = Field(default_factory=lambda: ["\n"], max_length=4,
                             description="the answer ends before the first of these")
+    piece_timeout_s: float = Field(30, gt=0, le=600, description="a streamed answer whose next "
+                                   "piece takes longer ends with an error and its generation "
+                                   "is stopped")
 
 
 class ModelDeploymentConfig(_Strict):
@@ -101,11 +104,25 @@ class ModelDeploymentConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    """Request limits enforced at the ingress (422 beyond them)."""
+    """Request limits enforced at the ingress: 422 beyond the text limits; 413 for a body past
+    `max_body_bytes`, before it is parsed; 429 for a client address past its refusals, before
+    its token is checked (`serve_apps/http.py`, `Edge`)."""
 
     max_chars: int = Field(2000, ge=1)
     max_items: int = Field(32, ge=1, description="texts per batch request")
     max_messages: int = Field(32, ge=1, description="chat messages per request")
+    max_body_bytes: int | None = Field(None, ge=1024, description="empty: 6 x max_chars x the "
+                                       "larger of max_items and max_messages, plus 16 KiB (room "
+                                       "for JSON escapes of every character)")
+    refusals_per_minute: float = Field(60, gt=0, description="refused requests (4xx) a client "
+                                       "address may cause per minute, per ingress replica; past "
+                                       "them (and a burst of refusal_burst) it gets 429 at once")
+    refusal_burst: int = Field(30, ge=1)
+
+    @property
+    def body_bytes(self) -> int:
+        return self.max_body_bytes or \
+            6 * self.max_chars * max(self.max_items, self.max_messages) + 16 * 1024
 
 
 Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"]

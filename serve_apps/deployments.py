@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from ray import serve
 
 from serve_apps import metrics
 from serve_apps.config import CanaryConfig, GenerationConfig
+from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, ModelIdentity, device, load, resolve
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -112,8 +114,9 @@ class ModelSlot:
                 "canary": v.canary.model_dump() if v.canary else None}
 
     async def run(self, items: list[Item], fn: Callable[[LoadedModel, list[str], tuple], list[dict]]
-                  ) -> list[dict]:
-        """Answer a batch: group items by variant and params, one forward pass per group."""
+                  ) -> list[dict | Exception]:
+        """Answer a batch: group items by variant and params, one forward pass per group. An
+        item that fails has its exception in its place (`unwrap` raises it for its caller)."""
         v = self.variants
         routes = [v.route(it.request_id) for it in items]
         jobs: dict[tuple, list[int]] = {}
@@ -121,20 +124,49 @@ class ModelSlot:
             jobs.setdefault((variant, it.params), []).append(i)
             if shadow:
                 jobs.setdefault(("shadow", it.params), []).append(i)
-        results: list[dict] = [{} for _ in items]
+        results: list = [{} for _ in items]
         for (variant, params), idx in jobs.items():
             model = v.champion if variant == CHAMPION else v.challenger
             started = time.perf_counter()
-            outs = await asyncio.to_thread(fn, model, [items[i].text for i in idx], params)
+            outs = await self._isolated(fn, model, [items[i].text for i in idx], params)
             metrics.batch(model.identity.name, model.identity.version, len(idx),
                           time.perf_counter() - started)
             for i, out in zip(idx, outs):
+                if isinstance(out, Exception) or isinstance(results[i], Exception):
+                    if variant != "shadow":  # a failed shadow never fails the answer
+                        results[i] = out
+                    continue
                 out = {**out, "model": {**model.identity.to_dict(), "variant": variant}}
                 if variant == "shadow":
                     results[i]["shadow"] = out
                 else:
                     results[i].update(out)
         return results
+
+    @staticmethod
+    async def _isolated(fn: Callable, model: LoadedModel, texts: list[str], params: tuple
+                        ) -> list[dict | Exception]:
+        """`fn` on the whole group; if it fails, on each text alone, so one text that fails
+        the model fails only its own request (its exception in its place)."""
+        try:
+            return await asyncio.to_thread(fn, model, texts, params)
+        except Exception as exc:
+            if len(texts) == 1:
+                return [exc]
+        outs: list[dict | Exception] = []
+        for text in texts:
+            try:
+                outs += await asyncio.to_thread(fn, model, [text], params)
+            except Exception as exc:
+                outs.append(exc)
+        return outs
+
+
+def unwrap(result):
+    """One item's answer from a batch: its result, or the failure of that item alone raised."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 class _ModelDeployment:
@@ -148,15 +180,19 @@ class _ModelDeployment:
         await self.slot.configure(user_config)
         batching = user_config.get("batching") or {}
         if batching:
-            set_batching(self.predict, **batching)
+            set_batching(self._batched, **batching)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # reconfigure() sets both
-    async def predict(self, items: list[Item]) -> list[dict]:
-        """One item per call; concurrent calls are answered as one batch."""
+    async def _batched(self, items: list[Item]) -> list[dict | Exception]:
         return await self.slot.run(items, self.run_batch)
 
-    async def predict_many(self, items: list[Item]) -> list[dict]:
-        """A batch a pipeline already formed, run as one batch (no second wait)."""
+    async def predict(self, item: Item) -> dict:
+        """One item per call; concurrent calls are answered as one batch."""
+        return unwrap(await self._batched(item))
+
+    async def predict_many(self, items: list[Item]) -> list[dict | Exception]:
+        """A batch a pipeline already formed, run as one batch (no second wait); an item that
+        failed has its exception in its place."""
         return await self.slot.run(items, self.run_batch)
 
     def identity(self) -> dict:
@@ -193,6 +229,10 @@ class Generator(_ModelDeployment):
     def params(self, max_new_tokens: int | None = None, temperature: float | None = None,
                seed: int | None = None, stop: list[str] | None = None, salt: str = "") -> tuple:
         g = self.slot.generation
+        if seed is not None and not 0 <= seed < 2**32:
+            raise InvalidRequest(f"seed must be a 32-bit unsigned integer, got {seed}")
+        if temperature is not None and not 0 <= temperature <= 2:
+            raise InvalidRequest(f"temperature must be within [0, 2], got {temperature}")
         p = {"max_new_tokens": min(max_new_tokens or g.max_new_tokens, g.max_new_tokens),
              "temperature": g.temperature if temperature is None else temperature,
              "seed": g.seed if seed is None else seed,
@@ -217,8 +257,13 @@ class Generator(_ModelDeployment):
         p = dict(kv for kv in self.params(**options) if kv[0] != "salt")
         variant, _ = self.slot.variants.route(request_id)
         model = getattr(self.slot.variants, variant)
-        pieces = await asyncio.to_thread(model.stream, text, **p)
-        yield {"model": {**model.identity.to_dict(), "variant": variant},
-               "prompt_tokens": model.prompt_tokens(text)}
-        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-            yield {"text": piece}
+        cancel = threading.Event()  # set when the caller leaves: the generation stops
+        try:
+            pieces = await asyncio.to_thread(model.stream, text, **p, cancel=cancel,
+                                             piece_timeout_s=self.slot.generation.piece_timeout_s)
+            yield {"model": {**model.identity.to_dict(), "variant": variant},
+                   "prompt_tokens": model.prompt_tokens(text)}
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                yield {"text": piece}
+        finally:
+            cancel.set()

@@ -15,7 +15,7 @@ from ray import serve
 from monitoring.feedback import feedback_row
 from monitoring.log import FEEDBACK, SegmentWriter, now
 from serve_apps.auth import Principal
-from serve_apps.config import FeedbackAppConfig
+from serve_apps.config import FeedbackAppConfig, LimitsConfig
 from serve_apps.http import create_app, parse
 from serve_apps.policies import Answer, Caller, chain
 
@@ -55,26 +55,28 @@ class FeedbackService:
         self.tracking_uri = tracking_uri
         cfg = FeedbackAppConfig.model_validate(config or {})
         self.policies = chain("feedback", cfg.policies, cfg.guardrails, governance)
+        app.state.edge = self.policies.edge(LimitsConfig())
 
     @app.post("/", response_model=FeedbackReceipt, status_code=201)
     async def http_submit(self, body: FeedbackRequest, request: Request) -> FeedbackReceipt:
         return await self._submit(body, Caller.http(request))
 
-    async def submit(self, request: FeedbackRequest | dict, request_id: str | None = None,
+    async def submit(self, request: FeedbackRequest | dict, correlation_id: str | None = None,
                      principal: Principal | dict | None = None) -> FeedbackReceipt:
-        return await self._submit(request, Caller(request_id, principal))
+        return await self._submit(request, Caller(correlation_id, principal))
 
     async def _submit(self, request: FeedbackRequest | dict, caller: Caller) -> FeedbackReceipt:
         body = parse(FeedbackRequest, request)
         await self.policies.apply("feedback", [f"{body.request_id}#{body.item}: {body.label}"],
-                                  caller, lambda call: self._store(body))
+                                  caller, lambda call: self._store(body, call.principal.tenant))
         return FeedbackReceipt(request_id=body.request_id, item=body.item, label=body.label)
 
-    async def _store(self, body: FeedbackRequest) -> Answer:
+    async def _store(self, body: FeedbackRequest, tenant: str) -> Answer:
         labels = functools.partial(_labels, self.tracking_uri)
         row = await asyncio.to_thread(feedback_row, self.uri, labels, body.request_id, body.item,
-                                      body.label)
+                                      body.label, tenant)
         await self.writer.append([{**row, "ts": now()}])
+        await self.writer.flush()  # 201 only once the label is on disk
         return Answer([None], [{}])
 
     async def __del__(self) -> None:

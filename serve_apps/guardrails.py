@@ -23,20 +23,38 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from serve_apps.config import GuardrailRule
+from serve_apps.normalize import normalize, skeleton
 from serve_apps.pii import Redaction, redact
 from training.errors import LLMOpsError
 
+_VERBS = r"(?:ignore|disregard|forget|override|bypass|skip|drop|discard|abandon|neglect|" \
+         r"set aside|throw out|stop following|do not follow|don't follow)"
+_WHAT = r"(?:instructions?|rules|prompts?|directions|directives|guidelines|guardrails|" \
+        r"constraints|restrictions|policies|programming)"
+_BEFORE = r"(?:previous|prior|above|earlier|preceding|foregoing|all|any|your|these|those|" \
+          r"system|original|initial|safety)"
+_AFTER = r"(?:above|before|earlier|previously|so far|until now|you (?:were|have been) " \
+         r"(?:given|told)|you received|given to you)"
 INJECTION = {
-    "ignore-instructions": r"\b(?:ignore|disregard|forget|override)\b[^.\n]{0,40}\b(?:previous|"
-                           r"prior|above|earlier|all|your)\b[^.\n]{0,20}\b(?:instructions|rules|"
-                           r"prompts?|directions|guidelines)\b",
-    "reveal-prompt": r"\b(?:reveal|show|print|repeat|leak)\b[^.\n]{0,30}\b(?:system|hidden|"
-                     r"initial|original)\s+(?:prompt|instructions|message)\b",
+    "ignore-instructions": rf"\b{_VERBS}\b[^.\n]{{0,40}}\b{_BEFORE}\b[^.\n]{{0,25}}\b{_WHAT}\b"
+                           rf"|\b{_VERBS}\b[^.\n]{{0,30}}\b(?:{_WHAT}|everything|anything)\b[^.\n]{{0,20}}"
+                           rf"\b{_AFTER}\b",
+    "reveal-prompt": r"\b(?:reveal|show|print|repeat|leak|output|display|dump|tell me|give me|"
+                     r"what (?:is|are|were))\b[^.\n]{0,30}\b(?:system|hidden|initial|original|"
+                     r"secret|developer)\s+(?:prompt|instructions|message|rules)\b",
     "role-override": r"\byou are now\b|\bfrom now on,? you\b|\bpretend (?:to be|you are)\b|"
-                     r"\bact as (?:an? )?(?:unfiltered|uncensored|unrestricted)\b",
+                     r"\bact as (?:an? )?(?:unfiltered|uncensored|unrestricted)\b|"
+                     r"\bnew (?:system )?instructions\s*:",
     "jailbreak": r"\b(?:developer|jailbreak|god|dan)\s+mode\b|\bdo anything now\b",
-    "template-tokens": r"<\|?(?:system|im_start|im_end|endoftext)\|?>|\[/?INST\]",
+    # the control tokens of common chat templates (ChatML, Llama 2/3, Mistral, Gemma, Phi, ...)
+    "template-tokens": r"<\|[a-z_]{2,30}\|>|</?s>|\[/?(?:inst|system_prompt|avail_tools)\]|"
+                       r"<</?sys>>|<(?:start|end)_of_turn>|<\|?(?:system|im_start|im_end|"
+                       r"endoftext)\|?>|<(?:bos|eos|pad)>",
 }
+# a phrase spelled out letter by letter (`i g n o r e  a l l ...`) joins into one run
+_COMPACT = re.compile(r"(?:ignore|disregard|forget|override|bypass)[a-z]{0,20}(?:instructions?|"
+                      r"rules|prompts?|guidelines)|(?:reveal|show|print)[a-z]{0,12}system"
+                      r"(?:prompt|instructions)|developermode|doanythingnow")
 
 PROTECTED = {
     "race-ethnicity": ["black people", "white people", "asian", "asians", "hispanic", "latino",
@@ -87,6 +105,25 @@ def _pattern_scan(patterns: dict[str, str], placeholder: str) -> Callable[[str],
     return scan
 
 
+def _disguise_scan(patterns: dict[str, str], placeholder: str) -> Callable[[str], Redaction]:
+    """A pattern scan that also sees through disguised letters (`skeleton`): what it finds only
+    in the disguised form cannot be cut out, so the whole text becomes the placeholder."""
+    plain = _pattern_scan(patterns, placeholder)
+
+    def scan(text: str) -> Redaction:
+        result = plain(text)
+        if result.found:
+            return result
+        disguised = skeleton(text)
+        found = plain(disguised).found
+        runs = sum(len(_COMPACT.findall(w)) for w in disguised.split() if len(w) > 12)
+        if runs:
+            found["spelled-out"] = runs
+        return Redaction(placeholder, found) if found else result
+
+    return scan
+
+
 @functools.cache
 def _bias_patterns() -> dict[str, str]:
     return {category: r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b"
@@ -98,7 +135,7 @@ def scanner(rule: GuardrailRule) -> Callable[[str], Redaction]:
     if rule.kind == "pii":
         return redact
     if rule.kind == "injection":
-        return _pattern_scan(INJECTION, "[REMOVED]")
+        return _disguise_scan(INJECTION, "[REMOVED]")
     if rule.kind == "bias":
         return _pattern_scan(_bias_patterns(), "[PROTECTED]")
     return _pattern_scan({f"pattern-{i}": p for i, p in enumerate(rule.patterns)}, "[DENIED]")
@@ -113,11 +150,14 @@ class Guardrails:
 
     def check(self, texts: Sequence[str | None]) -> tuple[list[str | None], list[Finding]]:
         """The texts as they may go on, and every finding; raises `Blocked` at the first text a
-        `block` rule catches. A None (no text, e.g. a blocked post) stays None."""
+        `block` rule catches. A None (no text, e.g. a blocked post) stays None. Rules read the
+        normalised text (`serve_apps/normalize.py`); a text no `redact` rule changed goes on
+        exactly as given, a redacted one in its normalised form."""
         out, findings = [], []
         for item, text in enumerate(texts):
+            current, changed = (normalize(text), False) if text is not None else (None, False)
             for rule, scan in self.rules if text is not None else ():
-                result = scan(text)
+                result = scan(current)
                 if not result.found:
                     continue
                 findings.append(Finding(rule.name, rule.kind, rule.action, self.where, item,
@@ -126,6 +166,6 @@ class Guardrails:
                     raise Blocked(f"{self.where} text {item} was refused by guardrail "
                                   f"{rule.name!r} ({', '.join(sorted(result.found))})")
                 if rule.action == "redact":
-                    text = result.text
-            out.append(text)
+                    current, changed = result.text, True
+            out.append(current if changed else text)
         return out, findings

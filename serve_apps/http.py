@@ -7,10 +7,15 @@ client going through a `DeploymentHandle` gets the same checks as HTTP (as `Inva
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
+import math
 import re
+import time
 import uuid
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -20,12 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from serve_apps import metrics
+from serve_apps import metrics, network
 from serve_apps.config import LimitsConfig
 from training.errors import LLMOpsError
 
+network.bind_to_node_ip()  # in a replica: its inter-deployment server on the node's address
+
 REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$", re.ASCII)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _log = logging.getLogger("ray.serve")
 M = TypeVar("M", bound=BaseModel)
 
@@ -69,11 +77,16 @@ class GuardrailFinding(BaseModel):
     found: dict[str, int]
 
 
-def new_request_id(given: str | None = None) -> str:
-    """`given` when it is a sane id (letters, digits, `.:-_`, at most 128), else a fresh one."""
-    if given is None:
-        return uuid.uuid4().hex
-    if not _REQUEST_ID.match(given):
+def new_request_id() -> str:
+    """The id of a request: made here, unique, never chosen by a client (quota reservations,
+    feedback and the canary split are keyed by it)."""
+    return uuid.uuid4().hex
+
+
+def correlation_id(given: str | None) -> str | None:
+    """A client's own id for its request (`X-Request-ID`), kept beside the request id and
+    returned, once it is sane (letters, digits, `.:-_`, at most 128)."""
+    if given is not None and not _REQUEST_ID.fullmatch(given):
         raise InvalidRequest(f"{REQUEST_ID_HEADER} must be 1-128 letters, digits or .:-_")
     return given
 
@@ -100,6 +113,8 @@ def check_texts(texts: Sequence[str], limits: LimitsConfig) -> list[str]:
     if len(texts) > limits.max_items:
         raise InvalidRequest(f"at most {limits.max_items} texts per request, got {len(texts)}")
     for i, text in enumerate(texts):
+        if _SURROGATE.search(text):
+            raise InvalidRequest(f"text {i} is not valid Unicode (it holds a lone surrogate)")
         if not text.strip():
             raise InvalidRequest(f"text {i} is empty")
         if len(text) > limits.max_chars:
@@ -156,24 +171,136 @@ def _rid(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+class BodyTooLarge(HTTPException):
+    """Raised while the body streams in, past the limit: FastAPI passes it on as it is."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+
+
+class RefusalLimiter:
+    """A token bucket of refusals per client address (bounded: the least recently seen
+    addresses are forgotten first). An address that keeps being refused is answered 429 at once,
+    before its body is parsed or its token checked."""
+
+    def __init__(self, per_minute: float, burst: int, max_addresses: int = 10_000):
+        self.rate, self.burst, self.max_addresses = per_minute / 60, burst, max_addresses
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def _level(self, address: str, now: float) -> float:
+        level, at = self.buckets.get(address, (float(self.burst), now))
+        return min(float(self.burst), level + (now - at) * self.rate)
+
+    def wait(self, address: str, now: float | None = None) -> float:
+        """0 when `address` may be served; else the seconds until it may."""
+        now = time.monotonic() if now is None else now
+        level = self._level(address, now)
+        return 0.0 if level >= 1 else (1 - level) / self.rate
+
+    def refused(self, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.buckets[address] = (self._level(address, now) - 1, now)
+        self.buckets.move_to_end(address)
+        while len(self.buckets) > self.max_addresses:
+            self.buckets.popitem(last=False)
+
+
+class EdgeGuard:
+    """What an application's `Edge` enforces: its limits, and who audits the requests its
+    policies never saw (refused before the chain started: bad JSON, 413, 429, unknown paths)."""
+
+    def __init__(self, limits: LimitsConfig, audit: Callable[[dict], Awaitable[None]] | None):
+        self.limits, self.audit = limits, audit
+        self.refusals = RefusalLimiter(limits.refusals_per_minute, limits.refusal_burst)
+
+
+class Edge:
+    """ASGI middleware in front of each application, before any parsing or authentication. It
+    gives every request its id (made here) and its correlation id (`X-Request-ID` when sane,
+    else Serve's own), and where the application set its `EdgeGuard`: a client address past
+    its refusals gets 429, a body past `max_body_bytes` 413 (by its `Content-Length`, or as it
+    streams in); every request the policy chain did not audit gets one record of its own
+    (without its body: its SHA-256 and size); every 4xx costs the address one refusal.
+    `GET /healthz` (probes) is neither audited nor limited. Plain ASGI, not a
+    `BaseHTTPMiddleware`: no task per request, and an error raised while the body streams in
+    reaches FastAPI as itself."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        # `POST /v1/moderate` is the application's root: route it without a 307 to `.../`.
+        if scope["path"] == scope.get("root_path"):
+            scope["path"] += "/"
+        state = scope.setdefault("state", {})
+        headers = dict(scope.get("headers") or [])
+        early = None
+        state["request_id"] = new_request_id()
+        try:
+            # Serve's proxy takes X-Request-ID (or makes one), tags its logs with it and returns
+            # it in the response header: the correlation id of the request.
+            given = headers.get(REQUEST_ID_HEADER.lower().encode())
+            state["correlation_id"] = correlation_id(
+                given.decode("latin-1") if given is not None else
+                serve.context._get_serve_request_context().request_id or None)
+        except InvalidRequest as exc:
+            early = problem(400, "Bad Request", str(exc), None, "invalid-request")
+        guard: EdgeGuard | None = getattr(scope["app"].state, "edge", None) \
+            if "app" in scope else None
+        if guard is None or scope["path"].endswith("/healthz"):
+            return await (early or self.app)(scope, receive, send)
+        await self._guarded(guard, early, scope, receive, send, headers)
+
+    async def _guarded(self, guard: EdgeGuard, early, scope, receive, send, headers) -> None:
+        state = scope["state"]
+        address = (scope.get("client") or ("unknown",))[0]
+        limit, digest, size, status = guard.limits.body_bytes, hashlib.sha256(), 0, [0]
+        declared = headers.get(b"content-length", b"")
+        declared = int(declared) if declared.isdigit() else 0
+
+        async def counted() -> dict:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                digest.update(message.get("body", b""))
+                if size > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def watched(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        wait = guard.refusals.wait(address)
+        if wait:
+            early = problem(429, "Too Many Requests", f"{address} was refused too often; "
+                            f"retry in {math.ceil(wait)} s", None, "too-many-refusals",
+                            {"Retry-After": str(max(1, math.ceil(wait)))})
+        elif early is None and declared > limit:
+            early = problem(413, "Content Too Large", str(BodyTooLarge(limit).detail), None)
+        try:
+            await (early or self.app)(scope, counted if early is None else receive, watched)
+        finally:
+            if 400 <= status[0] < 500:
+                guard.refusals.refused(address)
+            if guard.audit is not None and not state.get("audited"):
+                await asyncio.shield(guard.audit({
+                    "request_id": state["request_id"],
+                    "correlation_id": state.get("correlation_id"),
+                    "client": address, "method": scope.get("method"), "path": scope["path"],
+                    "status": status[0] or 500, "body_sha256": digest.hexdigest(),
+                    "body_bytes": max(size, declared)}))
+
+
 def create_app(title: str, description: str) -> FastAPI:
-    """A FastAPI app with the platform's request id and error handling."""
+    """A FastAPI app with the platform's request id, edge limits and error handling."""
     app = FastAPI(title=title, description=description, version="1")
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        # `POST /v1/moderate` is the application's root: route it without a 307 to `.../`.
-        if request.scope["path"] == request.scope.get("root_path"):
-            request.scope["path"] += "/"
-        # Serve's proxy takes the id from X-Request-ID (or makes one), tags its logs with it and
-        # returns it in the response header; the pipelines carry the same id.
-        try:
-            rid = new_request_id(request.headers.get(REQUEST_ID_HEADER)
-                                 or serve.context._get_serve_request_context().request_id or None)
-        except InvalidRequest as exc:
-            return problem(400, "Bad Request", str(exc), None, "invalid-request")
-        request.state.request_id = rid
-        return await call_next(request)
+    app.add_middleware(Edge)  # before the body and the token
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -209,5 +336,6 @@ def create_app(title: str, description: str) -> FastAPI:
 
 
 _TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 422: "Unprocessable Content", 429: "Too Many Requests",
+           405: "Method Not Allowed", 413: "Content Too Large", 422: "Unprocessable Content",
+           429: "Too Many Requests",
            502: "Bad Gateway", 503: "Service Unavailable"}

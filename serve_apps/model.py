@@ -142,12 +142,14 @@ class LoadedModel:
 
     @_one_at_a_time
     def stream(self, text: str, max_new_tokens: int, temperature: float, seed: int,
-               stop: Sequence[str]) -> Iterator[str]:
-        """Pieces of `generate`'s answer as they appear; joined they equal its text."""
+               stop: Sequence[str], piece_timeout_s: float,
+               cancel: threading.Event) -> Iterator[str]:
+        """Pieces of `generate`'s answer as they appear; joined they equal its text. Setting
+        `cancel` stops the generation."""
         from training.models import stream_text
 
         return until_stop(stream_text(self.model, self.tokenizer, text, max_new_tokens,
-                                      temperature, seed), stop)
+                                      temperature, seed, piece_timeout_s, cancel), stop)
 
     @_one_at_a_time
     def count_tokens(self, text: str) -> int:

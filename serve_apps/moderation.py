@@ -15,7 +15,7 @@ from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker
 from serve_apps.config import LimitsConfig, ModerationAppConfig
-from serve_apps.deployments import Item, set_batching
+from serve_apps.deployments import Item, set_batching, unwrap
 from serve_apps.http import (
     GuardrailFinding,
     StageModel,
@@ -41,7 +41,8 @@ class Moderation(BaseModel):
 
 
 class ModerateResponse(BaseModel):
-    request_id: str
+    request_id: str = Field(description="made by the platform: feedback names it")
+    correlation_id: str | None = Field(None, description="the caller's own id (X-Request-ID)")
     results: list[Moderation]
     guardrails: list[GuardrailFinding] = Field(default_factory=list)
     degraded: bool = Field(False, description="a fallback answered for the generator (a post "
@@ -62,6 +63,7 @@ class ModerationPipeline:
         self.log = InferenceLog("moderation", log)
         self.policies = chain("moderation", self.config.policies, self.config.guardrails,
                               governance)
+        app.state.edge = self.policies.edge(self.limits)
         self.breaker = CircuitBreaker(self.config.breaker)
         set_batching(self._classify, **self.config.classifier.batching.model_dump())
 
@@ -70,10 +72,10 @@ class ModerationPipeline:
                             response: Response) -> ModerateResponse:
         return await self._moderate(body, Caller.http(request), response)
 
-    async def moderate(self, request: TextsRequest | dict, request_id: str | None = None,
+    async def moderate(self, request: TextsRequest | dict, correlation_id: str | None = None,
                        principal: Principal | dict | None = None) -> ModerateResponse:
         """Moderate every text of the request; the same for HTTP and handle callers."""
-        return await self._moderate(request, Caller(request_id, principal))
+        return await self._moderate(request, Caller(correlation_id, principal))
 
     async def _moderate(self, request: TextsRequest | dict, caller: Caller,
                         response: Response | None = None) -> ModerateResponse:
@@ -88,7 +90,8 @@ class ModerationPipeline:
         texts, rid = call.texts, call.request_id
         async with self.log.on_failure(rid, texts, call.started, call.principal.tenant):
             verdicts = await asyncio.gather(*(self._classify(Item(t, rid)) for t in texts))
-            finished = await asyncio.gather(*(self._finish(t, check_label(v), rid)
+            verdicts = [check_label(unwrap(v)) for v in verdicts]
+            finished = await asyncio.gather(*(self._finish(t, v, rid)
                                               for t, v in zip(texts, verdicts)))
         results = [r for r, _, _ in finished]
         await self.log.record(rid, texts, verdicts, [r.models for r in results], call.started,
@@ -100,8 +103,9 @@ class ModerationPipeline:
                       any(d for _, _, d in finished), results)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
-    async def _classify(self, items: list[Item]) -> list[dict]:
-        """Texts of concurrent requests go to the classifier in one call, not one call each."""
+    async def _classify(self, items: list[Item]) -> list[dict | Exception]:
+        """Texts of concurrent requests go to the classifier in one call, not one call each
+        (an item that failed gets its own exception)."""
         return await self.classifier.predict_many.remote(items)
 
     async def _rewrite(self, text: str, rid: str) -> dict | None:

@@ -14,6 +14,7 @@ with neither is refused (401) wherever `auth` is a policy.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,9 +25,9 @@ from typing import Any
 from monitoring.batching import GroupCommit
 from serve_apps import metrics
 from serve_apps.auth import Principal, Unauthorized, Verifier
-from serve_apps.config import AuthConfig, GuardrailsConfig, QuotaConfig
+from serve_apps.config import AuthConfig, GuardrailsConfig, LimitsConfig, QuotaConfig
 from serve_apps.guardrails import Finding, Guardrails
-from serve_apps.http import new_request_id
+from serve_apps.http import EdgeGuard, correlation_id, new_request_id
 from serve_apps.inference_log import DEFAULT_TENANT
 from serve_apps.pii import redact
 from serve_apps.quota import QuotaExceeded
@@ -47,14 +48,17 @@ class Caller:
     """Who sends a request: an HTTP client with its `Authorization` header, or in-cluster code
     with a handle, stating its principal."""
 
-    request_id: str | None = None
+    correlation_id: str | None = None
     principal: Principal | dict | None = None
     authorization: str | None = None
     transport: str = "handle"
+    address: str | None = None
+    state: Any = field(default=None, compare=False)  # the HTTP request's (`request_id`, ...)
 
     @classmethod
     def http(cls, request) -> Caller:
-        return cls(request.state.request_id, None, request.headers.get("authorization"), "http")
+        return cls(request.state.correlation_id, None, request.headers.get("authorization"),
+                   "http", request.client.host if request.client else None, request.state)
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Call:
     request_id: str
     texts: list[str]
     caller: Caller
+    correlation_id: str | None = None
     tokens: int = 0
     principal: Principal = ANONYMOUS
     started: float = field(default_factory=time.perf_counter)
@@ -77,7 +82,7 @@ class Call:
 
     def summary(self, degraded: bool) -> dict:
         """What every answer reports of its call: request id, guardrail findings, degraded."""
-        return {"request_id": self.request_id,
+        return {"request_id": self.request_id, "correlation_id": self.correlation_id,
                 "guardrails": [f.to_dict() for f in self.findings], "degraded": degraded}
 
 
@@ -177,7 +182,7 @@ class Audit(Policy):
         # concurrent requests of a replica share one call to the logger (and one fsync)
         self.commit = GroupCommit(lambda records: logger.append.remote(records))
 
-    async def _write(self, record: dict) -> None:
+    async def write(self, record: dict) -> None:
         try:
             await self.commit.submit([record])
         except Exception as exc:
@@ -185,24 +190,43 @@ class Audit(Policy):
                                    "answered") from exc
 
     async def after(self, call: Call, answer: Answer) -> None:
-        await self._write(audit_record(call, answer, "ok", 200))
+        await self.write(audit_record(call, answer, "ok", 200))
+        _audited(call)
 
-    async def failed(self, call: Call, error: Exception) -> None:
-        status = getattr(error, "status", 500)
-        outcome = "refused" if isinstance(error, LLMOpsError) and status < 500 else "error"
-        await self._write(audit_record(call, None, outcome, status, str(error)[:300]))
+    async def failed(self, call: Call, error: BaseException) -> None:
+        status, outcome = outcome_of(error)
+        await self.write(audit_record(call, None, outcome, status, str(error)[:300]))
+        _audited(call)
+
+
+def _audited(call: Call) -> None:
+    """Tell the HTTP edge this request has its record (it audits those that have none)."""
+    if call.caller.state is not None:
+        call.caller.state.audited = True
+
+
+def outcome_of(error: BaseException) -> tuple[int, str]:
+    """(status, outcome) of a failed request: a 4xx refusal, a client gone (499, as nginx
+    logs it), or an error."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return 499, "cancelled"
+    status = getattr(error, "status", 500)
+    return status, "refused" if isinstance(error, LLMOpsError) and status < 500 else "error"
 
 
 def audit_record(call: Call, answer: Answer | None, outcome: str, status: int,
                  error: str | None = None) -> dict:
     """Who asked what and what was answered: inputs as a hash of the raw text and PII-redacted,
-    outputs as they left (redacted again for the log)."""
+    outputs as they left (redacted again for the log). A refused request keeps no input text
+    (its hashes and sizes only): refusals cost the log little, whoever sends them."""
     return {
         "ts": datetime.now(UTC).isoformat(), "request_id": call.request_id,
+        "correlation_id": call.correlation_id,
         "tenant": call.principal.tenant, "principal": call.principal.subject,
-        "transport": call.caller.transport, "application": call.application,
-        "scope": call.scope, "input_sha256": call.raw_hashes,
-        "input": [redact(t).text for t in call.texts],
+        "transport": call.caller.transport, "client": call.caller.address,
+        "application": call.application, "scope": call.scope,
+        "input_sha256": call.raw_hashes, "input_chars": [len(t) for t in call.texts],
+        "input": None if outcome == "refused" else [redact(t).text for t in call.texts],
         "output": [None if o is None else redact(o).text for o in answer.outputs]
         if answer else None,
         "models": [{stage: _model_ref(m) for stage, m in models.items()}
@@ -232,18 +256,40 @@ class PolicyChain:
         """Whether an answer's text may still change after the model (output guardrails)."""
         return any(isinstance(p, Guard) and p.output.rules for p in self.policies)
 
+    def edge(self, limits: LimitsConfig) -> EdgeGuard:
+        """The HTTP edge of this application (`serve_apps.http.Edge`): its limits, and its
+        audit of the requests refused before this chain saw them."""
+        audit = next((p for p in self.policies if isinstance(p, Audit)), None)
+
+        async def record(seen: dict) -> None:
+            await audit.write({
+                "ts": datetime.now(UTC).isoformat(), "request_id": seen["request_id"],
+                "correlation_id": seen["correlation_id"],
+                "tenant": None, "principal": None, "transport": "http", "client": seen["client"],
+                "application": self.application, "method": seen["method"],
+                "path": seen["path"], "input_sha256": [seen["body_sha256"]],
+                "body_bytes": seen["body_bytes"], "input": None, "output": None,
+                "outcome": "refused" if 400 <= seen["status"] < 500 else "error",
+                "status": seen["status"]})
+
+        return EdgeGuard(limits, record if audit is not None else None)
+
     def open(self, scope: str, texts: list[str], caller: Caller, tokens: int = 0) -> Call:
         from monitoring.audit import input_hash
 
-        return Call(self.application, scope, new_request_id(caller.request_id), list(texts),
-                    caller, tokens, raw_hashes=[input_hash(t) for t in texts])
+        rid = getattr(caller.state, "request_id", None) or new_request_id()  # HTTP: the edge's
+        return Call(self.application, scope, rid, list(texts), caller,
+                    correlation_id(caller.correlation_id), tokens,
+                    raw_hashes=[input_hash(t) for t in texts])
 
     async def enter(self, call: Call) -> None:
         """The `before` hooks; on a refusal, `failed` of those that ran, then the refusal."""
         for policy in self.policies:
             try:
                 await policy.before(call)
-            except Exception as exc:
+            except BaseException as exc:
+                # its own `failed` too: a quota reservation cut off by a cancel is refunded
+                call.entered.append(policy)
                 await self.fail(call, exc)
                 raise
             call.entered.append(policy)
@@ -253,13 +299,20 @@ class PolicyChain:
         try:
             for policy in reversed(call.entered):
                 await policy.after(call, answer)
-        except Exception as exc:
+        except BaseException as exc:
             await self.fail(call, exc)
             raise
         return answer
 
-    async def fail(self, call: Call, error: Exception) -> None:
+    async def fail(self, call: Call, error: BaseException) -> None:
+        """`failed` of every policy that let the call in, once. Shielded: a cancelled request
+        (its client gone) is still audited and its quota settled."""
         entered, call.entered = call.entered, []
+        if entered:
+            await asyncio.shield(self._failed(entered, call, error))
+
+    @staticmethod
+    async def _failed(entered: list[Policy], call: Call, error: BaseException) -> None:
         for policy in reversed(entered):
             await policy.failed(call, error)
 
@@ -275,7 +328,7 @@ class PolicyChain:
         await self.enter(call)
         try:
             answer = await work(call)
-        except Exception as exc:
+        except BaseException as exc:
             await self.fail(call, exc)
             raise
         return await self.leave(call, answer)
@@ -306,9 +359,9 @@ def chain(application: str, order: list[str], guardrails: GuardrailsConfig,
             from monitoring.audit import logger
             from monitoring.config import AuditConfig
 
-            audit = governance["audit"]
-            policies.append(Audit(logger(AuditConfig(max_bytes=audit["max_bytes"]),
-                                         audit["folder"])))
+            audit = dict(governance["audit"])
+            folder = audit.pop("folder")
+            policies.append(Audit(logger(AuditConfig(**audit), folder)))
         elif name == "auth":
             policies.append(Authenticate(Verifier(AuthConfig(**governance["auth"]), Path("."))))
         elif name == "quota":

@@ -5,9 +5,10 @@ A request reserves before it runs (one request, its estimated tokens) and commit
 tokens when answered, or is refunded when it fails. Every reservation goes through one
 `Ledger`, held by one Ray actor (`QuotaAuthority`) that all replicas call, so two replicas can
 never both take the last unit of a budget: the check and the charge are one step in one
-process. The ledger is saved after every change (atomically replaced), so a restarted authority
-goes on from the same counts; reservations open at a crash stay charged (a budget is never
-exceeded, at worst under-used until midnight).
+process. The ledger is saved after every change (atomically replaced and fsynced before the
+answer), so a restarted authority goes on from the same counts; reservations open at a crash stay
+charged (a budget is never exceeded, at worst under-used until midnight). A ledger found corrupt
+is moved aside (alert `LLMOpsStateFileCorrupt`) and the day's counts start again from zero.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from monitoring.files import quarantine, report_quarantined, write_atomic
 from monitoring.singleton import keyed, singleton
 from serve_apps.config import QuotaConfig, TenantLimits
 from training.errors import LLMOpsError
@@ -63,7 +65,12 @@ class Ledger:
         self.usage: dict[str, Usage] = {}
         self.buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
         if path is not None and path.exists():
-            self.usage = {t: Usage(**u) for t, u in json.loads(path.read_text()).items()}
+            try:
+                self.usage = {t: Usage(**u) for t, u in json.loads(path.read_text()).items()}
+            except (ValueError, TypeError, AttributeError) as exc:  # never a crash loop
+                quarantine(path, f"unreadable quota ledger: {exc}")
+        if path is not None:
+            report_quarantined(path.name, 0)
 
     def _today(self, tenant: str, now: float) -> Usage:
         usage = self.usage.get(tenant)
@@ -148,10 +155,7 @@ class Ledger:
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({t: u.__dict__ for t, u in self.usage.items()}))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps({t: u.__dict__ for t, u in self.usage.items()}))
 
 
 class QuotaAuthority:

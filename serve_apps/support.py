@@ -22,7 +22,7 @@ from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker
 from serve_apps.config import LimitsConfig, SupportAppConfig
-from serve_apps.deployments import Item, set_batching
+from serve_apps.deployments import Item, set_batching, unwrap
 from serve_apps.http import (
     GuardrailFinding,
     StageModel,
@@ -55,7 +55,8 @@ class Routing(BaseModel):
 
 
 class RouteResponse(BaseModel):
-    request_id: str
+    request_id: str = Field(description="made by the platform: feedback names it")
+    correlation_id: str | None = Field(None, description="the caller's own id (X-Request-ID)")
     results: list[Routing]
     guardrails: list[GuardrailFinding] = Field(default_factory=list)
     degraded: bool = Field(False, description="the generator failed or its breaker is open: "
@@ -89,6 +90,7 @@ class SupportPipeline:
         self.tracking_uri = tracking_uri
         self.log = InferenceLog("support", log)
         self.policies = chain("support", self.config.policies, self.config.guardrails, governance)
+        app.state.edge = self.policies.edge(self.limits)
         self.breaker = CircuitBreaker(self.config.breaker)
         set_batching(self._route_and_reply, **self.config.classifier.batching.model_dump())
         self._examples: pd.DataFrame | None = None
@@ -100,10 +102,10 @@ class SupportPipeline:
                          response: Response) -> RouteResponse:
         return await self._route(body, Caller.http(request), response)
 
-    async def route(self, request: TextsRequest | dict, request_id: str | None = None,
+    async def route(self, request: TextsRequest | dict, correlation_id: str | None = None,
                     principal: Principal | dict | None = None) -> RouteResponse:
         """Route every text of the request; the same for HTTP and handle callers."""
-        return await self._route(request, Caller(request_id, principal))
+        return await self._route(request, Caller(correlation_id, principal))
 
     async def _route(self, request: TextsRequest | dict, caller: Caller,
                      response: Response | None = None) -> RouteResponse:
@@ -117,7 +119,8 @@ class SupportPipeline:
     async def _work(self, call: Call) -> Answer:
         texts, rid, tenant = call.texts, call.request_id, call.principal.tenant
         async with self.log.on_failure(rid, texts, call.started, tenant):
-            triples = await asyncio.gather(*(self._route_and_reply(Item(t, rid)) for t in texts))
+            triples = [unwrap(t) for t in await asyncio.gather(
+                *(self._route_and_reply(Item(t, rid)) for t in texts))]
         results = [result for result, _, _ in triples]
         routes = [route for _, route, _ in triples]
         await self.log.record(rid, texts, routes, [r.models for r in results], call.started,
@@ -134,29 +137,45 @@ class SupportPipeline:
         its breaker is open."""
         routes, replies = await asyncio.gather(self.classifier.predict_many.remote(items),
                                                self._replies(items))
-        routes = [check_label(r) for r in routes]
         unsure = [i for i, r in enumerate(replies)
                   if r is None or r["confidence"] < self.config.min_reply_confidence]
         retrieved = dict(zip(unsure, await self._retrieve([items[i] for i in unsure])))
-        return [(self._result(route, reply, retrieved.get(i)), route,
-                 reply["prompt_tokens"] + reply["completion_tokens"] if reply else 0)
+        return [self._triple(route, reply, retrieved.get(i))
                 for i, (route, reply) in enumerate(zip(routes, replies))]
+
+    def _triple(self, route: dict | Exception, reply: dict | None,
+                retrieved: dict | Exception | None) -> tuple | Exception:
+        """One item's (result, route, reply tokens), or the exception that failed that item
+        alone (its caller raises it; the other items of the batch are answered)."""
+        try:
+            route = check_label(unwrap(route))
+            return (self._result(route, reply, unwrap(retrieved)), route,
+                    reply["prompt_tokens"] + reply["completion_tokens"] if reply else 0)
+        except Exception as exc:
+            return exc
 
     async def _replies(self, items: list[Item]) -> list[dict | None]:
         """The generator's replies; Nones when it failed or its breaker is open."""
         try:
-            return await self.breaker.call(lambda: self.generator.generate_many.remote(items))
+            replies = await self.breaker.call(lambda: self.generator.generate_many.remote(items))
         except Exception as exc:
             metrics.degraded(type(exc).__name__)
             return [None] * len(items)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                metrics.degraded(type(reply).__name__)
+        return [None if isinstance(r, Exception) else r for r in replies]
 
-    async def _retrieve(self, items: list[Item]) -> list[dict]:
+    async def _retrieve(self, items: list[Item]) -> list[dict | Exception]:
         """The closest resolved ticket's reply for each item, and the encoder that found it."""
         if not items:
             return []
         await self._build_index()
-        found = []
+        found: list[dict | Exception] = []
         for embedding in await self.encoder.predict_many.remote(items):
+            if isinstance(embedding, Exception):
+                found.append(embedding)
+                continue
             sims = self._matrix @ embedding["embedding"]
             best = int(sims.argmax())
             row = self._examples.iloc[best]

@@ -192,3 +192,57 @@ def test_audit_commands_verify_and_export(tmp_path):
     assert broken.returncode == 1
     assert broken.stdout.strip() == (f"audit chain BROKEN at {path.name} line 2: the record was "
                                      f"changed (its hash does not match)")
+
+
+def test_a_truncated_tail_is_found_with_or_without_head_json(chain):
+    """The anchor beside the folder catches what `head.json` would: both removed is broken too."""
+    from monitoring.audit import AuditTampered, anchor_path
+
+    path, lines = _lines(chain)
+    path.write_text("".join(lines[:-2]))
+    (chain / "head.json").unlink()
+    result = verify(chain)
+    assert not result.ok and "names record 10 (records removed at the end)" in \
+        result.first_bad["reason"] and "audit.anchor" in result.first_bad["reason"]
+    with pytest.raises(AuditTampered, match="ends at record 8 but audit.anchor names record 10"):
+        AuditChain(chain)  # a restarted writer refuses to continue a cut chain
+    anchor_path(chain).unlink()
+    assert "cannot be checked" in verify(chain).first_bad["reason"]
+
+
+def test_a_failed_write_leaves_no_gap_and_the_chain_goes_on(chain, monkeypatch):
+    writer = AuditChain(chain)
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        writer.append([_record(10), _record(11)])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    writer.append([_record(12)])
+    _, lines = _lines(chain)
+    assert [json.loads(line)["request_id"] for line in lines[-2:]] == ["r9", "r12"]
+    assert json.loads(lines[-1])["seq"] == 11 and verify(chain).ok
+
+
+def test_low_disk_space_refuses_before_the_disk_fills(tmp_path):
+    from monitoring.audit import AuditDiskFull
+
+    writer = AuditChain(tmp_path / "audit", AuditConfig(min_free_bytes=2**62))
+    with pytest.raises(AuditDiskFull, match="min_free_bytes"):
+        writer.append([_record(0)])
+    assert not list((tmp_path / "audit").glob("audit-*.jsonl")) or verify(tmp_path / "audit").ok
+
+
+def test_file_numbers_order_numerically_past_a_million_files(tmp_path):
+    """Names sort by their day and their number as a number: file 1000000 follows 999999."""
+    folder = tmp_path / "audit"
+    writer = AuditChain(folder)
+    writer.append([_record(0)])
+    first = sorted(folder.glob("audit-*.jsonl"))[0]
+    day = first.name.split("-")[1]
+    later = folder / f"audit-{day}-999999.jsonl"
+    first.rename(later)
+    writer = AuditChain(folder, AuditConfig(max_bytes=1024))
+    writer.append([{**_record(1), "input": "x" * 2000}])
+    writer.append([_record(2)])
+    assert (folder / f"audit-{day}-1000000.jsonl").exists()
+    assert verify(folder).to_dict()["records"] == 3 and verify(folder).ok

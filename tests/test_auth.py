@@ -149,3 +149,47 @@ def test_token_create_command(tmp_path):
     bad = _llmops(tmp_path, "token", "create", "--tenant", "acme", "--scopes", "root")
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "llmops: error: unknown scope root (scopes: moderate, support, chat, feedback, admin)")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"), (b"\n\n", "is empty"), (b"short-secret\n", "fewer than 32 bytes"),
+    (b"x" * 40 + b"\nshort\n", "line 2"),
+])
+def test_an_empty_or_short_secret_is_refused(tmp_path, content, message):
+    from serve_apps.auth import WeakSecret
+
+    (tmp_path / "secret").write_bytes(content)
+    config = AuthConfig(secret_file=str(tmp_path / "secret"))
+    with pytest.raises(WeakSecret, match=message):
+        Verifier(config, tmp_path)
+    with pytest.raises(WeakSecret, match=message):
+        issue(config, tmp_path, tenant="acme", scopes=["chat"])
+
+
+def test_a_rotated_secret_takes_effect_without_a_restart(tmp_path):
+    """New secret first, old one second: tokens of both verify, new ones are signed with the
+    new; once the old line is removed its tokens are refused. Nothing is restarted."""
+    path = tmp_path / "secret"
+    path.write_bytes(b"a" * 32)
+    config = AuthConfig(secret_file=str(path))
+    verifier = Verifier(config, tmp_path, reload_every_s=0)
+    old = issue(config, tmp_path, tenant="acme", scopes=["chat"])
+    path.write_bytes(b"b" * 40 + b"\n" + b"a" * 32 + b"\n")
+    new = issue(config, tmp_path, tenant="acme", scopes=["chat"])
+    assert jwt.decode(new, b"b" * 40, algorithms=["HS256"], audience="llmops")["tenant"] == "acme"
+    assert verifier.verify(f"Bearer {old}").tenant == verifier.verify(f"Bearer {new}").tenant
+    path.write_bytes(b"b" * 40 + b"\n")
+    with pytest.raises(Unauthorized, match="signature does not verify"):
+        verifier.verify(f"Bearer {old}")
+    path.write_bytes(b"")  # a broken rotation keeps the secrets held, with an error logged
+    assert verifier.verify(f"Bearer {new}").tenant == "acme"
+
+
+def test_a_token_whose_header_holds_any_text_gets_a_latin1_challenge(hs):
+    verifier, _ = hs
+    header = _b64(json.dumps({"alg": "H\u015a256\r\n", "typ": "JWT"}, ensure_ascii=False)
+                  .encode())
+    with pytest.raises(Unauthorized) as refused:
+        verifier.verify(f"Bearer {header}.e30.c2ln")
+    refused.value.headers["WWW-Authenticate"].encode("latin-1")  # a valid header value
+    assert "\r" not in refused.value.headers["WWW-Authenticate"]

@@ -102,3 +102,19 @@ def test_half_open_lets_one_probe_through_then_closes_or_reopens():
         assert await breaker.call(ok) == "answer"
 
     asyncio.run(scenario())
+
+
+def test_a_callers_bad_input_never_counts_toward_opening():
+    from serve_apps.http import InvalidRequest
+
+    async def refused():
+        raise InvalidRequest("seed must be a 32-bit unsigned integer")
+
+    async def scenario():
+        breaker = CircuitBreaker(BreakerConfig(failures=2, window_s=60, cooldown_s=10))
+        for _ in range(5):
+            with pytest.raises(InvalidRequest):
+                await breaker.call(refused)
+        assert breaker.state == CLOSED and await breaker.call(ok) == "answer"
+
+    asyncio.run(scenario())

@@ -70,6 +70,22 @@ def test_canary_verdict_compares_the_challenger_with_the_champion_over_the_same_
     assert few[0] is True and few[2]["challenger"]["labelled"] == 20
 
 
+def test_a_corrupt_state_file_is_moved_aside_and_the_loop_starts_from_serving(tmp_path):
+    from cluster.state import StateStore
+
+    store = StateStore(str(tmp_path / "controller"))
+    store.save(ControllerState(model=MODEL, state="canary", champion=1, challenger=2))
+    assert store.load(MODEL).state == "canary"
+    path = tmp_path / "controller" / f"{MODEL}.json"
+    path.write_text(path.read_text()[:40])  # a torn write
+    assert store.load(MODEL) is None
+    [aside] = (tmp_path / "controller").glob(f"{MODEL}.json.corrupt-*")
+    assert aside.read_text().startswith("{") and not path.exists()
+    store.save(ControllerState(model=MODEL))
+    assert store.load(MODEL).state == "serving"
+    assert not list((tmp_path / "controller").glob(".*.tmp"))  # nothing half-written left
+
+
 def test_retraining_set_mixes_labelled_recent_traffic_with_a_replay_sample(tmp_path):
     recent = generate("support-tickets", "new-product", 120, seed=1)[["text", "label"]]
     recent.loc[100:, "label"] = None  # answered, never labelled

@@ -55,6 +55,39 @@ def test_segment_writer_batches_bounds_memory_and_flushes_on_close(tmp_path):
     assert read(uri, FEEDBACK).empty
 
 
+def test_a_failed_segment_write_keeps_its_rows_and_the_flusher_goes_on(tmp_path, monkeypatch):
+    """The log folder unwritable for a while: nothing appended is dropped, the periodic flush
+    keeps trying, and the rows land once it is writable again."""
+    from monitoring.log import LogUnavailable
+
+    uri = str(tmp_path / "log")
+    real = SegmentWriter.write_segment
+    broken = {"on": True}
+
+    def flaky(self, rows):
+        if broken["on"]:
+            raise OSError("no space left on device")
+        return real(self, rows)
+
+    monkeypatch.setattr(SegmentWriter, "write_segment", flaky)
+
+    async def scenario() -> None:
+        writer = SegmentWriter(uri, INFERENCE, LogConfig(flush_interval_s=0.05))
+        await writer.append([_record(i) for i in range(5)])
+        with pytest.raises(LogUnavailable, match="no space left"):
+            await writer.flush()
+        await writer.append([_record(5)])
+        await asyncio.sleep(0.3)  # several periodic flushes fail meanwhile
+        assert writer._flusher is not None and not writer._flusher.done()
+        broken["on"] = False
+        await asyncio.sleep(2)  # the backed-off flusher retries
+        assert len(read(uri)) == 6
+        await writer.close()
+
+    asyncio.run(scenario())
+    assert list(read(uri).request_id) == [f"r{i}" for i in range(6)]
+
+
 def test_feedback_joins_by_request_and_item_latest_label_wins(tmp_path):
     log = pd.DataFrame([_record(1), _record(2), {**_record(2), "item": 1}])
     t = now()
@@ -189,16 +222,18 @@ def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
         assert version == "1"
         return labels[model]
 
-    row = feedback_row(uri, labels_of, "r1", 0, "refund")
+    row = feedback_row(uri, labels_of, "r1", 0, "refund", "default")
     assert row == {"request_id": "r1", "item": 0, "label": "refund", "tenant": "default"}
-    for rid, item, label, error, message in [
-            ("nope", 0, "refund", UnknownRequest, "no logged request"),
-            ("r1", 3, "refund", UnknownRequest, "item 3"),
-            ("r1", 0, "shipping", InvalidLabel, "billing, refund"),
-            ("r2", 0, "refund", InvalidLabel, "answers with text"),
-            ("r3", 0, "refund", InvalidLabel, "did not get a prediction")]:
+    for rid, item, label, tenant, error, message in [
+            ("nope", 0, "refund", "default", UnknownRequest, "no logged request"),
+            ("r1", 3, "refund", "default", UnknownRequest, "item 3"),
+            # another tenant's request reads exactly as an unknown one
+            ("r1", 0, "refund", "other", UnknownRequest, "no logged request 'r1' with item 0"),
+            ("r1", 0, "shipping", "default", InvalidLabel, "billing, refund"),
+            ("r2", 0, "refund", "default", InvalidLabel, "answers with text"),
+            ("r3", 0, "refund", "default", InvalidLabel, "did not get a prediction")]:
         with pytest.raises(error, match=message):
-            feedback_row(uri, labels_of, rid, item, label)
+            feedback_row(uri, labels_of, rid, item, label, tenant)
 
 
 def test_health_check_compares_golden_set_figures_with_the_registration(router):

@@ -124,3 +124,14 @@ def test_two_replicas_reserving_concurrently_never_pass_the_budget(ray_session, 
         assert Ledger(config, tmp_path / "quota.json").usage["acme"].requests == 50
     finally:
         ray.kill(quota)
+
+
+def test_a_corrupt_ledger_is_moved_aside_and_the_authority_starts_afresh(tmp_path):
+    path = tmp_path / "quota.json"
+    path.write_text('{"acme": {"day": "2026-11-25", "requests": 3')  # cut off mid-write
+    ledger = _ledger(tmp_path, requests_per_day=5)
+    assert ledger.usage == {} and not path.exists()
+    [aside] = tmp_path.glob("quota.json.corrupt-*")
+    assert aside.read_text().startswith('{"acme"')  # kept for an operator to inspect
+    ledger.reserve("acme", "r1", 1, now=NOON)  # serving, not crash-looping
+    assert _ledger(tmp_path, requests_per_day=5).usage["acme"].requests == 1

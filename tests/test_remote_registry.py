@@ -1,6 +1,7 @@
 """The registry through a real MLflow tracking server, as on a cluster: `mlflow server` with a
 database backend and an artifact root it serves over HTTP (`--serve-artifacts`), so the client
-holds neither the database nor the artifacts."""
+holds neither the database nor the artifacts, behind MLflow's basic authentication (the
+controller and the replicas unpickle what it serves: nobody may write to it unauthenticated)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import free_port, register_quick, tiny_settings
+
+ADMIN_PASSWORD = "a-long-test-password-for-the-admin"
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +27,35 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
+    (root / "auth.ini").write_text(  # what cluster.yaml's head writes from its secrets
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n")  # one password hash per minute, not per request
     proc = subprocess.Popen(
         [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--app-name", "basic-auth",
          "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
          "--artifacts-destination", (root / "artifacts").as_uri(), "--serve-artifacts"],
         stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+             "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+             "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+             "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-csrf-key"}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
                 break
+        except urllib.error.HTTPError as answered:  # up, and asking who is there
+            if answered.code == 401:
+                break
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield url, root
@@ -46,11 +63,17 @@ def mlflow_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def test_models_registered_and_served_through_a_tracking_server(mlflow_server, tmp_path):
+def test_models_registered_and_served_through_a_tracking_server(mlflow_server, tmp_path,
+                                                               monkeypatch):
     from serve_apps.model import load, resolve
     from training.registry import Registry
 
     url, server_root = mlflow_server
+    search = f"{url}/api/2.0/mlflow/registered-models/search"
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(search, timeout=10)  # no credentials: nothing to read or write
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # what every node's env holds
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
     settings = tiny_settings(tmp_path / "client")
     settings.registry.tracking_uri = url
     registry = Registry(settings.registry, settings.data_dir)

@@ -45,7 +45,13 @@ def test_cluster_yaml_passes_rays_own_validation(cluster_config):
     assert all(types[n]["min_workers"] == 0 for n in gpu_types)  # scale to zero
     assert 0 < prepared["idle_timeout_minutes"] <= 30
     start = " ".join(prepared["head_start_ray_commands"])
-    assert "--metrics-export-port=8080" in start and "--dashboard-host=0.0.0.0" in start
+    assert "--metrics-export-port=8080" in start
+    # the dashboard and its Job API on the head's loopback (reached through `ray dashboard`'s
+    # SSH tunnel); MLflow only with a password; from outside only SSH and Serve's port
+    assert "--dashboard-host=127.0.0.1" in start and "--app-name basic-auth" in start
+    opened = prepared["provider"]["security_group"]["IpPermissions"]
+    assert sorted(p["FromPort"] for p in opened) == [22, 8000]
+    assert all(r["CidrIp"] != "0.0.0.0/0" for p in opened for r in p["IpRanges"])
 
     broken = copy.deepcopy(cluster_config)
     broken["available_node_types"]["serve-gpu"]["min_workers"] = "none"
@@ -108,7 +114,18 @@ def test_kuberay_manifests_agree_with_their_sources(tmp_path, cluster_config, cl
             f"{path.name} is stale: run `make manifests`"
 
     docs = list(yaml.safe_load_all((committed / "rayservice.yaml").read_text()))
-    settings_map, _, service = docs
+    settings_map, _, service, ray_policy, mlflow_policy = docs
+    # Nothing reaches the dashboard / Job API, GCS or MLflow but whom the policies name
+    ingress = ray_policy["spec"]["ingress"]
+    open_to_all = [rule["ports"] for rule in ingress if "from" not in rule]
+    assert open_to_all == [[{"protocol": "TCP", "port": 8000}]]
+    dashboard = [rule for rule in ingress if {"protocol": "TCP", "port": 8265} in
+                 rule.get("ports", [])]
+    assert [r["from"][0]["namespaceSelector"] for r in dashboard] == [
+        {"matchLabels": {"kubernetes.io/metadata.name": "ray-system"}}]
+    assert mlflow_policy["spec"]["ingress"] == [{
+        "from": [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}],
+        "ports": [{"protocol": "TCP", "port": 5000}]}]
     assert yaml.safe_load(settings_map["data"]["llmops.yaml"]) == \
         yaml.safe_load(CLUSTER_SETTINGS.read_text())
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])

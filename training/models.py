@@ -274,25 +274,47 @@ def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_n
 
 
 def stream_text(model: PreTrainedModel, tokenizer, text: str, max_new_tokens: int = 48,
-                temperature: float = 0.0, seed: int = 0) -> Iterator[str]:
+                temperature: float = 0.0, seed: int = 0, piece_timeout_s: float | None = None,
+                cancel: threading.Event | None = None) -> Iterator[str]:
     """The rewrite of one text, piece by piece as tokens are generated (same output as
     `generate_text` for the same seed). The prompt is tokenized and generation started before
-    this returns (in the caller's thread), the pieces come as they are ready."""
-    from transformers import TextIteratorStreamer
+    this returns (in the caller's thread), the pieces come as they are ready. A piece slower
+    than `piece_timeout_s` raises `TimeoutError`. Setting `cancel` (from any thread: a client
+    gone) or leaving the iterator early stops the generation at its next token, so no thread
+    is left running."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     enc, kw = _prompt_inputs(model, tokenizer, [text], max_new_tokens)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                    timeout=piece_timeout_s)
+    stop = cancel or threading.Event()
+
+    class _Stopped(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
 
     def run() -> None:
-        torch.manual_seed(seed)
-        with torch.inference_mode():
-            model.generate(**enc, **kw, **_sampling(temperature), streamer=streamer)
+        try:
+            torch.manual_seed(seed)
+            with torch.inference_mode():
+                model.generate(**enc, **kw, **_sampling(temperature), streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([_Stopped()]))
+        except Exception:
+            streamer.end()  # the reader ends instead of waiting for pieces that never come
+            raise
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
 
     def pieces() -> Iterator[str]:
-        yield from streamer
-        worker.join()
+        import queue
+
+        try:
+            yield from streamer
+        except queue.Empty:
+            raise TimeoutError(f"no generated piece within {piece_timeout_s} s") from None
+        finally:
+            stop.set()
+            worker.join(piece_timeout_s)
 
     return pieces()
