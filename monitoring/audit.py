@@ -49,12 +49,22 @@ def digest(record: dict) -> str:
     """The hash a record carries: SHA-256 of its canonical JSON, `hash` left out."""
     body = {k: v for k, v in record.items() if k != "hash"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                     ensure_ascii=False, default=str).encode()).hexdigest()
+                                     ensure_ascii=False, default=str)
+                          .encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def input_hash(text: str) -> str:
     """What the audit keeps of the raw input: its SHA-256 (the record holds it redacted)."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _line(record: dict) -> str:
+    """A record as one line of JSON: JSON escapes the ASCII controls; the other characters that
+    line-based readers take for line breaks (NEL, U+2028, U+2029) are escaped too."""
+    return json.dumps(record, ensure_ascii=False, default=str).translate(_LINE_BREAKS) + "\n"
 
 
 def _order(path: Path) -> tuple[str, int]:
@@ -153,8 +163,7 @@ class AuditChain:
                     "prev": last}
             line["hash"] = last = digest(line)
             chained.append(line)
-        data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
-                       for r in chained).encode("utf-8", "backslashreplace")
+        data = "".join(_line(r) for r in chained).encode("utf-8", "backslashreplace")
         with path.open("ab") as f:
             size = f.tell()
             try:

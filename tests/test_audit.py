@@ -246,3 +246,14 @@ def test_file_numbers_order_numerically_past_a_million_files(tmp_path):
     writer.append([_record(2)])
     assert (folder / f"audit-{day}-1000000.jsonl").exists()
     assert verify(folder).to_dict()["records"] == 3 and verify(folder).ok
+
+
+def test_a_record_stays_one_line_whatever_its_text_holds(tmp_path):
+    """Characters that line-based readers take for line breaks are escaped in the file, and the
+    record reads back (and verifies) exactly as given."""
+    text = "a\x85b\u2028c\u2029d\re\nf\x1cg \ud800"
+    AuditChain(tmp_path / "audit").append([{**_record(0), "input": text}])
+    [path] = (tmp_path / "audit").glob("audit-*.jsonl")
+    [line] = path.read_text().splitlines()
+    assert json.loads(line)["input"] == text
+    assert verify(tmp_path / "audit").ok
