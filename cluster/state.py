@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from monitoring.files import quarantine, write_atomic
+from monitoring.files import is_local, quarantine, write_atomic
 
 State = Literal["serving", "drift_suspected", "retraining", "evaluating", "canary", "promoting",
                 "rejected", "rolled_back"]
@@ -54,11 +54,6 @@ class StateStore:
     def _path(self, model: str, suffix: str) -> str:
         return f"{self.root}/{model}{suffix}"
 
-    @property
-    def local(self) -> bool:
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        return "file" in protocol or "local" in protocol
-
     def load(self, model: str) -> ControllerState | None:
         """The saved state; None when there is none, or when it was corrupt (moved aside with
         an error and the `LLMOpsStateFileCorrupt` alert: the loop starts again from serving)."""
@@ -71,13 +66,13 @@ class StateStore:
             return ControllerState.model_validate_json(text)
         except ValueError as exc:
             quarantine(path, f"unreadable controller state: {str(exc).splitlines()[0]}",
-                       None if self.local else self.fs)
+                       None if is_local(self.fs) else self.fs)
             return None
 
     def save(self, state: ControllerState) -> None:
         """Replace the state whole; on a local disk fsynced (file and folder) before it
         returns, so the step it names is on disk before the step runs."""
-        if self.local:
+        if is_local(self.fs):
             write_atomic(Path(self._path(state.model, ".json")), state.model_dump_json(indent=1))
             return
         tmp = self._path(f".{state.model}.{uuid.uuid4().hex[:8]}", ".tmp")
@@ -89,7 +84,7 @@ class StateStore:
         """One line per transition (fsspec appends where the filesystem can; local files do,
         fsynced)."""
         line = json.dumps(event, default=str) + "\n"
-        if self.local:
+        if is_local(self.fs):
             with open(self._path(event["model"], ".events.jsonl"), "a", encoding="utf-8") as f:
                 f.write(line)
                 f.flush()

@@ -13,6 +13,12 @@ from monitoring.gauges import gauge, hold
 _log = logging.getLogger(__name__)
 
 
+def is_local(fs) -> bool:
+    """Whether an fsspec filesystem is the local disk (where fsync applies)."""
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
 def fsync_dir(folder: Path) -> None:
     """Make the names in `folder` (a new or renamed file) survive a crash."""
     fd = os.open(folder, os.O_RDONLY)

@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from monitoring.config import LogConfig
-from monitoring.files import fsync_dir
+from monitoring.files import fsync_dir, is_local
 from training.errors import LLMOpsError
 from training.features import DESCRIPTORS
 
@@ -66,11 +66,6 @@ def _fs(uri: str):
 
     fs, root = fsspec.core.url_to_fs(uri)
     return fs, root.rstrip("/")
-
-
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
 
 
 def now() -> datetime:
@@ -140,7 +135,7 @@ class SegmentWriter:
         name = f"{time.time_ns()}-{self.writer_id}.parquet"
         self.fs.makedirs(folder, exist_ok=True)
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        if _is_local(self.fs):  # on disk, and named, before it counts as written
+        if is_local(self.fs):  # on disk, and named, before it counts as written
             path = Path(folder) / name
             tmp = path.with_name(f".{name}.tmp")
             with tmp.open("wb") as f:
