@@ -46,7 +46,7 @@ def ray_processes() -> dict[int, str]:
         head = " ".join(cmd[:2])
         if "ray" in head or "gcs_server" in head or "raylet" in head:
             found[p.pid] = (cmd[0] if cmd[0].startswith("ray::") else
-                            Path(cmd[0]).name if "python" not in cmd[0] else " ".join(cmd[1:3]))
+                            " ".join(cmd[1:3]) if "python" in cmd[0] else p.info["name"])
     return found
 
 
