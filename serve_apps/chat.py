@@ -231,7 +231,7 @@ class ChatPipeline:
         except BaseException as exc:  # a client gone (cancelled, closed) is settled too
             if stream is not None:
                 stream.cancel()  # the generator replica stops generating for nobody
-            await asyncio.shield(self.policies.fail(call, exc))
+            await self.policies.fail(call, exc)  # shielded there: settled even when cancelled
             raise
         text = "".join(pieces)
         out = {"text": text, "model": first["model"], "finish_reason": "stop",
