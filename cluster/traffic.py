@@ -79,7 +79,7 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
         chosen = np.random.default_rng(seed).random(n) < feedback
         labelled = [i for i in range(n) if chosen[i] and codes[i] == 200]
         accepted = _feedback(client, base_url + feedback_prefix.rstrip("/") + "/",
-                             [(ids[i], rows.label.iloc[i]) for i in labelled])
+                             [(ids[i], rows.label.iloc[i]) for i in labelled], concurrency)
     latency = np.array([t for _, t, _ in results]) * 1000
     return {"url": url, "scenario": scenario, "fraction": fraction, "requests": n,
             "ok": codes.count(200), "failed": n - codes.count(200),
@@ -88,20 +88,21 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
             "feedback": {"sent": len(labelled), "accepted": accepted}}
 
 
-def _feedback(client, url: str, labels: list[tuple[str, str]], wait_s: float = 30.0) -> int:
-    """POST each label; a 404 means the answer is not in the log yet (it is written every
-    flush interval), so those are retried until `wait_s` has passed."""
+def _feedback(client, url: str, labels: list[tuple[str, str]], concurrency: int,
+              wait_s: float = 30.0) -> int:
+    """POST the labels from `concurrency` clients, as a review team does (the platform checks
+    and stores concurrent labels as one batch); a 404 means the answer is not in the log yet
+    (it is written every flush interval), so those are retried until `wait_s` has passed."""
+    def post(pair: tuple[str, str]) -> int:
+        return client.post(url, json={"request_id": pair[0], "label": pair[1]}).status_code
+
     pending, accepted = list(labels), 0
     deadline = time.monotonic() + wait_s
-    while pending and time.monotonic() < deadline:
-        retry = []
-        for request_id, label in pending:
-            code = client.post(url, json={"request_id": request_id, "label": label}).status_code
-            if code == 201:
-                accepted += 1
-            elif code == 404:
-                retry.append((request_id, label))
-        pending = retry
-        if pending:
-            time.sleep(0.5)
+    with ThreadPoolExecutor(concurrency) as pool:
+        while pending and time.monotonic() < deadline:
+            codes = list(pool.map(post, pending))
+            accepted += codes.count(201)
+            pending = [pair for pair, code in zip(pending, codes) if code == 404]
+            if pending:
+                time.sleep(0.5)
     return accepted

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -161,10 +161,11 @@ class SegmentWriter:
 
 def read(uri: str, kind: str = INFERENCE, *, last: int | None = None,
          since: datetime | None = None, until: datetime | None = None, shadow: bool = False,
-         **equals: str) -> pd.DataFrame:
+         request_ids: Collection[str] | None = None, **equals: str) -> pd.DataFrame:
     """Records of `kind` in time order: those in [since, until), matching every `equals`
-    column (for example `model="support-router"`), then the `last` N of them. A shadowing
-    challenger's answers (variant `shadow`: nobody saw them) are left out unless `shadow`."""
+    column (for example `model="support-router"`) and, if given, one of `request_ids`, then
+    the `last` N of them. A shadowing challenger's answers (variant `shadow`: nobody saw them)
+    are left out unless `shadow`."""
     import pyarrow.dataset as ds
 
     fs, root = _fs(uri)
@@ -181,6 +182,8 @@ def read(uri: str, kind: str = INFERENCE, *, last: int | None = None,
     for column, value in equals.items():
         if value is not None:
             condition = _and(condition, ds.field(column) == value)
+    if request_ids is not None:
+        condition = _and(condition, ds.field("request_id").isin(sorted(request_ids)))
     if kind == INFERENCE and not shadow:
         variant = ds.field("variant")
         condition = _and(condition, variant.is_null() | (variant != SHADOW))

@@ -12,10 +12,11 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from monitoring.feedback import feedback_row
+from monitoring.feedback import Label, feedback_rows
 from monitoring.log import FEEDBACK, SegmentWriter, now
 from serve_apps.auth import Principal
 from serve_apps.config import FeedbackAppConfig, LimitsConfig
+from serve_apps.deployments import unwrap
 from serve_apps.http import create_app, parse
 from serve_apps.policies import Answer, Caller, chain
 
@@ -72,12 +73,20 @@ class FeedbackService:
         return FeedbackReceipt(request_id=body.request_id, item=body.item, label=body.label)
 
     async def _store(self, body: FeedbackRequest, tenant: str) -> Answer:
-        labels = functools.partial(_labels, self.tracking_uri)
-        row = await asyncio.to_thread(feedback_row, self.uri, labels, body.request_id, body.item,
-                                      body.label, tenant)
-        await self.writer.append([{**row, "ts": now()}])
-        await self.writer.flush()  # 201 only once the label is on disk
+        unwrap(await self._record(Label(body.request_id, body.item, body.label, tenant)))
         return Answer([None], [{}])
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
+    async def _record(self, labels: list[Label]) -> list[dict | Exception]:
+        """Concurrent labels are checked with one read of the log and written as one segment
+        (a group commit): 201 only once a label is on disk, each bad label failing alone."""
+        checked = await asyncio.to_thread(feedback_rows, self.uri,
+                                          functools.partial(_labels, self.tracking_uri), labels)
+        rows = [{**row, "ts": now()} for row in checked if isinstance(row, dict)]
+        if rows:
+            await self.writer.append(rows)
+            await self.writer.flush()
+        return checked
 
     async def __del__(self) -> None:
         """Serve calls this on a graceful shutdown: nothing buffered is lost."""

@@ -210,7 +210,7 @@ def test_windows_end_with_the_newest_request():
 
 
 def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
-    from monitoring.feedback import InvalidLabel, UnknownRequest, feedback_row
+    from monitoring.feedback import InvalidLabel, Label, UnknownRequest, feedback_row, feedback_rows
 
     uri = str(tmp_path / "log")
     writer = SegmentWriter(uri, INFERENCE, LogConfig())
@@ -224,16 +224,23 @@ def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
 
     row = feedback_row(uri, labels_of, "r1", 0, "refund", "default")
     assert row == {"request_id": "r1", "item": 0, "label": "refund", "tenant": "default"}
-    for rid, item, label, tenant, error, message in [
-            ("nope", 0, "refund", "default", UnknownRequest, "no logged request"),
-            ("r1", 3, "refund", "default", UnknownRequest, "item 3"),
-            # another tenant's request reads exactly as an unknown one
-            ("r1", 0, "refund", "other", UnknownRequest, "no logged request 'r1' with item 0"),
-            ("r1", 0, "shipping", "default", InvalidLabel, "billing, refund"),
-            ("r2", 0, "refund", "default", InvalidLabel, "answers with text"),
-            ("r3", 0, "refund", "default", InvalidLabel, "did not get a prediction")]:
+    bad = [("nope", 0, "refund", "default", UnknownRequest, "no logged request"),
+           ("r1", 3, "refund", "default", UnknownRequest, "item 3"),
+           # another tenant's request reads exactly as an unknown one
+           ("r1", 0, "refund", "other", UnknownRequest, "no logged request 'r1' with item 0"),
+           ("r1", 0, "shipping", "default", InvalidLabel, "billing, refund"),
+           ("r2", 0, "refund", "default", InvalidLabel, "answers with text"),
+           ("r3", 0, "refund", "default", InvalidLabel, "did not get a prediction")]
+    for rid, item, label, tenant, error, message in bad:
         with pytest.raises(error, match=message):
             feedback_row(uri, labels_of, rid, item, label, tenant)
+    # a batch is checked with one read: each label gets its own record or error, in order
+    batch = [Label(*case[:4]) for case in bad]
+    batch.insert(3, Label("r1", 0, "billing", "default"))
+    checked = feedback_rows(uri, labels_of, batch)
+    assert checked[3] == {"request_id": "r1", "item": 0, "label": "billing", "tenant": "default"}
+    del checked[3]
+    assert [type(c) for c in checked] == [case[4] for case in bad]
 
 
 def test_health_check_compares_golden_set_figures_with_the_registration(router):
