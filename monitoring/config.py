@@ -24,6 +24,11 @@ class LogConfig(_Strict):
                               "request that fills the buffer waits for a write (bounded memory)")
     keep_text: bool = Field(True, description="keep each text, PII redacted (retraining on "
                             "feedback labels needs it); false keeps only the drift features")
+    compact_interval_s: float | None = Field(60.0, gt=0, description="seconds between two "
+                                             "compactions of each day's small segments "
+                                             "(monitoring/compaction.py); empty: never")
+    segment_target_bytes: int = Field(64 * 2**20, ge=2**16, description="compaction merges "
+                                      "segments under half this size into ones of up to it")
 
 
 class DriftThresholds(_Strict):

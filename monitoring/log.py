@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import Collection, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +54,11 @@ FEEDBACK_SCHEMA = pa.schema([
     ("ts", pa.timestamp("us", tz="UTC")), ("tenant", pa.string()),
 ])
 SCHEMAS = {INFERENCE: INFERENCE_SCHEMA, FEEDBACK: FEEDBACK_SCHEMA}
+# What makes a record unique: while a compaction has written its merged segment but not yet
+# removed the ones it merged, a reader sees both, and keeps one of each
+KEYS = {INFERENCE: ["request_id", "item", "variant", "ts"],
+        FEEDBACK: ["request_id", "item", "label", "ts"]}
+PARTITION = "date"  # segments lie under <kind>/date=YYYY-MM-DD/ (UTC)
 _log = logging.getLogger(__name__)
 
 
@@ -61,7 +66,8 @@ class LogUnavailable(LLMOpsError):
     """The log folder cannot be read or written."""
 
 
-def _fs(uri: str):
+def filesystem(uri: str):
+    """(fsspec filesystem, root path without a trailing slash) of a folder or URI."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri)
@@ -72,18 +78,44 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def write_table(fs, folder: str, name: str, table: pa.Table) -> str:
+    """`table` as the segment `folder/name`, written under a hidden name and renamed when
+    complete (readers never see half a file); on a local disk fsynced, file and folder, first."""
+    import pyarrow.parquet as pq
+
+    fs.makedirs(folder, exist_ok=True)
+    if is_local(fs):  # on disk, and named, before it counts as written
+        path = Path(folder) / name
+        tmp = path.with_name(f".{name}.tmp")
+        with tmp.open("wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        fsync_dir(path.parent)
+    else:  # object stores: a put is atomic and durable once it returns
+        with fs.open(f"{folder}/.{name}.tmp", "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        fs.mv(f"{folder}/.{name}.tmp", f"{folder}/{name}")
+    return f"{folder}/{name}"
+
+
 class SegmentWriter:
     """Buffered, append-only Parquet writer for one kind of record (one per replica)."""
 
     @classmethod
     def from_settings(cls, settings: dict, kind: str) -> SegmentWriter:
         """A writer from what a replica receives: `{"uri": ..., **LogConfig fields}`."""
+        from monitoring.compaction import compactor
+
         config = LogConfig.model_validate({k: v for k, v in settings.items() if k != "uri"})
+        if config.compact_interval_s is not None:
+            compactor(settings["uri"], config)  # the log's one compactor, started on first use
         return cls(settings["uri"], kind, config)
 
     def __init__(self, uri: str, kind: str, config: LogConfig, writer_id: str | None = None):
         self.schema = SCHEMAS[kind]
-        self.fs, root = _fs(uri)
+        self.fs, root = filesystem(uri)
         self.folder = f"{root}/{kind}"
         self.config = config
         self.writer_id = writer_id or uuid.uuid4().hex[:12]
@@ -128,28 +160,11 @@ class SegmentWriter:
                 raise LogUnavailable(f"cannot write the {self.folder} log: {exc}") from exc
 
     def write_segment(self, rows: list[dict]) -> str:
-        import pyarrow.parquet as pq
-
-        day = rows[0]["ts"].strftime("%Y-%m-%d")
-        folder = f"{self.folder}/date={day}"
-        name = f"{time.time_ns()}-{self.writer_id}.parquet"
-        self.fs.makedirs(folder, exist_ok=True)
-        table = pa.Table.from_pylist(rows, schema=self.schema)
-        if is_local(self.fs):  # on disk, and named, before it counts as written
-            path = Path(folder) / name
-            tmp = path.with_name(f".{name}.tmp")
-            with tmp.open("wb") as f:
-                pq.write_table(table, f, compression="zstd")
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-            fsync_dir(path.parent)
-        else:  # object stores: a put is atomic and durable once it returns
-            with self.fs.open(f"{folder}/.{name}.tmp", "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-            self.fs.mv(f"{folder}/.{name}.tmp", f"{folder}/{name}")
+        path = write_table(self.fs, f"{self.folder}/{PARTITION}={_day(rows[0]['ts'])}",
+                           f"{time.time_ns()}-{self.writer_id}.parquet",
+                           pa.Table.from_pylist(rows, schema=self.schema))
         self.written += len(rows)
-        return f"{folder}/{name}"
+        return path
 
     async def close(self) -> None:
         """Stop the periodic flush and write what is left."""
@@ -168,16 +183,6 @@ def read(uri: str, kind: str = INFERENCE, *, last: int | None = None,
     are left out unless `shadow`."""
     import pyarrow.dataset as ds
 
-    fs, root = _fs(uri)
-    folder = f"{root}/{kind}"
-    schema = SCHEMAS[kind]
-    try:
-        if not fs.exists(folder):
-            return schema.empty_table().to_pandas()
-        dataset = ds.dataset(folder, format="parquet", filesystem=fs, schema=schema,
-                             partitioning="hive", exclude_invalid_files=False)
-    except OSError as exc:
-        raise LogUnavailable(f"cannot read the {kind} log at {uri}: {exc}") from exc
     condition = None
     for column, value in equals.items():
         if value is not None:
@@ -187,13 +192,47 @@ def read(uri: str, kind: str = INFERENCE, *, last: int | None = None,
     if kind == INFERENCE and not shadow:
         variant = ds.field("variant")
         condition = _and(condition, variant.is_null() | (variant != SHADOW))
+    # a segment lies under the day of its first record, so one begun before midnight holds
+    # records of the next day too: days are pruned with a day's margin
     if since is not None:
         condition = _and(condition, ds.field("ts") >= pa.scalar(since, pa.timestamp("us", "UTC")))
+        condition = _and(condition, ds.field(PARTITION) >= _day(since - timedelta(days=1)))
     if until is not None:
         condition = _and(condition, ds.field("ts") < pa.scalar(until, pa.timestamp("us", "UTC")))
-    table = dataset.to_table(filter=condition, columns=schema.names)
-    df = table.to_pandas().sort_values("ts", kind="stable").reset_index(drop=True)
+        condition = _and(condition, ds.field(PARTITION) <= _day(until))
+    df = _scan(uri, kind, condition).drop_duplicates(KEYS[kind])
+    df = df.sort_values("ts", kind="stable").reset_index(drop=True)
     return df.tail(last).reset_index(drop=True) if last is not None else df
+
+
+def _scan(uri: str, kind: str, condition, attempts: int = 3) -> pd.DataFrame:
+    """The rows of every segment matching `condition`. A compaction (`monitoring/compaction.py`)
+    may remove a listed segment before it is opened: the scan then starts again from a fresh
+    listing, which has the merged segment instead."""
+    import pyarrow.dataset as ds
+
+    fs, root = filesystem(uri)
+    folder, schema = f"{root}/{kind}", SCHEMAS[kind]
+    for attempt in range(attempts):
+        try:
+            if not fs.exists(folder):
+                return schema.empty_table().to_pandas()
+            dataset = ds.dataset(folder, format="parquet", filesystem=fs,
+                                 schema=schema.append(pa.field(PARTITION, pa.string())),
+                                 partitioning=ds.partitioning(
+                                     pa.schema([(PARTITION, pa.string())]), flavor="hive"),
+                                 exclude_invalid_files=False)
+            return dataset.to_table(filter=condition, columns=schema.names).to_pandas()
+        except FileNotFoundError as exc:
+            if attempt == attempts - 1:
+                raise LogUnavailable(f"the {kind} log at {uri} kept changing under a read"
+                                     ) from exc
+        except OSError as exc:
+            raise LogUnavailable(f"cannot read the {kind} log at {uri}: {exc}") from exc
+
+
+def _day(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d")
 
 
 def _and(a, b):

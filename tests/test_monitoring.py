@@ -5,6 +5,7 @@ it in MLflow."""
 import asyncio
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,101 @@ def test_segment_writer_batches_bounds_memory_and_flushes_on_close(tmp_path):
     hidden = [p for p in (tmp_path / "log").rglob("*") if p.name.startswith(".")]
     assert not hidden  # no half-written segment left behind
     assert read(uri, FEEDBACK).empty
+
+
+def _segments(uri: str, kind: str = INFERENCE) -> list:
+    return sorted(p for p in (Path(uri) / kind).rglob("*.parquet") if not p.name.startswith("."))
+
+
+def test_compaction_merges_small_segments_per_day_and_loses_nothing(tmp_path):
+    from monitoring.compaction import compact
+
+    uri = str(tmp_path / "log")
+    writer = SegmentWriter(uri, INFERENCE, LogConfig())
+    yesterday = now() - timedelta(days=1)
+    for i in range(24):  # 12 segments a day, two days
+        writer.write_segment([_record(i * 3 + j, ts=yesterday if i % 2 else now())
+                              for j in range(3)])
+    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment(
+        [{"request_id": "r1", "item": 0, "label": "billing", "ts": now(), "tenant": "default"}])
+    before = read(uri)
+    assert len(_segments(uri)) == 24 and len(before) == 72
+
+    small = compact(uri, INFERENCE, target_bytes=4 * _segments(uri)[0].stat().st_size)
+    assert small.written >= 4 and small.merged > small.written  # bins of up to the target
+    assert len(_segments(uri)) < 24
+    done = compact(uri, INFERENCE, target_bytes=2**26)
+    assert len(_segments(uri)) == 2  # one per day
+    assert done.merged == small.written + (24 - small.merged)
+    after = read(uri)
+    pd.testing.assert_frame_equal(after.sort_values("request_id").reset_index(drop=True),
+                                  before.sort_values("request_id").reset_index(drop=True))
+    assert compact(uri, INFERENCE, target_bytes=2**26).merged == 0  # nothing small is left
+    assert compact(uri, FEEDBACK, target_bytes=2**26).merged == 0  # one segment stays as it is
+    assert len(read(uri, since=now() - timedelta(hours=1))) == 36  # pruned by day, then by time
+
+
+def test_a_merge_cut_off_before_its_removals_leaves_copies_readers_never_see(tmp_path,
+                                                                            monkeypatch):
+    import fsspec.implementations.local as local
+
+    from monitoring.compaction import compact
+
+    uri = str(tmp_path / "log")
+    writer = SegmentWriter(uri, INFERENCE, LogConfig())
+    for i in range(5):
+        writer.write_segment([_record(i)])
+    real_rm = local.LocalFileSystem.rm
+    monkeypatch.setattr(local.LocalFileSystem, "rm", lambda *a, **k: (_ for _ in ()).throw(
+        OSError("the compactor died here")))
+    with pytest.raises(OSError, match="died here"):
+        compact(uri, INFERENCE, target_bytes=2**26)
+    assert len(_segments(uri)) == 6  # the merged segment and the five it merged
+    assert sorted(read(uri).request_id) == [f"r{i}" for i in range(5)]  # each record once
+    monkeypatch.setattr(local.LocalFileSystem, "rm", real_rm)
+    compact(uri, INFERENCE, target_bytes=2**26)  # the next pass removes the copies
+    assert len(_segments(uri)) == 1
+    assert sorted(read(uri).request_id) == [f"r{i}" for i in range(5)]
+
+
+def test_reads_while_the_log_is_written_and_compacted_see_every_record_once(tmp_path):
+    """A writer, a compactor and a reader at once: each read holds every record written before
+    it began, none twice."""
+    import threading
+
+    from monitoring.compaction import compact
+
+    uri = str(tmp_path / "log")
+    writer = SegmentWriter(uri, INFERENCE, LogConfig())
+    writer.write_segment([_record(0)])
+    written, stop, errors = [1], threading.Event(), []
+
+    def write() -> None:
+        for i in range(1, 120):
+            writer.write_segment([_record(i)])
+            written[0] = i + 1
+
+    def compact_all() -> None:
+        while not stop.is_set():
+            try:
+                compact(uri, INFERENCE, target_bytes=2**26)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=write), threading.Thread(target=compact_all)]
+    for t in threads:
+        t.start()
+    reads = 0
+    while threads[0].is_alive() or reads < 5:
+        floor = written[0]
+        ids = list(read(uri).request_id)
+        assert len(ids) == len(set(ids)) >= floor
+        reads += 1
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(read(uri).request_id) == sorted(f"r{i}" for i in range(120))
 
 
 def test_a_failed_segment_write_keeps_its_rows_and_the_flusher_goes_on(tmp_path, monkeypatch):

@@ -880,6 +880,26 @@ def test_metrics_reach_the_ray_metrics_export_port(ray_session, platform):
     assert info  # the version in service is marked 1
 
 
+def test_the_log_has_one_compactor_that_merges_its_small_segments(ray_session, platform):
+    """The replicas started the log's compactor; with a pass now (its own run every minute
+    through this module), the hundreds of segments the flushes wrote are about one per day, and
+    every record stays readable once."""
+    import ray
+
+    from monitoring.singleton import NAMESPACE, keyed
+
+    folder = Path(platform.log_uri) / "inference"
+    before = read(platform.log_uri)
+    compactor = ray.get_actor(keyed("llmops-log-compactor", platform.log_uri), namespace=NAMESPACE)
+    done = ray.get(compactor.compact.remote())
+    assert done["merged"] >= 2 * done["written"]
+    segments = [p for p in folder.rglob("*.parquet") if not p.name.startswith(".")]
+    assert len(segments) <= 2 * len({p.parent for p in segments})  # a flush may land meanwhile
+    after = read(platform.log_uri)
+    assert set(before.request_id) <= set(after.request_id)
+    assert not after.duplicated(["request_id", "item", "variant"]).any()
+
+
 def test_log_survives_a_graceful_shutdown(platform):
     """Requests answered just before their application is deleted are all in the log."""
     with ThreadPoolExecutor(8) as pool:
