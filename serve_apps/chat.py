@@ -137,8 +137,9 @@ class ChatPipeline:
     async def complete(self, request: ChatRequest | dict, correlation_id: str | None = None,
                        principal: Principal | dict | None = None) -> dict:
         """A `chat.completion` object, with the exact model version under `llmops`."""
-        out, _ = await self._complete(parse(ChatRequest, request),
-                                      Caller(correlation_id, principal))
+        caller = Caller(correlation_id, principal)
+        out, _ = await self.policies.admit("complete", request, caller, lambda: self._complete(
+            parse(ChatRequest, request), caller))
         return out
 
     async def _complete(self, request: ChatRequest, caller: Caller) -> tuple[dict, Call]:
@@ -191,8 +192,13 @@ class ChatPipeline:
     async def stream(self, request: ChatRequest | dict, correlation_id: str | None = None,
                      principal: Principal | dict | None = None) -> AsyncIterator[dict]:
         """`chat.completion.chunk` objects: the role, the content piece by piece, the finish."""
-        request = parse(ChatRequest, request)
-        call = await self._enter(request, Caller(correlation_id, principal))
+        caller = Caller(correlation_id, principal)
+
+        async def enter() -> tuple[ChatRequest, Call]:
+            parsed = parse(ChatRequest, request)
+            return parsed, await self._enter(parsed, caller)
+
+        request, call = await self.policies.admit("stream", request, caller, enter)
         async for chunk in self._chunks(call, request):
             yield chunk
 

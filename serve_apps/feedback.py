@@ -64,7 +64,9 @@ class FeedbackService:
 
     async def submit(self, request: FeedbackRequest | dict, correlation_id: str | None = None,
                      principal: Principal | dict | None = None) -> FeedbackReceipt:
-        return await self._submit(request, Caller(correlation_id, principal))
+        caller = Caller(correlation_id, principal)
+        return await self.policies.admit("submit", request, caller,
+                                         lambda: self._submit(request, caller))
 
     async def _submit(self, request: FeedbackRequest | dict, caller: Caller) -> FeedbackReceipt:
         body = parse(FeedbackRequest, request)

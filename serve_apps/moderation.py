@@ -75,7 +75,9 @@ class ModerationPipeline:
     async def moderate(self, request: TextsRequest | dict, correlation_id: str | None = None,
                        principal: Principal | dict | None = None) -> ModerateResponse:
         """Moderate every text of the request; the same for HTTP and handle callers."""
-        return await self._moderate(request, Caller(correlation_id, principal))
+        caller = Caller(correlation_id, principal)
+        return await self.policies.admit("moderate", request, caller,
+                                         lambda: self._moderate(request, caller))
 
     async def _moderate(self, request: TextsRequest | dict, caller: Caller,
                         response: Response | None = None) -> ModerateResponse:

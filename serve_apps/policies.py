@@ -15,24 +15,28 @@ with neither is refused (401) wherever `auth` is a policy.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 from monitoring.batching import GroupCommit
 from serve_apps import metrics
 from serve_apps.auth import Principal, Unauthorized, Verifier
 from serve_apps.config import AuthConfig, GuardrailsConfig, LimitsConfig, QuotaConfig
 from serve_apps.guardrails import Finding, Guardrails
-from serve_apps.http import EdgeGuard, correlation_id, new_request_id
+from serve_apps.http import EdgeGuard, InvalidRequest, correlation_id, new_request_id
 from serve_apps.inference_log import DEFAULT_TENANT
 from serve_apps.pii import redact
 from serve_apps.quota import QuotaExceeded
 from training.errors import LLMOpsError
 
+T = TypeVar("T")
 ANONYMOUS = Principal(subject="anonymous", tenant=DEFAULT_TENANT, scopes=frozenset())
 
 
@@ -53,7 +57,9 @@ class Caller:
     authorization: str | None = None
     transport: str = "handle"
     address: str | None = None
-    state: Any = field(default=None, compare=False)  # the HTTP request's (`request_id`, ...)
+    # the HTTP request's (`request_id`, ...), a handle call's own: `audited` once it has a record
+    state: Any = field(default_factory=lambda: SimpleNamespace(request_id=None, audited=False),
+                       compare=False)
 
     @classmethod
     def http(cls, request) -> Caller:
@@ -200,9 +206,9 @@ class Audit(Policy):
 
 
 def _audited(call: Call) -> None:
-    """Tell the HTTP edge this request has its record (it audits those that have none)."""
-    if call.caller.state is not None:
-        call.caller.state.audited = True
+    """Tell the HTTP edge (or `PolicyChain.admit`) this request has its record: they audit
+    those that have none."""
+    call.caller.state.audited = True
 
 
 def outcome_of(error: BaseException) -> tuple[int, str]:
@@ -259,20 +265,49 @@ class PolicyChain:
     def edge(self, limits: LimitsConfig) -> EdgeGuard:
         """The HTTP edge of this application (`serve_apps.http.Edge`): its limits, and its
         audit of the requests refused before this chain saw them."""
-        audit = next((p for p in self.policies if isinstance(p, Audit)), None)
+        return EdgeGuard(limits, self._unaudited if self._audit is not None else None)
 
-        async def record(seen: dict) -> None:
-            await audit.write({
-                "ts": datetime.now(UTC).isoformat(), "request_id": seen["request_id"],
-                "correlation_id": seen["correlation_id"],
-                "tenant": None, "principal": None, "transport": "http", "client": seen["client"],
-                "application": self.application, "method": seen["method"],
-                "path": seen["path"], "input_sha256": [seen["body_sha256"]],
-                "body_bytes": seen["body_bytes"], "input": None, "output": None,
-                "outcome": "refused" if 400 <= seen["status"] < 500 else "error",
-                "status": seen["status"]})
+    @property
+    def _audit(self) -> Audit | None:
+        return next((p for p in self.policies if isinstance(p, Audit)), None)
 
-        return EdgeGuard(limits, record if audit is not None else None)
+    async def _unaudited(self, seen: dict) -> None:
+        """The record of a request refused before the chain opened: what arrived (its hash and
+        size, never its body), from where, and the refusal."""
+        await self._audit.write({
+            "ts": datetime.now(UTC).isoformat(), "request_id": seen["request_id"],
+            "correlation_id": seen["correlation_id"], "tenant": None, "principal": None,
+            "transport": seen.get("transport", "http"), "client": seen["client"],
+            "application": self.application, "method": seen["method"], "path": seen["path"],
+            "input_sha256": [seen["body_sha256"]], "body_bytes": seen["body_bytes"],
+            "input": None, "output": None,
+            "outcome": "refused" if 400 <= seen["status"] < 500 else "error",
+            "status": seen["status"]})
+
+    async def admit(self, method: str, request: Any, caller: Caller,
+                    handle: Callable[[], Awaitable[T]]) -> T:
+        """`handle()`, the whole of a handle call's `method` on `request`: one that fails before
+        the chain opened (a request that does not parse or breaks a limit, an unknown model)
+        gets its record here, as the HTTP edge gives one to its clients' requests."""
+        try:
+            return await handle()
+        except BaseException as exc:
+            if self._audit is not None and not getattr(caller.state, "audited", False):
+                body = json.dumps(request if isinstance(request, dict) else
+                                  getattr(request, "model_dump", lambda: repr(request))(),
+                                  default=str, sort_keys=True).encode()
+                status, _ = outcome_of(exc)
+                try:
+                    given = correlation_id(caller.correlation_id)
+                except InvalidRequest:
+                    given = None
+                await asyncio.shield(self._unaudited({
+                    "request_id": new_request_id(), "transport": "handle",
+                    "correlation_id": given,
+                    "client": None, "method": method, "path": None,
+                    "status": status, "body_sha256": hashlib.sha256(body).hexdigest(),
+                    "body_bytes": len(body)}))
+            raise
 
     def open(self, scope: str, texts: list[str], caller: Caller, tokens: int = 0) -> Call:
         from monitoring.audit import input_hash

@@ -105,7 +105,9 @@ class SupportPipeline:
     async def route(self, request: TextsRequest | dict, correlation_id: str | None = None,
                     principal: Principal | dict | None = None) -> RouteResponse:
         """Route every text of the request; the same for HTTP and handle callers."""
-        return await self._route(request, Caller(correlation_id, principal))
+        caller = Caller(correlation_id, principal)
+        return await self.policies.admit("route", request, caller,
+                                         lambda: self._route(request, caller))
 
     async def _route(self, request: TextsRequest | dict, caller: Caller,
                      response: Response | None = None) -> RouteResponse:

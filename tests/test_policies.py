@@ -127,3 +127,44 @@ def test_a_cancelled_request_is_audited_and_its_quota_refunded(governance):
     assert (record["outcome"], record["status"]) == ("cancelled", 499)
     usage = Ledger(QuotaConfig(), Path(settings["quota"]["store"])).usage["acme"]
     assert (usage.requests, usage.tokens, usage.reserved) == (0, 0, {})
+
+
+def test_a_handle_call_gets_one_record_whether_refused_before_or_inside_the_chain(governance):
+    """A handle caller's request that does not even parse is audited (hash and size, no body)
+    as the HTTP edge audits its clients'; one refused or answered by the chain is audited
+    there, once."""
+    from serve_apps.config import LimitsConfig
+    from serve_apps.http import InvalidRequest, request_texts
+
+    settings, _ = governance
+    policies = chain("support", ["audit", "auth", "quota"], GuardrailsConfig(), settings)
+    stated = {"subject": "batch-job", "tenant": "acme", "scopes": ["support"]}
+
+    async def route(request, caller: Caller) -> Answer:
+        async def handle() -> Answer:
+            call = policies.open("support", request_texts(request, LimitsConfig()), caller)
+            return await policies.run(call, _answer)
+        return await policies.admit("route", request, caller, handle)
+
+    async def scenario():
+        with pytest.raises(InvalidRequest, match="secret: Extra inputs"):
+            await route({"text": "hi", "secret": "do not keep me"}, Caller("bad", stated))
+        with pytest.raises(InvalidRequest, match="X-Request-ID"):
+            await route({"text": "hi"}, Caller("no spaces allowed", stated))
+        with pytest.raises(Unauthorized):  # refused by the chain: its own record, only that
+            await route({"text": "where is my parcel"}, Caller("anonymous"))
+        await route({"text": "where is my parcel"}, Caller("fine", stated))
+
+    asyncio.run(scenario())
+    records = _records(settings)
+    assert len(records) == 4
+    early = [r for r in records if "body_bytes" in r]  # refused before the chain opened
+    assert [(r["transport"], r["method"], r["correlation_id"], r["status"], r["outcome"])
+            for r in early] == [("handle", "route", "bad", 422, "refused"),
+                                ("handle", "route", None, 422, "refused")]
+    assert early[0]["input"] is None and "do not keep me" not in json.dumps(records)
+    assert early[0]["body_bytes"] > 0 and len(early[0]["input_sha256"][0]) == 64
+    by_correlation = {r["correlation_id"]: r for r in records}
+    assert by_correlation["anonymous"]["status"] == 401
+    assert by_correlation["fine"]["outcome"] == "ok"
+    assert verify(settings["audit"]["folder"]).ok
