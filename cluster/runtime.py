@@ -24,6 +24,9 @@ PLATFORM_ENV = {
     # GCS keeps the events of this many tasks (every handle call is one) for the dashboard:
     # Ray's 100,000 grew its memory for hours under steady load (bench/soak.py)
     "RAY_task_events_max_num_task_in_gcs": "10000",
+    # ... and the ids of every task whose events it dropped, up to 1,000,000 per job by
+    # default: about 40 bytes per handle call, for hours (the Serve job never ends)
+    "RAY_task_events_max_dropped_task_attempts_tracked_per_job_in_gcs": "10000",
     # glibc gives each thread that allocates its own arena (replicas run models in a thread
     # pool), and freed memory stays in them: RSS crept up under steady load (bench/soak.py)
     "MALLOC_ARENA_MAX": "2",
