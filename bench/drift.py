@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,20 +31,16 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve import measure_handles  # noqa: E402
+from stack import PIPELINES, platform, sample_texts, start_ray  # noqa: E402
 
 from cluster import runtime  # noqa: E402
-from cluster.settings import load_settings  # noqa: E402
 from monitoring.config import DriftThresholds  # noqa: E402
 from monitoring.drift import check_window, embedding_frame  # noqa: E402
 from training.data import generate  # noqa: E402
 from training.features import reference_profile  # noqa: E402
-
-
-def _serve_bench():
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def features(model, scenario: str, n: int, seed: int, fraction: float = 1.0) -> pd.DataFrame:
@@ -96,29 +90,25 @@ def logging_overhead(settings, registry, duration: float) -> dict:
     import ray
 
     from serve_apps.config import ServeConfig
-    from serve_apps.deploy import ServeCluster, serve_config
+    from serve_apps.deploy import serve_config
 
-    bench = _serve_bench()
     cfg = settings.serve.model_dump()
     cfg.update(use_gpu="no", chat={"enabled": False})
     serve_cfg = ServeConfig.model_validate(cfg)
-    texts = {name: list(generate(ds, "base", 256, seed=11).text)
-             for name, (ds, _, _) in bench.PIPELINES.items()}
-    ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                   log_to_driver=False, runtime_env={"env_vars": dict(runtime.PLATFORM_ENV)})
-    cluster = ServeCluster(ctx.dashboard_url)
+    texts = sample_texts(11)
+    cluster = start_ray(settings)
     runs: dict[str, list] = {"log_off": [], "log_on": []}
     try:
         for label in ("log_off", "log_on", "log_on", "log_off"):
             log = settings.log_settings() if label == "log_on" else None
             cluster.deploy(serve_config(serve_cfg, registry.tracking_uri, False,
                                         dict(runtime.PLATFORM_ENV), log), timeout_s=600)
-            runs[label].append(asyncio.run(bench.measure_handles([32], duration, texts)))
+            runs[label].append(asyncio.run(measure_handles([32], duration, texts)))
     finally:
         cluster.shutdown()
         ray.shutdown()
     out: dict = {}
-    for name in bench.PIPELINES:
+    for name in PIPELINES:
         rps = {label: [r[name]["c32"]["rps"] for r in rs] for label, rs in runs.items()}
         off, on = np.mean(rps["log_off"]), np.mean(rps["log_on"])
         out[name] = {"rps_log_off": rps["log_off"], "rps_log_on": rps["log_on"],
@@ -132,17 +122,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per throughput run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    runtime.apply_platform_env()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
     from serve_apps.model import load
-    from training.registry import Registry
 
-    settings = load_settings(overrides={"data_dir": args.data_dir or tempfile.mkdtemp()})
-    registry = Registry(settings.registry, settings.data_dir)
-    registry.check()
-    if not args.data_dir:
-        _serve_bench().register_untrained(settings, registry)
+    settings, registry = platform(args.data_dir)
     model = load("models:/support-router@champion", registry.tracking_uri)
 
     held_out = generate("support-tickets", "base", 1000, seed=901)

@@ -17,20 +17,17 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve import PIPELINES, closed_loop, register_untrained  # noqa: E402
+from serve import closed_loop  # noqa: E402
+from stack import PIPELINES, UNLIMITED, models_of, platform, sample_texts, start_ray  # noqa: E402
 
 from cluster import runtime  # noqa: E402
-from cluster.settings import load_settings  # noqa: E402
-from training.data import generate  # noqa: E402
 
 POLICIES = ("audit", "auth", "quota", "guardrails")
-UNLIMITED = {"requests_per_day": None, "tokens_per_day": None, "requests_per_second": None}
 
 
 async def measure(base: str, headers: dict, concurrencies: list[int], duration: float,
@@ -61,33 +58,22 @@ def main() -> None:
                         help="the policies of the `on` phase (default: all, in their order)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    runtime.apply_platform_env()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import ray
 
     from serve_apps.auth import issue
-    from serve_apps.deploy import ServeCluster, serve_config
-    from training.registry import Registry
+    from serve_apps.deploy import serve_config
 
-    settings = load_settings(overrides={
-        "data_dir": args.data_dir or tempfile.mkdtemp(),
+    settings, registry = platform(args.data_dir, {
         "serve": {"port": args.port, "use_gpu": "no", "chat": {"enabled": False},
                   "quota": {"tenants": {"bench": UNLIMITED}},
                   **{app: {"policies": args.policies} for app in PIPELINES}}})
-    registry = Registry(settings.registry, settings.data_dir)
-    registry.check()
-    if not args.data_dir:
-        register_untrained(settings, registry)
-    texts = {name: list(generate(ds, "base", 256, seed=11).text)
-             for name, (ds, _, _) in PIPELINES.items()}
+    texts = sample_texts(11)
     token = issue(settings.serve.auth, settings.data_dir, tenant="bench",
                   scopes=["moderate", "support"], ttl_s=3600)
     headers = {"Authorization": f"Bearer {token}"}
 
-    ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                   log_to_driver=False, runtime_env={"env_vars": dict(runtime.PLATFORM_ENV)})
-    cluster = ServeCluster(ctx.dashboard_url)
+    cluster = start_ray(settings)
     base = f"http://127.0.0.1:{args.port}"
     phases = []
     for governed in (False, True, False):
@@ -102,8 +88,7 @@ def main() -> None:
 
     off_a, on, off_b = phases
     report = {"benchmark": "governance", "cpus": os.cpu_count(), "policies": args.policies,
-              "models": "trained champions" if args.data_dir else
-              "configured architectures, untrained", "duration_s": args.duration,
+              "models": models_of(args.data_dir), "duration_s": args.duration,
               "policies_off": off_a, "policies_on": on, "policies_off_again": off_b,
               "ratios": {}}
     for name in PIPELINES:

@@ -21,42 +21,18 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stack import PIPELINES, models_of, platform, sample_texts, start_ray  # noqa: E402
 
 from cluster import runtime  # noqa: E402
-from cluster.settings import load_settings  # noqa: E402
 from serve_apps.config import GenerationConfig, ServeConfig  # noqa: E402
-from training.data import generate  # noqa: E402
-
-PIPELINES = {"support": ("support-tickets", "/v1/support/route", "route"),
-             "moderation": ("moderation", "/v1/moderate", "moderate")}
-
-
-def register_untrained(settings, registry) -> None:
-    """Every task's configured architecture, untrained, as `@champion` (speed only)."""
-    import torch
-
-    from training.job import build_task_data, make_spec, register_model_dir
-    from training.models import build_model
-
-    torch.manual_seed(0)  # the same untrained weights, so the same share of posts gets rewritten
-    for task in ("support-router", "moderation", "rewriter", "support-reply"):
-        tc = settings.training.tasks[task]
-        settings.training.tasks[task] = tc.model_copy(update={"holdouts": ["base"],
-                                                              "holdout_size": 16})
-        data = build_task_data(settings.training, task)
-        spec = make_spec(settings.training, registry, task, data)
-        folder = Path(tempfile.mkdtemp(prefix=f"bench-{task}-"))
-        build_model(spec.model, spec.kind, spec.labels, spec.tokenizer).save_pretrained(folder)
-        spec.tokenizer.save_pretrained(folder)
-        register_model_dir(settings.training, registry, task, data, folder, spec.labels,
-                           history=[], ds_config={}, started=time.perf_counter())
 
 
 def summarize(latencies: list[float], seconds: float, items: int, failed: int) -> dict:
@@ -217,7 +193,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     runtime.apply_platform_env()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.naive_server:
         return naive_server(args.naive_server, args.tracking_uri,
                             ServeConfig.model_validate_json(args.serve_config))
@@ -225,17 +200,10 @@ def main() -> None:
     import ray
     import torch
 
-    from serve_apps.deploy import ServeCluster, serve_config
-    from training.registry import Registry
+    from serve_apps.deploy import serve_config
 
-    settings = load_settings(overrides={"data_dir": args.data_dir or tempfile.mkdtemp()})
-    registry = Registry(settings.registry, settings.data_dir)
-    registry.check()
-    trained = bool(args.data_dir)
-    if not trained:
-        register_untrained(settings, registry)
-    texts = {name: list(generate(ds, "base", 256, seed=11).text)
-             for name, (ds, _, _) in PIPELINES.items()}
+    settings, registry = platform(args.data_dir)
+    texts = sample_texts(11)
     cfg = settings.serve.model_dump()
     cfg.update(port=args.port, use_gpu="no", chat={"enabled": False})
     if args.precision:
@@ -267,9 +235,7 @@ def main() -> None:
         naive.wait()
 
     # Ray Serve, deployed from the same settings as `llmops up` (inference log included)
-    ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                   log_to_driver=False, runtime_env={"env_vars": dict(runtime.PLATFORM_ENV)})
-    cluster = ServeCluster(ctx.dashboard_url)
+    cluster = start_ray(settings)
     cluster.deploy(serve_config(serve_cfg, registry.tracking_uri, False,
                                 dict(runtime.PLATFORM_ENV), settings.log_settings()),
                    timeout_s=600)
@@ -280,7 +246,7 @@ def main() -> None:
     ray.shutdown()
 
     report = {"benchmark": "serve_pipelines", "cpus": os.cpu_count(), "batch_size": batch,
-              "models": "trained champions" if trained else "configured architectures, untrained",
+              "models": models_of(args.data_dir),
               "precision": {k: md.precision for k, md in served_models(serve_cfg).items()},
               "duration_s": args.duration, "in_process_limit": limits,
               "naive_fastapi_baseline": baseline, "serve_http": http, "serve_handle": handles,

@@ -27,13 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve import PIPELINES, register_untrained  # noqa: E402
+from stack import PIPELINES, UNLIMITED, models_of, platform, sample_texts, start_ray  # noqa: E402
 
 from cluster import runtime  # noqa: E402
-from cluster.settings import load_settings  # noqa: E402
-from training.data import generate  # noqa: E402
-
-UNLIMITED = {"requests_per_day": None, "tokens_per_day": None, "requests_per_second": None}
 
 
 def ray_processes() -> dict[int, str]:
@@ -129,33 +125,21 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8023)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    runtime.apply_platform_env()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import ray
 
     from serve_apps.auth import issue
-    from serve_apps.deploy import ServeCluster, serve_config
-    from training.registry import Registry
+    from serve_apps.deploy import serve_config
 
-    data_dir = args.data_dir or tempfile.mkdtemp()
-    settings = load_settings(overrides={
-        "data_dir": data_dir, "monitoring": {"audit": {"folder": tempfile.mkdtemp()}},
+    settings, registry = platform(args.data_dir, {
+        "monitoring": {"audit": {"folder": tempfile.mkdtemp()}},
         "serve": {"port": args.port, "use_gpu": "no", "chat": {"enabled": False},
                   "quota": {"tenants": {"soak": UNLIMITED}}}})
-    registry = Registry(settings.registry, settings.data_dir)
-    registry.check()
-    if not args.data_dir:
-        register_untrained(settings, registry)
-    texts = {name: list(generate(ds, "base", 256, seed=13).text)
-             for name, (ds, _, _) in PIPELINES.items()}
+    texts = sample_texts(13)
     token = issue(settings.serve.auth, settings.data_dir, tenant="soak",
                   scopes=["moderate", "support"], ttl_s=int(args.minutes * 60 + 3600))
 
-    ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                   _node_ip_address=settings.ray.node_ip_address, log_to_driver=False,
-                   runtime_env={"env_vars": dict(runtime.PLATFORM_ENV)})
-    cluster = ServeCluster(ctx.dashboard_url)
+    cluster = start_ray(settings)
     cluster.deploy(serve_config(settings.serve, registry.tracking_uri, False,
                                 dict(runtime.PLATFORM_ENV), settings.log_settings(),
                                 settings.governance()), timeout_s=600)
@@ -187,8 +171,7 @@ def main() -> None:
     missing = len(set(answered) - audited_ids(settings.audit_dir))
     report = {"benchmark": "soak", "cpus": os.cpu_count(), "minutes": round(elapsed / 60, 2),
               "warmup_s": args.warmup_s, "concurrency": args.concurrency,
-              "models": "trained champions" if args.data_dir else
-              "configured architectures, untrained",
+              "models": models_of(args.data_dir),
               "requests_answered": len(answered), "requests_failed": failed,
               "answered_missing_from_audit": missing,
               "max_slope_mb_per_min": processes[0]["slope_mb_per_min"] if processes else None,

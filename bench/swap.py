@@ -17,17 +17,17 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.serve import register_untrained  # noqa: E402
+from stack import platform, start_ray  # noqa: E402
+
 from cluster import runtime  # noqa: E402
-from cluster.settings import load_settings  # noqa: E402
 from training.data import generate  # noqa: E402
 
 
@@ -95,29 +95,20 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8021)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    runtime.apply_platform_env()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import ray
 
     from serve_apps.config import ServeConfig
-    from serve_apps.deploy import ServeCluster, serve_config
-    from training.registry import Registry
+    from serve_apps.deploy import serve_config
 
-    settings = load_settings(overrides={"data_dir": tempfile.mkdtemp()})
-    registry = Registry(settings.registry, settings.data_dir)
-    registry.check()
-    register_untrained(settings, registry)
-    register_untrained(settings, registry)  # version 2 of each
+    settings, registry = platform(None, versions=2)
     fixed = {"min_replicas": args.replicas, "max_replicas": args.replicas}
     cfg = ServeConfig.model_validate({
         "port": args.port, "use_gpu": "no", "support": {"enabled": False},
         "chat": {"enabled": False},
         "moderation": {"rewrite_labels": [], "block_labels": [],
                        "classifier": {"model": "models:/moderation/1", "autoscaling": fixed}}})
-    ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                   log_to_driver=False, runtime_env={"env_vars": dict(runtime.PLATFORM_ENV)})
-    cluster = ServeCluster(ctx.dashboard_url)
+    cluster = start_ray(settings)
     cluster.deploy(serve_config(cfg, registry.tracking_uri, False, dict(runtime.PLATFORM_ENV)),
                    timeout_s=600)
     result = asyncio.run(run(args, cluster, registry.tracking_uri,

@@ -67,13 +67,18 @@ def _llmops(platform_or_env, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, env=env)
 
 
+# every support request generates a reply: short ones keep the tests' traffic quick
+REPLY_TOKENS = 24
+
+
 def _split_threshold(tracking_uri: str) -> float:
     """A `min_reply_confidence` that sends some of SUPPORT_TEXTS down each path (generated reply,
     retrieved reply): the middle of the widest gap between the generator's confidences."""
     from serve_apps.model import load
 
     model = load("models:/support-reply@champion", tracking_uri)
-    confidences = sorted(o["confidence"] for o in model.generate(SUPPORT_TEXTS, 64, 0.0, 0, []))
+    confidences = sorted(o["confidence"] for o in model.generate(SUPPORT_TEXTS, REPLY_TOKENS,
+                                                                 0.0, 0, []))
     low, high = max(zip(confidences, confidences[1:]), key=lambda pair: pair[1] - pair[0])
     assert high - low > 1e-3, confidences
     return (low + high) / 2
@@ -106,7 +111,8 @@ def _settings(state: Path, port: int):
         "support": {"classifier": {"model": "models:/support-router@champion", **ONE_REPLICA},
                     "encoder": {"model": "all-MiniLM-L6-v2", **ONE_REPLICA},
                     "generator": {"model": "models:/support-reply@champion", **ONE_REPLICA,
-                                  "generation": {"max_new_tokens": 64, "stop": []}}},
+                                  "generation": {"max_new_tokens": REPLY_TOKENS,
+                                                 "stop": []}}},
         "chat": {"generator": {"model": "models:/rewriter@champion", **ONE_REPLICA}}})
     return settings
 

@@ -6,11 +6,13 @@ kept: the log and the profile hold only these numbers."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from training.models import Classified, classify
+if TYPE_CHECKING:  # torch is imported by what runs models, not by readers of the log
+    from training.models import Classified
 
 DESCRIPTORS = ["chars", "words", "mean_word_length", "tokens_per_word", "non_letter_share",
                "upper_share", "digit_share"]
@@ -44,6 +46,8 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
     training distribution, with their true labels: what live traffic is compared with. (On the
     very rows it was fit on a model is overconfident, which would read as drift on clean
     traffic.)"""
+    from training.models import classify
+
     sample = df.sample(n=min(rows, len(df)), random_state=seed) if len(df) > rows else df
     out = classify(model, tokenizer, list(sample.text), max_length, embedding_dims=EMBEDDING_DIMS)
     profile = pd.DataFrame(input_features(list(sample.text), out))

@@ -12,8 +12,6 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-from training.models import auto_class, generate_text, predict_proba
-
 META_FILE = "llmops.json"
 GENERATION_PARAMS = {"max_new_tokens": 48, "temperature": 0.0, "seed": 0}
 
@@ -26,6 +24,8 @@ def write_meta(folder: Path, meta: dict) -> None:
 def load_hf(folder: Path):
     """Model, tokenizer and metadata from an `hf` artifact folder."""
     from transformers import AutoTokenizer
+
+    from training.models import auto_class
 
     meta = json.loads((folder / META_FILE).read_text())
     model = auto_class(meta["kind"]).from_pretrained(folder).eval()
@@ -48,6 +48,8 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer, self.meta = load_hf(Path(context.artifacts["hf"]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from training.models import generate_text, predict_proba  # torch only where models run
+
         texts = [str(t) for t in model_input["text"]]
         if self.meta["kind"] == "classification":
             probs = predict_proba(self.model, self.tokenizer, texts, self.meta["max_length"])
