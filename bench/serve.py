@@ -1,7 +1,10 @@
-"""Serving throughput and latency of the `support` and `moderation` pipelines on Ray Serve, over
-HTTP and over handles, against (a) the same model forward passes called in-process with the same
-batch size (the limit) and (b) a naive FastAPI + transformers server that runs each request
-alone (the baseline), all in one run.
+"""Serving throughput, latency and CPU of the `support` and `moderation` pipelines as the
+platform serves them (every policy and the inference log on), over HTTP and over handles,
+against its peers on the same models with the same batch size (`bench/peers.py`): the model
+calls in-process (the limit), a naive FastAPI + transformers server, a no-op Serve deployment
+(Serve's own floor) and a plain Ray Serve application with `@serve.batch`, all in one run. Every
+cell reports the CPU milliseconds a request cost in each process (`stack.CpuMeter`: proxy,
+ingress, each model replica, the audit and quota actors, Ray's own, the load generator).
 
     python bench/serve.py --json [--duration 8] [--concurrency 1 8 32] [--data-dir DIR]
 
@@ -29,10 +32,29 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import PIPELINES, models_of, platform, sample_texts, start_ray  # noqa: E402
+from peers import (  # noqa: E402
+    load_models,
+    naive_server,
+    noop_app,
+    plain_serve_app,
+    run_pipeline,
+    served_models,
+)
+from stack import (  # noqa: E402
+    PIPELINES,
+    UNLIMITED,
+    CpuMeter,
+    models_of,
+    platform,
+    sample_texts,
+    start_ray,
+)
 
 from cluster import runtime  # noqa: E402
-from serve_apps.config import GenerationConfig, ServeConfig  # noqa: E402
+from serve_apps.config import ServeConfig  # noqa: E402
+
+# the bench's caller: its token (HTTP) or stated principal (handles), with no quota limits
+PRINCIPAL = {"subject": "bench", "tenant": "bench", "scopes": ["moderate", "support"]}
 
 
 def summarize(latencies: list[float], seconds: float, items: int, failed: int) -> dict:
@@ -72,39 +94,6 @@ def http_call(client, url: str):
     return call
 
 
-def run_pipeline(name: str, models: dict, texts: list[str], cfg: ServeConfig) -> None:
-    """What a pipeline computes for `texts`, called directly (no Serve): the limit runs it on
-    whole batches, the naive baseline on one text per request."""
-    if name == "support":
-        models["router"].classify(texts)
-        g = cfg.support.generator.generation
-        replies = models["replier"].generate(texts, g.max_new_tokens, g.temperature, g.seed, g.stop)
-        unsure = [t for t, r in zip(texts, replies)
-                  if r["confidence"] < cfg.support.min_reply_confidence]
-        if unsure:
-            models["encoder"].embed(unsure)
-    else:
-        verdicts = models["moderation"].classify(texts)
-        flagged = [t for t, v in zip(texts, verdicts) if v["label"] in cfg.moderation.rewrite_labels]
-        if flagged:
-            g = cfg.moderation.generator.generation or GenerationConfig()
-            models["rewriter"].generate(flagged, g.max_new_tokens, g.temperature, g.seed, g.stop)
-
-
-def served_models(cfg: ServeConfig) -> dict:
-    return {"router": cfg.support.classifier, "encoder": cfg.support.encoder,
-            "replier": cfg.support.generator, "moderation": cfg.moderation.classifier,
-            "rewriter": cfg.moderation.generator}
-
-
-def load_models(cfg: ServeConfig, tracking_uri: str, precision: bool) -> dict:
-    """The served models; in their served precision, or fp32 (the naive baseline)."""
-    from serve_apps.model import load
-
-    return {k: load(md.model, tracking_uri, md.precision if precision else "fp32")
-            for k, md in served_models(cfg).items()}
-
-
 def limit(name: str, models: dict, texts: list[str], cfg: ServeConfig, batch: int,
           duration: float) -> dict:
     """The pipeline called in-process on batches of `batch` texts: no queues, no hops."""
@@ -117,40 +106,38 @@ def limit(name: str, models: dict, texts: list[str], cfg: ServeConfig, batch: in
     return {**summarize(latencies, time.perf_counter() - started, done, 0), "batch_size": batch}
 
 
-def naive_server(port: int, tracking_uri: str, cfg: ServeConfig) -> None:
-    """The baseline: FastAPI + transformers (fp32, as loaded), one request per forward pass,
-    no batching."""
-    import uvicorn
-    from fastapi import FastAPI
-
-    models = load_models(cfg, tracking_uri, precision=False)
-    app = FastAPI()
-
-    def endpoint(name: str):
-        def call(body: dict) -> None:  # plain def: FastAPI runs it in its thread pool
-            run_pipeline(name, models, [body["text"]], cfg)
-        return call
-
-    for name, (_, path, _) in PIPELINES.items():
-        app.post(path)(endpoint(name))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error")
+async def metered(call, texts: list[str], concurrencies: list[int], duration: float,
+                  extra: dict[int, str] | None = None) -> dict:
+    """`closed_loop` at each concurrency after a warm-up, each with the CPU milliseconds a
+    request cost in every process (`stack.CpuMeter`)."""
+    await closed_loop(call, texts, 4, 1.0)
+    out = {}
+    for c in concurrencies:
+        with CpuMeter(extra) as meter:
+            out[f"c{c}"] = await closed_loop(call, texts, c, duration)
+        out[f"c{c}"]["cpu_ms_per_request"] = meter.per_request_ms(out[f"c{c}"]["requests"])
+    return out
 
 
-async def measure_http(base: str, concurrencies: list[int], duration: float, texts: dict) -> dict:
+async def measure_http(base: str, concurrencies: list[int], duration: float, texts: dict,
+                       extra: dict[int, str] | None = None, headers: dict | None = None) -> dict:
+    """Each pipeline of `texts` over HTTP."""
     import httpx
 
     out = {}
     limits = httpx.Limits(max_connections=256)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
         for name, (_, path, _) in PIPELINES.items():
-            call = http_call(client, base + path)
-            await closed_loop(call, texts[name], 4, 1.0)  # warm-up
-            out[name] = {f"c{c}": await closed_loop(call, texts[name], c, duration)
-                         for c in concurrencies}
+            if name not in texts:
+                continue
+            out[name] = await metered(http_call(client, base + path), texts[name],
+                                      concurrencies, duration, extra)
     return out
 
 
-async def measure_handles(concurrencies: list[int], duration: float, texts: dict) -> dict:
+async def measure_handles(concurrencies: list[int], duration: float, texts: dict,
+                          principal: dict | None = None) -> dict:
+    """Each pipeline through its application handle, as in-cluster code stating `principal`."""
     from ray import serve
 
     out = {}
@@ -158,11 +145,9 @@ async def measure_handles(concurrencies: list[int], duration: float, texts: dict
         handle = getattr(serve.get_app_handle(name), method)
 
         async def call(text: str) -> None:
-            await handle.remote({"text": text})  # noqa: B023
+            await handle.remote({"text": text}, None, principal)  # noqa: B023
 
-        await closed_loop(call, texts[name], 4, 1.0)
-        out[name] = {f"c{c}": await closed_loop(call, texts[name], c, duration)
-                     for c in concurrencies}
+        out[name] = await metered(call, texts[name], concurrencies, duration)
     return out
 
 
@@ -199,11 +184,16 @@ def main() -> None:
 
     import ray
     import torch
+    from ray import serve
 
+    from serve_apps.auth import issue
     from serve_apps.deploy import serve_config
 
-    settings, registry = platform(args.data_dir)
+    settings, registry = platform(args.data_dir, {"serve": {"quota": {"tenants": {
+        PRINCIPAL["tenant"]: UNLIMITED}}}})
     texts = sample_texts(11)
+    token = issue(settings.serve.auth, settings.data_dir, tenant=PRINCIPAL["tenant"],
+                  scopes=PRINCIPAL["scopes"], ttl_s=3600)
     cfg = settings.serve.model_dump()
     cfg.update(port=args.port, use_gpu="no", chat={"enabled": False})
     if args.precision:
@@ -229,36 +219,65 @@ def main() -> None:
     try:
         _wait_http(f"http://127.0.0.1:{naive_port}/v1/support/route")
         baseline = asyncio.run(measure_http(f"http://127.0.0.1:{naive_port}", args.concurrency,
-                                            args.duration, texts))
+                                            args.duration, texts, {naive.pid: "naive server"}))
     finally:
         naive.terminate()
         naive.wait()
 
-    # Ray Serve, deployed from the same settings as `llmops up` (inference log included)
+    # (c) the platform, deployed as `llmops up` deploys it: every policy, the inference log
+    base = f"http://127.0.0.1:{args.port}"
     cluster = start_ray(settings)
     cluster.deploy(serve_config(serve_cfg, registry.tracking_uri, False,
-                                dict(runtime.PLATFORM_ENV), settings.log_settings()),
-                   timeout_s=600)
-    http = asyncio.run(measure_http(f"http://127.0.0.1:{args.port}", args.concurrency,
-                                    args.duration, texts))
-    handles = asyncio.run(measure_handles(args.concurrency, args.duration, texts))
+                                dict(runtime.PLATFORM_ENV), settings.log_settings(),
+                                settings.governance()), timeout_s=600)
+    http = asyncio.run(measure_http(base, args.concurrency, args.duration, texts,
+                                    headers={"Authorization": f"Bearer {token}"}))
+    handles = asyncio.run(measure_handles(args.concurrency, args.duration, texts, PRINCIPAL))
     cluster.shutdown()
+
+    # (d) Serve's own floor (a no-op deployment), then (e) a plain Serve application
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.run(noop_app(), name="noop", route_prefix="/")
+    noop = asyncio.run(measure_http(base, args.concurrency, args.duration,
+                                    {"moderation": texts["moderation"]}))["moderation"]
+    serve.delete("noop")
+    serve.run(plain_serve_app(registry.tracking_uri, serve_cfg, batch), name="plain",
+              route_prefix="/")
+    plain = asyncio.run(measure_http(base, args.concurrency, args.duration, texts))
+    serve.shutdown()
     ray.shutdown()
 
     report = {"benchmark": "serve_pipelines", "cpus": os.cpu_count(), "batch_size": batch,
               "models": models_of(args.data_dir),
               "precision": {k: md.precision for k, md in served_models(serve_cfg).items()},
               "duration_s": args.duration, "in_process_limit": limits,
-              "naive_fastapi_baseline": baseline, "serve_http": http, "serve_handle": handles,
-              "ratios": {}}
-    top = f"c{max(args.concurrency)}"
-    for name in PIPELINES:
-        for path, results in (("handle", handles), ("http", http)):
-            rps = results[name][top]["rps"]
-            report["ratios"][f"{name}_{path}_{top}"] = {
-                "vs_in_process_limit": round(rps / limits[name]["rps"], 3),
-                "vs_naive_baseline": round(rps / baseline[name][top]["rps"], 3)}
+              "naive_fastapi": baseline, "serve_noop": noop, "plain_serve": plain,
+              "platform_http": http, "platform_handle": handles,
+              "ratios": ratios(limits, baseline, noop, plain, http, handles,
+                               f"c{max(args.concurrency)}")}
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+
+
+def ratios(limits: dict, naive: dict, noop: dict, plain: dict, http: dict, handles: dict,
+           top: str) -> dict:
+    """At the top concurrency, per pipeline: the bound a Serve application can reach here
+    (1 / (1/no-op + 1/in-process limit)), each way of serving as a share of the limit, of the
+    bound and of each peer, and the CPU a platform request costs beyond a plain Serve one."""
+    out = {}
+    for name in PIPELINES:
+        bound = 1 / (1 / noop[top]["rps"] + 1 / limits[name]["rps"])
+        out[name] = {"bound_rps": round(bound, 1), "platform_cpu_ms_beyond_plain_serve": round(
+            http[name][top]["cpu_ms_per_request"]["total"]
+            - plain[name][top]["cpu_ms_per_request"]["total"], 2)}
+        for way, results in (("platform_http", http), ("platform_handle", handles),
+                             ("plain_serve", plain), ("naive_fastapi", naive)):
+            rps = results[name][top]["rps"]
+            out[name][way] = {
+                "vs_in_process_limit": round(rps / limits[name]["rps"], 3),
+                "vs_bound": round(rps / bound, 3),
+                "vs_naive_fastapi": round(rps / naive[name][top]["rps"], 3),
+                "vs_plain_serve": round(rps / plain[name][top]["rps"], 3)}
+    return out
 
 
 if __name__ == "__main__":

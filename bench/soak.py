@@ -27,23 +27,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import PIPELINES, UNLIMITED, models_of, platform, sample_texts, start_ray  # noqa: E402
+from stack import (  # noqa: E402
+    PIPELINES,
+    UNLIMITED,
+    models_of,
+    platform,
+    ray_processes,
+    sample_texts,
+    start_ray,
+)
 
 from cluster import runtime  # noqa: E402
-
-
-def ray_processes() -> dict[int, str]:
-    """pid -> title of every process of the local Ray instance (GCS, raylet, workers...)."""
-    import psutil
-
-    found = {}
-    for p in psutil.process_iter(["cmdline", "name"]):
-        cmd = p.info["cmdline"] or []
-        head = " ".join(cmd[:2])
-        if "ray" in head or "gcs_server" in head or "raylet" in head:
-            found[p.pid] = (cmd[0] if cmd[0].startswith("ray::") else
-                            " ".join(cmd[1:3]) if "python" in cmd[0] else p.info["name"])
-    return found
 
 
 class Sampler(threading.Thread):

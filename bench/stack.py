@@ -77,5 +77,73 @@ def start_ray(settings: Settings):
     return ServeCluster(ctx.dashboard_url)
 
 
+def ray_processes() -> dict[int, str]:
+    """pid -> title of every process of the local Ray instance (GCS, raylet, workers...)."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["cmdline", "name"]):
+        cmd = p.info["cmdline"] or []
+        head = " ".join(cmd[:2])
+        if "ray" in head or "gcs_server" in head or "raylet" in head:
+            found[p.pid] = (cmd[0] if cmd[0].startswith("ray::") else
+                            " ".join(cmd[1:3]) if "python" in cmd[0] else p.info["name"])
+    return found
+
+
+def component(title: str) -> str:
+    """What a Ray process is, from its title: `support/Classifier` for a replica (whatever task
+    it runs now), `proxy`, an actor's class, `ray` for the rest (GCS, raylet, dashboard, idle
+    workers)."""
+    if title.startswith("ray::ServeReplica:"):
+        return "/".join(title.split(":")[-2:]).split(".")[0]
+    if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+        name = title[5:].split(".")[0]
+        return "proxy" if name == "ProxyActor" else name
+    return "ray"
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of every process of the local Ray instance, of this one
+    (the load generator) and of the `extra` ones (pid -> component) over a `with` block, by
+    component: where a request's CPU goes."""
+
+    def __init__(self, extra: dict[int, str] | None = None):
+        self.named = {os.getpid(): "load generator", **(extra or {})}
+
+    def __enter__(self) -> CpuMeter:
+        self.start, self.titles = self._snapshot()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end, titles = self._snapshot()
+        self.titles.update(titles)
+
+    def _snapshot(self) -> tuple[dict[int, float], dict[int, str]]:
+        import psutil
+
+        titles = {**ray_processes(), **self.named}
+        seconds = {}
+        for pid in titles:
+            try:
+                t = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            seconds[pid] = t.user + t.system
+        return seconds, titles
+
+    def per_request_ms(self, requests: int) -> dict[str, float]:
+        """Milliseconds of CPU per request by component, and their `total`."""
+        out: dict[str, float] = {}
+        for pid, end in self.end.items():
+            used = end - self.start.get(pid, 0.0)
+            name = self.named.get(pid) or component(self.titles[pid])
+            out[name] = out.get(name, 0.0) + used
+        out = {k: round(v * 1000 / max(requests, 1), 2)
+               for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+        out["total"] = round(sum(out.values()), 2)
+        return out
+
+
 def models_of(data_dir: str | None) -> str:
     return "trained champions" if data_dir else "configured architectures, untrained"

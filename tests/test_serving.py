@@ -97,7 +97,9 @@ def _settings(state: Path, port: int):
     settings.training.tasks = tasks
     settings.monitoring = MonitoringConfig.model_validate({
         "log": {"flush_interval_s": 0.5},
-        "drift": {"k": 1, "n": 1}})  # 500-request windows, 200 at least
+        # 250-request windows, 200 at least: clean ones stay well inside every threshold
+        # (confidence drift 0.16 of 0.3 at most, measured on this suite's router)
+        "drift": {"k": 1, "n": 1, "window": 250}})
     classifier = {"model": "models:/moderation@champion", **ONE_REPLICA,
                   "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}}
     settings.serve = ServeConfig.model_validate({
@@ -665,7 +667,7 @@ def test_drift_check_on_the_served_log(platform):
     """Clean traffic then new-product traffic through the running stack, checked by the CLI."""
     run = (platform.env, platform.config)
 
-    def send(scenario: str, seed: int, n: int = 500) -> None:
+    def send(scenario: str, seed: int, n: int = 250) -> None:
         proc = _llmops(run, "traffic", "support", "--scenario", scenario, "--n", str(n),
                        "--seed", str(seed), "--json")
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -686,7 +688,7 @@ def test_drift_check_on_the_served_log(platform):
 
     send("new-product", 32)
     shifted = json.loads(_llmops(run, "drift", "check", "support-router", "--json").stdout)
-    assert shifted["drift"] and shifted["windows"][-1]["rows"] == 500
+    assert shifted["drift"] and shifted["windows"][-1]["rows"] == 250
     drifted = {m["name"] for m in shifted["windows"][-1]["metrics"] if m["drifted"]}
     assert "share_of_drifted_descriptors" in drifted
     human = _llmops(run, "drift", "check", "support-router")
