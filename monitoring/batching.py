@@ -9,6 +9,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 
+def unwrap(result):
+    """One item's answer from a batch whose failed items hold their exception in their place:
+    its result, or the failure of that item alone raised."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 class GroupCommit:
     def __init__(self, flush: Callable[[list], Awaitable[list]]):
         """`flush(items)` handles a batch and returns one result per item, in order."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from ray import serve
 
+from monitoring.batching import unwrap
 from serve_apps import metrics
 from serve_apps.config import CanaryConfig, GenerationConfig
 from serve_apps.http import InvalidRequest
@@ -160,13 +161,6 @@ class ModelSlot:
             except Exception as exc:
                 outs.append(exc)
         return outs
-
-
-def unwrap(result):
-    """One item's answer from a batch: its result, or the failure of that item alone raised."""
-    if isinstance(result, BaseException):
-        raise result
-    return result
 
 
 class _ModelDeployment:

@@ -12,11 +12,11 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from monitoring.batching import unwrap
 from monitoring.feedback import Label, feedback_rows
 from monitoring.log import FEEDBACK, SegmentWriter, now
 from serve_apps.auth import Principal
 from serve_apps.config import FeedbackAppConfig, LimitsConfig
-from serve_apps.deployments import unwrap
 from serve_apps.http import create_app, parse
 from serve_apps.policies import Answer, Caller, chain
 

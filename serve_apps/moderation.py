@@ -11,11 +11,12 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from monitoring.batching import unwrap
 from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker
 from serve_apps.config import LimitsConfig, ModerationAppConfig
-from serve_apps.deployments import Item, set_batching, unwrap
+from serve_apps.deployments import Item, set_batching
 from serve_apps.http import (
     GuardrailFinding,
     StageModel,

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from serve_apps.deployments import Item, ModelSlot, Variants, unwrap
+from monitoring.batching import unwrap
+from serve_apps.deployments import Item, ModelSlot, Variants
 from serve_apps.model import LoadedModel, ModelIdentity
 
 
