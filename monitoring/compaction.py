@@ -115,6 +115,7 @@ class LogCompactor:
                 done = compact(self.uri, kind, self.config.segment_target_bytes)
                 total.merged += done.merged
                 total.written += done.written
+            pa.default_memory_pool().release_unused()  # the pool would keep the largest pass
             return {"merged": total.merged, "written": total.written}
 
 
