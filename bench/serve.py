@@ -4,9 +4,13 @@ against its peers on the same models with the same batch size (`bench/peers.py`)
 calls in-process (the limit), a naive FastAPI + transformers server, a no-op Serve deployment
 (Serve's own floor) and a plain Ray Serve application with `@serve.batch`, all in one run. Every
 cell reports the CPU milliseconds a request cost in each process (`stack.CpuMeter`: proxy,
-ingress, each model replica, the audit and quota actors, Ray's own, the load generator).
+ingress, each model replica, the audit and quota actors, Ray's own, the load generator), and
+one more run at the top concurrency under py-spy splits each Serve process's milliseconds by
+stage (`cpu_ms_by_stage`: model forward, log and features, guardrails, policies, HTTP and
+schemas, the pipeline's own code, Serve and Ray, asyncio, other; `stack.Profile`).
 
     python bench/serve.py --json [--duration 8] [--concurrency 1 8 32] [--data-dir DIR]
+                          [--placement inline|replica] [--precision int8]
 
 Models: the configured architectures (MiniLM router and moderation heads, the GPT-2-style
 rewriter and reply generator), registered untrained in a scratch registry unless `--data-dir`
@@ -44,8 +48,11 @@ from stack import (  # noqa: E402
     PIPELINES,
     UNLIMITED,
     CpuMeter,
+    Profile,
+    component,
     models_of,
     platform,
+    ray_processes,
     sample_texts,
     start_ray,
 )
@@ -107,20 +114,32 @@ def limit(name: str, models: dict, texts: list[str], cfg: ServeConfig, batch: in
 
 
 async def metered(call, texts: list[str], concurrencies: list[int], duration: float,
-                  extra: dict[int, str] | None = None) -> dict:
+                  extra: dict[int, str] | None = None, profile: bool = False) -> dict:
     """`closed_loop` at each concurrency after a warm-up, each with the CPU milliseconds a
-    request cost in every process (`stack.CpuMeter`)."""
+    request cost in every process (`stack.CpuMeter`). With `profile`, one more run at the top
+    concurrency under py-spy (apart: the profiler takes CPU of its own) splits each Serve
+    process's milliseconds by stage (`stack.Profile`)."""
     await closed_loop(call, texts, 4, 1.0)
     out = {}
     for c in concurrencies:
         with CpuMeter(extra) as meter:
             out[f"c{c}"] = await closed_loop(call, texts, c, duration)
         out[f"c{c}"]["cpu_ms_per_request"] = meter.per_request_ms(out[f"c{c}"]["requests"])
+    if profile:
+        serving = {pid: component(title) for pid, title in ray_processes().items()
+                   if title.startswith(("ray::ServeReplica", "ray::ProxyActor"))}
+        with CpuMeter() as meter, Profile(serving, duration) as spy:
+            cell = await closed_loop(call, texts, max(concurrencies), duration)
+        ms = meter.per_request_ms(cell["requests"])
+        out["cpu_ms_by_stage"] = {name: {stage: round(share * ms.get(name, 0.0), 2)
+                                         for stage, share in shares.items()}
+                                  for name, shares in spy.shares().items()}
     return out
 
 
 async def measure_http(base: str, concurrencies: list[int], duration: float, texts: dict,
-                       extra: dict[int, str] | None = None, headers: dict | None = None) -> dict:
+                       extra: dict[int, str] | None = None, headers: dict | None = None,
+                       profile: bool = False) -> dict:
     """Each pipeline of `texts` over HTTP."""
     import httpx
 
@@ -131,7 +150,7 @@ async def measure_http(base: str, concurrencies: list[int], duration: float, tex
             if name not in texts:
                 continue
             out[name] = await metered(http_call(client, base + path), texts[name],
-                                      concurrencies, duration, extra)
+                                      concurrencies, duration, extra, profile)
     return out
 
 
@@ -172,6 +191,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--precision", choices=["auto", "fp32", "int8"],
                         help="override every served model's precision (default: settings)")
+    parser.add_argument("--placement", choices=["auto", "inline", "replica"],
+                        help="override every served model's placement (default: settings)")
     parser.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tracking-uri", help=argparse.SUPPRESS)
     parser.add_argument("--serve-config", help=argparse.SUPPRESS)
@@ -196,11 +217,12 @@ def main() -> None:
                   scopes=PRINCIPAL["scopes"], ttl_s=3600)
     cfg = settings.serve.model_dump()
     cfg.update(port=args.port, use_gpu="no", chat={"enabled": False})
-    if args.precision:
-        for app, deps in (("support", ("classifier", "encoder", "generator")),
-                          ("moderation", ("classifier", "generator"))):
-            for dep in deps:
-                cfg[app][dep]["precision"] = args.precision
+    for app, deps in (("support", ("classifier", "encoder", "generator")),
+                      ("moderation", ("classifier", "generator"))):
+        for dep in deps:
+            for key in ("precision", "placement"):
+                if getattr(args, key):
+                    cfg[app][dep][key] = getattr(args, key)
     serve_cfg = ServeConfig.model_validate(cfg)
     batch = serve_cfg.support.classifier.batching.max_batch_size
 
@@ -231,7 +253,7 @@ def main() -> None:
                                 dict(runtime.PLATFORM_ENV), settings.log_settings(),
                                 settings.governance()), timeout_s=600)
     http = asyncio.run(measure_http(base, args.concurrency, args.duration, texts,
-                                    headers={"Authorization": f"Bearer {token}"}))
+                                    headers={"Authorization": f"Bearer {token}"}, profile=True))
     handles = asyncio.run(measure_handles(args.concurrency, args.duration, texts, PRINCIPAL))
     cluster.shutdown()
 
@@ -243,13 +265,14 @@ def main() -> None:
     serve.delete("noop")
     serve.run(plain_serve_app(registry.tracking_uri, serve_cfg, batch), name="plain",
               route_prefix="/")
-    plain = asyncio.run(measure_http(base, args.concurrency, args.duration, texts))
+    plain = asyncio.run(measure_http(base, args.concurrency, args.duration, texts, profile=True))
     serve.shutdown()
     ray.shutdown()
 
     report = {"benchmark": "serve_pipelines", "cpus": os.cpu_count(), "batch_size": batch,
               "models": models_of(args.data_dir),
               "precision": {k: md.precision for k, md in served_models(serve_cfg).items()},
+              "placement": {k: md.placement for k, md in served_models(serve_cfg).items()},
               "duration_s": args.duration, "in_process_limit": limits,
               "naive_fastapi": baseline, "serve_noop": noop, "plain_serve": plain,
               "platform_http": http, "platform_handle": handles,

@@ -147,3 +147,69 @@ class CpuMeter:
 
 def models_of(data_dir: str | None) -> str:
     return "trained champions" if data_dir else "configured architectures, untrained"
+
+
+# where a sampled stack spends its time: the first stage whose files a frame is in, leaf first
+# (py-spy names a frame's file relative to its `sys.path` entry)
+STAGES = (("model forward", ("torch/", "transformers/", "tokenizers/", "training/models.py")),
+          ("log and features", ("serve_apps/inference_log.py", "monitoring/log.py",
+                                "training/features.py", "pyarrow/")),
+          ("guardrails", ("serve_apps/guardrails.py", "serve_apps/normalize.py",
+                          "serve_apps/pii.py")),
+          ("policies", ("serve_apps/policies.py", "serve_apps/auth.py", "serve_apps/quota.py",
+                        "monitoring/audit.py", "monitoring/batching.py", "jwt/")),
+          ("http and schemas", ("pydantic", "fastapi/", "starlette/", "uvicorn/",
+                                "serve_apps/http.py", "json/")),
+          ("pipeline", ("serve_apps/", "peers.py")),
+          ("serve and ray", ("ray/",)),
+          ("asyncio", ("asyncio/",)))
+
+
+class Profile:
+    """py-spy samples of the processes `pids` (pid -> component) over a `with` block (every
+    thread that runs, 100 a second): per component, the share of its CPU samples in each of
+    `STAGES` (`other`: asyncio and the rest)."""
+
+    def __init__(self, pids: dict[int, str], seconds: float):
+        import shutil
+
+        self.pids, self.seconds = pids, max(1, int(seconds))
+        self.spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+
+    def __enter__(self) -> Profile:
+        import subprocess
+
+        self.folder = Path(tempfile.mkdtemp(prefix="profile-"))
+        self.procs = {pid: subprocess.Popen(
+            [self.spy, "record", "-p", str(pid), "-d", str(self.seconds), "-r", "100", "-f", "raw",
+             "--nonblocking", "-o", str(self.folder / f"{pid}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in self.pids}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs.values():
+            proc.wait()
+
+    @staticmethod
+    def stage(stack: str) -> str:
+        for frame in reversed(stack.split(";")):
+            path = frame[frame.rfind("(") + 1:]
+            for name, marks in STAGES:
+                if path.startswith(marks):
+                    return name
+        return "other"
+
+    def shares(self) -> dict[str, dict[str, float]]:
+        counts: dict[str, dict[str, int]] = {}
+        for pid, component in self.pids.items():
+            path = self.folder / f"{pid}.txt"
+            if not path.exists():
+                continue
+            mine = counts.setdefault(component, {})
+            for line in path.read_text().splitlines():
+                stack, _, n = line.rpartition(" ")
+                if stack and n.isdigit():
+                    mine[self.stage(stack)] = mine.get(self.stage(stack), 0) + int(n)
+        return {c: {s: round(n / sum(mine.values()), 3) for s, n in
+                    sorted(mine.items(), key=lambda kv: -kv[1])}
+                for c, mine in counts.items() if mine}

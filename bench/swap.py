@@ -1,9 +1,11 @@
 """Hot swap under load: failed requests, p99 latency before / during / after a model swap, and
 seconds from the swap command to every replica serving the new version, in one run.
 
-    python bench/swap.py --json [--phase 8] [--concurrency 8] [--replicas 2]
+    python bench/swap.py --json [--phase 8] [--concurrency 8] [--replicas 2] [--placement P]
 
-The `moderation` application runs with its classifier on `--replicas` replicas (the configured
+The `moderation` application runs with its classifier on `--replicas` replicas, inline in the
+pipeline's replicas or in replicas of its own (`--placement`, default the platform's `auto`: inline
+on CPU) (the configured
 MiniLM architecture, two untrained versions registered in a scratch registry; rewriting is
 switched off so every request costs the same). Closed-loop HTTP clients run through three
 phases: steady on version 1, the swap to version 2 (`serve_apps.deploy.swap`, what
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--phase", type=float, default=8.0, help="seconds before and after")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--placement", choices=["auto", "inline", "replica"], default="auto")
     parser.add_argument("--port", type=int, default=8021)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -107,7 +110,9 @@ def main() -> None:
         "port": args.port, "use_gpu": "no", "support": {"enabled": False},
         "chat": {"enabled": False},
         "moderation": {"rewrite_labels": [], "block_labels": [],
-                       "classifier": {"model": "models:/moderation/1", "autoscaling": fixed}}})
+                       "autoscaling": fixed if args.placement != "replica" else None,
+                       "classifier": {"model": "models:/moderation/1", "autoscaling": fixed,
+                                      "placement": args.placement}}})
     cluster = start_ray(settings)
     cluster.deploy(serve_config(cfg, registry.tracking_uri, False, dict(runtime.PLATFORM_ENV)),
                    timeout_s=600)
@@ -116,7 +121,8 @@ def main() -> None:
     cluster.shutdown()
     ray.shutdown()
     report = {"benchmark": "hot_swap_under_load", "cpus": os.cpu_count(),
-              "replicas": args.replicas, "concurrency": args.concurrency, **result}
+              "replicas": args.replicas, "placement": args.placement,
+              "concurrency": args.concurrency, **result}
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
 
 

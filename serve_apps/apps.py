@@ -1,5 +1,6 @@
-"""Application builders (the `import_path`s of the Serve config) and the options of each model
-deployment, derived from `ServeConfig`.
+"""Application builders (the `import_path`s of the Serve config) and the options of each
+deployment, derived from `ServeConfig`: a pipeline, and each of its models either inline in the
+pipeline's replica or a deployment of its own (`placement`, `serve_apps/stages.py`).
 
 Every model reference is pinned to an exact version when an application is built or swapped, so
 all replicas, including ones the autoscaler adds later, serve the same version even if the
@@ -19,10 +20,10 @@ from serve_apps.config import (
     OverloadConfig,
     SupportAppConfig,
 )
-from serve_apps.deployments import Classifier, Encoder, Generator
 from serve_apps.feedback import FeedbackService
 from serve_apps.model import resolve
 from serve_apps.moderation import ModerationPipeline
+from serve_apps.stages import MODELS
 from serve_apps.support import SupportPipeline
 
 
@@ -75,54 +76,73 @@ def ingress_options(overload: OverloadConfig, cpus: float) -> dict:
             "backpressure_config": {"status_code": 503, "retry_after_s": overload.retry_after_s}}
 
 
-def _ingress(cfg, args: dict) -> dict:
-    return ingress_options(cfg.overload, args["ingress_cpus"])
+def app_deployments(name: str, app_cfg, ingress_cpus: float, use_gpu: bool,
+                    tracking_uri: str | None, gpu_resource: str | None = None,
+                    pin_models: bool = True) -> dict[str, dict]:
+    """The `.options()` of every Serve deployment of application `name`, by deployment name:
+    its pipeline (with the user_config and resources of its inline models, `stages`) and
+    each model with a replica of its own."""
+    pipeline, models = APPS[name]
+    ingress = ingress_options(app_cfg.overload, ingress_cpus)
+    out, inline = {}, {}
+    for dep, field in models.items():
+        md: ModelDeploymentConfig = getattr(app_cfg, field)
+        if not md.inline(use_gpu, generates=dep == "Generator"):
+            out[dep] = deployment_options(md, use_gpu, tracking_uri, gpu_resource, pin_models)
+            continue
+        inline[dep] = pinned_user_config(md, tracking_uri) if pin_models else \
+            md.user_config(md.model, None, md.canary)
+        actor = ingress["ray_actor_options"]
+        actor["num_cpus"] = round(actor["num_cpus"] + md.resources.num_cpus, 4)
+        if md.resources.memory_mb:
+            actor["memory"] = actor.get("memory", 0) + md.resources.memory_mb * 2**20
+    if inline:
+        ingress["user_config"] = {"models": inline}
+    if app_cfg.autoscaling is not None:
+        ingress["autoscaling_config"] = app_cfg.autoscaling.model_dump(exclude_none=True)
+    return {pipeline.name: ingress, **out}
 
 
-def _model(deployment, md: ModelDeploymentConfig, args: dict):
+def _pipeline(name: str, args: dict) -> Application:
+    """args: config (the application's config), limits, tracking_uri, use_gpu, gpu_resource,
+    ingress_cpus, log (the inference log's uri and LogConfig; absent: no log) and governance
+    (what the policies need, `serve_apps.policies.chain`; absent: no policies)."""
+    pipeline, models = APPS[name]
     uri = args["tracking_uri"]
-    return deployment.options(**deployment_options(
-        md, args["use_gpu"], uri, args.get("gpu_resource"))).bind(uri)
+    options = app_deployments(name, CONFIGS[name].model_validate(args["config"]),
+                              args["ingress_cpus"], args["use_gpu"], uri, args.get("gpu_resource"))
+    if name == "feedback":
+        return pipeline.options(**options[pipeline.name]).bind(
+            args["log"], uri, args["config"], args.get("governance"))
+    stages = [MODELS[dep].options(**options[dep]).bind(uri) if dep in options else None
+              for dep in models]
+    return pipeline.options(**options[pipeline.name]).bind(
+        *stages, args["config"], args["limits"], uri, args.get("log"), args.get("governance"))
 
 
 def moderation(args: dict) -> Application:
-    """args: config (ModerationAppConfig), limits, tracking_uri, use_gpu, gpu_resource,
-    ingress_cpus, log
-    (the inference log's uri and LogConfig; absent: no log) and governance (what the policies
-    need, `serve_apps.policies.chain`; absent: no policies)."""
-    cfg = ModerationAppConfig.model_validate(args["config"])
-    return ModerationPipeline.options(**_ingress(cfg, args)).bind(
-        _model(Classifier, cfg.classifier, args), _model(Generator, cfg.generator, args),
-        args["config"], args["limits"], args.get("log"), args.get("governance"))
+    return _pipeline("moderation", args)
 
 
 def support(args: dict) -> Application:
-    cfg = SupportAppConfig.model_validate(args["config"])
-    return SupportPipeline.options(**_ingress(cfg, args)).bind(
-        _model(Classifier, cfg.classifier, args), _model(Encoder, cfg.encoder, args),
-        _model(Generator, cfg.generator, args), args["config"], args["limits"], args["tracking_uri"],
-        args.get("log"), args.get("governance"))
+    return _pipeline("support", args)
 
 
 def chat(args: dict) -> Application:
-    cfg = ChatAppConfig.model_validate(args["config"])
-    return ChatPipeline.options(**_ingress(cfg, args)).bind(
-        _model(Generator, cfg.generator, args), args["config"], args["limits"], args.get("log"),
-        args.get("governance"))
+    return _pipeline("chat", args)
 
 
 def feedback(args: dict) -> Application:
-    cfg = FeedbackAppConfig.model_validate(args["config"])
-    return FeedbackService.options(**_ingress(cfg, args)).bind(
-        args["log"], args["tracking_uri"], args["config"], args.get("governance"))
+    return _pipeline("feedback", args)
 
 
-# application name -> (builder, the model deployments it holds, by config field)
+# application name -> (its pipeline deployment, its model stages: deployment name -> config field)
 APPS = {
-    "moderation": (moderation, {"Classifier": "classifier", "Generator": "generator"},
-                   "ModerationPipeline"),
-    "support": (support, {"Classifier": "classifier", "Encoder": "encoder",
-                          "Generator": "generator"}, "SupportPipeline"),
-    "chat": (chat, {"Generator": "generator"}, "ChatPipeline"),
-    "feedback": (feedback, {}, "FeedbackService"),
+    "moderation": (ModerationPipeline, {"Classifier": "classifier", "Generator": "generator"}),
+    "support": (SupportPipeline, {"Classifier": "classifier", "Encoder": "encoder",
+                                  "Generator": "generator"}),
+    "chat": (ChatPipeline, {"Generator": "generator"}),
+    "feedback": (FeedbackService, {}),
 }
+CONFIGS = {"moderation": ModerationAppConfig, "support": SupportAppConfig, "chat": ChatAppConfig,
+           "feedback": FeedbackAppConfig}

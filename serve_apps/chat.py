@@ -25,6 +25,7 @@ from serve_apps.http import InvalidRequest, check_texts, create_app, parse
 from serve_apps.inference_log import InferenceLog
 from serve_apps.model import UnknownModel
 from serve_apps.policies import Answer, Call, Caller, chain, estimate_tokens
+from serve_apps.stages import Stages
 from training.features import descriptors
 
 
@@ -81,9 +82,11 @@ app = create_app("llmops chat", "OpenAI-compatible chat completions over registe
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class ChatPipeline:
-    def __init__(self, generator: DeploymentHandle, config: dict, limits: dict,
-                 log: dict | None = None, governance: dict | None = None):
-        self.generator = generator
+    def __init__(self, generator: DeploymentHandle | None, config: dict, limits: dict,
+                 tracking_uri: str | None, log: dict | None = None,
+                 governance: dict | None = None):
+        self.stages = Stages({"Generator": generator}, tracking_uri)
+        self.generator = self.stages["Generator"]
         self.config = ChatAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
         self.log = InferenceLog("chat", log)
@@ -91,6 +94,9 @@ class ChatPipeline:
         self.breaker = CircuitBreaker(self.config.breaker)
         app.state.edge = self.policies.edge(self.limits)
         self.created = int(time.time())
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await self.stages.reconfigure(user_config)
 
     @app.get("/models")
     async def http_models(self, request: Request) -> dict:

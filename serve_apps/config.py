@@ -88,6 +88,18 @@ class ModelDeploymentConfig(_Strict):
         "CPU (faster; scores depend slightly on the batch a text lands in)")
     canary: CanaryConfig | None = None
     generation: GenerationConfig | None = None
+    placement: Literal["auto", "inline", "replica"] = Field(
+        "auto", description="inline: inside the pipeline replica (no hop; its resources are "
+        "added to the pipeline's, it scales with the pipeline and `autoscaling` is unused); "
+        "replica: a deployment of its own; auto: inline unless it gets a GPU or generates text")
+
+    def inline(self, use_gpu: bool, generates: bool) -> bool:
+        """Whether this model runs inside its pipeline's replica (`placement`). `auto` keeps a
+        generator in a process of its own: its token loop holds the GIL for long stretches,
+        which would stall the pipeline's requests and the other models sharing its replica."""
+        if self.placement == "auto":
+            return not (use_gpu and self.resources.num_gpus > 0) and not generates
+        return self.placement == "inline"
 
     @property
     def generation_config(self) -> GenerationConfig:
@@ -220,6 +232,9 @@ class _AppConfig(_Strict):
                                                             "guardrails"])
     guardrails: GuardrailsConfig = Field(default_factory=_flag_injection)
     overload: OverloadConfig = Field(default_factory=OverloadConfig)
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="the pipeline replica's, which its inline models scale with; "
+        "empty: one replica")
 
     @model_validator(mode="after")
     def _once_each(self) -> _AppConfig:

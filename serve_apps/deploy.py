@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from serve_apps.apps import APPS, deployment_options, ingress_options, pin
+from serve_apps.apps import APPS, app_deployments, pin
 from serve_apps.config import CanaryConfig, ServeConfig
 from serve_apps.model import UnknownModel, model_name, resolve
 from training.errors import LLMOpsError
@@ -31,7 +31,7 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
     `governance` what the policies need (`serve_apps.policies.chain`), None for none;
     `pin_models` as in `deployment_options` (False for a manifest written offline)."""
     apps = []
-    for name, (_, models, ingress) in APPS.items():
+    for name in APPS:
         app_cfg = getattr(config, name)
         if not app_cfg.enabled or (name == "feedback" and log is None):
             continue
@@ -39,10 +39,9 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
                 "tracking_uri": tracking_uri, "use_gpu": use_gpu,
                 "gpu_resource": config.gpu_resource, "ingress_cpus": config.ingress_cpus,
                 "log": log, "governance": governance}
-        deployments = [{"name": ingress, **ingress_options(app_cfg.overload, config.ingress_cpus)}]
-        deployments += [{"name": dep, **deployment_options(
-            getattr(app_cfg, field), use_gpu, tracking_uri, config.gpu_resource, pin_models)}
-            for dep, field in models.items()]
+        deployments = [{"name": dep, **options} for dep, options in app_deployments(
+            name, app_cfg, config.ingress_cpus, use_gpu, tracking_uri, config.gpu_resource,
+            pin_models).items()]
         apps.append({"name": name, "route_prefix": app_cfg.route_prefix,
                      "import_path": f"serve_apps.apps:{name}", "args": args,
                      "runtime_env": {"env_vars": env_vars}, "deployments": deployments})
@@ -124,10 +123,13 @@ class ServeCluster:
                 replicas: dict[str, int] = {}
                 for r in dep.get("replicas", []):
                     replicas[r["state"]] = replicas.get(r["state"], 0) + 1
-                uc = dep.get("deployment_config", {}).get("user_config") or {}
-                deps[dname] = {"status": dep["status"], "replicas": replicas,
-                               "model": uc.get("model"), "alias": uc.get("alias"),
-                               "canary": uc.get("canary")}
+                state = {"status": dep["status"], "replicas": replicas}
+                stages = _stages(dname, dep.get("deployment_config", {}).get("user_config"))
+                deps[dname] = {**state, "model": None, "alias": None, "canary": None}
+                for stage, uc in stages.items():  # an inline model is listed by its pipeline
+                    deps[stage] = {**state, "model": uc.get("model"), "alias": uc.get("alias"),
+                                   "canary": uc.get("canary"),
+                                   **({"inline_in": dname} if stage != dname else {})}
             out[name] = {"status": app["status"], "route_prefix": app.get("route_prefix"),
                          "deployments": deps}
         return out
@@ -140,14 +142,23 @@ class ServeCluster:
         changed = []
         for app in config["applications"]:
             for dep in app.get("deployments", []):
-                uc = dep.get("user_config")
-                if uc and model_name(uc["model"]) == model:
-                    dep["user_config"] = change(uc)
-                    changed.append(f"{app['name']}/{dep['name']}")
+                for stage, uc in _stages(dep["name"], dep.get("user_config")).items():
+                    if model_name(uc["model"]) == model:
+                        uc.update(change(uc))  # in place: inline ones sit in their pipeline's
+                        changed.append(f"{app['name']}/{stage}")
         if not changed:
             raise UnknownModel(f"no running deployment serves model {model!r}")
         seconds = self.deploy(config, timeout_s)
         return {"model": model, "deployments": changed, "seconds": round(seconds, 2)}
+
+
+def _stages(deployment: str, user_config: dict | None) -> dict[str, dict]:
+    """The model user_configs a deployment holds, by model deployment name: its own (a model
+    replica) or its inline models' (a pipeline, `serve_apps/stages.py`)."""
+    user_config = user_config or {}
+    if "models" in user_config:
+        return user_config["models"]
+    return {deployment: user_config} if "model" in user_config else {}
 
 
 def swap(cluster: ServeCluster, model: str, tracking_uri: str | None, *, version: int | None = None,

@@ -28,6 +28,7 @@ from serve_apps.http import (
 from serve_apps.inference_log import InferenceLog
 from serve_apps.pii import redact
 from serve_apps.policies import Answer, Call, Caller, chain
+from serve_apps.stages import Stages
 
 
 class Moderation(BaseModel):
@@ -56,9 +57,11 @@ app = create_app("llmops moderation", "Classify posts; rewrite toxic ones; redac
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class ModerationPipeline:
-    def __init__(self, classifier: DeploymentHandle, generator: DeploymentHandle, config: dict,
-                 limits: dict, log: dict | None = None, governance: dict | None = None):
-        self.classifier, self.generator = classifier, generator
+    def __init__(self, classifier: DeploymentHandle | None, generator: DeploymentHandle | None,
+                 config: dict, limits: dict, tracking_uri: str | None, log: dict | None = None,
+                 governance: dict | None = None):
+        self.stages = Stages({"Classifier": classifier, "Generator": generator}, tracking_uri)
+        self.classifier, self.generator = self.stages["Classifier"], self.stages["Generator"]
         self.config = ModerationAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
         self.log = InferenceLog("moderation", log)
@@ -67,6 +70,9 @@ class ModerationPipeline:
         app.state.edge = self.policies.edge(self.limits)
         self.breaker = CircuitBreaker(self.config.breaker)
         set_batching(self._classify, **self.config.classifier.batching.model_dump())
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await self.stages.reconfigure(user_config)
 
     @app.post("/", response_model=ModerateResponse)
     async def http_moderate(self, body: TextsRequest, request: Request,

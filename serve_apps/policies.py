@@ -142,22 +142,22 @@ class Quota(Policy):
     the tokens used, refund a failed request."""
 
     def __init__(self, authority):
-        # concurrent requests of a replica share one call to the authority
-        self.reserve = GroupCommit(lambda asks: authority.reserve_many.remote(asks))
-        self.settle = GroupCommit(lambda outcomes: authority.settle_many.remote(outcomes))
+        # the reservations and settlements of concurrent requests share one call to the authority
+        self.calls = GroupCommit(lambda ops: authority.apply_many.remote(ops))
 
     async def before(self, call: Call) -> None:
-        [decision] = await self.reserve.submit([(call.principal.tenant, call.request_id,
-                                                 call.tokens)])
+        [decision] = await self.calls.submit([("reserve", call.principal.tenant,
+                                               call.request_id, call.tokens)])
         call.headers.update(decision["headers"])
         if "refused" in decision:
             raise QuotaExceeded(decision["refused"], decision["headers"])
 
     async def after(self, call: Call, answer: Answer) -> None:
-        await self.settle.submit([(call.principal.tenant, call.request_id, answer.tokens)])
+        await self.calls.submit([("settle", call.principal.tenant, call.request_id,
+                                  answer.tokens)])
 
     async def failed(self, call: Call, error: Exception) -> None:
-        await self.settle.submit([(call.principal.tenant, call.request_id, None)])
+        await self.calls.submit([("settle", call.principal.tenant, call.request_id, None)])
 
 
 class Guard(Policy):

@@ -176,20 +176,19 @@ class QuotaAuthority:
         except QuotaExceeded as exc:
             return {"refused": str(exc), "headers": exc.headers}
 
-    def reserve_many(self, asks: list[tuple[str, str, int]]) -> list[dict]:
-        """`reserve` of each (tenant, request id, tokens) in order; one save for the batch."""
+    def apply_many(self, ops: list[tuple[str, str, str, int | None]]) -> list[dict | None]:
+        """Each (`reserve`, tenant, request id, tokens) reserved (its `reserve` answer), each
+        (`settle`, tenant, request id, tokens used) committed, or refunded where tokens is None
+        (None); in order, with one save for the batch."""
         with self.ledger.deferred():
-            return [self.reserve(*ask) for ask in asks]
+            return [self.reserve(*args) if kind == "reserve" else self._settle(*args)
+                    for kind, *args in ops]
 
-    def settle_many(self, outcomes: list[tuple[str, str, int | None]]) -> list[None]:
-        """Each (tenant, request id, tokens used) committed, or refunded where tokens is None."""
-        with self.ledger.deferred():
-            for tenant, request_id, tokens in outcomes:
-                if tokens is None:
-                    self.ledger.refund(tenant, request_id)
-                else:
-                    self.ledger.commit(tenant, request_id, tokens)
-        return [None] * len(outcomes)
+    def _settle(self, tenant: str, request_id: str, tokens: int | None) -> None:
+        if tokens is None:
+            self.ledger.refund(tenant, request_id)
+        else:
+            self.ledger.commit(tenant, request_id, tokens)
 
     def commit(self, tenant: str, request_id: str, tokens: int) -> None:
         self.ledger.commit(tenant, request_id, tokens)

@@ -34,6 +34,7 @@ from serve_apps.http import (
 )
 from serve_apps.inference_log import InferenceLog
 from serve_apps.policies import Answer, Call, Caller, chain
+from serve_apps.stages import Stages
 from training.data.support import RESOLUTIONS
 
 
@@ -82,10 +83,14 @@ app = create_app("llmops support", "Route support tickets to a queue and suggest
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class SupportPipeline:
-    def __init__(self, classifier: DeploymentHandle, encoder: DeploymentHandle,
-                 generator: DeploymentHandle, config: dict, limits: dict, tracking_uri: str | None,
-                 log: dict | None = None, governance: dict | None = None):
-        self.classifier, self.encoder, self.generator = classifier, encoder, generator
+    def __init__(self, classifier: DeploymentHandle | None, encoder: DeploymentHandle | None,
+                 generator: DeploymentHandle | None, config: dict, limits: dict,
+                 tracking_uri: str | None, log: dict | None = None,
+                 governance: dict | None = None):
+        self.stages = Stages({"Classifier": classifier, "Encoder": encoder,
+                              "Generator": generator}, tracking_uri)
+        self.classifier, self.encoder, self.generator = (
+            self.stages["Classifier"], self.stages["Encoder"], self.stages["Generator"])
         self.config = SupportAppConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits)
         self.tracking_uri = tracking_uri
@@ -97,6 +102,9 @@ class SupportPipeline:
         self._examples: pd.DataFrame | None = None
         self._matrix: np.ndarray | None = None
         self._lock = asyncio.Lock()
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await self.stages.reconfigure(user_config)
 
     @app.post("/route", response_model=RouteResponse)
     async def http_route(self, body: TextsRequest, request: Request,

@@ -9,6 +9,7 @@ import pytest
 
 from monitoring.batching import unwrap
 from serve_apps.deployments import Item, ModelSlot, Variants
+from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, ModelIdentity
 
 
@@ -100,3 +101,63 @@ def test_a_stalled_stream_ends_with_a_timeout(tiny_lm, monkeypatch):
     pieces = tiny_lm.stream("hello", 8, 0.0, 0, [], 0.3, threading.Event())
     with pytest.raises(TimeoutError, match="no generated piece within 0.3 s"):
         list(pieces)
+
+
+def test_inline_stages_answer_like_their_deployment_handles(tiny_lm):
+    """Deployment classes inside the pipeline replica, called as their handles would be: loaded
+    by the pipeline's `reconfigure()`, awaited answers (sync methods too, raising when awaited),
+    a stream its caller can cancel."""
+    from serve_apps.stages import Stages
+
+    encoder = Stages({"Encoder": None}, None)
+    generator = Stages({"Generator": None}, None)["Generator"]
+    generator.model.slot.variants = Variants(tiny_lm)  # what reconfigure() would load
+
+    async def use() -> tuple:
+        await encoder.reconfigure({"models": {"Encoder": {"model": "all-MiniLM-L6-v2"}}})
+        embedded = await encoder["Encoder"].predict_many.remote([Item("hello", "r1")])
+        identity = await encoder["Encoder"].identity.remote()
+        refused = generator.params.remote(seed=-1)  # raises when awaited, as a handle's would
+        with pytest.raises(InvalidRequest, match="32-bit"):
+            await refused
+        stream = generator.options(stream=True).stream.remote("hello", "r3", max_new_tokens=4000)
+        pieces = [await anext(stream) for _ in range(3)]
+        stream.cancel()  # the caller left: the generation stops
+        await asyncio.sleep(0.5)
+        return embedded, identity, pieces
+
+    [embedded], identity, pieces = asyncio.run(use())
+    assert embedded["embedding"].shape == (384,) and embedded["model"]["version"] == "bundled"
+    assert identity["champion"]["name"] == "all-MiniLM-L6-v2"
+    assert pieces[0]["model"]["variant"] == "champion" and all("text" in p for p in pieces[1:])
+    generating = lambda: [t for t in threading.enumerate() if t.name.endswith("(run)")]  # noqa: E731
+    deadline = time.monotonic() + 5
+    while generating() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not generating()  # the generation thread (`stream_text`'s) ended
+
+
+def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
+    from serve_apps.apps import app_deployments
+    from serve_apps.config import ServeConfig
+
+    cfg = ServeConfig.model_validate({"support": {
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+        "encoder": {"model": "all-MiniLM-L6-v2", "placement": "replica",
+                    "resources": {"num_cpus": 0.5, "memory_mb": 100}}}})
+    default = app_deployments("support", ServeConfig().support, 0.1, False, None,
+                              pin_models=False)  # `auto`: a generator keeps a process of its own
+    assert set(default) == {"SupportPipeline", "Generator"}
+    assert set(default["SupportPipeline"]["user_config"]["models"]) == {"Classifier", "Encoder"}
+    cfg.support.generator.placement = "inline"
+    cpu = app_deployments("support", cfg.support, 0.1, False, None, pin_models=False)
+    assert set(cpu) == {"SupportPipeline", "Encoder"}
+    pipeline = cpu["SupportPipeline"]
+    assert set(pipeline["user_config"]["models"]) == {"Classifier", "Generator"}
+    assert pipeline["ray_actor_options"]["num_cpus"] == pytest.approx(0.1 + 0.25 + 0.25)
+    assert pipeline["autoscaling_config"]["max_replicas"] == 3  # the inline models scale with it
+    assert cpu["Encoder"]["ray_actor_options"]["memory"] == 100 * 2**20
+    gpu = app_deployments("support", ServeConfig().support, 0.1, True, None, pin_models=False)
+    assert set(gpu) == {"SupportPipeline", "Classifier", "Encoder", "Generator"}
+    assert "user_config" not in gpu["SupportPipeline"]
+    assert gpu["Classifier"]["ray_actor_options"]["num_gpus"] == 0.25

@@ -34,6 +34,7 @@ from serve_apps.config import CanaryConfig, ChatAppConfig, OverloadConfig, Serve
 from serve_apps.deploy import ServeCluster, serve_config, set_canary, swap
 from serve_apps.deployments import Item, bucket
 from serve_apps.http import InvalidRequest
+from serve_apps.model import load
 from serve_apps.pii import redact
 from training.data import generate
 from training.data.support import RESOLUTIONS
@@ -55,6 +56,7 @@ class Platform:
     log_uri: str
     auth: dict          # the Authorization header of tenant `tests`, every scope
     principal: dict     # what a handle caller states
+    replier: object     # support's generator (inline in its pipeline), loaded here
 
     def headers(self, **more: str) -> dict:
         return {**self.auth, **{k.replace("_", "-"): v for k, v in more.items()}}
@@ -71,12 +73,9 @@ def _llmops(platform_or_env, *args) -> subprocess.CompletedProcess:
 REPLY_TOKENS = 24
 
 
-def _split_threshold(tracking_uri: str) -> float:
+def _split_threshold(model) -> float:
     """A `min_reply_confidence` that sends some of SUPPORT_TEXTS down each path (generated reply,
     retrieved reply): the middle of the widest gap between the generator's confidences."""
-    from serve_apps.model import load
-
-    model = load("models:/support-reply@champion", tracking_uri)
     confidences = sorted(o["confidence"] for o in model.generate(SUPPORT_TEXTS, REPLY_TOKENS,
                                                                  0.0, 0, []))
     low, high = max(zip(confidences, confidences[1:]), key=lambda pair: pair[1] - pair[0])
@@ -100,7 +99,9 @@ def _settings(state: Path, port: int):
         # 250-request windows, 200 at least: clean ones stay well inside every threshold
         # (confidence drift 0.16 of 0.3 at most, measured on this suite's router)
         "drift": {"k": 1, "n": 1, "window": 250}})
-    classifier = {"model": "models:/moderation@champion", **ONE_REPLICA,
+    # moderation's models have replicas of their own; support's router and encoder run inline
+    # (`auto`), its generator in a replica of its own (`auto`); chat's generator inline
+    classifier = {"model": "models:/moderation@champion", **ONE_REPLICA, "placement": "replica",
                   "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}}
     settings.serve = ServeConfig.model_validate({
         "port": port, "use_gpu": "no",
@@ -109,13 +110,13 @@ def _settings(state: Path, port: int):
         "quota": {"tenants": {"tests": {"requests_per_second": None},
                               "small": {"requests_per_day": 3}}},
         "moderation": {"classifier": classifier, "generator": {
-            "model": "models:/rewriter@champion", **ONE_REPLICA}},
-        "support": {"classifier": {"model": "models:/support-router@champion", **ONE_REPLICA},
-                    "encoder": {"model": "all-MiniLM-L6-v2", **ONE_REPLICA},
-                    "generator": {"model": "models:/support-reply@champion", **ONE_REPLICA,
+            "model": "models:/rewriter@champion", **ONE_REPLICA, "placement": "replica"}},
+        "support": {"classifier": {"model": "models:/support-router@champion"},
+                    "encoder": {"model": "all-MiniLM-L6-v2"},
+                    "generator": {"model": "models:/support-reply@champion",
                                   "generation": {"max_new_tokens": REPLY_TOKENS,
                                                  "stop": []}}},
-        "chat": {"generator": {"model": "models:/rewriter@champion", **ONE_REPLICA}}})
+        "chat": {"generator": {"model": "models:/rewriter@champion", "placement": "inline"}}})
     return settings
 
 
@@ -130,7 +131,8 @@ def platform(ray_session, tmp_path_factory):
     register_quick(settings, registry, "rewriter")
     register_quick(settings, registry, "support-router")
     register_quick(settings, registry, "support-reply")
-    threshold = _split_threshold(registry.tracking_uri)
+    replier = load("models:/support-reply@champion", registry.tracking_uri)
+    threshold = _split_threshold(replier)
     settings.serve.support.min_reply_confidence = threshold
     config = root / "llmops.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
@@ -147,7 +149,7 @@ def platform(ray_session, tmp_path_factory):
     yield Platform(f"http://127.0.0.1:{port}", config, env, registry,
                    ServeCluster(ray_session.dashboard), threshold, settings.log_uri,
                    {"Authorization": f"Bearer {json.loads(token.stdout)['token']}"},
-                   {"subject": "test-suite", "tenant": "tests", "scopes": list(SCOPES)})
+                   {"subject": "test-suite", "tenant": "tests", "scopes": list(SCOPES)}, replier)
     down = _llmops((env, config), "down")
     assert down.returncode == 0, down.stderr[-2000:]
     assert not ServeCluster(ray_session.dashboard).details()["applications"]
@@ -198,7 +200,6 @@ def test_support_routes_and_suggests_a_generated_or_a_retrieved_reply(platform):
                    headers=platform.auth, timeout=120)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
-    generator = serve.get_deployment_handle("Generator", "support")
     for text, res in zip(SUPPORT_TEXTS, results):
         assert res["queue"] in res["scores"] and res["confidence"] == max(res["scores"].values())
         assert res["models"]["router"]["name"] == "support-router"
@@ -206,7 +207,8 @@ def test_support_routes_and_suggests_a_generated_or_a_retrieved_reply(platform):
         s = res["suggestion"]
         if s["confidence"] >= platform.reply_threshold:
             assert s["source"] == "generator" and "encoder" not in res["models"]
-            assert s["reply"] == generator.generate.remote(text, "check").result()["text"]
+            [expected] = platform.replier.generate([text], REPLY_TOKENS, 0.0, 0, [])
+            assert s["reply"] == expected["text"]
             assert s["intent"] is None and s["example"] is None
         else:  # not confident: an agent's reply to the closest resolved ticket
             assert s["source"] == "retrieval" and s["reply"] == RESOLUTIONS[s["intent"]]
@@ -437,7 +439,7 @@ def test_hardening_tenants_are_isolated_and_anonymous_floods_cost_little(platfor
     assert [r.status_code for r in good] == [200] * 6
     assert not any(r.json()["llmops"]["degraded"] for r in good)
     with pytest.raises(InvalidRequest, match="32-bit"):  # a handle caller straight to the model
-        serve.get_deployment_handle("Generator", "chat").generate.remote(
+        serve.get_deployment_handle("Generator", "moderation").generate.remote(
             "hi", "h-1", seed=-1).result()
     huge = httpx.post(url, headers=neighbour, timeout=60, json={
         "model": "rewriter", "messages": messages, "max_tokens": 30_000_000})
@@ -590,6 +592,9 @@ def test_cli_status_swap_and_errors(platform):
     assert {a: apps[a]["status"] for a in apps} == {"moderation": "RUNNING", "support": "RUNNING",
                                                     "chat": "RUNNING", "feedback": "RUNNING"}
     assert apps["chat"]["deployments"]["Generator"]["model"] == "models:/rewriter/1"
+    # chat's generator runs inside its pipeline's replica, moderation's in replicas of its own
+    assert apps["chat"]["deployments"]["Generator"]["inline_in"] == "ChatPipeline"
+    assert "inline_in" not in apps["moderation"]["deployments"]["Generator"]
     for args, message in [(("swap", "moderation", "--version", "99"), "not in the registry"),
                           (("swap", "nosuch", "--alias", "champion"), "not in the registry"),
                           (("canary", "moderation", "--version", "2", "--fraction", "1.5"),
@@ -771,7 +776,8 @@ def test_failing_generator_opens_the_breaker_and_the_fallback_answers_degraded(p
         if app["name"] == "chat":  # and chat sheds load past one request and one queued
             app["args"]["config"]["overload"] = shed
             [ingress] = [d for d in app["deployments"] if d["name"] == "ChatPipeline"]
-            ingress.update(ingress_options(OverloadConfig(**shed), 0.1))
+            ingress.update(ingress_options(OverloadConfig(**shed),
+                                           ingress["ray_actor_options"]["num_cpus"]))
     platform.cluster.deploy(config)
     body = {"model": "rewriter", "messages": [{"role": "user", "content": "you idiots"}]}
     for _ in range(3):  # two failures open the breaker; the third is answered at once
