@@ -17,6 +17,9 @@ from stack import PIPELINES  # noqa: E402
 
 from serve_apps.config import GenerationConfig, ServeConfig  # noqa: E402
 
+# the peers' replicas unpickle their classes from this module (and `stack`), by name
+IMPORTABLE = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}}
+
 
 def run_pipeline(name: str, models: dict, texts: list[str], cfg: ServeConfig) -> list[dict]:
     """What a pipeline computes for `texts`, called directly: its answer per text (queue or
@@ -56,10 +59,9 @@ def load_models(cfg: ServeConfig, tracking_uri: str, precision: bool) -> dict:
             for k, md in served_models(cfg).items()}
 
 
-def naive_server(port: int, tracking_uri: str, cfg: ServeConfig) -> None:
+def naive_app(tracking_uri: str, cfg: ServeConfig):
     """The baseline: FastAPI + transformers (fp32, as loaded), one request per forward pass,
     no batching."""
-    import uvicorn
     from fastapi import FastAPI
 
     models = load_models(cfg, tracking_uri, precision=False)
@@ -72,14 +74,21 @@ def naive_server(port: int, tracking_uri: str, cfg: ServeConfig) -> None:
 
     for name, (_, path, _) in PIPELINES.items():
         app.post(path)(endpoint(name))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error")
+    return app
 
 
-def noop_app():
+def naive_server(port: int, tracking_uri: str, cfg: ServeConfig) -> None:
+    import uvicorn
+
+    uvicorn.run(naive_app(tracking_uri, cfg), host="127.0.0.1", port=port, log_level="error")
+
+
+def noop_app(cpus: float = 0.1):
     """Serve's floor: the proxy and one replica that reads the body and answers `{}`."""
     from ray import serve
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+    @serve.deployment(ray_actor_options={"num_cpus": cpus, "runtime_env": IMPORTABLE},
+                      max_ongoing_requests=256)
     class NoOp:
         async def __call__(self, request) -> dict:
             await request.json()
@@ -88,13 +97,14 @@ def noop_app():
     return NoOp.bind()
 
 
-def plain_serve_app(tracking_uri: str, cfg: ServeConfig, batch: int):
+def plain_serve_app(tracking_uri: str, cfg: ServeConfig, batch: int, cpus: float = 0.1):
     """Both pipelines in one plain Serve replica: the same models in their served precision,
     concurrent requests batched by `@serve.batch` (as the platform's first stage is), no
     policies, guardrails, log or hops."""
     from ray import serve
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+    @serve.deployment(ray_actor_options={"num_cpus": cpus, "runtime_env": IMPORTABLE},
+                      max_ongoing_requests=256)
     class PlainPipelines:
         def __init__(self):
             self.models = load_models(cfg, tracking_uri, precision=True)
@@ -112,7 +122,8 @@ def plain_serve_app(tracking_uri: str, cfg: ServeConfig, batch: int):
             return await self._run("moderation", texts)
 
         async def __call__(self, request) -> dict:
-            name = self.paths[request.url.path.rstrip("/")]
+            path = request.url.path.rstrip("/")  # under any route prefix
+            name = next(n for p, n in self.paths.items() if path.endswith(p))
             return await getattr(self, name)((await request.json())["text"])
 
     return PlainPipelines.bind()

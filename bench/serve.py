@@ -285,13 +285,17 @@ def ratios(limits: dict, naive: dict, noop: dict, plain: dict, http: dict, handl
            top: str) -> dict:
     """At the top concurrency, per pipeline: the bound a Serve application can reach here
     (1 / (1/no-op + 1/in-process limit)), each way of serving as a share of the limit, of the
-    bound and of each peer, and the CPU a platform request costs beyond a plain Serve one."""
+    bound and of each peer, and the CPU a platform request costs beyond a plain Serve one; and
+    the highest measured concurrency at which the platform's HTTP p99 stays under a second."""
     out = {}
     for name in PIPELINES:
         bound = 1 / (1 / noop[top]["rps"] + 1 / limits[name]["rps"])
+        under_1s = [int(c[1:]) for c, cell in http[name].items()
+                    if c[1:].isdigit() and cell["p99_ms"] < 1000]
         out[name] = {"bound_rps": round(bound, 1), "platform_cpu_ms_beyond_plain_serve": round(
             http[name][top]["cpu_ms_per_request"]["total"]
-            - plain[name][top]["cpu_ms_per_request"]["total"], 2)}
+            - plain[name][top]["cpu_ms_per_request"]["total"], 2),
+            "http_p99_under_1s_up_to_concurrency": max(under_1s, default=None)}
         for way, results in (("platform_http", http), ("platform_handle", handles),
                              ("plain_serve", plain), ("naive_fastapi", naive)):
             rps = results[name][top]["rps"]

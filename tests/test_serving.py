@@ -223,6 +223,44 @@ def test_support_routes_and_suggests_a_generated_or_a_retrieved_reply(platform):
         (x["queue"], x["suggestion"]["source"], x["suggestion"]["reply"]) for x in results]
 
 
+def test_the_benchmark_peers_answer_as_the_platform_does(platform):
+    """`bench/serve.py`'s peers, each run once on the suite's models: the pipelines' model calls
+    in-process (the limit), the naive FastAPI server, a no-op Serve deployment and the plain
+    Serve application; the ones with models give the platform's answers."""
+    from fastapi.testclient import TestClient
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from peers import load_models, naive_app, noop_app, plain_serve_app, run_pipeline
+
+    cfg = ServeConfig.model_validate(yaml.safe_load(platform.config.read_text())["serve"])
+    uri = platform.registry.tracking_uri
+    posts = list(generate("moderation", "base", 4, seed=11).text)
+    served = {"support": [r["queue"] for r in httpx.post(
+                  f"{platform.url}/v1/support/route", json={"texts": SUPPORT_TEXTS[:2]},
+                  headers=platform.auth, timeout=60).json()["results"]],
+              "moderation": [r["verdict"] for r in httpx.post(
+                  f"{platform.url}/v1/moderate", json={"texts": posts},
+                  headers=platform.auth, timeout=60).json()["results"]]}
+    texts = {"support": SUPPORT_TEXTS[:2], "moderation": posts}
+    key = {"support": "queue", "moderation": "verdict"}
+    direct = {name: run_pipeline(name, load_models(cfg, uri, precision=True), texts[name], cfg)
+              for name in texts}
+    assert {name: [a[key[name]] for a in answers] for name, answers in direct.items()} == served
+    naive = TestClient(naive_app(uri, cfg))
+    assert naive.post("/v1/moderate", json={"text": posts[0]}).json() == direct["moderation"][0]
+    # (no CPU asked: the suite's replicas hold the session's two)
+    serve.run(noop_app(cpus=0), name="peer-noop", route_prefix="/peer-noop")
+    serve.run(plain_serve_app(uri, cfg, 4, cpus=0), name="peer-plain", route_prefix="/peer-plain")
+    try:
+        assert httpx.post(f"{platform.url}/peer-noop", json={"text": "hi"}).json() == {}
+        plain = httpx.post(f"{platform.url}/peer-plain/v1/support/route",
+                           json={"text": SUPPORT_TEXTS[0]}, timeout=60)
+        assert plain.json() == direct["support"][0]
+    finally:
+        serve.delete("peer-noop")
+        serve.delete("peer-plain")
+
+
 def test_requests_are_batched_under_concurrent_load(platform):
     handle = serve.get_deployment_handle("Classifier", "moderation")
     responses = [handle.predict.remote(Item(f"message number {i}", f"b{i}")) for i in range(48)]
