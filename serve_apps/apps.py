@@ -33,7 +33,13 @@ def pin(ref: str, tracking_uri: str | None) -> tuple[str, str | None]:
     return identity.uri, identity.alias
 
 
-def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None) -> dict:
+def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None,
+                       pin_models: bool = True) -> dict:
+    """What a model's `reconfigure()` receives. With `pin_models` every reference is pinned
+    to its version now (the registry is asked); without, each replica resolves its alias when
+    it starts (a manifest written before any deploy)."""
+    if not pin_models:
+        return md.user_config(md.model, None, md.canary)
     model, alias = pin(md.model, tracking_uri)
     canary = None
     if md.canary:
@@ -56,12 +62,9 @@ def actor_resources(md: ModelDeploymentConfig, use_gpu: bool, gpu_resource: str 
 
 def deployment_options(md: ModelDeploymentConfig, use_gpu: bool, tracking_uri: str | None,
                        gpu_resource: str | None = None, pin_models: bool = True) -> dict:
-    """`.options()` of a model deployment, in the field names of Serve's config file. With
-    `pin_models` every reference is pinned to its version now (the registry is asked); without,
-    each replica resolves its alias when it starts (a manifest written before any deploy)."""
-    user_config = pinned_user_config(md, tracking_uri) if pin_models else \
-        md.user_config(md.model, None, md.canary)
-    return {"user_config": user_config,
+    """`.options()` of a model deployment, in the field names of Serve's config file
+    (`pin_models` as in `pinned_user_config`)."""
+    return {"user_config": pinned_user_config(md, tracking_uri, pin_models),
             "autoscaling_config": md.autoscaling.model_dump(exclude_none=True),
             "ray_actor_options": actor_resources(md, use_gpu, gpu_resource),
             "max_ongoing_requests": max(md.max_ongoing_requests, md.batching.max_batch_size)}
@@ -90,8 +93,7 @@ def app_deployments(name: str, app_cfg, ingress_cpus: float, use_gpu: bool,
         if not md.inline(use_gpu, generates=dep == "Generator"):
             out[dep] = deployment_options(md, use_gpu, tracking_uri, gpu_resource, pin_models)
             continue
-        inline[dep] = pinned_user_config(md, tracking_uri) if pin_models else \
-            md.user_config(md.model, None, md.canary)
+        inline[dep] = pinned_user_config(md, tracking_uri, pin_models)
         actor = ingress["ray_actor_options"]
         actor["num_cpus"] = round(actor["num_cpus"] + md.resources.num_cpus, 4)
         if md.resources.memory_mb:
