@@ -29,7 +29,8 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
     """The Serve config (`ServeDeploySchema`) of every enabled application; `log` is where and
     how pipelines write the inference log (`{"uri": ..., **LogConfig}`), None for no log;
     `governance` what the policies need (`serve_apps.policies.chain`), None for none;
-    `pin_models` as in `deployment_options` (False for a manifest written offline)."""
+    `pin_models` as in `serve_apps.apps.pinned_user_config` (False for a manifest written
+    offline)."""
     apps = []
     for name in APPS:
         app_cfg = getattr(config, name)

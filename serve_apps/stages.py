@@ -2,12 +2,13 @@
 its handle) or inline: the same deployment class living inside the pipeline replica, called
 through the same interface without a hop.
 
-Inline is the choice for CPU models that share the pipeline's node (`placement: auto` without a
-GPU): no serialisation of the batch and its answers, no second queue, one process fewer per
-model. Its hot swap is the same: the pipeline's `user_config` holds each inline stage's own
-(`{"models": {"Classifier": {...}}}`), and the pipeline's `reconfigure()` hands it on, so the new
-version loads beside the old one and one assignment switches. A replica of its own stays the
-choice for GPU models and for models that scale apart from their pipeline.
+Inline is the choice for CPU models that share the pipeline's node and do not generate text
+(what `placement: auto` picks): no serialisation of the batch and its answers, no second
+queue, one process fewer per model. Its hot swap is the same: the pipeline's `user_config`
+holds each inline stage's own (`{"models": {"Classifier": {...}}}`), and the pipeline's
+`reconfigure()` hands it on, so the new version loads beside the old one and one assignment
+switches. A replica of its own stays the choice for GPU models, generators and models that
+scale apart from their pipeline.
 """
 
 from __future__ import annotations
