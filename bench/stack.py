@@ -26,8 +26,9 @@ def register_untrained(settings: Settings, registry) -> None:
     """Every task's configured architecture, untrained, as `@champion` (speed only)."""
     import torch
 
-    from training.job import build_task_data, make_spec, register_model_dir
+    from training.job import make_spec, register_model_dir
     from training.models import build_model
+    from training.taskdata import build_task_data
 
     torch.manual_seed(0)  # the same untrained weights, so the same share of posts gets rewritten
     for task in ("support-router", "moderation", "rewriter", "support-reply"):

@@ -80,16 +80,17 @@ def _format_job(result: dict) -> str:
 
 
 def cmd_train(args) -> Output:
-    from training.job import TaskData, build_task_data, fit_and_register, task_config, with_overrides
+    from training.taskdata import TaskData, build_task_data
 
-    settings = _settings(args)
-    config = with_overrides(settings.training, args.task, workers=args.workers,
-                            deepspeed_stage=args.deepspeed_stage, epochs=args.epochs)
-    task_config(config, args.task)
+    settings = _settings(args)  # names, data and the registry are checked before the slow imports
+    config = settings.training.overridden(args.task, workers=args.workers,
+                                          deepspeed_stage=args.deepspeed_stage, epochs=args.epochs)
     data = TaskData.load(Path(args.data)) if args.data else build_task_data(config, args.task,
                                                                            args.scenario)
     tags = dict(t.split("=", 1) for t in args.tag)
     registry = _registry(settings)
+    from training.job import fit_and_register
+
     runtime.connect(settings.ray)
     result = fit_and_register(config, registry, args.task, data,
                               storage_path=settings.storage_path,

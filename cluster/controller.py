@@ -286,8 +286,8 @@ class Controller:
         return state
 
     def _evaluating(self, state: ControllerState) -> ControllerState:
-        from training.job import TaskData
         from training.retrain import evaluate_pair
+        from training.taskdata import TaskData
 
         holdouts = TaskData.load(self.work / state.retrain_id / "data").holdouts
         gate = self.settings.training.gate

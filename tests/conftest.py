@@ -108,8 +108,9 @@ def register_quick(settings: Settings, registry, task: str, epochs: int = 6, see
 
     import torch
 
-    from training.job import build_task_data, make_spec, register_model_dir
+    from training.job import make_spec, register_model_dir
     from training.models import build_model, collate, encode_causal_lm, encode_classification
+    from training.taskdata import build_task_data
 
     started = time.perf_counter()
     data = build_task_data(settings.training, task)

@@ -18,9 +18,9 @@ from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
 from training.config import GateConfig, RetrainConfig
 from training.data import generate
 from training.errors import InvalidData
-from training.job import TaskData
 from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
 from training.retrain import ORIGINAL, RECENT, gate, retraining_data
+from training.taskdata import TaskData
 
 MODEL = "support-router"
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from training.errors import InvalidData, RegistryUnavailable, UnknownName
-from training.job import TaskData, build_task_data, fit_and_register
+from training.job import fit_and_register
 from training.registry import Registry
+from training.taskdata import TaskData, build_task_data
 
 
 def _fit(settings, registry, data, task="support-router"):

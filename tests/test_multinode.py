@@ -78,8 +78,9 @@ def test_placement_training_spread_and_node_loss_under_load(private_ray_tmp, tmp
 
     from monitoring import audit
     from serve_apps.deploy import ServeCluster, serve_config
-    from training.job import build_task_data, fit_and_register
+    from training.job import fit_and_register
     from training.registry import Registry
+    from training.taskdata import build_task_data
 
     settings = tiny_settings(tmp_path / "state")
     registry = Registry(settings.registry, settings.data_dir)

@@ -706,6 +706,53 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
         handle.submit.remote({"request_id": third, "label": "spam"}, None, neighbour).result()
 
 
+def test_failing_generator_opens_the_breaker_and_the_fallback_answers_degraded(platform):
+    """A generator timeout of 1 ms fails every call: chat answers with its fallback reply and
+    support with retrieved replies, both marked `degraded`; chat, limited to one request in
+    flight and one queued, sheds a burst with 503 and Retry-After. It leaves them so: the tests after
+    it need support's router only, and chat no more."""
+    config = platform.cluster.deployed_config()
+    broken = {"failures": 2, "window_s": 60, "cooldown_s": 600, "timeout_s": 0.001}
+    shed = {"max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2}
+    for app in config["applications"]:
+        if app["name"] in ("chat", "support"):
+            app["args"]["config"]["breaker"] = broken
+        if app["name"] == "chat":  # and chat sheds load past one request and one queued
+            app["args"]["config"]["overload"] = shed
+            [ingress] = [d for d in app["deployments"] if d["name"] == "ChatPipeline"]
+            ingress.update(ingress_options(OverloadConfig(**shed),
+                                           ingress["ray_actor_options"]["num_cpus"]))
+    platform.cluster.deploy(config)
+    body = {"model": "rewriter", "messages": [{"role": "user", "content": "you idiots"}]}
+    for _ in range(3):  # two failures open the breaker; the third is answered at once
+        r = httpx.post(f"{platform.url}/v1/chat/completions", json=body,
+                       headers=platform.auth, timeout=60)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["llmops"]["degraded"] is True and out["llmops"]["model"] is None
+        assert out["choices"][0]["message"]["content"] == ChatAppConfig().fallback_reply
+    streamed = httpx.post(f"{platform.url}/v1/chat/completions", json={**body, "stream": True},
+                          headers=platform.auth, timeout=60)
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == \
+        ChatAppConfig().fallback_reply and events[-1]["llmops"]["degraded"] is True
+    with ThreadPoolExecutor(24) as pool:
+        burst = list(pool.map(lambda _: httpx.post(f"{platform.url}/v1/chat/completions",
+                                                   json=body, headers=platform.auth, timeout=60),
+                              range(48)))
+    codes = [r.status_code for r in burst]
+    assert set(codes) == {200, 503} and codes.count(503) < len(codes), codes
+    assert all(r.headers["retry-after"] == "2" for r in burst if r.status_code == 503)
+    r = httpx.post(f"{platform.url}/v1/support/route", json={"texts": SUPPORT_TEXTS[:3]},
+                   headers=platform.auth, timeout=60)
+    assert r.status_code == 200 and r.json()["degraded"] is True, r.text
+    for res in r.json()["results"]:
+        assert res["suggestion"]["source"] == "retrieval" and "generator" not in res["models"]
+        assert res["suggestion"]["reply"] == RESOLUTIONS[res["suggestion"]["intent"]]
+
+
 def test_drift_check_on_the_served_log(platform):
     """Clean traffic then new-product traffic through the running stack, checked by the CLI."""
     run = (platform.env, platform.config)
@@ -798,53 +845,6 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
         proc.send_signal(signal.SIGINT)
         stdout, _ = proc.communicate(timeout=120)  # after the check in progress
     assert proc.returncode == 130 and "support-router v1:" in stdout
-
-
-def test_failing_generator_opens_the_breaker_and_the_fallback_answers_degraded(platform):
-    """A generator timeout of 1 ms fails every call: chat answers with its fallback reply and
-    support with retrieved replies, both marked `degraded`; chat, limited to one request in
-    flight and one queued, sheds a burst with 503 and Retry-After. It leaves them so: the tests after
-    it need support's router only, and chat no more."""
-    config = platform.cluster.deployed_config()
-    broken = {"failures": 2, "window_s": 60, "cooldown_s": 600, "timeout_s": 0.001}
-    shed = {"max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2}
-    for app in config["applications"]:
-        if app["name"] in ("chat", "support"):
-            app["args"]["config"]["breaker"] = broken
-        if app["name"] == "chat":  # and chat sheds load past one request and one queued
-            app["args"]["config"]["overload"] = shed
-            [ingress] = [d for d in app["deployments"] if d["name"] == "ChatPipeline"]
-            ingress.update(ingress_options(OverloadConfig(**shed),
-                                           ingress["ray_actor_options"]["num_cpus"]))
-    platform.cluster.deploy(config)
-    body = {"model": "rewriter", "messages": [{"role": "user", "content": "you idiots"}]}
-    for _ in range(3):  # two failures open the breaker; the third is answered at once
-        r = httpx.post(f"{platform.url}/v1/chat/completions", json=body,
-                       headers=platform.auth, timeout=60)
-        assert r.status_code == 200, r.text
-        out = r.json()
-        assert out["llmops"]["degraded"] is True and out["llmops"]["model"] is None
-        assert out["choices"][0]["message"]["content"] == ChatAppConfig().fallback_reply
-    streamed = httpx.post(f"{platform.url}/v1/chat/completions", json={**body, "stream": True},
-                          headers=platform.auth, timeout=60)
-    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
-              if line.startswith("data: {")]
-    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
-    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == \
-        ChatAppConfig().fallback_reply and events[-1]["llmops"]["degraded"] is True
-    with ThreadPoolExecutor(24) as pool:
-        burst = list(pool.map(lambda _: httpx.post(f"{platform.url}/v1/chat/completions",
-                                                   json=body, headers=platform.auth, timeout=60),
-                              range(48)))
-    codes = [r.status_code for r in burst]
-    assert set(codes) == {200, 503} and codes.count(503) < len(codes), codes
-    assert all(r.headers["retry-after"] == "2" for r in burst if r.status_code == 503)
-    r = httpx.post(f"{platform.url}/v1/support/route", json={"texts": SUPPORT_TEXTS[:3]},
-                   headers=platform.auth, timeout=60)
-    assert r.status_code == 200 and r.json()["degraded"] is True, r.text
-    for res in r.json()["results"]:
-        assert res["suggestion"]["source"] == "retrieval" and "generator" not in res["models"]
-        assert res["suggestion"]["reply"] == RESOLUTIONS[res["suggestion"]["intent"]]
 
 
 def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_request(platform):

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from training.errors import UnknownName
+
 BUNDLED_ENCODER = "all-MiniLM-L6-v2"
 
 
@@ -135,6 +137,24 @@ class TrainingConfig(_Strict):
         gpu = {"GPU": 1, **({self.gpu_resource: 1} if self.gpu_resource else {})} if use_gpu else {}
         return {"CPU": self.cpus_per_worker, **gpu}
 
+    def task(self, name: str) -> TaskConfig:
+        if name not in self.tasks:
+            raise UnknownName("task", name, list(self.tasks))
+        return self.tasks[name]
+
+    def overridden(self, task: str, *, workers: int | None = None,
+                   deepspeed_stage: int | None = None, epochs: int | None = None) -> TrainingConfig:
+        """A validated copy with the command line's overrides (None keeps the setting)."""
+        data = self.model_dump()
+        self.task(task)
+        if workers is not None:
+            data["workers"] = workers
+        if deepspeed_stage is not None:
+            data["deepspeed"]["stage"] = deepspeed_stage
+        if epochs is not None:
+            data["tasks"][task]["epochs"] = epochs
+        return TrainingConfig.model_validate(data)
+
     @field_validator("tasks", mode="before")
     @classmethod
     def _merge_task_defaults(cls, value: Any) -> Any:
@@ -158,6 +178,9 @@ class TuneConfig(_Strict):
     learning_rates: list[float] = Field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
     epochs: list[int] = Field(default_factory=lambda: [1, 2])
     grace_period: int = Field(1, ge=1)
+    concurrent_trials: int = Field(
+        1, ge=1, le=100, description="trials whose trainers run at once: one each takes every "
+        "CPU a trial's workers need, so more than one pays off on a cluster with room for them")
 
 
 class RegistryConfig(_Strict):

@@ -1,7 +1,7 @@
 """One training job end to end: data -> distributed fine-tune -> holdout metrics -> registry.
 
-`build_task_data` makes the data with the seeded generator; `fit_and_register` takes any
-prepared `TaskData` (the closed loop will pass reference data plus labelled traffic).
+`fit_and_register` takes any prepared `TaskData` (`training.taskdata`): the seeded generator's,
+or reference data plus labelled traffic (the closed loop's retrain).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from training import data as datagen
 from training.config import TaskConfig, TrainingConfig
-from training.errors import InvalidData, UnknownName
+from training.errors import UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm
 from training.features import reference_profile
 from training.finetune import Chaos, FinetuneSpec, run_finetune, run_names
@@ -23,36 +22,7 @@ from training.golden import golden_set, measure
 from training.models import PROMPT, load_tokenizer
 from training.pyfunc import TaskModel, write_meta
 from training.registry import RegisteredVersion, Registry, RunRecord
-
-
-@dataclass
-class TaskData:
-    """Training rows, a small validation split (for early stopping) and named holdouts."""
-
-    train: pd.DataFrame
-    validation: pd.DataFrame
-    holdouts: dict[str, pd.DataFrame]
-    scenario: str = "base"
-
-    def save(self, folder: Path) -> Path:
-        """As Parquet files (what a retrain job reads back with `load`)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, df in {"train": self.train, "validation": self.validation,
-                         **{f"holdout-{h}": df for h, df in self.holdouts.items()}}.items():
-            df.to_parquet(folder / f"{name}.parquet", index=False)
-        (folder / "scenario").write_text(self.scenario)
-        return folder
-
-    @classmethod
-    def load(cls, folder: Path) -> TaskData:
-        folder = Path(folder)
-        if not (folder / "train.parquet").is_file():
-            raise InvalidData(f"{folder} holds no train.parquet (see TaskData.save)")
-        return cls(train=pd.read_parquet(folder / "train.parquet"),
-                   validation=pd.read_parquet(folder / "validation.parquet"),
-                   holdouts={p.stem.removeprefix("holdout-"): pd.read_parquet(p)
-                             for p in sorted(folder.glob("holdout-*.parquet"))},
-                   scenario=(folder / "scenario").read_text().strip())
+from training.taskdata import TaskData, validate_data
 
 
 @dataclass
@@ -71,46 +41,6 @@ class JobResult:
         return asdict(self)
 
 
-def task_config(config: TrainingConfig, task: str) -> TaskConfig:
-    if task not in config.tasks:
-        raise UnknownName("task", task, list(config.tasks))
-    return config.tasks[task]
-
-
-def build_task_data(config: TrainingConfig, task: str, scenario: str = "base") -> TaskData:
-    """Seeded training data for `task` under `scenario`, and every configured holdout."""
-    tc = task_config(config, task)
-
-    def make(name: str, n: int, seed: int) -> pd.DataFrame:
-        return datagen.generate(tc.dataset, name, n, seed, priors=tc.label_priors)
-
-    seed = config.seed
-    return TaskData(
-        train=make(scenario, tc.train_size, seed),
-        validation=make(scenario, min(tc.holdout_size, 200), seed + 101),
-        holdouts={h: make(h, tc.holdout_size, seed + 1000 + i) for i, h in enumerate(tc.holdouts)},
-        scenario=scenario)
-
-
-def validate_data(tc: TaskConfig, data: TaskData) -> list[str]:
-    """The label list, after checking the data can train this task; raises InvalidData."""
-    labels = datagen.labels_of(tc.dataset)
-    if data.train.empty:
-        raise InvalidData("the training dataset is empty")
-    for name, df in {"training": data.train, **data.holdouts}.items():
-        if missing := {"text", "label"} - set(df.columns):
-            raise InvalidData(f"the {name} dataset lacks columns {sorted(missing)}")
-        if unknown := set(df["label"]) - set(labels):
-            raise InvalidData(f"the {name} dataset has labels outside {labels}: {sorted(unknown)}")
-    if tc.kind == "classification":
-        if absent := [lbl for lbl in labels if lbl not in set(data.train["label"])]:
-            raise InvalidData(f"label(s) {absent} never occur in the training data; every one of "
-                              f"{labels} needs examples")
-    elif (data.train["rewrite"].fillna("") == "").any():
-        raise InvalidData("causal-lm training rows need a non-empty 'rewrite'")
-    return labels
-
-
 def _targets(tc: TaskConfig, df: pd.DataFrame, labels: list[str]) -> list:
     if tc.kind == "classification":
         index = {lbl: i for i, lbl in enumerate(labels)}
@@ -121,7 +51,7 @@ def _targets(tc: TaskConfig, df: pd.DataFrame, labels: list[str]) -> list:
 def make_spec(config: TrainingConfig, registry: Registry, task: str, data: TaskData,
               chaos: Chaos | None = None) -> FinetuneSpec:
     """Check the data and describe the fine-tune for the workers."""
-    tc = task_config(config, task)
+    tc = config.task(task)
     labels = validate_data(tc, data)
     corpus = [PROMPT.format(text=t) + " " + r for t, r in zip(data.train.text, data.train.rewrite)
               ] if tc.kind == "causal-lm" else []  # a scratch LM's tokenizer is trained on it
@@ -168,7 +98,7 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
                        started: float, tags: dict | None = None,
                        extra_params: dict | None = None) -> JobResult:
     """Evaluate a consolidated model folder on the holdouts and register it."""
-    tc = task_config(config, task)
+    tc = config.task(task)
     write_meta(model_dir, {"kind": tc.kind, "labels": labels, "max_length": tc.model.max_length,
                            "task": task})
     task_model = TaskModel.from_folder(model_dir)
@@ -199,22 +129,3 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
                      run_id=version.run_id, model_uri=version.model_uri, metrics=metrics,
                      history=history, model_dir=str(model_dir),
                      seconds=round(time.perf_counter() - started, 1))
-
-
-def with_overrides(config: TrainingConfig, task: str, **overrides) -> TrainingConfig:
-    """A copy of `config` with the command line's overrides (None means keep)."""
-    config = config.model_copy(deep=True)
-    if overrides.get("workers") is not None:
-        config.workers = overrides["workers"]
-    if overrides.get("deepspeed_stage") is not None:
-        config.deepspeed = replace_model(config.deepspeed, stage=overrides["deepspeed_stage"])
-    if overrides.get("epochs") is not None:
-        tasks = dict(config.tasks)
-        tasks[task] = replace_model(task_config(config, task), epochs=overrides["epochs"])
-        config.tasks = tasks
-    return config
-
-
-def replace_model(model, **changes):
-    """A validated copy of a pydantic model with `changes`."""
-    return type(model).model_validate({**model.model_dump(), **changes})

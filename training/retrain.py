@@ -26,7 +26,7 @@ PROVENANCE = ("intent", "scenario")
 def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.DataFrame,
                     config: RetrainConfig, seed: int = 0):
     """A `TaskData` (`scenario` "retrain") with holdouts `recent` and `original`."""
-    from training.job import TaskData
+    from training.taskdata import TaskData
 
     recent = recent.dropna(subset=["text", "label"])[["text", "label"]].reset_index(drop=True)
     if len(recent) < config.min_labelled:

@@ -13,8 +13,9 @@ import time
 from training.config import TrainingConfig, TuneConfig
 from training.errors import TrainingFailed
 from training.finetune import FinetuneSpec, consolidate_run, fit
-from training.job import JobResult, build_task_data, make_spec, register_model_dir, run_name
+from training.job import JobResult, make_spec, register_model_dir, run_name
 from training.registry import Registry
+from training.taskdata import build_task_data
 
 
 def tune_task(config: TrainingConfig, tune_config: TuneConfig, registry: Registry, task: str, *,
@@ -45,7 +46,7 @@ def tune_task(config: TrainingConfig, tune_config: TuneConfig, registry: Registr
                      "epochs": tune.choice(tune_config.epochs)},
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", num_samples=tune_config.trials,
-            max_concurrent_trials=1, scheduler=ASHAScheduler(
+            max_concurrent_trials=tune_config.concurrent_trials, scheduler=ASHAScheduler(
                 time_attr="training_iteration", max_t=max(tune_config.epochs),
                 grace_period=min(tune_config.grace_period, max(tune_config.epochs)))),
         run_config=tune.RunConfig(name=name, storage_path=storage_path),
