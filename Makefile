@@ -15,7 +15,7 @@ export RAY_AUTH_MODE = disabled
 export PYTHONUNBUFFERED = 1
 # (the local head binds the dashboard to 127.0.0.1; see cluster.yaml for a shared cluster)
 
-.PHONY: install demo test lint bench manifests clean
+.PHONY: install demo test lint bench bench-env manifests clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ bench: $(STAMP)
 	$(PY) bench/governance.py --json
 	$(PY) bench/soak.py --json   # 30 minutes of steady mixed load: memory slope per process
 	$(PY) bench/loop.py --json   # on the demo's stack: trains the champions if absent
+
+# The BentoML peer of bench/serve.py. BentoML pins another OpenTelemetry than Ray and MLflow,
+# so it gets an environment of its own that sees the platform's packages behind its own.
+bench-env: $(STAMP)
+	test -x .venv-bento/bin/python || $(PYTHON) -m venv .venv-bento
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+	  > "$$(.venv-bento/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llmops.pth"
+	.venv-bento/bin/python -m pip install --quiet bentoml==1.4.40
 
 clean:
 	$(VENV)/bin/ray stop --force >/dev/null 2>&1 || true

@@ -7,7 +7,11 @@ hop) and a plain Ray Serve application with `@serve.batch` and none of the platf
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,6 +23,8 @@ from serve_apps.config import GenerationConfig, ServeConfig  # noqa: E402
 
 # the peers' replicas unpickle their classes from this module (and `stack`), by name
 IMPORTABLE = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}}
+# the BentoML peer's environment (`make bench-env`)
+BENTOML = Path(__file__).resolve().parents[1] / ".venv-bento" / "bin" / "bentoml"
 
 
 def run_pipeline(name: str, models: dict, texts: list[str], cfg: ServeConfig) -> list[dict]:
@@ -127,3 +133,33 @@ def plain_serve_app(tracking_uri: str, cfg: ServeConfig, batch: int, cpus: float
             return await getattr(self, name)((await request.json())["text"])
 
     return PlainPipelines.bind()
+
+
+@contextlib.contextmanager
+def bentoml_server(port: int, tracking_uri: str, cfg: ServeConfig, timeout: float = 300):
+    """`bench/bento_peer.py` served by BentoML from its own environment, until it answers;
+    yields (base URL, the pids of its process tree)."""
+    import httpx
+    import psutil
+
+    env = {**os.environ, "LLMOPS_BENCH_TRACKING_URI": tracking_uri,
+           "LLMOPS_BENCH_SERVE_CONFIG": cfg.model_dump_json(), "BENTOML_DO_NOT_TRACK": "True"}
+    proc = subprocess.Popen([str(BENTOML), "serve", "bento_peer:Pipelines", "--host",
+                             "127.0.0.1", "--port", str(port)], cwd=Path(__file__).parent,
+                            env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                httpx.get(f"{base}/readyz", timeout=5).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the BentoML peer never got ready (exit {proc.poll()})") from None
+                time.sleep(1)
+        yield base, [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    finally:
+        proc.terminate()
+        proc.wait()

@@ -2,7 +2,8 @@
 platform serves them (every policy and the inference log on), over HTTP and over handles,
 against its peers on the same models with the same batch size (`bench/peers.py`): the model
 calls in-process (the limit), a naive FastAPI + transformers server, a no-op Serve deployment
-(Serve's own floor) and a plain Ray Serve application with `@serve.batch`, all in one run. Every
+(Serve's own floor), a plain Ray Serve application with `@serve.batch` and a BentoML service
+with adaptive batching (`bench/bento_peer.py`, after `make bench-env`), all in one run. Every
 cell reports the CPU milliseconds a request cost in each process (`stack.CpuMeter`: proxy,
 ingress, each model replica, the audit and quota actors, Ray's own, the load generator), and
 one more run at the top concurrency under py-spy splits each Serve process's milliseconds by
@@ -37,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import (  # noqa: E402
+    BENTOML,
+    bentoml_server,
     load_models,
     naive_server,
     noop_app,
@@ -94,9 +97,11 @@ async def closed_loop(call, texts: list[str], concurrency: int, duration: float)
     return summarize(latencies, time.perf_counter() - started, len(latencies), failed)
 
 
-def http_call(client, url: str):
+def http_call(client, url: str, listed: bool = False):
+    """A request of one text: `{"text": ...}`, or `{"texts": [...]}` where the server batches
+    lists (BentoML)."""
     async def call(text: str) -> None:
-        r = await client.post(url, json={"text": text})
+        r = await client.post(url, json={"texts": [text]} if listed else {"text": text})
         r.raise_for_status()
     return call
 
@@ -139,7 +144,7 @@ async def metered(call, texts: list[str], concurrencies: list[int], duration: fl
 
 async def measure_http(base: str, concurrencies: list[int], duration: float, texts: dict,
                        extra: dict[int, str] | None = None, headers: dict | None = None,
-                       profile: bool = False) -> dict:
+                       profile: bool = False, listed: bool = False) -> dict:
     """Each pipeline of `texts` over HTTP."""
     import httpx
 
@@ -149,7 +154,7 @@ async def measure_http(base: str, concurrencies: list[int], duration: float, tex
         for name, (_, path, _) in PIPELINES.items():
             if name not in texts:
                 continue
-            out[name] = await metered(http_call(client, base + path), texts[name],
+            out[name] = await metered(http_call(client, base + path, listed), texts[name],
                                       concurrencies, duration, extra, profile)
     return out
 
@@ -168,6 +173,18 @@ async def measure_handles(concurrencies: list[int], duration: float, texts: dict
 
         out[name] = await metered(call, texts[name], concurrencies, duration)
     return out
+
+
+def bentoml_peer(port: int, tracking_uri: str, cfg: ServeConfig, concurrencies: list[int],
+                 duration: float, texts: dict) -> dict | None:
+    """BentoML with adaptive batching (`bench/bento_peer.py`), from its own environment; None
+    (and a line on stderr) where `make bench-env` has not made it."""
+    if not BENTOML.exists():
+        print(f"no BentoML peer: {BENTOML} is missing (make bench-env)", file=sys.stderr)
+        return None
+    with bentoml_server(port, tracking_uri, cfg) as (base, pids):
+        return asyncio.run(measure_http(base, concurrencies, duration, texts,
+                                        dict.fromkeys(pids, "bentoml"), listed=True))
 
 
 def _wait_http(url: str, timeout: float = 180) -> None:
@@ -269,20 +286,24 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
+    # (f) BentoML, in a process tree of its own
+    bento = bentoml_peer(args.port + 2, registry.tracking_uri, serve_cfg, args.concurrency,
+                         args.duration, texts)
+
     report = {"benchmark": "serve_pipelines", "cpus": os.cpu_count(), "batch_size": batch,
               "models": models_of(args.data_dir),
               "precision": {k: md.precision for k, md in served_models(serve_cfg).items()},
               "placement": {k: md.placement for k, md in served_models(serve_cfg).items()},
               "duration_s": args.duration, "in_process_limit": limits,
               "naive_fastapi": baseline, "serve_noop": noop, "plain_serve": plain,
-              "platform_http": http, "platform_handle": handles,
-              "ratios": ratios(limits, baseline, noop, plain, http, handles,
+              "bentoml": bento, "platform_http": http, "platform_handle": handles,
+              "ratios": ratios(limits, baseline, noop, plain, bento, http, handles,
                                f"c{max(args.concurrency)}")}
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
 
 
-def ratios(limits: dict, naive: dict, noop: dict, plain: dict, http: dict, handles: dict,
-           top: str) -> dict:
+def ratios(limits: dict, naive: dict, noop: dict, plain: dict, bento: dict | None, http: dict,
+           handles: dict, top: str) -> dict:
     """At the top concurrency, per pipeline: the bound a Serve application can reach here
     (1 / (1/no-op + 1/in-process limit)), each way of serving as a share of the limit, of the
     bound and of each peer, and the CPU a platform request costs beyond a plain Serve one; and
@@ -296,14 +317,15 @@ def ratios(limits: dict, naive: dict, noop: dict, plain: dict, http: dict, handl
             http[name][top]["cpu_ms_per_request"]["total"]
             - plain[name][top]["cpu_ms_per_request"]["total"], 2),
             "http_p99_under_1s_up_to_concurrency": max(under_1s, default=None)}
-        for way, results in (("platform_http", http), ("platform_handle", handles),
-                             ("plain_serve", plain), ("naive_fastapi", naive)):
+        peers = {"naive_fastapi": naive, "plain_serve": plain, "bentoml": bento}
+        for way, results in (("platform_http", http), ("platform_handle", handles), *(
+                (peer, results) for peer, results in peers.items() if results)):
             rps = results[name][top]["rps"]
             out[name][way] = {
                 "vs_in_process_limit": round(rps / limits[name]["rps"], 3),
                 "vs_bound": round(rps / bound, 3),
-                "vs_naive_fastapi": round(rps / naive[name][top]["rps"], 3),
-                "vs_plain_serve": round(rps / plain[name][top]["rps"], 3)}
+                **{f"vs_{peer}": round(rps / other[name][top]["rps"], 3)
+                   for peer, other in peers.items() if other}}
     return out
 
 

@@ -261,6 +261,30 @@ def test_the_benchmark_peers_answer_as_the_platform_does(platform):
         serve.delete("peer-plain")
 
 
+def test_the_bentoml_peer_answers_as_the_platform_does(platform):
+    """`bench/serve.py`'s BentoML peer (adaptive batching) gives the models' answers; it runs
+    from an environment of its own, which `make bench-env` makes (not part of `make test`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from peers import BENTOML, bentoml_server, load_models, run_pipeline
+    from stack import PIPELINES
+
+    if not BENTOML.exists():
+        pytest.skip(f"no {BENTOML} (make bench-env)")
+    cfg = ServeConfig.model_validate(yaml.safe_load(platform.config.read_text())["serve"])
+    models = load_models(cfg, platform.registry.tracking_uri, precision=True)
+    texts = {"support": SUPPORT_TEXTS[:3], "moderation": ["you idiots", "hello all"]}
+    with bentoml_server(free_port(), platform.registry.tracking_uri, cfg) as (base, pids):
+        assert len(pids) >= 2  # BentoML's server and its service worker
+
+        def ask(path: str, text: str) -> list:
+            return httpx.post(base + path, json={"texts": [text]}, timeout=60).json()
+
+        with ThreadPoolExecutor(8) as pool:  # concurrent requests, batched by BentoML
+            for name, (_, path, _) in PIPELINES.items():
+                answers = list(pool.map(ask, [path] * len(texts[name]), texts[name]))
+                assert answers == [[a] for a in run_pipeline(name, models, texts[name], cfg)]
+
+
 def test_requests_are_batched_under_concurrent_load(platform):
     handle = serve.get_deployment_handle("Classifier", "moderation")
     responses = [handle.predict.remote(Item(f"message number {i}", f"b{i}")) for i in range(48)]

@@ -6,7 +6,6 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import pytest
 
 from training.finetune import Chaos
 from training.job import fit_and_register
