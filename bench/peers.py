@@ -146,7 +146,7 @@ def bentoml_server(port: int, tracking_uri: str, cfg: ServeConfig, timeout: floa
            "LLMOPS_BENCH_SERVE_CONFIG": cfg.model_dump_json(), "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.Popen([str(BENTOML), "serve", "bento_peer:Pipelines", "--host",
                              "127.0.0.1", "--port", str(port)], cwd=Path(__file__).parent,
-                            env=env)
+                            env=env, stdout=sys.stderr)  # its access log: not the JSON report
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
