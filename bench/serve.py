@@ -122,8 +122,8 @@ async def metered(call, texts: list[str], concurrencies: list[int], duration: fl
                   extra: dict[int, str] | None = None, profile: bool = False) -> dict:
     """`closed_loop` at each concurrency after a warm-up, each with the CPU milliseconds a
     request cost in every process (`stack.CpuMeter`). With `profile`, one more run at the top
-    concurrency under py-spy (apart: the profiler takes CPU of its own) splits each Serve
-    process's milliseconds by stage (`stack.Profile`)."""
+    concurrency under py-spy (apart: the profiler takes CPU of its own) splits the milliseconds of
+    each Serve process and of the quota and audit actors by stage (`stack.Profile`)."""
     await closed_loop(call, texts, 4, 1.0)
     out = {}
     for c in concurrencies:
@@ -132,7 +132,8 @@ async def metered(call, texts: list[str], concurrencies: list[int], duration: fl
         out[f"c{c}"]["cpu_ms_per_request"] = meter.per_request_ms(out[f"c{c}"]["requests"])
     if profile:
         serving = {pid: component(title) for pid, title in ray_processes().items()
-                   if title.startswith(("ray::ServeReplica", "ray::ProxyActor"))}
+                   if title.startswith(("ray::ServeReplica", "ray::ProxyActor",
+                                        "ray::QuotaAuthority", "ray::AuditLogger"))}
         with CpuMeter() as meter, Profile(serving, duration) as spy:
             cell = await closed_loop(call, texts, max(concurrencies), duration)
         ms = meter.per_request_ms(cell["requests"])
