@@ -358,8 +358,8 @@ def _manual(method: str, *args_of: str):
 def _serve_cluster(settings: Settings):
     from serve_apps.deploy import ServeCluster
 
-    cluster = ServeCluster(settings.dashboard_address)
     try:
+        cluster = ServeCluster(settings.dashboard_address)  # (its client connects at once)
         cluster.details()
     except Exception as exc:
         raise LLMOpsError(f"no Ray dashboard at {settings.dashboard_address} "

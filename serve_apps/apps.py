@@ -21,16 +21,10 @@ from serve_apps.config import (
     SupportAppConfig,
 )
 from serve_apps.feedback import FeedbackService
-from serve_apps.model import resolve
 from serve_apps.moderation import ModerationPipeline
+from serve_apps.refs import pin
 from serve_apps.stages import MODELS
 from serve_apps.support import SupportPipeline
-
-
-def pin(ref: str, tracking_uri: str | None) -> tuple[str, str | None]:
-    """(`models:/NAME/VERSION` the reference points at now, the alias it was given by)."""
-    identity = resolve(ref, tracking_uri)
-    return identity.uri, identity.alias
 
 
 def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None,

@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from serve_apps.apps import APPS, app_deployments, pin
 from serve_apps.config import CanaryConfig, ServeConfig
-from serve_apps.model import UnknownModel, model_name, resolve
+from serve_apps.refs import UnknownModel, model_name, pin, resolve
 from training.errors import LLMOpsError
 
 
@@ -31,6 +30,8 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
     `governance` what the policies need (`serve_apps.policies.chain`), None for none;
     `pin_models` as in `serve_apps.apps.pinned_user_config` (False for a manifest written
     offline)."""
+    from serve_apps.apps import APPS, app_deployments  # the pipelines, torch: not for status
+
     apps = []
     for name in APPS:
         app_cfg = getattr(config, name)

@@ -23,7 +23,8 @@ from monitoring.batching import unwrap
 from serve_apps import metrics
 from serve_apps.config import CanaryConfig, GenerationConfig
 from serve_apps.http import InvalidRequest
-from serve_apps.model import LoadedModel, ModelIdentity, device, load, resolve
+from serve_apps.model import LoadedModel, device, load
+from serve_apps.refs import ModelIdentity, resolve
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 

@@ -1,81 +1,21 @@
-"""The one contract every model deployment shares: load by reference, predict a batch, say who
-it is.
-
-A reference is `models:/NAME@ALIAS`, `models:/NAME/VERSION` or the bundled encoder. Aliases are
-resolved to a version once, when the model loads, so every answer names the exact version that
-produced it even if the alias moves meanwhile.
+"""The one contract every model deployment shares: load by reference (`serve_apps.refs`),
+predict a batch, say who it is. Aliases are resolved to a version once, when the model loads,
+so every answer names the exact version that produced it even if the alias moves meanwhile.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from serve_apps.refs import ModelIdentity, resolve
 from training.config import BUNDLED_ENCODER
-from training.errors import LLMOpsError
-
-_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
-
-
-class UnknownModel(LLMOpsError):
-    """A model reference that names nothing in the registry."""
-
-    status = 404
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """Which model answered: name, exact version, and the alias it was loaded through."""
-
-    name: str
-    version: str
-    alias: str | None = None
-
-    @property
-    def uri(self) -> str:
-        return self.name if self.version == "bundled" else f"models:/{self.name}/{self.version}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _parse(ref: str) -> re.Match:
-    m = _REF.match(ref)
-    if not m:
-        raise UnknownModel(f"model reference {ref!r} is not models:/NAME@ALIAS, "
-                           f"models:/NAME/VERSION or {BUNDLED_ENCODER!r}")
-    return m
-
-
-def model_name(ref: str) -> str:
-    """The model a reference names (no registry lookup)."""
-    return BUNDLED_ENCODER if ref == BUNDLED_ENCODER else _parse(ref)["name"]
-
-
-def resolve(ref: str, tracking_uri: str | None) -> ModelIdentity:
-    """The exact version a reference points at now; `UnknownModel` if there is none."""
-    if ref == BUNDLED_ENCODER:
-        return ModelIdentity(BUNDLED_ENCODER, "bundled")
-    m = _parse(ref)
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        if m["alias"]:
-            mv = client.get_model_version_by_alias(m["name"], m["alias"])
-        else:
-            mv = client.get_model_version(m["name"], m["version"])
-    except MlflowException as exc:
-        raise UnknownModel(f"{ref} is not in the registry at {tracking_uri}") from exc
-    return ModelIdentity(m["name"], str(mv.version), m["alias"])
 
 
 def device() -> torch.device:

@@ -10,7 +10,8 @@ import pytest
 from monitoring.batching import unwrap
 from serve_apps.deployments import Item, ModelSlot, Variants
 from serve_apps.http import InvalidRequest
-from serve_apps.model import LoadedModel, ModelIdentity
+from serve_apps.model import LoadedModel
+from serve_apps.refs import ModelIdentity
 
 
 def _model(version: str) -> LoadedModel:

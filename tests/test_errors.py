@@ -1,10 +1,12 @@
 """Bad input: one clear error, a non-zero exit in the CLI, and nothing half-registered."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from training.errors import InvalidData, RegistryUnavailable, UnknownName
 from training.job import fit_and_register
@@ -66,9 +68,9 @@ def test_failed_alias_rolls_back_the_new_version(ray_session, settings, registry
     assert _versions(registry) == 0
 
 
-def _cli(*args, data_dir):
+def _cli(*args, data_dir, env=None):
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
 
 
 @pytest.mark.parametrize("args, code, fragment", [
@@ -84,3 +86,12 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, args, code, fragmen
     assert fragment in lines[-1] and lines[-1].startswith("llmops: error:")
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_cli_status_with_nothing_up_is_one_line(tmp_path):
+    """No dashboard answers (a port nothing listens on): one line, exit 2, no traceback."""
+    env = {**os.environ, "LLMOPS_RAY__DASHBOARD_PORT": str(free_port())}
+    proc = _cli("status", data_dir=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("llmops: error: no Ray dashboard at http://127.0.0.1:")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,73 @@
+"""Model references: `models:/NAME@ALIAS`, `models:/NAME/VERSION` or the bundled encoder, and
+the exact version one points at. Light to import (MLflow only when a reference is resolved):
+the CLI's read-only commands and the deploy client use it without loading torch."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from training.config import BUNDLED_ENCODER
+from training.errors import LLMOpsError
+
+_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class UnknownModel(LLMOpsError):
+    """A model reference that names nothing in the registry."""
+
+    status = 404
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model answered: name, exact version, and the alias it was loaded through."""
+
+    name: str
+    version: str
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.name if self.version == "bundled" else f"models:/{self.name}/{self.version}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _parse(ref: str) -> re.Match:
+    m = _REF.match(ref)
+    if not m:
+        raise UnknownModel(f"model reference {ref!r} is not models:/NAME@ALIAS, "
+                           f"models:/NAME/VERSION or {BUNDLED_ENCODER!r}")
+    return m
+
+
+def model_name(ref: str) -> str:
+    """The model a reference names (no registry lookup)."""
+    return BUNDLED_ENCODER if ref == BUNDLED_ENCODER else _parse(ref)["name"]
+
+
+def resolve(ref: str, tracking_uri: str | None) -> ModelIdentity:
+    """The exact version a reference points at now; `UnknownModel` if there is none."""
+    if ref == BUNDLED_ENCODER:
+        return ModelIdentity(BUNDLED_ENCODER, "bundled")
+    m = _parse(ref)
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        if m["alias"]:
+            mv = client.get_model_version_by_alias(m["name"], m["alias"])
+        else:
+            mv = client.get_model_version(m["name"], m["version"])
+    except MlflowException as exc:
+        raise UnknownModel(f"{ref} is not in the registry at {tracking_uri}") from exc
+    return ModelIdentity(m["name"], str(mv.version), m["alias"])
+
+
+def pin(ref: str, tracking_uri: str | None) -> tuple[str, str | None]:
+    """(`models:/NAME/VERSION` the reference points at now, the alias it was given by)."""
+    identity = resolve(ref, tracking_uri)
+    return identity.uri, identity.alias
