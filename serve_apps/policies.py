@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from serve_apps.quota import QuotaExceeded
 from training.errors import LLMOpsError
 
 T = TypeVar("T")
+_log = logging.getLogger("ray.serve")
 ANONYMOUS = Principal(subject="anonymous", tenant=DEFAULT_TENANT, scopes=frozenset())
 
 
@@ -139,25 +141,54 @@ class Authenticate(Policy):
 
 class Quota(Policy):
     """Reserve one request and the estimated tokens with the tenant's quota authority, commit
-    the tokens used, refund a failed request."""
+    the tokens used, refund a failed request.
+
+    The reservations of concurrent requests share one call to the authority. Settlements are
+    not waited for: they ride with the replica's next reservations, ahead of them, or leave on
+    their own after `SETTLE_AFTER_S`, so a request costs about one Ray call, not two (each is
+    about 2 ms of CPU on either side). Until its settlement lands, a request stays charged its
+    reservation, so a budget is never exceeded; a settlement lost with its replica or a failed
+    call leaves that charge in place until midnight."""
+
+    SETTLE_AFTER_S = 0.1
 
     def __init__(self, authority):
-        # the reservations and settlements of concurrent requests share one call to the authority
         self.calls = GroupCommit(lambda ops: authority.apply_many.remote(ops))
+        self.settlements: list[tuple] = []
+        self.sending: set[asyncio.Task] = set()
 
     async def before(self, call: Call) -> None:
-        [decision] = await self.calls.submit([("reserve", call.principal.tenant,
-                                               call.request_id, call.tokens)])
+        ops, self.settlements = self.settlements, []
+        *_, decision = await self.calls.submit(
+            [*ops, ("reserve", call.principal.tenant, call.request_id, call.tokens)])
         call.headers.update(decision["headers"])
         if "refused" in decision:
             raise QuotaExceeded(decision["refused"], decision["headers"])
 
     async def after(self, call: Call, answer: Answer) -> None:
-        await self.calls.submit([("settle", call.principal.tenant, call.request_id,
-                                  answer.tokens)])
+        self._settle(call, answer.tokens)
 
     async def failed(self, call: Call, error: Exception) -> None:
-        await self.calls.submit([("settle", call.principal.tenant, call.request_id, None)])
+        self._settle(call, None)
+
+    def _settle(self, call: Call, tokens: int | None) -> None:
+        if not self.settlements:
+            asyncio.get_running_loop().call_later(self.SETTLE_AFTER_S, self._send)
+        self.settlements.append(("settle", call.principal.tenant, call.request_id, tokens))
+
+    def _send(self) -> None:
+        """The settlements no reservation took along (a task kept until it is done)."""
+        ops, self.settlements = self.settlements, []
+        if ops:
+            task = asyncio.ensure_future(self.calls.submit(ops))
+            self.sending.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self.sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.warning("quota settlements not recorded (their reservations stay charged): %s",
+                        task.exception())
 
 
 class Guard(Policy):
