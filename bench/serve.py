@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--serve-config", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    report_to, sys.stdout = sys.stdout, sys.stderr  # what Ray prints to the driver: not the report
     runtime.apply_platform_env()
     if args.naive_server:
         return naive_server(args.naive_server, args.tracking_uri,
@@ -300,7 +301,7 @@ def main() -> None:
               "bentoml": bento, "platform_http": http, "platform_handle": handles,
               "ratios": ratios(limits, baseline, noop, plain, bento, http, handles,
                                f"c{max(args.concurrency)}")}
-    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2), file=report_to)
 
 
 def ratios(limits: dict, naive: dict, noop: dict, plain: dict, bento: dict | None, http: dict,
