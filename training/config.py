@@ -145,8 +145,8 @@ class TrainingConfig(_Strict):
     def overridden(self, task: str, *, workers: int | None = None,
                    deepspeed_stage: int | None = None, epochs: int | None = None) -> TrainingConfig:
         """A validated copy with the command line's overrides (None keeps the setting)."""
-        data = self.model_dump()
         self.task(task)
+        data = self.model_dump()
         if workers is not None:
             data["workers"] = workers
         if deepspeed_stage is not None:
