@@ -319,7 +319,7 @@ class Controller:
         """Serve `version` beside the champion (None ends any canary). Idempotent."""
         from serve_apps.config import CanaryConfig
         from serve_apps.deploy import set_canary
-        from serve_apps.refs import UnknownModel
+        from training.refs import UnknownModel
 
         canary = None if version is None else CanaryConfig(
             model=f"models:/{self.model}/{version}", fraction=policy.fraction,
@@ -350,7 +350,7 @@ class Controller:
         """Move the aliases, then hot-swap every replica to the new champion (which also ends
         the canary). Both steps are idempotent: a restart repeats them."""
         from serve_apps.deploy import swap
-        from serve_apps.refs import UnknownModel
+        from training.refs import UnknownModel
 
         new, old = state.challenger, state.champion
         if self.registry.alias_version(self.model, CHAMPION) != new:

@@ -22,9 +22,9 @@ from serve_apps.config import (
 )
 from serve_apps.feedback import FeedbackService
 from serve_apps.moderation import ModerationPipeline
-from serve_apps.refs import pin
 from serve_apps.stages import MODELS
 from serve_apps.support import SupportPipeline
+from training.refs import pin
 
 
 def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None,

@@ -24,9 +24,9 @@ from serve_apps.config import ChatAppConfig, LimitsConfig
 from serve_apps.http import InvalidRequest, check_texts, create_app, parse
 from serve_apps.inference_log import InferenceLog
 from serve_apps.policies import Answer, Call, Caller, chain, estimate_tokens
-from serve_apps.refs import UnknownModel
 from serve_apps.stages import Stages
 from training.features import descriptors
+from training.refs import UnknownModel
 
 
 class ContentPart(BaseModel):

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 
 from serve_apps.config import CanaryConfig, ServeConfig
-from serve_apps.refs import UnknownModel, model_name, pin, resolve
 from training.errors import LLMOpsError
+from training.refs import UnknownModel, model_name, pin, resolve
 
 
 class DeployFailed(LLMOpsError):

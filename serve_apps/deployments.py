@@ -24,7 +24,7 @@ from serve_apps import metrics
 from serve_apps.config import CanaryConfig, GenerationConfig
 from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, device, load
-from serve_apps.refs import ModelIdentity, resolve
+from training.refs import ModelIdentity, resolve
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 

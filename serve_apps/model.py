@@ -1,4 +1,4 @@
-"""The one contract every model deployment shares: load by reference (`serve_apps.refs`),
+"""The one contract every model deployment shares: load by reference (`training.refs`),
 predict a batch, say who it is. Aliases are resolved to a version once, when the model loads,
 so every answer names the exact version that produced it even if the alias moves meanwhile.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve_apps.refs import ModelIdentity, resolve
 from training.config import BUNDLED_ENCODER
+from training.refs import ModelIdentity, resolve
 
 
 def device() -> torch.device:
@@ -97,9 +97,9 @@ class LoadedModel:
 
     def prompt_tokens(self, text: str) -> int:
         """Tokens of the prompt a generator actually reads for `text`."""
-        from training.models import PROMPT
+        from training.models import prompt_of
 
-        return self.count_tokens(PROMPT.format(text=text))
+        return self.count_tokens(prompt_of(self.tokenizer, text))
 
     @_one_at_a_time
     @torch.inference_mode()

@@ -17,6 +17,9 @@ apply_platform_env()
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
              "intermediate_size": 64}
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 96}
+TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "hidden_size": 64, "intermediate_size": 128,
+              "max_position_embeddings": 96}
 
 
 def tiny_settings(data_dir, **training) -> Settings:
@@ -163,3 +166,18 @@ def referenced_metrics(prefix: str) -> set[str]:
 def exposed(name: str, lines: list[str]) -> bool:
     """Whether a scrape (exposition lines) has a sample of the metric."""
     return any(line.startswith((name + "{", name + " ")) for line in lines)
+
+
+def tiny_llama_folder(folder: Path, settings: Settings) -> Path:
+    """A local Hugging Face folder with a tiny Llama (random weights) and a tokenizer trained on
+    the rewriter's corpus: what a user's own base model folder looks like."""
+    from training.config import ModelSpec
+    from training.models import build_model, train_bpe_tokenizer
+    from training.taskdata import build_task_data
+
+    data = build_task_data(settings.training, "rewriter")
+    tokenizer = train_bpe_tokenizer(list(data.train.text) + list(data.train.rewrite), 400)
+    spec = ModelSpec(source="scratch", architecture=TINY_LLAMA)
+    build_model(spec, "causal-lm", [], tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

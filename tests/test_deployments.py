@@ -11,7 +11,7 @@ from monitoring.batching import unwrap
 from serve_apps.deployments import Item, ModelSlot, Variants
 from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel
-from serve_apps.refs import ModelIdentity
+from training.refs import ModelIdentity
 
 
 def _model(version: str) -> LoadedModel:

@@ -66,7 +66,7 @@ def mlflow_server(tmp_path_factory):
 def test_models_registered_and_served_through_a_tracking_server(mlflow_server, tmp_path,
                                                                monkeypatch):
     from serve_apps.model import load
-    from serve_apps.refs import resolve
+    from training.refs import resolve
     from training.registry import Registry
 
     url, server_root = mlflow_server

@@ -6,10 +6,16 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import pytest
+import torch
+from conftest import TINY_LLAMA, tiny_llama_folder
 
+from training import lora
+from training.config import TaskConfig
+from training.errors import InvalidData, LLMOpsError
 from training.finetune import Chaos
-from training.job import fit_and_register
-from training.models import predict_proba
+from training.job import fit_and_register, make_spec
+from training.models import encode_causal_lm, predict_proba, prompt_of, train_bpe_tokenizer
 from training.pyfunc import load_hf
 from training.taskdata import build_task_data
 from training.tune import tune_task
@@ -78,27 +84,88 @@ def test_zero3_shards_consolidate_to_full_weights(ray_session, settings, registr
     assert abs(out.filter(like="prob_").to_numpy().sum() - 1) < 1e-5
 
 
-def test_causal_lm_rewriter_registers_and_generates_deterministically(ray_session, settings,
-                                                                        registry):
-    _, result = _train(settings, registry, "rewriter")
-    assert result.alias == "champion"
-    assert result.metrics["base"]["perplexity"] > 1
-    model = mlflow.pyfunc.load_model("models:/rewriter@champion")
+def test_llama_from_config_then_a_zero3_lora_adapter_registered_with_its_base(
+        ray_session, settings, registry):
+    """A tiny Llama with a tokenizer trained here (full fine-tune), then a LoRA adapter over
+    the registered version: only the adapter trains and is registered, tagged with its base."""
+    settings.training.tasks["rewriter"].model.architecture = TINY_LLAMA
+    _, base = _train(settings, registry, "rewriter")
+    assert base.metrics["base"]["perplexity"] > 1
+    settings.training.tasks["rewriter-lora"] = TaskConfig.model_validate({
+        **settings.training.tasks["rewriter"].model_dump(), "method": "lora", "epochs": 2,
+        "learning_rate": 1e-2, "model": {"source": "models:/rewriter@champion", "max_length": 64},
+        "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}})
+    settings.training.deepspeed.stage = 3
+    _, adapter = _train(settings, registry, "rewriter-lora")
+
+    assert (adapter.model, adapter.version, adapter.alias) == ("rewriter-lora", 1, "champion")
+    history = adapter.history[-1]
+    assert 0 < history["trainable_params"] < 0.05 * history["params"]
+    assert adapter.history[-1]["val_loss"] < adapter.history[0]["val_loss"]
+    tags = registry.client.get_model_version("rewriter-lora", "1").tags
+    assert tags["llmops.base"] == "models:/rewriter/1"  # the alias, pinned to its version
+    files = {p.name for p in Path(adapter.model_dir).iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}  # no copy of the base
+
+    # Loaded through MLflow as any client would: the adapter on its base, deterministic.
+    model = mlflow.pyfunc.load_model("models:/rewriter-lora@champion")
     toxic = pd.DataFrame({"text": ["Are you all idiots? my uploads fail every single time!"]})
     a = model.predict(toxic, params={"max_new_tokens": 12})
-    b = model.predict(toxic, params={"max_new_tokens": 12})
-    assert isinstance(a.text[0], str) and a.text[0] == b.text[0]
-    assert 0 < a.confidence[0] <= 1 and a.confidence[0] == b.confidence[0]
+    assert a.text[0] == model.predict(toxic, params={"max_new_tokens": 12}).text[0]
+    assert 0 < a.confidence[0] <= 1
+
+    # An adapter is not a base to train on (full or LoRA).
+    settings.training.tasks["rewriter-lora"].model.source = "models:/rewriter-lora/1"
+    with pytest.raises(InvalidData, match="is a LoRA adapter"):
+        make_spec(settings.training, registry, "rewriter-lora",
+                  build_task_data(settings.training, "rewriter-lora"))
 
 
-def test_resumes_from_checkpoint_after_a_worker_is_killed(ray_session, settings, registry, tmp_path):
-    settings.training.tasks["support-router"].epochs = 3
+def test_lora_resumes_from_an_adapter_only_checkpoint_after_a_worker_is_killed(
+        ray_session, settings, registry, tmp_path):
+    """ZeRO 2; the base is a local folder, identified by the digest of its files."""
+    base = tiny_llama_folder(tmp_path / "base", settings)
+    settings.training.tasks["rewriter"] = TaskConfig.model_validate({
+        **settings.training.tasks["rewriter"].model_dump(), "method": "lora", "epochs": 3,
+        "model": {"source": str(base), "max_length": 64}, "lora": {"rank": 4}})
     chaos = Chaos(kill_rank=1, after_epoch=1, marker=str(tmp_path / "killed"))
-    _, result = _train(settings, registry, "support-router", chaos=chaos)
+    _, result = _train(settings, registry, "rewriter", chaos=chaos)
     assert (tmp_path / "killed").exists()
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
-    assert result.version == 1
+
+    run_dir = Path(result.model_dir).parent
+    [states] = sorted(run_dir.glob("checkpoint_*/state/mp_rank_00_model_states.pt"))[-1:]
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    assert module and all(".lora_" in name for name in module)  # the adapter, no base weights
+    tags = registry.client.get_model_version("rewriter", "1").tags
+    assert tags["llmops.base"] == str(base)
+    assert tags["llmops.base_sha256"] == lora.folder_digest(base)
+
+    # A base whose files changed since is refused, not silently used.
+    (base / "config.json").write_text((base / "config.json").read_text() + " ")
+    with pytest.raises(lora.BaseMismatch, match="changed since"):
+        registry.load_model("rewriter", "1")
+
+
+def test_lora_settings_fail_before_any_worker_starts(settings, registry, tmp_path):
+    rewriter = settings.training.tasks["rewriter"].model_dump()
+    with pytest.raises(ValueError, match="pretrained base"):
+        TaskConfig.model_validate({**rewriter, "method": "lora"})  # its source is scratch
+    with pytest.raises(ValueError, match="causal language models"):
+        TaskConfig.model_validate({**settings.training.tasks["moderation"].model_dump(),
+                                   "method": "lora", "model": {"source": str(tmp_path)}})
+    base = tiny_llama_folder(tmp_path / "base", settings)
+    data = build_task_data(settings.training, "rewriter")
+    settings.training.tasks["rewriter"] = TaskConfig.model_validate({
+        **rewriter, "method": "lora", "model": {"source": str(base)},
+        "lora": {"target_modules": ["q_proj", "c_attn"]}})
+    with pytest.raises(LLMOpsError, match=r"\['c_attn'\] are not layers.*q_proj"):
+        make_spec(settings.training, registry, "rewriter", data)
+    settings.training.tasks["rewriter"].model.source = "some-org/some-model"
+    with pytest.raises(LLMOpsError, match="model.source 'some-org/some-model' is a Hugging Face"):
+        make_spec(settings.training, registry, "rewriter", data)
 
 
 def test_tune_searches_and_registers_the_best_trial(ray_session, settings, registry):
@@ -111,3 +178,17 @@ def test_tune_searches_and_registers_the_best_trial(ray_session, settings, regis
     params = registry.client.get_run(result.run_id).data.params
     assert params["tune_trials"] == "2"
     assert float(params["learning_rate"]) in {1e-3, 1e-5}
+
+
+def test_a_tokenizer_with_a_chat_template_frames_prompts_in_training_and_serving_alike():
+    tokenizer = train_bpe_tokenizer(["Message: hello there\nRewrite: hi", "<|user|> ok"], 300)
+    plain = encode_causal_lm(tokenizer, ["hello there"], ["hi"], 64)[0]
+    assert prompt_of(tokenizer, "hello there") == "Message: hello there\nRewrite:"
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    framed = prompt_of(tokenizer, "hello there")
+    assert framed == "<|user|> hello there\n<|assistant|>"
+    row = encode_causal_lm(tokenizer, ["hello there"], ["hi"], 64)[0]
+    prompt_ids = tokenizer(framed, add_special_tokens=False)["input_ids"]
+    assert row["input_ids"][:len(prompt_ids)] == prompt_ids != plain["input_ids"][:len(prompt_ids)]
+    assert row["labels"][:len(prompt_ids)] == [-100] * len(prompt_ids)  # the prompt is not learnt

@@ -41,12 +41,28 @@ class ModelSpec(_Strict):
         "encoder, so half the gradient traffic between workers, and the pretrained vocabulary kept")
 
 
+class LoraSpec(_Strict):
+    """A LoRA adapter's shape (PEFT `LoraConfig`): only these low-rank matrices train, the base
+    stays frozen, and the registered version is the adapter alone."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0, description="scale of the update: alpha / rank")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="names of the layers to adapt (the last part of their "
+        "path, e.g. q_proj, v_proj; `all-linear` for every linear layer but the output); "
+        "empty: PEFT's default for the architecture")
+
+
 class TaskConfig(_Strict):
-    """One trainable task: which dataset, which kind of model, how long."""
+    """One trainable task: which dataset, which kind of model, how long, and how (`method`:
+    every weight, or a LoRA adapter over a frozen base)."""
 
     dataset: Literal["support-tickets", "moderation"]
     kind: Literal["classification", "causal-lm"]
     model: ModelSpec = Field(default_factory=ModelSpec)
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
     label_priors: dict[str, float] | None = None
     train_size: int = Field(2400, ge=1)
     holdout_size: int = Field(300, ge=1)
@@ -57,6 +73,17 @@ class TaskConfig(_Strict):
     learning_rate: float = Field(5e-5, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0, lt=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _lora_needs_a_pretrained_causal_lm(self) -> TaskConfig:
+        if self.method == "lora" and self.kind != "causal-lm":
+            raise ValueError("method lora adapts causal language models; a classifier trains "
+                             "with method full")
+        if self.method == "lora" and self.model.source in (SCRATCH, BUNDLED_ENCODER):
+            raise ValueError(f"method lora adapts a pretrained base: set model.source to a "
+                             f"model folder, models:/NAME/VERSION or a hub id, not "
+                             f"{self.model.source!r}")
+        return self
 
 
 class DeepSpeedConfig(_Strict):

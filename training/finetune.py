@@ -2,13 +2,16 @@
 
 Every epoch each worker saves its ZeRO shard and reports it; Ray Train merges the shards into one
 checkpoint directory, restarts failed workers from the latest one (`FailureConfig`), and the final
-checkpoint is consolidated to full fp32 weights with DeepSpeed's `zero_to_fp32`.
+checkpoint is consolidated to full fp32 weights with DeepSpeed's `zero_to_fp32`. A LoRA fine-tune
+(`FinetuneSpec.lora`) trains, checkpoints and consolidates the adapter alone: the frozen base is
+rebuilt from its source on each start, never written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import tempfile
 import time
@@ -18,7 +21,8 @@ from typing import Any
 
 import torch
 
-from training.config import DeepSpeedConfig, ModelSpec
+from training import lora
+from training.config import DeepSpeedConfig, LoraSpec, ModelSpec
 from training.errors import TrainingFailed
 from training.models import (
     build_model,
@@ -62,6 +66,7 @@ class FinetuneSpec:
     seed: int = 0
     tracking_uri: str | None = None
     chaos: Chaos | None = None
+    lora: LoraSpec | None = None  # None: every weight trains
 
 
 @dataclass
@@ -128,6 +133,8 @@ def _engine(spec: FinetuneSpec, steps_per_epoch: int, on_gpu: bool):
     import deepspeed
 
     model = build_model(spec.model, spec.kind, spec.labels, spec.tokenizer)
+    if spec.lora is not None:
+        model = lora.adapt(model, spec.lora, spec.model.source)
     total = spec.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=spec.learning_rate, weight_decay=spec.weight_decay)
@@ -165,12 +172,16 @@ def train_loop(config: dict) -> None:
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=_TAG)
+        with checkpoint.as_directory() as d:  # an adapter's checkpoint holds no base weights
+            _, client = engine.load_checkpoint(d, tag=_TAG, load_module_strict=spec.lora is None)
         start_epoch, history = client["epoch"] + 1, client["history"]
         if rank == 0:
             print(f"resumed from the checkpoint of epoch {client['epoch'] + 1}", flush=True)
 
+    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad)  # ZeRO 3 holds shards
+             for p in engine.module.parameters()]
+    sizes = {"trainable_params": sum(n for n, trains in numel if trains),
+             "params": sum(n for n, _ in numel)}
     log_every = max(1, len(loader) // 5)
     for epoch in range(start_epoch, spec.epochs):
         sampler.set_epoch(epoch)
@@ -187,17 +198,28 @@ def train_loop(config: dict) -> None:
         elapsed = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(len(loader), 1),
                    "val_loss": _val_loss(engine, val_loader, device),
-                   "samples_per_s": seen * world / elapsed, "resumed_from_epoch": start_epoch}
+                   "samples_per_s": seen * world / elapsed, "resumed_from_epoch": start_epoch,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   **sizes}
         history = history + [metrics]
         with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag=_TAG, client_state={"epoch": epoch, "history": history})
+            engine.save_checkpoint(d, tag=_TAG, client_state={"epoch": epoch, "history": history},
+                                   exclude_frozen_parameters=spec.lora is not None)
             if rank == 0:
-                engine.module.config.save_pretrained(Path(d) / _HF_DIR)
+                _save_config(engine.module, Path(d) / _HF_DIR)
                 spec.tokenizer.save_pretrained(Path(d) / _HF_DIR)
                 (Path(d) / "ds_config.json").write_text(json.dumps(ds_config))
             ray.train.report({**metrics, "history": history},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
         _maybe_die(spec.chaos, rank, epoch + 1)
+
+
+def _save_config(module, folder: Path) -> None:
+    """The model's config (and an adapter's PEFT config): what consolidation rebuilds it from."""
+    if hasattr(module, "peft_config"):
+        module.peft_config["default"].save_pretrained(folder)
+        module = module.get_base_model()
+    module.config.save_pretrained(folder)
 
 
 def _maybe_die(chaos: Chaos | None, rank: int, epoch: int) -> None:
@@ -210,16 +232,19 @@ def _maybe_die(chaos: Chaos | None, rank: int, epoch: int) -> None:
 
 
 def consolidate(checkpoint_dir: Path, kind: str, out_dir: Path):
-    """Full fp32 weights from a (possibly ZeRO-sharded) checkpoint, saved as a HF model folder."""
+    """Full fp32 weights from a (possibly ZeRO-sharded) checkpoint, saved as a HF model folder
+    (an adapter's checkpoint: the adapter, saved as PEFT's adapter folder)."""
     from transformers import AutoTokenizer
 
     ds_config = json.loads((checkpoint_dir / "ds_config.json").read_text())
     stage = ds_config["zero_optimization"]["stage"]
+    adapter = lora.is_adapter(checkpoint_dir / _HF_DIR)
     state_dict: dict[str, torch.Tensor] = {}
     if stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=_TAG)
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(
+            str(checkpoint_dir), tag=_TAG, exclude_frozen_parameters=adapter)
     if stage < 3:
         # Below stage 3 the module states hold every weight; they supply stage 0 entirely, and
         # frozen weights, which stage 1 partitions leave out.
@@ -227,11 +252,13 @@ def consolidate(checkpoint_dir: Path, kind: str, out_dir: Path):
                             map_location="cpu", weights_only=False)["module"]
         for key, value in module.items():
             state_dict.setdefault(key, value.float())
-    model = model_from_state_dict(checkpoint_dir / _HF_DIR, kind, state_dict)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir / _HF_DIR)
-    model.save_pretrained(out_dir)
+    if adapter:
+        lora.save_adapter(checkpoint_dir / _HF_DIR, state_dict, out_dir)
+    else:
+        model_from_state_dict(checkpoint_dir / _HF_DIR, kind, state_dict).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return model, tokenizer, ds_config
+    return ds_config
 
 
 def fit(spec: FinetuneSpec, *, name: str, storage_path: str, workers: int, use_gpu: bool,
@@ -290,7 +317,7 @@ def consolidate_run(checkpoint_path: str, storage: str, name: str, kind: str):
     local = "://" not in storage
     model_dir = Path(storage, name, "model") if local else Path(tempfile.mkdtemp(prefix=name))
     with ray.train.Checkpoint(checkpoint_path, filesystem=fs).as_directory() as folder:
-        _, _, ds_config = consolidate(Path(folder), kind, model_dir)
+        ds_config = consolidate(Path(folder), kind, model_dir)
     return model_dir, ds_config
 
 

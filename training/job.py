@@ -6,6 +6,7 @@ or reference data plus labelled traffic (the closed loop's retrain).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -13,14 +14,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from training import lora
 from training.config import TaskConfig, TrainingConfig
-from training.errors import UnknownName
+from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm
 from training.features import reference_profile
 from training.finetune import Chaos, FinetuneSpec, run_finetune, run_names
 from training.golden import golden_set, measure
-from training.models import PROMPT, load_tokenizer
-from training.pyfunc import TaskModel, write_meta
+from training.models import PROMPT, load_tokenizer, resolve_source
+from training.pyfunc import META_FILE, TaskModel, write_meta
+from training.refs import pin
 from training.registry import RegisteredVersion, Registry, RunRecord
 from training.taskdata import TaskData, validate_data
 
@@ -50,19 +53,31 @@ def _targets(tc: TaskConfig, df: pd.DataFrame, labels: list[str]) -> list:
 
 def make_spec(config: TrainingConfig, registry: Registry, task: str, data: TaskData,
               chaos: Chaos | None = None) -> FinetuneSpec:
-    """Check the data and describe the fine-tune for the workers."""
+    """Check the data and the model settings, and describe the fine-tune for the workers. A
+    registered source is pinned to the version its alias names now: every worker, the adapter's
+    lineage and a resumed run start from that one."""
     tc = config.task(task)
     labels = validate_data(tc, data)
+    model = tc.model
+    if model.source.startswith("models:/"):
+        model = model.model_copy(update={"source": pin(model.source, registry.tracking_uri)[0]})
+    folder = resolve_source(model.source)
+    if folder is not None and lora.is_adapter(folder):
+        raise InvalidData(f"model.source {model.source} is a LoRA adapter, not a model: train "
+                          f"on its base ({json.loads((folder / META_FILE).read_text())['base']})")
+    if tc.method == "lora":
+        lora.check(folder, tc.lora, model.source)
     corpus = [PROMPT.format(text=t) + " " + r for t, r in zip(data.train.text, data.train.rewrite)
               ] if tc.kind == "causal-lm" else []  # a scratch LM's tokenizer is trained on it
-    tokenizer = load_tokenizer(tc.model, tc.kind, corpus=corpus)
+    tokenizer = load_tokenizer(model, tc.kind, corpus=corpus)
     return FinetuneSpec(
-        kind=tc.kind, model=tc.model, tokenizer=tokenizer, labels=labels,
+        kind=tc.kind, model=model, tokenizer=tokenizer, labels=labels,
         train_inputs=list(data.train.text), train_targets=_targets(tc, data.train, labels),
         val_inputs=list(data.validation.text), val_targets=_targets(tc, data.validation, labels),
         epochs=tc.epochs, batch_size=tc.batch_size, learning_rate=tc.learning_rate,
         weight_decay=tc.weight_decay, warmup_ratio=tc.warmup_ratio, deepspeed=config.deepspeed,
-        seed=config.seed, tracking_uri=registry.tracking_uri, chaos=chaos)
+        seed=config.seed, tracking_uri=registry.tracking_uri, chaos=chaos,
+        lora=tc.lora if tc.method == "lora" else None)
 
 
 def run_name(task: str, kind: str = "finetune") -> str:
@@ -97,10 +112,16 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
                        model_dir: Path, labels: list[str], *, history: list[dict], ds_config: dict,
                        started: float, tags: dict | None = None,
                        extra_params: dict | None = None) -> JobResult:
-    """Evaluate a consolidated model folder on the holdouts and register it."""
+    """Evaluate a consolidated model folder (or adapter folder) on the holdouts and register
+    it; an adapter's version is tagged with its exact base (`llmops.base`, and
+    `llmops.base_sha256` for a folder or hub base)."""
     tc = config.task(task)
+    base = {}
+    if lora.is_adapter(model_dir):
+        source = lora.adapter_config(model_dir)["base_model_name_or_path"]
+        base = lora.lineage(source, resolve_source(source))
     write_meta(model_dir, {"kind": tc.kind, "labels": labels, "max_length": tc.model.max_length,
-                           "task": task})
+                           "task": task, **base})
     task_model = TaskModel.from_folder(model_dir)
     model, tokenizer = task_model.model, task_model.tokenizer
     profile = None
@@ -112,7 +133,9 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
         metrics = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length)
     golden = golden_set(tc)
     metrics["golden"] = measure(lambda df: task_model.predict(None, df), golden, tc.kind)
-    params = {**{k: v for k, v in tc.model_dump().items() if k not in ("model", "holdouts")},
+    adapter = {f"lora_{k}": v for k, v in tc.lora.model_dump().items()} if base else {}
+    params = {**{k: v for k, v in tc.model_dump().items() if k not in ("model", "holdouts", "lora")},
+              **adapter,
               "model_source": tc.model.source, "max_length": tc.model.max_length,
               "workers": config.workers, "deepspeed_stage": config.deepspeed.stage,
               "seed": config.seed, "scenario": data.scenario, **(extra_params or {})}
@@ -122,7 +145,8 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
         datasets={f"{tc.dataset}:{data.scenario}": data.train,
                   **{f"{tc.dataset}-holdout:{h}": df for h, df in data.holdouts.items()},
                   f"{tc.dataset}-golden:base": golden},
-        input_example=pd.DataFrame({"text": list(data.train.text[:2])}), tags=tags or {},
+        input_example=pd.DataFrame({"text": list(data.train.text[:2])}),
+        tags={**(tags or {}), **{f"llmops.{k}": v for k, v in base.items()}},
         profile=profile, golden=golden)
     version: RegisteredVersion = registry.record(record)
     return JobResult(model=version.name, version=version.version, alias=version.alias,

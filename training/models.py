@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,8 +33,12 @@ PROMPT = "Message: {text}\nRewrite:"
 _EOS = "<|endoftext|>"
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def resolve_source(source: str) -> Path | None:
-    """A local folder for `source`, or None for `scratch`. Registered models are downloaded."""
+    """A local folder for `source`, or None for `scratch`. Registered models are downloaded,
+    hub ids too where the hub is reachable (else they must be in the local Hugging Face cache)."""
     if source == SCRATCH:
         return None
     if source == BUNDLED_ENCODER:
@@ -45,10 +50,25 @@ def resolve_source(source: str) -> Path | None:
 
         return download_hf_model(source)
     path = Path(source).expanduser()
+    if not path.exists() and _HUB_ID.match(source):
+        return _from_hub(source)
     if not (path / "config.json").is_file():
-        raise LLMOpsError(f"model source {source!r} is not a Hugging Face model folder, "
-                          f"'{BUNDLED_ENCODER}', '{SCRATCH}' or models:/NAME@ALIAS")
+        raise LLMOpsError(f"model source {source!r} is not a Hugging Face model folder, a hub "
+                          f"id, '{BUNDLED_ENCODER}', '{SCRATCH}' or models:/NAME@ALIAS")
     return path
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # offline, unknown id, no access: the user fixes the setting
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
+        raise LLMOpsError(f"model.source {repo_id!r} is a Hugging Face Hub id that cannot be "
+                          f"fetched here ({reason}); the hub is unreachable or off "
+                          f"(HF_HUB_OFFLINE=1): download it where the hub is reachable and set "
+                          f"model.source to its folder") from exc
 
 
 def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -131,12 +151,22 @@ def encode_classification(tokenizer, texts: Sequence[str], label_ids: Sequence[i
     return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], label_ids)]
 
 
+def prompt_of(tokenizer, text: str) -> str:
+    """What a causal LM reads for `text`, in training and in serving alike: its tokenizer's
+    chat template (one user turn and the generation prompt) when it has one, as a chat-tuned
+    base expects; else the platform's `PROMPT`."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return PROMPT.format(text=text)
+
+
 def encode_causal_lm(tokenizer, prompts: Sequence[str], targets: Sequence[str],
                      max_length: int) -> list[dict]:
     """Prompt plus target; only target tokens (and the closing EOS) count towards the loss."""
     rows = []
     for prompt, target in zip(prompts, targets):
-        p = tokenizer(PROMPT.format(text=prompt), add_special_tokens=False)["input_ids"]
+        p = tokenizer(prompt_of(tokenizer, prompt), add_special_tokens=False)["input_ids"]
         t = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (p + t)[:max_length]
         rows.append({"input_ids": ids, "labels": ([-100] * len(p) + t)[:max_length]})
@@ -238,7 +268,7 @@ def _prompt_inputs(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     window = getattr(model.config, "max_position_embeddings", None) or 1 << 20
     max_new_tokens = max(1, min(max_new_tokens, window // 2))
-    enc = tokenizer([PROMPT.format(text=t) for t in texts], return_tensors="pt", padding=True,
+    enc = tokenizer([prompt_of(tokenizer, t) for t in texts], return_tensors="pt", padding=True,
                     truncation=True, max_length=window - max_new_tokens,
                     add_special_tokens=False).to(_device_of(model))
     return enc, {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,

@@ -28,7 +28,12 @@ def load_hf(folder: Path):
     from training.models import auto_class
 
     meta = json.loads((folder / META_FILE).read_text())
-    model = auto_class(meta["kind"]).from_pretrained(folder).eval()
+    if "base" in meta:  # a LoRA adapter: on the base it was trained on
+        from training.lora import load_adapted
+
+        model = load_adapted(folder, meta)
+    else:
+        model = auto_class(meta["kind"]).from_pretrained(folder).eval()
     return model, AutoTokenizer.from_pretrained(folder), meta
 
 

@@ -7,6 +7,7 @@ deleted again: a failure part-way leaves no half-registered version behind.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import tempfile
@@ -60,7 +61,21 @@ def _git_commit() -> str:
 
 
 def download_hf_model(model_uri: str) -> Path:
-    """The Hugging Face folder inside a registered model (for `models:/NAME@ALIAS` sources)."""
+    """The Hugging Face folder inside a registered model (for `models:/NAME@ALIAS` sources); a
+    pinned version (`models:/NAME/VERSION`, which never changes) once per process."""
+    import mlflow
+
+    if "@" in model_uri:
+        return _download(model_uri)
+    return _download_pinned(model_uri, mlflow.get_tracking_uri())
+
+
+@functools.lru_cache(maxsize=8)
+def _download_pinned(model_uri: str, tracking_uri: str) -> Path:
+    return _download(model_uri)
+
+
+def _download(model_uri: str) -> Path:
     import mlflow.artifacts
 
     dst = Path(tempfile.mkdtemp(prefix="llmops-model-"))
@@ -275,6 +290,6 @@ class Registry:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "mlflow")] + [
+    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "peft", "mlflow")] + [
         "pandas<3", "llmops"]
 
