@@ -91,7 +91,7 @@ def cmd_train(args) -> Output:
     registry = _registry(settings)
     from training.job import fit_and_register
 
-    runtime.connect(settings.ray)
+    runtime.connect(settings.ray, settings.monitoring.logging)
     result = fit_and_register(config, registry, args.task, data,
                               storage_path=settings.storage_path,
                               use_gpu=runtime.use_gpu(config.use_gpu), resume=args.resume,
@@ -106,7 +106,7 @@ def cmd_tune(args) -> Output:
     tune = settings.tune if args.trials is None else settings.tune.model_copy(
         update={"trials": args.trials})
     registry = _registry(settings)
-    runtime.connect(settings.ray)
+    runtime.connect(settings.ray, settings.monitoring.logging)
     result = tune_task(settings.training, tune, registry, args.task,
                        storage_path=settings.storage_path,
                        use_gpu=runtime.use_gpu(settings.training.use_gpu))
@@ -372,7 +372,8 @@ def _generated_serve_config(settings: Settings, registry, gpus: float) -> dict:
 
     gpu = settings.serve.use_gpu == "yes" or (settings.serve.use_gpu == "auto" and gpus >= 1)
     return serve_config(settings.serve, registry.tracking_uri, gpu, dict(runtime.PLATFORM_ENV),
-                        settings.log_settings(), settings.governance())
+                        settings.log_settings(), settings.governance(),
+                        logging=settings.monitoring.logging.serve())
 
 
 def _format_status(payload: dict) -> str:

@@ -486,7 +486,7 @@ def actor(settings: Settings, model: str, start: bool = False):
 
     from cluster import runtime
 
-    if not runtime.join(settings.ray):
+    if not runtime.join(settings.ray, settings.monitoring.logging):
         if start:
             raise LLMOpsError("no Ray cluster is running (start the platform with `llmops up`)")
         return None

@@ -35,7 +35,8 @@ def serve_config_of(settings: Settings, cluster_config: dict) -> dict:
 
     gpu = uses_gpu(settings.serve.use_gpu, node_types(cluster_config))
     return serve_config(settings.serve, settings.registry.tracking_uri, gpu, dict(PLATFORM_ENV),
-                        settings.log_settings(), settings.governance(), pin_models=False)
+                        settings.log_settings(), settings.governance(), pin_models=False,
+                        logging=settings.monitoring.logging.serve())
 
 
 def _images(cluster_config: dict) -> tuple[str, dict[str, str]]:

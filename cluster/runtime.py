@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from cluster.settings import RayConfig
+from monitoring.config import LoggingSettings
 from training.errors import LLMOpsError
 
 # Environment every process of the platform runs with: no hub downloads, no telemetry.
@@ -41,8 +42,9 @@ def apply_platform_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def connect(config: RayConfig) -> None:
-    """Join the configured cluster, or start a local head with the dashboard on loopback."""
+def connect(config: RayConfig, logging: LoggingSettings | None = None) -> None:
+    """Join the configured cluster, or start a local head with the dashboard on loopback; the
+    job's workers and actors log as `logging` says (Ray's default when None)."""
     import ray
 
     global _started_here
@@ -56,14 +58,16 @@ def connect(config: RayConfig) -> None:
                   "include_dashboard": config.include_dashboard,
                   "dashboard_host": config.dashboard_host, "dashboard_port": config.dashboard_port,
                   "_metrics_export_port": config.metrics_export_port}
+    if logging is not None:
+        kwargs["logging_config"] = logging.ray()
     ray.init(address=config.address, log_to_driver=True, configure_logging=True,
              logging_level="WARNING", runtime_env={"env_vars": dict(PLATFORM_ENV)}, **kwargs)
     _started_here = True
 
 
-def join(config: RayConfig) -> bool:
+def join(config: RayConfig, logging: LoggingSettings | None = None) -> bool:
     """Join the running cluster (the configured address, or the local head `llmops up`
-    started) without starting one; False when none answers."""
+    started) without starting one; False when none answers. `logging` as in `connect`."""
     import ray
 
     global _started_here
@@ -72,7 +76,8 @@ def join(config: RayConfig) -> bool:
         return True
     try:
         ray.init(address=config.address or "auto", logging_level="ERROR",
-                 runtime_env={"env_vars": dict(PLATFORM_ENV)})
+                 runtime_env={"env_vars": dict(PLATFORM_ENV)},
+                 **({"logging_config": logging.ray()} if logging else {}))
     except ConnectionError:
         return False
     _started_here = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -115,8 +117,32 @@ class AuditConfig(_Strict):
                                 "fills, and the free-space gauge alerts")
 
 
+class LoggingSettings(_Strict):
+    """How the platform's processes log: Serve's replicas, proxy and controller (Serve's
+    `LoggingConfig`) and the Ray workers and drivers of its commands, the loop's controllers and
+    the monitor among them (Ray's `LoggingConfig`). JSON lines by default, for a shipper
+    (`monitoring/shipping/`): time, level, logger, message, and the Ray and Serve context
+    (application, deployment, replica, Serve's request id, job, actor, node)."""
+
+    encoding: Literal["JSON", "TEXT"] = "JSON"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = Field(True, description="Serve's line per request in each replica")
+
+    def serve(self) -> dict:
+        """Serve's `logging_config` (per application, and for its proxy and controller)."""
+        return {"encoding": self.encoding, "log_level": self.level,
+                "enable_access_log": self.access_log, "additional_log_standard_attrs": ["name"]}
+
+    def ray(self):
+        import ray
+
+        return ray.LoggingConfig(encoding=self.encoding, log_level=self.level,
+                                 additional_log_standard_attrs=["name"])
+
+
 class MonitoringConfig(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)

@@ -24,12 +24,14 @@ class DeployFailed(LLMOpsError):
 
 def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
                  env_vars: dict[str, str], log: dict | None = None,
-                 governance: dict | None = None, pin_models: bool = True) -> dict:
+                 governance: dict | None = None, pin_models: bool = True,
+                 logging: dict | None = None) -> dict:
     """The Serve config (`ServeDeploySchema`) of every enabled application; `log` is where and
     how pipelines write the inference log (`{"uri": ..., **LogConfig}`), None for no log;
     `governance` what the policies need (`serve_apps.policies.chain`), None for none;
     `pin_models` as in `serve_apps.apps.pinned_user_config` (False for a manifest written
-    offline)."""
+    offline); `logging` Serve's `logging_config` (`LoggingSettings.serve()`), None for
+    Serve's default."""
     from serve_apps.apps import APPS, app_deployments  # the pipelines, torch: not for status
 
     apps = []
@@ -46,9 +48,10 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
             pin_models).items()]
         apps.append({"name": name, "route_prefix": app_cfg.route_prefix,
                      "import_path": f"serve_apps.apps:{name}", "args": args,
-                     "runtime_env": {"env_vars": env_vars}, "deployments": deployments})
+                     "runtime_env": {"env_vars": env_vars}, "deployments": deployments,
+                     **({"logging_config": logging} if logging else {})})
     return {"proxy_location": "HeadOnly", "http_options": {"host": config.host, "port": config.port},
-            "applications": apps}
+            **({"logging_config": logging} if logging else {}), "applications": apps}
 
 
 class ServeCluster:

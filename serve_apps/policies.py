@@ -87,6 +87,7 @@ class Call:
     findings: list[Finding] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
     entered: list = field(default_factory=list)
+    logged: bool = False
 
     def summary(self, degraded: bool) -> dict:
         """What every answer reports of its call: request id, guardrail findings, degraded."""
@@ -242,6 +243,20 @@ def _audited(call: Call) -> None:
     call.caller.state.audited = True
 
 
+def _logged(call: Call, status: int, outcome: str) -> None:
+    """One log line per request, with the platform's own fields beside Serve's context (whose
+    `request_id` is Serve's: the caller's X-Request-ID when sent): with JSON logs, a shipper
+    joins it to the audit record and the answer by `llmops_request_id`."""
+    if call.logged:
+        return
+    call.logged = True
+    _log.info("%s %s %s %d", call.application, call.scope, outcome, status, extra={
+        "llmops_request_id": call.request_id, "correlation_id": call.correlation_id,
+        "tenant": call.principal.tenant, "subject": call.principal.subject, "scope": call.scope,
+        "outcome": outcome, "status": status, "texts": len(call.texts),
+        "latency_ms": round((time.perf_counter() - call.started) * 1000, 1)})
+
+
 def outcome_of(error: BaseException) -> tuple[int, str]:
     """(status, outcome) of a failed request: a 4xx refusal, a client gone (499, as nginx
     logs it), or an error."""
@@ -368,11 +383,13 @@ class PolicyChain:
         except BaseException as exc:
             await self.fail(call, exc)
             raise
+        _logged(call, 200, "degraded" if answer.degraded else "ok")
         return answer
 
     async def fail(self, call: Call, error: BaseException) -> None:
         """`failed` of every policy that let the call in, once. Shielded: a cancelled request
         (its client gone) is still audited and its quota settled."""
+        _logged(call, *outcome_of(error))
         entered, call.entered = call.entered, []
         if entered:
             await asyncio.shield(self._failed(entered, call, error))

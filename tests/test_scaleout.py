@@ -168,3 +168,5 @@ def test_dockerfile_lints_clean():
     assert done.returncode == 0, done.stdout + done.stderr
     text = (ROOT / "cluster" / "Dockerfile").read_text()
     assert "ARG RAY_VERSION=2.60.0" in text  # the pinned Ray's image
+    assert "://" not in "".join(line for line in text.splitlines() if not line.startswith("#")), \
+        "the image names no index host: pip's own configuration decides"

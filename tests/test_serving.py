@@ -677,6 +677,34 @@ def _logged(platform, ids: set[str], timeout: float = 20) -> pd.DataFrame:
         time.sleep(0.25)
 
 
+def test_replicas_log_json_lines_carrying_the_platform_request_id(platform):
+    """`monitoring.logging` defaults to JSON: every line of the replicas' Serve logs parses, with
+    the logger, the Serve context and, on the platform's line per request, its own fields."""
+    import ray
+
+    ok = httpx.post(f"{platform.url}/v1/moderate", json={"texts": ["nice photo, thanks"]},
+                    headers=platform.headers(X_Request_ID="json-log-1"), timeout=60)
+    refused = httpx.post(f"{platform.url}/v1/moderate", json={"texts": ["hi"]},
+                         headers={"Authorization": "Bearer not-a-token"}, timeout=60)
+    assert ok.status_code == 200 and refused.status_code == 401
+    rid = ok.json()["request_id"]
+    folder = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    deadline, mine = time.monotonic() + 30, []
+    while not mine and time.monotonic() < deadline:
+        time.sleep(1)
+        lines = [json.loads(line) for f in folder.glob("replica_moderation_*.log")
+                 for line in f.read_text().splitlines()]  # raises if a line is no JSON
+        mine = [r for r in lines if r.get("llmops_request_id") == rid]
+    [line] = mine
+    assert line["tenant"] == "tests" and line["outcome"] == "ok" and line["status"] == 200
+    assert line["correlation_id"] == "json-log-1" == line["request_id"]  # Serve's: X-Request-ID
+    assert {"asctime", "levelname", "name", "message", "application", "deployment", "replica",
+            "latency_ms"} <= set(line) and line["application"] == "moderation"
+    assert any(r.get("status") == 401 and r.get("outcome") == "refused" for r in lines)
+    access = [r for r in lines if r.get("request_id") == "json-log-1" and r is not line]
+    assert access, "Serve's access log line of the request"
+
+
 def test_every_request_is_logged_and_feedback_joins_it(platform):
     texts = list(generate("moderation", "base", 20, seed=21).text)
     ids = []
