@@ -243,13 +243,13 @@ def _format_events(events: list[dict]) -> list[str]:
 
 
 def cmd_controller(args) -> Output:
-    from cluster.controller import actor, control, stop
+    from cluster.controller import actor, control, statuses, stop
     from monitoring.singleton import NAMESPACE
 
     settings = _settings(args)
     models = args.models or settings.controller.models
-    out = {}
-    for model in models:
+    out = statuses(settings, models, args.events) if args.action == "status" else {}
+    for model in models if args.action != "status" else ():
         if args.action == "start":
             actor(settings, model, start=True)
         elif args.action == "stop":
@@ -262,9 +262,9 @@ def cmd_controller(args) -> Output:
 
     def human(payload: dict) -> str:
         lines = []
-        for p in payload.values():
-            lines.append(_format_state(p["state"]) + ("" if p["running"] else
-                                                      "  [controller not running]"))
+        for model, p in payload.items():
+            state = _format_state(p["state"]) if p["state"] else f"{model}: no state yet"
+            lines.append(state + ("" if p["running"] else "  [controller not running]"))
             lines += _format_events(p["events"])
         return "\n".join(lines)
 

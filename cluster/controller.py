@@ -433,6 +433,28 @@ def actor_name(model: str) -> str:
     return f"controller-{model}"
 
 
+def statuses(settings: Settings, models: list[str], events: int) -> dict:
+    """Each model's state and latest transitions as its store holds them (None: the loop never
+    ran), and whether its actor is alive, asked of the dashboard's state API: no Ray driver, no
+    registry, so `llmops controller status` answers in about a second."""
+    from ray.util.state import list_actors
+
+    try:
+        alive = {a.name for a in list_actors(
+            address=settings.dashboard_address, filters=[("state", "=", "ALIVE")], limit=10_000,
+            timeout=5, raise_on_missing_output=False) if a.ray_namespace == NAMESPACE}
+    except Exception:  # no dashboard answers: no cluster, so no controller runs
+        alive = set()
+    store = StateStore(settings.controller_uri)
+    out = {}
+    for model in models:
+        state = store.load(model)
+        out[model] = {"running": actor_name(model) in alive, "namespace": NAMESPACE,
+                      "state": state.model_dump() if state else None,
+                      "events": store.events(model)[-events:] if events else []}
+    return out
+
+
 class ControllerActor:
     """A controller as a detached Ray actor (visible in the Ray dashboard's Actors tab; Ray
     restarts it if its process dies, and it resumes from the stored state). Manual commands

@@ -271,7 +271,7 @@ def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
     import ray
     from ray.job_submission import JobStatus
 
-    from cluster.controller import actor, control
+    from cluster.controller import actor, control, statuses
 
     settings, registry, controller = loop
     registry.set_alias(MODEL, CHALLENGER, None)
@@ -309,6 +309,11 @@ def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
         moves = [(e["from"], e["to"]) for e in controller.events()]
         assert moves[:2] == [("serving", "retraining"), ("retraining", "evaluating")]
         assert registry.alias_version(MODEL, CHAMPION) == 1
+        # `llmops controller status`: the store and the dashboard's actor list, no driver
+        [status] = statuses(settings, [MODEL], 2).values()
+        assert status["running"] and status["state"]["retrain_id"] == state["retrain_id"]
+        assert len(status["events"]) == 2 and all(e in controller.events()
+                                                  for e in status["events"])
     finally:
         ray.kill(actor(settings, MODEL) or handle)
 

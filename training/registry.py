@@ -18,7 +18,6 @@ import pandas as pd
 
 from training.config import RegistryConfig
 from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
-from training.pyfunc import META_FILE
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Tables under each run's data/: the training data, the reference profile for drift checks and
@@ -81,6 +80,8 @@ def _download(model_uri: str) -> Path:
     dst = Path(tempfile.mkdtemp(prefix="llmops-model-"))
     root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     # MLflow keeps the artifact under its source folder's name: find it by its metadata file.
+    from training.pyfunc import META_FILE  # (mlflow.pyfunc: not for importers of this module)
+
     folders = [p.parent for p in (root / "artifacts").glob(f"*/{META_FILE}")]
     if len(folders) != 1:
         raise LLMOpsError(f"{model_uri} was not registered by llmops (no hf artifact)")
