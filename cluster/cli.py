@@ -390,6 +390,9 @@ def _format_status(payload: dict) -> str:
             if d.get("inline_in"):
                 model += f" (inline in {d['inline_in']})"
             lines.append(f"  {dep:20} {d['status']:9} {replicas:12} {model}")
+    for model, c in payload.get("controllers", {}).items():
+        state = c["state"]["state"] if c["state"] else "no state yet"
+        lines.append(f"controller {model}: {state}" + ("" if c["running"] else " (not running)"))
     return "\n".join(lines + [f"http: {payload['url']}"]) if lines else "no applications"
 
 
@@ -411,30 +414,42 @@ def cmd_up(args) -> Output:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     cluster = _serve_cluster(settings)
     seconds = cluster.deploy(config, timeout_s=args.timeout)
+    from cluster.controller import start_loop, statuses
+
+    start_loop(settings)
     payload = {"url": f"http://{settings.serve.host}:{settings.serve.port}",
                "dashboard": settings.dashboard_address, "serve_config": str(path),
                "started_ray": started, "seconds": round(seconds, 1),
-               "applications": cluster.status()}
+               "applications": cluster.status(),
+               "controllers": statuses(settings, settings.controller.models, 0)}
     return Output(payload, _format_status)
 
 
 def cmd_status(args) -> Output:
+    from cluster.controller import statuses
+
     settings = _settings(args)
     payload = {"url": f"http://{settings.serve.host}:{settings.serve.port}",
-               "applications": _serve_cluster(settings).status()}
+               "applications": _serve_cluster(settings).status(),
+               "controllers": statuses(settings, settings.controller.models, 0)}
     return Output(payload, _format_status)
 
 
 def cmd_down(args) -> Output:
+    from cluster.controller import stop_loop
+
     settings = _settings(args)
     try:
         _serve_cluster(settings).shutdown()
         removed = True
     except LLMOpsError:
         removed = False
+    controllers = stop_loop(settings) if removed else []
     stopped = runtime.stop_head(settings.data_dir)
-    return Output({"applications_removed": removed, "ray_stopped": stopped},
+    return Output({"applications_removed": removed, "controllers_stopped": controllers,
+                   "ray_stopped": stopped},
                   lambda p: ("removed the Serve applications; " if removed else "no Serve running; ")
+                  + (f"stopped the controllers of {', '.join(controllers)}; " if controllers else "")
                   + ("stopped the local Ray head" if stopped else "left Ray running (not started "
                      "by llmops up)"))
 

@@ -521,6 +521,21 @@ def actor(settings: Settings, model: str, start: bool = False):
         return None
 
 
+def start_loop(settings: Settings) -> list[str]:
+    """What `llmops up` starts: a controller actor per configured model (`controller.models`),
+    unless `controller.autostart` is off. Each resumes from its stored state."""
+    if not settings.controller.autostart:
+        return []
+    for model in settings.controller.models:
+        actor(settings, model, start=True)
+    return list(settings.controller.models)
+
+
+def stop_loop(settings: Settings) -> list[str]:
+    """What `llmops down` stops: every configured model's controller actor that runs."""
+    return [model for model in settings.controller.models if stop(settings, model)]
+
+
 def stop(settings: Settings, model: str) -> bool:
     """Stop the model's controller actor between two steps (its state stays in the store, and
     the next start resumes it); False when none was running."""

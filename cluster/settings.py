@@ -65,7 +65,10 @@ class ControllerConfig(BaseModel):
     """The closed loop per monitored model: drift -> retrain -> gate -> canary -> promotion."""
 
     model_config = ConfigDict(extra="forbid")
-    models: list[str] = Field(default_factory=lambda: ["support-router"])
+    models: list[str] = Field(default_factory=lambda: ["support-router", "moderation"])
+    autostart: bool = Field(True, description="`llmops up` starts a controller actor for each of "
+                            "`models` (and `llmops down` stops them); false: `llmops controller "
+                            "start` does")
     store: str | None = Field(None, description="state and events; empty: <data_dir>/controller")
     interval_s: float = Field(10.0, gt=0, description="seconds between steps")
     cooldown_s: float = Field(3600.0, ge=0, description="after a retrain ends, before the next")

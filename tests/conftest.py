@@ -44,6 +44,8 @@ def tiny_settings(data_dir, **training) -> Settings:
         "data_dir": str(data_dir),
         "ray": {"include_dashboard": False},
         "training": {"workers": 2, "max_failures": 2, "tasks": tasks, **training},
+        # tests step their controllers themselves (test_controller.py starts the loop's actors)
+        "controller": {"autostart": False},
     })
 
 

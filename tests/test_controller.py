@@ -217,6 +217,31 @@ def test_manual_commands_refuse_what_cannot_apply_and_change_nothing(loop):
     assert registry.alias_version(MODEL, CHAMPION) == 1
 
 
+def test_up_starts_the_loop_and_down_stops_it(loop):
+    """What `llmops up` and `llmops down` call: a controller actor per configured model, and
+    `llmops status` / `controller status` seeing them, without a Ray driver of their own."""
+    from cluster.controller import start_loop, statuses, stop_loop
+
+    settings, registry, controller = loop
+    settings.controller.models = [MODEL]
+    assert start_loop(settings) == []  # autostart off (the tests' settings)
+    settings.controller.autostart = True
+    try:
+        assert start_loop(settings) == [MODEL]
+        deadline = time.monotonic() + 30
+        while not (status := statuses(settings, [MODEL], 1)[MODEL])["state"]:
+            assert time.monotonic() < deadline  # its first step saves its state
+            time.sleep(0.5)
+        assert status["running"] and status["state"]["champion"] == 1
+    finally:
+        assert stop_loop(settings) == [MODEL]
+    deadline = time.monotonic() + 30  # the dashboard sees the kill a moment later
+    while statuses(settings, [MODEL], 0)[MODEL]["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert stop_loop(settings) == []
+
+
 def test_manual_promotion_then_rollback_move_the_champion_and_record_it(loop):
     settings, registry, controller = loop
     assert controller.promote().champion == 2
