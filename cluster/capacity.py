@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from cluster.runtime import wants_gpu
 from cluster.settings import Settings
 from training.errors import LLMOpsError
 
@@ -48,9 +49,10 @@ def load_cluster_config(path: str | Path) -> dict:
 
 
 def uses_gpu(choice: str, types: dict[str, dict]) -> bool:
-    """`auto` counts as GPUs when some node type has them (what the platform would see)."""
-    any_gpu = any(t["resources"].get("GPU", 0) > 0 for t in types.values())
-    return choice == "yes" or (choice == "auto" and any_gpu)
+    """`wants_gpu` against the node types: `auto` counts as GPUs when some type has them (what
+    the platform would see once the autoscaler brings one)."""
+    return wants_gpu(choice, max((t["resources"].get("GPU", 0) for t in types.values()),
+                                 default=0))
 
 
 def requests(settings: Settings, types: dict[str, dict]) -> list[Request]:

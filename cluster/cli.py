@@ -370,7 +370,7 @@ def _serve_cluster(settings: Settings):
 def _generated_serve_config(settings: Settings, registry, gpus: float) -> dict:
     from serve_apps.deploy import serve_config
 
-    gpu = settings.serve.use_gpu == "yes" or (settings.serve.use_gpu == "auto" and gpus >= 1)
+    gpu = runtime.wants_gpu(settings.serve.use_gpu, gpus)
     return serve_config(settings.serve, registry.tracking_uri, gpu, dict(runtime.PLATFORM_ENV),
                         settings.log_settings(), settings.governance(),
                         logging=settings.monitoring.logging.serve())
@@ -496,7 +496,10 @@ def cmd_serve_config(args) -> None:
 
     settings = _settings(args)
     registry = _registry(settings)
-    gpus = {"yes": 1, "no": 0}.get(settings.serve.use_gpu, 0)
+    try:  # `auto` is read as `llmops up` reads it: the running cluster's GPUs
+        gpus = runtime.cluster_gpus(settings.ray.address) if settings.serve.use_gpu == "auto" else 0
+    except ConnectionError:  # none runs: as on a cluster without GPUs
+        gpus = 0
     print(yaml.safe_dump(_generated_serve_config(settings, registry, gpus), sort_keys=False))
 
 

@@ -152,10 +152,14 @@ def cluster_gpus(address: str | None) -> float:
         ray.shutdown()
 
 
+def wants_gpu(choice: str, gpus: float) -> bool:
+    """The one GPU rule (`use_gpu` of training and serving): `yes` and `no` as said; `auto`
+    when the cluster has, or its node types can bring, at least one GPU."""
+    return choice == "yes" or (choice == "auto" and gpus >= 1)
+
+
 def use_gpu(setting: str) -> bool:
-    """`auto`: train on GPUs when the cluster has any (CUDA), else on CPUs."""
+    """`wants_gpu` against the connected cluster's GPUs."""
     import ray
 
-    if setting != "auto":
-        return setting == "yes"
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    return wants_gpu(setting, ray.cluster_resources().get("GPU", 0) if setting == "auto" else 0)

@@ -646,6 +646,21 @@ def test_canary_split_is_sticky_and_shadow_answers_with_champion(platform):
     assert platform.cluster.status()["moderation"]["deployments"]["Classifier"]["canary"] is None
 
 
+def test_serve_config_reads_use_gpu_auto_as_up_does(platform):
+    """One GPU rule: with `use_gpu: auto`, `llmops serve-config` asks the running cluster (2
+    logical GPUs here) as `llmops up` does, so model replicas ask for their GPU share."""
+    gpu_options = []
+    for use_gpu in ("auto", "no"):
+        env = {**platform.env, "LLMOPS_SERVE__USE_GPU": use_gpu}
+        proc = _llmops((env, platform.config), "serve-config")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        gpu_options.append([d["ray_actor_options"].get("num_gpus", 0)
+                            for app in yaml.safe_load(proc.stdout)["applications"]
+                            for d in app["deployments"] if d["name"] == "Generator"])
+    assert gpu_options[0] and all(g > 0 for g in gpu_options[0])  # replicas of their own
+    assert not any(gpu_options[1])
+
+
 def test_cli_status_swap_and_errors(platform):
     run = (platform.env, platform.config)
     proc = _llmops(run, "status", "--json")
