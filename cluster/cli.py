@@ -474,6 +474,7 @@ def cmd_canary(args) -> Output:
 
     from serve_apps.config import CanaryConfig
     from serve_apps.deploy import set_canary
+    from training.refs import reference
 
     settings = _settings(args)
     registry = _registry(settings)
@@ -481,10 +482,10 @@ def cmd_canary(args) -> Output:
     if not args.off:
         if (args.version is None) == (args.alias is None):
             raise LLMOpsError("give --version N or --alias A (or --off)")
-        ref = (f"models:/{args.model}/{args.version}" if args.version is not None
-               else f"models:/{args.model}@{args.alias}")
+        ref = reference(args.model, args.version, args.alias)
         try:
-            canary = CanaryConfig(model=ref, fraction=args.fraction, shadow=args.shadow)
+            canary = CanaryConfig(model=ref, shadow=args.shadow,
+                                  **({} if args.fraction is None else {"fraction": args.fraction}))
         except ValidationError as exc:
             raise LLMOpsError(f"--fraction: {exc.errors()[0]['msg']}") from None
     result = set_canary(_serve_cluster(settings), args.model, registry.tracking_uri, canary)
@@ -596,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     canary.add_argument("model")
     canary.add_argument("--version", type=int)
     canary.add_argument("--alias")
-    canary.add_argument("--fraction", type=float, default=0.1, help="share of request ids")
+    canary.add_argument("--fraction", type=float, help="share of request ids (default: "
+                        "CanaryConfig's)")
     canary.add_argument("--shadow", action="store_true", help="mirror instead of answering")
     canary.add_argument("--off", action="store_true", help="end the canary")
     canary.add_argument("--json", action="store_true")

@@ -28,14 +28,15 @@ import yaml
 
 from cluster.settings import CanaryPolicy, Settings
 from cluster.state import BUSY, STATES, ControllerState, StateStore
+from monitoring.feedback import MIN_LABELS
 from monitoring.log import SHADOW
 from monitoring.singleton import NAMESPACE, singleton
 from training.errors import LLMOpsError
+from training.refs import reference
 from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
 
 log = logging.getLogger(__name__)
 DAY_S = 86400.0
-MIN_LABELS = 30  # feedback labels each side of a canary needs before accuracy counts
 PREVIOUS = "previous"  # alias of the champion before the last promotion (what rollback restores)
 
 
@@ -253,7 +254,7 @@ class Controller:
         tasks = dict(settings.training.tasks)  # fine-tune the champion's weights, not a fresh model
         task = tasks[self.model]
         tasks[self.model] = task.model_copy(update={"model": task.model.model_copy(update={
-            "source": f"models:/{self.model}/{state.champion}", "architecture": {}})})
+            "source": reference(self.model, state.champion), "architecture": {}})})
         settings.training.tasks = tasks
         (folder / "llmops.yaml").write_text(yaml.safe_dump(settings.model_dump(mode="json")))
         # (no runtime_env: the command sets the platform's environment for its own driver)
@@ -322,7 +323,7 @@ class Controller:
         from training.refs import UnknownModel
 
         canary = None if version is None else CanaryConfig(
-            model=f"models:/{self.model}/{version}", fraction=policy.fraction,
+            model=reference(self.model, version), fraction=policy.fraction,
             shadow=policy.shadow)
         try:
             set_canary(self._serve(), self.model, self.registry.tracking_uri, canary)

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from monitoring.config import MonitoringConfig
-from serve_apps.config import ServeConfig
+from serve_apps.config import CanaryConfig, ServeConfig
 from training.config import RegistryConfig, TrainingConfig, TuneConfig
 from training.errors import LLMOpsError
 
@@ -50,7 +50,8 @@ class CanaryPolicy(BaseModel):
     the champion's over the same period by more than these allowances."""
 
     model_config = ConfigDict(extra="forbid")
-    fraction: float = Field(0.2, gt=0, le=1, description="share of request ids it answers")
+    fraction: float = Field(CanaryConfig.model_fields["fraction"].default, gt=0, le=1,
+                            description="share of request ids it answers")
     shadow: bool = Field(False, description="mirror requests instead of answering them")
     min_requests: int = Field(100, ge=1)
     max_error_rate_increase: float = Field(0.01, ge=0, le=1)

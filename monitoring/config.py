@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from training.config import StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LogConfig(_Strict):
+class LogConfig(StrictModel):
     """Where and how the inference log is written.
 
     Every pipeline replica buffers its records and appends them as Parquet segments, off the
@@ -33,7 +31,7 @@ class LogConfig(_Strict):
                                       "segments under half this size into ones of up to it")
 
 
-class DriftThresholds(_Strict):
+class DriftThresholds(StrictModel):
     """A metric drifts when its value passes its threshold."""
 
     descriptor_drift: float = Field(0.15, gt=0, description="Evidently's normed Wasserstein "
@@ -52,7 +50,7 @@ class DriftThresholds(_Strict):
                                           "feedback labels below that on the reference rows")
 
 
-class DriftConfig(_Strict):
+class DriftConfig(StrictModel):
     """Per-window checks and the decision policy: drift is declared when `k` of the last `n`
     windows drifted, counting only windows of at least `min_rows` requests."""
 
@@ -80,7 +78,7 @@ class DriftConfig(_Strict):
         return self.models.get(model, self.thresholds)
 
 
-class HealthConfig(_Strict):
+class HealthConfig(StrictModel):
     """How far a champion's golden-set figures may fall from those recorded at registration
     before `llmops healthcheck` calls it degraded."""
 
@@ -94,7 +92,7 @@ class HealthConfig(_Strict):
                                     "on small models")
 
 
-class MonitorConfig(_Strict):
+class MonitorConfig(StrictModel):
     """`llmops monitor`: the loop that checks drift and serves the metrics of the monitor."""
 
     host: str = "127.0.0.1"
@@ -102,7 +100,7 @@ class MonitorConfig(_Strict):
     interval_s: float = Field(60.0, gt=0, description="seconds between drift checks")
 
 
-class AuditConfig(_Strict):
+class AuditConfig(StrictModel):
     """The audit log (`monitoring/audit.py`): one hash-chained JSON line per inference in a
     local folder, fsynced before the request is answered."""
 
@@ -117,7 +115,7 @@ class AuditConfig(_Strict):
                                 "fills, and the free-space gauge alerts")
 
 
-class LoggingSettings(_Strict):
+class LoggingSettings(StrictModel):
     """How the platform's processes log: Serve's replicas, proxy and controller (Serve's
     `LoggingConfig`) and the Ray workers and drivers of its commands, the loop's controllers and
     the monitor among them (Ray's `LoggingConfig`). JSON lines by default, for a shipper
@@ -140,7 +138,7 @@ class LoggingSettings(_Strict):
                                  additional_log_standard_attrs=["name"])
 
 
-class MonitoringConfig(_Strict):
+class MonitoringConfig(StrictModel):
     log: LogConfig = Field(default_factory=LogConfig)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     audit: AuditConfig = Field(default_factory=AuditConfig)

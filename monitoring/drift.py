@@ -24,10 +24,9 @@ import numpy as np
 import pandas as pd
 
 from monitoring.config import DriftConfig, DriftThresholds
+from monitoring.feedback import MIN_LABELS
 from training.errors import LLMOpsError
 from training.features import DESCRIPTORS
-
-MIN_FEEDBACK = 30  # labelled requests a window needs before its accuracy counts
 
 
 class NotEnoughData(LLMOpsError):
@@ -150,7 +149,7 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
         _metric("kl_divergence", kl, t.kl_divergence, "kl(current||reference)"),
     ]
     labelled = current.dropna(subset=["label"]) if "label" in current else current.iloc[:0]
-    if len(labelled) >= MIN_FEEDBACK and "label" in reference:
+    if len(labelled) >= MIN_LABELS and "label" in reference:
         drop = (float((reference.prediction == reference.label).mean())
                 - float((labelled.prediction == labelled.label).mean()))
         metrics.append(_metric("feedback_accuracy_drop", drop, t.feedback_accuracy_drop,

@@ -11,6 +11,9 @@ from typing import NamedTuple
 from monitoring.log import INFERENCE, read
 from training.errors import LLMOpsError
 
+# labelled requests before an accuracy counts: a drift window's, or each side of a canary's
+MIN_LABELS = 30
+
 
 class UnknownRequest(LLMOpsError):
     """Feedback for a request id the inference log does not hold (yet: logs are written about

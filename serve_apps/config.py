@@ -10,23 +10,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from training.config import GpuChoice
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from training.config import GpuChoice, StrictModel
 
 
-class BatchingConfig(_Strict):
+class BatchingConfig(StrictModel):
     """`@serve.batch`: a batch closes when full or when the oldest request waited this long."""
 
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
 
 
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(StrictModel):
     """Ray Serve's autoscaling policy; `min_replicas: 0` scales an idle deployment to zero."""
 
     min_replicas: int = Field(1, ge=0)
@@ -44,7 +40,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(StrictModel):
     """What one replica asks Ray for; `num_gpus` applies only when the cluster has GPUs."""
 
     num_cpus: float = Field(0.25, gt=0)
@@ -52,17 +48,18 @@ class ResourcesConfig(_Strict):
     memory_mb: int | None = Field(None, ge=1)
 
 
-class CanaryConfig(_Strict):
+class CanaryConfig(StrictModel):
     """A challenger beside the champion: `fraction` of request ids (sticky) go to it, or with
     `shadow` it sees a copy of them while the user gets the champion's answer."""
 
     model: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION")
     alias: str | None = Field(None, description="set when the version was pinned from an alias")
-    fraction: float = Field(0.1, ge=0, le=1)
+    fraction: float = Field(0.2, ge=0, le=1, description="the one default of every canary: "
+                            "`llmops canary` and the loop's (`controller.canary.fraction`)")
     shadow: bool = False
 
 
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictModel):
     """Defaults for generated text; requests may lower `max_new_tokens` or set their own."""
 
     max_new_tokens: int = Field(48, ge=1, le=1024)
@@ -75,7 +72,7 @@ class GenerationConfig(_Strict):
                                    "is stopped")
 
 
-class ModelDeploymentConfig(_Strict):
+class ModelDeploymentConfig(StrictModel):
     """One model deployment: which registered model, how it batches, scales and is placed."""
 
     model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION or all-MiniLM-L6-v2")
@@ -115,7 +112,7 @@ class ModelDeploymentConfig(_Strict):
                 "generation": self.generation_config.model_dump()}
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(StrictModel):
     """Request limits enforced at the ingress: 422 beyond the text limits; 413 for a body past
     `max_body_bytes`, before it is parsed; 429 for a client address past its refusals, before
     its token is checked (`serve_apps/http.py`, `Edge`)."""
@@ -140,7 +137,7 @@ class LimitsConfig(_Strict):
 Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"]
 
 
-class AuthConfig(_Strict):
+class AuthConfig(StrictModel):
     """OAuth2 bearer JWTs (`serve_apps/auth.py`): which signatures are accepted and what a token
     must say. HS* tokens are checked with the shared secret, RS*/ES* ones with the public key or
     the JWKS file (by `kid`); a token signed with any other algorithm, `none` included, is
@@ -157,7 +154,7 @@ class AuthConfig(_Strict):
     default_ttl_s: int = Field(3600, ge=1, description="lifetime of `llmops token create` tokens")
 
 
-class GuardrailRule(_Strict):
+class GuardrailRule(StrictModel):
     """One check of a text (`serve_apps/guardrails.py`) and what a hit does: `block` refuses the
     request (422), `redact` replaces what matched, `flag` only reports it."""
 
@@ -182,7 +179,7 @@ class GuardrailRule(_Strict):
         return self
 
 
-class GuardrailsConfig(_Strict):
+class GuardrailsConfig(StrictModel):
     """Rules run in the declared order on each input text before the models see it, and on each
     output text before it leaves."""
 
@@ -203,7 +200,7 @@ def _flag_injection() -> GuardrailsConfig:
 Policy = Literal["audit", "auth", "quota", "guardrails"]
 
 
-class OverloadConfig(_Strict):
+class OverloadConfig(StrictModel):
     """Load shedding at an application's ingress, done by Serve itself: past
     `max_ongoing_requests` per replica requests queue, past `max_queued_requests` they are
     refused with 503 and `Retry-After`."""
@@ -213,7 +210,7 @@ class OverloadConfig(_Strict):
     retry_after_s: int = Field(1, ge=0)
 
 
-class BreakerConfig(_Strict):
+class BreakerConfig(StrictModel):
     """The circuit breaker on a pipeline's generator (`serve_apps/breaker.py`): `failures`
     errors or timeouts within `window_s` open it; after `cooldown_s` one call probes it."""
 
@@ -223,7 +220,7 @@ class BreakerConfig(_Strict):
     timeout_s: float = Field(30, gt=0, description="a generator call slower than this fails")
 
 
-class _AppConfig(_Strict):
+class _AppConfig(StrictModel):
     """What every application has: its route, its policies in the order they run
     (`serve_apps/policies.py`), its guardrail rules and its load shedding."""
 
@@ -310,7 +307,7 @@ class FeedbackAppConfig(_AppConfig):
     policies: list[Policy] = Field(default_factory=lambda: ["audit", "auth"])
 
 
-class TenantLimits(_Strict):
+class TenantLimits(StrictModel):
     """A tenant's budgets (None: no limit). Days are UTC days."""
 
     requests_per_day: int | None = Field(100_000, ge=1)
@@ -319,7 +316,7 @@ class TenantLimits(_Strict):
                                               "one second's worth")
 
 
-class QuotaConfig(_Strict):
+class QuotaConfig(StrictModel):
     """Per-tenant quotas, kept by one authority (`serve_apps/quota.py`)."""
 
     default: TenantLimits = Field(default_factory=TenantLimits)
@@ -331,7 +328,7 @@ class QuotaConfig(_Strict):
         return self.tenants.get(tenant, self.default)
 
 
-class ServeConfig(_Strict):
+class ServeConfig(StrictModel):
     """HTTP front door and the applications it serves."""
 
     host: str = "127.0.0.1"

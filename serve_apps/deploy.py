@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from serve_apps.config import CanaryConfig, ServeConfig
 from training.errors import LLMOpsError
-from training.refs import UnknownModel, model_name, pin, resolve
+from training.refs import UnknownModel, model_name, pin, reference, resolve
 
 
 class DeployFailed(LLMOpsError):
@@ -169,10 +169,7 @@ def _stages(deployment: str, user_config: dict | None) -> dict[str, dict]:
 def swap(cluster: ServeCluster, model: str, tracking_uri: str | None, *, version: int | None = None,
          alias: str | None = None) -> dict:
     """Every deployment serving `model` switches to `version` (or what `alias` points at now)."""
-    if (version is None) == (alias is None):
-        raise LLMOpsError("give exactly one of a version or an alias")
-    ref, pinned_alias = pin(f"models:/{model}/{version}" if version is not None
-                            else f"models:/{model}@{alias}", tracking_uri)
+    ref, pinned_alias = pin(reference(model, version, alias), tracking_uri)
 
     def change(uc: dict) -> dict:
         canary = uc.get("canary")

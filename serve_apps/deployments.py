@@ -26,7 +26,8 @@ from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, device, load
 from training.refs import ModelIdentity, resolve
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+# the variants a request is routed to (not the registry aliases of the same names)
+CHAMPION_VARIANT, CHALLENGER_VARIANT = "champion", "challenger"
 
 
 def set_batching(method, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -60,11 +61,11 @@ class Variants:
     def route(self, request_id: str) -> tuple[str, bool]:
         """(variant that answers, whether the challenger also shadows the request)."""
         if self.challenger is None or self.canary is None:
-            return CHAMPION, False
+            return CHAMPION_VARIANT, False
         chosen = bucket(request_id) < self.canary.fraction
         if self.canary.shadow:
-            return CHAMPION, chosen
-        return (CHALLENGER if chosen else CHAMPION), False
+            return CHAMPION_VARIANT, chosen
+        return (CHALLENGER_VARIANT if chosen else CHAMPION_VARIANT), False
 
 
 @dataclass
@@ -128,7 +129,7 @@ class ModelSlot:
                 jobs.setdefault(("shadow", it.params), []).append(i)
         results: list = [{} for _ in items]
         for (variant, params), idx in jobs.items():
-            model = v.champion if variant == CHAMPION else v.challenger
+            model = v.champion if variant == CHAMPION_VARIANT else v.challenger
             started = time.perf_counter()
             outs = await self._isolated(fn, model, [items[i].text for i in idx], params)
             metrics.batch(model.identity.name, model.identity.version, len(idx),

@@ -21,11 +21,14 @@ GpuChoice = Annotated[Literal["auto", "yes", "no"], BeforeValidator(_yaml_bool)]
 SCRATCH = "scratch"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every settings model: unknown keys and invalid assignments are errors."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelSpec(_Strict):
+
+class ModelSpec(StrictModel):
     """Where a fine-tune starts from.
 
     `source` is the bundled encoder (`all-MiniLM-L6-v2`), `scratch` (a fresh model built from
@@ -41,7 +44,7 @@ class ModelSpec(_Strict):
         "encoder, so half the gradient traffic between workers, and the pretrained vocabulary kept")
 
 
-class LoraSpec(_Strict):
+class LoraSpec(StrictModel):
     """A LoRA adapter's shape (PEFT `LoraConfig`): only these low-rank matrices train, the base
     stays frozen, and the registered version is the adapter alone."""
 
@@ -54,7 +57,7 @@ class LoraSpec(_Strict):
         "empty: PEFT's default for the architecture")
 
 
-class TaskConfig(_Strict):
+class TaskConfig(StrictModel):
     """One trainable task: which dataset, which kind of model, how long, and how (`method`:
     every weight, or a LoRA adapter over a frozen base)."""
 
@@ -86,7 +89,7 @@ class TaskConfig(_Strict):
         return self
 
 
-class DeepSpeedConfig(_Strict):
+class DeepSpeedConfig(StrictModel):
     """ZeRO stage and precision; bf16 is used on GPUs that support it."""
 
     stage: int = Field(2, ge=0, le=3)
@@ -117,7 +120,7 @@ def _default_tasks() -> dict[str, TaskConfig]:
     }
 
 
-class RetrainConfig(_Strict):
+class RetrainConfig(StrictModel):
     """What a retrain on drift learns from: labelled recent traffic plus a replay sample of the
     champion's own training rows (against forgetting)."""
 
@@ -131,7 +134,7 @@ class RetrainConfig(_Strict):
                                  "and the new version's drift reference")
 
 
-class GateConfig(_Strict):
+class GateConfig(StrictModel):
     """Promote a challenger only if it beats the champion on recent labelled traffic by
     `margin` and loses no more than `tolerance` on the original holdout (the golden set)."""
 
@@ -140,7 +143,7 @@ class GateConfig(_Strict):
     tolerance: float = Field(0.02, ge=0, le=1)
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     """How fine-tunes run: workers, DeepSpeed, seed, and the tasks that can be trained."""
 
     workers: int = Field(2, ge=1, le=256)
@@ -198,7 +201,7 @@ class TrainingConfig(_Strict):
         return merged
 
 
-class TuneConfig(_Strict):
+class TuneConfig(StrictModel):
     """A small search over learning rate and epochs with ASHA early stopping."""
 
     trials: int = Field(4, ge=1, le=100)
@@ -210,7 +213,7 @@ class TuneConfig(_Strict):
         "CPU a trial's workers need, so more than one pays off on a cluster with room for them")
 
 
-class RegistryConfig(_Strict):
+class RegistryConfig(StrictModel):
     """MLflow tracking and registry; empty `tracking_uri` means SQLite under the data dir."""
 
     tracking_uri: str | None = None

@@ -29,10 +29,17 @@ class ModelIdentity:
 
     @property
     def uri(self) -> str:
-        return self.name if self.version == "bundled" else f"models:/{self.name}/{self.version}"
+        return self.name if self.version == "bundled" else reference(self.name, self.version)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def reference(name: str, version: int | str | None = None, alias: str | None = None) -> str:
+    """`models:/NAME/VERSION` or `models:/NAME@ALIAS`: the one way references are written."""
+    if (version is None) == (alias is None):
+        raise LLMOpsError("give exactly one of a version or an alias")
+    return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
 
 
 def _parse(ref: str) -> re.Match:

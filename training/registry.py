@@ -18,6 +18,7 @@ import pandas as pd
 
 from training.config import RegistryConfig
 from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
+from training.refs import reference
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Tables under each run's data/: the training data, the reference profile for drift checks and
@@ -188,7 +189,7 @@ class Registry:
         except Exception:
             client.delete_model_version(name, mv.version)
             raise
-        return RegisteredVersion(name, int(mv.version), alias, run_id, f"models:/{name}@{alias}")
+        return RegisteredVersion(name, int(mv.version), alias, run_id, reference(name, alias=alias))
 
     def _version(self, name: str, version: str):
         from mlflow.exceptions import MlflowException
@@ -205,7 +206,7 @@ class Registry:
         import mlflow.models
 
         mv = self._version(name, version)
-        info = mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
+        info = mlflow.models.get_model_info(reference(name, mv.version))
         return list((info.metadata or {}).get("llmops", {}).get("labels", []))
 
     def run_data(self, name: str, version: str, file: str) -> pd.DataFrame:
@@ -249,7 +250,7 @@ class Registry:
         import mlflow.pyfunc
 
         mv = self._version(name, version)
-        return mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
+        return mlflow.pyfunc.load_model(reference(name, mv.version)).unwrap_python_model()
 
     def run_metrics(self, name: str, version: str) -> dict[str, float]:
         """The metrics the run that registered the version logged (`<holdout>_<metric>`)."""
