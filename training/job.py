@@ -61,7 +61,8 @@ def make_spec(config: TrainingConfig, registry: Registry, task: str, data: TaskD
     model = tc.model
     if model.source.startswith("models:/"):
         model = model.model_copy(update={"source": pin(model.source, registry.tracking_uri)[0]})
-    folder = resolve_source(model.source)
+    # only a language model's source can be an adapter (LoRA adapts causal LMs alone)
+    folder = resolve_source(model.source) if tc.kind == "causal-lm" else None
     if folder is not None and lora.is_adapter(folder):
         raise InvalidData(f"model.source {model.source} is a LoRA adapter, not a model: train "
                           f"on its base ({json.loads((folder / META_FILE).read_text())['base']})")
