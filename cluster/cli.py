@@ -248,17 +248,20 @@ def cmd_controller(args) -> Output:
 
     settings = _settings(args)
     models = args.models or settings.controller.models
-    out = statuses(settings, models, args.events) if args.action == "status" else {}
-    for model in models if args.action != "status" else ():
-        if args.action == "start":
-            actor(settings, model, start=True)
-        elif args.action == "stop":
-            stop(settings, model)
-        elif args.action == "step":
-            control(settings, model, "step")
-        out[model] = {"running": actor(settings, model) is not None,
-                      "namespace": NAMESPACE, "state": control(settings, model, "state"),
-                      "events": control(settings, model, "events")[-args.events:]}
+    if args.action == "status":  # read-only: the store and the dashboard, no Ray driver
+        out = statuses(settings, models, args.events)
+    else:
+        out = {}
+        for model in models:
+            if args.action == "start":
+                actor(settings, model, start=True)
+            elif args.action == "stop":
+                stop(settings, model)
+            else:
+                control(settings, model, "step")
+            out[model] = {"running": actor(settings, model) is not None,
+                          "namespace": NAMESPACE, "state": control(settings, model, "state"),
+                          "events": control(settings, model, "events")[-args.events:]}
 
     def human(payload: dict) -> str:
         lines = []
