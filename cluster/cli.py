@@ -390,6 +390,9 @@ def _format_status(payload: dict) -> str:
             if canary:
                 mode = "shadow" if canary["shadow"] else f"{canary['fraction']:.0%}"
                 model += f" + canary {canary['model']} {mode}"
+            if d.get("adapters"):
+                model += " + adapters " + ", ".join(f"{name}={ad['model']}"
+                                                    for name, ad in d["adapters"].items())
             if d.get("inline_in"):
                 model += f" (inline in {d['inline_in']})"
             lines.append(f"  {dep:20} {d['status']:9} {replicas:12} {model}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
+from serve_apps.adapters import as_config, pin_adapters
 from serve_apps.chat import ChatPipeline
 from serve_apps.config import (
     ChatAppConfig,
@@ -30,16 +31,19 @@ from training.refs import pin
 def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None,
                        pin_models: bool = True) -> dict:
     """What a model's `reconfigure()` receives. With `pin_models` every reference is pinned
-    to its version now (the registry is asked); without, each replica resolves its alias when
-    it starts (a manifest written before any deploy)."""
+    to its version now (the registry is asked) and each adapter is checked against the base;
+    without, each replica resolves its aliases when it starts (a manifest written before any
+    deploy)."""
     if not pin_models:
-        return md.user_config(md.model, None, md.canary)
+        return md.user_config(md.model, None, md.canary, {
+            name: {"model": ref, "alias": None} for name, ref in md.adapters.items()})
     model, alias = pin(md.model, tracking_uri)
     canary = None
     if md.canary:
         ref, canary_alias = pin(md.canary.model, tracking_uri)
         canary = md.canary.model_copy(update={"model": ref, "alias": canary_alias})
-    return md.user_config(model, alias, canary)
+    return md.user_config(model, alias, canary,
+                          as_config(pin_adapters(md.adapters, model, tracking_uri)))
 
 
 def actor_resources(md: ModelDeploymentConfig, use_gpu: bool, gpu_resource: str | None) -> dict:

@@ -1,4 +1,5 @@
-"""The `chat` application: OpenAI-compatible chat completions over a registered causal LM.
+"""The `chat` application: OpenAI-compatible chat completions over a registered causal LM and
+the LoRA adapters served over it, picked by the request's `model` (`serve_apps/adapters.py`).
 
 `POST /v1/chat/completions` (with `stream: true`, server-sent events ending in `data: [DONE]`)
 and `GET /v1/models`, so the official `openai` client works with `base_url=.../v1`. The last
@@ -26,7 +27,7 @@ from serve_apps.inference_log import InferenceLog
 from serve_apps.policies import Answer, Call, Caller, chain, estimate_tokens
 from serve_apps.stages import Stages
 from training.features import descriptors
-from training.refs import UnknownModel
+from training.refs import UnknownModel, reference
 
 
 class ContentPart(BaseModel):
@@ -94,6 +95,7 @@ class ChatPipeline:
         self.breaker = CircuitBreaker(self.config.breaker)
         app.state.edge = self.policies.edge(self.limits)
         self.created = int(time.time())
+        self.roots: dict[str, str] = {}  # adapter name -> its exact version, as last listed
 
     async def reconfigure(self, user_config: dict) -> None:
         await self.stages.reconfigure(user_config)
@@ -120,9 +122,26 @@ class ChatPipeline:
         return StreamingResponse(events(), media_type="text/event-stream", headers=call.headers)
 
     async def models(self) -> list[dict]:
+        """The base and each LoRA adapter served over it (`parent`: the base), as OpenAI-style
+        servers list them; `root` is the exact version."""
         served = await self.generator.identity.remote()
-        return [{"id": served["champion"]["name"], "object": "model", "created": self.created,
-                 "owned_by": "llmops", "version": served["champion"]["version"]}]
+        base = served["champion"]
+        adapters = served.get("adapters") or {}
+        self.roots = {name: reference(a["name"], a["version"]) for name, a in adapters.items()}
+
+        def entry(name: str, identity: dict, parent: str | None) -> dict:
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "llmops",
+                    "version": identity["version"], "parent": parent,
+                    "root": reference(identity["name"], identity["version"])}
+
+        return [entry(base["name"], base, None)] + [entry(name, a, base["name"])
+                                                    for name, a in adapters.items()]
+
+    def _generator_for(self, model: str, **options) -> DeploymentHandle:
+        """The generator's handle for a request naming `model`: for an adapter, Serve routes it
+        to a replica that holds that adapter version already, where there is one."""
+        root = self.roots.get(model)
+        return self.generator.options(**options, **({"multiplexed_model_id": root} if root else {}))
 
     async def _open(self, request: ChatRequest, caller: Caller) -> Call:
         """The call for the text to answer, after checking the model name and the limits."""
@@ -166,8 +185,9 @@ class ChatPipeline:
     async def _generate(self, call: Call, request: ChatRequest) -> Answer:
         """The generator's answer, or the fallback reply while it fails or its breaker is open."""
         try:
-            out = await self.breaker.call(lambda: self.generator.generate.remote(
-                call.texts[0], call.request_id, **request.options()))
+            out = await self.breaker.call(lambda: self._generator_for(request.model).generate
+                                          .remote(call.texts[0], call.request_id,
+                                                  model=request.model, **request.options()))
             degraded = False
         except Exception as exc:
             if callers_fault(exc):  # this caller's input: its own 4xx, no fallback
@@ -222,8 +242,8 @@ class ChatPipeline:
         pieces: list[str] = []
         stream = None
         try:
-            stream = self.generator.options(stream=True).stream.remote(call.texts[0], rid,
-                                                                       **request.options())
+            stream = self._generator_for(request.model, stream=True).stream.remote(
+                call.texts[0], rid, model=request.model, **request.options())
             try:
                 first = await self.breaker.call(lambda: anext(stream))
             except Exception as exc:

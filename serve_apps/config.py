@@ -8,6 +8,7 @@ user_config()`; replica resources and autoscaling need new replicas.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -72,6 +73,9 @@ class GenerationConfig(StrictModel):
                                    "is stopped")
 
 
+_SERVED_NAME = re.compile(r"^[\w.:-]{1,128}$")
+
+
 class ModelDeploymentConfig(StrictModel):
     """One model deployment: which registered model, how it batches, scales and is placed."""
 
@@ -85,10 +89,35 @@ class ModelDeploymentConfig(StrictModel):
         "CPU (faster; scores depend slightly on the batch a text lands in)")
     canary: CanaryConfig | None = None
     generation: GenerationConfig | None = None
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="a generator's LoRA adapters, served over `model` "
+        "(their base) by the name a request picks them with (the OpenAI `model` field): "
+        "models:/NAME@ALIAS or models:/NAME/VERSION of adapter versions trained on that base")
+    adapter: str | None = Field(None, description="the adapter (a name in `adapters`) that "
+                                "answers requests naming none, the pipeline's own included; "
+                                "empty: the base")
+    max_adapters: int = Field(4, ge=1, le=256, description="adapters a replica holds at once; "
+                              "past them the least recently used is dropped")
     placement: Literal["auto", "inline", "replica"] = Field(
         "auto", description="inline: inside the pipeline replica (no hop; its resources are "
         "added to the pipeline's, it scales with the pipeline and `autoscaling` is unused); "
         "replica: a deployment of its own; auto: inline unless it gets a GPU or generates text")
+
+    @model_validator(mode="after")
+    def _adapters(self) -> ModelDeploymentConfig:
+        from training.refs import model_name
+
+        for name, ref in self.adapters.items():
+            if not _SERVED_NAME.match(name) or name == model_name(self.model):
+                raise ValueError(f"adapter name {name!r}: letters, digits and ._:- only, and not "
+                                 f"the base's own name")
+            model_name(ref)  # a reference, else the error says what one looks like
+        if self.adapter is not None and self.adapter not in self.adapters:
+            raise ValueError(f"adapter {self.adapter!r} is not one of adapters "
+                             f"{sorted(self.adapters)}")
+        if self.adapters and self.precision == "int8":
+            raise ValueError("LoRA adapters need a base in fp32 or fp16, not int8")
+        return self
 
     def inline(self, use_gpu: bool, generates: bool) -> bool:
         """Whether this model runs inside its pipeline's replica (`placement`). `auto` keeps a
@@ -103,13 +132,16 @@ class ModelDeploymentConfig(StrictModel):
         """The generation defaults of this deployment (GenerationConfig's when unset)."""
         return self.generation or GenerationConfig()
 
-    def user_config(self, model: str, alias: str | None, canary: CanaryConfig | None) -> dict:
-        """What `reconfigure()` receives (with the model pinned to a version): changes here swap
-        in place, without new replicas."""
+    def user_config(self, model: str, alias: str | None, canary: CanaryConfig | None,
+                    adapters: dict[str, dict] | None = None) -> dict:
+        """What `reconfigure()` receives (with the model and adapters pinned to versions):
+        changes here swap in place, without new replicas."""
         return {"model": model, "alias": alias, "precision": self.precision,
                 "batching": self.batching.model_dump(),
                 "canary": canary.model_dump() if canary else None,
-                "generation": self.generation_config.model_dump()}
+                "generation": self.generation_config.model_dump(),
+                **({"adapters": adapters, "adapter": self.adapter,
+                    "max_adapters": self.max_adapters} if self.adapters else {})}
 
 
 class LimitsConfig(StrictModel):
@@ -237,6 +269,9 @@ class _AppConfig(StrictModel):
     def _once_each(self) -> _AppConfig:
         if len(set(self.policies)) != len(self.policies):
             raise ValueError("each policy may appear once in `policies`")
+        for stage in ("classifier", "encoder"):
+            if getattr(getattr(self, stage, None), "adapters", None):
+                raise ValueError(f"{stage}.adapters: LoRA adapters are served by generators")
         return self
 
 

@@ -134,6 +134,7 @@ class ServeCluster:
                 for stage, uc in stages.items():  # an inline model is listed by its pipeline
                     deps[stage] = {**state, "model": uc.get("model"), "alias": uc.get("alias"),
                                    "canary": uc.get("canary"),
+                                   **({"adapters": uc["adapters"]} if uc.get("adapters") else {}),
                                    **({"inline_in": dname} if stage != dname else {})}
             out[name] = {"status": app["status"], "route_prefix": app.get("route_prefix"),
                          "deployments": deps}
@@ -141,20 +142,28 @@ class ServeCluster:
 
     def update_models(self, model: str, change: Callable[[dict], dict],
                       timeout_s: float = 300) -> dict:
-        """Apply `change` to the user_config of every deployment serving `model`, redeploy,
-        wait until every replica serves it. Returns which deployments changed and how long."""
+        """Apply `change` to the user_config of every deployment serving `model` (as its model
+        or as one of its adapters), redeploy, wait until every replica serves it. Returns which
+        deployments changed and how long."""
         config = self.deployed_config()
         changed = []
         for app in config["applications"]:
             for dep in app.get("deployments", []):
                 for stage, uc in _stages(dep["name"], dep.get("user_config")).items():
-                    if model_name(uc["model"]) == model:
+                    if model in _served(uc):
                         uc.update(change(uc))  # in place: inline ones sit in their pipeline's
                         changed.append(f"{app['name']}/{stage}")
         if not changed:
             raise UnknownModel(f"no running deployment serves model {model!r}")
         seconds = self.deploy(config, timeout_s)
         return {"model": model, "deployments": changed, "seconds": round(seconds, 2)}
+
+
+def _served(user_config: dict) -> set[str]:
+    """The registered models a model deployment's user_config serves: its own and its
+    adapters'."""
+    return {model_name(user_config["model"])} | {
+        model_name(a["model"]) for a in (user_config.get("adapters") or {}).values()}
 
 
 def _stages(deployment: str, user_config: dict | None) -> dict[str, dict]:
@@ -168,14 +177,26 @@ def _stages(deployment: str, user_config: dict | None) -> dict[str, dict]:
 
 def swap(cluster: ServeCluster, model: str, tracking_uri: str | None, *, version: int | None = None,
          alias: str | None = None) -> dict:
-    """Every deployment serving `model` switches to `version` (or what `alias` points at now)."""
+    """Every deployment serving `model` switches to `version` (or what `alias` points at now):
+    as its model, or as an adapter, whose base must stay the one it was trained on (a base
+    swap that would leave an adapter on another base is refused, `BaseMismatch`)."""
+    from serve_apps.adapters import as_config, pin_adapters
+
     ref, pinned_alias = pin(reference(model, version, alias), tracking_uri)
 
     def change(uc: dict) -> dict:
-        canary = uc.get("canary")
-        if canary and resolve(canary["model"], tracking_uri).uri == ref:
-            canary = None  # the challenger became the model itself
-        return {**uc, "model": ref, "alias": pinned_alias, "canary": canary}
+        out = dict(uc)
+        if model_name(uc["model"]) == model:
+            canary = uc.get("canary")
+            if canary and resolve(canary["model"], tracking_uri).uri == ref:
+                canary = None  # the challenger became the model itself
+            out.update(model=ref, alias=pinned_alias, canary=canary)
+        if uc.get("adapters"):
+            adapters = {name: {"model": ref, "alias": pinned_alias}
+                        if model_name(a["model"]) == model else a
+                        for name, a in uc["adapters"].items()}
+            out["adapters"] = as_config(pin_adapters(adapters, out["model"], tracking_uri))
+        return out
 
     return {**cluster.update_models(model, change), "serving": ref}
 
@@ -190,4 +211,11 @@ def set_canary(cluster: ServeCluster, model: str, tracking_uri: str | None,
             raise LLMOpsError(f"the canary {canary.model} is not a version of {model}")
         canary = canary.model_copy(update={"model": ref, "alias": alias})
     body = canary.model_dump() if canary else None
-    return cluster.update_models(model, lambda uc: {**uc, "canary": body})
+
+    def change(uc: dict) -> dict:
+        if model_name(uc["model"]) != model:
+            raise LLMOpsError(f"{model} is served as a LoRA adapter: canaries of adapters are "
+                              f"not supported yet; move it with `llmops swap` instead")
+        return {**uc, "canary": body}
+
+    return cluster.update_models(model, change)

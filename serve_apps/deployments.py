@@ -21,10 +21,12 @@ from ray import serve
 
 from monitoring.batching import unwrap
 from serve_apps import metrics
+from serve_apps.adapters import Adapter, check_base, pin_adapters
+from serve_apps.adapters import fetch as fetch_adapter
 from serve_apps.config import CanaryConfig, GenerationConfig
 from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, device, load
-from training.refs import ModelIdentity, resolve
+from training.refs import ModelIdentity, UnknownModel, resolve
 
 # the variants a request is routed to (not the registry aliases of the same names)
 CHAMPION_VARIANT, CHALLENGER_VARIANT = "champion", "challenger"
@@ -43,11 +45,13 @@ def bucket(request_id: str) -> float:
 
 @dataclass(frozen=True)
 class Item:
-    """One text in a batch, with what routes it (request id) and how to run it (params)."""
+    """One text in a batch, with what routes it (request id), how to run it (params) and, for
+    a generator, the LoRA adapter that answers it (None: the base)."""
 
     text: str
     request_id: str
     params: tuple = ()
+    adapter: Adapter | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class ModelSlot:
     tracking_uri: str | None
     variants: Variants | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    adapters: dict[str, ModelIdentity] = field(default_factory=dict)
+    adapter: str | None = None  # the adapter of requests that name none
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reporter: asyncio.Task | None = None
 
@@ -88,7 +94,10 @@ class ModelSlot:
             challenger = (await self._get(canary.model, canary.alias, precision, current)
                           if canary else None)
             self.generation = GenerationConfig(**(user_config.get("generation") or {}))
-            self.variants = Variants(champion, challenger, canary)
+            adapters = await asyncio.to_thread(pin_adapters, user_config.get("adapters") or {},
+                                               champion.identity.uri, self.tracking_uri)
+            self.variants, self.adapters = Variants(champion, challenger, canary), adapters
+            self.adapter = user_config.get("adapter")
             if self._reporter is None:
                 self._reporter = asyncio.get_running_loop().create_task(self._report_versions())
 
@@ -114,14 +123,18 @@ class ModelSlot:
         v = self.variants
         return {"champion": v.champion.identity.to_dict(),
                 "challenger": v.challenger.identity.to_dict() if v.challenger else None,
-                "canary": v.canary.model_dump() if v.canary else None}
+                "canary": v.canary.model_dump() if v.canary else None,
+                "adapters": {name: i.to_dict() for name, i in self.adapters.items()},
+                "adapter": self.adapter}
 
-    async def run(self, items: list[Item], fn: Callable[[LoadedModel, list[str], tuple], list[dict]]
+    async def run(self, items: list[Item], fn: Callable[[LoadedModel, list[Item], tuple], list[dict]]
                   ) -> list[dict | Exception]:
-        """Answer a batch: group items by variant and params, one forward pass per group. An
-        item that fails has its exception in its place (`unwrap` raises it for its caller)."""
+        """Answer a batch: group items by variant and params, one forward pass per group (its
+        items' adapters mixed in it). An item that fails has its exception in its place
+        (`unwrap` raises it for its caller)."""
         v = self.variants
-        routes = [v.route(it.request_id) for it in items]
+        routes = [v.route(it.request_id) if it.adapter is None else (CHAMPION_VARIANT, False)
+                  for it in items]  # an adapter runs on the base it was trained on
         jobs: dict[tuple, list[int]] = {}
         for i, (it, (variant, shadow)) in enumerate(zip(items, routes)):
             jobs.setdefault((variant, it.params), []).append(i)
@@ -131,7 +144,7 @@ class ModelSlot:
         for (variant, params), idx in jobs.items():
             model = v.champion if variant == CHAMPION_VARIANT else v.challenger
             started = time.perf_counter()
-            outs = await self._isolated(fn, model, [items[i].text for i in idx], params)
+            outs = await self._isolated(fn, model, [items[i] for i in idx], params)
             metrics.batch(model.identity.name, model.identity.version, len(idx),
                           time.perf_counter() - started)
             for i, out in zip(idx, outs):
@@ -139,7 +152,9 @@ class ModelSlot:
                     if variant != "shadow":  # a failed shadow never fails the answer
                         results[i] = out
                     continue
-                out = {**out, "model": {**model.identity.to_dict(), "variant": variant}}
+                adapter = items[i].adapter
+                identity = adapter.identity if adapter is not None else model.identity
+                out = {**out, "model": {**identity.to_dict(), "variant": variant}}
                 if variant == "shadow":
                     results[i]["shadow"] = out
                 else:
@@ -147,19 +162,19 @@ class ModelSlot:
         return results
 
     @staticmethod
-    async def _isolated(fn: Callable, model: LoadedModel, texts: list[str], params: tuple
+    async def _isolated(fn: Callable, model: LoadedModel, items: list[Item], params: tuple
                         ) -> list[dict | Exception]:
-        """`fn` on the whole group; if it fails, on each text alone, so one text that fails
+        """`fn` on the whole group; if it fails, on each item alone, so one text that fails
         the model fails only its own request (its exception in its place)."""
         try:
-            return await asyncio.to_thread(fn, model, texts, params)
+            return await asyncio.to_thread(fn, model, items, params)
         except Exception as exc:
-            if len(texts) == 1:
+            if len(items) == 1:
                 return [exc]
         outs: list[dict | Exception] = []
-        for text in texts:
+        for item in items:
             try:
-                outs += await asyncio.to_thread(fn, model, [text], params)
+                outs += await asyncio.to_thread(fn, model, [item], params)
             except Exception as exc:
                 outs.append(exc)
         return outs
@@ -204,8 +219,8 @@ class Classifier(_ModelDeployment):
     """Any registered classifier (support-router, moderation): label, confidence, scores."""
 
     @staticmethod
-    def run_batch(model: LoadedModel, texts: list[str], _params: tuple) -> list[dict]:
-        return [{**r, "batch_size": len(texts)} for r in model.classify(texts)]
+    def run_batch(model: LoadedModel, items: list[Item], _params: tuple) -> list[dict]:
+        return [{**r, "batch_size": len(items)} for r in model.classify([it.text for it in items])]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -213,14 +228,46 @@ class Encoder(_ModelDeployment):
     """The bundled sentence encoder: L2-normalised embeddings (numpy float32)."""
 
     @staticmethod
-    def run_batch(model: LoadedModel, texts: list[str], _params: tuple) -> list[dict]:
-        return [{"embedding": e} for e in model.embed(texts)]
+    def run_batch(model: LoadedModel, items: list[Item], _params: tuple) -> list[dict]:
+        return [{"embedding": e} for e in model.embed([it.text for it in items])]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Generator(_ModelDeployment):
-    """Any registered causal LM. Greedy requests batch together; a sampled request (temperature
-    above 0) runs alone so its seed alone decides its output."""
+    """Any registered causal LM, and the LoRA adapters served over it (`serve_apps/adapters.py`),
+    picked per request by name. Greedy requests batch together, whatever their adapters; a
+    sampled request (temperature above 0) runs alone so its seed alone decides its output."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        super().__init__(tracking_uri)
+        self._fetch: Callable | None = None
+        self._max_adapters: int | None = None
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await super().reconfigure(user_config)
+        size = user_config.get("max_adapters") or 4
+        if size != self._max_adapters:  # Serve's LRU size is fixed when it is made
+            async def fetch(uri: str) -> Adapter:
+                slot = self.slot
+                identity = next((i for i in slot.adapters.values() if i.uri == uri), None) \
+                    or await asyncio.to_thread(resolve, uri, slot.tracking_uri)
+                return await asyncio.to_thread(fetch_adapter, identity,
+                                               slot.variants.champion.identity.uri)
+
+            self._fetch = serve.multiplexed(max_num_models_per_replica=size)(fetch)
+            self._max_adapters = size
+
+    async def adapter(self, model: str | None) -> Adapter | None:
+        """The adapter that answers a request naming `model` (None: the deployment's `adapter`;
+        the base's name: none), fetched through Serve's multiplexing."""
+        slot = self.slot
+        name = slot.adapter if model is None else model
+        if name is None or name == slot.variants.champion.identity.name:
+            return None
+        if name not in slot.adapters:
+            served = [slot.variants.champion.identity.name, *slot.adapters]
+            raise UnknownModel(f"model {name!r} is not served here; served: {served}")
+        return await self._fetch(slot.adapters[name].uri)
 
     def params(self, max_new_tokens: int | None = None, temperature: float | None = None,
                seed: int | None = None, stop: list[str] | None = None, salt: str = "") -> tuple:
@@ -236,29 +283,46 @@ class Generator(_ModelDeployment):
         key = (("salt", salt),) if p["temperature"] > 0 else ()
         return tuple(sorted(p.items())) + key
 
-    async def generate(self, text: str, request_id: str, **options) -> dict:
-        return await self.predict(Item(text, request_id, self.params(salt=request_id, **options)))
+    async def generate(self, text: str, request_id: str, model: str | None = None,
+                       **options) -> dict:
+        """The answer to one text by `model` (the base's or an adapter's name; None: this
+        deployment's `adapter`)."""
+        adapter = await self.adapter(model)
+        return await self.predict(Item(text, request_id, self.params(salt=request_id, **options),
+                                       adapter))
 
     async def generate_many(self, items: list[Item]) -> list[dict]:
-        """A batch a pipeline already formed, with this deployment's generation settings."""
-        return await self.predict_many([Item(it.text, it.request_id, self.params(salt=it.request_id))
+        """A batch a pipeline already formed, with this deployment's generation settings and
+        adapter."""
+        adapter = await self.adapter(None)
+        return await self.predict_many([Item(it.text, it.request_id,
+                                             self.params(salt=it.request_id), adapter)
                                         for it in items])
 
     @staticmethod
-    def run_batch(model: LoadedModel, texts: list[str], params: tuple) -> list[dict]:
-        return model.generate(texts, **{k: v for k, v in params if k != "salt"})
+    def run_batch(model: LoadedModel, items: list[Item], params: tuple) -> list[dict]:
+        for it in items:  # the base moved under a request that holds an adapter of the old one
+            if it.adapter is not None:
+                check_base(it.adapter.identity, model.identity.uri)
+        outs = model.generate([it.text for it in items], **{k: v for k, v in params if k != "salt"},
+                              adapters=[it.adapter for it in items])
+        return [{**out, "batch_size": len(items)} for out in outs]
 
-    async def stream(self, text: str, request_id: str, **options) -> AsyncIterator[dict]:
+    async def stream(self, text: str, request_id: str, model: str | None = None,
+                     **options) -> AsyncIterator[dict]:
         """Pieces of the answer as they are generated; the first carries the model identity."""
         p = dict(kv for kv in self.params(**options) if kv[0] != "salt")
-        variant, _ = self.slot.variants.route(request_id)
-        model = getattr(self.slot.variants, variant)
+        adapter = await self.adapter(model)
+        variant = self.slot.variants.route(request_id)[0] if adapter is None else CHAMPION_VARIANT
+        loaded = getattr(self.slot.variants, variant)
+        identity = adapter.identity if adapter is not None else loaded.identity
         cancel = threading.Event()  # set when the caller leaves: the generation stops
         try:
-            pieces = await asyncio.to_thread(model.stream, text, **p, cancel=cancel,
-                                             piece_timeout_s=self.slot.generation.piece_timeout_s)
-            yield {"model": {**model.identity.to_dict(), "variant": variant},
-                   "prompt_tokens": model.prompt_tokens(text)}
+            pieces = await asyncio.to_thread(loaded.stream, text, **p, cancel=cancel,
+                                             piece_timeout_s=self.slot.generation.piece_timeout_s,
+                                             adapter=adapter)
+            yield {"model": {**identity.to_dict(), "variant": variant},
+                   "prompt_tokens": loaded.prompt_tokens(text)}
             while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
                 yield {"text": piece}
         finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serve_apps.adapters import Adapter, AdapterHost
 from training.config import BUNDLED_ENCODER
 from training.refs import ModelIdentity, resolve
 
@@ -35,7 +36,8 @@ def _one_at_a_time(method):
 class LoadedModel:
     """A model in memory with its tokenizer and metadata, ready for batches. Calls take turns:
     a fast tokenizer keeps its padding and truncation settings as state, so two batches
-    tokenized at once in different threads can garble each other."""
+    tokenized at once in different threads can garble each other; and a generation runs
+    with its LoRA adapters attached (`serve_apps/adapters.py`), which are state of the modules."""
 
     identity: ModelIdentity
     model: torch.nn.Module
@@ -43,6 +45,7 @@ class LoadedModel:
     meta: dict
     precision: str = "fp32"
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    adapters: AdapterHost = field(default_factory=AdapterHost, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -65,11 +68,13 @@ class LoadedModel:
 
     @_one_at_a_time
     def generate(self, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
-                 stop: Sequence[str]) -> list[dict]:
+                 stop: Sequence[str], adapters: Sequence[Adapter | None] = ()) -> list[dict]:
+        """Each text's answer, by its own adapter (`adapters`, None or absent: the base)."""
         from training.models import generate_text
 
-        outs = generate_text(self.model, self.tokenizer, texts, max_new_tokens, temperature, seed,
-                             batch_size=max(len(texts), 1))
+        module, names = self.adapters.prepare(self.model, adapters or [None] * len(texts))
+        outs = generate_text(module, self.tokenizer, texts, max_new_tokens, temperature, seed,
+                             batch_size=max(len(texts), 1), adapter_names=names)
         results = []
         for text, (out, confidence) in zip(texts, outs):
             cut = min([out.find(s) for s in stop if s and s in out], default=-1)
@@ -82,14 +87,19 @@ class LoadedModel:
 
     @_one_at_a_time
     def stream(self, text: str, max_new_tokens: int, temperature: float, seed: int,
-               stop: Sequence[str], piece_timeout_s: float,
-               cancel: threading.Event) -> Iterator[str]:
+               stop: Sequence[str], piece_timeout_s: float, cancel: threading.Event,
+               adapter: Adapter | None = None) -> Iterator[str]:
         """Pieces of `generate`'s answer as they appear; joined they equal its text. Setting
-        `cancel` stops the generation."""
+        `cancel` stops the generation. It holds the lock while it generates, as a batch does."""
         from training.models import stream_text
 
+        def prepare():  # under the lock, right before generating
+            module, names = self.adapters.prepare(self.model, [adapter])
+            return module, {"adapter_names": names} if names else {}
+
         return until_stop(stream_text(self.model, self.tokenizer, text, max_new_tokens,
-                                      temperature, seed, piece_timeout_s, cancel), stop)
+                                      temperature, seed, piece_timeout_s, cancel, self.lock,
+                                      prepare), stop)
 
     @_one_at_a_time
     def count_tokens(self, text: str) -> int:

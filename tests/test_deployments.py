@@ -1,5 +1,6 @@
 """The model deployments' shared machinery without Serve: one failing item of a batch fails
-only its own request, and a streamed generation stops when its reader leaves or stalls."""
+only its own request, a streamed generation stops when its reader leaves or stalls, and rows of
+one batch are answered by their own LoRA adapters."""
 
 import asyncio
 import threading
@@ -23,8 +24,9 @@ def test_one_failing_item_fails_only_its_own_request():
     take is run again item by item; every other item is answered."""
     calls = []
 
-    def run(model, texts, params):
-        calls.append(list(texts))
+    def run(model, items, params):
+        texts = [it.text for it in items]
+        calls.append(texts)
         if any("poison" in t for t in texts):
             raise ValueError("the model cannot take this text")
         return [{"label": t.upper()} for t in texts]
@@ -42,10 +44,10 @@ def test_one_failing_item_fails_only_its_own_request():
 
 
 def test_a_failing_shadow_never_fails_the_answer():
-    def run(model, texts, params):
+    def run(model, items, params):
         if model.identity.version == "2":
             raise RuntimeError("the challenger broke")
-        return [{"label": "ok"} for _ in texts]
+        return [{"label": "ok"} for _ in items]
 
     from serve_apps.config import CanaryConfig
 
@@ -162,3 +164,66 @@ def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
     assert set(gpu) == {"SupportPipeline", "Classifier", "Encoder", "Generator"}
     assert "user_config" not in gpu["SupportPipeline"]
     assert gpu["Classifier"]["ray_actor_options"]["num_gpus"] == 0.25
+
+
+def _lora(base, seed: int):
+    """A LoRA adapter of `base` with random (non-zero) weights, as `fetch` reads one: its
+    config and its weights in PEFT's saved form; and the same adapter merged into a copy of
+    the base, the reference its answers must match."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    from serve_apps.adapters import Adapter
+
+    config = LoraConfig(r=4, lora_alpha=256, target_modules=["c_attn", "c_fc"],
+                        init_lora_weights=False)  # large: they change the answers
+    torch.manual_seed(seed)
+    peft = get_peft_model(copy.deepcopy(base), config)
+    weights = {k: v.clone() for k, v in get_peft_model_state_dict(peft).items()}
+    identity = ModelIdentity(f"adapter-{seed}", "1", base="models:/lm/1")
+    return Adapter(identity, config, weights), peft.merge_and_unload().eval()
+
+
+def test_rows_of_one_batch_are_answered_by_their_own_adapters(tiny_lm):
+    """A batch mixing two adapters and the base gives each row what its adapter, merged into
+    the base alone, gives; a stream by an adapter too. An adapter nobody holds any more is
+    detached at the next batch, and the last one detached leaves the plain base."""
+    import gc
+
+    from serve_apps.model import LoadedModel
+
+    base = LoadedModel(tiny_lm.identity, _fresh(tiny_lm.model), tiny_lm.tokenizer, tiny_lm.meta)
+    (a, merged_a), (b, merged_b) = _lora(base.model, 1), _lora(base.model, 2)
+    assert a.key != b.key
+    texts = ["the first post", "a second one", "and a third"]
+    args = dict(max_new_tokens=6, temperature=0.0, seed=0, stop=[])
+
+    def alone(model, text: str) -> str:
+        return LoadedModel(base.identity, model, base.tokenizer, base.meta).generate(
+            [text], **args)[0]["text"]
+
+    plain = [alone(_fresh(tiny_lm.model), t) for t in texts]
+    mixed = [r["text"] for r in base.generate(texts, **args, adapters=[a, None, b])]
+    assert mixed == [alone(merged_a, texts[0]), plain[1], alone(merged_b, texts[2])]
+    assert mixed[0] != plain[0] and mixed[2] != plain[2]  # the adapters change the answers
+    streamed = "".join(base.stream(texts[2], 6, 0.0, 0, [], 30, threading.Event(), adapter=b))
+    assert streamed == mixed[2]
+    assert set(base.adapters.attached) == {a.key, b.key}
+    del a
+    gc.collect()
+    assert base.generate(texts[:1], **args, adapters=[b])[0]["text"] == alone(merged_b, texts[0])
+    assert set(base.adapters.attached) == {b.key}  # `a` was dropped: detached
+    del b
+    gc.collect()
+    assert [r["text"] for r in base.generate(texts, **args)] == plain
+    assert base.adapters.peft is None  # no adapter left: the base runs without PEFT
+    assert not any("lora" in name for name, _ in base.model.named_modules())
+
+
+def _fresh(model):
+    import copy
+
+    return copy.deepcopy(model)

@@ -17,6 +17,12 @@ class UnknownName(LLMOpsError, KeyError):
         return self.args[0]
 
 
+class BaseMismatch(LLMOpsError):
+    """A LoRA adapter met a base other than the one it was trained on."""
+
+    status = 409  # over HTTP: the configuration conflicts, the request itself is fine
+
+
 class InvalidData(LLMOpsError, ValueError):
     """A dataset that cannot train or evaluate a model (empty, or missing a label)."""
 

@@ -17,14 +17,10 @@ from pathlib import Path
 import torch
 
 from training.config import LoraSpec
-from training.errors import LLMOpsError
+from training.errors import BaseMismatch, LLMOpsError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class BaseMismatch(LLMOpsError):
-    """An adapter met a base other than the one it was trained on."""
 
 
 def is_adapter(folder: Path) -> bool:

@@ -10,7 +10,7 @@ import functools
 import math
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,21 +281,25 @@ def _sampling(temperature: float) -> dict:
 
 @torch.inference_mode()
 def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_new_tokens: int = 48,
-                  temperature: float = 0.0, seed: int = 0,
-                  batch_size: int = 16) -> list[tuple[str, float]]:
+                  temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
+                  adapter_names: Sequence[str] | None = None) -> list[tuple[str, float]]:
     """(text, confidence) per input: greedy (deterministic) at temperature 0, seeded sampling
     above it. Confidence is the probability of the least likely generated token (EOS included):
     one unsure choice (which reply, which fact) is enough to distrust a text, while a mean over
-    tokens is dominated by the easy ones that follow it."""
+    tokens is dominated by the easy ones that follow it. `adapter_names`: each text's LoRA
+    adapter in a PEFT model holding several (PEFT's mixed-adapter batches)."""
     torch.manual_seed(seed)
     out: list[tuple[str, float]] = []
     for i in range(0, len(texts), batch_size):
         enc, kw = _prompt_inputs(model, tokenizer, texts[i:i + batch_size], max_new_tokens)
+        if adapter_names is not None:
+            kw["adapter_names"] = list(adapter_names[i:i + batch_size])
         gen = model.generate(**enc, **kw, **_sampling(temperature), output_scores=True,
                              return_dict_in_generate=True)
         new = gen.sequences[:, enc["input_ids"].shape[1]:]
         logp = model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
-        eos = (new == tokenizer.eos_token_id).long()
+        eos = (new == tokenizer.eos_token_id).long() if tokenizer.eos_token_id is not None \
+            else torch.zeros_like(new)  # a tokenizer without EOS: every token counts
         counted = (eos.cumsum(1) - eos) == 0  # up to and including the first EOS
         weakest = torch.where(counted, logp.float(), 0.0).min(1).values
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -305,13 +309,19 @@ def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_n
 
 def stream_text(model: PreTrainedModel, tokenizer, text: str, max_new_tokens: int = 48,
                 temperature: float = 0.0, seed: int = 0, piece_timeout_s: float | None = None,
-                cancel: threading.Event | None = None) -> Iterator[str]:
+                cancel: threading.Event | None = None, lock: threading.RLock | None = None,
+                prepare: Callable[[], tuple[PreTrainedModel, dict]] | None = None
+                ) -> Iterator[str]:
     """The rewrite of one text, piece by piece as tokens are generated (same output as
     `generate_text` for the same seed). The prompt is tokenized and generation started before
     this returns (in the caller's thread), the pieces come as they are ready. A piece slower
     than `piece_timeout_s` raises `TimeoutError`. Setting `cancel` (from any thread: a client
     gone) or leaving the iterator early stops the generation at its next token, so no thread
-    is left running."""
+    is left running. The generation holds `lock`; under it, `prepare` gives the module to run
+    and extra `generate` arguments (a PEFT model's `adapter_names`: its adapters are state of
+    shared modules, so one generation at a time)."""
+    import contextlib
+
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     enc, kw = _prompt_inputs(model, tokenizer, [text], max_new_tokens)
@@ -325,10 +335,12 @@ def stream_text(model: PreTrainedModel, tokenizer, text: str, max_new_tokens: in
 
     def run() -> None:
         try:
-            torch.manual_seed(seed)
-            with torch.inference_mode():
-                model.generate(**enc, **kw, **_sampling(temperature), streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([_Stopped()]))
+            with lock or contextlib.nullcontext(), torch.inference_mode():
+                module, extra = prepare() if prepare else (model, {})
+                torch.manual_seed(seed)
+                module.generate(**enc, **kw, **extra, **_sampling(temperature),
+                                streamer=streamer,
+                                stopping_criteria=StoppingCriteriaList([_Stopped()]))
         except Exception:
             streamer.end()  # the reader ends instead of waiting for pieces that never come
             raise

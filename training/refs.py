@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from training.config import BUNDLED_ENCODER
 from training.errors import LLMOpsError
 
+BASE_TAG = "llmops.base"  # an adapter version's exact base (`training.job.register_model_dir`)
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
@@ -21,18 +22,20 @@ class UnknownModel(LLMOpsError):
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """Which model answered: name, exact version, and the alias it was loaded through."""
+    """Which model answered: name, exact version, the alias it was loaded through and, for a
+    LoRA adapter, the exact base it was trained on (`models:/NAME/VERSION` or a folder)."""
 
     name: str
     version: str
     alias: str | None = None
+    base: str | None = None
 
     @property
     def uri(self) -> str:
         return self.name if self.version == "bundled" else reference(self.name, self.version)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "base" or v is not None}
 
 
 def reference(name: str, version: int | str | None = None, alias: str | None = None) -> str:
@@ -71,7 +74,7 @@ def resolve(ref: str, tracking_uri: str | None) -> ModelIdentity:
             mv = client.get_model_version(m["name"], m["version"])
     except MlflowException as exc:
         raise UnknownModel(f"{ref} is not in the registry at {tracking_uri}") from exc
-    return ModelIdentity(m["name"], str(mv.version), m["alias"])
+    return ModelIdentity(m["name"], str(mv.version), m["alias"], (mv.tags or {}).get(BASE_TAG))
 
 
 def pin(ref: str, tracking_uri: str | None) -> tuple[str, str | None]:

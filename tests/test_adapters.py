@@ -1,0 +1,261 @@
+"""Many LoRA adapters over one base in serving (`serve_apps/adapters.py`): one generator
+deployment serves a tiny Llama base and two adapters registered on it, picked by the OpenAI
+`model` field through Serve's model multiplexing; an adapter swaps under load without a failed
+request or a replica restart; an adapter of another base is refused.
+
+The adapters here are PEFT adapters with random weights, registered as a LoRA fine-tune
+registers its adapter (`register_model_dir`): serving is what is tested; the LoRA fine-tunes
+themselves are in test_training.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import free_port, tiny_llama_folder, tiny_settings
+
+from cluster.runtime import PLATFORM_ENV
+from serve_apps.config import ServeConfig
+from serve_apps.deploy import ServeCluster, serve_config, swap
+from training.errors import BaseMismatch, LLMOpsError
+from training.refs import reference
+from training.registry import Registry
+
+TEXTS = ["you are all idiots here", "what a stupid take", "nobody asked you, clown"]
+MAX_TOKENS = 8
+
+
+@dataclass
+class Served:
+    registry: Registry
+    cluster: ServeCluster
+    url: str
+    versions: dict  # task -> [registered version numbers, in order]
+
+
+def _register(settings, registry, task: str, folder: Path) -> int:
+    from training.job import register_model_dir
+    from training.taskdata import build_task_data
+
+    return register_model_dir(settings.training, registry, task,
+                              build_task_data(settings.training, task), folder, [],
+                              history=[], ds_config={}, started=time.perf_counter()).version
+
+
+def _adapter(settings, registry, task: str, base: str, seed: int, folder: Path) -> int:
+    """A LoRA adapter of the registered `base` (large random weights: it changes answers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.registry import download_hf_model
+
+    base_dir = download_hf_model(base)
+    torch.manual_seed(seed)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(
+        r=4, lora_alpha=256, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        task_type="CAUSAL_LM"))
+    peft.peft_config["default"].base_model_name_or_path = base  # as a fine-tune records it
+    peft.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+    return _register(settings, registry, task, folder)
+
+
+def _config(port: int, max_adapters: int) -> ServeConfig:
+    off = {"enabled": False}
+    return ServeConfig.model_validate({
+        "port": port, "use_gpu": "no", "moderation": off, "support": off, "feedback": off,
+        "chat": {"generator": {
+            "model": "models:/rewriter@champion", "placement": "replica",
+            "adapters": {"toxic-a": "models:/rewriter-a@champion",
+                         "toxic-b": "models:/rewriter-b@champion"},
+            "max_adapters": max_adapters,
+            "resources": {"num_cpus": 0.25},
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}}}})
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory):
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("adapters")
+    settings = tiny_settings(root / "state")
+    lora = {"dataset": "moderation", "kind": "causal-lm", "label_priors": {"toxic": 1.0},
+            "method": "lora", "model": {"source": "models:/rewriter@champion", "max_length": 64},
+            "train_size": 48, "holdout_size": 16, "golden_size": 16, "holdouts": ["base"]}
+    settings.training.tasks = {**settings.training.tasks, "rewriter-a": lora, "rewriter-b": lora}
+    registry = Registry(settings.registry, settings.data_dir)
+    import mlflow
+
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    base = _register(settings, registry, "rewriter", tiny_llama_folder(root / "base", settings))
+    other = _register(settings, registry, "rewriter",  # another base: version 2
+                      tiny_llama_folder(root / "other-base", settings))
+    b1, b2 = reference("rewriter", base), reference("rewriter", other)
+    versions = {"rewriter": [base, other],
+                "rewriter-a": [_adapter(settings, registry, "rewriter-a", b1, 1, root / "a1"),
+                               _adapter(settings, registry, "rewriter-a", b1, 2, root / "a2"),
+                               _adapter(settings, registry, "rewriter-a", b2, 3, root / "a3")],
+                "rewriter-b": [_adapter(settings, registry, "rewriter-b", b1, 4, root / "b1")]}
+    cluster, port = ServeCluster(ray_session.dashboard), free_port()
+    serve.shutdown()  # Serve keeps the port it started on: start it on this module's own
+    config = _config(port, max_adapters=1)  # one per replica: every switch evicts the other
+    cluster.deploy(serve_config(config, registry.tracking_uri, False, dict(PLATFORM_ENV)),
+                   timeout_s=240)
+    yield Served(registry, cluster, f"http://127.0.0.1:{port}", versions)
+    cluster.shutdown()
+    serve.shutdown()  # and the next module on its own
+
+
+def _chat(model: str, text: str, rid: str | None = None) -> dict:
+    from ray import serve
+
+    body = {"model": model, "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": text}]}
+    return serve.get_app_handle("chat").complete.remote(body, rid).result(timeout_s=60)
+
+
+def _expected(served: Served, uri: str, texts: list[str]) -> list[str]:
+    """What the version alone answers, merged into its base and loaded outside Serve."""
+    from serve_apps.model import load
+
+    loaded = load(uri, served.registry.tracking_uri)
+    return [r["text"] for r in loaded.generate(texts, MAX_TOKENS, 0.0, 0, ["\n"])]
+
+
+def test_models_lists_the_base_and_each_adapter_over_http(served):
+    with urllib.request.urlopen(f"{served.url}/v1/models", timeout=30) as resp:
+        listed = {m["id"]: m for m in json.load(resp)["data"]}
+    assert set(listed) == {"rewriter", "toxic-a", "toxic-b"}
+    assert listed["rewriter"]["parent"] is None and listed["rewriter"]["root"] == "models:/rewriter/1"
+    a = served.versions["rewriter-a"][0]
+    assert listed["toxic-a"]["parent"] == "rewriter"
+    assert listed["toxic-a"]["root"] == reference("rewriter-a", a)
+
+
+def test_concurrent_requests_for_two_adapters_and_the_base_get_their_own_answers(served):
+    """Requests for both adapters and the base at once, on one replica holding one adapter at a
+    time: each answer is what its version gives alone, and names that version and its base."""
+    a, b = served.versions["rewriter-a"][0], served.versions["rewriter-b"][0]
+    want = {"toxic-a": _expected(served, reference("rewriter-a", a), TEXTS),
+            "toxic-b": _expected(served, reference("rewriter-b", b), TEXTS),
+            "rewriter": _expected(served, "models:/rewriter/1", TEXTS)}
+    assert len({tuple(v) for v in want.values()}) == 3  # the adapters change the answers
+    jobs = [(model, i) for _ in range(3) for model in want for i in range(len(TEXTS))]
+    got: dict = {}
+
+    def ask(job):
+        model, i = job
+        got[job + (len(got),)] = _chat(model, TEXTS[i])
+
+    threads = [threading.Thread(target=ask, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(got) == len(jobs)
+    for (model, i, _), out in got.items():
+        assert out["choices"][0]["message"]["content"] == want[model][i], (model, i)
+        meta = out["llmops"]["model"]
+        if model == "rewriter":
+            assert (meta["name"], meta["version"]) == ("rewriter", "1") and "base" not in meta
+        else:
+            assert meta["base"] == "models:/rewriter/1"
+            assert (meta["name"], meta["version"]) == (
+                {"toxic-a": ("rewriter-a", str(a)), "toxic-b": ("rewriter-b", str(b))}[model])
+
+
+def test_requests_for_different_adapters_share_a_batch(served):
+    """Four requests for each adapter at once: a batch larger than four held both."""
+    from ray import serve
+
+    generator = serve.get_deployment_handle("Generator", "chat")
+    calls = [generator.generate.remote(TEXTS[0], f"mix-{i}", model=("toxic-a", "toxic-b")[i % 2],
+                                       max_new_tokens=MAX_TOKENS) for i in range(8)]
+    outs = [c.result(timeout_s=60) for c in calls]
+    assert {o["model"]["name"] for o in outs} == {"rewriter-a", "rewriter-b"}
+    assert max(o["batch_size"] for o in outs) > 4, [o["batch_size"] for o in outs]
+
+
+def test_a_stream_by_an_adapter_equals_its_completion(served):
+    from ray import serve
+
+    body = {"model": "toxic-b", "max_tokens": MAX_TOKENS, "stream": True,
+            "messages": [{"role": "user", "content": TEXTS[0]}]}
+    chunks = list(serve.get_app_handle("chat").options(stream=True).stream.remote(body))
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert chunks[0]["llmops"]["model"]["name"] == "rewriter-b"
+    assert text == _chat("toxic-b", TEXTS[0])["choices"][0]["message"]["content"]
+
+
+def test_an_unknown_model_is_a_404_naming_what_is_served(served):
+    req = urllib.request.Request(
+        f"{served.url}/v1/chat/completions", method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": "toxic-c", "messages": [{"role": "user", "content": "hi"}]})
+        .encode())
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 404
+    assert "toxic-a" in json.load(err.value)["detail"]
+
+
+def test_an_adapter_of_another_base_is_refused_and_nothing_changes(served):
+    """Swapping in an adapter version trained on another base, or the base under its
+    adapters, is refused before anything is deployed."""
+    a1, _, a3 = served.versions["rewriter-a"]
+    before = served.cluster.deployed_config()
+    with pytest.raises(BaseMismatch, match="trained on models:/rewriter/2.*serves models:/rewriter/1"):
+        swap(served.cluster, "rewriter-a", served.registry.tracking_uri, version=a3)
+    with pytest.raises(BaseMismatch, match="trained on models:/rewriter/1.*serves models:/rewriter/2"):
+        swap(served.cluster, "rewriter", served.registry.tracking_uri, version=2)
+    assert served.cluster.deployed_config() == before
+    with pytest.raises(LLMOpsError, match="canaries of adapters are not supported"):
+        from serve_apps.config import CanaryConfig
+        from serve_apps.deploy import set_canary
+
+        set_canary(served.cluster, "rewriter-a", served.registry.tracking_uri,
+                   CanaryConfig(model=reference("rewriter-a", a1)))
+
+
+def test_an_adapter_swaps_under_load_without_a_failed_request_or_restart(served):
+    """Requests for the adapter keep coming while its alias moves to a new version and
+    `swap` pins it: none fails, the same replica answers, and the new version answers after."""
+    a1, a2, _ = served.versions["rewriter-a"]
+    replicas = lambda: sorted(r["replica_id"] for r in served.cluster.details()  # noqa: E731
+                              ["applications"]["chat"]["deployments"]["Generator"]["replicas"])
+    before = replicas()
+    stop, answers, errors = threading.Event(), [], []
+
+    def load(k: int):
+        while not stop.is_set():
+            try:
+                answers.append((time.monotonic(), _chat("toxic-a", TEXTS[k % len(TEXTS)])
+                                ["llmops"]["model"]["version"]))
+            except Exception as exc:  # counted: the test fails on any
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    served.registry.set_alias("rewriter-a", "champion", a2)
+    swapped = swap(served.cluster, "rewriter-a", served.registry.tracking_uri, alias="champion")
+    done = time.monotonic()
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert swapped["serving"] == reference("rewriter-a", a2)
+    assert {v for _, v in answers} == {str(a1), str(a2)}
+    assert all(v == str(a2) for at, v in answers if at > done + 0.5)
+    assert replicas() == before  # reconfigured in place, no new replica
+    assert _chat("toxic-a", TEXTS[0])["choices"][0]["message"]["content"] == \
+        _expected(served, reference("rewriter-a", a2), TEXTS[:1])[0]
