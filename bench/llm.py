@@ -1,13 +1,23 @@
-"""Language-model fine-tunes: LoRA against a full fine-tune of the same tiny Llama, same data,
-batch size, DeepSpeed stage and workers, in one run.
+"""Language models on one tiny Llama, in one run: LoRA against a full fine-tune, and generation
+with continuous batching against one request at a time and one `generate` per batch.
 
-    python bench/llm.py --json [--samples 512] [--stage 2] [--workers 2]
+    python bench/llm.py --json [--parts train,generate] [--samples 512] [--stage 2] [--workers 2]
 
 The base is a Llama built from a config (random weights: throughput and sizes do not depend on
 what the weights hold) with a tokenizer trained on the rewriter's corpus, saved as a local model
-folder, the way a user's own base arrives. Per method: trainable parameters, samples/s measured
-inside the training loop (start-up excluded), the last checkpoint's bytes, and the peak resident
-memory of a worker; ratios are LoRA over full.
+folder, the way a user's own base arrives.
+
+train: per method, trainable parameters, samples/s measured inside the training loop (start-up
+excluded), the last checkpoint's bytes, and the peak resident memory of a worker; ratios are
+LoRA over full (same data, batch size, DeepSpeed stage and workers).
+
+generate: answer tokens/s of greedy answers at 1, 8 and 32 concurrent callers, in this process,
+through what a generator replica runs: the continuous batch (`serve_apps/engine.py`: every
+caller sends its next request as soon as its answer arrives), one request at a time
+(`LoadedModel.generate` on one text), and one `generate` per batch (what `@serve.batch` did:
+the callers' requests, up to 16, start together and all wait for the batch's end). Answers end
+after 8, 16, 32 or 64 tokens in turn (`--new-tokens`: the longest), as answers ending at their
+EOS do: a batch runs until its longest answer ends, and only each answer's own tokens count.
 """
 
 from __future__ import annotations
@@ -45,8 +55,64 @@ def _bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def generation(base: Path, prompts: list[str], new_tokens: int, seconds: float) -> dict:
+    """Tokens/s per mode and concurrency (see the module's docstring)."""
+    import asyncio
+
+    from serve_apps.config import GenerationConfig
+    from serve_apps.engine import ContinuousEngine
+    from serve_apps.model import LoadedModel
+    from training.pyfunc import load_hf, write_meta
+    from training.refs import ModelIdentity
+
+    write_meta(base, {"kind": "causal-lm", "labels": [], "max_length": 96})
+    model, tokenizer, meta = load_hf(base)
+    loaded = LoadedModel(ModelIdentity("bench", "1"), model, tokenizer, meta)
+    lengths = [new_tokens // 8, new_tokens // 4, new_tokens // 2, new_tokens]
+
+    def batches(size: int) -> float:
+        done, started, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - started < seconds:
+            wanted = [lengths[(i + k) % len(lengths)] for k in range(size)]
+            loaded.generate([prompts[(i + k) % len(prompts)] for k in range(size)], max(wanted),
+                            0.0, 0, [])
+            done += sum(wanted)  # each answer's own tokens: the rest of its row is waste
+            i += size
+        return done / (time.perf_counter() - started)
+
+    async def continuous(callers: int) -> float:
+        engine = ContinuousEngine(model, tokenizer, GenerationConfig(max_new_tokens=new_tokens))
+        await engine.generate(prompts[0], 4, [])  # its cache is allocated on the first request
+        done, started = [0], time.perf_counter()
+
+        async def caller(k: int) -> None:
+            i = k
+            while time.perf_counter() - started < seconds:
+                await engine.generate(prompts[i % len(prompts)], lengths[i % len(lengths)], [])
+                done[0] += lengths[i % len(lengths)]
+                i += callers
+
+        await asyncio.gather(*(caller(k) for k in range(callers)))
+        rate = done[0] / (time.perf_counter() - started)
+        await engine.close()
+        return rate
+
+    batches(1)  # warm-up
+    alone = batches(1)
+    out = {"one_at_a_time": round(alone, 1), "per_batch": {}, "continuous": {}}
+    for callers in (1, 8, 32):
+        out["per_batch"][callers] = round(batches(min(callers, 16)), 1)
+        out["continuous"][callers] = round(asyncio.run(continuous(callers)), 1)
+    out["continuous_vs_one_at_a_time_c32"] = round(out["continuous"][32] / alone, 2)
+    out["continuous_vs_per_batch_c32"] = round(out["continuous"][32] / out["per_batch"][32], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="train,generate")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per generation cell")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3])
@@ -58,45 +124,58 @@ def main() -> None:
     runtime.apply_platform_env()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     df = generate("moderation", "base", args.samples, seed=0, priors={"toxic": 1.0})
+    parts = set(args.parts.split(","))
+    report: dict = {"model": LLAMA}
+    with tempfile.TemporaryDirectory() as storage:
+        base = base_folder(Path(storage) / "base", [f"{t} {r}" for t, r in zip(df.text, df.rewrite)])
+        if "train" in parts:
+            report["train"] = training(args, df, base, storage)
+        if "generate" in parts:
+            report["generate"] = {"new_tokens": args.new_tokens, "seconds_per_cell": args.seconds,
+                                  "tokens_per_s": generation(base, list(df.text), args.new_tokens,
+                                                             args.seconds)}
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+
+
+def training(args, df, base: Path, storage: str) -> dict:
+    """LoRA against a full fine-tune (see the module's docstring)."""
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     results = {}
-    with tempfile.TemporaryDirectory() as storage:
-        base = base_folder(Path(storage) / "base", [f"{t} {r}" for t, r in zip(df.text, df.rewrite)])
-        model = ModelSpec(source=str(base), max_length=96)
-        spec = FinetuneSpec(kind="causal-lm", model=model,
-                            tokenizer=load_tokenizer(model, "causal-lm"), labels=[],
-                            train_inputs=list(df.text), train_targets=list(df.rewrite),
-                            val_inputs=list(df.text[:32]), val_targets=list(df.rewrite[:32]),
-                            epochs=1, batch_size=args.batch_size, learning_rate=1e-3,
-                            weight_decay=0.0, warmup_ratio=0.0,
-                            deepspeed=DeepSpeedConfig(stage=args.stage))
-        gpu = runtime.use_gpu("auto")
-        for method, adapter in (("full", None), ("lora", LoraSpec(rank=args.rank))):
-            started = time.perf_counter()
-            result = fit(FinetuneSpec(**{**spec.__dict__, "lora": adapter}), name=f"bench-{method}",
-                         storage_path=storage, workers=args.workers, use_gpu=gpu,
-                         resources=TrainingConfig(cpus_per_worker=1).worker_resources(gpu),
-                         max_failures=0)
-            m = result.metrics
-            results[method] = {
-                "trainable_params": m["trainable_params"], "params": m["params"],
-                "trainable_share": round(m["trainable_params"] / m["params"], 5),
-                "samples_per_s": round(m["samples_per_s"], 2),
-                "checkpoint_bytes": _bytes(result.checkpoint.path),
-                "peak_rss_mb_worker": round(m["peak_rss_mb"], 1),
-                "wall_s": round(time.perf_counter() - started, 1)}
+    model = ModelSpec(source=str(base), max_length=96)
+    spec = FinetuneSpec(kind="causal-lm", model=model,
+                        tokenizer=load_tokenizer(model, "causal-lm"), labels=[],
+                        train_inputs=list(df.text), train_targets=list(df.rewrite),
+                        val_inputs=list(df.text[:32]), val_targets=list(df.rewrite[:32]),
+                        epochs=1, batch_size=args.batch_size, learning_rate=1e-3,
+                        weight_decay=0.0, warmup_ratio=0.0,
+                        deepspeed=DeepSpeedConfig(stage=args.stage))
+    gpu = runtime.use_gpu("auto")
+    for method, adapter in (("full", None), ("lora", LoraSpec(rank=args.rank))):
+        started = time.perf_counter()
+        result = fit(FinetuneSpec(**{**spec.__dict__, "lora": adapter}), name=f"bench-{method}",
+                     storage_path=storage, workers=args.workers, use_gpu=gpu,
+                     resources=TrainingConfig(cpus_per_worker=1).worker_resources(gpu),
+                     max_failures=0)
+        m = result.metrics
+        results[method] = {
+            "trainable_params": m["trainable_params"], "params": m["params"],
+            "trainable_share": round(m["trainable_params"] / m["params"], 5),
+            "samples_per_s": round(m["samples_per_s"], 2),
+            "checkpoint_bytes": _bytes(result.checkpoint.path),
+            "peak_rss_mb_worker": round(m["peak_rss_mb"], 1),
+            "wall_s": round(time.perf_counter() - started, 1)}
+    ray.shutdown()
     full, lora = results["full"], results["lora"]
-    report = {"model": LLAMA, "samples": args.samples, "batch_size": args.batch_size,
-              "deepspeed_stage": args.stage, "workers": args.workers, "lora_rank": args.rank,
-              "gpu": gpu, "methods": results, "lora_vs_full": {
-                  "samples_per_s": round(lora["samples_per_s"] / full["samples_per_s"], 3),
-                  "trainable_params": round(lora["trainable_params"] / full["trainable_params"], 5),
-                  "checkpoint_bytes": round(lora["checkpoint_bytes"] / full["checkpoint_bytes"], 4),
-                  "peak_rss_mb_worker": round(lora["peak_rss_mb_worker"] /
-                                              full["peak_rss_mb_worker"], 3)}}
-    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+    return {"samples": args.samples, "batch_size": args.batch_size,
+            "deepspeed_stage": args.stage, "workers": args.workers, "lora_rank": args.rank,
+            "gpu": gpu, "methods": results, "lora_vs_full": {
+                "samples_per_s": round(lora["samples_per_s"] / full["samples_per_s"], 3),
+                "trainable_params": round(lora["trainable_params"] / full["trainable_params"], 5),
+                "checkpoint_bytes": round(lora["checkpoint_bytes"] / full["checkpoint_bytes"], 4),
+                "peak_rss_mb_worker": round(lora["peak_rss_mb_worker"] /
+                                            full["peak_rss_mb_worker"], 3)}}
 
 
 if __name__ == "__main__":

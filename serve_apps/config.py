@@ -71,6 +71,14 @@ class GenerationConfig(StrictModel):
     piece_timeout_s: float = Field(30, gt=0, le=600, description="a streamed answer whose next "
                                    "piece takes longer ends with an error and its generation "
                                    "is stopped")
+    continuous_batching: bool = Field(True, description="greedy answers join the running batch "
+                                      "at every step, streams included (serve_apps/engine.py); "
+                                      "off: one generate per batch of requests")
+    max_batch_tokens: int = Field(512, ge=16, description="tokens per step of the continuous "
+                                  "batch: one per decoding request, the rest prefills prompts")
+    kv_cache_tokens: int = Field(16384, ge=256, description="KV cache of the continuous batch, "
+                                 "in tokens of all its requests together (allocated per loaded "
+                                 "model when its first request arrives)")
 
 
 _SERVED_NAME = re.compile(r"^[\w.:-]{1,128}$")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from serve_apps import metrics
 from serve_apps.adapters import Adapter, check_base, pin_adapters
 from serve_apps.adapters import fetch as fetch_adapter
 from serve_apps.config import CanaryConfig, GenerationConfig
+from serve_apps.engine import ContinuousEngine
 from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, device, load
 from training.refs import ModelIdentity, UnknownModel, resolve
@@ -81,6 +83,7 @@ class ModelSlot:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     adapters: dict[str, ModelIdentity] = field(default_factory=dict)
     adapter: str | None = None  # the adapter of requests that name none
+    engines: dict[int, asyncio.Future] = field(default_factory=dict)  # by id of the module
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reporter: asyncio.Task | None = None
 
@@ -93,13 +96,32 @@ class ModelSlot:
                                        current)
             challenger = (await self._get(canary.model, canary.alias, precision, current)
                           if canary else None)
-            self.generation = GenerationConfig(**(user_config.get("generation") or {}))
+            generation = GenerationConfig(**(user_config.get("generation") or {}))
             adapters = await asyncio.to_thread(pin_adapters, user_config.get("adapters") or {},
                                                champion.identity.uri, self.tracking_uri)
             self.variants, self.adapters = Variants(champion, challenger, canary), adapters
             self.adapter = user_config.get("adapter")
+            self._retire_engines(generation)
+            self.generation = generation
             if self._reporter is None:
                 self._reporter = asyncio.get_running_loop().create_task(self._report_versions())
+
+    async def engine(self, model: LoadedModel) -> ContinuousEngine:
+        """The continuous batch of `model`, started by its first request (shielded: a caller
+        that gives up, a timeout, must not cancel it for the others)."""
+        key = id(model.model)
+        started = self.engines.get(key)
+        if started is None or started.done() and (started.cancelled() or started.exception()):
+            started = self.engines[key] = asyncio.ensure_future(asyncio.to_thread(
+                ContinuousEngine, model.model, model.tokenizer, self.generation))
+        return await asyncio.shield(started)
+
+    def _retire_engines(self, generation: GenerationConfig) -> None:
+        """Close the engines of models no longer served (or all, when their settings changed),
+        each once its requests have ended."""
+        held = {id(m.model) for m in (self.variants.champion, self.variants.challenger) if m}
+        for key in [k for k in self.engines if k not in held or generation != self.generation]:
+            self.engines.pop(key).add_done_callback(_close_engine)
 
     async def _report_versions(self, every_s: float = 5.0) -> None:
         """Keep the `llmops_model_info` gauge of this replica's versions fresh."""
@@ -165,7 +187,10 @@ class ModelSlot:
     async def _isolated(fn: Callable, model: LoadedModel, items: list[Item], params: tuple
                         ) -> list[dict | Exception]:
         """`fn` on the whole group; if it fails, on each item alone, so one text that fails
-        the model fails only its own request (its exception in its place)."""
+        the model fails only its own request (its exception in its place). An async `fn`
+        answers each item on its own already."""
+        if inspect.iscoroutinefunction(fn):
+            return await fn(model, items, params)
         try:
             return await asyncio.to_thread(fn, model, items, params)
         except Exception as exc:
@@ -178,6 +203,11 @@ class ModelSlot:
             except Exception as exc:
                 outs.append(exc)
         return outs
+
+
+def _close_engine(started: asyncio.Future) -> None:
+    if not started.cancelled() and started.exception() is None:
+        asyncio.ensure_future(started.result().close())
 
 
 class _ModelDeployment:
@@ -288,16 +318,32 @@ class Generator(_ModelDeployment):
         """The answer to one text by `model` (the base's or an adapter's name; None: this
         deployment's `adapter`)."""
         adapter = await self.adapter(model)
-        return await self.predict(Item(text, request_id, self.params(salt=request_id, **options),
-                                       adapter))
+        item = Item(text, request_id, self.params(salt=request_id, **options), adapter)
+        if self.continuous(item.params):
+            return unwrap((await self.slot.run([item], self._continuous_batch))[0])
+        return await self.predict(item)
 
     async def generate_many(self, items: list[Item]) -> list[dict]:
         """A batch a pipeline already formed, with this deployment's generation settings and
         adapter."""
         adapter = await self.adapter(None)
-        return await self.predict_many([Item(it.text, it.request_id,
-                                             self.params(salt=it.request_id), adapter)
-                                        for it in items])
+        items = [Item(it.text, it.request_id, self.params(salt=it.request_id), adapter)
+                 for it in items]
+        if items and self.continuous(items[0].params):
+            return await self.slot.run(items, self._continuous_batch)
+        return await self.predict_many(items)
+
+    def continuous(self, params: tuple) -> bool:
+        """Whether a request with `params` joins the continuous batch (`serve_apps/engine.py`):
+        greedy ones of a generator serving no adapters, unless it is turned off."""
+        return self.slot.generation.continuous_batching and not self.slot.adapters \
+            and dict(params)["temperature"] == 0
+
+    async def _continuous_batch(self, model: LoadedModel, items: list[Item], params: tuple
+                                ) -> list[dict | Exception]:
+        engine, p = await self.slot.engine(model), dict(params)
+        return await asyncio.gather(*(engine.generate(it.text, p["max_new_tokens"], p["stop"])
+                                      for it in items), return_exceptions=True)
 
     @staticmethod
     def run_batch(model: LoadedModel, items: list[Item], params: tuple) -> list[dict]:
@@ -311,11 +357,20 @@ class Generator(_ModelDeployment):
     async def stream(self, text: str, request_id: str, model: str | None = None,
                      **options) -> AsyncIterator[dict]:
         """Pieces of the answer as they are generated; the first carries the model identity."""
-        p = dict(kv for kv in self.params(**options) if kv[0] != "salt")
+        params = self.params(**options)
+        p = dict(kv for kv in params if kv[0] != "salt")
         adapter = await self.adapter(model)
         variant = self.slot.variants.route(request_id)[0] if adapter is None else CHAMPION_VARIANT
         loaded = getattr(self.slot.variants, variant)
         identity = adapter.identity if adapter is not None else loaded.identity
+        if self.continuous(params):
+            engine = await self.slot.engine(loaded)
+            yield {"model": {**identity.to_dict(), "variant": variant},
+                   "prompt_tokens": loaded.prompt_tokens(text)}
+            async for piece in engine.stream(text, p["max_new_tokens"], p["stop"],
+                                             self.slot.generation.piece_timeout_s):
+                yield {"text": piece}
+            return
         cancel = threading.Event()  # set when the caller leaves: the generation stops
         try:
             pieces = await asyncio.to_thread(loaded.stream, text, **p, cancel=cancel,

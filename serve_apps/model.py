@@ -77,12 +77,9 @@ class LoadedModel:
                              batch_size=max(len(texts), 1), adapter_names=names)
         results = []
         for text, (out, confidence) in zip(texts, outs):
-            cut = min([out.find(s) for s in stop if s and s in out], default=-1)
-            finish = "stop" if cut >= 0 else "length"
-            out = out[:cut].strip() if cut >= 0 else out
-            results.append({"text": out, "finish_reason": finish, "confidence": confidence,
-                            "prompt_tokens": self.prompt_tokens(text),
-                            "completion_tokens": self.count_tokens(out)})
+            answer = finished(out, confidence, stop)
+            results.append({**answer, "prompt_tokens": self.prompt_tokens(text),
+                            "completion_tokens": self.count_tokens(answer["text"])})
         return results
 
     @_one_at_a_time
@@ -123,27 +120,55 @@ class LoadedModel:
         return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
 
 
-def until_stop(pieces: Iterable[str], stop: Sequence[str]) -> Iterator[str]:
+def finished(text: str, confidence: float, stop: Sequence[str]) -> dict:
+    """A generated text as an answer: cut before its first stop sequence (`finish_reason`
+    "stop"), else whole ("length")."""
+    cut = min([text.find(s) for s in stop if s and s in text], default=-1)
+    return {"text": text[:cut].strip() if cut >= 0 else text,
+            "finish_reason": "stop" if cut >= 0 else "length", "confidence": confidence}
+
+
+class StopTrimmer:
     """Streamed text trimmed like `generate`: no surrounding blanks, nothing from a stop
     sequence on. Holds back just enough characters to see a stop sequence arrive."""
-    stop = [s for s in stop if s]
-    hold = max((len(s) for s in stop), default=1) - 1
-    buffer, sent = "", 0
-    for piece in pieces:
-        buffer = (buffer + piece).lstrip() if not sent else buffer + piece
-        cuts = [buffer.find(s) for s in stop if s in buffer]
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.buffer, self.sent, self.stopped = "", 0, False
+
+    def feed(self, piece: str) -> str:
+        """What of the text so far can be sent now ("" while held back or once stopped)."""
+        if self.stopped:
+            return ""
+        self.buffer = (self.buffer + piece).lstrip() if not self.sent else self.buffer + piece
+        cuts = [self.buffer.find(s) for s in self.stop if s in self.buffer]
         if cuts:
-            end = len(buffer[:min(cuts)].rstrip())
-            if end > sent:
-                yield buffer[sent:end]
+            self.stopped = True
+            return self._upto(len(self.buffer[:min(cuts)].rstrip()))
+        return self._upto(min(len(self.buffer) - self.hold, len(self.buffer.rstrip())))
+
+    def end(self) -> str:
+        """The rest, once the generation ended."""
+        return "" if self.stopped else self._upto(len(self.buffer.rstrip()))
+
+    def _upto(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.buffer[self.sent:end], end
+        return out
+
+
+def until_stop(pieces: Iterable[str], stop: Sequence[str]) -> Iterator[str]:
+    """`pieces` trimmed by a `StopTrimmer`; it stops reading them at a stop sequence."""
+    trim = StopTrimmer(stop)
+    for piece in pieces:
+        if out := trim.feed(piece):
+            yield out
+        if trim.stopped:
             return
-        safe = min(len(buffer) - hold, len(buffer.rstrip()))
-        if safe > sent:
-            yield buffer[sent:safe]
-            sent = safe
-    end = len(buffer.rstrip())
-    if end > sent:
-        yield buffer[sent:end]
+    if out := trim.end():
+        yield out
 
 
 def load(ref: str, tracking_uri: str | None, precision: str = "fp32") -> LoadedModel:

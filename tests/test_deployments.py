@@ -125,19 +125,19 @@ def test_inline_stages_answer_like_their_deployment_handles(tiny_lm):
             await refused
         stream = generator.options(stream=True).stream.remote("hello", "r3", max_new_tokens=4000)
         pieces = [await anext(stream) for _ in range(3)]
+        engine = await generator.model.slot.engine(tiny_lm)
+        running = engine.active
         stream.cancel()  # the caller left: the generation stops
         await asyncio.sleep(0.5)
-        return embedded, identity, pieces
+        left = engine.active
+        await engine.close()
+        return embedded, identity, pieces, running, left
 
-    [embedded], identity, pieces = asyncio.run(use())
+    [embedded], identity, pieces, running, left = asyncio.run(use())
     assert embedded["embedding"].shape == (384,) and embedded["model"]["version"] == "bundled"
     assert identity["champion"]["name"] == "all-MiniLM-L6-v2"
     assert pieces[0]["model"]["variant"] == "champion" and all("text" in p for p in pieces[1:])
-    generating = lambda: [t for t in threading.enumerate() if t.name.endswith("(run)")]  # noqa: E731
-    deadline = time.monotonic() + 5
-    while generating() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not generating()  # the generation thread (`stream_text`'s) ended
+    assert (running, left) == (1, 0)  # the stream was in the continuous batch, then left it
 
 
 def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
@@ -227,3 +227,64 @@ def _fresh(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_the_continuous_batch_answers_as_one_generate_per_text(tiny_lm):
+    """Concurrent requests joining the engine at different moments, with different lengths and
+    stop sequences, each get what `LoadedModel.generate` gives their text alone; a stream joins
+    to the same text; a stream left early leaves the engine. (A BPE tokenizer trained here, as a
+    causal LM's; weights drawn wide, so the next token is never a near tie that float rounding
+    in a packed batch could flip, as in a trained model.)"""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from serve_apps.config import GenerationConfig
+    from serve_apps.engine import ContinuousEngine
+    from training.data import generate
+    from training.models import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(list(generate("moderation", "base", 200, seed=0).text), 400)
+    torch.manual_seed(0)
+    tiny_lm = LoadedModel(tiny_lm.identity, GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=512, n_embd=16, n_layer=1, n_head=2,
+        initializer_range=1.0, eos_token_id=tokenizer.eos_token_id)).eval(), tokenizer,
+        tiny_lm.meta)
+
+    texts = [f"message {i} " + "word " * (i % 5) for i in range(12)]
+    stops = [[], ["e"], ["wor", "ss"]]
+    want = [tiny_lm.generate([t], 6 + i % 4, 0.0, 0, stops[i % 3])[0] for i, t in enumerate(texts)]
+
+    async def use():
+        engine = ContinuousEngine(tiny_lm.model, tiny_lm.tokenizer,
+                                  GenerationConfig(max_batch_tokens=64, kv_cache_tokens=2048))
+        try:
+            async def one(i: int) -> dict:
+                await asyncio.sleep(0.01 * i)  # arrivals while others decode
+                return await engine.generate(texts[i], 6 + i % 4, stops[i % 3])
+
+            got = await asyncio.gather(*(one(i) for i in range(len(texts))))
+            streamed = [p async for p in engine.stream(texts[4], 6, stops[1], 30)]
+            long = engine.stream(texts[0], 4000, [], 30)
+            early = [await anext(long) for _ in range(2)]
+            await long.aclose()  # the caller left
+            return got, streamed, early, engine.active
+        finally:
+            await engine.close()
+
+    async def impatient() -> ContinuousEngine:
+        slot = ModelSlot(None, Variants(tiny_lm))
+        with pytest.raises(TimeoutError):  # a caller that gives up while the engine starts...
+            await asyncio.wait_for(slot.engine(tiny_lm), 0.001)
+        engine = await slot.engine(tiny_lm)  # ...has not cancelled it for the next one
+        assert (await engine.generate(texts[0], 6, []))["text"] == want[0]["text"]
+        await engine.close()
+
+    asyncio.run(impatient())
+    got, streamed, early, active = asyncio.run(use())
+    for g, w in zip(got, want):
+        assert (g["text"], g["finish_reason"], g["prompt_tokens"], g["completion_tokens"]) == (
+            w["text"], w["finish_reason"], w["prompt_tokens"], w["completion_tokens"])
+        assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-4)
+    assert max(g["batch_size"] for g in got) > 1  # they shared steps
+    assert "".join(streamed) == want[4]["text"]
+    assert len(early) == 2 and active == 0

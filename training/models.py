@@ -263,13 +263,20 @@ def perplexity(total_nll: float, tokens: int) -> float:
     return math.exp(min(total_nll / max(tokens, 1), 50.0))
 
 
+def token_budget(config, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt tokens kept, new tokens) within a model's context window: at most half of it
+    new, the prompt's latest tokens in the rest."""
+    window = getattr(config, "max_position_embeddings", None) or 1 << 20
+    max_new_tokens = max(1, min(max_new_tokens, window // 2))
+    return window - max_new_tokens, max_new_tokens
+
+
 def _prompt_inputs(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_new_tokens: int):
     """Left-padded prompts cut to fit the context window beside `max_new_tokens` new tokens."""
     tokenizer.padding_side = tokenizer.truncation_side = "left"
-    window = getattr(model.config, "max_position_embeddings", None) or 1 << 20
-    max_new_tokens = max(1, min(max_new_tokens, window // 2))
+    prompt_limit, max_new_tokens = token_budget(model.config, max_new_tokens)
     enc = tokenizer([prompt_of(tokenizer, t) for t in texts], return_tensors="pt", padding=True,
-                    truncation=True, max_length=window - max_new_tokens,
+                    truncation=True, max_length=prompt_limit,
                     add_special_tokens=False).to(_device_of(model))
     return enc, {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
                  "eos_token_id": tokenizer.eos_token_id}

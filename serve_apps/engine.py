@@ -1,0 +1,124 @@
+"""Continuous (iteration-level) batching of a generator's greedy answers, on CPUs as on GPUs.
+
+transformers' `ContinuousBatchingManager` runs one step loop per loaded model, in a thread of
+its own: a request joins the running batch at the next step (its prompt prefilled in chunks
+beside the others' decoding, its KV cache in pages) and leaves it when it ends, so a short
+answer never waits for a long one and concurrent streams share every forward pass. It replaces
+one `generate` per `@serve.batch` batch, which held each request until the longest answer of
+its batch ended and let no request join a batch already running.
+
+What keeps the per-batch path (`LoadedModel.generate`): sampled requests (each runs alone, so
+its seed alone decides its answer) and every request of a generator serving LoRA adapters
+(PEFT's per-row adapters need rows of a padded batch; the engine packs all requests' tokens
+into one row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import math
+from collections.abc import AsyncIterator, Sequence
+
+from serve_apps.config import GenerationConfig
+from serve_apps.model import StopTrimmer, finished
+
+PAGE = 256  # tokens per KV cache page
+
+
+class ContinuousEngine:
+    """One loaded causal LM's step loop; `generate` and `stream` are called on the replica's
+    event loop, and their answers equal `LoadedModel.generate`'s for the same text."""
+
+    def __init__(self, model, tokenizer, settings: GenerationConfig):
+        from transformers import ContinuousBatchingConfig
+        from transformers import GenerationConfig as Generation
+
+        self.tokenizer = copy.deepcopy(tokenizer)  # used on the event loop alone: no shared state
+        self.model_config = model.config
+        eos = tokenizer.eos_token_id
+        self.manager = model.init_continuous_batching(
+            generation_config=Generation(do_sample=False, max_new_tokens=settings.max_new_tokens,
+                                         eos_token_id=-1 if eos is None else eos,
+                                         pad_token_id=tokenizer.pad_token_id),
+            continuous_batching_config=ContinuousBatchingConfig(
+                page_size=PAGE, num_blocks=max(1, math.ceil(settings.kv_cache_tokens / PAGE)),
+                max_batch_tokens=settings.max_batch_tokens, return_logprobs=True))
+        self.manager.start()
+        self.ids = itertools.count()
+        self.active = 0  # requests in the engine now
+
+    def _submit(self, text: str, max_new_tokens: int, streaming: bool
+                ) -> tuple[str, asyncio.Queue, int]:
+        from training.models import prompt_of, token_budget
+
+        limit, max_new_tokens = token_budget(self.model_config, max_new_tokens)
+        prompt = self.tokenizer(prompt_of(self.tokenizer, text),
+                                add_special_tokens=False)["input_ids"][-limit:]
+        rid, outputs = f"g{next(self.ids)}", asyncio.Queue()
+        self.manager.register_result_handler(rid, outputs.put_nowait)
+        self.manager.add_request(prompt, request_id=rid, max_new_tokens=max_new_tokens,
+                                 streaming=streaming)
+        self.active += 1
+        return rid, outputs, len(prompt)
+
+    async def generate(self, text: str, max_new_tokens: int, stop: Sequence[str]) -> dict:
+        """The answer to `text`, as `LoadedModel.generate` gives it."""
+        rid, outputs, prompt_tokens = self._submit(text, max_new_tokens, streaming=False)
+        done = False
+        try:
+            out = _checked(await outputs.get())
+            done = True
+        finally:
+            self._leave(rid, done)
+        answer = finished(self._decode(out.generated_tokens).strip(),
+                          round(math.exp(min(out.logprobs, default=0.0)), 6), stop)
+        return {**answer, "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(self.tokenizer(answer["text"],
+                                                        add_special_tokens=False)["input_ids"]),
+                "batch_size": self.active + 1}
+
+    async def stream(self, text: str, max_new_tokens: int, stop: Sequence[str],
+                     piece_timeout_s: float) -> AsyncIterator[str]:
+        """Pieces of `generate`'s answer as its tokens are generated; leaving early (or a piece
+        slower than `piece_timeout_s`, `TimeoutError`) takes the request out of the engine."""
+        rid, outputs, _ = self._submit(text, max_new_tokens, streaming=True)
+        trim, decoded, done = StopTrimmer(stop), "", False
+        try:
+            while not (done or trim.stopped):
+                try:
+                    out = _checked(await asyncio.wait_for(outputs.get(), piece_timeout_s))
+                except TimeoutError:
+                    raise TimeoutError(f"no generated piece within {piece_timeout_s} s") from None
+                done = out.is_finished()
+                text_now = self._decode(out.generated_tokens)
+                if text_now.endswith("\ufffd") and not done:
+                    continue  # a character split across tokens: wait for the rest of it
+                piece, decoded = text_now[len(decoded):], text_now
+                if piece := trim.feed(piece):
+                    yield piece
+            if rest := trim.end():
+                yield rest
+        finally:
+            self._leave(rid, done)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _leave(self, rid: str, done: bool) -> None:
+        self.active -= 1
+        if not done:  # its caller left (or failed): stop generating for nobody
+            self.manager.cancel_request(rid)
+
+    async def close(self) -> None:
+        """Stop the step loop once the requests in it have ended (a swapped-out model)."""
+        while self.active:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.manager.stop, block=True)
+
+
+def _checked(out):
+    if out.error is not None:
+        raise RuntimeError(f"generation failed: {out.error}")
+    return out
