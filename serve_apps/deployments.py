@@ -24,7 +24,7 @@ from monitoring.batching import unwrap
 from serve_apps import metrics
 from serve_apps.adapters import Adapter, check_base, pin_adapters
 from serve_apps.adapters import fetch as fetch_adapter
-from serve_apps.config import CanaryConfig, GenerationConfig
+from serve_apps.config import CanaryConfig, GenerationConfig, ModelDeploymentConfig
 from serve_apps.engine import ContinuousEngine
 from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, device, load
@@ -32,6 +32,13 @@ from training.refs import ModelIdentity, UnknownModel, resolve
 
 # the variants a request is routed to (not the registry aliases of the same names)
 CHAMPION_VARIANT, CHALLENGER_VARIANT = "champion", "challenger"
+MAX_ADAPTERS = ModelDeploymentConfig.model_fields["max_adapters"].default
+
+
+def _answered_by(model: LoadedModel, adapter: Adapter | None, variant: str) -> dict:
+    """An answer's `model`: the adapter's identity when one answered, else the model's."""
+    return {**(adapter.identity if adapter is not None else model.identity).to_dict(),
+            "variant": variant}
 
 
 def set_batching(method, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -174,9 +181,7 @@ class ModelSlot:
                     if variant != "shadow":  # a failed shadow never fails the answer
                         results[i] = out
                     continue
-                adapter = items[i].adapter
-                identity = adapter.identity if adapter is not None else model.identity
-                out = {**out, "model": {**identity.to_dict(), "variant": variant}}
+                out = {**out, "model": _answered_by(model, items[i].adapter, variant)}
                 if variant == "shadow":
                     results[i]["shadow"] = out
                 else:
@@ -275,7 +280,7 @@ class Generator(_ModelDeployment):
 
     async def reconfigure(self, user_config: dict) -> None:
         await super().reconfigure(user_config)
-        size = user_config.get("max_adapters") or 4
+        size = user_config.get("max_adapters") or MAX_ADAPTERS
         if size != self._max_adapters:  # Serve's LRU size is fixed when it is made
             async def fetch(uri: str) -> Adapter:
                 slot = self.slot
@@ -362,11 +367,11 @@ class Generator(_ModelDeployment):
         adapter = await self.adapter(model)
         variant = self.slot.variants.route(request_id)[0] if adapter is None else CHAMPION_VARIANT
         loaded = getattr(self.slot.variants, variant)
-        identity = adapter.identity if adapter is not None else loaded.identity
+        head = {"model": _answered_by(loaded, adapter, variant),
+                "prompt_tokens": loaded.prompt_tokens(text)}
         if self.continuous(params):
             engine = await self.slot.engine(loaded)
-            yield {"model": {**identity.to_dict(), "variant": variant},
-                   "prompt_tokens": loaded.prompt_tokens(text)}
+            yield head
             async for piece in engine.stream(text, p["max_new_tokens"], p["stop"],
                                              self.slot.generation.piece_timeout_s):
                 yield {"text": piece}
@@ -376,8 +381,7 @@ class Generator(_ModelDeployment):
             pieces = await asyncio.to_thread(loaded.stream, text, **p, cancel=cancel,
                                              piece_timeout_s=self.slot.generation.piece_timeout_s,
                                              adapter=adapter)
-            yield {"model": {**identity.to_dict(), "variant": variant},
-                   "prompt_tokens": loaded.prompt_tokens(text)}
+            yield head
             while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
                 yield {"text": piece}
         finally:
