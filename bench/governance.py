@@ -23,7 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve import closed_loop  # noqa: E402
-from stack import PIPELINES, UNLIMITED, models_of, platform, sample_texts, start_ray  # noqa: E402
+from stack import (  # noqa: E402
+    PIPELINES,
+    TLS_HELP,
+    UNLIMITED,
+    https_settings,
+    models_of,
+    platform,
+    sample_texts,
+    start_ray,
+)
 
 from cluster import runtime  # noqa: E402
 
@@ -31,12 +40,13 @@ POLICIES = ("audit", "auth", "quota", "guardrails")
 
 
 async def measure(base: str, headers: dict, concurrencies: list[int], duration: float,
-                  texts: dict) -> dict:
+                  texts: dict, verify) -> dict:
     import httpx
 
     out = {}
     limits = httpx.Limits(max_connections=256)
-    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers,
+                                 verify=verify) as client:
         for name, (_, path, _) in PIPELINES.items():
             async def call(text: str, url: str = base + path) -> None:
                 r = await client.post(url, json={"text": text})
@@ -54,6 +64,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--data-dir", help="a data dir with trained champions (default: scratch)")
     parser.add_argument("--port", type=int, default=8021)
+    parser.add_argument("--tls", action="store_true", help=TLS_HELP)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
                         help="the policies of the `on` phase (default: all, in their order)")
     parser.add_argument("--json", action="store_true")
@@ -63,10 +74,11 @@ def main() -> None:
 
     from serve_apps.auth import issue
     from serve_apps.deploy import serve_config
+    from serve_apps.tls import client_context
 
     settings, registry = platform(args.data_dir, {
         "serve": {"port": args.port, "use_gpu": "no", "chat": {"enabled": False},
-                  "quota": {"tenants": {"bench": UNLIMITED}},
+                  "quota": {"tenants": {"bench": UNLIMITED}}, **https_settings(args.tls),
                   **{app: {"policies": args.policies} for app in PIPELINES}}})
     texts = sample_texts(11)
     token = issue(settings.serve.auth, settings.data_dir, tenant="bench",
@@ -74,7 +86,7 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {token}"}
 
     cluster = start_ray(settings)
-    base = f"http://127.0.0.1:{args.port}"
+    base, verify = settings.serve.url, client_context(settings.serve.tls)
     phases = []
     for governed in (False, True, False):
         config = serve_config(settings.serve, registry.tracking_uri, False,
@@ -82,12 +94,12 @@ def main() -> None:
                               settings.governance() if governed else None)
         cluster.deploy(config, timeout_s=600)
         phases.append(asyncio.run(measure(base, headers, args.concurrency, args.duration,
-                                          texts)))
+                                          texts, verify)))
     cluster.shutdown()
     ray.shutdown()
 
     off_a, on, off_b = phases
-    report = {"benchmark": "governance", "cpus": os.cpu_count(), "policies": args.policies,
+    report = {"benchmark": "governance", "cpus": os.cpu_count(), "tls": args.tls, "policies": args.policies,
               "models": models_of(args.data_dir), "duration_s": args.duration,
               "policies_off": off_a, "policies_on": on, "policies_off_again": off_b,
               "ratios": {}}

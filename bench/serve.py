@@ -49,10 +49,12 @@ from peers import (  # noqa: E402
 )
 from stack import (  # noqa: E402
     PIPELINES,
+    TLS_HELP,
     UNLIMITED,
     CpuMeter,
     Profile,
     component,
+    https_settings,
     models_of,
     platform,
     ray_processes,
@@ -145,13 +147,14 @@ async def metered(call, texts: list[str], concurrencies: list[int], duration: fl
 
 async def measure_http(base: str, concurrencies: list[int], duration: float, texts: dict,
                        extra: dict[int, str] | None = None, headers: dict | None = None,
-                       profile: bool = False, listed: bool = False) -> dict:
-    """Each pipeline of `texts` over HTTP."""
+                       profile: bool = False, listed: bool = False, verify=True) -> dict:
+    """Each pipeline of `texts` over HTTP(S: `verify` as `serve_apps.tls.client_context`)."""
     import httpx
 
     out = {}
     limits = httpx.Limits(max_connections=256)
-    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers,
+                                 verify=verify) as client:
         for name, (_, path, _) in PIPELINES.items():
             if name not in texts:
                 continue
@@ -211,6 +214,9 @@ def main() -> None:
                         help="override every served model's precision (default: settings)")
     parser.add_argument("--placement", choices=["auto", "inline", "replica"],
                         help="override every served model's placement (default: settings)")
+    parser.add_argument("--tls", action="store_true", help=TLS_HELP + " (the Serve runs: the "
+                        "platform, the no-op and the plain app; the naive and BentoML peers stay "
+                        "on HTTP)")
     parser.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tracking-uri", help=argparse.SUPPRESS)
     parser.add_argument("--serve-config", help=argparse.SUPPRESS)
@@ -228,9 +234,10 @@ def main() -> None:
 
     from serve_apps.auth import issue
     from serve_apps.deploy import serve_config
+    from serve_apps.tls import client_context, http_options
 
     settings, registry = platform(args.data_dir, {"serve": {"quota": {"tenants": {
-        PRINCIPAL["tenant"]: UNLIMITED}}}})
+        PRINCIPAL["tenant"]: UNLIMITED}}, **https_settings(args.tls)}})
     texts = sample_texts(11)
     token = issue(settings.serve.auth, settings.data_dir, tenant=PRINCIPAL["tenant"],
                   scopes=PRINCIPAL["scopes"], ttl_s=3600)
@@ -266,25 +273,27 @@ def main() -> None:
         naive.wait()
 
     # (c) the platform, deployed as `llmops up` deploys it: every policy, the inference log
-    base = f"http://127.0.0.1:{args.port}"
+    base, verify = serve_cfg.url, client_context(serve_cfg.tls)
     cluster = start_ray(settings)
     cluster.deploy(serve_config(serve_cfg, registry.tracking_uri, False,
                                 dict(runtime.PLATFORM_ENV), settings.log_settings(),
                                 settings.governance()), timeout_s=600)
     http = asyncio.run(measure_http(base, args.concurrency, args.duration, texts,
-                                    headers={"Authorization": f"Bearer {token}"}, profile=True))
+                                    headers={"Authorization": f"Bearer {token}"}, profile=True,
+                                    verify=verify))
     handles = asyncio.run(measure_handles(args.concurrency, args.duration, texts, PRINCIPAL))
     cluster.shutdown()
 
     # (d) Serve's own floor (a no-op deployment), then (e) a plain Serve application
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.start(http_options=http_options(serve_cfg))
     serve.run(noop_app(), name="noop", route_prefix="/")
     noop = asyncio.run(measure_http(base, args.concurrency, args.duration,
-                                    {"moderation": texts["moderation"]}))["moderation"]
+                                    {"moderation": texts["moderation"]}, verify=verify))["moderation"]
     serve.delete("noop")
     serve.run(plain_serve_app(registry.tracking_uri, serve_cfg, batch), name="plain",
               route_prefix="/")
-    plain = asyncio.run(measure_http(base, args.concurrency, args.duration, texts, profile=True))
+    plain = asyncio.run(measure_http(base, args.concurrency, args.duration, texts, profile=True,
+                                     verify=verify))
     serve.shutdown()
     ray.shutdown()
 
@@ -293,6 +302,7 @@ def main() -> None:
                          args.duration, texts)
 
     report = {"benchmark": "serve_pipelines", "cpus": os.cpu_count(), "batch_size": batch,
+              "tls": args.tls,
               "models": models_of(args.data_dir),
               "precision": {k: md.precision for k, md in served_models(serve_cfg).items()},
               "placement": {k: md.placement for k, md in served_models(serve_cfg).items()},

@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stack import (  # noqa: E402
     PIPELINES,
+    TLS_HELP,
     UNLIMITED,
+    https_settings,
     models_of,
     platform,
     ray_processes,
@@ -71,13 +73,13 @@ def slope_mb_per_min(points: list[tuple[float, float]]) -> float:
 
 
 async def drive(base: str, headers: dict, texts: dict, concurrency: int, seconds: float,
-                answered: list[str]) -> int:
+                answered: list[str], verify) -> int:
     import httpx
 
     failed = 0
     deadline = time.monotonic() + seconds
     paths = [(name, path) for name, (_, path, _) in PIPELINES.items()]
-    async with httpx.AsyncClient(timeout=120, headers=headers,
+    async with httpx.AsyncClient(timeout=120, headers=headers, verify=verify,
                                  limits=httpx.Limits(max_connections=concurrency)) as client:
         async def worker(k: int) -> None:
             nonlocal failed
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--data-dir", help="a data dir with trained champions (default: scratch)")
     parser.add_argument("--port", type=int, default=8023)
+    parser.add_argument("--tls", action="store_true", help=TLS_HELP)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -124,11 +127,12 @@ def main() -> None:
 
     from serve_apps.auth import issue
     from serve_apps.deploy import serve_config
+    from serve_apps.tls import client_context
 
     settings, registry = platform(args.data_dir, {
         "monitoring": {"audit": {"folder": tempfile.mkdtemp()}},
         "serve": {"port": args.port, "use_gpu": "no", "chat": {"enabled": False},
-                  "quota": {"tenants": {"soak": UNLIMITED}}}})
+                  "quota": {"tenants": {"soak": UNLIMITED}}, **https_settings(args.tls)}})
     texts = sample_texts(13)
     token = issue(settings.serve.auth, settings.data_dir, tenant="soak",
                   scopes=["moderate", "support"], ttl_s=int(args.minutes * 60 + 3600))
@@ -142,9 +146,9 @@ def main() -> None:
     answered: list[str] = []
     seconds = args.minutes * 60
     started = time.monotonic()
-    failed = asyncio.run(drive(f"http://127.0.0.1:{args.port}",
-                               {"Authorization": f"Bearer {token}"}, texts, args.concurrency,
-                               seconds, answered))
+    failed = asyncio.run(drive(settings.serve.url, {"Authorization": f"Bearer {token}"}, texts,
+                               args.concurrency, seconds, answered,
+                               client_context(settings.serve.tls)))
     elapsed = time.monotonic() - started
     sampler.stop.set()
     sampler.join()
@@ -163,7 +167,7 @@ def main() -> None:
                           "slope_mb_per_min": round(slope_mb_per_min(after), 3)})
     processes.sort(key=lambda p: -p["slope_mb_per_min"])
     missing = len(set(answered) - audited_ids(settings.audit_dir))
-    report = {"benchmark": "soak", "cpus": os.cpu_count(), "minutes": round(elapsed / 60, 2),
+    report = {"benchmark": "soak", "cpus": os.cpu_count(), "tls": args.tls, "minutes": round(elapsed / 60, 2),
               "warmup_s": args.warmup_s, "concurrency": args.concurrency,
               "models": models_of(args.data_dir),
               "requests_answered": len(answered), "requests_failed": failed,

@@ -22,6 +22,17 @@ PIPELINES = {"support": ("support-tickets", "/v1/support/route", "route"),
 UNLIMITED = {"requests_per_day": None, "tokens_per_day": None, "requests_per_second": None}
 
 
+TLS_HELP = "serve over HTTPS with a development CA and certificate (`llmops tls dev-cert`)"
+
+
+def https_settings(on: bool) -> dict:
+    """The `serve:` overrides of `--tls`: with `on`, a development CA and certificate in a
+    scratch folder, so the platform is measured over HTTPS."""
+    from serve_apps.tls import dev_cert
+
+    return {"tls": dev_cert(Path(tempfile.mkdtemp(prefix="bench-tls-")), [])} if on else {}
+
+
 def register_untrained(settings: Settings, registry) -> None:
     """Every task's configured architecture, untrained, as `@champion` (speed only)."""
     import torch

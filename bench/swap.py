@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import platform, start_ray  # noqa: E402
+from stack import TLS_HELP, https_settings, platform, start_ray  # noqa: E402
 
 from cluster import runtime  # noqa: E402
 from training.data import generate  # noqa: E402
@@ -38,12 +38,13 @@ def p99(rows: list[tuple]) -> float | None:
     return round(float(np.percentile(lat, 99)) * 1000, 1) if lat else None
 
 
-async def drive(url: str, texts: list[str], concurrency: int, log: list, stop: asyncio.Event):
+async def drive(url: str, texts: list[str], concurrency: int, log: list, stop: asyncio.Event,
+                verify):
     import httpx
 
     async def worker(k: int) -> None:
         i = k
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=60, verify=verify) as client:
             while not stop.is_set():
                 started = time.perf_counter()
                 try:
@@ -58,13 +59,13 @@ async def drive(url: str, texts: list[str], concurrency: int, log: list, stop: a
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
 
 
-async def run(args, cluster, tracking_uri: str, url: str) -> dict:
+async def run(args, cluster, tracking_uri: str, url: str, verify) -> dict:
     from serve_apps.deploy import swap
 
     texts = list(generate("moderation", "base", 256, seed=3).text)
     log: list = []
     stop = asyncio.Event()
-    load = asyncio.create_task(drive(url, texts, args.concurrency, log, stop))
+    load = asyncio.create_task(drive(url, texts, args.concurrency, log, stop, verify))
     await asyncio.sleep(args.phase)
     swap_start = time.perf_counter()
     result = await asyncio.to_thread(swap, cluster, "moderation", tracking_uri, version=2)
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--placement", choices=["auto", "inline", "replica"], default="auto")
     parser.add_argument("--port", type=int, default=8021)
+    parser.add_argument("--tls", action="store_true", help=TLS_HELP)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -103,11 +105,13 @@ def main() -> None:
 
     from serve_apps.config import ServeConfig
     from serve_apps.deploy import serve_config
+    from serve_apps.tls import client_context
 
     settings, registry = platform(None, versions=2)
     fixed = {"min_replicas": args.replicas, "max_replicas": args.replicas}
     cfg = ServeConfig.model_validate({
         "port": args.port, "use_gpu": "no", "support": {"enabled": False},
+        **https_settings(args.tls),
         "chat": {"enabled": False},
         "moderation": {"rewrite_labels": [], "block_labels": [],
                        "autoscaling": fixed if args.placement != "replica" else None,
@@ -116,11 +120,11 @@ def main() -> None:
     cluster = start_ray(settings)
     cluster.deploy(serve_config(cfg, registry.tracking_uri, False, dict(runtime.PLATFORM_ENV)),
                    timeout_s=600)
-    result = asyncio.run(run(args, cluster, registry.tracking_uri,
-                             f"http://127.0.0.1:{args.port}/v1/moderate"))
+    result = asyncio.run(run(args, cluster, registry.tracking_uri, f"{cfg.url}/v1/moderate",
+                             client_context(cfg.tls)))
     cluster.shutdown()
     ray.shutdown()
-    report = {"benchmark": "hot_swap_under_load", "cpus": os.cpu_count(),
+    report = {"benchmark": "hot_swap_under_load", "cpus": os.cpu_count(), "tls": args.tls,
               "replicas": args.replicas, "placement": args.placement,
               "concurrency": args.concurrency, **result}
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))

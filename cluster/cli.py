@@ -131,15 +131,69 @@ def cmd_models(args) -> Output:
     return Output({"models": models}, human)
 
 
+def cmd_lineage(args) -> Output:
+    from monitoring.log import read
+    from training.lineage import chain
+    from training.refs import model_name, pin, reference
+
+    settings = _settings(args)
+    registry = _registry(settings)
+    name, _, at = args.model.removeprefix("models:/").replace("/", "@", 1).partition("@")
+    if not name or not at:
+        raise LLMOpsError(f"name a model version as MODEL@VERSION or MODEL@ALIAS, not "
+                          f"{args.model!r}")
+    ref = pin(reference(name, int(at)) if at.isdigit() else reference(name, alias=at),
+              registry.tracking_uri)[0]
+    out = chain(registry.lineage.events(), ref)
+    served = read(settings.log_uri, model=model_name(ref), model_version=ref.rsplit("/", 1)[1])
+    out["served"] = {"requests": len(served), "log": settings.log_uri,
+                     "first": str(served.ts.min()) if len(served) else None,
+                     "last": str(served.ts.max()) if len(served) else None}
+    return Output(out, _format_lineage)
+
+
+def _format_lineage(p: dict, indent: str = "") -> str:
+    def data(d: dict) -> str:
+        rows = f", {d['rows']} rows" if d.get("rows") is not None else ""
+        what = f": {d['description']}" if d.get("description") else ""
+        return f"{d['name']} ({d['namespace']}{rows}{what})"
+
+    lines = [f"{indent}{p['model']}"]
+    run = p["trained_by"]
+    if run is None:
+        lines.append(f"{indent}  trained by: no lineage event (registered before lineage, or "
+                     "elsewhere)")
+    else:
+        lines.append(f"{indent}  trained by {run['job']} run {run['run']} ({run['state']}, "
+                     f"{run['started']} -> {run['ended']})")
+        lines += [f"{indent}    input {data(d)}" for d in run["inputs"]]
+    if p["retrain"]:
+        r = p["retrain"]
+        lines.append(f"{indent}  within {r['job']} run {r['run']}: {r.get('description') or ''}")
+        lines += [f"{indent}    input {data(d)}" for d in r.get("inputs", [])]
+    lines += [f"{indent}  deployed {d['at']} to {', '.join(d['deployments'])} ({d['why']})"
+              for d in p["deployed"]]
+    if "served" in p:
+        s = p["served"]
+        lines.append(f"{indent}  served {s['requests']} logged requests"
+                     + (f" ({s['first']} -> {s['last']})" if s["requests"] else ""))
+    for parent in p["from"]:
+        lines.append(f"{indent}  fine-tuned from:")
+        lines.append(_format_lineage(parent, indent + "    "))
+    return "\n".join(lines)
+
+
 def cmd_traffic(args) -> Output:
     from cluster.traffic import send, token
+    from serve_apps.tls import client_context
 
     settings = _settings(args)
     app = getattr(settings.serve, args.app, None)
     prefix = app.route_prefix if app is not None else ""
-    report = send(f"http://{settings.serve.host}:{settings.serve.port}", args.app, prefix,
-                  args.scenario, args.n, args.seed, args.fraction, args.concurrency,
-                  args.feedback, settings.serve.feedback.route_prefix, token(settings))
+    report = send(settings.serve.url, args.app, prefix, args.scenario, args.n, args.seed,
+                  args.fraction, args.concurrency, args.feedback,
+                  settings.serve.feedback.route_prefix, token(settings),
+                  client_context(settings.serve.tls))
     return Output(report, lambda p: (f"{p['requests']} requests ({p['scenario']}) to {p['url']}: "
                                      f"{p['ok']} ok, {p['failed']} failed, {p['rps']} req/s, "
                                      f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms; "
@@ -286,6 +340,16 @@ def cmd_token_create(args) -> Output:
     return Output(payload, lambda p: p["token"])
 
 
+def cmd_tls_dev_cert(args) -> Output:
+    from serve_apps.tls import dev_cert
+
+    settings = _settings(args)
+    out = Path(args.out) if args.out else settings.data_dir / "tls"
+    tls = dev_cert(out, args.host, args.days)
+    return Output({"tls": tls, "days": args.days}, lambda p: "\n".join(
+        ["serve:", "  tls:", *(f"    {k}: {v}" for k, v in p["tls"].items())]))
+
+
 def cmd_audit_verify(args) -> Output:
     from monitoring.audit import anchor_path, verify
 
@@ -405,9 +469,11 @@ def _format_status(payload: dict) -> str:
 def cmd_up(args) -> Output:
     import yaml
 
+    from serve_apps import tls
     from serve_apps.auth import ensure_secret, secret_path
 
     settings = _settings(args)
+    tls.check(settings.serve.tls)
     registry = _registry(settings)
     if any(a.startswith("HS") for a in settings.serve.auth.algorithms):  # a weak one: refused
         ensure_secret(secret_path(settings.serve.auth, settings.data_dir.resolve()))
@@ -423,8 +489,7 @@ def cmd_up(args) -> Output:
     from cluster.controller import start_loop, statuses
 
     start_loop(settings)
-    payload = {"url": f"http://{settings.serve.host}:{settings.serve.port}",
-               "dashboard": settings.dashboard_address, "serve_config": str(path),
+    payload = {"url": settings.serve.url, "dashboard": settings.dashboard_address, "serve_config": str(path),
                "started_ray": started, "seconds": round(seconds, 1),
                "applications": cluster.status(),
                "controllers": statuses(settings, settings.controller.models, 0)}
@@ -435,8 +500,7 @@ def cmd_status(args) -> Output:
     from cluster.controller import statuses
 
     settings = _settings(args)
-    payload = {"url": f"http://{settings.serve.host}:{settings.serve.port}",
-               "applications": _serve_cluster(settings).status(),
+    payload = {"url": settings.serve.url, "applications": _serve_cluster(settings).status(),
                "controllers": statuses(settings, settings.controller.models, 0)}
     return Output(payload, _format_status)
 
@@ -472,6 +536,8 @@ def cmd_swap(args) -> Output:
     registry = _registry(settings)
     result = swap(_serve_cluster(settings), args.model, registry.tracking_uri,
                   version=args.version, alias=args.alias)
+    registry.lineage.deployed(registry.tracking_uri, result["serving"], result["deployments"],
+                              f"llmops swap to {result['serving']}")
     return Output(result, _format_change)
 
 
@@ -582,6 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=cmd_models)
 
+    lineage = sub.add_parser("lineage", parents=[common], help="a model version's chain from "
+                             "data to deployment to served requests (OpenLineage events)")
+    lineage.add_argument("model", help="MODEL@VERSION or MODEL@ALIAS")
+    lineage.add_argument("--json", action="store_true")
+    lineage.set_defaults(func=cmd_lineage)
+
     up = sub.add_parser("up", parents=[common], help="start Ray (if needed) and deploy the apps")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for RUNNING")
     up.add_argument("--json", action="store_true")
@@ -668,6 +740,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "serve.auth.default_ttl_s)")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_token_create)
+
+    tls = sub.add_parser("tls", help="HTTPS certificates")
+    tls_sub = tls.add_subparsers(dest="tls_command", required=True)
+    dev = tls_sub.add_parser("dev-cert", parents=[common], help="make a local CA and a server "
+                             "certificate it signs; prints the serve.tls settings that use them")
+    dev.add_argument("--out", help="folder for ca.pem, server.pem, server-key.pem (default "
+                     "<data_dir>/tls)")
+    dev.add_argument("--host", action="append", default=[], help="a name or IP address the "
+                     "certificate is for, besides localhost and loopback (repeatable)")
+    dev.add_argument("--days", type=int, default=90, help="validity (default 90)")
+    dev.add_argument("--json", action="store_true")
+    dev.set_defaults(func=cmd_tls_dev_cert)
 
     audit = sub.add_parser("audit", help="the hash-chained audit log of every inference")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

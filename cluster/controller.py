@@ -31,8 +31,9 @@ from cluster.state import BUSY, STATES, ControllerState, StateStore
 from monitoring.feedback import MIN_LABELS
 from monitoring.log import SHADOW
 from monitoring.singleton import NAMESPACE, singleton
+from training import lineage
 from training.errors import LLMOpsError
-from training.refs import reference
+from training.refs import RETRAIN_TAG, reference
 from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,10 @@ class Controller:
         except InvalidData as exc:
             return self._hold(state, str(exc))
         retrain_id = f"retrain-{self.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        data.sources = self._sources(recent, champion)
         data.save(self.work / retrain_id / "data")
+        self.registry.lineage.emit("START", *lineage.retrain_run(self.model, retrain_id),
+                                   data.sources, description=f"{trigger}: retrain {self.model}")
         return self._to(state, "retraining",
                         f"{trigger}: fine-tune on {len(data.train)} rows "
                         f"({len(data.holdouts['recent'])} recent labelled held out)",
@@ -262,13 +266,16 @@ class Controller:
             submission_id=state.retrain_id,
             entrypoint=(f"{sys.executable} -m cluster.cli train {self.model} --data "
                         f"{folder / 'data'} --config {folder / 'llmops.yaml'} "
-                        f"--tag llmops.retrain_id={state.retrain_id} --json"))
+                        f"--tag {RETRAIN_TAG}={state.retrain_id} --json"))
 
     def _retraining(self, state: ControllerState) -> ControllerState:
         from ray.job_submission import JobStatus
 
-        version = self.registry.find_version(self.model, "llmops.retrain_id", state.retrain_id)
+        version = self.registry.find_version(self.model, RETRAIN_TAG, state.retrain_id)
+        run = lineage.retrain_run(self.model, state.retrain_id)
         if version is not None:
+            self.registry.lineage.emit("COMPLETE", *run, outputs=[lineage.model_version(
+                self.registry.tracking_uri, self.model, version)])
             return self._to(state, "evaluating", f"the retrain registered v{version}",
                             challenger=version, retrain_finished=time.time())
         client = self._job_client()
@@ -279,12 +286,23 @@ class Controller:
             return state
         if status in (JobStatus.FAILED, JobStatus.STOPPED):
             tail = client.get_job_logs(state.retrain_id).strip().splitlines()[-1:] or [""]
-            return self._to(state, "rejected", f"the retrain job {status.value.lower()}: "
-                            f"{tail[0][:300]}", retrain_finished=time.time())
-        if status == JobStatus.SUCCEEDED:  # succeeded, yet no version: registration failed
-            return self._to(state, "rejected", "the retrain job ended without a new version",
-                            retrain_finished=time.time())
-        return state
+            reason = f"the retrain job {status.value.lower()}: {tail[0][:300]}"
+        elif status == JobStatus.SUCCEEDED:  # succeeded, yet no version: registration failed
+            reason = "the retrain job ended without a new version"
+        else:
+            return state
+        self.registry.lineage.emit("FAIL", *run, error=reason)
+        return self._to(state, "rejected", reason, retrain_finished=time.time())
+
+    def _sources(self, recent: pd.DataFrame, champion: int) -> list[lineage.Dataset]:
+        """What a retrain reads: the champion's labelled traffic, the replay of its training
+        data and its golden set (the registry's copies)."""
+        uri = self.registry.tracking_uri
+        return [lineage.inference_log(self.settings.log_uri, self.model, len(recent),
+                                      "recent answers and their feedback labels"),
+                *(lineage.Dataset(uri, f"models:/{self.model}/{champion}/data/{file}",
+                                  description=role)
+                  for file, role in ((REFERENCE_FILE, "replay"), (GOLDEN_FILE, "golden set")))]
 
     def _evaluating(self, state: ControllerState) -> ControllerState:
         from training.retrain import evaluate_pair
@@ -360,7 +378,10 @@ class Controller:
         if self.registry.alias_version(self.model, CHALLENGER) == new:
             self.registry.set_alias(self.model, CHALLENGER, None)
         try:
-            swap(self._serve(), self.model, self.registry.tracking_uri, version=new)
+            swapped = swap(self._serve(), self.model, self.registry.tracking_uri, version=new)
+            self.registry.lineage.deployed(self.registry.tracking_uri, swapped["serving"],
+                                           swapped["deployments"],
+                                           f"{state.trigger or 'manual'}: v{new} replaces v{old}")
         except UnknownModel:
             pass  # not deployed: the next `llmops up` serves the champion
         return self._to(state, "serving", f"v{new} is the champion (was v{old})",

@@ -17,6 +17,7 @@ from cluster import runtime
 from cluster.controller import actor, control
 from cluster.settings import Settings
 from cluster.traffic import send, token
+from serve_apps.tls import client_context
 from training.errors import LLMOpsError
 from training.registry import CHAMPION, Registry
 
@@ -58,12 +59,13 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
     old = registry.alias_version(MODEL, CHAMPION)
     actor(settings, MODEL, start=True)
     step(f"controller for {MODEL} v{old} running (Ray actor, Actors tab of the dashboard)")
-    url = f"http://{settings.serve.host}:{settings.serve.port}"
+    url, verify = settings.serve.url, client_context(settings.serve.tls)
     prefix, feedback = settings.serve.support.route_prefix, settings.serve.feedback.route_prefix
     reports, bearer = [], token(settings)
 
     def traffic(scenario: str, n: int, seed: int, fraction: float = 1.0, labels: float = 0.0):
-        r = send(url, "support", prefix, scenario, n, seed, fraction, 8, labels, feedback, bearer)
+        r = send(url, "support", prefix, scenario, n, seed, fraction, 8, labels, feedback, bearer,
+                 verify)
         reports.append(r)
         step(f"sent {n} {scenario} requests ({r['ok']} ok, {r['failed']} failed, {r['rps']} "
              f"req/s), {r['feedback']['accepted']} labelled")

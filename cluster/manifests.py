@@ -8,17 +8,20 @@ truth. `llmops kuberay` writes them; a test checks the committed copies agree.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
 from cluster.capacity import Request, fitting, node_types, uses_gpu
 from cluster.runtime import PLATFORM_ENV
 from cluster.settings import Settings
+from serve_apps.config import TlsConfig
+from training.errors import LLMOpsError
 
 RAY_VERSION = "2.60.0"
 CONFIG_DIR = "/home/ray/config"       # the settings file ($LLMOPS_CONFIG of the image)
 SECRETS_DIR = "/home/ray/secrets"     # the JWT secret (serve.auth.secret_file)
+DATA_DIR = "/home/ray/llmops-data"     # data_dir of cluster/config/llmops.yaml
 GIB_PER_CPU = 4                        # pod memory per CPU of a node type (m5 / g5 ratio)
 METRICS_PORT = 8080
 SERVE_PORT = 8000
@@ -58,11 +61,27 @@ def _resources_param(resources: dict[str, float]) -> dict:
     return params
 
 
+def tls_mount(tls: TlsConfig) -> tuple[dict, dict] | None:
+    """The Secret `llmops-tls` (keys named as the files of `serve.tls`) as a volume and its
+    mount at their folder, for the head pod, where Serve's proxy runs; None without HTTPS."""
+    if not tls.enabled:
+        return None
+    paths = [PurePosixPath(p) for p in (tls.certfile, tls.keyfile, tls.ca_certs) if p]
+    if len({p.parent for p in paths}) != 1:
+        raise LLMOpsError("serve.tls: on KubeRay the certificate, key and CA bundle are one "
+                          "Secret mounted at one folder: put them in the same folder")
+    if str(paths[0].parent) in (CONFIG_DIR, SECRETS_DIR, DATA_DIR):
+        raise LLMOpsError(f"serve.tls: {paths[0].parent} is another volume's mount on KubeRay: "
+                          "use a folder of its own (e.g. /home/ray/tls)")
+    return ({"name": "tls", "secret": {"secretName": "llmops-tls", "defaultMode": 0o400}},
+            {"name": "tls", "mountPath": str(paths[0].parent), "readOnly": True})
+
+
 def _pod(name: str, image: str, resources: dict[str, float], data_volume: dict,
-         secrets: bool) -> dict:
+         secrets: bool, tls: tuple[dict, dict] | None = None) -> dict:
     """A Ray pod: the settings ConfigMap at $LLMOPS_CONFIG, the data folder, shared memory for
-    DeepSpeed and the object store, and with `secrets` the JWT Secret (required: a replica
-    without it would make up its own and refuse every token)."""
+    DeepSpeed and the object store, with `secrets` the JWT Secret (required: a replica
+    without it would make up its own and refuse every token), and `tls` as `tls_mount`."""
     cpus, gpus = resources.get("CPU", 1), int(resources.get("GPU", 0))
     limits = {"cpu": str(int(cpus)), "memory": f"{int(cpus * GIB_PER_CPU)}Gi",
               **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
@@ -73,22 +92,25 @@ def _pod(name: str, image: str, resources: dict[str, float], data_volume: dict,
             "ports": [{"containerPort": METRICS_PORT, "name": "metrics"}],
             "resources": {"requests": limits, "limits": limits},
             "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR},
-                             {"name": "data", "mountPath": "/home/ray/llmops-data"},
+                             {"name": "data", "mountPath": DATA_DIR},
                              {"name": "dshm", "mountPath": "/dev/shm"}]
             + ([{"name": "secrets", "mountPath": SECRETS_DIR, "readOnly": True}] if secrets
-               else [])}],
+               else []) + ([tls[1]] if tls else [])}],
         "volumes": [{"name": "config", "configMap": {"name": "llmops-settings"}},
                     {"name": "data", **data_volume},
                     {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-        + ([{"name": "secrets", "secret": {"secretName": "llmops-jwt"}}] if secrets else []),
+        + ([{"name": "secrets", "secret": {"secretName": "llmops-jwt"}}] if secrets else [])
+        + ([tls[0]] if tls else []),
         **({"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
                              "effect": "NoSchedule"}]} if gpus else {})}}
 
 
 def _cluster_spec(cluster_config: dict, worker_types: list[str] | None = None,
-                  head_data: dict | None = None, secrets: bool = False) -> dict:
-    """A RayCluster spec: the head as in cluster.yaml, a worker group per node type (all, or
-    `worker_types`), the in-tree autoscaler with the same idle timeout."""
+                  head_data: dict | None = None, secrets: bool = False,
+                  tls: tuple[dict, dict] | None = None) -> dict:
+    """A RayCluster spec: the head as in cluster.yaml (with `tls` as `tls_mount`), a worker
+    group per node type (all, or `worker_types`), the in-tree autoscaler with the same idle
+    timeout."""
     types = node_types(cluster_config)
     head_type = cluster_config["head_node_type"]
     head_image, worker_images = _images(cluster_config)
@@ -114,7 +136,7 @@ def _cluster_spec(cluster_config: dict, worker_types: list[str] | None = None,
             "rayStartParams": {**_resources_param(head_resources), "dashboard-host": "0.0.0.0",
                                "metrics-export-port": str(METRICS_PORT)},
             "template": _pod("ray-head", head_image, head_resources,
-                             head_data or {"emptyDir": {}}, secrets)},
+                             head_data or {"emptyDir": {}}, secrets, tls)},
         "workerGroupSpecs": groups}
 
 
@@ -165,7 +187,7 @@ def rayservice(settings: Settings, settings_text: str, cluster_config: dict) -> 
             "rayClusterConfig": _cluster_spec(
                 cluster_config,
                 head_data={"persistentVolumeClaim": {"claimName": "llmops-head-data"}},
-                secrets=True)}}
+                secrets=True, tls=tls_mount(settings.serve.tls))}}
     return [_settings_map(settings_text), claim, service, *network_policies()]
 
 

@@ -4,6 +4,7 @@ drills and smoke tests (`llmops traffic support --scenario new-product`)."""
 
 from __future__ import annotations
 
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,9 +31,11 @@ def token(settings: Settings) -> str:
 
 def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed: int,
          fraction: float, concurrency: int, feedback: float = 0.0,
-         feedback_prefix: str = "/v1/feedback", bearer: str | None = None) -> dict:
-    """Send `n` generated texts (with the `bearer` token); the report counts answers by status
-    code and gives latency. A seeded `feedback` share of the answered requests then gets its
+         feedback_prefix: str = "/v1/feedback", bearer: str | None = None,
+         verify: ssl.SSLContext | bool = True) -> dict:
+    """Send `n` generated texts (with the `bearer` token; over HTTPS verified by `verify`, as
+    `serve_apps.tls.client_context` gives it); the report counts answers by status code and
+    gives latency. A seeded `feedback` share of the answered requests then gets its
     true label through the feedback application, as human review would (the labels retraining
     learns from)."""
     import httpx
@@ -47,7 +50,7 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
     rows = generate(dataset, scenario, n, seed, fraction)
     url = base_url + route_prefix.rstrip("/") + path
     auth = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-    with httpx.Client(timeout=60, headers=auth) as client:
+    with httpx.Client(timeout=60, headers=auth, verify=verify) as client:
         try:
             client.post(url, json={"text": rows.text.iloc[0]})
         except httpx.HTTPError as exc:

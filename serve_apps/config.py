@@ -371,11 +371,35 @@ class QuotaConfig(StrictModel):
         return self.tenants.get(tenant, self.default)
 
 
+class TlsConfig(StrictModel):
+    """HTTPS at Serve's proxy (its `ssl_*` HTTP options, fixed when Serve starts). PEM paths on
+    the head node, where the proxy runs; `llmops tls dev-cert` makes a local set."""
+
+    certfile: str | None = Field(None, description="the proxy's certificate (chain)")
+    keyfile: str | None = Field(None, description="its private key")
+    ca_certs: str | None = Field(
+        None, description="the CA bundle the platform's own clients (`llmops traffic`, the demo, "
+        "the benchmarks) verify the proxy against, besides the system store")
+
+    @model_validator(mode="after")
+    def _paired(self) -> TlsConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("serve.tls needs both certfile and keyfile, or neither")
+        if self.ca_certs and not self.certfile:
+            raise ValueError("serve.tls.ca_certs needs certfile and keyfile (HTTPS)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+
 class ServeConfig(StrictModel):
     """HTTP front door and the applications it serves."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     use_gpu: GpuChoice = "auto"
     gpu_resource: str | None = Field(
         None, description="a custom Ray resource every GPU replica also asks for, as much as its "
@@ -389,3 +413,9 @@ class ServeConfig(StrictModel):
     feedback: FeedbackAppConfig = Field(default_factory=FeedbackAppConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
+
+    @property
+    def url(self) -> str:
+        """Where clients on this machine reach the applications."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"{'https' if self.tls.enabled else 'http'}://{host}:{self.port}"

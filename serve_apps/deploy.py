@@ -50,7 +50,9 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
                      "import_path": f"serve_apps.apps:{name}", "args": args,
                      "runtime_env": {"env_vars": env_vars}, "deployments": deployments,
                      **({"logging_config": logging} if logging else {})})
-    return {"proxy_location": "HeadOnly", "http_options": {"host": config.host, "port": config.port},
+    from serve_apps.tls import http_options
+
+    return {"proxy_location": "HeadOnly", "http_options": http_options(config),
             **({"logging_config": logging} if logging else {}), "applications": apps}
 
 
@@ -71,7 +73,8 @@ class ServeCluster:
         d = self.details()
         http = d.get("http_options") or {}
         return {"proxy_location": d.get("proxy_location") or "HeadOnly",
-                "http_options": {"host": http.get("host"), "port": http.get("port")},
+                "http_options": {k: v for k, v in http.items() if v is not None and k in (
+                    "host", "port", "ssl_certfile", "ssl_keyfile")},
                 "applications": [a["deployed_app_config"] for a in d["applications"].values()
                                  if a.get("deployed_app_config")]}
 

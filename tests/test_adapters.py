@@ -3,6 +3,10 @@ deployment serves a tiny Llama base and two adapters registered on it, picked by
 `model` field through Serve's model multiplexing; an adapter swaps under load without a failed
 request or a replica restart; an adapter of another base is refused.
 
+This module's Serve runs over HTTPS (`serve.tls` with `llmops tls dev-cert`'s CA and
+certificate, `serve_apps/tls.py`): its HTTP requests are real TLS handshakes, and a plain-HTTP
+request or a client that does not trust the CA is refused.
+
 The adapters here are PEFT adapters with random weights, registered as a LoRA fine-tune
 registers its adapter (`register_model_dir`): serving is what is tested; the LoRA fine-tunes
 themselves are in test_training.py."""
@@ -10,18 +14,22 @@ themselves are in test_training.py."""
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import free_port, tiny_llama_folder, tiny_settings
 
 from cluster.runtime import PLATFORM_ENV
 from serve_apps.config import ServeConfig
 from serve_apps.deploy import ServeCluster, serve_config, swap
+from serve_apps.tls import client_context, dev_cert
 from training.errors import BaseMismatch, LLMOpsError
 from training.refs import reference
 from training.registry import Registry
@@ -36,6 +44,7 @@ class Served:
     cluster: ServeCluster
     url: str
     versions: dict  # task -> [registered version numbers, in order]
+    tls: ssl.SSLContext  # what a client trusting the dev CA verifies with
 
 
 def _register(settings, registry, task: str, folder: Path) -> int:
@@ -66,10 +75,10 @@ def _adapter(settings, registry, task: str, base: str, seed: int, folder: Path) 
     return _register(settings, registry, task, folder)
 
 
-def _config(port: int, max_adapters: int) -> ServeConfig:
+def _config(port: int, max_adapters: int, tls: dict) -> ServeConfig:
     off = {"enabled": False}
     return ServeConfig.model_validate({
-        "port": port, "use_gpu": "no", "moderation": off, "support": off, "feedback": off,
+        "port": port, "use_gpu": "no", "tls": tls, "moderation": off, "support": off, "feedback": off,
         "chat": {"generator": {
             "model": "models:/rewriter@champion", "placement": "replica",
             "adapters": {"toxic-a": "models:/rewriter-a@champion",
@@ -105,10 +114,12 @@ def served(ray_session, tmp_path_factory):
                 "rewriter-b": [_adapter(settings, registry, "rewriter-b", b1, 4, root / "b1")]}
     cluster, port = ServeCluster(ray_session.dashboard), free_port()
     serve.shutdown()  # Serve keeps the port it started on: start it on this module's own
-    config = _config(port, max_adapters=1)  # one per replica: every switch evicts the other
+    # one adapter per replica: every switch evicts the other
+    config = _config(port, max_adapters=1, tls=dev_cert(root / "tls", ["llmops.test"]))
     cluster.deploy(serve_config(config, registry.tracking_uri, False, dict(PLATFORM_ENV)),
                    timeout_s=240)
-    yield Served(registry, cluster, f"http://127.0.0.1:{port}", versions)
+    assert config.url == f"https://127.0.0.1:{port}"
+    yield Served(registry, cluster, config.url, versions, client_context(config.tls))
     cluster.shutdown()
     serve.shutdown()  # and the next module on its own
 
@@ -129,8 +140,25 @@ def _expected(served: Served, uri: str, texts: list[str]) -> list[str]:
     return [r["text"] for r in loaded.generate(texts, MAX_TOKENS, 0.0, 0, ["\n"])]
 
 
+def test_the_front_door_speaks_only_verified_https(served):
+    """The proxy presents a certificate the dev CA signed for loopback and the name asked for;
+    a client that does not trust the CA, and plain HTTP to the same port, get no answer."""
+    port = int(served.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            served.tls.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+        assert conn.version() in ("TLSv1.2", "TLSv1.3")
+        names = {value for _, value in conn.getpeercert()["subjectAltName"]}
+    assert {"127.0.0.1", "localhost", "llmops.test"} <= names
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{served.url}/v1/models", timeout=10)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+    assert httpx.get(f"{served.url}/v1/models", timeout=10, verify=served.tls).status_code == 200
+
+
 def test_models_lists_the_base_and_each_adapter_over_http(served):
-    with urllib.request.urlopen(f"{served.url}/v1/models", timeout=30) as resp:
+    with urllib.request.urlopen(f"{served.url}/v1/models", timeout=30,
+                                context=served.tls) as resp:
         listed = {m["id"]: m for m in json.load(resp)["data"]}
     assert set(listed) == {"rewriter", "toxic-a", "toxic-b"}
     assert listed["rewriter"]["parent"] is None and listed["rewriter"]["root"] == "models:/rewriter/1"
@@ -201,7 +229,7 @@ def test_an_unknown_model_is_a_404_naming_what_is_served(served):
         data=json.dumps({"model": "toxic-c", "messages": [{"role": "user", "content": "hi"}]})
         .encode())
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=30)
+        urllib.request.urlopen(req, timeout=30, context=served.tls)
     assert err.value.code == 404
     assert "toxic-a" in json.load(err.value)["detail"]
 

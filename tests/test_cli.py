@@ -1,4 +1,5 @@
-"""`llmops train --json` and `llmops models --json` end to end, as a user runs them."""
+"""`llmops train --json`, `llmops models --json` and `llmops lineage` end to end, as a user runs
+them."""
 
 import json
 import os
@@ -31,3 +32,19 @@ def test_train_json_then_models_json(ray_session, settings, tmp_path):
     [model] = json.loads(proc.stdout)["models"]
     assert model["name"] == "moderation" and model["aliases"] == {"champion": 1}
     assert model["versions"][0]["run_id"] == result["run_id"]
+
+    # the fine-tune's OpenLineage events: generated data in, the registered version out
+    proc = _llmops("lineage", "moderation@champion", "--json", config=config,
+                   ray_address=ray_session.address)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    chain = json.loads(proc.stdout)
+    run = chain["trained_by"]
+    assert chain["model"] == "models:/moderation/1" and run["state"] == "COMPLETE"
+    assert run["job"] == "train.moderation" and run["outputs"][0]["name"] == "models:/moderation/1"
+    train_size = settings.training.tasks["moderation"].train_size
+    assert {"name": f"moderation/base/seed-{settings.training.seed}", "namespace": "generator",
+            "rows": train_size,
+            "description": "training rows"} in run["inputs"]
+    assert chain["served"]["requests"] == 0 and chain["deployed"] == [] and chain["from"] == []
+    proc = _llmops("lineage", "moderation", config=config, ray_address=ray_session.address)
+    assert proc.returncode == 2 and proc.stderr.startswith("llmops: error: name a model version")

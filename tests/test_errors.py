@@ -1,5 +1,6 @@
 """Bad input: one clear error, a non-zero exit in the CLI, and nothing half-registered."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
+from serve_apps.config import TlsConfig
+from serve_apps.tls import check
 from training.errors import InvalidData, RegistryUnavailable, UnknownName
 from training.job import fit_and_register
 from training.registry import Registry
@@ -78,6 +81,7 @@ def _cli(*args, data_dir, env=None):
     (["train", "support-router", "--scenario", "winter"], 2, "unknown scenario 'winter'"),
     (["train", "support-router", "--mlflow-uri", "http://127.0.0.1:9"], 3, "unreachable"),
     (["models", "--mlflow-uri", "gopher://x"], 2, "tracking_uri"),
+    (["tls", "dev-cert", "--days", "0"], 2, "--days must be at least 1"),
 ])
 def test_cli_errors_are_one_line_without_traceback(tmp_path, args, code, fragment):
     proc = _cli(*args, data_dir=tmp_path)
@@ -86,6 +90,24 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, args, code, fragmen
     assert fragment in lines[-1] and lines[-1].startswith("llmops: error:")
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_dev_cert_then_up_checks_the_files_before_starting_anything(tmp_path):
+    """`llmops tls dev-cert` prints settings that load; `llmops up` with a key of another
+    certificate stops at one line naming serve.tls before Ray or Serve starts."""
+    proc = _cli("tls", "dev-cert", "--out", str(tmp_path / "tls"), "--host", "api.example",
+                "--json", data_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    tls = TlsConfig.model_validate(json.loads(proc.stdout)["tls"])
+    check(tls)
+    env = {**os.environ, "LLMOPS_SERVE__TLS__CERTFILE": tls.ca_certs,
+           "LLMOPS_SERVE__TLS__KEYFILE": tls.keyfile,
+           "LLMOPS_RAY__DASHBOARD_PORT": str(free_port())}
+    proc = _cli("up", data_dir=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("llmops: error: serve.tls: cannot load certfile")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "serve_config.yaml").exists()
 
 
 def test_cli_status_with_nothing_up_is_one_line(tmp_path):

@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from cluster.capacity import Unplaceable, check, load_cluster_config, placements
-from cluster.manifests import serve_config_of, write_all
+from cluster.manifests import rayservice, serve_config_of, write_all
 from cluster.settings import load_settings
+from serve_apps.config import TlsConfig
+from training.errors import LLMOpsError
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -157,6 +159,35 @@ def test_kuberay_manifests_agree_with_their_sources(tmp_path, cluster_config, cl
     assert job["kind"] == "RayJob" and job["spec"]["entrypoint"] == "llmops train support-router"
     assert [g["groupName"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]] == \
         ["train-gpu"]
+
+
+def test_https_settings_mount_the_tls_secret_on_the_head_only(cluster_config, cluster_settings):
+    """With serve.tls the proxy's HTTP options name the files and the head pod (where the proxy
+    runs) mounts the Secret llmops-tls at their folder; files in two folders are refused."""
+    from ray.serve.schema import ServeDeploySchema
+
+    tls = {"certfile": "/home/ray/tls/server.pem", "keyfile": "/home/ray/tls/server-key.pem"}
+    settings = cluster_settings.model_copy(deep=True)
+    settings.serve.tls = TlsConfig.model_validate(tls)
+    service = rayservice(settings, "", cluster_config)[2]
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve)
+    assert serve["http_options"] == {"host": "0.0.0.0", "port": 8000, "ssl_certfile": tls[
+        "certfile"], "ssl_keyfile": tls["keyfile"]}
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert {"name": "tls", "mountPath": "/home/ray/tls", "readOnly": True} in \
+        head["containers"][0]["volumeMounts"]
+    assert [v["secret"]["secretName"] for v in head["volumes"] if v["name"] == "tls"] == \
+        ["llmops-tls"]
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert all(v["name"] != "tls" for v in group["template"]["spec"]["volumes"])
+    settings.serve.tls = TlsConfig.model_validate({**tls, "ca_certs": "/etc/ssl/ca.pem"})
+    with pytest.raises(LLMOpsError, match="same folder"):
+        rayservice(settings, "", cluster_config)
+    settings.serve.tls = TlsConfig(certfile="/home/ray/secrets/s.pem",
+                                   keyfile="/home/ray/secrets/k.pem")
+    with pytest.raises(LLMOpsError, match="another volume"):
+        rayservice(settings, "", cluster_config)
 
 
 def test_dockerfile_lints_clean():

@@ -960,6 +960,19 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
     assert router["model"] == "models:/support-router/2" and not router["canary"]
     gate = platform.registry.client.get_model_version("support-router", "2").tags
     assert gate["llmops.gate"] == "accepted"
+    # its lineage (OpenLineage events of the retrain, the fine-tune and the promotion): from
+    # the served log and the replay, through the fine-tune of v1, to the router and its requests
+    shown = _llmops(run, "lineage", "support-router@2", "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    chain = json.loads(shown.stdout)
+    assert chain["trained_by"]["state"] == chain["retrain"]["state"] == "COMPLETE"
+    assert chain["retrain"]["description"].startswith("drift")
+    read = {d["name"]: d for d in chain["retrain"]["inputs"]}
+    assert read["support-router"]["rows"] >= 150
+    assert "models:/support-router/1/data/reference.parquet" in read
+    assert [c["model"] for c in chain["from"]] == ["models:/support-router/1"]
+    assert any(d.startswith("support/") for d in chain["deployed"][-1]["deployments"])
+    assert chain["served"]["requests"] > 0
 
 
 def test_metrics_reach_the_ray_metrics_export_port(ray_session, platform):

@@ -213,12 +213,30 @@ class TuneConfig(StrictModel):
         "CPU a trial's workers need, so more than one pays off on a cluster with room for them")
 
 
+class LineageConfig(StrictModel):
+    """Where OpenLineage run events go (`training/lineage.py`)."""
+
+    transport: Literal["file", "http", "none"] = "file"
+    file: str | None = Field(None, description="JSON lines; empty: <data_dir>/lineage/events.jsonl")
+    url: str | None = Field(None, description="an OpenLineage HTTP endpoint (Marquez: "
+                            "http://marquez:5000), for transport http")
+    namespace: str = Field("llmops", min_length=1, description="the jobs' namespace")
+
+    @model_validator(mode="after")
+    def _url_for_http(self) -> LineageConfig:
+        if self.transport == "http" and not (self.url or "").startswith(("http://", "https://")):
+            raise ValueError("lineage transport http needs url: http(s)://HOST:PORT")
+        return self
+
+
 class RegistryConfig(StrictModel):
-    """MLflow tracking and registry; empty `tracking_uri` means SQLite under the data dir."""
+    """MLflow tracking and registry; empty `tracking_uri` means SQLite under the data dir.
+    `lineage`: the run events of what is trained, registered and served."""
 
     tracking_uri: str | None = None
     experiment: str = "llmops"
     timeout_s: float = Field(10.0, gt=0)
+    lineage: LineageConfig = Field(default_factory=LineageConfig)
 
     @model_validator(mode="after")
     def _known_scheme(self) -> RegistryConfig:

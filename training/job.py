@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from training import lora
+from training import lineage, lora
 from training.config import TaskConfig, TrainingConfig
 from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm
@@ -23,7 +25,7 @@ from training.finetune import Chaos, FinetuneSpec, run_finetune, run_names
 from training.golden import golden_set, measure
 from training.models import PROMPT, load_tokenizer, resolve_source
 from training.pyfunc import META_FILE, TaskModel, write_meta
-from training.refs import pin
+from training.refs import RETRAIN_TAG, pin
 from training.registry import RegisteredVersion, Registry, RunRecord
 from training.taskdata import TaskData, validate_data
 
@@ -100,13 +102,32 @@ def fit_and_register(config: TrainingConfig, registry: Registry, task: str, data
     name = resume or run_name(task)
     print(f"run {name}: checkpoints in {storage_path}/{name} (continue it with --resume {name})",
           file=sys.stderr, flush=True)
-    result = run_finetune(spec, name=name, storage_path=storage_path,
-                          workers=config.workers, use_gpu=use_gpu,
-                          resources=config.worker_resources(use_gpu),
-                          max_failures=config.max_failures)
-    return register_model_dir(config, registry, task, data, result.model_dir, spec.labels,
-                              history=result.history, ds_config=result.ds_config,
-                              started=started, tags=tags)
+    with recorded(config, registry, task, data, name, tags) as run:
+        result = run_finetune(spec, name=name, storage_path=storage_path,
+                              workers=config.workers, use_gpu=use_gpu,
+                              resources=config.worker_resources(use_gpu),
+                              max_failures=config.max_failures)
+        job = register_model_dir(config, registry, task, data, result.model_dir, spec.labels,
+                                 history=result.history, ds_config=result.ds_config,
+                                 started=started, tags=tags)
+        run.outputs.append(lineage.model_version(registry.tracking_uri, task, job.version))
+    return job
+
+
+@contextmanager
+def recorded(config: TrainingConfig, registry: Registry, task: str, data: TaskData, name: str,
+             tags: dict | None = None) -> Iterator[lineage.Run]:
+    """The OpenLineage run of the fine-tune `name`: its data's sources and a registered base
+    in, a retrain's run as its parent (`RETRAIN_TAG`); add the version it registers to the
+    run's outputs."""
+    retrain = (tags or {}).get(RETRAIN_TAG)
+    source = config.task(task).model.source
+    base = [lineage.Dataset(registry.tracking_uri, pin(source, registry.tracking_uri)[0],
+                            description="base model")] if source.startswith("models:/") else []
+    with registry.lineage.run(lineage.job(lineage.TRAIN, task), [*data.sources, *base],
+                              parent=lineage.retrain_run(task, retrain) if retrain else None,
+                              description=f"fine-tune {task} ({name})") as run:
+        yield run
 
 
 def register_model_dir(config: TrainingConfig, registry: Registry, task: str, data: TaskData,

@@ -11,6 +11,7 @@ from training.config import BUNDLED_ENCODER
 from training.errors import LLMOpsError
 
 BASE_TAG = "llmops.base"  # an adapter version's exact base (`training.job.register_model_dir`)
+RETRAIN_TAG = "llmops.retrain_id"  # on a version a retrain registered: which one
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 

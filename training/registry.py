@@ -18,6 +18,7 @@ import pandas as pd
 
 from training.config import RegistryConfig
 from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
+from training.lineage import Lineage
 from training.refs import reference
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -95,6 +96,7 @@ class Registry:
     def __init__(self, config: RegistryConfig, data_dir: Path):
         self.config = config
         self.data_dir = Path(data_dir).resolve()
+        self.lineage = Lineage(config.lineage, self.data_dir)
         self.tracking_uri = config.tracking_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri

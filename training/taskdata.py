@@ -4,7 +4,8 @@ command's task, scenario and data with it before loading the training stack."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -12,16 +13,19 @@ import pandas as pd
 from training import data as datagen
 from training.config import TaskConfig, TrainingConfig
 from training.errors import InvalidData
+from training.lineage import Dataset
 
 
 @dataclass
 class TaskData:
-    """Training rows, a small validation split (for early stopping) and named holdouts."""
+    """Training rows, a small validation split (for early stopping) and named holdouts, and
+    where they came from (`sources`: the lineage of what is trained on them)."""
 
     train: pd.DataFrame
     validation: pd.DataFrame
     holdouts: dict[str, pd.DataFrame]
     scenario: str = "base"
+    sources: list[Dataset] = field(default_factory=list)
 
     def save(self, folder: Path) -> Path:
         """As Parquet files (what a retrain job reads back with `load`)."""
@@ -30,6 +34,7 @@ class TaskData:
                          **{f"holdout-{h}": df for h, df in self.holdouts.items()}}.items():
             df.to_parquet(folder / f"{name}.parquet", index=False)
         (folder / "scenario").write_text(self.scenario)
+        (folder / "sources.json").write_text(json.dumps([s.to_dict() for s in self.sources]))
         return folder
 
     @classmethod
@@ -37,11 +42,14 @@ class TaskData:
         folder = Path(folder)
         if not (folder / "train.parquet").is_file():
             raise InvalidData(f"{folder} holds no train.parquet (see TaskData.save)")
-        return cls(train=pd.read_parquet(folder / "train.parquet"),
-                   validation=pd.read_parquet(folder / "validation.parquet"),
+        train = pd.read_parquet(folder / "train.parquet")
+        listed = folder / "sources.json"
+        sources = [Dataset.from_dict(d) for d in json.loads(listed.read_text())] \
+            if listed.is_file() else [Dataset("file", str(folder.resolve()), len(train))]
+        return cls(train=train, validation=pd.read_parquet(folder / "validation.parquet"),
                    holdouts={p.stem.removeprefix("holdout-"): pd.read_parquet(p)
                              for p in sorted(folder.glob("holdout-*.parquet"))},
-                   scenario=(folder / "scenario").read_text().strip())
+                   scenario=(folder / "scenario").read_text().strip(), sources=sources)
 
 
 def build_task_data(config: TrainingConfig, task: str, scenario: str = "base") -> TaskData:
@@ -52,11 +60,17 @@ def build_task_data(config: TrainingConfig, task: str, scenario: str = "base") -
         return datagen.generate(tc.dataset, name, n, seed, priors=tc.label_priors)
 
     seed = config.seed
+    seeds = {h: seed + 1000 + i for i, h in enumerate(tc.holdouts)}
+
+    def source(name: str, seed: int, rows: int, role: str) -> Dataset:
+        return Dataset("generator", f"{tc.dataset}/{name}/seed-{seed}", rows, role)
+
     return TaskData(
         train=make(scenario, tc.train_size, seed),
         validation=make(scenario, min(tc.holdout_size, 200), seed + 101),
-        holdouts={h: make(h, tc.holdout_size, seed + 1000 + i) for i, h in enumerate(tc.holdouts)},
-        scenario=scenario)
+        holdouts={h: make(h, tc.holdout_size, s) for h, s in seeds.items()}, scenario=scenario,
+        sources=[source(scenario, seed, tc.train_size, "training rows"),
+                 *(source(h, s, tc.holdout_size, "holdout") for h, s in seeds.items())])
 
 
 def validate_data(tc: TaskConfig, data: TaskData) -> list[str]:

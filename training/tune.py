@@ -13,7 +13,8 @@ import time
 from training.config import TrainingConfig, TuneConfig
 from training.errors import TrainingFailed
 from training.finetune import FinetuneSpec, consolidate_run, fit
-from training.job import JobResult, make_spec, register_model_dir, run_name
+from training.job import JobResult, make_spec, recorded, register_model_dir, run_name
+from training.lineage import model_version
 from training.registry import Registry
 from training.taskdata import build_task_data
 
@@ -51,16 +52,19 @@ def tune_task(config: TrainingConfig, tune_config: TuneConfig, registry: Registr
                 grace_period=min(tune_config.grace_period, max(tune_config.epochs)))),
         run_config=tune.RunConfig(name=name, storage_path=storage_path),
     )
-    grid = tuner.fit()
-    ok = [r for r in grid if r.error is None and "checkpoint_path" in (r.metrics or {})]
-    if not ok:
-        raise TrainingFailed(f"every trial of {name!r} failed: {grid.errors[:1]}")
-    best = min(ok, key=lambda r: r.metrics["val_loss"])
-    model_dir, ds_config = consolidate_run(best.metrics["checkpoint_path"], storage_path, name,
-                                           spec.kind)
-    return register_model_dir(
-        config, registry, task, data, model_dir, spec.labels, history=best.metrics["history"],
-        ds_config=ds_config, started=started,
-        extra_params={"tune_trials": len(grid), "learning_rate": best.config["learning_rate"],
-                      "epochs": best.config["epochs"]},
-        tags={"llmops.tune_run": name})
+    with recorded(config, registry, task, data, name) as run:
+        grid = tuner.fit()
+        ok = [r for r in grid if r.error is None and "checkpoint_path" in (r.metrics or {})]
+        if not ok:
+            raise TrainingFailed(f"every trial of {name!r} failed: {grid.errors[:1]}")
+        best = min(ok, key=lambda r: r.metrics["val_loss"])
+        model_dir, ds_config = consolidate_run(best.metrics["checkpoint_path"], storage_path,
+                                               name, spec.kind)
+        job = register_model_dir(
+            config, registry, task, data, model_dir, spec.labels,
+            history=best.metrics["history"], ds_config=ds_config, started=started,
+            extra_params={"tune_trials": len(grid), "learning_rate": best.config["learning_rate"],
+                          "epochs": best.config["epochs"]},
+            tags={"llmops.tune_run": name})
+        run.outputs.append(model_version(registry.tracking_uri, task, job.version))
+    return job
