@@ -1,7 +1,7 @@
 """Language models on one tiny Llama, in one run: LoRA against a full fine-tune, and generation
 with continuous batching against one request at a time and one `generate` per batch.
 
-    python bench/llm.py --json [--parts train,generate] [--samples 512] [--stage 2] [--workers 2]
+    python bench/llm.py --json [--parts train,generate,swap] [--samples 512] [--stage 2]
 
 The base is a Llama built from a config (random weights: throughput and sizes do not depend on
 what the weights hold) with a tokenizer trained on the rewriter's corpus, saved as a local model
@@ -18,6 +18,14 @@ caller sends its next request as soon as its answer arrives), one request at a t
 the callers' requests, up to 16, start together and all wait for the batch's end). Answers end
 after 8, 16, 32 or 64 tokens in turn (`--new-tokens`: the longest), as answers ending at their
 EOS do: a batch runs until its longest answer ends, and only each answer's own tokens count.
+
+swap: the base registered, two LoRA adapter versions on it (random weights, registered as a
+LoRA fine-tune registers one), the chat application serving the adapter by name from one
+generator replica; `--callers` HTTP clients ask for the adapter while its alias moves to the
+second version and `llmops swap` pins it. Reported: failed requests, p99 before / during / after
+the command, the command's seconds, when the first answer by the new version arrived (after
+the command began, and after it returned: the new adapter loads on first use), and old answers
+after the command returned.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster import runtime  # noqa: E402
 from training.config import DeepSpeedConfig, LoraSpec, ModelSpec, TrainingConfig  # noqa: E402
@@ -110,7 +119,10 @@ def generation(base: Path, prompts: list[str], new_tokens: int, seconds: float) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="train,generate")
+    parser.add_argument("--parts", default="train,generate,swap")
+    parser.add_argument("--callers", type=int, default=8, help="HTTP clients during the swap")
+    parser.add_argument("--phase", type=float, default=8.0, help="seconds before and after it")
+    parser.add_argument("--port", type=int, default=8031)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8.0, help="per generation cell")
     parser.add_argument("--samples", type=int, default=512)
@@ -134,6 +146,8 @@ def main() -> None:
             report["generate"] = {"new_tokens": args.new_tokens, "seconds_per_cell": args.seconds,
                                   "tokens_per_s": generation(base, list(df.text), args.new_tokens,
                                                              args.seconds)}
+        if "swap" in parts:
+            report["swap"] = adapter_swap(args, base, Path(storage))
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
 
 
@@ -176,6 +190,123 @@ def training(args, df, base: Path, storage: str) -> dict:
                 "checkpoint_bytes": round(lora["checkpoint_bytes"] / full["checkpoint_bytes"], 4),
                 "peak_rss_mb_worker": round(lora["peak_rss_mb_worker"] /
                                             full["peak_rss_mb_worker"], 3)}}
+
+
+def _adapter(base_ref: str, base: Path, folder: Path, seed: int) -> Path:
+    """A LoRA adapter of the registered base with random (large) weights, saved as a fine-tune
+    saves one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        task_type="CAUSAL_LM"))
+    peft.peft_config["default"].base_model_name_or_path = base_ref
+    peft.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder
+
+
+def adapter_swap(args, base: Path, storage: Path) -> dict:
+    """An adapter's version swapped under load (see the module's docstring)."""
+    import asyncio
+
+    import ray
+    from stack import start_ray
+
+    from cluster.settings import load_settings
+    from serve_apps.config import ServeConfig
+    from serve_apps.deploy import serve_config
+    from training.job import register_model_dir
+    from training.refs import reference
+    from training.registry import Registry
+    from training.taskdata import build_task_data
+
+    small = {"train_size": 32, "holdout_size": 16, "golden_size": 16, "holdouts": ["base"]}
+    lora = {"dataset": "moderation", "kind": "causal-lm", "label_priors": {"toxic": 1.0},
+            "method": "lora", "model": {"source": "models:/rewriter@champion", "max_length": 64},
+            **small}
+    settings = load_settings(overrides={"data_dir": str(storage / "state"), "training": {
+        "tasks": {"rewriter": {"model": {"source": str(base), "max_length": 64}, **small},
+                  "rewriter-a": lora}}})
+    registry = Registry(settings.registry, settings.data_dir)
+
+    def register(task: str, folder: Path) -> int:
+        return register_model_dir(settings.training, registry, task,
+                                  build_task_data(settings.training, task), folder, [],
+                                  history=[], ds_config={}, started=time.perf_counter()).version
+
+    base_ref = reference("rewriter", register("rewriter", base))
+    v1, v2 = (register("rewriter-a", _adapter(base_ref, base, storage / f"a{s}", s)) for s in (1, 2))
+    config = ServeConfig.model_validate({
+        "port": args.port, "use_gpu": "no", "moderation": {"enabled": False},
+        "support": {"enabled": False}, "feedback": {"enabled": False},
+        "chat": {"generator": {"model": "models:/rewriter@champion", "placement": "replica",
+                               "adapters": {"toxic-a": "models:/rewriter-a@champion"},
+                               "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}})
+    cluster = start_ray(settings)
+    cluster.deploy(serve_config(config, registry.tracking_uri, False,
+                                dict(runtime.PLATFORM_ENV)), timeout_s=600)
+    try:
+        result = asyncio.run(_swap_under_load(args, cluster, registry, config.url, v2))
+    finally:
+        cluster.shutdown()
+        ray.shutdown()
+    return {"callers": args.callers, "phase_s": args.phase, "versions": [v1, v2], **result}
+
+
+async def _swap_under_load(args, cluster, registry, url: str, new: int) -> dict:
+    import asyncio
+
+    import httpx
+    import numpy as np
+
+    from serve_apps.deploy import swap
+
+    log: list[tuple] = []  # (start, end, status, version)
+    stop = asyncio.Event()
+    body = {"model": "toxic-a", "max_tokens": 8, "messages": [{"role": "user", "content": ""}]}
+
+    async def caller(k: int) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            i = k
+            while not stop.is_set():
+                started = time.perf_counter()
+                body_i = {**body, "messages": [{"role": "user", "content": f"nobody asked {i}"}]}
+                try:
+                    r = await client.post(f"{url}/v1/chat/completions", json=body_i)
+                    version = r.json()["llmops"]["model"]["version"] if r.status_code == 200 \
+                        else None
+                    log.append((started, time.perf_counter(), r.status_code, version))
+                except Exception as exc:  # a failed request is what this counts
+                    log.append((started, time.perf_counter(), type(exc).__name__, None))
+                i += args.callers
+
+    def p99(rows: list[tuple]) -> float | None:
+        return round(float(np.percentile([e - s for s, e, *_ in rows], 99)) * 1000, 1) \
+            if rows else None
+
+    load = asyncio.gather(*(caller(k) for k in range(args.callers)))
+    await asyncio.sleep(args.phase)
+    begun = time.perf_counter()
+    registry.set_alias("rewriter-a", "champion", new)
+    await asyncio.to_thread(swap, cluster, "rewriter-a", registry.tracking_uri, alias="champion")
+    returned = time.perf_counter()
+    await asyncio.sleep(args.phase)
+    stop.set()
+    await load
+    before = [r for r in log if r[1] < begun]
+    during = [r for r in log if r[0] < returned and r[1] >= begun]
+    after = [r for r in log if r[0] >= returned]
+    first = min((e for _, e, _, v in log if v == str(new)), default=None)
+    return {"requests": len(log), "failed": sum(1 for r in log if r[2] != 200),
+            "p99_ms": {"before": p99(before), "during": p99(during), "after": p99(after)},
+            "swap_command_s": round(returned - begun, 2),
+            "first_new_answer_after_begin_s": round(first - begun, 2) if first else None,
+            "first_new_answer_after_return_s": round(first - returned, 2) if first else None,
+            "old_answers_after_return": sum(1 for r in after if r[3] != str(new))}
 
 
 if __name__ == "__main__":
