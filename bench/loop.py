@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import demo  # noqa: E402
-from cluster.controller import control, stop  # noqa: E402
+from cluster.loop import control, stop  # noqa: E402
 from cluster.settings import load_settings  # noqa: E402
 from training.data import SCENARIOS  # noqa: E402
 from training.registry import CHAMPION, Registry  # noqa: E402

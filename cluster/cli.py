@@ -297,7 +297,7 @@ def _format_events(events: list[dict]) -> list[str]:
 
 
 def cmd_controller(args) -> Output:
-    from cluster.controller import actor, control, statuses, stop
+    from cluster.loop import actor, control, statuses, stop
     from monitoring.singleton import NAMESPACE
 
     settings = _settings(args)
@@ -414,7 +414,7 @@ def cmd_demo(args) -> Output:
 
 def _manual(method: str, *args_of: str):
     def command(args) -> Output:
-        from cluster.controller import control
+        from cluster.loop import control
 
         settings = _settings(args)
         state = control(settings, args.model, method, *(getattr(args, a) for a in args_of))
@@ -463,6 +463,10 @@ def _format_status(payload: dict) -> str:
     for model, c in payload.get("controllers", {}).items():
         state = c["state"]["state"] if c["state"] else "no state yet"
         lines.append(f"controller {model}: {state}" + ("" if c["running"] else " (not running)"))
+    if "monitor" in payload:
+        m = payload["monitor"]
+        lines.append(f"monitor: {m['metrics']}" if m["running"] else
+                     f"monitor: not running{': ' + m['error'] if m.get('error') else ''}")
     return "\n".join(lines + [f"http: {payload['url']}"]) if lines else "no applications"
 
 
@@ -486,27 +490,28 @@ def cmd_up(args) -> Output:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     cluster = _serve_cluster(settings)
     seconds = cluster.deploy(config, timeout_s=args.timeout)
-    from cluster.controller import start_loop, statuses
+    from cluster import loop
 
-    start_loop(settings)
-    payload = {"url": settings.serve.url, "dashboard": settings.dashboard_address, "serve_config": str(path),
-               "started_ray": started, "seconds": round(seconds, 1),
-               "applications": cluster.status(),
-               "controllers": statuses(settings, settings.controller.models, 0)}
+    begun = loop.start(settings)
+    payload = {"url": settings.serve.url, "dashboard": settings.dashboard_address,
+               "serve_config": str(path), "started_ray": started, "seconds": round(seconds, 1),
+               "applications": cluster.status(), **loop.status(settings)}
+    if begun["monitor"] is not None:  # what it said once started (a port in use, say)
+        payload["monitor"] |= {k: begun["monitor"][k] for k in ("running", "error")}
     return Output(payload, _format_status)
 
 
 def cmd_status(args) -> Output:
-    from cluster.controller import statuses
+    from cluster import loop
 
     settings = _settings(args)
     payload = {"url": settings.serve.url, "applications": _serve_cluster(settings).status(),
-               "controllers": statuses(settings, settings.controller.models, 0)}
+               **loop.status(settings)}
     return Output(payload, _format_status)
 
 
 def cmd_down(args) -> Output:
-    from cluster.controller import stop_loop
+    from cluster import loop
 
     settings = _settings(args)
     try:
@@ -514,12 +519,14 @@ def cmd_down(args) -> Output:
         removed = True
     except LLMOpsError:
         removed = False
-    controllers = stop_loop(settings) if removed else []
+    halted = loop.stop_all(settings) if removed else {"controllers": [], "monitor": False}
+    controllers = halted["controllers"]
     stopped = runtime.stop_head(settings.data_dir)
     return Output({"applications_removed": removed, "controllers_stopped": controllers,
-                   "ray_stopped": stopped},
+                   "monitor_stopped": halted["monitor"], "ray_stopped": stopped},
                   lambda p: ("removed the Serve applications; " if removed else "no Serve running; ")
                   + (f"stopped the controllers of {', '.join(controllers)}; " if controllers else "")
+                  + ("stopped the monitor; " if halted["monitor"] else "")
                   + ("stopped the local Ray head" if stopped else "left Ray running (not started "
                      "by llmops up)"))
 
@@ -661,8 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="applications, replicas, versions")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
-    sub.add_parser("down", parents=[common],
-                   help="remove the apps; stop Ray if `up` started it").set_defaults(func=cmd_down)
+    down = sub.add_parser("down", parents=[common], help="remove the apps, stop the loop's "
+                          "actors; stop Ray if `up` started it")
+    down.add_argument("--json", action="store_true")
+    down.set_defaults(func=cmd_down)
     swap = sub.add_parser("swap", parents=[common], help="hot-swap the version a model serves")
     swap.add_argument("model")
     which = swap.add_mutually_exclusive_group(required=True)

@@ -26,11 +26,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from cluster.canary import canary_verdict
 from cluster.settings import CanaryPolicy, Settings
-from cluster.state import BUSY, STATES, ControllerState, StateStore
-from monitoring.feedback import MIN_LABELS
-from monitoring.log import SHADOW
-from monitoring.singleton import NAMESPACE, singleton
+from cluster.state import BUSY, TRANSITIONS, ControllerState, StateStore, export
 from training import lineage
 from training.errors import LLMOpsError
 from training.refs import RETRAIN_TAG, reference
@@ -45,74 +43,6 @@ class Refused(LLMOpsError):
     """A manual command that cannot apply now; nothing was changed."""
 
     exit_code = 2
-
-
-def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | None, str, dict]:
-    """Champion against challenger over the same period (log rows with `variant`, `outcome`,
-    `latency_ms`, `confidence` and maybe `label`): None while the challenger has answered fewer
-    than `min_requests`, else whether it may be promoted and why. A shadowing challenger's
-    answers count as the challenger's (its latency is the request's, so only the other
-    criteria tell the two apart)."""
-    rows = rows.assign(variant=rows.variant.replace(SHADOW, "challenger"))
-    stats = {}
-    for side in ("champion", "challenger"):
-        part = rows[rows.variant == side]
-        ok = part[part.outcome == "ok"]
-        labelled = ok[ok.label.notna()] if "label" in ok else ok.iloc[:0]
-        stats[side] = {
-            "requests": len(part),
-            "error_rate": float((part.outcome != "ok").mean()) if len(part) else 0.0,
-            "latency_p50_ms": float(ok.latency_ms.median()) if len(ok) else 0.0,
-            "confidence": float(ok.confidence.mean()) if len(ok) else 0.0,
-            "labelled": len(labelled),
-            "accuracy": float((labelled.prediction == labelled.label).mean())
-            if len(labelled) else None}
-    ch, cc = stats["champion"], stats["challenger"]
-    if cc["requests"] < policy.min_requests or ch["requests"] == 0:
-        return None, f"challenger answered {cc['requests']} of {policy.min_requests}", stats
-    failures = []
-    if cc["error_rate"] > ch["error_rate"] + policy.max_error_rate_increase:
-        failures.append(f"error rate {cc['error_rate']:.3f} vs {ch['error_rate']:.3f}")
-    if cc["latency_p50_ms"] > ch["latency_p50_ms"] * policy.max_latency_ratio:
-        failures.append(f"p50 latency {cc['latency_p50_ms']:.0f} ms vs {ch['latency_p50_ms']:.0f}")
-    if cc["confidence"] < ch["confidence"] - policy.max_confidence_drop:
-        failures.append(f"confidence {cc['confidence']:.3f} vs {ch['confidence']:.3f}")
-    if min(cc["labelled"], ch["labelled"]) >= MIN_LABELS and \
-            cc["accuracy"] < ch["accuracy"] - policy.max_accuracy_drop:
-        failures.append(f"feedback accuracy {cc['accuracy']:.3f} vs {ch['accuracy']:.3f}")
-    if failures:
-        return False, "worse than the champion: " + "; ".join(failures), stats
-    return True, (f"no worse than the champion over {cc['requests']} requests (error rate "
-                  f"{cc['error_rate']:.3f}, p50 {cc['latency_p50_ms']:.0f} ms, confidence "
-                  f"{cc['confidence']:.3f})"), stats
-
-
-def export(state: ControllerState, moved_from: str | None = None) -> None:
-    """The state (and the transition into it) as metrics on Ray's export port, with a `ray_`
-    prefix, where the controller runs in a Ray process (its actor, a driver); else nothing.
-
-        ray_llmops_controller_state{model, state}               1 for the current state, else 0
-        ray_llmops_controller_state_since_timestamp_seconds{model}
-        ray_llmops_controller_transitions_total{model, from, to}
-    """
-    import ray
-
-    from monitoring.gauges import hold
-    from serve_apps.metrics import metric
-
-    if not ray.is_initialized():
-        return
-    gauge = metric("gauge", "llmops_controller_state", "1 for the loop's current state.",
-                    ("model", "state"))
-    for name in STATES:  # held: the state stays visible between steps
-        hold(gauge, float(name == state.state), {"model": state.model, "state": name})
-    hold(metric("gauge", "llmops_controller_state_since_timestamp_seconds",
-                "When the loop entered its current state.", ("model",)),
-         state.since, {"model": state.model})
-    if moved_from is not None:
-        metric("counter", "llmops_controller_transitions", "Transitions of the loop.",
-                ("model", "from", "to")).inc(
-            tags={"model": state.model, "from": moved_from, "to": state.state})
 
 
 class Controller:
@@ -139,7 +69,10 @@ class Controller:
         return self.store.events(self.model)
 
     def _to(self, state: ControllerState, new: str, reason: str, **changes) -> ControllerState:
-        """One transition: the event, the tag on the model version it concerns, the state."""
+        """One transition (one of `TRANSITIONS`): the event, the tag on the model version it
+        concerns, the state."""
+        if new not in TRANSITIONS[state.state]:
+            raise AssertionError(f"{self.model}: no transition {state.state} -> {new}")
         now = time.time()
         event = {"ts": now, "model": self.model, "from": state.state, "to": new,
                  "reason": reason, "champion": changes.get("champion", state.champion),
@@ -167,9 +100,14 @@ class Controller:
     # -- the loop ------------------------------------------------------------------------------
 
     def step(self) -> ControllerState:
+        """What the current state does: look, and make at most one transition."""
+        handlers: dict[str, Callable[[ControllerState], ControllerState]] = {
+            "serving": self._serving, "drift_suspected": self._drift_suspected,
+            "retraining": self._retraining, "evaluating": self._evaluating,
+            "canary": self._canary, "promoting": self._promoting, "rejected": self._rejected,
+            "rolled_back": self._rolled_back}
         state = self.state()
-        handler: Callable[[ControllerState], ControllerState] = getattr(self, f"_{state.state}")
-        state = handler(state)
+        state = handlers[state.state](state)
         export(state)  # also after a restart, when no transition has happened yet
         return state
 
@@ -449,140 +387,3 @@ class Controller:
         state = self._to(state, "promoting", f"manual rollback to v{target}", trigger="manual",
                          challenger=target, champion=champion)
         return self._promoting(state)
-
-
-def actor_name(model: str) -> str:
-    return f"controller-{model}"
-
-
-def statuses(settings: Settings, models: list[str], events: int) -> dict:
-    """Each model's state and latest transitions as its store holds them (None: the loop never
-    ran), and whether its actor is alive, asked of the dashboard's state API: no Ray driver, no
-    registry, so `llmops controller status` answers in about a second."""
-    from ray.util.state import list_actors
-
-    try:
-        alive = {a.name for a in list_actors(
-            address=settings.dashboard_address, filters=[("state", "=", "ALIVE")], limit=10_000,
-            timeout=5, raise_on_missing_output=False) if a.ray_namespace == NAMESPACE}
-    except Exception:  # no dashboard answers: no cluster, so no controller runs
-        alive = set()
-    store = StateStore(settings.controller_uri)
-    out = {}
-    for model in models:
-        state = store.load(model)
-        out[model] = {"running": actor_name(model) in alive, "namespace": NAMESPACE,
-                      "state": state.model_dump() if state else None,
-                      "events": store.events(model)[-events:] if events else []}
-    return out
-
-
-class ControllerActor:
-    """A controller as a detached Ray actor (visible in the Ray dashboard's Actors tab; Ray
-    restarts it if its process dies, and it resumes from the stored state). Manual commands
-    run on the actor between steps, never beside one."""
-
-    def __init__(self, settings_json: str, model: str):
-        import threading
-
-        self.controller = Controller(Settings.model_validate_json(settings_json), model)
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        interval = self.controller.settings.controller.interval_s
-        while not self.stopping.wait(interval):
-            with self.lock:
-                try:
-                    self.controller.step()
-                except Exception:
-                    log.exception("%s: step failed; retrying", self.controller.model)
-
-    def call(self, method: str, *args):
-        """`step`, `state`, `events`, `promote`, `rollback` or `retrain_now` (a Refused error
-        comes back as its message, so the caller can raise it again)."""
-        with self.lock:
-            try:
-                result = getattr(self.controller, method)(*args)
-            except Refused as exc:
-                return {"refused": str(exc)}
-            return result.model_dump() if isinstance(result, ControllerState) else result
-
-    def stop(self) -> None:
-        """Returns once no step runs, and no further one will."""
-        with self.lock:
-            self.stopping.set()
-
-
-def portable(settings: Settings) -> Settings:
-    """The settings with absolute paths, for processes that run elsewhere (actors, jobs)."""
-    out = settings.model_copy(deep=True)
-    out.data_dir = Path(settings.data_dir).resolve()
-    out.registry.tracking_uri = Registry(settings.registry, settings.data_dir).tracking_uri
-    return out
-
-
-def actor(settings: Settings, model: str, start: bool = False):
-    """The model's controller actor on the running cluster (started with `start`), or None."""
-    import ray
-
-    from cluster import runtime
-
-    if not runtime.join(settings.ray, settings.monitoring.logging):
-        if start:
-            raise LLMOpsError("no Ray cluster is running (start the platform with `llmops up`)")
-        return None
-    if start:
-        return singleton(ControllerActor, actor_name(model), portable(settings).model_dump_json(),
-                         model, retry_calls=False)
-    try:
-        return ray.get_actor(actor_name(model), namespace=NAMESPACE)
-    except ValueError:
-        return None
-
-
-def start_loop(settings: Settings) -> list[str]:
-    """What `llmops up` starts: a controller actor per configured model (`controller.models`),
-    unless `controller.autostart` is off. Each resumes from its stored state."""
-    if not settings.controller.autostart:
-        return []
-    for model in settings.controller.models:
-        actor(settings, model, start=True)
-    return list(settings.controller.models)
-
-
-def stop_loop(settings: Settings) -> list[str]:
-    """What `llmops down` stops: every configured model's controller actor that runs."""
-    return [model for model in settings.controller.models if stop(settings, model)]
-
-
-def stop(settings: Settings, model: str) -> bool:
-    """Stop the model's controller actor between two steps (its state stays in the store, and
-    the next start resumes it); False when none was running."""
-    import ray
-
-    handle = actor(settings, model)
-    if handle is None:
-        return False
-    ray.get(handle.stop.remote())
-    ray.kill(handle)
-    return True
-
-
-def control(settings: Settings, model: str, method: str, *args) -> dict | list:
-    """A controller method, on the model's actor when one runs (so it never races the loop),
-    else here."""
-    import ray
-
-    handle = actor(settings, model)
-    if handle is None:
-        registry = Registry(settings.registry, settings.data_dir)
-        registry.check()
-        result = getattr(Controller(settings, model, registry), method)(*args)
-        return result.model_dump() if isinstance(result, ControllerState) else result
-    result = ray.get(handle.call.remote(method, *args))
-    if isinstance(result, dict) and "refused" in result:
-        raise Refused(result["refused"])
-    return result

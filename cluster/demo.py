@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster import runtime
-from cluster.controller import actor, control
+from cluster.loop import actor, control
 from cluster.settings import Settings
 from cluster.traffic import send, token
 from serve_apps.tls import client_context

@@ -25,6 +25,19 @@ State = Literal["serving", "drift_suspected", "retraining", "evaluating", "canar
 STATES: tuple[str, ...] = State.__args__
 # Steps that own the model: a retrain, a manual promotion or a rollback waits until they end.
 BUSY = ("retraining", "evaluating", "canary", "promoting")
+# Every move the loop may make (`Controller._to` refuses any other): the automatic ones, and
+# from a state that is not BUSY, a manual retrain or promotion (a rollback is a promotion).
+_MANUAL = ("retraining", "promoting")
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "serving": ("drift_suspected", *_MANUAL),
+    "drift_suspected": _MANUAL,
+    "retraining": ("evaluating", "rejected"),
+    "evaluating": ("canary", "rejected"),
+    "canary": ("promoting", "rolled_back"),
+    "promoting": ("serving",),
+    "rejected": ("serving", *_MANUAL),
+    "rolled_back": ("serving", *_MANUAL),
+}
 
 
 class ControllerState(BaseModel):
@@ -99,3 +112,31 @@ class StateStore:
             return []
         with self.fs.open(path, "r") as f:
             return [json.loads(line) for line in f if line.strip()]
+
+
+def export(state: ControllerState, moved_from: str | None = None) -> None:
+    """The state (and the transition into it) as metrics on Ray's export port, with a `ray_`
+    prefix, where the controller runs in a Ray process (its actor, a driver); else nothing.
+
+        ray_llmops_controller_state{model, state}               1 for the current state, else 0
+        ray_llmops_controller_state_since_timestamp_seconds{model}
+        ray_llmops_controller_transitions_total{model, from, to}
+    """
+    import ray
+
+    from monitoring.gauges import hold
+    from serve_apps.metrics import metric
+
+    if not ray.is_initialized():
+        return
+    gauge = metric("gauge", "llmops_controller_state", "1 for the loop's current state.",
+                    ("model", "state"))
+    for name in STATES:  # held: the state stays visible between steps
+        hold(gauge, float(name == state.state), {"model": state.model, "state": name})
+    hold(metric("gauge", "llmops_controller_state_since_timestamp_seconds",
+                "When the loop entered its current state.", ("model",)),
+         state.since, {"model": state.model})
+    if moved_from is not None:
+        metric("counter", "llmops_controller_transitions", "Transitions of the loop.",
+                ("model", "from", "to")).inc(
+            tags={"model": state.model, "from": moved_from, "to": state.state})

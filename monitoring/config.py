@@ -98,6 +98,8 @@ class MonitorConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=1, le=65535, description="Prometheus scrapes /metrics here")
     interval_s: float = Field(60.0, gt=0, description="seconds between drift checks")
+    autostart: bool = Field(True, description="`llmops up` starts it as a detached Ray actor "
+                            "(and `llmops down` stops it); false: run `llmops monitor`")
 
 
 class AuditConfig(StrictModel):

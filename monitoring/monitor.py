@@ -6,6 +6,7 @@ with the registry's versions and the health check's last result (`monitoring/met
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +28,7 @@ class Monitor:
         self.failures: Counter[str] = Counter()
         self.models: list[dict] = []
         self._classifier: dict[tuple[str, str], bool] = {}
+        self.listening = False  # /metrics is served (`run`)
         self.prometheus = registry_of(
             lambda: drift_families(self.decisions, self.checked_at, self.failures),
             lambda: registry_families(self.models),
@@ -61,20 +63,15 @@ class Monitor:
         """What a scrape of /metrics returns now."""
         return exposition(self.prometheus)
 
-    def serve(self, after_tick: Callable[[dict[str, Decision | None]], None]) -> None:
-        """Serve /metrics and check every `interval_s` until SIGINT or SIGTERM, which stop the
-        loop after the check in progress (an interrupt inside Evidently or pandas can leave
-        their worker threads hanging); then raises `KeyboardInterrupt`."""
-        import signal
-        import threading
-
+    def run(self, stop: threading.Event,
+            after_tick: Callable[[dict[str, Decision | None]], None] = lambda _: None) -> None:
+        """Serve /metrics and check every `interval_s` until `stop` is set (after the check in
+        progress)."""
         from prometheus_client import start_http_server
 
         cfg = self.config.monitor
-        stop = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
         server, _ = start_http_server(cfg.port, addr=cfg.host, registry=self.prometheus)
+        self.listening = True
         try:
             while not stop.is_set():
                 began = time.monotonic()
@@ -82,6 +79,19 @@ class Monitor:
                 stop.wait(max(0.0, cfg.interval_s - (time.monotonic() - began)))
         finally:
             server.shutdown()
+
+    def serve(self, after_tick: Callable[[dict[str, Decision | None]], None]) -> None:
+        """`run` in the foreground until SIGINT or SIGTERM, which stop it after the check in
+        progress (an interrupt inside Evidently or pandas can leave their worker threads
+        hanging); then raises `KeyboardInterrupt`."""
+        import signal
+
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.run(stop, after_tick)
+        finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         raise KeyboardInterrupt

@@ -8,9 +8,10 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import register_quick, tiny_settings
+from conftest import free_port, register_quick, tiny_settings
 
-from cluster.controller import PREVIOUS, Controller, Refused, canary_verdict
+from cluster.canary import canary_verdict
+from cluster.controller import PREVIOUS, Controller, Refused
 from cluster.settings import CanaryPolicy
 from cluster.state import ControllerState
 from monitoring.config import LogConfig
@@ -218,28 +219,49 @@ def test_manual_commands_refuse_what_cannot_apply_and_change_nothing(loop):
 
 
 def test_up_starts_the_loop_and_down_stops_it(loop):
-    """What `llmops up` and `llmops down` call: a controller actor per configured model, and
-    `llmops status` / `controller status` seeing them, without a Ray driver of their own."""
-    from cluster.controller import start_loop, statuses, stop_loop
+    """What `llmops up` and `llmops down` call: a controller actor per configured model and the
+    monitor, and `llmops status` / `controller status` seeing them, without a Ray driver of
+    their own."""
+    import httpx
+
+    from cluster.loop import start, status, statuses, stop_all
 
     settings, registry, controller = loop
     settings.controller.models = [MODEL]
-    assert start_loop(settings) == []  # autostart off (the tests' settings)
-    settings.controller.autostart = True
+    settings.monitoring.monitor.autostart = False
+    assert start(settings) == {"controllers": [], "monitor": None}  # both opted out
+    settings.controller.autostart = settings.monitoring.monitor.autostart = True
+    settings.monitoring.monitor.port = free_port()
     try:
-        assert start_loop(settings) == [MODEL]
+        begun = start(settings)
+        assert begun["controllers"] == [MODEL] and begun["monitor"]["running"], begun
         deadline = time.monotonic() + 30
-        while not (status := statuses(settings, [MODEL], 1)[MODEL])["state"]:
+        while not (state := statuses(settings, [MODEL], 1)[MODEL])["state"]:
             assert time.monotonic() < deadline  # its first step saves its state
             time.sleep(0.5)
-        assert status["running"] and status["state"]["champion"] == 1
+        assert state["running"] and state["state"]["champion"] == 1
+        metrics = httpx.get(status(settings)["monitor"]["metrics"], timeout=10).text
+        assert f'llmops_model_versions{{model="{MODEL}"}} 2.0' in metrics  # it read the registry
+        assert start(settings)["monitor"]["running"]  # a second `up` finds the same actor
     finally:
-        assert stop_loop(settings) == [MODEL]
+        assert stop_all(settings) == {"controllers": [MODEL], "monitor": True}
     deadline = time.monotonic() + 30  # the dashboard sees the kill a moment later
-    while statuses(settings, [MODEL], 0)[MODEL]["running"]:
+    while (now := status(settings))["controllers"][MODEL]["running"] or now["monitor"]["running"]:
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    assert stop_loop(settings) == []
+    assert stop_all(settings) == {"controllers": [], "monitor": False}
+
+
+def test_every_state_handles_itself_and_moves_only_as_the_table_says(loop):
+    from cluster.state import STATES, TRANSITIONS
+
+    settings, registry, controller = loop
+    assert set(TRANSITIONS) == set(STATES)
+    assert all(set(targets) <= set(STATES) for targets in TRANSITIONS.values())
+    state = controller.state()
+    with pytest.raises(AssertionError, match="no transition serving -> canary"):
+        controller._to(state, "canary", "a jump the loop never makes")
+    assert controller.state() == state and controller.events() == []
 
 
 def test_manual_promotion_then_rollback_move_the_champion_and_record_it(loop):
@@ -282,7 +304,7 @@ def _actor_state(settings) -> dict:
     """The model's state from its controller actor, waiting while Ray restarts a killed one."""
     import ray
 
-    from cluster.controller import control
+    from cluster.loop import control
 
     for _ in range(60):
         try:
@@ -296,7 +318,7 @@ def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
     import ray
     from ray.job_submission import JobStatus
 
-    from cluster.controller import actor, control, statuses
+    from cluster.loop import actor, control, statuses
 
     settings, registry, controller = loop
     registry.set_alias(MODEL, CHALLENGER, None)
@@ -349,7 +371,7 @@ def test_the_controller_actor_killed_mid_canary_judges_the_same_canary_and_promo
     metrics export port."""
     import ray
 
-    from cluster.controller import actor
+    from cluster.loop import actor
 
     settings, registry, controller = loop
     settings.controller.interval_s = 1.0

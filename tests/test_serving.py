@@ -98,7 +98,8 @@ def _settings(state: Path, port: int):
         "log": {"flush_interval_s": 0.5},
         # 250-request windows, 200 at least: clean ones stay well inside every threshold
         # (confidence drift 0.16 of 0.3 at most, measured on this suite's router)
-        "drift": {"k": 1, "n": 1, "window": 250}})
+        "drift": {"k": 1, "n": 1, "window": 250},
+        "monitor": {"port": free_port()}})  # `llmops up` starts it (test_monitor_...)
     # moderation's models have replicas of their own; support's router and encoder run inline
     # (`auto`), its generator in a replica of its own (`auto`); chat's generator inline
     classifier = {"model": "models:/moderation@champion", **ONE_REPLICA, "placement": "replica",
@@ -142,6 +143,7 @@ def platform(ray_session, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     up = json.loads(proc.stdout)
     assert up["started_ray"] is False  # it joined the running cluster
+    assert up["monitor"]["running"], up["monitor"]
     assert yaml.safe_load(Path(up["serve_config"]).read_text())["applications"]
     token = _llmops((env, config), "token", "create", "--tenant", "tests", "--scopes", "moderate",
                     "support", "chat", "feedback", "admin", "--json")
@@ -150,8 +152,9 @@ def platform(ray_session, tmp_path_factory):
                    ServeCluster(ray_session.dashboard), threshold, settings.log_uri,
                    {"Authorization": f"Bearer {json.loads(token.stdout)['token']}"},
                    {"subject": "test-suite", "tenant": "tests", "scopes": list(SCOPES)}, replier)
-    down = _llmops((env, config), "down")
+    down = _llmops((env, config), "down", "--json")
     assert down.returncode == 0, down.stderr[-2000:]
+    assert json.loads(down.stdout)["monitor_stopped"] is True
     assert not ServeCluster(ray_session.dashboard).details()["applications"]
 
 
@@ -892,6 +895,10 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
     # the degraded run's textfile, served by the monitor
     assert 'llmops_healthcheck_healthy{model="moderation",model_version="1"} 0.0' in lines
     assert {m for m in referenced_metrics("llmops_") if not exposed(m, lines)} == set()
+    # the monitor `llmops up` started (a Ray actor) serves the same families
+    status = json.loads(_llmops(run, "status", "--json").stdout)["monitor"]
+    served = httpx.get(status["metrics"], timeout=10).text.splitlines()
+    assert status["running"] and 'llmops_model_versions{model="moderation"} 2.0' in served
 
     port = free_port()
     env = {**platform.env, "LLMOPS_MONITORING__MONITOR__PORT": str(port),
