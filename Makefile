@@ -34,9 +34,10 @@ demo: $(STAMP)
 	$(LLMOPS) demo
 	@echo "the platform is still up: llmops status, llmops controller status, llmops down"
 
-# Tests on the session's Ray first, then (in a process of their own) the ones that start Ray
-# clusters of their own: several nodes, the fake autoscaler, the GPU smoke test.
+# The linter, then the tests on the session's Ray, then (in a process of their own) the ones that
+# start Ray clusters of their own: several nodes, the fake autoscaler, the GPU smoke test.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not own_ray"
 	$(PY) -m pytest -m own_ray
 

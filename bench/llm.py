@@ -214,7 +214,7 @@ def adapter_swap(args, base: Path, storage: Path) -> dict:
     import asyncio
 
     import ray
-    from stack import start_ray
+    from stack import start_ray, swap_under_load
 
     from cluster.settings import load_settings
     from serve_apps.config import ServeConfig
@@ -250,63 +250,25 @@ def adapter_swap(args, base: Path, storage: Path) -> dict:
     cluster.deploy(serve_config(config, registry.tracking_uri, False,
                                 dict(runtime.PLATFORM_ENV)), timeout_s=600)
     try:
-        result = asyncio.run(_swap_under_load(args, cluster, registry, config.url, v2))
+        result = asyncio.run(swap_under_load(
+            f"{config.url}/v1/chat/completions", lambda i: {
+                "model": "toxic-a", "max_tokens": 8,
+                "messages": [{"role": "user", "content": f"nobody asked {i}"}]},
+            lambda answer: answer["llmops"]["model"]["version"], args.callers, args.phase,
+            lambda: swap_alias(cluster, registry, v2), str(v2)))
     finally:
         cluster.shutdown()
         ray.shutdown()
+    del result["result"]
     return {"callers": args.callers, "phase_s": args.phase, "versions": [v1, v2], **result}
 
 
-async def _swap_under_load(args, cluster, registry, url: str, new: int) -> dict:
-    import asyncio
-
-    import httpx
-    import numpy as np
-
+def swap_alias(cluster, registry, version: int) -> dict:
+    """The adapter's alias moved to `version`, then `llmops swap --alias champion`."""
     from serve_apps.deploy import swap
 
-    log: list[tuple] = []  # (start, end, status, version)
-    stop = asyncio.Event()
-    body = {"model": "toxic-a", "max_tokens": 8, "messages": [{"role": "user", "content": ""}]}
-
-    async def caller(k: int) -> None:
-        async with httpx.AsyncClient(timeout=60) as client:
-            i = k
-            while not stop.is_set():
-                started = time.perf_counter()
-                body_i = {**body, "messages": [{"role": "user", "content": f"nobody asked {i}"}]}
-                try:
-                    r = await client.post(f"{url}/v1/chat/completions", json=body_i)
-                    version = r.json()["llmops"]["model"]["version"] if r.status_code == 200 \
-                        else None
-                    log.append((started, time.perf_counter(), r.status_code, version))
-                except Exception as exc:  # a failed request is what this counts
-                    log.append((started, time.perf_counter(), type(exc).__name__, None))
-                i += args.callers
-
-    def p99(rows: list[tuple]) -> float | None:
-        return round(float(np.percentile([e - s for s, e, *_ in rows], 99)) * 1000, 1) \
-            if rows else None
-
-    load = asyncio.gather(*(caller(k) for k in range(args.callers)))
-    await asyncio.sleep(args.phase)
-    begun = time.perf_counter()
-    registry.set_alias("rewriter-a", "champion", new)
-    await asyncio.to_thread(swap, cluster, "rewriter-a", registry.tracking_uri, alias="champion")
-    returned = time.perf_counter()
-    await asyncio.sleep(args.phase)
-    stop.set()
-    await load
-    before = [r for r in log if r[1] < begun]
-    during = [r for r in log if r[0] < returned and r[1] >= begun]
-    after = [r for r in log if r[0] >= returned]
-    first = min((e for _, e, _, v in log if v == str(new)), default=None)
-    return {"requests": len(log), "failed": sum(1 for r in log if r[2] != 200),
-            "p99_ms": {"before": p99(before), "during": p99(during), "after": p99(after)},
-            "swap_command_s": round(returned - begun, 2),
-            "first_new_answer_after_begin_s": round(first - begun, 2) if first else None,
-            "first_new_answer_after_return_s": round(first - returned, 2) if first else None,
-            "old_answers_after_return": sum(1 for r in after if r[3] != str(new))}
+    registry.set_alias("rewriter-a", "champion", version)
+    return swap(cluster, "rewriter-a", registry.tracking_uri, alias="champion")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -225,3 +226,59 @@ class Profile:
         return {c: {s: round(n / sum(mine.values()), 3) for s, n in
                     sorted(mine.items(), key=lambda kv: -kv[1])}
                 for c, mine in counts.items() if mine}
+
+
+async def swap_under_load(url: str, body: Callable[[int], dict], version_of: Callable[[dict], str],
+                          callers: int, phase: float, swap: Callable[[], dict], new: str,
+                          verify=True) -> dict:
+    """`callers` closed-loop HTTP clients POST `body(i)` to `url` for `phase` seconds, while
+    `swap()` runs (in a thread), and `phase` seconds after it returned. Reported: requests,
+    failed ones (not 200, or cut off), p99 before / during / after the swap, its seconds, when
+    the first answer by version `new` (`version_of` an answer) arrived after the swap began and
+    after it returned, and answers by another version after it returned; `result`: what
+    `swap()` returned."""
+    import asyncio
+
+    import httpx
+    import numpy as np
+
+    log: list[tuple] = []  # (start, end, status, version)
+    stop = asyncio.Event()
+
+    async def caller(k: int) -> None:
+        async with httpx.AsyncClient(timeout=60, verify=verify) as client:
+            i = k
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    r = await client.post(url, json=body(i))
+                    version = version_of(r.json()) if r.status_code == 200 else None
+                    log.append((started, time.perf_counter(), r.status_code, version))
+                except Exception as exc:  # a failed request is what this counts
+                    log.append((started, time.perf_counter(), type(exc).__name__, None))
+                i += callers
+
+    def p99(rows: list[tuple]) -> float | None:
+        return round(float(np.percentile([e - s for s, e, *_ in rows], 99)) * 1000, 1) \
+            if rows else None
+
+    load = asyncio.gather(*(caller(k) for k in range(callers)))
+    await asyncio.sleep(phase)
+    begun = time.perf_counter()
+    result = await asyncio.to_thread(swap)
+    returned = time.perf_counter()
+    await asyncio.sleep(phase)
+    stop.set()
+    await load
+    before = [r for r in log if r[1] < begun]
+    during = [r for r in log if r[0] < returned and r[1] >= begun]
+    after = [r for r in log if r[0] >= returned]
+    first = min((e for _, e, _, v in log if v == new), default=None)
+    return {"requests": len(log), "failed": sum(1 for r in log if r[2] != 200),
+            "requests_during": len(during),
+            "p99_ms": {"before": p99(before), "during": p99(during), "after": p99(after)},
+            "swap_command_s": round(returned - begun, 2),
+            "first_new_answer_after_begin_s": round(first - begun, 2) if first else None,
+            "first_new_answer_after_return_s": round(first - returned, 2) if first else None,
+            "old_answers_after_return": sum(1 for r in after if r[3] != new),
+            "versions_seen": sorted({r[3] for r in log if r[3]}), "result": result}

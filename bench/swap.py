@@ -19,75 +19,31 @@ import asyncio
 import json
 import os
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import TLS_HELP, https_settings, platform, start_ray  # noqa: E402
+from stack import TLS_HELP, https_settings, platform, start_ray, swap_under_load  # noqa: E402
 
 from cluster import runtime  # noqa: E402
 from training.data import generate  # noqa: E402
-
-
-def p99(rows: list[tuple]) -> float | None:
-    lat = [end - start for start, end, *_ in rows]
-    return round(float(np.percentile(lat, 99)) * 1000, 1) if lat else None
-
-
-async def drive(url: str, texts: list[str], concurrency: int, log: list, stop: asyncio.Event,
-                verify):
-    import httpx
-
-    async def worker(k: int) -> None:
-        i = k
-        async with httpx.AsyncClient(timeout=60, verify=verify) as client:
-            while not stop.is_set():
-                started = time.perf_counter()
-                try:
-                    r = await client.post(url, json={"text": texts[i % len(texts)]})
-                    version = (r.json()["results"][0]["models"]["classifier"]["version"]
-                               if r.status_code == 200 else None)
-                    log.append((started, time.perf_counter(), r.status_code, version))
-                except Exception as exc:  # a failed request is what this measures
-                    log.append((started, time.perf_counter(), type(exc).__name__, None))
-                i += concurrency
-
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
 
 
 async def run(args, cluster, tracking_uri: str, url: str, verify) -> dict:
     from serve_apps.deploy import swap
 
     texts = list(generate("moderation", "base", 256, seed=3).text)
-    log: list = []
-    stop = asyncio.Event()
-    load = asyncio.create_task(drive(url, texts, args.concurrency, log, stop, verify))
-    await asyncio.sleep(args.phase)
-    swap_start = time.perf_counter()
-    result = await asyncio.to_thread(swap, cluster, "moderation", tracking_uri, version=2)
-    swap_end = time.perf_counter()
-    await asyncio.sleep(args.phase)
-    stop.set()
-    await load
-
-    before = [r for r in log if r[1] < swap_start]
-    during = [r for r in log if r[0] < swap_end and r[1] >= swap_start]
-    after = [r for r in log if r[0] >= swap_end]
-    new = [r[1] for r in log if r[3] == "2"]
-    steady = p99(before)
-    return {
-        "requests": len(log), "failed": sum(1 for r in log if r[2] != 200),
-        "p99_ms": {"before": steady, "during": p99(during), "after": p99(after)},
-        "p99_during_over_before": round(p99(during) / steady, 3) if during and steady else None,
-        "requests_during": len(during),
-        "swap_seconds_command_to_all_replicas": round(swap_end - swap_start, 2),
-        "first_v2_answer_after_s": round(min(new) - swap_start, 2) if new else None,
-        "old_version_answers_after_swap": sum(1 for r in after if r[3] != "2"),
-        "versions_seen": sorted({r[3] for r in log if r[3]}), "deployments": result["deployments"]}
+    out = await swap_under_load(
+        url, lambda i: {"text": texts[i % len(texts)]},
+        lambda answer: answer["results"][0]["models"]["classifier"]["version"],
+        args.concurrency, args.phase,
+        lambda: swap(cluster, "moderation", tracking_uri, version=2), "2", verify)
+    p99 = out["p99_ms"]
+    out["p99_during_over_before"] = round(p99["during"] / p99["before"], 3) \
+        if p99["during"] and p99["before"] else None
+    out["deployments"] = out.pop("result")["deployments"]
+    return out
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster import runtime
+from cluster import platform, runtime
 from cluster.loop import actor, control
 from cluster.settings import Settings
 from cluster.traffic import send, token
@@ -45,8 +45,8 @@ def prepare(settings: Settings, settings_args: list[str], step: Callable[[str], 
         if registry.alias_version(task, CHAMPION) is None:
             step(f"training the first {task} (DeepSpeed on Ray Train)")
             _cli(settings_args, "train", task, env=env)
-    step("deploying the pipelines (llmops up)")
-    _cli(settings_args, "up")
+    step("deploying the pipelines and starting the loop (llmops up)")
+    platform.up(settings)
 
 
 def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
@@ -132,8 +132,7 @@ def run(settings: Settings, settings_args: list[str], scenario: str, teardown: b
             "controller": "llmops controller status"}}
     if teardown:
         step("tearing down (llmops down)")
-        _cli(settings_args, "controller", "stop", MODEL)
-        _cli(settings_args, "down")
+        platform.down(settings)
     return summary
 
 

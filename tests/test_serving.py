@@ -6,6 +6,7 @@ in a real MLflow registry."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,15 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
-from conftest import exposed, free_port, referenced_metrics, register_quick, tiny_settings
+from conftest import (
+    MONITORING,
+    dashboard_exprs,
+    exposed,
+    free_port,
+    referenced_metrics,
+    register_quick,
+    tiny_settings,
+)
 from ray import serve
 
 from cluster.runtime import PLATFORM_ENV
@@ -1017,6 +1026,76 @@ def test_metrics_reach_the_ray_metrics_export_port(ray_session, platform):
     info = [line for line in lines if line.startswith("ray_llmops_model_info{")
             and 'model="moderation"' in line and line.endswith(" 1.0")]
     assert info  # the version in service is marked 1
+
+
+def test_a_real_prometheus_scrapes_the_stack_fires_alerts_and_answers_the_dashboard(
+        ray_session, platform, tmp_path):
+    """Debian's `prometheus` with the shipped scrape config and alert rules (only the discovery
+    file, the monitor's port and the intervals changed) scrapes every Ray node and the monitor
+    `llmops up` started; the degraded health check of `test_monitor_...` fires its alert, every
+    rule evaluates without error, and every Grafana query evaluates over series that exist (a
+    ratio of errors, or an annotation's `> 0`, may rightly select nothing)."""
+    import shutil
+
+    import ray
+
+    if shutil.which("prometheus") is None:
+        pytest.skip("Debian's prometheus package is not installed (make install installs it)")
+    shipped = MONITORING / "prometheus"
+    config = yaml.safe_load((shipped / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(shipped / "alerts.yml")]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    discovery = Path(ray._private.worker._global_node.get_session_dir_path()) / \
+        "prom_metrics_service_discovery.json"
+    jobs["ray"]["file_sd_configs"][0]["files"] = [str(discovery)]
+    monitor = json.loads(_llmops((platform.env, platform.config), "status", "--json").stdout)
+    jobs["llmops-monitor"]["static_configs"][0]["targets"] = [
+        monitor["monitor"]["metrics"].split("//")[1].split("/")[0]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    server = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def get(path: str, **params) -> dict:
+        answer = httpx.get(f"{api}/{path}", params=params, timeout=10).json()
+        assert answer["status"] == "success", (path, params, answer)
+        return answer["data"]
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                targets = get("targets")["activeTargets"]
+                firing = {a["labels"]["alertname"] for a in get("alerts")["alerts"]
+                          if a["state"] == "firing"}
+                if {t["labels"]["job"] for t in targets if t["health"] == "up"} == \
+                        {"ray", "llmops-monitor"} and "LLMOpsHealthcheckFailed" in firing:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline, (targets, firing)
+            time.sleep(1)
+        rules = [r for g in get("rules")["groups"] for r in g["rules"]]
+        assert len(rules) >= 14 and all(r["health"] == "ok" for r in rules), \
+            [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+        time.sleep(3)  # two scrapes at least for every rate()
+        empty, missing = [], set()
+        for expr in dashboard_exprs():
+            query = expr.replace("$__rate_interval", "1m").replace("$application", ".*") \
+                .replace("$model", ".*")
+            if not get("query", query=query)["result"] and not re.search(
+                    r'outcome="error"| > 0$', query):  # those select what may not have happened
+                empty.append(query)
+            missing |= {name for name in re.findall(r"\b(?:ray_)?llmops_[a-z_]+|ray_serve_[a-z_]+",
+                                                    query) if not get("series", **{"match[]": name})}
+        assert empty == [] and missing == set()
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def test_the_log_has_one_compactor_that_merges_its_small_segments(ray_session, platform):
