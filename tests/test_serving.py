@@ -1067,6 +1067,15 @@ def test_a_real_prometheus_scrapes_the_stack_fires_alerts_and_answers_the_dashbo
 
     try:
         deadline = time.monotonic() + 120
+        while True:  # ready: its storage is open and its API answers (503 text before that)
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline and server.poll() is None, server.stderr
+            time.sleep(0.5)
+        targets, firing = [], set()
         while True:
             try:
                 targets = get("targets")["activeTargets"]
