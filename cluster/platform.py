@@ -4,10 +4,9 @@ calls."""
 
 from __future__ import annotations
 
-from cluster import loop, runtime
+from cluster import runtime
 from cluster.settings import Settings
 from training.errors import LLMOpsError
-from training.registry import Registry
 
 
 def serve_cluster(settings: Settings):
@@ -23,7 +22,7 @@ def serve_cluster(settings: Settings):
     return cluster
 
 
-def generated_serve_config(settings: Settings, registry: Registry, gpus: float) -> dict:
+def generated_serve_config(settings: Settings, registry, gpus: float) -> dict:
     """The Serve config of the settings, on a cluster with `gpus` GPUs."""
     from serve_apps.deploy import serve_config
 
@@ -39,8 +38,10 @@ def up(settings: Settings, timeout_s: float = 600) -> dict:
     `<data_dir>/serve_config.yaml`), start the loop's actors; what runs now."""
     import yaml
 
+    from cluster import loop
     from serve_apps import tls
     from serve_apps.auth import ensure_secret, secret_path
+    from training.registry import Registry
 
     tls.check(settings.serve.tls)  # before anything starts
     registry = Registry(settings.registry, settings.data_dir)
@@ -66,6 +67,8 @@ def up(settings: Settings, timeout_s: float = 600) -> dict:
 
 def status(settings: Settings, cluster=None) -> dict:
     """The applications and the loop's actors, from the dashboard's REST API (no Ray driver)."""
+    from cluster import loop
+
     return {"url": settings.serve.url,
             "applications": (cluster or serve_cluster(settings)).status(),
             **loop.status(settings)}
@@ -74,6 +77,8 @@ def status(settings: Settings, cluster=None) -> dict:
 def down(settings: Settings) -> dict:
     """Remove the applications, stop the loop's actors, and the local Ray head if `up` started
     it."""
+    from cluster import loop
+
     try:
         serve_cluster(settings).shutdown()
         removed = True
