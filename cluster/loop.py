@@ -109,8 +109,8 @@ def portable(settings: Settings) -> Settings:
 
 
 def _actor(settings: Settings, name: str, cls, *args, start: bool = False):
-    """The actor `name` on the running cluster (started from `cls(*args)` with `start`), or
-    None."""
+    """The actor `name` on the running cluster (started with `start` from `cls(settings as
+    `portable` makes them, as JSON, *args)`), or None."""
     import ray
 
     from cluster import runtime
@@ -120,7 +120,8 @@ def _actor(settings: Settings, name: str, cls, *args, start: bool = False):
             raise LLMOpsError("no Ray cluster is running (start the platform with `llmops up`)")
         return None
     if start:
-        return singleton(cls, name, *args, retry_calls=False)
+        return singleton(cls, name, portable(settings).model_dump_json(), *args,
+                         retry_calls=False)
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
@@ -129,14 +130,12 @@ def _actor(settings: Settings, name: str, cls, *args, start: bool = False):
 
 def actor(settings: Settings, model: str, start: bool = False):
     """The model's controller actor (started with `start`), or None."""
-    return _actor(settings, actor_name(model), ControllerActor,
-                  portable(settings).model_dump_json(), model, start=start)
+    return _actor(settings, actor_name(model), ControllerActor, model, start=start)
 
 
 def monitor(settings: Settings, start: bool = False):
     """The monitor's actor (started with `start`), or None."""
-    return _actor(settings, MONITOR, MonitorActor, portable(settings).model_dump_json(),
-                  start=start)
+    return _actor(settings, MONITOR, MonitorActor, start=start)
 
 
 def start(settings: Settings) -> dict:
@@ -155,25 +154,24 @@ def start(settings: Settings) -> dict:
 def stop_all(settings: Settings) -> dict:
     """What `llmops down` stops: every configured model's controller and the monitor that
     run."""
-    import ray
-
-    handle = monitor(settings)
-    if handle is not None:
-        ray.get(handle.stop.remote(), timeout=600)
-        ray.kill(handle)
     return {"controllers": [m for m in settings.controller.models if stop(settings, m)],
-            "monitor": handle is not None}
+            "monitor": _halt(monitor(settings))}
 
 
 def stop(settings: Settings, model: str) -> bool:
     """Stop the model's controller actor between two steps (its state stays in the store, and
     the next start resumes it); False when none was running."""
+    return _halt(actor(settings, model))
+
+
+def _halt(handle) -> bool:
+    """Ask the actor to stop (it returns once its work in progress is done), then end it;
+    False when there was none."""
     import ray
 
-    handle = actor(settings, model)
     if handle is None:
         return False
-    ray.get(handle.stop.remote())
+    ray.get(handle.stop.remote(), timeout=600)
     ray.kill(handle)
     return True
 
