@@ -95,11 +95,11 @@ def cmd_tune(args) -> Output:
 
 
 def cmd_models(args) -> Output:
-    settings = _settings(args)
-    registry = _registry(settings)
-    models = registry.models()
+    from training.registry import Registry
 
-    return Output({"models": models}, views.models)
+    settings = _settings(args)  # the catalogue is read without the MLflow client where it can be
+    return Output({"models": Registry(settings.registry, settings.data_dir).models()},
+                  views.models)
 
 
 def cmd_lineage(args) -> Output:
@@ -152,8 +152,6 @@ def cmd_drift_check(args) -> Output:
 
 
 def cmd_monitor(args) -> Output | None:
-    import time
-
     from monitoring.monitor import Monitor
 
     settings = _settings(args)
@@ -163,10 +161,8 @@ def cmd_monitor(args) -> Output | None:
         decisions = monitor.tick()
         return Output({"decisions": {m: d and d.to_dict() for m, d in decisions.items()},
                        "metrics": monitor.text()}, lambda p: p["metrics"].rstrip())
-    cfg = settings.monitoring.monitor
-    print(f"monitor: http://{cfg.host}:{cfg.port}/metrics, drift checks every {cfg.interval_s:g} s"
-          " (Ctrl-C stops)", flush=True)
-    monitor.serve(lambda d: print(f"{time.strftime('%H:%M:%S')} {views.verdicts(d)}", flush=True))
+    runtime.log_here(settings.monitoring.logging)  # as the monitor actor does: JSON by default
+    monitor.serve()  # until Ctrl-C
     return None
 
 

@@ -65,6 +65,19 @@ def connect(config: RayConfig, logging: LoggingSettings | None = None) -> None:
     _started_here = True
 
 
+def log_here(logging: LoggingSettings) -> None:
+    """Log from this process (one that runs no Ray driver: the foreground monitor) as the
+    platform's Ray processes do, JSON lines by default, through Ray's own formatter; Python
+    warnings become log lines too, and the libraries' progress bars stay off the stream."""
+    import logging as pylogging
+
+    apply_platform_env()
+    os.environ.update({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                       "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    logging.ray()._apply()  # what ray.init does with a LoggingConfig in a driver
+    pylogging.captureWarnings(True)
+
+
 def join(config: RayConfig, logging: LoggingSettings | None = None) -> bool:
     """Join the running cluster (the configured address, or the local head `llmops up`
     started) without starting one; False when none answers. `logging` as in `connect`."""

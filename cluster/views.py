@@ -47,12 +47,6 @@ def lineage(p: dict, indent: str = "") -> str:
     return "\n".join(lines)
 
 
-def verdicts(decisions: dict) -> str:
-    return "; ".join(f"{m} v{d.version}: {'DRIFT' if d.drift else 'no drift'} "
-                     f"({d.drifted_windows} of {len(d.windows)} windows)" if d is not None
-                     else f"{m}: too few requests" for m, d in decisions.items()) or "no models"
-
-
 def state(p: dict) -> str:
     since = time.strftime("%H:%M:%S", time.localtime(p["since"]))
     line = (f"{p['model']}: {p['state']} since {since}; champion v{p['champion']}"

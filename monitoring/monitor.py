@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 from monitoring.config import MonitoringConfig
@@ -51,11 +50,13 @@ class Monitor:
             try:
                 self.decisions[name] = check_model(self.log_uri, self.registry, self.config.drift,
                                                    name)
+                _report(name, self.decisions[name])
             except NotEnoughData:
                 self.decisions[name] = None
+                log.info("%s: too few requests for a drift check", name, extra={"model": name})
             except Exception:
                 self.failures[name] += 1
-                log.exception("drift check of %s failed", name)
+                log.exception("drift check of %s failed", name, extra={"model": name})
             self.checked_at[name] = time.time()
         return dict(self.decisions)
 
@@ -63,8 +64,7 @@ class Monitor:
         """What a scrape of /metrics returns now."""
         return exposition(self.prometheus)
 
-    def run(self, stop: threading.Event,
-            after_tick: Callable[[dict[str, Decision | None]], None] = lambda _: None) -> None:
+    def run(self, stop: threading.Event) -> None:
         """Serve /metrics and check every `interval_s` until `stop` is set (after the check in
         progress)."""
         from prometheus_client import start_http_server
@@ -72,26 +72,38 @@ class Monitor:
         cfg = self.config.monitor
         server, _ = start_http_server(cfg.port, addr=cfg.host, registry=self.prometheus)
         self.listening = True
+        log.info("serving http://%s:%d/metrics, drift checks every %g s", cfg.host, cfg.port,
+                 cfg.interval_s)
         try:
             while not stop.is_set():
                 began = time.monotonic()
-                after_tick(self.tick())
+                self.tick()
                 stop.wait(max(0.0, cfg.interval_s - (time.monotonic() - began)))
         finally:
             server.shutdown()
 
-    def serve(self, after_tick: Callable[[dict[str, Decision | None]], None]) -> None:
+    def serve(self) -> None:
         """`run` in the foreground until SIGINT or SIGTERM, which stop it after the check in
         progress (an interrupt inside Evidently or pandas can leave their worker threads
-        hanging); then raises `KeyboardInterrupt`."""
+        hanging)."""
         import signal
 
         stop = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stop.set())
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.run(stop, after_tick)
+            self.run(stop)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        raise KeyboardInterrupt
+        log.info("stopped")
+
+
+def _report(name: str, decision: Decision) -> None:
+    """One log line per verdict, its figures as fields of the JSON line."""
+    log.info("%s v%s: %s (%d of %d windows drifted)", name, decision.version,
+             "DRIFT" if decision.drift else "no drift", decision.drifted_windows,
+             len(decision.windows), extra={"model": name, "model_version": decision.version,
+                                           "drift": decision.drift,
+                                           "drifted_windows": decision.drifted_windows,
+                                           "windows": len(decision.windows)})

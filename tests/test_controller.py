@@ -4,6 +4,7 @@ states (a worse challenger rejected, manual promotion and rollback, refusals tha
 nothing) and a retrain that runs as a real Ray job (Ray Train + DeepSpeed) and registers a
 challenger."""
 
+import json
 import time
 
 import pandas as pd
@@ -250,6 +251,51 @@ def test_up_starts_the_loop_and_down_stops_it(loop):
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert stop_all(settings) == {"controllers": [], "monitor": False}
+
+
+def test_the_foreground_monitor_logs_a_json_line_per_verdict(loop, tmp_path):
+    """`llmops monitor` in the foreground logs as the platform's Ray processes do: every line
+    on stderr is JSON, the verdict's figures are fields, and SIGTERM stops it after a check."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    settings, registry, _ = loop
+    _served(settings, registry, "base", 1500, 1)
+    settings.monitoring.monitor.port = free_port()
+    config = tmp_path / "llmops.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "monitor", "--config",
+                             str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        checked = f'llmops_drift_check_timestamp_seconds{{model="{MODEL}"}}'
+        while checked not in _scrape(settings.monitoring.monitor.port):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0  # stopped, not interrupted
+    assert [line for line in err.splitlines() if not line.startswith("{")] == []
+    lines = [json.loads(line) for line in err.splitlines()]
+    [verdict] = [r for r in lines if r.get("model") == MODEL]
+    assert verdict["levelname"] == "INFO" and verdict["name"] == "monitoring.monitor"
+    assert verdict["model_version"] == "1" and verdict["drift"] is False
+    assert verdict["windows"] >= 1 and "no drift" in verdict["message"]
+    assert any("/metrics" in r["message"] for r in lines)
+
+
+def _scrape(port: int) -> str:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return ""
 
 
 def test_every_state_handles_itself_and_moves_only_as_the_table_says(loop):

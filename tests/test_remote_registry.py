@@ -5,6 +5,7 @@ controller and the replicas unpickle what it serves: nobody may write to it unau
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, register_quick, tiny_settings
+
+from training.errors import RegistryUnavailable
 
 ADMIN_PASSWORD = "a-long-test-password-for-the-admin"
 
@@ -105,5 +108,12 @@ def test_models_registered_and_served_through_a_tracking_server(mlflow_server, t
                              "--data-dir", str(tmp_path / "other"), "--json"],
                             capture_output=True, text=True)
     assert listed.returncode == 0, listed.stderr
-    assert '"moderation"' in listed.stdout and "champion" in listed.stdout
+    # `llmops models` reads the catalogue through MLflow's REST API, with the operator's
+    # credentials: the same listing as the MLflow client's, refused without them.
+    [model] = json.loads(listed.stdout)["models"]
+    assert model == registry.models(through_client=True)[0]
+    assert model["aliases"]["champion"] == int(second.version)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    with pytest.raises(RegistryUnavailable, match="401"):
+        registry.models()
 

@@ -70,6 +70,8 @@ def test_two_worker_zero2_finetune_registers_champion_then_a_resumed_challenger(
     [listing] = [m for m in registry.models() if m["name"] == "support-router"]
     assert listing["aliases"] == {"champion": 1, "challenger": 2}
     assert "base_macro_f1" in listing["versions"][0]["metrics"]
+    # Read from the SQLite store without the MLflow client: what the client lists.
+    assert registry.models() == registry.models(through_client=True)
 
 
 def test_llama_from_config_then_a_zero3_lora_adapter_registered_with_its_base(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from training import catalogue
 from training.config import RegistryConfig
 from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
 from training.lineage import Lineage
@@ -270,24 +271,20 @@ class Registry:
                               f"classifiers registered by this version of llmops have one); "
                               f"register a new version") from exc
 
-    def models(self) -> list[dict]:
-        """Registered models with their versions, aliases and key holdout metrics."""
-        client = self.client
-        out = []
+    def models(self, through_client: bool = False) -> list[dict]:
+        """Registered models with their versions, aliases and key holdout metrics, read
+        without the MLflow client where the store allows it (`training/catalogue.py`)."""
+        listed = None if through_client else catalogue.read(self.tracking_uri,
+                                                            self.config.timeout_s)
+        if listed is not None:
+            return listed
+        self.check()
+        client, out = self.client, []
         for rm in client.search_registered_models():
-            aliases_by_version: dict[str, list[str]] = {}
-            for alias, version in (rm.aliases or {}).items():
-                aliases_by_version.setdefault(str(version), []).append(alias)
-            versions = []
-            for mv in sorted(client.search_model_versions(f"name='{rm.name}'"),
-                             key=lambda v: int(v.version)):
-                metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-                key = {k: round(v, 4) for k, v in metrics.items()
-                       if k.endswith(("_macro_f1", "_perplexity"))}
-                versions.append({"version": int(mv.version), "aliases": aliases_by_version.get(
-                    str(mv.version), []), "run_id": mv.run_id, "metrics": key})
-            out.append({"name": rm.name, "versions": versions,
-                        "aliases": {a: int(v) for a, v in (rm.aliases or {}).items()}})
+            versions = client.search_model_versions(f"name='{rm.name}'")
+            out.append(catalogue.entry(
+                rm.name, [(int(v.version), v.run_id) for v in versions], rm.aliases or {},
+                {v.run_id: client.get_run(v.run_id).data.metrics for v in versions if v.run_id}))
         return sorted(out, key=lambda m: m["name"])
 
 
