@@ -204,7 +204,7 @@ def _wait_http(url: str, timeout: float = 180) -> None:
     raise RuntimeError(f"{url} never answered")
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -221,26 +221,11 @@ def main() -> None:
     parser.add_argument("--tracking-uri", help=argparse.SUPPRESS)
     parser.add_argument("--serve-config", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    report_to, sys.stdout = sys.stdout, sys.stderr  # what Ray prints to the driver: not the report
-    runtime.apply_platform_env()
-    if args.naive_server:
-        return naive_server(args.naive_server, args.tracking_uri,
-                            ServeConfig.model_validate_json(args.serve_config))
+    return parser.parse_args()
 
-    import ray
-    import torch
-    from ray import serve
 
-    from serve_apps.auth import issue
-    from serve_apps.deploy import serve_config
-    from serve_apps.tls import client_context, http_options
-
-    settings, registry = platform(args.data_dir, {"serve": {"quota": {"tenants": {
-        PRINCIPAL["tenant"]: UNLIMITED}}, **https_settings(args.tls)}})
-    texts = sample_texts(11)
-    token = issue(settings.serve.auth, settings.data_dir, tenant=PRINCIPAL["tenant"],
-                  scopes=PRINCIPAL["scopes"], ttl_s=3600)
+def _served(settings, args: argparse.Namespace) -> ServeConfig:
+    """The platform's serve settings on the benchmark's port, with the overrides asked for."""
     cfg = settings.serve.model_dump()
     cfg.update(port=args.port, use_gpu="no", chat={"enabled": False})
     for app, deps in (("support", ("classifier", "encoder", "generator")),
@@ -249,29 +234,37 @@ def main() -> None:
             for key in ("precision", "placement"):
                 if getattr(args, key):
                     cfg[app][dep][key] = getattr(args, key)
-    serve_cfg = ServeConfig.model_validate(cfg)
-    batch = serve_cfg.support.classifier.batching.max_batch_size
+    return ServeConfig.model_validate(cfg)
 
-    # (a) the in-process limit: the served models (same precision), all cores, same batch size
-    torch.set_num_threads(os.cpu_count())
-    models = load_models(serve_cfg, registry.tracking_uri, precision=True)
-    limits = {name: limit(name, models, texts[name], serve_cfg, batch, args.duration)
-              for name in PIPELINES}
-    del models
 
-    # (b) the naive baseline in its own process
+def _naive(args: argparse.Namespace, tracking_uri: str, serve_cfg: ServeConfig,
+           texts: dict) -> dict:
+    """The naive baseline, in its own process."""
     naive_port = args.port + 1
     naive = subprocess.Popen([sys.executable, __file__, "--naive-server", str(naive_port),
-                              "--tracking-uri", registry.tracking_uri,
+                              "--tracking-uri", tracking_uri,
                               "--serve-config", serve_cfg.model_dump_json()])
     try:
         _wait_http(f"http://127.0.0.1:{naive_port}/v1/support/route")
-        baseline = asyncio.run(measure_http(f"http://127.0.0.1:{naive_port}", args.concurrency,
-                                            args.duration, texts, {naive.pid: "naive server"}))
+        return asyncio.run(measure_http(f"http://127.0.0.1:{naive_port}", args.concurrency,
+                                        args.duration, texts, {naive.pid: "naive server"}))
     finally:
         naive.terminate()
         naive.wait()
 
+
+def _on_serve(args: argparse.Namespace, settings, registry, serve_cfg: ServeConfig,
+              texts: dict, batch: int) -> tuple[dict, dict, dict, dict]:
+    """The platform over HTTP and through handles, then Serve's floor and a plain Serve app."""
+    import ray
+    from ray import serve
+
+    from serve_apps.auth import issue
+    from serve_apps.deploy import serve_config
+    from serve_apps.tls import client_context, http_options
+
+    token = issue(settings.serve.auth, settings.data_dir, tenant=PRINCIPAL["tenant"],
+                  scopes=PRINCIPAL["scopes"], ttl_s=3600)
     # (c) the platform, deployed as `llmops up` deploys it: every policy, the inference log
     base, verify = serve_cfg.url, client_context(serve_cfg.tls)
     cluster = start_ray(settings)
@@ -296,7 +289,32 @@ def main() -> None:
                                      verify=verify))
     serve.shutdown()
     ray.shutdown()
+    return http, handles, noop, plain
 
+
+def main() -> None:
+    args = _args()
+    report_to, sys.stdout = sys.stdout, sys.stderr  # what Ray prints to the driver: not the report
+    runtime.apply_platform_env()
+    if args.naive_server:
+        return naive_server(args.naive_server, args.tracking_uri,
+                            ServeConfig.model_validate_json(args.serve_config))
+    import torch
+
+    settings, registry = platform(args.data_dir, {"serve": {"quota": {"tenants": {
+        PRINCIPAL["tenant"]: UNLIMITED}}, **https_settings(args.tls)}})
+    texts = sample_texts(11)
+    serve_cfg = _served(settings, args)
+    batch = serve_cfg.support.classifier.batching.max_batch_size
+
+    # (a) the in-process limit: the served models (same precision), all cores, same batch size
+    torch.set_num_threads(os.cpu_count())
+    models = load_models(serve_cfg, registry.tracking_uri, precision=True)
+    limits = {name: limit(name, models, texts[name], serve_cfg, batch, args.duration)
+              for name in PIPELINES}
+    del models
+    baseline = _naive(args, registry.tracking_uri, serve_cfg, texts)  # (b)
+    http, handles, noop, plain = _on_serve(args, settings, registry, serve_cfg, texts, batch)
     # (f) BentoML, in a process tree of its own
     bento = bentoml_peer(args.port + 2, registry.tracking_uri, serve_cfg, args.concurrency,
                          args.duration, texts)

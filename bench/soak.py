@@ -111,6 +111,20 @@ def audited_ids(folder: Path) -> set[str]:
     return ids
 
 
+def _slopes(sampler: Sampler, warm: float) -> list[dict]:
+    """Each sampled process's memory after warm-up and its slope, steepest first."""
+    processes = []
+    for pid, points in sampler.samples.items():
+        after = [p for p in points if p[0] >= warm]
+        if len(after) < 3:
+            continue
+        processes.append({"process": sampler.names[pid], "pid": pid,
+                          "rss_mb_after_warmup": round(after[0][1], 1),
+                          "rss_mb_end": round(after[-1][1], 1),
+                          "slope_mb_per_min": round(slope_mb_per_min(after), 3)})
+    return sorted(processes, key=lambda p: -p["slope_mb_per_min"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -155,19 +169,10 @@ def main() -> None:
     cluster.shutdown()
     ray.shutdown()
 
-    warm = started + args.warmup_s
-    processes = []
-    for pid, points in sampler.samples.items():
-        after = [p for p in points if p[0] >= warm]
-        if len(after) < 3:
-            continue
-        processes.append({"process": sampler.names[pid], "pid": pid,
-                          "rss_mb_after_warmup": round(after[0][1], 1),
-                          "rss_mb_end": round(after[-1][1], 1),
-                          "slope_mb_per_min": round(slope_mb_per_min(after), 3)})
-    processes.sort(key=lambda p: -p["slope_mb_per_min"])
+    processes = _slopes(sampler, started + args.warmup_s)
     missing = len(set(answered) - audited_ids(settings.audit_dir))
-    report = {"benchmark": "soak", "cpus": os.cpu_count(), "tls": args.tls, "minutes": round(elapsed / 60, 2),
+    report = {"benchmark": "soak", "cpus": os.cpu_count(), "tls": args.tls,
+              "minutes": round(elapsed / 60, 2),
               "warmup_s": args.warmup_s, "concurrency": args.concurrency,
               "models": models_of(args.data_dir),
               "requests_answered": len(answered), "requests_failed": failed,

@@ -4,6 +4,7 @@ drills and smoke tests (`llmops traffic support --scenario new-product`)."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,8 @@ import numpy as np
 from cluster.settings import Settings
 from training.data import generate
 from training.errors import LLMOpsError
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request sent
 
 MAX_WAIT_S = 10.0
 # application -> (dataset, path under its route prefix)

@@ -11,7 +11,8 @@ def job(result: dict) -> str:
              f"(run {result['run_id']}, {result['seconds']} s)"]
     for holdout, metrics in result["metrics"].items():
         shown = {k: v for k, v in metrics.items() if k in (
-            "macro_f1", "accuracy", "ece", "loss", "perplexity", "exact_match", "latency_p50_ms")}
+            "macro_f1", "accuracy", "ece", "ece_uncalibrated", "temperature", "loss", "perplexity",
+            "exact_match", "latency_p50_ms")}
         lines.append(f"  {holdout:14} " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     return "\n".join(lines)
 

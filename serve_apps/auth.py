@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_apps.config import AuthConfig
+from serve_apps.policy_config import AuthConfig
 from training.errors import LLMOpsError
 
 SCOPES = ("moderate", "support", "chat", "feedback", "admin")

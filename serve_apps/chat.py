@@ -21,10 +21,11 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable, callers_fault
+from serve_apps.call import Answer, Call, Caller, estimate_tokens
 from serve_apps.config import ChatAppConfig, LimitsConfig
 from serve_apps.http import InvalidRequest, check_texts, create_app, parse
 from serve_apps.inference_log import InferenceLog
-from serve_apps.policies import Answer, Call, Caller, chain, estimate_tokens
+from serve_apps.policies import chain
 from serve_apps.stages import Stages
 from training.features import descriptors
 from training.refs import UnknownModel, reference

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from serve_apps.policy_config import AuthConfig, GuardrailRule, GuardrailsConfig, QuotaConfig
 from training.config import GpuChoice, StrictModel
 
 
@@ -106,6 +107,10 @@ class ModelDeploymentConfig(StrictModel):
                                 "empty: the base")
     max_adapters: int = Field(4, ge=1, le=256, description="adapters a replica holds at once; "
                               "past them the least recently used is dropped")
+    error_rate: float | None = Field(
+        None, gt=0, lt=1, description="classifiers: the error rate of conformal prediction sets "
+        "(`training/calibration.py`); an answer whose set is not exactly one label abstains "
+        "(support: the review queue; moderation: held for review). Empty: never abstain")
     placement: Literal["auto", "inline", "replica"] = Field(
         "auto", description="inline: inside the pipeline replica (no hop; its resources are "
         "added to the pipeline's, it scales with the pipeline and `autoscaling` is unused); "
@@ -145,6 +150,7 @@ class ModelDeploymentConfig(StrictModel):
         """What `reconfigure()` receives (with the model and adapters pinned to versions):
         changes here swap in place, without new replicas."""
         return {"model": model, "alias": alias, "precision": self.precision,
+                "error_rate": self.error_rate,
                 "batching": self.batching.model_dump(),
                 "canary": canary.model_dump() if canary else None,
                 "generation": self.generation_config.model_dump(),
@@ -174,62 +180,6 @@ class LimitsConfig(StrictModel):
             6 * self.max_chars * max(self.max_items, self.max_messages) + 16 * 1024
 
 
-Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"]
-
-
-class AuthConfig(StrictModel):
-    """OAuth2 bearer JWTs (`serve_apps/auth.py`): which signatures are accepted and what a token
-    must say. HS* tokens are checked with the shared secret, RS*/ES* ones with the public key or
-    the JWKS file (by `kid`); a token signed with any other algorithm, `none` included, is
-    refused."""
-
-    algorithms: list[Algorithm] = Field(default_factory=lambda: ["HS256"], min_length=1)
-    secret_file: str | None = Field(None, description="HS* secret; empty: "
-                                    "<data_dir>/auth/jwt_secret, created with mode 0600")
-    public_key_file: str | None = Field(None, description="PEM public key for RS*/ES*")
-    jwks_file: str | None = Field(None, description="a JWKS document (keys chosen by kid)")
-    issuer: str = "llmops"
-    audience: str = "llmops"
-    leeway_s: float = Field(30, ge=0, le=600, description="clock skew allowed on exp and nbf")
-    default_ttl_s: int = Field(3600, ge=1, description="lifetime of `llmops token create` tokens")
-
-
-class GuardrailRule(StrictModel):
-    """One check of a text (`serve_apps/guardrails.py`) and what a hit does: `block` refuses the
-    request (422), `redact` replaces what matched, `flag` only reports it."""
-
-    name: str
-    kind: Literal["denylist", "injection", "pii", "bias"]
-    action: Literal["block", "redact", "flag"]
-    patterns: list[str] = Field(default_factory=list, description="denylist: regular "
-                                "expressions, matched case-insensitively")
-
-    @model_validator(mode="after")
-    def _patterns(self) -> GuardrailRule:
-        import re
-
-        if self.kind == "denylist" and not self.patterns:
-            raise ValueError(f"guardrail {self.name!r}: a denylist needs patterns")
-        for pattern in self.patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"guardrail {self.name!r}: bad pattern {pattern!r}: {exc}") \
-                    from None
-        return self
-
-
-class GuardrailsConfig(StrictModel):
-    """Rules run in the declared order on each input text before the models see it, and on each
-    output text before it leaves."""
-
-    input: list[GuardrailRule] = Field(default_factory=lambda: [
-        GuardrailRule(name="prompt-injection", kind="injection", action="block")])
-    output: list[GuardrailRule] = Field(default_factory=lambda: [
-        GuardrailRule(name="personal-data", kind="pii", action="redact"),
-        GuardrailRule(name="protected-attributes", kind="bias", action="flag")])
-
-
 def _flag_injection() -> GuardrailsConfig:
     """Moderation and support read what users wrote about anything, instructions to a model
     included: injection attempts are flagged there, not refused."""
@@ -238,6 +188,7 @@ def _flag_injection() -> GuardrailsConfig:
 
 
 Policy = Literal["audit", "auth", "quota", "guardrails"]
+ABSTAIN_ERROR_RATE = 0.05  # a pipeline classifier's `error_rate` unless set (null: never abstain)
 
 
 class OverloadConfig(StrictModel):
@@ -280,6 +231,12 @@ class _AppConfig(StrictModel):
         for stage in ("classifier", "encoder"):
             if getattr(getattr(self, stage, None), "adapters", None):
                 raise ValueError(f"{stage}.adapters: LoRA adapters are served by generators")
+        for stage in ("encoder", "generator"):
+            if getattr(getattr(self, stage, None), "error_rate", None) is not None:
+                raise ValueError(f"{stage}.error_rate: only classifiers abstain")
+        classifier = getattr(self, "classifier", None)
+        if classifier is not None and "error_rate" not in classifier.model_fields_set:
+            classifier.error_rate = ABSTAIN_ERROR_RATE  # however the classifier was given
         return self
 
 
@@ -325,6 +282,8 @@ class SupportAppConfig(_AppConfig):
         "likely token) the reply comes from the closest resolved ticket instead; 1 = always")
     examples_per_intent: int = Field(8, ge=1, le=200,
                                      description="resolved tickets per intent in the reply index")
+    review_queue: str = Field("human-review", min_length=1, description="where a ticket goes "
+                              "when the router abstains (`classifier.error_rate`)")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
 
@@ -348,27 +307,6 @@ class FeedbackAppConfig(_AppConfig):
 
     route_prefix: str = "/v1/feedback"
     policies: list[Policy] = Field(default_factory=lambda: ["audit", "auth"])
-
-
-class TenantLimits(StrictModel):
-    """A tenant's budgets (None: no limit). Days are UTC days."""
-
-    requests_per_day: int | None = Field(100_000, ge=1)
-    tokens_per_day: int | None = Field(20_000_000, ge=1, description="prompt plus generated")
-    requests_per_second: float | None = Field(50, gt=0, description="sustained; bursts up to "
-                                              "one second's worth")
-
-
-class QuotaConfig(StrictModel):
-    """Per-tenant quotas, kept by one authority (`serve_apps/quota.py`)."""
-
-    default: TenantLimits = Field(default_factory=TenantLimits)
-    tenants: dict[str, TenantLimits] = Field(default_factory=dict, description="per-tenant "
-                                             "limits replacing the default")
-    store: str | None = Field(None, description="the ledger file; empty: <data_dir>/quota.json")
-
-    def limits_for(self, tenant: str) -> TenantLimits:
-        return self.tenants.get(tenant, self.default)
 
 
 class TlsConfig(StrictModel):

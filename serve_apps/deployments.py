@@ -251,11 +251,18 @@ class _ModelDeployment:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Classifier(_ModelDeployment):
-    """Any registered classifier (support-router, moderation): label, confidence, scores."""
+    """Any registered classifier (support-router, moderation): label, confidence, scores, and
+    the conformal prediction set at the configured `error_rate`."""
 
-    @staticmethod
-    def run_batch(model: LoadedModel, items: list[Item], _params: tuple) -> list[dict]:
-        return [{**r, "batch_size": len(items)} for r in model.classify([it.text for it in items])]
+    error_rate: float | None = None
+
+    async def reconfigure(self, user_config: dict) -> None:
+        self.error_rate = user_config.get("error_rate")
+        await super().reconfigure(user_config)
+
+    def run_batch(self, model: LoadedModel, items: list[Item], _params: tuple) -> list[dict]:
+        return [{**r, "batch_size": len(items)}
+                for r in model.classify([it.text for it in items], self.error_rate)]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)

@@ -16,9 +16,10 @@ from monitoring.batching import unwrap
 from monitoring.feedback import Label, feedback_rows
 from monitoring.log import FEEDBACK, SegmentWriter, now
 from serve_apps.auth import Principal
+from serve_apps.call import Answer, Caller
 from serve_apps.config import FeedbackAppConfig, LimitsConfig
 from serve_apps.http import create_app, parse
-from serve_apps.policies import Answer, Caller, chain
+from serve_apps.policies import chain
 
 
 class FeedbackRequest(BaseModel):

@@ -22,9 +22,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from serve_apps.config import GuardrailRule
 from serve_apps.normalize import normalize, skeleton
 from serve_apps.pii import Redaction, redact
+from serve_apps.policy_config import GuardrailRule
 from training.errors import LLMOpsError
 
 _VERBS = r"(?:ignore|disregard|forget|override|bypass|skip|drop|discard|abandon|neglect|" \

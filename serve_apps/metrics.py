@@ -4,7 +4,8 @@ head) with a `ray_` prefix, and Serve adds `application`, `deployment` and `repl
 
     ray_llmops_requests_total{model, model_version, outcome}     answered texts, by deciding model
     ray_llmops_request_latency_seconds{model}                     request latency at the ingress
-    ray_llmops_guardrail_actions_total{action}                    moderation: allow/redact/rewrite/block
+    ray_llmops_guardrail_actions_total{action}                    moderation: allow/redact/rewrite/block/hold
+    ray_llmops_abstentions_total{model, model_version}            answers whose prediction set was not 1 label
     ray_llmops_errors_total{status}                               problem responses, by HTTP status
     ray_llmops_batch_size{model, model_version}                   texts per forward pass
     ray_llmops_model_batch_seconds{model, model_version}          time of one forward pass
@@ -58,6 +59,13 @@ def degraded(reason: str) -> None:
     metric("counter", "llmops_degraded_answers", "Answers given by a fallback (generator "
            "failed, timed out or its breaker was open).", ("reason",)).inc(
         tags={"reason": reason})
+
+
+def abstained(model: dict) -> None:
+    """An answer the classifier `model` (its StageModel fields) was not sure of."""
+    metric("counter", "llmops_abstentions", "Answers whose conformal prediction set was not "
+           "exactly one label (routed to review).", ("model", "model_version")).inc(
+        tags={"model": model["name"], "model_version": str(model["version"])})
 
 
 def error(status: int) -> None:

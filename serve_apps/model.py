@@ -52,17 +52,22 @@ class LoadedModel:
         return self.meta["kind"]
 
     @_one_at_a_time
-    def classify(self, texts: Sequence[str]) -> list[dict]:
-        """Label, confidence and scores per text, and its drift features (descriptors and the
-        projected embedding: what the inference log keeps instead of the text)."""
+    def classify(self, texts: Sequence[str], error_rate: float | None = None) -> list[dict]:
+        """Label, calibrated confidence and scores per text, and its drift features (descriptors
+        and the projected embedding: what the inference log keeps instead of the text). With
+        an `error_rate` and a calibrated model, `candidates`: the conformal prediction set."""
+        from training.calibration import prediction_set, temperature, threshold
         from training.features import EMBEDDING_DIMS, input_features
         from training.models import classify
 
         out = classify(self.model, self.tokenizer, texts, self.meta["max_length"],
-                       batch_size=max(len(texts), 1), embedding_dims=EMBEDDING_DIMS)
-        labels = self.meta["labels"]
+                       batch_size=max(len(texts), 1), embedding_dims=EMBEDDING_DIMS,
+                       temperature=temperature(self.meta))
+        labels, calibrated = self.meta["labels"], self.meta.get("calibration")
+        q = threshold(calibrated["scores"], error_rate) if calibrated and error_rate else None
         return [{"label": labels[int(p.argmax())], "confidence": round(float(p.max()), 6),
                  "scores": {lbl: round(float(x), 6) for lbl, x in zip(labels, p)},
+                 **({} if q is None else {"candidates": [labels[i] for i in prediction_set(p, q)]}),
                  "features": features, "tokens": int(n)}
                 for p, features, n in zip(out.probs, input_features(texts, out), out.tokens)]
 

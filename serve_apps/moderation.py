@@ -15,6 +15,7 @@ from monitoring.batching import unwrap
 from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker
+from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import LimitsConfig, ModerationAppConfig
 from serve_apps.deployments import Item, set_batching
 from serve_apps.http import (
@@ -27,15 +28,21 @@ from serve_apps.http import (
 )
 from serve_apps.inference_log import InferenceLog
 from serve_apps.pii import redact
-from serve_apps.policies import Answer, Call, Caller, chain
+from serve_apps.policies import chain
 from serve_apps.stages import Stages
 
 
 class Moderation(BaseModel):
     verdict: str
     flagged: bool
-    action: str = Field(description="allow, rewrite, block or redact")
+    action: str = Field(description="allow, rewrite, block, redact, or hold: held for a person "
+                        "to review (not shown) when the classifier was unsure between labels "
+                        "that call for different actions")
     confidence: float
+    abstained: bool = Field(False, description="the classifier's conformal prediction set was "
+                            "not exactly one label")
+    candidates: list[str] | None = Field(None, description="that prediction set, when "
+                                         "abstention is on")
     scores: dict[str, float]
     safe_text: str | None = Field(description="what may be shown; null when blocked")
     redactions: dict[str, int]
@@ -128,12 +135,17 @@ class ModerationPipeline:
 
     async def _finish(self, text: str, verdict: dict, rid: str) -> tuple[Moderation, int, bool]:
         """The result of one text, the tokens its rewrite used, whether a fallback answered."""
-        label = verdict["label"]
+        label, candidates = verdict["label"], verdict.get("candidates")
         models = {"classifier": StageModel(**verdict["model"])}
         if "shadow" in verdict:  # the challenger's answer is recorded, never returned as text
             models["classifier_shadow"] = StageModel(**verdict["shadow"]["model"])
         tokens, degraded = 0, False
-        if label in self.config.block_labels:
+        abstained = candidates is not None and len(candidates) != 1
+        if abstained:
+            metrics.abstained(verdict["model"])
+        if abstained and len({self._acts(c) for c in candidates}) != 1:
+            action, safe = "hold", None
+        elif label in self.config.block_labels:
             action, safe = "block", None
         elif label in self.config.rewrite_labels:
             rewrite = await self._rewrite(text, rid)
@@ -151,9 +163,15 @@ class ModerationPipeline:
             safe, found = redaction.text, redaction.found
             if action == "allow" and (found or label in self.config.redact_labels):
                 action = "redact"
-        return (Moderation(verdict=label, flagged=label != "safe", action=action,
-                           confidence=verdict["confidence"], scores=verdict["scores"],
+        return (Moderation(verdict=label, flagged=label != "safe" or action == "hold",
+                           action=action, confidence=verdict["confidence"],
+                           scores=verdict["scores"], abstained=abstained, candidates=candidates,
                            safe_text=safe, redactions=found, models=models), tokens, degraded)
+
+    def _acts(self, label: str) -> str:
+        """What a label calls for: block, rewrite, or show (redacted where needed)."""
+        return ("block" if label in self.config.block_labels else
+                "rewrite" if label in self.config.rewrite_labels else "show")
 
     @app.get("/healthz")
     async def healthz(self) -> dict:

@@ -18,28 +18,24 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from monitoring.batching import GroupCommit
 from serve_apps import metrics
 from serve_apps.auth import Principal, Unauthorized, Verifier
-from serve_apps.config import AuthConfig, GuardrailsConfig, LimitsConfig, QuotaConfig
+from serve_apps.call import Answer, Call, Caller, audit_record, estimate_tokens, outcome_of
+from serve_apps.config import LimitsConfig
 from serve_apps.guardrails import Finding, Guardrails
 from serve_apps.http import EdgeGuard, InvalidRequest, correlation_id, new_request_id
-from serve_apps.inference_log import DEFAULT_TENANT
-from serve_apps.pii import redact
+from serve_apps.policy_config import AuthConfig, GuardrailsConfig, QuotaConfig
 from serve_apps.quota import QuotaExceeded
 from training.errors import LLMOpsError
 
 T = TypeVar("T")
 _log = logging.getLogger("ray.serve")
-ANONYMOUS = Principal(subject="anonymous", tenant=DEFAULT_TENANT, scopes=frozenset())
 
 
 class AuditUnavailable(LLMOpsError):
@@ -47,64 +43,6 @@ class AuditUnavailable(LLMOpsError):
 
     status = 503
     headers = {"Retry-After": "5"}
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who sends a request: an HTTP client with its `Authorization` header, or in-cluster code
-    with a handle, stating its principal."""
-
-    correlation_id: str | None = None
-    principal: Principal | dict | None = None
-    authorization: str | None = None
-    transport: str = "handle"
-    address: str | None = None
-    # the HTTP request's (`request_id`, ...), a handle call's own: `audited` once it has a record
-    state: Any = field(default_factory=lambda: SimpleNamespace(request_id=None, audited=False),
-                       compare=False)
-
-    @classmethod
-    def http(cls, request) -> Caller:
-        return cls(request.state.correlation_id, None, request.headers.get("authorization"),
-                   "http", request.client.host if request.client else None, request.state)
-
-
-@dataclass
-class Call:
-    """One request as the policies see it. `texts` are what the models read (input guardrails
-    may redact them); `tokens` is the estimate the quota reserves."""
-
-    application: str
-    scope: str
-    request_id: str
-    texts: list[str]
-    caller: Caller
-    correlation_id: str | None = None
-    tokens: int = 0
-    principal: Principal = ANONYMOUS
-    started: float = field(default_factory=time.perf_counter)
-    raw_hashes: list[str] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
-    headers: dict[str, str] = field(default_factory=dict)
-    entered: list = field(default_factory=list)
-    logged: bool = False
-
-    def summary(self, degraded: bool) -> dict:
-        """What every answer reports of its call: request id, guardrail findings, degraded."""
-        return {"request_id": self.request_id, "correlation_id": self.correlation_id,
-                "guardrails": [f.to_dict() for f in self.findings], "degraded": degraded}
-
-
-@dataclass
-class Answer:
-    """What a pipeline produced: per item the text that leaves (None: no text) and the models
-    of every stage; the tokens actually used; `payload` is the pipeline's own result."""
-
-    outputs: list[str | None]
-    models: list[dict]
-    tokens: int = 0
-    degraded: bool = False
-    payload: Any = None
 
 
 class Policy:
@@ -229,72 +167,12 @@ class Audit(Policy):
 
     async def after(self, call: Call, answer: Answer) -> None:
         await self.write(audit_record(call, answer, "ok", 200))
-        _audited(call)
+        call.mark_audited()
 
     async def failed(self, call: Call, error: BaseException) -> None:
         status, outcome = outcome_of(error)
         await self.write(audit_record(call, None, outcome, status, str(error)[:300]))
-        _audited(call)
-
-
-def _audited(call: Call) -> None:
-    """Tell the HTTP edge (or `PolicyChain.admit`) this request has its record: they audit
-    those that have none."""
-    call.caller.state.audited = True
-
-
-def _logged(call: Call, status: int, outcome: str) -> None:
-    """One log line per request, with the platform's own fields beside Serve's context (whose
-    `request_id` is Serve's: the caller's X-Request-ID when sent): with JSON logs, a shipper
-    joins it to the audit record and the answer by `llmops_request_id`."""
-    if call.logged:
-        return
-    call.logged = True
-    _log.info("%s %s %s %d", call.application, call.scope, outcome, status, extra={
-        "llmops_request_id": call.request_id, "correlation_id": call.correlation_id,
-        "tenant": call.principal.tenant, "subject": call.principal.subject, "scope": call.scope,
-        "outcome": outcome, "status": status, "texts": len(call.texts),
-        "latency_ms": round((time.perf_counter() - call.started) * 1000, 1)})
-
-
-def outcome_of(error: BaseException) -> tuple[int, str]:
-    """(status, outcome) of a failed request: a 4xx refusal, a client gone (499, as nginx
-    logs it), or an error."""
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        return 499, "cancelled"
-    status = getattr(error, "status", 500)
-    return status, "refused" if isinstance(error, LLMOpsError) and status < 500 else "error"
-
-
-def audit_record(call: Call, answer: Answer | None, outcome: str, status: int,
-                 error: str | None = None) -> dict:
-    """Who asked what and what was answered: inputs as a hash of the raw text and PII-redacted,
-    outputs as they left (redacted again for the log). A refused request keeps no input text
-    (its hashes and sizes only): refusals cost the log little, whoever sends them."""
-    return {
-        "ts": datetime.now(UTC).isoformat(), "request_id": call.request_id,
-        "correlation_id": call.correlation_id,
-        "tenant": call.principal.tenant, "principal": call.principal.subject,
-        "transport": call.caller.transport, "client": call.caller.address,
-        "application": call.application, "scope": call.scope,
-        "input_sha256": call.raw_hashes, "input_chars": [len(t) for t in call.texts],
-        "input": None if outcome == "refused" else [redact(t).text for t in call.texts],
-        "output": [None if o is None else redact(o).text for o in answer.outputs]
-        if answer else None,
-        "models": [{stage: _model_ref(m) for stage, m in models.items()}
-                   for models in answer.models] if answer else None,
-        "guardrails": [f.to_dict() for f in call.findings],
-        "degraded": answer.degraded if answer else False,
-        "tokens": answer.tokens if answer else 0,
-        "latency_ms": round((time.perf_counter() - call.started) * 1000, 2),
-        "outcome": outcome, "status": status, "error": error}
-
-
-def _model_ref(model) -> str | None:
-    if model is None:
-        return None
-    m = model if isinstance(model, dict) else model.model_dump()
-    return f"{m.get('name')}/{m.get('version')}:{m.get('variant')}" if m else None
+        call.mark_audited()
 
 
 class PolicyChain:
@@ -383,13 +261,13 @@ class PolicyChain:
         except BaseException as exc:
             await self.fail(call, exc)
             raise
-        _logged(call, 200, "degraded" if answer.degraded else "ok")
+        call.log(200, "degraded" if answer.degraded else "ok")
         return answer
 
     async def fail(self, call: Call, error: BaseException) -> None:
         """`failed` of every policy that let the call in, once. Shielded: a cancelled request
         (its client gone) is still audited and its quota settled."""
-        _logged(call, *outcome_of(error))
+        call.log(*outcome_of(error))
         entered, call.entered = call.entered, []
         if entered:
             await asyncio.shield(self._failed(entered, call, error))
@@ -457,7 +335,3 @@ def chain(application: str, order: list[str], guardrails: GuardrailsConfig,
     return PolicyChain(application, policies)
 
 
-def estimate_tokens(texts: list[str], generated_per_text: int = 0) -> int:
-    """What a request may cost before it runs: about four characters per prompt token, plus
-    the generator's limit per text (the commit charges the real count)."""
-    return sum(len(t) // 4 + 1 + generated_per_text for t in texts)

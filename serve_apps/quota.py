@@ -23,7 +23,7 @@ from pathlib import Path
 
 from monitoring.files import quarantine, report_quarantined, write_atomic
 from monitoring.singleton import keyed, singleton
-from serve_apps.config import QuotaConfig, TenantLimits
+from serve_apps.policy_config import QuotaConfig, TenantLimits
 from training.errors import LLMOpsError
 
 

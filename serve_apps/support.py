@@ -22,6 +22,7 @@ from monitoring.batching import unwrap
 from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker
+from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import LimitsConfig, SupportAppConfig
 from serve_apps.deployments import Item, set_batching
 from serve_apps.http import (
@@ -33,7 +34,7 @@ from serve_apps.http import (
     request_texts,
 )
 from serve_apps.inference_log import InferenceLog
-from serve_apps.policies import Answer, Call, Caller, chain
+from serve_apps.policies import chain
 from serve_apps.stages import Stages
 from training.data.support import RESOLUTIONS
 
@@ -49,9 +50,15 @@ class Suggestion(BaseModel):
 
 
 class Routing(BaseModel):
-    queue: str
+    queue: str = Field(description="where the ticket goes: the router's label, or the review "
+                       "queue when it abstained")
+    label: str = Field(description="the router's most likely queue")
     confidence: float
     scores: dict[str, float]
+    abstained: bool = Field(False, description="the router's conformal prediction set was not "
+                            "exactly one queue")
+    candidates: list[str] | None = Field(None, description="that prediction set, when "
+                                         "abstention is on")
     suggestion: Suggestion
     models: dict[str, StageModel]
 
@@ -195,8 +202,7 @@ class SupportPipeline:
                           "model": embedding["model"]})
         return found
 
-    @staticmethod
-    def _result(route: dict, reply: dict | None, retrieved: dict | None) -> Routing:
+    def _result(self, route: dict, reply: dict | None, retrieved: dict | None) -> Routing:
         models = {"router": StageModel(**route["model"])}
         if reply is not None:
             models["generator"] = StageModel(**reply["model"])
@@ -207,8 +213,14 @@ class SupportPipeline:
             models["encoder"] = StageModel(**retrieved.pop("model"))
             suggestion = Suggestion(source="retrieval", confidence=reply["confidence"] if reply
                                     else 0.0, **retrieved)
-        return Routing(queue=route["label"], confidence=route["confidence"],
-                       scores=route["scores"], suggestion=suggestion, models=models)
+        candidates = route.get("candidates")
+        abstained = candidates is not None and len(candidates) != 1
+        if abstained:
+            metrics.abstained(route["model"])
+        return Routing(queue=self.config.review_queue if abstained else route["label"],
+                       label=route["label"], confidence=route["confidence"],
+                       scores=route["scores"], abstained=abstained, candidates=candidates,
+                       suggestion=suggestion, models=models)
 
     async def _build_index(self) -> None:
         """Embed the resolved tickets once, on first use (not in the constructor, so replicas

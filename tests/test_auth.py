@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from serve_apps.auth import Forbidden, Unauthorized, Verifier, ensure_secret, issue, secret_path
-from serve_apps.config import AuthConfig
+from serve_apps.policy_config import AuthConfig
 
 
 def _b64(data: bytes) -> str:

@@ -3,8 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_apps.config import GuardrailRule, GuardrailsConfig
 from serve_apps.guardrails import Blocked, Guardrails
+from serve_apps.policy_config import GuardrailRule, GuardrailsConfig
 
 CARD = "4111 1111 1111 1111"  # passes the Luhn check
 NOT_A_CARD = "4111 1111 1111 1112"

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve_apps.config import GuardrailsConfig
 from serve_apps.guardrails import Blocked, Guardrails
 from serve_apps.normalize import normalize, skeleton
 from serve_apps.pii import IBAN_LENGTHS, luhn_ok, redact
+from serve_apps.policy_config import GuardrailsConfig
 from training.data import generate
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))

@@ -12,9 +12,10 @@ import pytest
 from monitoring.audit import verify
 from monitoring.singleton import NAMESPACE, keyed
 from serve_apps.auth import Forbidden, Unauthorized, issue
-from serve_apps.config import AuthConfig, GuardrailsConfig, QuotaConfig, TenantLimits
+from serve_apps.call import Answer, Caller
 from serve_apps.guardrails import Blocked
-from serve_apps.policies import Answer, Caller, chain
+from serve_apps.policies import chain
+from serve_apps.policy_config import AuthConfig, GuardrailsConfig, QuotaConfig, TenantLimits
 from serve_apps.quota import Ledger, QuotaExceeded
 
 

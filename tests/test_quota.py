@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from serve_apps.config import QuotaConfig, TenantLimits
+from serve_apps.policy_config import QuotaConfig, TenantLimits
 from serve_apps.quota import Ledger, QuotaExceeded
 
 NOON = datetime(2026, 11, 25, 12, 0, tzinfo=UTC).timestamp()

@@ -121,7 +121,10 @@ def _settings(state: Path, port: int):
                               "small": {"requests_per_day": 3}}},
         "moderation": {"classifier": classifier, "generator": {
             "model": "models:/rewriter@champion", **ONE_REPLICA, "placement": "replica"}},
-        "support": {"classifier": {"model": "models:/support-router@champion"},
+        # the router abstains often (half the calibration rows' true labels are outside its
+        # sets): both answers are tested; moderation keeps the default 0.05
+        "support": {"classifier": {"model": "models:/support-router@champion",
+                                   "error_rate": 0.5},
                     "encoder": {"model": "all-MiniLM-L6-v2"},
                     "generator": {"model": "models:/support-reply@champion",
                                   "generation": {"max_new_tokens": REPLY_TOKENS,
@@ -187,7 +190,12 @@ def test_moderation_pipeline_over_http_and_handle(platform):
         assert set(res["scores"]) == {"safe", "toxic", "spam", "pii"}
         assert abs(sum(res["scores"].values()) - 1) < 1e-3
         assert res["verdict"] == max(res["scores"], key=res["scores"].get)
-        if res["verdict"] == "toxic":
+        assert res["abstained"] == (len(res["candidates"]) != 1)  # error_rate 0.05 by default
+        if res["action"] == "hold":  # unsure between labels that call for different actions
+            assert res["abstained"] and res["flagged"] and res["safe_text"] is None
+            assert len({"block" if c == "spam" else "rewrite" if c == "toxic" else "show"
+                        for c in res["candidates"]}) != 1
+        elif res["verdict"] == "toxic":
             assert res["action"] == "rewrite" and res["models"]["generator"]["name"] == "rewriter"
             expected = generator.generate.remote(text, "check").result()["text"]
             assert res["safe_text"] == redact(expected).text
@@ -213,7 +221,10 @@ def test_support_routes_and_suggests_a_generated_or_a_retrieved_reply(platform):
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     for text, res in zip(SUPPORT_TEXTS, results):
-        assert res["queue"] in res["scores"] and res["confidence"] == max(res["scores"].values())
+        assert res["label"] in res["scores"] and res["confidence"] == max(res["scores"].values())
+        # unsure (its conformal set is not one queue): a person routes it
+        assert res["queue"] == ("human-review" if res["abstained"] else res["label"])
+        assert res["abstained"] == (len(res["candidates"]) != 1)
         assert res["models"]["router"]["name"] == "support-router"
         assert res["models"]["generator"]["name"] == "support-reply"
         s = res["suggestion"]
@@ -227,6 +238,7 @@ def test_support_routes_and_suggests_a_generated_or_a_retrieved_reply(platform):
             assert -1 <= s["similarity"] <= 1.0001 and s["example"]
             assert res["models"]["encoder"]["version"] == "bundled"
     assert {r["suggestion"]["source"] for r in results} == {"generator", "retrieval"}
+    assert {r["abstained"] for r in results} == {True, False}
     # Python callers get the same answers through the application handle.
     again = serve.get_app_handle("support").route.remote({"texts": SUPPORT_TEXTS}, "sup-2",
                                                          platform.principal).result()
@@ -247,7 +259,7 @@ def test_the_benchmark_peers_answer_as_the_platform_does(platform):
     cfg = ServeConfig.model_validate(yaml.safe_load(platform.config.read_text())["serve"])
     uri = platform.registry.tracking_uri
     posts = list(generate("moderation", "base", 4, seed=11).text)
-    served = {"support": [r["queue"] for r in httpx.post(
+    served = {"support": [r["label"] for r in httpx.post(
                   f"{platform.url}/v1/support/route", json={"texts": SUPPORT_TEXTS[:2]},
                   headers=platform.auth, timeout=60).json()["results"]],
               "moderation": [r["verdict"] for r in httpx.post(
@@ -754,10 +766,10 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     assert any(redact(t).found for t in texts)
     sup = log[log.request_id == many].sort_values("item")
     assert list(sup.item) == [0, 1, 2]
-    assert list(sup.prediction) == [r["queue"] for r in multi["results"]]
+    assert list(sup.prediction) == [r["label"] for r in multi["results"]]  # the router's own
     assert dict(sup.stages.iloc[0])["router"] == "support-router/1"
 
-    label = "refund" if multi["results"][1]["queue"] != "refund" else "billing"
+    label = "refund" if multi["results"][1]["label"] != "refund" else "billing"
     r = httpx.post(f"{platform.url}/v1/feedback/", headers=platform.auth,
                    json={"request_id": many, "item": 1, "label": label}, timeout=30)
     assert r.status_code == 201, r.text
@@ -1006,6 +1018,7 @@ def test_metrics_reach_the_ray_metrics_export_port(ray_session, platform):
                                                 'rule="prompt-injection"', 'action="flag"'),
         "ray_llmops_degraded_answers_total": ('application="chat"', 'reason="TimeoutError"'),
         "ray_llmops_errors_total": ('status="422"',),
+        "ray_llmops_abstentions_total": ('application="support"', 'model="support-router"'),
         "ray_llmops_batch_size_bucket": ('deployment="Classifier"', 'model="moderation"'),
         "ray_llmops_model_batch_seconds_count": ('model="support-reply"',),
         "ray_llmops_model_info": ('model="moderation"', 'variant="champion"'),

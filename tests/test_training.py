@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_LLAMA, tiny_llama_folder
 
+from serve_apps.model import load
 from training import lora
 from training.config import TaskConfig
 from training.errors import InvalidData, LLMOpsError
@@ -33,18 +34,34 @@ def test_two_worker_zero2_finetune_registers_champion_then_a_resumed_challenger(
     assert (first.model, first.version, first.alias) == ("support-router", 1, "champion")
     assert [h["epoch"] for h in first.history] == [1, 2]
     assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
-    assert set(first.metrics) == {"base", "new-product", "golden"}  # holdouts + the golden set
-    assert {"accuracy", "macro_f1", "ece", "f1_billing"} <= set(first.metrics["base"])
+    # holdouts, the golden set, and the temperature fitted on the validation rows
+    assert set(first.metrics) == {"base", "new-product", "golden", "calibration"}
+    assert {"accuracy", "macro_f1", "ece", "ece_uncalibrated", "f1_billing"} <= set(
+        first.metrics["base"])
+    fitted = first.metrics["calibration"]
+    assert fitted["rows"] == len(data.validation) and fitted["temperature"] != 1.0
 
-    # Loading by alias predicts bit-identically to the consolidated trained weights.
+    # Loading by alias predicts bit-identically to the consolidated trained weights, at the
+    # registered temperature.
     texts = list(data.holdouts["base"].text)
     run = registry.client.get_run(first.run_id)
     model, tokenizer, meta = load_hf(Path(first.model_dir))
-    expected = predict_proba(model, tokenizer, texts, meta["max_length"])
+    assert meta["calibration"]["temperature"] == fitted["temperature"]
+    assert len(meta["calibration"]["scores"]) == fitted["rows"]
+    expected = predict_proba(model, tokenizer, texts, meta["max_length"],
+                             temperature=fitted["temperature"])
     loaded = mlflow.pyfunc.load_model("models:/support-router@champion")
     got = loaded.predict(pd.DataFrame({"text": texts}))
     assert np.array_equal(got[[f"prob_{c}" for c in meta["labels"]]].to_numpy(), expected)
     assert loaded.metadata.signature is not None
+    # Served with an error rate, each answer carries its conformal set; a singleton is the
+    # answer's own label.
+    served = load("models:/support-router@champion", registry.tracking_uri).classify(texts, 0.2)
+    assert [s["confidence"] for s in served] == pytest.approx(list(expected.max(axis=1)), abs=1e-5)
+    assert all(set(s["candidates"]) <= set(meta["labels"]) for s in served)
+    assert all(s["candidates"] == [s["label"]] for s in served if len(s["candidates"]) == 1)
+    assert "candidates" not in load("models:/support-router@champion",
+                                    registry.tracking_uri).classify(texts[:1])[0]
 
     # The run records lineage: datasets with digests, DeepSpeed config, git commit, epochs.
     inputs = run.inputs.dataset_inputs

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from training.calibration import rescale
 from training.models import lm_losses, perplexity, predict_proba
 
 
@@ -23,9 +24,13 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int 
     return float(ece)
 
 
-def classification_metrics(probs: np.ndarray, y_true: Sequence[str], labels: Sequence[str]) -> dict:
+def _indices(y_true: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     idx = {lbl: i for i, lbl in enumerate(labels)}
-    y = np.array([idx[v] for v in y_true])
+    return np.array([idx[v] for v in y_true], dtype=np.int64)
+
+
+def classification_metrics(probs: np.ndarray, y_true: Sequence[str], labels: Sequence[str]) -> dict:
+    y = _indices(y_true, labels)
     pred = probs.argmax(axis=1)
     per_class = f1_score(y, pred, labels=range(len(labels)), average=None, zero_division=0)
     present = sorted(set(y) | set(pred))
@@ -38,11 +43,15 @@ def classification_metrics(probs: np.ndarray, y_true: Sequence[str], labels: Seq
 
 
 def evaluate_classifier(model, tokenizer, holdouts: dict, labels: Sequence[str],
-                        max_length: int) -> dict[str, dict]:
-    """Metrics per named holdout (each a DataFrame with `text` and `label`)."""
-    return {name: classification_metrics(predict_proba(model, tokenizer, list(df.text), max_length),
-                                         list(df.label), labels)
-            for name, df in holdouts.items()}
+                        max_length: int, temperature: float = 1.0) -> dict[str, dict]:
+    """Metrics per named holdout (each a DataFrame with `text` and `label`) with the calibrated
+    probabilities, and the calibration error the uncalibrated ones had (`ece_uncalibrated`)."""
+    out = {}
+    for name, df in holdouts.items():
+        raw = predict_proba(model, tokenizer, list(df.text), max_length)
+        out[name] = classification_metrics(rescale(raw, temperature), list(df.label), labels)
+        out[name]["ece_uncalibrated"] = expected_calibration_error(raw, _indices(df.label, labels))
+    return out
 
 
 def evaluate_lm(model, tokenizer, holdouts: dict, max_length: int) -> dict[str, dict]:

@@ -41,7 +41,7 @@ def input_features(texts: Sequence[str], out: Classified) -> list[dict]:
 
 
 def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], max_length: int,
-                      rows: int = 2000, seed: int = 0) -> pd.DataFrame:
+                      rows: int = 2000, seed: int = 0, temperature: float = 1.0) -> pd.DataFrame:
     """The features of (up to `rows` of) labelled texts the model was not fit on, drawn from its
     training distribution, with their true labels: what live traffic is compared with. (On the
     very rows it was fit on a model is overconfident, which would read as drift on clean
@@ -49,7 +49,8 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
     from training.models import classify
 
     sample = df.sample(n=min(rows, len(df)), random_state=seed) if len(df) > rows else df
-    out = classify(model, tokenizer, list(sample.text), max_length, embedding_dims=EMBEDDING_DIMS)
+    out = classify(model, tokenizer, list(sample.text), max_length, embedding_dims=EMBEDDING_DIMS,
+                   temperature=temperature)  # the confidence serving reports
     profile = pd.DataFrame(input_features(list(sample.text), out))
     profile["prediction"] = [labels[int(i)] for i in out.probs.argmax(axis=1)]
     profile["confidence"] = out.probs.max(axis=1).astype(float)

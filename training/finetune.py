@@ -182,19 +182,11 @@ def train_loop(config: dict) -> None:
              for p in engine.module.parameters()]
     sizes = {"trainable_params": sum(n for n, trains in numel if trains),
              "params": sum(n for n, _ in numel)}
-    log_every = max(1, len(loader) // 5)
     for epoch in range(start_epoch, spec.epochs):
         sampler.set_epoch(epoch)
-        started, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for step, batch in enumerate(loader, 1):
-            out = engine(**{k: v.to(device) for k, v in batch.items()})
-            engine.backward(out.loss)
-            engine.step()
-            seen += len(batch["input_ids"])
-            loss_sum += out.loss.detach().item()
-            if rank == 0 and (step % log_every == 0 or step == len(loader)):
-                print(f"epoch {epoch + 1}/{spec.epochs} step {step}/{len(loader)} "
-                      f"loss {loss_sum / step:.4f}", flush=True)
+        started = time.perf_counter()
+        seen, loss_sum = _epoch(engine, loader, device, f"epoch {epoch + 1}/{spec.epochs}"
+                                if rank == 0 else None)
         elapsed = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(len(loader), 1),
                    "val_loss": _val_loss(engine, val_loader, device),
@@ -212,6 +204,21 @@ def train_loop(config: dict) -> None:
             ray.train.report({**metrics, "history": history},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
         _maybe_die(spec.chaos, rank, epoch + 1)
+
+
+def _epoch(engine, loader, device, progress: str | None) -> tuple[int, float]:
+    """One pass over `loader`: (samples seen, summed loss); five progress lines when given
+    their prefix (rank 0)."""
+    seen, loss_sum, log_every = 0, 0.0, max(1, len(loader) // 5)
+    for step, batch in enumerate(loader, 1):
+        out = engine(**{k: v.to(device) for k, v in batch.items()})
+        engine.backward(out.loss)
+        engine.step()
+        seen += len(batch["input_ids"])
+        loss_sum += out.loss.detach().item()
+        if progress and (step % log_every == 0 or step == len(loader)):
+            print(f"{progress} step {step}/{len(loader)} loss {loss_sum / step:.4f}", flush=True)
+    return seen, loss_sum
 
 
 def _save_config(module, folder: Path) -> None:

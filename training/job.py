@@ -14,16 +14,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from training import lineage, lora
+from training.calibration import Calibration
 from training.config import TaskConfig, TrainingConfig
 from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm
 from training.features import reference_profile
 from training.finetune import Chaos, FinetuneSpec, run_finetune, run_names
 from training.golden import golden_set, measure
-from training.models import PROMPT, load_tokenizer, resolve_source
+from training.models import PROMPT, load_tokenizer, predict_proba, resolve_source
 from training.pyfunc import META_FILE, TaskModel, write_meta
 from training.refs import RETRAIN_TAG, pin
 from training.registry import RegisteredVersion, Registry, RunRecord
@@ -142,15 +144,26 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
     if lora.is_adapter(model_dir):
         source = lora.adapter_config(model_dir)["base_model_name_or_path"]
         base = lora.lineage(source, resolve_source(source))
-    write_meta(model_dir, {"kind": tc.kind, "labels": labels, "max_length": tc.model.max_length,
-                           "task": task, **base})
+    meta = {"kind": tc.kind, "labels": labels, "max_length": tc.model.max_length, "task": task,
+            **base}
+    write_meta(model_dir, meta)
     task_model = TaskModel.from_folder(model_dir)
     model, tokenizer = task_model.model, task_model.tokenizer
     profile = None
     if tc.kind == "classification":
-        metrics = evaluate_classifier(model, tokenizer, data.holdouts, labels, tc.model.max_length)
+        # calibrated on the validation rows (never trained on), before anything is measured
+        calibration = Calibration.fit(
+            predict_proba(model, tokenizer, list(data.validation.text), tc.model.max_length),
+            np.array(_targets(tc, data.validation, labels)))
+        task_model.meta = {**meta, **calibration.to_meta()}
+        write_meta(model_dir, task_model.meta)
+        metrics = evaluate_classifier(model, tokenizer, data.holdouts, labels, tc.model.max_length,
+                                      calibration.temperature)
+        metrics["calibration"] = {"temperature": calibration.temperature,
+                                  "rows": len(calibration.scores)}
         held_out = pd.concat([data.validation, data.holdouts.get(data.scenario, data.validation[:0])])
-        profile = reference_profile(model, tokenizer, held_out, labels, tc.model.max_length)
+        profile = reference_profile(model, tokenizer, held_out, labels, tc.model.max_length,
+                                    temperature=calibration.temperature)
     else:
         metrics = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length)
     golden = golden_set(tc)

@@ -215,13 +215,16 @@ def projection(width: int, dims: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def classify(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_length: int,
-             batch_size: int = 32, embedding_dims: int = 0) -> Classified:
+             batch_size: int = 32, embedding_dims: int = 0, temperature: float = 1.0
+             ) -> Classified:
+    """Probabilities at `temperature` (the model's calibration, `training/calibration.py`),
+    tokens per text and, with `embedding_dims`, the projected mean-pooled embeddings."""
     probs, embeddings, tokens = [], [], []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[i:i + batch_size]), truncation=True, max_length=max_length,
                         padding=True, return_tensors="pt").to(_device_of(model))
         out = model(**enc, output_hidden_states=embedding_dims > 0)
-        probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+        probs.append(torch.softmax(out.logits.float() / temperature, dim=-1).cpu().numpy())
         mask = enc["attention_mask"].unsqueeze(-1).float()
         tokens.append(mask.sum((1, 2)).long().cpu().numpy())
         if embedding_dims:
@@ -236,9 +239,10 @@ def classify(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_length
 
 
 def predict_proba(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_length: int,
-                  batch_size: int = 32) -> np.ndarray:
+                  batch_size: int = 32, temperature: float = 1.0) -> np.ndarray:
     """Class probabilities, shape (len(texts), num_labels), float32."""
-    return classify(model, tokenizer, texts, max_length, batch_size).probs
+    return classify(model, tokenizer, texts, max_length, batch_size,
+                    temperature=temperature).probs
 
 
 @torch.inference_mode()

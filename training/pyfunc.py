@@ -53,11 +53,13 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer, self.meta = load_hf(Path(context.artifacts["hf"]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from training.calibration import temperature
         from training.models import generate_text, predict_proba  # torch only where models run
 
         texts = [str(t) for t in model_input["text"]]
         if self.meta["kind"] == "classification":
-            probs = predict_proba(self.model, self.tokenizer, texts, self.meta["max_length"])
+            probs = predict_proba(self.model, self.tokenizer, texts, self.meta["max_length"],
+                                  temperature=temperature(self.meta))
             labels = self.meta["labels"]
             out = pd.DataFrame(probs, columns=[f"prob_{lbl}" for lbl in labels])
             out.insert(0, "confidence", probs.max(axis=1) if len(texts) else [])

@@ -1,0 +1,82 @@
+"""Temperature scaling and conformal prediction sets (`training/calibration.py`) on generated
+data whose true probabilities are known: the fitted temperature undoes a known overconfidence,
+and the prediction sets hold the true label at least as often as the error rate promises."""
+
+import math
+
+import numpy as np
+import pytest
+
+from training.calibration import (
+    Calibration,
+    fit_temperature,
+    prediction_set,
+    rescale,
+    temperature,
+    threshold,
+)
+from training.evaluate import expected_calibration_error
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _data(n: int, seed: int, overconfidence: float = 3.0, classes: int = 4):
+    """Rows whose labels are drawn from softmax(z), and a model that reports softmax(k z)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, size=(n, classes))
+    truth = _softmax(z)
+    y = np.array([rng.choice(classes, p=p) for p in truth])
+    return _softmax(overconfidence * z).astype(np.float32), y
+
+
+def test_the_fitted_temperature_undoes_a_known_overconfidence():
+    probs, y = _data(4000, seed=1, overconfidence=3.0)
+    t = fit_temperature(probs, y)
+    assert t == pytest.approx(3.0, rel=0.1)
+    calibrated = rescale(probs, t)
+    assert (calibrated.argmax(axis=1) == probs.argmax(axis=1)).all()  # ranking unchanged
+    before, after = (expected_calibration_error(p, y) for p in (probs, calibrated))
+    assert after < 0.03 < before / 3
+    assert rescale(probs, 1.0) is probs
+    # an underconfident model is sharpened (T < 1)
+    soft, y2 = _data(4000, seed=2, overconfidence=0.5)
+    assert fit_temperature(soft, y2) == pytest.approx(0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("error_rate", [0.05, 0.1, 0.2])
+def test_conformal_sets_cover_the_true_label_at_the_promised_rate(error_rate):
+    calib_probs, calib_y = _data(1000, seed=3)
+    calibration = Calibration.fit(calib_probs, calib_y)
+    q = threshold(calibration.scores, error_rate)
+    test_probs, test_y = _data(5000, seed=4)
+    calibrated = rescale(test_probs, calibration.temperature)
+    sets = [prediction_set(p, q) for p in calibrated]
+    coverage = np.mean([y in s for s, y in zip(sets, test_y)])
+    assert coverage >= 1 - error_rate - 0.015  # the guarantee, less sampling noise
+    assert coverage <= 1 - error_rate + 0.05  # and not vacuous: sets are no larger than needed
+    singletons = [(s[0], y) for s, y in zip(sets, test_y) if len(s) == 1]
+    assert singletons and all(s == int(p.argmax()) for (s, _), p in zip(
+        singletons, [c for c, s in zip(calibrated, sets) if len(s) == 1]))
+    # a singleton is right more often than the model's answers overall
+    assert np.mean([s == y for s, y in singletons]) > np.mean(calibrated.argmax(1) == test_y)
+
+
+def test_a_smaller_error_rate_needs_larger_sets_and_too_few_rows_abstain_always():
+    probs, y = _data(1000, seed=5)
+    scores = Calibration.fit(probs, y).scores
+    assert scores == sorted(scores)
+    assert threshold(scores, 0.01) >= threshold(scores, 0.1) >= threshold(scores, 0.3)
+    assert threshold(scores[:10], 0.05) == math.inf  # 10 rows cannot support 5%
+    assert prediction_set(np.array([0.7, 0.2, 0.1]), math.inf) == [0, 1, 2]
+
+
+def test_metadata_round_trip_and_uncalibrated_models():
+    probs, y = _data(300, seed=6)
+    calibration = Calibration.fit(probs, y)
+    meta = {"kind": "classification", **calibration.to_meta()}
+    assert Calibration.of(meta) == calibration and temperature(meta) == calibration.temperature
+    assert Calibration.of({"kind": "classification"}) is None
+    assert temperature({"kind": "classification"}) == 1.0  # registered before calibration

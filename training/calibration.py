@@ -1,0 +1,91 @@
+"""Calibrated confidence for classifiers, fitted at registration on held-out rows the model
+never trained on: temperature scaling (Guo et al., 2017: one scalar T dividing the logits,
+chosen to minimise the negative log-likelihood; the ranking of labels never changes) and split
+conformal prediction sets (Sadinle et al., 2019: the label set {y : p(y) >= 1 - q}, where q is
+the calibration rows' score quantile, holds the true label with probability at least 1 - alpha
+for rows exchangeable with them). Serving turns a set that is not exactly one label into an
+abstention (`serve_apps`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_T, MAX_T = 0.05, 20.0
+
+
+def rescale(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) from softmax(logits): the log-probabilities differ from the logits by
+    a per-row constant, which the softmax removes."""
+    if temperature == 1.0:
+        return probs
+    z = np.log(np.clip(probs.astype(np.float64), 1e-45, None)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _nll(probs: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    p = rescale(probs, temperature).astype(np.float64)[np.arange(len(y)), y]
+    return float(-np.log(np.clip(p, 1e-45, None)).mean())
+
+
+def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+    """The T in [0.05, 20] minimising the NLL of the rescaled probabilities of labels `y`
+    (bounded scalar search over log T)."""
+    from scipy.optimize import minimize_scalar
+
+    if len(y) == 0:
+        return 1.0
+    found = minimize_scalar(lambda log_t: _nll(probs, y, math.exp(log_t)),
+                            bounds=(math.log(MIN_T), math.log(MAX_T)), method="bounded",
+                            options={"xatol": 1e-4})
+    return round(math.exp(found.x), 4)
+
+
+def conformal_scores(probs: np.ndarray, y: np.ndarray) -> list[float]:
+    """Each calibration row's nonconformity, 1 - p(true label), sorted."""
+    return sorted(round(float(1 - p), 6) for p in probs[np.arange(len(y)), y])
+
+
+def threshold(scores: list[float], error_rate: float) -> float:
+    """q: the ceil((n + 1)(1 - alpha)) / n empirical quantile of the scores; infinite (every
+    label, so always uncertain) when n rows cannot support that rate (n < 1/alpha - 1)."""
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1 - error_rate))
+    return math.inf if rank > n else scores[rank - 1]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What registration stores in the model's metadata (`llmops.json`)."""
+
+    temperature: float
+    scores: list[float]  # conformal scores of the calibration rows, with that temperature
+
+    @classmethod
+    def fit(cls, probs: np.ndarray, y: np.ndarray) -> Calibration:
+        """From held-out rows' uncalibrated probabilities and their true label indices."""
+        t = fit_temperature(probs, y)
+        return cls(t, conformal_scores(rescale(probs, t), y))
+
+    @classmethod
+    def of(cls, meta: dict) -> Calibration | None:
+        c = meta.get("calibration")
+        return cls(float(c["temperature"]), list(c["scores"])) if c else None
+
+    def to_meta(self) -> dict:
+        return {"calibration": {"temperature": self.temperature, "scores": self.scores}}
+
+
+def temperature(meta: dict) -> float:
+    """A registered classifier's temperature (1: registered before calibration existed)."""
+    c = Calibration.of(meta)
+    return c.temperature if c else 1.0
+
+
+def prediction_set(probs: np.ndarray, q: float) -> list[int]:
+    """The labels (indices) of one row's calibrated probabilities inside the conformal set."""
+    return [int(i) for i in np.flatnonzero(probs >= 1 - q)]
