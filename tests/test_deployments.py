@@ -288,3 +288,45 @@ def test_the_continuous_batch_answers_as_one_generate_per_text(tiny_lm):
     assert max(g["batch_size"] for g in got) > 1  # they shared steps
     assert "".join(streamed) == want[4]["text"]
     assert len(early) == 2 and active == 0
+
+
+def _verdict(label: str, candidates: list[str] | None) -> dict:
+    return {"label": label, "confidence": 0.5, "scores": {label: 0.5}, "tokens": 3,
+            "candidates": candidates, "model": {"name": "moderation", "version": "1",
+                                                "alias": "champion", "variant": "champion"}}
+
+
+def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():
+    """Abstention in the pipelines: moderation holds a post only when its candidates call for
+    different actions; support routes an unsure ticket to the review queue, keeping the router's
+    label; one candidate is an ordinary answer."""
+    from serve_apps.config import ModerationAppConfig, SupportAppConfig
+    from serve_apps.moderation import ModerationPipeline
+    from serve_apps.support import SupportPipeline
+
+    moderation = object.__new__(ModerationPipeline.func_or_class)
+    moderation.config = ModerationAppConfig()
+
+    def finish(label, candidates):
+        return asyncio.run(moderation._finish("call me on 555-867-5309", _verdict(
+            label, candidates), "r1"))[0]
+
+    held = finish("safe", ["safe", "spam"])
+    assert (held.action, held.safe_text, held.abstained, held.flagged) == ("hold", None, True, True)
+    assert finish("spam", []).action == "hold"  # no label fits: unsure too
+    shown = finish("safe", ["safe", "pii"])  # either way shown, redacted
+    assert (shown.action, shown.abstained, shown.flagged) == ("redact", True, False)
+    assert "[PHONE]" in shown.safe_text
+    sure = finish("spam", ["spam"])
+    assert (sure.action, sure.abstained, sure.candidates) == ("block", False, ["spam"])
+    assert finish("spam", None).abstained is False  # abstention off
+
+    support = object.__new__(SupportPipeline.func_or_class)
+    support.config = SupportAppConfig()
+    reply = {"text": "we refunded you", "confidence": 0.9, "prompt_tokens": 1,
+             "completion_tokens": 2, "model": {"name": "support-reply", "version": "1",
+                                              "alias": "champion", "variant": "champion"}}
+    unsure = support._result(_verdict("billing", ["billing", "refund"]), reply, None)
+    assert (unsure.queue, unsure.label, unsure.abstained) == ("human-review", "billing", True)
+    routed = support._result(_verdict("billing", ["billing"]), reply, None)
+    assert (routed.queue, routed.abstained) == ("billing", False)

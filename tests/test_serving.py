@@ -111,8 +111,11 @@ def _settings(state: Path, port: int):
         "monitor": {"port": free_port()}})  # `llmops up` starts it (test_monitor_...)
     # moderation's models have replicas of their own; support's router and encoder run inline
     # (`auto`), its generator in a replica of its own (`auto`); chat's generator inline
+    # this tiny moderation model is unsure of most toxic posts at any error rate that covers
+    # its labels: abstention is off here (held posts: tests/test_deployments.py)
     classifier = {"model": "models:/moderation@champion", **ONE_REPLICA, "placement": "replica",
-                  "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}}
+                  "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
+                  "error_rate": None}
     settings.serve = ServeConfig.model_validate({
         "port": port, "use_gpu": "no",
         # every test client shares 127.0.0.1: the per-address refusal limit is tested apart
@@ -122,7 +125,7 @@ def _settings(state: Path, port: int):
         "moderation": {"classifier": classifier, "generator": {
             "model": "models:/rewriter@champion", **ONE_REPLICA, "placement": "replica"}},
         # the router abstains often (half the calibration rows' true labels are outside its
-        # sets): both answers are tested; moderation keeps the default 0.05
+        # sets): both answers are tested
         "support": {"classifier": {"model": "models:/support-router@champion",
                                    "error_rate": 0.5},
                     "encoder": {"model": "all-MiniLM-L6-v2"},
@@ -190,12 +193,8 @@ def test_moderation_pipeline_over_http_and_handle(platform):
         assert set(res["scores"]) == {"safe", "toxic", "spam", "pii"}
         assert abs(sum(res["scores"].values()) - 1) < 1e-3
         assert res["verdict"] == max(res["scores"], key=res["scores"].get)
-        assert res["abstained"] == (len(res["candidates"]) != 1)  # error_rate 0.05 by default
-        if res["action"] == "hold":  # unsure between labels that call for different actions
-            assert res["abstained"] and res["flagged"] and res["safe_text"] is None
-            assert len({"block" if c == "spam" else "rewrite" if c == "toxic" else "show"
-                        for c in res["candidates"]}) != 1
-        elif res["verdict"] == "toxic":
+        assert not res["abstained"] and res["candidates"] is None  # abstention off
+        if res["verdict"] == "toxic":
             assert res["action"] == "rewrite" and res["models"]["generator"]["name"] == "rewriter"
             expected = generator.generate.remote(text, "check").result()["text"]
             assert res["safe_text"] == redact(expected).text
@@ -925,7 +924,7 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
     env = {**platform.env, "LLMOPS_MONITORING__MONITOR__PORT": str(port),
            "LLMOPS_MONITORING__MONITOR__INTERVAL_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "monitor", "--config",
-                             str(platform.config)], env=env, stdout=subprocess.PIPE, text=True)
+                             str(platform.config)], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline, text = time.monotonic() + 90, ""
         wanted = '{metric="embedding_drift",model="support-router",model_version="1"}'
@@ -938,8 +937,9 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
         assert wanted in text  # (models are checked one after the other in a round)
     finally:
         proc.send_signal(signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=120)  # after the check in progress
-    assert proc.returncode == 130 and "support-router v1:" in stdout
+        _, logged = proc.communicate(timeout=120)  # after the check in progress
+    assert proc.returncode == 0  # a clean stop
+    assert any(json.loads(line).get("model") == "support-router" for line in logged.splitlines())
 
 
 def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_request(platform):

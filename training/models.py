@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -236,6 +237,28 @@ def classify(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_length
                           np.zeros((0, embedding_dims), np.float32), np.zeros(0, np.int64))
     return Classified(np.concatenate(probs), np.concatenate(embeddings) if embeddings else
                       np.zeros((sum(len(p) for p in probs), 0), np.float32), np.concatenate(tokens))
+
+
+@functools.cache
+def load_encoder():
+    """The bundled sentence encoder (all-MiniLM-L6-v2), once per process: (model, tokenizer)."""
+    path = resolve_source(BUNDLED_ENCODER)
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@torch.inference_mode()
+def sentence_embeddings(model, tokenizer, texts: Sequence[str], max_length: int = 128,
+                        batch_size: int = 64) -> np.ndarray:
+    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2's recipe)."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i:i + batch_size]), truncation=True, max_length=max_length,
+                        padding=True, return_tensors="pt").to(_device_of(model))
+        hidden = model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
 
 
 def predict_proba(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_length: int,

@@ -1,0 +1,69 @@
+"""Concept shift in the retraining set (`training/contradiction.py`, `training/retrain.py`):
+feedback that contradicts the replayed training rows and the golden set retires them, region by
+region, and says which labels moved where; feedback that only shifts the label mix, or brings
+new vocabulary, or is noisy, retires nothing."""
+
+import pandas as pd
+import pytest
+
+from training.config import RetrainConfig
+from training.contradiction import resolve
+from training.data import generate
+from training.data.support import LEXICON
+from training.retrain import ORIGINAL, RECENT, retraining_data
+from training.taskdata import TaskData
+
+REPLAY = generate("support-tickets", "base", 800, seed=1)
+GOLDEN = generate("support-tickets", "base", 150, seed=9)
+MOVED = {f"{old} -> {new}" for old, new in {  # the reorganisation of the concept-shift scenario
+    ("account", "security"), ("refund", "billing"), ("shipping", "refund")}}
+
+
+def test_contradicted_regions_are_retired_from_the_replay_and_the_golden_set():
+    feedback = generate("support-tickets", "concept-shift", 250, seed=2)[["text", "label"]]
+    kept, report = resolve(feedback, {"replay": REPLAY, "golden": GOLDEN})
+    assert set(report.moved) == MOVED
+    retired = REPLAY[~REPLAY.text.isin(kept["replay"].text)]
+    moved_intents = retired.intent.isin(LEXICON.concept_relabel)
+    assert moved_intents.mean() >= 0.95  # what goes is what moved
+    in_moved = REPLAY.intent.isin(LEXICON.concept_relabel).sum()
+    assert moved_intents.sum() >= 0.6 * in_moved  # most of each moved region goes
+    assert report.retired["replay"] == report.moved and sum(report.moved.values()) == len(retired)
+    gone = GOLDEN[~GOLDEN.text.isin(kept["golden"].text)]
+    assert len(gone) and gone.intent.isin(LEXICON.concept_relabel).all()
+    assert sum(report.retired["golden"].values()) == len(gone)
+    for move, texts in report.examples.items():
+        old = move.split(" -> ")[0]
+        assert texts and set(REPLAY.set_index("text").loc[texts].label) == {old}
+    assert "refund -> billing" in report.summary() and "golden rows" in report.summary()
+
+
+@pytest.mark.parametrize("scenario", ["label-shift", "new-product", "base"])
+def test_feedback_that_moves_no_concept_retires_nothing(scenario):
+    feedback = generate("support-tickets", scenario, 250, seed=3)[["text", "label"]]
+    noisy = feedback.copy()
+    noisy.loc[noisy.index[::10], "label"] = "security"  # 10% wrong labels, scattered
+    kept, report = resolve(noisy, {"replay": REPLAY, "golden": GOLDEN})
+    assert not report and report.summary() == ""
+    assert len(kept["replay"]) == len(REPLAY) and len(kept["golden"]) == len(GOLDEN)
+
+
+def test_the_retraining_set_and_the_next_golden_set_follow_the_new_concept(tmp_path):
+    recent = generate("support-tickets", "concept-shift", 300, seed=4)[["text", "label"]]
+    config = RetrainConfig(min_labelled=60, replay_rows=800, validation_rows=100)
+    data = retraining_data(recent, REPLAY, GOLDEN, config)
+    moved = data.notes["contradictions"]["moved"]
+    assert set(moved) == MOVED
+    mix = pd.concat([data.train, data.validation])
+    replayed = mix[~mix.text.isin(recent.text)]
+    assert len(replayed) == 800 - sum(moved.values())
+    # the gate judges by the golden set less its contradicted rows: the version it registers
+    # keeps that set (the next retrain starts from it)
+    assert len(data.golden) < len(GOLDEN) and data.holdouts[ORIGINAL].equals(
+        data.golden[["text", "label"]])
+    assert not set(data.holdouts[RECENT].text) & set(mix.text)
+    back = TaskData.load(data.save(tmp_path / "d"))
+    assert back.golden.equals(data.golden) and back.notes == data.notes
+    off = retraining_data(recent, REPLAY, GOLDEN, config.model_copy(
+        update={"resolve_contradictions": False}))
+    assert off.golden.equals(GOLDEN) and not off.notes and len(off.holdouts[ORIGINAL]) == len(GOLDEN)

@@ -1,0 +1,124 @@
+"""Concept shift in feedback: where recent labelled traffic contradicts the rows a retrain would
+replay (the champion's training data) or judge by (its golden set).
+
+Texts are compared in the bundled sentence encoder's space (all-MiniLM-L6-v2: meaning, not the
+champion's own labels). Each labelled recent row votes on its `K` nearest rows (cosine at least
+`MIN_SIMILARITY`): for rows carrying its label, against rows carrying another. A row is
+contradicted toward label B when at least `MIN_VOTES` recent rows say B, more than confirm its
+own label, and its own nearest rows agree with its label (a mislabelled or ambiguous row is
+noise, not a concept); then its close same-label neighbours follow when most of them moved to
+B (`REGION_SIMILARITY`), so the whole region moves, not only the rows next to a labelled one. A
+move from A to B counts as a contradiction only with the support of a region
+(`MIN_REGION_ROWS`): a few scattered rows are label noise, which a prior shift also produces.
+Contradicted rows are retired (dropped, never relabelled: a wrong relabel would teach the
+error), and the report says which labels moved where, with examples."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+K, MIN_VOTES, MIN_SIMILARITY, REGION_SIMILARITY, MIN_REGION_ROWS = 10, 2, 0.6, 0.7, 10
+EXAMPLES = 3
+
+
+@dataclass
+class Contradictions:
+    """Which labels moved where, with the rows of each table that were retired."""
+
+    moved: dict[str, int] = field(default_factory=dict)  # "A -> B": rows of the region
+    retired: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> "A -> B" -> rows
+    examples: dict[str, list[str]] = field(default_factory=dict)  # "A -> B" -> texts that moved
+
+    def __bool__(self) -> bool:
+        return bool(self.moved)
+
+    def summary(self) -> str:
+        """One line for the controller's event."""
+        def retired(move: str) -> str:
+            return ", ".join(f"{t[move]} {table} rows" for table, t in self.retired.items()
+                             if t.get(move))
+
+        return "; ".join(f"{move} ({retired(move)} retired)" for move in self.moved)
+
+    def to_dict(self) -> dict:
+        return {"moved": self.moved, "retired": self.retired, "examples": self.examples}
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """L2-normalised sentence embeddings of the bundled encoder."""
+    from training.models import load_encoder, sentence_embeddings
+
+    model, tokenizer = load_encoder()
+    return sentence_embeddings(model, tokenizer, texts)
+
+
+def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
+           rows_labels: np.ndarray) -> np.ndarray:
+    """Per row, the label it moved to (None where it did not)."""
+    sims = recent_e @ rows_e.T
+    confirm = np.zeros(len(rows_labels))
+    against: list[Counter] = [Counter() for _ in rows_labels]
+    for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K]):
+        for x in near[sims[j, near] >= MIN_SIMILARITY]:
+            if rows_labels[x] == recent_labels[j]:
+                confirm[x] += 1
+            else:
+                against[x][recent_labels[j]] += 1
+    own = rows_e @ rows_e.T
+    np.fill_diagonal(own, -1.0)
+    order = np.argsort(-own, axis=1)[:, :5]
+    moved = np.full(len(rows_labels), None, dtype=object)
+    for x, votes in enumerate(against):
+        if votes:
+            label, n = votes.most_common(1)[0]
+            if (n >= MIN_VOTES and n > confirm[x]
+                    and (rows_labels[order[x]] == rows_labels[x]).mean() >= 0.6):
+                moved[x] = label
+    first = moved.copy()
+    for x in [x for x, m in enumerate(first) if m is None]:
+        near = [y for y in order[x] if own[x, y] >= REGION_SIMILARITY
+                and rows_labels[y] == rows_labels[x] and first[y] is not None]
+        if near:
+            label, n = Counter(first[y] for y in near).most_common(1)[0]
+            if n >= 3:
+                moved[x] = label
+    return moved
+
+
+def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame]
+            ) -> tuple[dict[str, pd.DataFrame], Contradictions]:
+    """`tables` (each with `text` and `label`) less the rows recent labelled traffic
+    contradicts. The first table defines the regions: a move needs `MIN_REGION_ROWS` of its
+    rows, or 1% of them if more (the other tables, such as a small golden set, follow the moves
+    found there)."""
+    if recent.empty or not tables:
+        return tables, Contradictions()
+    min_region_rows = max(MIN_REGION_ROWS, len(next(iter(tables.values()))) // 100)
+    texts = list(recent.text)
+    for df in tables.values():
+        texts += list(df.text)
+    embedded = embed(texts)
+    recent_e, at = embedded[:len(recent)], len(recent)
+    recent_labels = recent.label.astype(str).to_numpy()
+    report, kept, accepted = Contradictions(), {}, None
+    for name, df in tables.items():
+        rows_e, at = embedded[at:at + len(df)], at + len(df)
+        labels = df.label.astype(str).to_numpy()
+        moves = _moves(recent_e, recent_labels, rows_e, labels)
+        pairs = Counter(f"{a} -> {b}" for a, b in zip(labels, moves) if b is not None)
+        if accepted is None:
+            accepted = {move for move, n in pairs.items() if n >= min_region_rows}
+        retire = np.array([b is not None and f"{a} -> {b}" in accepted
+                           for a, b in zip(labels, moves)], dtype=bool)
+        kept[name] = df[~retire].reset_index(drop=True)
+        report.retired[name] = {m: n for m, n in pairs.items() if m in accepted}
+        if not report.moved:  # the regions: the first table's moved rows
+            report.moved = dict(sorted(report.retired[name].items()))
+            for move in report.moved:
+                report.examples[move] = [t for t, a, b in zip(df.text, labels, moves)
+                                         if f"{a} -> {b}" == move][:EXAMPLES]
+    return kept, report
