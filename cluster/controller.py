@@ -171,12 +171,14 @@ class Controller:
         data.save(self.work / retrain_id / "data")
         self.registry.lineage.emit("START", *lineage.retrain_run(self.model, retrain_id),
                                    data.sources, description=f"{trigger}: retrain {self.model}")
+        shift = data.notes.get("concept_shift")
         return self._to(state, "retraining",
                         f"{trigger}: fine-tune on {len(data.train)} rows "
-                        f"({len(data.holdouts['recent'])} recent labelled held out)",
+                        f"({len(data.holdouts['recent'])} recent labelled held out)"
+                        + (f"; concept shift, feedback contradicts: {shift}" if shift else ""),
                         trigger=trigger, champion=champion, challenger=None,
                         retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
-                        detail={})
+                        detail={k: v for k, v in data.notes.items() if k == "contradictions"})
 
     # retraining: the fine-tune runs as a Ray job named by the retrain id --------------------------
 

@@ -114,15 +114,12 @@ class LoadedModel:
         return self.count_tokens(prompt_of(self.tokenizer, text))
 
     @_one_at_a_time
-    @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2's recipe)."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.meta["max_length"],
-                             padding=True, return_tensors="pt").to(next(self.model.parameters()).device)
-        hidden = self.model(**enc).last_hidden_state.float()
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        from training.models import sentence_embeddings
+
+        return sentence_embeddings(self.model, self.tokenizer, texts, self.meta["max_length"],
+                                   batch_size=max(len(texts), 1))
 
 
 def finished(text: str, confidence: float, stop: Sequence[str]) -> dict:

@@ -132,6 +132,9 @@ class RetrainConfig(StrictModel):
     replay_rows: int = Field(1200, ge=0, description="rows of the champion's training data mixed in")
     validation_rows: int = Field(200, ge=16, description="held out of the mix for early stopping "
                                  "and the new version's drift reference")
+    resolve_contradictions: bool = Field(
+        True, description="retire replayed and golden rows that recent feedback contradicts "
+        "(concept shift, `training/contradiction.py`)")
 
 
 class GateConfig(StrictModel):

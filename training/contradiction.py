@@ -2,8 +2,10 @@
 replay (the champion's training data) or judge by (its golden set).
 
 Texts are compared in the bundled sentence encoder's space (all-MiniLM-L6-v2: meaning, not the
-champion's own labels). Each labelled recent row votes on its `K` nearest rows (cosine at least
-`MIN_SIMILARITY`): for rows carrying its label, against rows carrying another. A row is
+champion's own labels). First the moves: a label B that at least a quarter of the recent rows
+sitting in an A region carry (`_contradicting`). Then each labelled recent row votes on its `K`
+nearest rows (cosine at least `MIN_SIMILARITY`): for rows carrying its label, against rows
+carrying A where A -> B is a move. A row is
 contradicted toward label B when at least `MIN_VOTES` recent rows say B, more than confirm its
 own label, and its own nearest rows agree with its label (a mislabelled or ambiguous row is
 noise, not a concept); then its close same-label neighbours follow when most of them moved to
@@ -22,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 K, MIN_VOTES, MIN_SIMILARITY, REGION_SIMILARITY, MIN_REGION_ROWS = 10, 2, 0.6, 0.7, 10
+MIN_PAIR_ROWS, MIN_SHARE = 5, 0.25
 EXAMPLES = 3
 
 
@@ -56,17 +59,36 @@ def embed(texts: list[str]) -> np.ndarray:
     return sentence_embeddings(model, tokenizer, texts)
 
 
+def _contradicting(recent_labels: np.ndarray, neighbours: list[np.ndarray],
+                   rows_labels: np.ndarray) -> set[tuple[str, str]]:
+    """The moves (A, B) the recent rows make as a group: of the recent rows that sit clearly
+    in an A region (70% of their near rows carry A), at least `MIN_SHARE` carry B, and at
+    least `MIN_PAIR_ROWS` of them. Label noise spreads over every pair; a shifted prior moves
+    no row out of its region."""
+    regions: dict[str, Counter] = {}
+    for label, near in zip(recent_labels, neighbours):
+        if len(near) >= 3:
+            region, n = Counter(rows_labels[near]).most_common(1)[0]
+            if n >= 0.7 * len(near):
+                regions.setdefault(region, Counter())[label] += 1
+    return {(a, b) for a, said in regions.items() for b, n in said.items()
+            if b != a and n >= MIN_PAIR_ROWS and n >= MIN_SHARE * sum(said.values())}
+
+
 def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
            rows_labels: np.ndarray) -> np.ndarray:
     """Per row, the label it moved to (None where it did not)."""
     sims = recent_e @ rows_e.T
+    neighbours = [near[sims[j, near] >= MIN_SIMILARITY]
+                  for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K])]
+    pairs = _contradicting(recent_labels, neighbours, rows_labels)
     confirm = np.zeros(len(rows_labels))
     against: list[Counter] = [Counter() for _ in rows_labels]
-    for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K]):
-        for x in near[sims[j, near] >= MIN_SIMILARITY]:
+    for j, near in enumerate(neighbours):
+        for x in near:
             if rows_labels[x] == recent_labels[j]:
                 confirm[x] += 1
-            else:
+            elif (rows_labels[x], recent_labels[j]) in pairs:
                 against[x][recent_labels[j]] += 1
     own = rows_e @ rows_e.T
     np.fill_diagonal(own, -1.0)

@@ -166,8 +166,10 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
                                     temperature=calibration.temperature)
     else:
         metrics = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length)
-    golden = golden_set(tc)
+    golden = golden_set(tc) if data.golden is None else data.golden  # a retrain keeps its own
     metrics["golden"] = measure(lambda df: task_model.predict(None, df), golden, tc.kind)
+    if data.notes.get("concept_shift"):
+        tags = {**(tags or {}), "llmops.concept_shift": data.notes["concept_shift"][:5000]}
     adapter = {f"lora_{k}": v for k, v in tc.lora.model_dump().items()} if base else {}
     params = {**{k: v for k, v in tc.model_dump().items() if k not in ("model", "holdouts", "lora")},
               **adapter,
@@ -179,7 +181,8 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
         ds_config=ds_config,
         datasets={f"{tc.dataset}:{data.scenario}": data.train,
                   **{f"{tc.dataset}-holdout:{h}": df for h, df in data.holdouts.items()},
-                  f"{tc.dataset}-golden:base": golden},
+                  f"{tc.dataset}-golden:{'base' if data.golden is None else data.scenario}":
+                      golden},
         input_example=pd.DataFrame({"text": list(data.train.text[:2])}),
         tags={**(tags or {}), **{f"llmops.{k}": v for k, v in base.items()}},
         profile=profile, golden=golden)

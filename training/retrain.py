@@ -3,9 +3,11 @@ retrained challenger may replace the champion.
 
 Training rows: the labelled recent requests (texts from the inference log, labels from feedback;
 the part not held out, repeated `recent_repeats` times) plus a replay sample of the champion's
-own training rows, so the new version learns the new traffic without forgetting the old. The
-gate scores champion and challenger on the same two holdouts: the held-out labelled recent
-requests, and the champion's golden set (the original distribution).
+own training rows, so the new version learns the new traffic without forgetting the old. Where
+the feedback contradicts replayed or golden rows (a concept shift), those rows are retired
+(`training/contradiction.py`). The gate scores champion and challenger on the same two
+holdouts: the held-out labelled recent requests, and the champion's golden set less its
+retired rows, which the new version keeps as its own (a versioned golden set).
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     # support pipeline picks its resolved tickets from the serving router's training data
     kept = ["text", "label"] + [c for c in PROVENANCE if c in reference.columns]
     replay = reference[kept].sample(n=min(config.replay_rows, len(reference)), random_state=seed)
+    notes = {}
+    if config.resolve_contradictions:
+        from training.contradiction import resolve
+
+        tables, found = resolve(learn, {"replay": replay, "golden": golden})
+        if found:
+            replay, golden = tables["replay"], tables["golden"]
+            notes = {"contradictions": found.to_dict(), "concept_shift": found.summary()}
     mix = pd.concat([replay] + [learn] * config.recent_repeats, ignore_index=True)
     mix = mix.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     n_val = min(config.validation_rows, len(mix) // 5)
@@ -47,7 +57,7 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                     validation=mix.iloc[:n_val].reset_index(drop=True),
                     holdouts={RECENT: holdout.reset_index(drop=True),
                               ORIGINAL: golden[["text", "label"]].reset_index(drop=True)},
-                    scenario="retrain")
+                    scenario="retrain", golden=golden.reset_index(drop=True), notes=notes)
 
 
 def score(task_model, holdout: pd.DataFrame, metric: str) -> float:

@@ -26,6 +26,8 @@ class TaskData:
     holdouts: dict[str, pd.DataFrame]
     scenario: str = "base"
     sources: list[Dataset] = field(default_factory=list)
+    golden: pd.DataFrame | None = None  # a retrain's: its champion's, less contradicted rows
+    notes: dict = field(default_factory=dict)  # what shaped the set (a retrain's contradictions)
 
     def save(self, folder: Path) -> Path:
         """As Parquet files (what a retrain job reads back with `load`)."""
@@ -35,6 +37,9 @@ class TaskData:
             df.to_parquet(folder / f"{name}.parquet", index=False)
         (folder / "scenario").write_text(self.scenario)
         (folder / "sources.json").write_text(json.dumps([s.to_dict() for s in self.sources]))
+        (folder / "notes.json").write_text(json.dumps(self.notes))
+        if self.golden is not None:
+            self.golden.to_parquet(folder / "golden.parquet", index=False)
         return folder
 
     @classmethod
@@ -46,10 +51,13 @@ class TaskData:
         listed = folder / "sources.json"
         sources = [Dataset.from_dict(d) for d in json.loads(listed.read_text())] \
             if listed.is_file() else [Dataset("file", str(folder.resolve()), len(train))]
+        golden, notes = folder / "golden.parquet", folder / "notes.json"
         return cls(train=train, validation=pd.read_parquet(folder / "validation.parquet"),
                    holdouts={p.stem.removeprefix("holdout-"): pd.read_parquet(p)
                              for p in sorted(folder.glob("holdout-*.parquet"))},
-                   scenario=(folder / "scenario").read_text().strip(), sources=sources)
+                   scenario=(folder / "scenario").read_text().strip(), sources=sources,
+                   golden=pd.read_parquet(golden) if golden.is_file() else None,
+                   notes=json.loads(notes.read_text()) if notes.is_file() else {})
 
 
 def build_task_data(config: TrainingConfig, task: str, scenario: str = "base") -> TaskData:
