@@ -127,8 +127,12 @@ def start_head(config: RayConfig, data_dir: Path) -> bool:
         return False
     except ConnectionError:
         pass
+    from ray._private.services import resolve_ip_for_localhost
+
+    # where Ray's clients will look for it: they turn a loopback address into the machine's
+    # routed one when it has one, so a head bound to loopback there would answer nobody
     cmd = [_ray_cli(), "start", "--head", "--disable-usage-stats",
-           f"--node-ip-address={config.node_ip_address}",
+           f"--node-ip-address={resolve_ip_for_localhost(config.node_ip_address)}",
            f"--dashboard-host={config.dashboard_host}", f"--dashboard-port={config.dashboard_port}",
            f"--metrics-export-port={config.metrics_export_port}"]
     cmd += [f"--num-cpus={config.num_cpus}"] if config.num_cpus else []

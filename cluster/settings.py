@@ -39,9 +39,11 @@ class RayConfig(BaseModel):
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
     metrics_export_port: int = Field(8080, ge=1, le=65535)
-    node_ip_address: str = Field("127.0.0.1", description="the local head's address: on "
-                                 "loopback its GCS, workers and Serve replicas are reachable "
-                                 "from this machine only (a cluster's nodes use their own)")
+    node_ip_address: str = Field("127.0.0.1", description="the local head's address (a "
+                                 "cluster's nodes use their own). Loopback is taken as Ray's "
+                                 "clients take it: the machine's routed address when it has "
+                                 "one, so the head's GCS listens there (keep the port closed to "
+                                 "other hosts), else loopback")
 
 
 class CanaryPolicy(BaseModel):

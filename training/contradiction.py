@@ -2,16 +2,16 @@
 replay (the champion's training data) or judge by (its golden set).
 
 Texts are compared in the bundled sentence encoder's space (all-MiniLM-L6-v2: meaning, not the
-champion's own labels). First the moves: a label B that at least a quarter of the recent rows
-sitting in an A region carry (`_contradicting`). Then each labelled recent row votes on its `K`
-nearest rows (cosine at least `MIN_SIMILARITY`): for rows carrying its label, against rows
-carrying A where A -> B is a move. A row is
-contradicted toward label B when at least `MIN_VOTES` recent rows say B, more than confirm its
-own label, and its own nearest rows agree with its label (a mislabelled or ambiguous row is
-noise, not a concept); then its close same-label neighbours follow when most of them moved to
-B (`REGION_SIMILARITY`), so the whole region moves, not only the rows next to a labelled one. A
-move from A to B counts as a contradiction only with the support of a region
-(`MIN_REGION_ROWS`): a few scattered rows are label noise, which a prior shift also produces.
+champion's own labels). First the moves (`_contradicting`): B is a move from A when at least
+`MIN_SHARE` of the labelled recent rows sitting clearly in an A region carry B, and at least
+`MIN_PAIR_ROWS` of them: label noise spreads over every pair, and a shifted prior moves no row
+out of its region. Then the rows that moved: a row of A goes to B when its closest labelled
+recent row says B, or when at least `MIN_VOTES` of the recent rows that count it among their
+`K` nearest say B, more than confirm A, and its own neighbours agree with A (a mislabelled or
+ambiguous row is noise, not a concept); then the region grows: a row follows when 3 of its close
+same-label neighbours moved (`REGION_SIMILARITY`, `GROWTH_PASSES`). A move counts only with the
+support of a region (`MIN_REGION_ROWS`, or 1% of the first table). The other tables (the golden
+set) follow the first: a row goes where most of its nearest first-table rows of its label went.
 Contradicted rows are retired (dropped, never relabelled: a wrong relabel would teach the
 error), and the report says which labels moved where, with examples."""
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-K, MIN_VOTES, MIN_SIMILARITY, REGION_SIMILARITY, MIN_REGION_ROWS = 10, 2, 0.6, 0.7, 10
-MIN_PAIR_ROWS, MIN_SHARE = 5, 0.25
+K, MIN_VOTES, MIN_SIMILARITY, REGION_SIMILARITY, MIN_REGION_ROWS = 10, 2, 0.6, 0.6, 10
+MIN_PAIR_ROWS, MIN_SHARE, GROWTH_PASSES = 5, 0.25, 4
 EXAMPLES = 3
 
 
@@ -100,14 +100,38 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
             if (n >= MIN_VOTES and n > confirm[x]
                     and (rows_labels[order[x]] == rows_labels[x]).mean() >= 0.6):
                 moved[x] = label
-    first = moved.copy()
-    for x in [x for x, m in enumerate(first) if m is None]:
-        near = [y for y in order[x] if own[x, y] >= REGION_SIMILARITY
-                and rows_labels[y] == rows_labels[x] and first[y] is not None]
-        if near:
-            label, n = Counter(first[y] for y in near).most_common(1)[0]
-            if n >= 3:
+    nearest = sims.argmax(axis=0)  # each row's closest labelled recent row
+    for x in [x for x, m in enumerate(moved) if m is None]:
+        j = nearest[x]
+        if sims[j, x] >= MIN_SIMILARITY and (rows_labels[x], recent_labels[j]) in pairs:
+            moved[x] = recent_labels[j]  # a move already found, said by its closest recent row
+    for _ in range(GROWTH_PASSES):  # the region grows from the rows next to labelled ones
+        before = moved.copy()
+        for x in [x for x, m in enumerate(before) if m is None]:
+            label = _majority(before, [y for y in order[x] if own[x, y] >= REGION_SIMILARITY
+                                       and rows_labels[y] == rows_labels[x]])
+            if label is not None:
                 moved[x] = label
+    return moved
+
+
+def _majority(moves: np.ndarray, near: list[int]) -> str | None:
+    """The label 3 or more of `near` moved to, if any."""
+    label, n = Counter(moves[y] for y in near if moves[y] is not None).most_common(1)[0] \
+        if any(moves[y] is not None for y in near) else (None, 0)
+    return label if n >= 3 else None
+
+
+def _follow(rows_e: np.ndarray, rows_labels: np.ndarray, primary_e: np.ndarray,
+            primary_labels: np.ndarray, primary_moves: np.ndarray) -> np.ndarray:
+    """Moves of a secondary table (the golden set): a row goes where most of its nearest
+    primary rows of its own label went."""
+    sims = rows_e @ primary_e.T
+    moved = np.full(len(rows_labels), None, dtype=object)
+    for x, near in enumerate(np.argsort(-sims, axis=1)[:, :K]):
+        same = [y for y in near if sims[x, y] >= MIN_SIMILARITY
+                and primary_labels[y] == rows_labels[x]][:5]
+        moved[x] = _majority(primary_moves, same)
     return moved
 
 
@@ -126,20 +150,24 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame]
     embedded = embed(texts)
     recent_e, at = embedded[:len(recent)], len(recent)
     recent_labels = recent.label.astype(str).to_numpy()
-    report, kept, accepted = Contradictions(), {}, None
+    report, kept, primary = Contradictions(), {}, None
     for name, df in tables.items():
         rows_e, at = embedded[at:at + len(df)], at + len(df)
         labels = df.label.astype(str).to_numpy()
-        moves = _moves(recent_e, recent_labels, rows_e, labels)
-        pairs = Counter(f"{a} -> {b}" for a, b in zip(labels, moves) if b is not None)
-        if accepted is None:
+        if primary is None:  # the regions: the first table's moved rows
+            moves = _moves(recent_e, recent_labels, rows_e, labels)
+            pairs = Counter(f"{a} -> {b}" for a, b in zip(labels, moves) if b is not None)
             accepted = {move for move, n in pairs.items() if n >= min_region_rows}
-        retire = np.array([b is not None and f"{a} -> {b}" in accepted
-                           for a, b in zip(labels, moves)], dtype=bool)
-        kept[name] = df[~retire].reset_index(drop=True)
-        report.retired[name] = {m: n for m, n in pairs.items() if m in accepted}
-        if not report.moved:  # the regions: the first table's moved rows
-            report.moved = dict(sorted(report.retired[name].items()))
+            moves = np.array([b if b is not None and f"{a} -> {b}" in accepted else None
+                              for a, b in zip(labels, moves)], dtype=object)
+            primary = rows_e, labels, moves
+        else:
+            moves = _follow(rows_e, labels, *primary)
+        retired = [f"{a} -> {b}" for a, b in zip(labels, moves) if b is not None]
+        kept[name] = df[moves == None].reset_index(drop=True)  # noqa: E711 (elementwise)
+        report.retired[name] = dict(sorted(Counter(retired).items()))
+        if not report.moved:
+            report.moved = report.retired[name]
             for move in report.moved:
                 report.examples[move] = [t for t, a, b in zip(df.text, labels, moves)
                                          if f"{a} -> {b}" == move][:EXAMPLES]
