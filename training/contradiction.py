@@ -39,6 +39,11 @@ class Contradictions:
     def __bool__(self) -> bool:
         return bool(self.moved)
 
+    @property
+    def sources(self) -> set[str]:
+        """The labels whose meaning moved (the A of each "A -> B")."""
+        return {move.split(" -> ")[0] for move in self.moved}
+
     def summary(self) -> str:
         """One line for the controller's event."""
         def retired(move: str) -> str:

@@ -52,8 +52,7 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
             notes = {"contradictions": found.to_dict(), "concept_shift": found.summary()}
             # where the concept moved, recent labels judge: a golden row of a moved label that
             # was not found contradicted may still be, so the no-forgetting check skips them
-            moved = {move.split(" -> ")[0] for move in found.moved}
-            original = golden[~golden.label.astype(str).isin(moved)]
+            original = golden[~golden.label.astype(str).isin(found.sources)]
     mix = pd.concat([replay] + [learn] * config.recent_repeats, ignore_index=True)
     mix = mix.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     n_val = min(config.validation_rows, len(mix) // 5)
