@@ -55,7 +55,8 @@ class LoadedModel:
     def classify(self, texts: Sequence[str], error_rate: float | None = None) -> list[dict]:
         """Label, calibrated confidence and scores per text, and its drift features (descriptors
         and the projected embedding: what the inference log keeps instead of the text). With
-        an `error_rate` and a calibrated model, `candidates`: the conformal prediction set."""
+        an `error_rate` and a calibrated model, `candidates`: the conformal prediction set, and
+        `abstained` when it is not exactly one label."""
         from training.calibration import prediction_set, temperature, threshold
         from training.features import EMBEDDING_DIMS, input_features
         from training.models import classify
@@ -65,11 +66,13 @@ class LoadedModel:
                        temperature=temperature(self.meta))
         labels, calibrated = self.meta["labels"], self.meta.get("calibration")
         q = threshold(calibrated["scores"], error_rate) if calibrated and error_rate else None
+        sets = [None if q is None else [labels[i] for i in prediction_set(p, q)] for p in out.probs]
         return [{"label": labels[int(p.argmax())], "confidence": round(float(p.max()), 6),
                  "scores": {lbl: round(float(x), 6) for lbl, x in zip(labels, p)},
-                 **({} if q is None else {"candidates": [labels[i] for i in prediction_set(p, q)]}),
+                 **({} if s is None else {"candidates": s, "abstained": len(s) != 1}),
                  "features": features, "tokens": int(n)}
-                for p, features, n in zip(out.probs, input_features(texts, out), out.tokens)]
+                for p, s, features, n in zip(out.probs, sets, input_features(texts, out),
+                                             out.tokens)]
 
     @_one_at_a_time
     def generate(self, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,

@@ -140,7 +140,7 @@ class ModerationPipeline:
         if "shadow" in verdict:  # the challenger's answer is recorded, never returned as text
             models["classifier_shadow"] = StageModel(**verdict["shadow"]["model"])
         tokens, degraded = 0, False
-        abstained = candidates is not None and len(candidates) != 1
+        abstained = verdict.get("abstained", False)
         if abstained:
             metrics.abstained(verdict["model"])
         if abstained and len({self._acts(c) for c in candidates}) != 1:

@@ -213,13 +213,13 @@ class SupportPipeline:
             models["encoder"] = StageModel(**retrieved.pop("model"))
             suggestion = Suggestion(source="retrieval", confidence=reply["confidence"] if reply
                                     else 0.0, **retrieved)
-        candidates = route.get("candidates")
-        abstained = candidates is not None and len(candidates) != 1
+        abstained = route.get("abstained", False)
         if abstained:
             metrics.abstained(route["model"])
         return Routing(queue=self.config.review_queue if abstained else route["label"],
                        label=route["label"], confidence=route["confidence"],
-                       scores=route["scores"], abstained=abstained, candidates=candidates,
+                       scores=route["scores"], abstained=abstained,
+                       candidates=route.get("candidates"),
                        suggestion=suggestion, models=models)
 
     async def _build_index(self) -> None:

@@ -291,9 +291,12 @@ def test_the_continuous_batch_answers_as_one_generate_per_text(tiny_lm):
 
 
 def _verdict(label: str, candidates: list[str] | None) -> dict:
+    """A classifier's answer as `LoadedModel.classify` gives it (abstention on unless None)."""
     return {"label": label, "confidence": 0.5, "scores": {label: 0.5}, "tokens": 3,
-            "candidates": candidates, "model": {"name": "moderation", "version": "1",
-                                                "alias": "champion", "variant": "champion"}}
+            **({} if candidates is None else {"candidates": candidates,
+                                               "abstained": len(candidates) != 1}),
+            "model": {"name": "moderation", "version": "1", "alias": "champion",
+                      "variant": "champion"}}
 
 
 def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():

@@ -81,9 +81,9 @@ class Calibration:
 
 
 def temperature(meta: dict) -> float:
-    """A registered classifier's temperature (1: registered before calibration existed)."""
-    c = Calibration.of(meta)
-    return c.temperature if c else 1.0
+    """A registered classifier's temperature (1: registered before calibration existed); read
+    per batch, so without copying the scores."""
+    return float((meta.get("calibration") or {}).get("temperature", 1.0))
 
 
 def prediction_set(probs: np.ndarray, q: float) -> list[int]:
