@@ -1,16 +1,21 @@
-"""The closed loop per drift scenario: seconds from drift onset to detection, to a registered
-challenger and to the new champion serving; macro-F1 on the drifted traffic before and after
-(against the champion's macro-F1 on clean traffic, the level to recover); failed requests.
+"""The closed loop per drift scenario: seconds from drift onset to detection, to new priors
+(a label shift) or a registered challenger, and to the new champion serving; macro-F1 on the
+drifted traffic before and after (against the champion's macro-F1 on clean traffic, the level
+to recover); how the served model abstains there (calibration error, coverage, precision of
+the answers it gives); labels used; failed requests.
 
     python bench/loop.py --json [--scenarios new-product slang ...] [--data-dir .llmops]
+                         [--labels 0.15] [--baseline-labels 0.3]
 
 Runs on the demo's stack (`make demo` trains the champions; the pipelines are deployed if they
 are not): for each scenario, what `llmops demo` does after its setup (clean traffic, then the
-scenario with 30% of the requests labelled, the support router's controller stepping every
-`controller.interval_s`). Before each scenario the router's first champion is restored
-(`llmops rollback --to-version`, `--from-version` picks it), so every scenario starts from the
-same model; the retrain cooldown and daily budget are lifted for the run. The baseline of each
-row is its own first line: the old champion's macro-F1 on the drifted traffic.
+scenario with a `--labels` share of each batch labelled from the platform's queue of pending
+labels, the support router's controller stepping every `controller.interval_s`), then the same
+with a `--baseline-labels` share labelled at random (0: no baseline). Before each run the
+router's first champion is restored (`llmops rollback --to-version`, `--from-version` picks
+it) with its training priors, so every run starts from the same model; the retrain cooldown
+and daily budget are lifted. Each row's baselines: the old champion's macro-F1 on the drifted
+traffic, and the random-labelling run of the same scenario.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import demo  # noqa: E402
+from cluster.controller import Controller  # noqa: E402
 from cluster.loop import control, stop  # noqa: E402
 from cluster.settings import load_settings  # noqa: E402
 from training.data import SCENARIOS  # noqa: E402
@@ -36,6 +42,10 @@ def main() -> None:
                         choices=[s for s in SCENARIOS if s != "base"])
     parser.add_argument("--from-version", type=int, default=None,
                         help="the router version every scenario starts from (default: the champion)")
+    parser.add_argument("--labels", type=float, default=0.15,
+                        help="share of each drifted batch labelled from the queue")
+    parser.add_argument("--baseline-labels", type=float, default=0.3,
+                        help="share labelled at random in the baseline run (0: none)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--config", default=None)
     parser.add_argument("--json", action="store_true")
@@ -55,13 +65,18 @@ def main() -> None:
     stop(settings, demo.MODEL)  # started again below with this run's settings
     registry = Registry(settings.registry, settings.data_dir)
     first = args.from_version or registry.alias_version(demo.MODEL, CHAMPION)
+    runs = [("queue", args.labels)] + ([("random", args.baseline_labels)]
+                                       if args.baseline_labels else [])
     rows = []
     for scenario in args.scenarios:
-        if registry.alias_version(demo.MODEL, CHAMPION) != first:
-            control(settings, demo.MODEL, "rollback", first)
-            say(f"{demo.MODEL}: back to v{first}")
-        say(f"scenario {scenario}")
-        rows.append(demo.drift_loop(settings, scenario, say))
+        for labelling, share in runs:
+            if registry.alias_version(demo.MODEL, CHAMPION) != first:
+                control(settings, demo.MODEL, "rollback", first)
+                say(f"{demo.MODEL}: back to v{first}")
+            Controller(settings, demo.MODEL, registry).label_shift.clear(first)
+            say(f"scenario {scenario}, {share:.0%} labelled ({labelling})")
+            rows.append(demo.drift_loop(settings, scenario, say, labels=share,
+                                        labelling=labelling))
     stop(settings, demo.MODEL)
     result = {"model": demo.MODEL, "first_champion": first, "scenarios": rows}
     if args.json:
@@ -69,10 +84,11 @@ def main() -> None:
         return
     for r in rows:
         f1, at = r["macro_f1"], r["seconds_after_drift_onset"]
-        print(f"{r['scenario']:14s} {r['outcome']:10s} detected {at['drift_detected']} s, "
-              f"challenger {at['challenger_registered']} s, serving {at['new_champion_serving']} s;"
-              f" macro-F1 clean {f1['clean_traffic_before_drift']}, drifted "
-              f"{f1['drifted_traffic']} ({f1['recovered']}); failed {r['requests_failed']}")
+        print(f"{r['scenario']:14s} {r['labelling']:6s} {r['outcome']:10s} detected "
+              f"{at['drift_detected']} s, priors {at['priors_adjusted']} s, challenger "
+              f"{at['challenger_registered']} s, serving {at['new_champion_serving']} s; macro-F1 "
+              f"clean {f1['clean_traffic_before_drift']}, drifted {f1['drifted_traffic']} "
+              f"({f1['recovered']}); {r['labels_used']} labels; failed {r['requests_failed']}")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     traffic.add_argument("--concurrency", type=int, default=8)
     traffic.add_argument("--feedback", type=float, default=0.0, metavar="SHARE",
                          help="share of answered requests to label with the true label")
+    traffic.add_argument("--labelling", choices=["queue", "random"], default="queue",
+                         help="which answers get labels: the platform's queue of pending "
+                              "labels (most useful first) or a seeded random draw")
     traffic.add_argument("--json", action="store_true")
     traffic.set_defaults(func=commands.cmd_traffic)
 

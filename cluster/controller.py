@@ -1,8 +1,10 @@
 """The closed loop for one model: a durable state machine
 
     serving -> drift_suspected -> retraining -> evaluating -> canary -> promoting -> serving
-                                      |             |            |
-                                      +-> rejected  +-> rejected +-> rolled_back -> serving
+                     |                |             |            |
+                     |                +-> rejected  +-> rejected +-> rolled_back -> serving
+                     +-> reweighted -> serving (a label shift: new priors, confirmed by labels)
+                                   +-> drift_suspected (refuted: retrain)
 
 `step()` looks at the world (the drift policy, the retrain's Ray job, the gate, the canary's
 traffic in the inference log) and makes at most one transition. Every transition is appended to
@@ -27,6 +29,7 @@ import pandas as pd
 import yaml
 
 from cluster.canary import canary_verdict
+from cluster.label_shift import LabelShiftSteps
 from cluster.settings import CanaryPolicy, Settings
 from cluster.state import BUSY, TRANSITIONS, ControllerState, StateStore, export
 from training import lineage
@@ -54,6 +57,7 @@ class Controller:
         self.registry = registry or Registry(settings.registry, settings.data_dir)
         self.store = StateStore(settings.controller_uri)
         self.work = Path(settings.data_dir).resolve() / "retrain"
+        self.label_shift = LabelShiftSteps(self)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -103,9 +107,9 @@ class Controller:
         """What the current state does: look, and make at most one transition."""
         handlers: dict[str, Callable[[ControllerState], ControllerState]] = {
             "serving": self._serving, "drift_suspected": self._drift_suspected,
-            "retraining": self._retraining, "evaluating": self._evaluating,
-            "canary": self._canary, "promoting": self._promoting, "rejected": self._rejected,
-            "rolled_back": self._rolled_back}
+            "reweighted": self.label_shift.confirm, "retraining": self._retraining,
+            "evaluating": self._evaluating, "canary": self._canary, "promoting": self._promoting,
+            "rejected": self._rejected, "rolled_back": self._rolled_back}
         state = self.state()
         state = handlers[state.state](state)
         export(state)  # also after a restart, when no transition has happened yet
@@ -130,6 +134,10 @@ class Controller:
 
     def _drift_suspected(self, state: ControllerState) -> ControllerState:
         cfg = self.settings.controller
+        if cfg.label_shift.enabled and "label_shift_refuted" not in state.detail:
+            reweighted = self.label_shift.reweight(state)
+            if reweighted is not None:
+                return reweighted
         now = time.time()
         today = [t for t in state.retrain_started if now - t < DAY_S]
         if len(today) >= cfg.max_retrains_per_day:

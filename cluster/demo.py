@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster import platform, runtime
@@ -49,30 +50,48 @@ def prepare(settings: Settings, settings_args: list[str], step: Callable[[str], 
     platform.up(settings)
 
 
+@dataclass
+class Traffic:
+    """The demo's traffic to the support pipeline, a `labels` share of each batch labelled as
+    human review would (`labelling`: from the platform's queue, or at random)."""
+
+    settings: Settings
+    step: Callable[[str], None]
+    labels: float = 0.3
+    labelling: str = "queue"
+    reports: list = field(default_factory=list)
+
+    def __call__(self, scenario: str, n: int, seed: int, fraction: float = 1.0,
+                 labelled: bool = True) -> None:
+        s = self.settings
+        r = send(s.serve.url, "support", s.serve.support.route_prefix, scenario, n, seed,
+                 fraction, 8, self.labels if labelled else 0.0, s.serve.feedback.route_prefix,
+                 token(s), client_context(s.serve.tls), self.labelling)
+        self.reports.append(r)
+        self.step(f"sent {n} {scenario} requests ({r['ok']} ok, {r['failed']} failed, "
+                  f"{r['rps']} req/s), {r['feedback']['accepted']} labelled")
+
+    def totals(self) -> dict:
+        return {"requests_served": sum(r["ok"] for r in self.reports),
+                "requests_failed": sum(r["failed"] for r in self.reports),
+                "labels_used": sum(r["feedback"]["accepted"] for r in self.reports),
+                "labelling": self.labelling}
+
+
 def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
-               timeout_s: float = 900) -> dict:
+               timeout_s: float = 900, labels: float = 0.3, labelling: str = "queue") -> dict:
     """Clean traffic, then `scenario` with feedback labels, with the router's controller running;
-    follows its transitions until the loop ends (a new champion, or a stop at the gate or the
-    canary). Returns the figures: when each step happened after the drift began, macro-F1 before
-    and after, requests served and failed."""
+    follows its transitions until the loop ends (a new champion, new class priors confirmed,
+    or a stop at the gate or the canary). Returns the figures: when each step happened after
+    the drift began, macro-F1 before and after, requests served and failed, labels used."""
     registry = Registry(settings.registry, settings.data_dir)
     old = registry.alias_version(MODEL, CHAMPION)
     actor(settings, MODEL, start=True)
     step(f"controller for {MODEL} v{old} running (Ray actor, Actors tab of the dashboard)")
-    url, verify = settings.serve.url, client_context(settings.serve.tls)
-    prefix, feedback = settings.serve.support.route_prefix, settings.serve.feedback.route_prefix
-    reports, bearer = [], token(settings)
-
-    def traffic(scenario: str, n: int, seed: int, fraction: float = 1.0, labels: float = 0.0):
-        r = send(url, "support", prefix, scenario, n, seed, fraction, 8, labels, feedback, bearer,
-                 verify)
-        reports.append(r)
-        step(f"sent {n} {scenario} requests ({r['ok']} ok, {r['failed']} failed, {r['rps']} "
-             f"req/s), {r['feedback']['accepted']} labelled")
-
+    traffic = Traffic(settings, step, labels, labelling)
     seen, events, seed, shown, drifted = len(control(settings, MODEL, "events")), [], 3, 0, 0
     started = time.time()
-    traffic("base", 300, seed=1)
+    traffic("base", 300, seed=1, labelled=False)
     onset = time.time()
     while time.time() - started < timeout_s:
         for e in control(settings, MODEL, "events")[seen:]:
@@ -80,37 +99,41 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
             seen += 1
             events.append(e)
         if events and events[-1]["to"] == "serving":
-            break  # promoted, or the loop stopped at the gate or the canary
+            break  # promoted, new priors settled, or the loop stopped at the gate or canary
         current = control(settings, MODEL, "state")
-        state = current["state"]
-        if state in ("serving", "drift_suspected") and drifted < 2000:
-            traffic(scenario, 250, seed=seed, labels=0.3)  # until the controller acts on it
+        if current["state"] in ("serving", "drift_suspected", "reweighted") and drifted < 2000:
+            traffic(scenario, 250, seed=seed)  # until the controller acts on it
             drifted += 250
-        elif state == "canary":
-            traffic(scenario, 200, seed=seed, fraction=0.5, labels=0.3)  # for it to be judged
+        elif current["state"] == "canary":
+            traffic(scenario, 200, seed=seed, fraction=0.5)  # for it to be judged
         else:
-            if state == "retraining":
+            if current["state"] == "retraining":
                 shown = _progress(settings, current["retrain_id"], shown, step)
             time.sleep(3)
         seed += 1
+    return _summary(registry, scenario, old, events, onset, traffic.totals(),
+                    settings.serve.support.classifier.error_rate)
 
+
+def _summary(registry: Registry, scenario: str, old: int, events: list[dict], onset: float,
+             totals: dict, error_rate: float | None) -> dict:
     def after(to: str, came_from: str | None = None) -> float | None:
         return next((round(e["ts"] - onset, 1) for e in events if e["to"] == to and
                      came_from in (None, e["from"])), None)
 
     new = registry.alias_version(MODEL, CHAMPION)
-    promoted = after("serving", "promoting") is not None
     last = events[-1] if events else None
+    promoted = after("serving", "promoting") is not None
     return {
         "scenario": scenario, "model": MODEL, "old_champion": old, "new_champion": new,
         "outcome": "promoted" if promoted else last["from"] if last else "timed out",
         "seconds_after_drift_onset": {
             "drift_detected": after("drift_suspected"),
+            "priors_adjusted": after("reweighted"),
             "challenger_registered": after("evaluating", "retraining"),
-            "new_champion_serving": after("serving", "promoting")},
-        "macro_f1": quality(registry, scenario, old, new),
-        "requests_served": sum(r["ok"] for r in reports),
-        "requests_failed": sum(r["failed"] for r in reports)}
+            "new_champion_serving": after("serving", "promoting"),
+            "priors_confirmed": after("serving", "reweighted")},
+        "macro_f1": quality(registry, scenario, old, new, error_rate), **totals}
 
 
 def run(settings: Settings, settings_args: list[str], scenario: str, teardown: bool,
@@ -152,15 +175,28 @@ def _progress(settings: Settings, job_id: str, shown: int, step: Callable[[str],
     return len(lines)
 
 
-def quality(registry: Registry, scenario: str, old: int, new: int) -> dict:
+def quality(registry: Registry, scenario: str, old: int, new: int,
+            error_rate: float | None) -> dict:
     """Macro-F1 on fresh labelled traffic (a seed of its own): the old champion on clean traffic
-    (the level to recover), each version on the drifted traffic, and the recovered share."""
+    (the level to recover), each version on the drifted traffic, and the recovered share; how
+    the version now served abstains on the drifted traffic (at `error_rate`)."""
     from training.data import generate
+    from training.evaluate import abstention_metrics
+    from training.priors import ratios, training_priors
     from training.retrain import score
 
     models = {v: registry.load_model(MODEL, v) for v in {old, new}}
     clean, drifted = (generate("support-tickets", s, 300, seed=4242) for s in ("base", scenario))
     before = score(models[old], clean, "macro_f1")
     on_drift = {f"v{v}": round(score(m, drifted, "macro_f1"), 4) for v, m in sorted(models.items())}
+    served, weights = f"v{new}", None
+    priors = registry.priors(MODEL, new)
+    if priors:  # the loop answered a label shift with new priors: what serving answers now
+        trained = training_priors(list(priors), registry.reference_profile(MODEL, new).label)
+        served, weights = served + " with its new priors", ratios(priors, dict(zip(priors,
+                                                                                  trained)))
+        on_drift[served] = round(score(models[new], drifted, "macro_f1", weights), 4)
     return {"clean_traffic_before_drift": round(before, 4), "drifted_traffic": on_drift,
-            "recovered": round(on_drift[f"v{new}"] / before, 3)}
+            "recovered": round(on_drift[served] / before, 3),
+            "served_on_drifted_traffic": abstention_metrics(models[new], drifted, error_rate,
+                                                            weights)}

@@ -64,6 +64,23 @@ class CanaryPolicy(BaseModel):
     timeout_s: float = Field(3600, gt=0, description="not enough traffic by then: roll back")
 
 
+class LabelShiftPolicy(BaseModel):
+    """When drift is a label shift the champion answers by new class priors instead of a
+    retrain (`cluster/label_shift.py`): the priors re-estimated from unlabelled traffic moved
+    by at least `min_shift` (total variation) and explain the drift; then confirmed by
+    `min_labels` feedback labels, else a retrain follows."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    min_shift: float = Field(0.05, gt=0, le=1, description="total variation distance between "
+                             "the re-estimated and the training priors")
+    min_labels: int = Field(30, ge=1, description="labels that confirm or refute the priors")
+    max_accuracy_drop: float = Field(0.05, ge=0, le=1, description="feedback accuracy below "
+                                     "the reference's under the new priors by more: retrain")
+    timeout_s: float = Field(3600, gt=0, description="too few labels by then: keep the priors "
+                             "unconfirmed")
+
+
 class ControllerConfig(BaseModel):
     """The closed loop per monitored model: drift -> retrain -> gate -> canary -> promotion."""
 
@@ -82,6 +99,7 @@ class ControllerConfig(BaseModel):
     retrain_cpus_per_worker: float = Field(0.02, gt=0, description="what each asks of the "
                                            "scheduler: a retrain shares the nodes with serving")
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
+    label_shift: LabelShiftPolicy = Field(default_factory=LabelShiftPolicy)
 
 
 class Settings(BaseModel):

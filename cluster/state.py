@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field
 
 from monitoring.files import is_local, quarantine, write_atomic
 
-State = Literal["serving", "drift_suspected", "retraining", "evaluating", "canary", "promoting",
-                "rejected", "rolled_back"]
+State = Literal["serving", "drift_suspected", "reweighted", "retraining", "evaluating", "canary",
+                "promoting", "rejected", "rolled_back"]
 STATES: tuple[str, ...] = State.__args__
 # Steps that own the model: a retrain, a manual promotion or a rollback waits until they end.
 BUSY = ("retraining", "evaluating", "canary", "promoting")
@@ -30,7 +30,8 @@ BUSY = ("retraining", "evaluating", "canary", "promoting")
 _MANUAL = ("retraining", "promoting")
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     "serving": ("drift_suspected", *_MANUAL),
-    "drift_suspected": _MANUAL,
+    "drift_suspected": ("reweighted", *_MANUAL),
+    "reweighted": ("serving", "drift_suspected", *_MANUAL),  # a label shift, priors adjusted
     "retraining": ("evaluating", "rejected"),
     "evaluating": ("canary", "rejected"),
     "canary": ("promoting", "rolled_back"),

@@ -12,12 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from cluster.settings import Settings
+from monitoring.log import now
 from training.data import generate
 from training.errors import LLMOpsError
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request sent
 
 MAX_WAIT_S = 10.0
+LABELLING = ("queue", "random")  # which answers `--feedback` labels
+QUEUE_PAGE = 500  # the most a page of the label queue holds (its default max_limit)
 # application -> (dataset, path under its route prefix)
 TARGETS = {"support": ("support-tickets", "/route"), "moderation": ("moderation", "/")}
 
@@ -35,12 +38,13 @@ def token(settings: Settings) -> str:
 def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed: int,
          fraction: float, concurrency: int, feedback: float = 0.0,
          feedback_prefix: str = "/v1/feedback", bearer: str | None = None,
-         verify: ssl.SSLContext | bool = True) -> dict:
+         verify: ssl.SSLContext | bool = True, labelling: str = "queue") -> dict:
     """Send `n` generated texts (with the `bearer` token; over HTTPS verified by `verify`, as
     `serve_apps.tls.client_context` gives it); the report counts answers by status code and
-    gives latency. A seeded `feedback` share of the answered requests then gets its
-    true label through the feedback application, as human review would (the labels retraining
-    learns from)."""
+    gives latency. A `feedback` share of the answered requests then gets its true label
+    through the feedback application, as human review would (the labels retraining learns
+    from): the ones the platform's queue of pending labels puts first (`labelling` queue), or
+    a seeded random draw (random)."""
     import httpx
 
     if app not in TARGETS:
@@ -49,6 +53,8 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
         raise LLMOpsError(f"--concurrency must be at least 1, got {concurrency}")
     if not 0.0 <= feedback <= 1.0:
         raise LLMOpsError(f"--feedback is a share between 0 and 1, got {feedback}")
+    if labelling not in LABELLING:
+        raise LLMOpsError(f"--labelling is one of {', '.join(LABELLING)}, not {labelling!r}")
     dataset, path = TARGETS[app]
     rows = generate(dataset, scenario, n, seed, fraction)
     url = base_url + route_prefix.rstrip("/") + path
@@ -58,40 +64,85 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
             client.post(url, json={"text": rows.text.iloc[0]})
         except httpx.HTTPError as exc:
             raise LLMOpsError(f"nothing answers at {url} (start it with `llmops up`)") from exc
-
-        def one(i: int) -> tuple[int, float, str | None]:
-            """A request, sent again after `Retry-After` when throttled (429 by the tenant's
-            rate limit, 503 by load shedding) for up to `MAX_WAIT_S`, as a polite client does;
-            its status, seconds and the request id the platform gave it (feedback names it)."""
-            started, waited = time.perf_counter(), 0.0
-            while True:
-                try:
-                    r = client.post(url, json={"text": rows.text.iloc[i]})
-                except httpx.HTTPError:
-                    return 0, time.perf_counter() - started, None
-                wait = float(r.headers.get("retry-after", "inf"))
-                if r.status_code not in (429, 503) or waited + wait > MAX_WAIT_S:
-                    rid = r.json().get("request_id") if r.status_code == 200 else None
-                    return r.status_code, time.perf_counter() - started, rid
-                time.sleep(wait)
-                waited += wait
-
-        started = time.perf_counter()
+        began, started = now().isoformat(), time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            results = list(pool.map(one, range(n)))
+            results = list(pool.map(lambda text: _polite_post(client, url, text), rows.text))
         seconds = time.perf_counter() - started
-        codes = [c for c, _, _ in results]
-        ids = [rid for _, _, rid in results]
-        chosen = np.random.default_rng(seed).random(n) < feedback
-        labelled = [i for i in range(n) if chosen[i] and codes[i] == 200]
-        accepted = _feedback(client, base_url + feedback_prefix.rstrip("/") + "/",
-                             [(ids[i], rows.label.iloc[i]) for i in labelled], concurrency)
+        answered = [(rid, rows.label.iloc[i]) for i, (code, _, rid) in enumerate(results)
+                    if code == 200]
+        labels = _label(client, base_url + feedback_prefix.rstrip("/") + "/", answered,
+                        feedback, labelling, seed, began, concurrency)
+    codes = [c for c, _, _ in results]
     latency = np.array([t for _, t, _ in results]) * 1000
     return {"url": url, "scenario": scenario, "fraction": fraction, "requests": n,
             "ok": codes.count(200), "failed": n - codes.count(200),
             "rps": round(n / seconds, 1), "p50_ms": round(float(np.percentile(latency, 50)), 1),
-            "p99_ms": round(float(np.percentile(latency, 99)), 1),
-            "feedback": {"sent": len(labelled), "accepted": accepted}}
+            "p99_ms": round(float(np.percentile(latency, 99)), 1), "feedback": labels}
+
+
+def _polite_post(client, url: str, text: str) -> tuple[int, float, str | None]:
+    """A request, sent again after `Retry-After` when throttled (429 by the tenant's rate
+    limit, 503 by load shedding) for up to `MAX_WAIT_S`, as a polite client does; its status,
+    seconds and the request id the platform gave it (feedback names it)."""
+    import httpx
+
+    started, waited = time.perf_counter(), 0.0
+    while True:
+        try:
+            r = client.post(url, json={"text": text})
+        except httpx.HTTPError:
+            return 0, time.perf_counter() - started, None
+        wait = float(r.headers.get("retry-after", "inf"))
+        if r.status_code not in (429, 503) or waited + wait > MAX_WAIT_S:
+            rid = r.json().get("request_id") if r.status_code == 200 else None
+            return r.status_code, time.perf_counter() - started, rid
+        time.sleep(wait)
+        waited += wait
+
+
+def _label(client, url: str, answered: list[tuple[str, str]], share: float, labelling: str,
+           seed: int, since: str, concurrency: int) -> dict:
+    """Give a `share` of the `answered` requests (request id, true label) their labels: the
+    queue's first (`labelling` queue) or a seeded random draw."""
+    truth = dict(answered)
+    if labelling == "queue":
+        sent, accepted, reasons = _from_queue(client, url, truth, round(share * len(truth)),
+                                              since, concurrency)
+    else:
+        chosen = np.random.default_rng(seed).random(len(answered)) < share
+        picked = [pair for pair, pick in zip(answered, chosen) if pick]
+        sent, reasons = len(picked), {"random": len(picked)}
+        accepted = _feedback(client, url, picked, concurrency)
+    return {"labelling": labelling, "sent": sent, "accepted": accepted, "reasons": reasons}
+
+
+def _from_queue(client, url: str, truth: dict[str, str], budget: int, since: str,
+                concurrency: int, wait_s: float = 30.0) -> tuple[int, int, dict[str, int]]:
+    """Label `budget` of this run's answers (`truth`: request id -> true label) as the
+    platform's queue of pending labels orders them (`GET /pending`, one page after another),
+    once the log holds them all (it is written every flush interval) or `wait_s` has passed.
+    Returns labels sent, accepted, and how many of each reason the queue gave."""
+    def page(limit: int) -> list[dict]:
+        r = client.get(url + "pending", params={"limit": limit, "since": since})
+        if r.status_code != 200:
+            raise LLMOpsError(f"the label queue answered {r.status_code}: {r.text[:200]}")
+        return [it for it in r.json() if it["request_id"] in truth]
+
+    deadline = time.monotonic() + wait_s
+    while len(page(QUEUE_PAGE)) < min(len(truth), QUEUE_PAGE) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    sent = accepted = 0
+    reasons: dict[str, int] = {}
+    while sent < budget:
+        items = page(min(budget - sent, QUEUE_PAGE))
+        if not items:
+            break
+        for it in items:
+            reasons[it["reason"]] = reasons.get(it["reason"], 0) + 1
+        sent += len(items)
+        accepted += _feedback(client, url, [(it["request_id"], truth[it["request_id"]])
+                                            for it in items], concurrency)
+    return sent, accepted, reasons
 
 
 def _feedback(client, url: str, labels: list[tuple[str, str]], concurrency: int,

@@ -31,6 +31,16 @@ class LogConfig(StrictModel):
                                       "segments under half this size into ones of up to it")
 
 
+class LabelQueueConfig(StrictModel):
+    """The requests awaiting a label (`GET /v1/feedback/pending`, `monitoring/feedback.py`):
+    most of a page is where a label helps most, the rest a uniform sample of the same traffic,
+    so a region where the model is confidently wrong (a concept shift) is still asked about."""
+
+    window: int = Field(5000, ge=10, description="the newest logged answers searched")
+    explore: float = Field(0.3, ge=0, le=1, description="share of a page drawn at random")
+    max_limit: int = Field(500, ge=1, description="the most items one page returns")
+
+
 class DriftThresholds(StrictModel):
     """A metric drifts when its value passes its threshold."""
 
@@ -47,7 +57,8 @@ class DriftThresholds(StrictModel):
     kl_divergence: float = Field(0.05, gt=0, description="KL(window || reference) of the "
                                  "predicted-class distribution, in nats")
     feedback_accuracy_drop: float = Field(0.05, gt=0, le=1, description="accuracy on "
-                                          "feedback labels below that on the reference rows")
+                                          "feedback labels below their mean calibrated "
+                                          "confidence")
 
 
 class DriftConfig(StrictModel):

@@ -6,10 +6,12 @@ with the version in MLflow at registration. Per window Evidently computes: data 
 text descriptors (share of drifted columns), drift of the predicted class (Jensen-Shannon
 distance) and of confidence (Wasserstein distance), and embedding drift (MMD, the fast method:
 see `bench/drift.py`); next to them the KL divergence of the predicted-class distribution and,
-when the window has enough feedback labels, the drop in accuracy against the reference rows
-(concept shift changes the right answers, not the inputs). A window drifts when any metric
-passes its threshold; drift is *declared* when `k` of the last `n` windows drifted (hysteresis:
-one noisy window does not trigger a retrain).
+when the window has enough feedback labels, how far their accuracy falls (beyond chance)
+below what the model's calibrated confidence promised for those very rows (concept shift
+changes the right answers, not the inputs; comparing each labelled row with its own confidence
+keeps the metric fair however the labels were asked for, the uncertain ones first or at
+random). A window drifts when any metric passes its threshold; drift is *declared* when `k`
+of the last `n` windows drifted (hysteresis: one noisy window does not trigger a retrain).
 """
 
 from __future__ import annotations
@@ -150,10 +152,7 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
     ]
     labelled = current.dropna(subset=["label"]) if "label" in current else current.iloc[:0]
     if len(labelled) >= MIN_LABELS and "label" in reference:
-        drop = (float((reference.prediction == reference.label).mean())
-                - float((labelled.prediction == labelled.label).mean()))
-        metrics.append(_metric("feedback_accuracy_drop", drop, t.feedback_accuracy_drop,
-                               "reference - feedback accuracy"))
+        metrics.append(accuracy_shortfall(labelled, reference, t.feedback_accuracy_drop))
     html = None
     if html_path is not None:
         html_path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +163,22 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
                        drifted=any(m.drifted for m in metrics),
                        seconds=round(time.perf_counter() - started, 3), html=html,
                        labelled=len(labelled))
+
+
+def accuracy_shortfall(labelled: pd.DataFrame, reference: pd.DataFrame,
+                       threshold: float) -> Metric:
+    """How far the accuracy of labelled answers falls below the mean of their calibrated
+    confidence (beyond the reference rows' own gap between the two): about 0 while the world is
+    the one the model was calibrated on, whichever answers were chosen for labelling (by
+    confidence or at random). It drifts past `threshold` and two standard errors of chance
+    (each answer right with the probability its confidence says): a few labels of hard
+    answers are not evidence."""
+    confidence = labelled.confidence.to_numpy(float)
+    gap = float(reference.confidence.mean() - (reference.prediction == reference.label).mean())
+    value = float(confidence.mean() - (labelled.prediction == labelled.label).mean() - gap)
+    chance = float(np.sqrt((confidence * (1 - confidence)).sum()) / len(confidence))
+    return Metric("feedback_accuracy_drop", round(value, 4), threshold,
+                  value > max(threshold, 2 * chance), "confidence - feedback accuracy")
 
 
 def windows(log: pd.DataFrame, size: int) -> list[pd.DataFrame]:
@@ -178,6 +193,17 @@ def decide(reports: list[DriftReport], config: DriftConfig, model: str, version:
     drifted = sum(r.drifted for r in recent)
     return Decision(model=model, version=version, drift=drifted >= config.k,
                     drifted_windows=drifted, windows=recent, k=config.k, n=config.n)
+
+
+def reweighted(reference: pd.DataFrame, priors: dict[str, float] | None) -> pd.DataFrame:
+    """The reference profile as the served version sees its world: after the loop adjusted
+    it to a label shift (`priors`), drawn again in the new label proportions, so the shift
+    it already answers is not drift any more."""
+    from training.priors import resample
+
+    if not priors:
+        return reference
+    return resample(reference, list(priors), np.array(list(priors.values())))
 
 
 def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
@@ -203,7 +229,8 @@ def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
     if not full:
         raise NotEnoughData(f"{model} version {version} has {len(log)} logged requests; a drift "
                             f"check needs a window of at least {config.min_rows}")
-    reference = registry.reference_profile(model, version)
+    reference = reweighted(registry.reference_profile(model, version),
+                           registry.priors(model, version))
     if len(reference) > config.reference_rows:
         reference = reference.sample(n=config.reference_rows, random_state=0)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -1,14 +1,19 @@
 """Ground-truth labels from human review, checked against the inference log: the request must
 have been logged and the label must belong to the label set of the model that answered it.
 Accepted labels join the log by request id (`monitoring.log.with_feedback`) for drift checks
-and retraining."""
+and retraining. `pending` is the queue of answers that wait for a label, the most useful
+first: where the loop asks for labels instead of a fixed random share."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import NamedTuple
 
-from monitoring.log import INFERENCE, read
+import pandas as pd
+
+from monitoring.config import LabelQueueConfig
+from monitoring.log import FEEDBACK, INFERENCE, SHADOW, read
 from training.errors import LLMOpsError
 
 # labelled requests before an accuracy counts: a drift window's, or each side of a canary's
@@ -71,3 +76,44 @@ def _checked(record, lab: Label, labels_of) -> dict | LLMOpsError:
                             f"{', '.join(labels)}")
     return {"request_id": lab.request_id, "item": lab.item, "label": lab.label,
             "tenant": record.tenant}
+
+
+def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
+            model: str | None = None, since: datetime | None = None) -> list[dict]:
+    """The classifier answers of `tenant` (of `model`, if given) that wait for a label, the most
+    useful first: where the champion and a shadowing challenger disagree, then the least
+    confident (calibrated confidence: a conformal set of several labels comes first), taken
+    in turn from each predicted label so no label is starved; `explore` of the page is a
+    uniform draw of the rest. Each item says why it was chosen."""
+    log = read(log_uri, INFERENCE, last=config.window, since=since, shadow=True, tenant=tenant,
+               outcome="ok", model=model)
+    log = log[log.prediction.notna() & log.posterior.notna()]
+    if log.empty or limit < 1:
+        return []
+    labelled = read(log_uri, FEEDBACK, request_ids=set(log.request_id), tenant=tenant)
+    done = set(zip(labelled.request_id, labelled.item))
+    log = log[[k not in done for k in zip(log.request_id, log.item)]]
+    shadow = log[log.variant == SHADOW].set_index(["request_id", "item"]).prediction
+    answers = log[log.variant != SHADOW].drop_duplicates(["request_id", "item"], keep="last")
+    other = [shadow.get(k) for k in zip(answers.request_id, answers.item)]
+    disagree = [o is not None and o != p for o, p in zip(other, answers.prediction)]
+    answers = answers.assign(disagree=disagree, reason=["disagreement" if d else "uncertain"
+                                                        for d in disagree])
+    ranked = answers.sort_values(["disagree", "confidence"], ascending=[False, True])
+    explore = round(min(limit, len(ranked)) * config.explore)
+    useful = _interleave(ranked, limit - explore)
+    rest = ranked.drop(index=useful.index)
+    drawn = rest.sample(n=min(explore, len(rest)), random_state=0).assign(reason="random")
+    page = pd.concat([useful, drawn])
+    return [{"request_id": r.request_id, "item": int(r.item), "ts": r.ts.isoformat(),
+             "model": r.model, "model_version": r.model_version, "prediction": r.prediction,
+             "confidence": round(float(r.confidence), 4), "reason": r.reason, "text": r.text}
+            for r in page.itertuples(index=False)]
+
+
+def _interleave(ranked: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The first `n` rows of `ranked` taken in turn from each predicted label (each label's
+    own order kept; the label with the most useful row first)."""
+    turn = ranked.groupby("prediction", sort=False).cumcount()
+    order = ranked.assign(_turn=turn.to_numpy(), _rank=range(len(ranked)))
+    return order.sort_values(["_turn", "_rank"]).head(max(n, 0)).drop(columns=["_turn", "_rank"])

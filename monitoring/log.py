@@ -8,8 +8,9 @@ hidden name and renamed when complete, so readers never see half a file. On a gr
 the replica's `__del__` flushes what is left.
 
 Records hold what drift checks and audits need, not the text: request id, time, tenant,
-application, the model and version of every stage, text descriptors, a projected embedding, the
-prediction, confidence, latency and outcome.
+application, the model and version of every stage, text descriptors, a projected embedding, a
+classifier's posterior under its training priors, the prediction, confidence, latency and
+outcome.
 
 A segment on a local disk is fsynced (file and folder) before it counts as written; a failed
 write keeps its rows for the next try (the periodic flush backs off and goes on), so nothing
@@ -45,7 +46,8 @@ INFERENCE_SCHEMA = pa.schema([
     ("model_version", pa.string()), ("variant", pa.string()),
     ("stages", pa.map_(pa.string(), pa.string())),
     *[(d, pa.float32()) for d in DESCRIPTORS],
-    ("embedding", pa.list_(pa.float32())), ("prediction", pa.string()),
+    ("embedding", pa.list_(pa.float32())), ("posterior", pa.list_(pa.float32())),
+    ("prediction", pa.string()),
     ("confidence", pa.float32()), ("latency_ms", pa.float32()), ("outcome", pa.string()),
     ("text", pa.string()),
 ])

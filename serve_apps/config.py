@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from monitoring.config import LabelQueueConfig
 from serve_apps.policy_config import AuthConfig, GuardrailRule, GuardrailsConfig, QuotaConfig
 from training.config import GpuChoice, StrictModel
 
@@ -307,6 +308,8 @@ class FeedbackAppConfig(_AppConfig):
 
     route_prefix: str = "/v1/feedback"
     policies: list[Policy] = Field(default_factory=lambda: ["audit", "auth"])
+    queue: LabelQueueConfig = Field(default_factory=LabelQueueConfig,
+                                    description="the answers awaiting a label (GET /pending)")
 
 
 class TlsConfig(StrictModel):

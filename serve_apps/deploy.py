@@ -204,6 +204,15 @@ def swap(cluster: ServeCluster, model: str, tracking_uri: str | None, *, version
     return {**cluster.update_models(model, change), "serving": ref}
 
 
+def set_priors(cluster: ServeCluster, model: str, version: int,
+               weights: dict[str, float] | None) -> dict:
+    """Adjust the answers of `model`'s `version` to new class priors (`weights`: `{label: new
+    prior / training prior}`, `training/priors.py`) in every deployment serving it; None
+    serves the posteriors as trained. Other versions (a canary's) are left as they are."""
+    body = {"version": str(version), "weights": weights} if weights else None
+    return cluster.update_models(model, lambda uc: {**uc, "priors": body})
+
+
 def set_canary(cluster: ServeCluster, model: str, tracking_uri: str | None,
                canary: CanaryConfig | None) -> dict:
     """Serve `canary` (a challenger version with a traffic fraction, or shadow) beside the

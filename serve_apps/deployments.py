@@ -252,17 +252,22 @@ class _ModelDeployment:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Classifier(_ModelDeployment):
     """Any registered classifier (support-router, moderation): label, confidence, scores, and
-    the conformal prediction set at the configured `error_rate`."""
+    the conformal prediction set at the configured `error_rate`; the posteriors adjusted to the
+    class priors the controller re-estimated for a version after a label shift (`priors`:
+    `{"version": ..., "weights": {label: new / training prior}}`, a hot change)."""
 
     error_rate: float | None = None
+    priors: dict | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
-        self.error_rate = user_config.get("error_rate")
+        self.error_rate, self.priors = user_config.get("error_rate"), user_config.get("priors")
         await super().reconfigure(user_config)
 
     def run_batch(self, model: LoadedModel, items: list[Item], _params: tuple) -> list[dict]:
-        return [{**r, "batch_size": len(items)}
-                for r in model.classify([it.text for it in items], self.error_rate)]
+        priors = self.priors if self.priors and \
+            str(self.priors["version"]) == model.identity.version else None
+        return [{**r, "batch_size": len(items)} for r in model.classify(
+            [it.text for it in items], self.error_rate, priors and priors["weights"])]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)

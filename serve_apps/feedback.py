@@ -2,23 +2,26 @@
 
 HTTP: `POST /v1/feedback {"request_id": ..., "label": ..., "item": 0}` -> 201. Python:
 `serve.get_app_handle("feedback").submit.remote({...})`. A request id the log does not hold is a
-404, a label outside the answering model's label set a 422.
+404, a label outside the answering model's label set a 422. `GET /v1/feedback/pending?limit=50
+&model=...` (`pending` on the handle) is the caller's tenant's queue of answers awaiting a
+label, the most useful first (`monitoring.feedback.pending`).
 """
 
 import asyncio
 import functools
+from datetime import UTC, datetime
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from monitoring.batching import unwrap
-from monitoring.feedback import Label, feedback_rows
+from monitoring.feedback import Label, feedback_rows, pending
 from monitoring.log import FEEDBACK, SegmentWriter, now
 from serve_apps.auth import Principal
 from serve_apps.call import Answer, Caller
 from serve_apps.config import FeedbackAppConfig, LimitsConfig
-from serve_apps.http import create_app, parse
+from serve_apps.http import InvalidRequest, create_app, parse
 from serve_apps.policies import chain
 
 
@@ -27,6 +30,38 @@ class FeedbackRequest(BaseModel):
     request_id: str = Field(min_length=1, max_length=128)
     label: str = Field(min_length=1, max_length=64)
     item: int = Field(0, ge=0, description="which text of a multi-text request")
+
+
+class PendingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    limit: int = Field(50, ge=1, description="items wanted (at most the queue's max_limit)")
+    model: str | None = Field(None, max_length=128, description="only this model's answers")
+    since: datetime | None = Field(None, description="only answers from then on (ISO 8601; "
+                                   "without a zone, UTC)")
+
+    @field_validator("since")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        except (OverflowError, ValueError) as exc:
+            raise ValueError(f"since is out of range: {exc}") from exc
+
+
+class PendingItem(BaseModel):
+    request_id: str
+    item: int
+    ts: str
+    model: str
+    model_version: str
+    prediction: str
+    confidence: float
+    reason: str = Field(description="disagreement (champion and shadow), uncertain, or random "
+                        "(the uniform share of the page)")
+    text: str | None = Field(description="the text as logged (PII redacted; null when the log "
+                             "keeps no text)")
 
 
 class FeedbackReceipt(BaseModel):
@@ -56,12 +91,39 @@ class FeedbackService:
         self.writer = SegmentWriter.from_settings(log, FEEDBACK)
         self.tracking_uri = tracking_uri
         cfg = FeedbackAppConfig.model_validate(config or {})
+        self.queue = cfg.queue
         self.policies = chain("feedback", cfg.policies, cfg.guardrails, governance)
         app.state.edge = self.policies.edge(LimitsConfig())
 
     @app.post("/", response_model=FeedbackReceipt, status_code=201)
     async def http_submit(self, body: FeedbackRequest, request: Request) -> FeedbackReceipt:
         return await self._submit(body, Caller.http(request))
+
+    @app.get("/pending", response_model=list[PendingItem])
+    async def http_pending(self, request: Request, limit: int = 50, model: str | None = None,
+                           since: str | None = None) -> list[dict]:
+        return await self._pending({"limit": limit, "model": model, "since": since},
+                                   Caller.http(request))
+
+    async def pending(self, request: PendingRequest | dict, correlation_id: str | None = None,
+                      principal: Principal | dict | None = None) -> list[dict]:
+        caller = Caller(correlation_id, principal)
+        return await self.policies.admit("pending", request, caller,
+                                         lambda: self._pending(request, caller))
+
+    async def _pending(self, request: PendingRequest | dict, caller: Caller) -> list[dict]:
+        body = parse(PendingRequest, request)
+        if body.limit > self.queue.max_limit:
+            raise InvalidRequest(f"limit is at most {self.queue.max_limit}, got {body.limit}")
+
+        async def page(call) -> Answer:
+            items = await asyncio.to_thread(pending, self.uri, call.principal.tenant,
+                                            body.limit, self.queue, body.model, body.since)
+            return Answer([f"{len(items)} pending"], [{}], payload=items)
+
+        _, answer = await self.policies.apply(
+            "feedback", [f"pending {body.model or '*'} limit={body.limit}"], caller, page)
+        return answer.payload
 
     async def submit(self, request: FeedbackRequest | dict, correlation_id: str | None = None,
                      principal: Principal | dict | None = None) -> FeedbackReceipt:

@@ -73,6 +73,7 @@ def _row(request_id: str, item: int, ts, tenant: str, application: str, decision
             "model_version": model.get("version"), "variant": model.get("variant"),
             "stages": {k: f"{_get(v, 'name')}/{_get(v, 'version')}" for k, v in stages.items()},
             **{d: features.get(d) for d in DESCRIPTORS}, "embedding": features.get("embedding"),
+            "posterior": features.get("posterior"),
             "prediction": decision.get("label"), "confidence": decision.get("confidence"),
             "latency_ms": latency_ms, "outcome": outcome}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,27 +52,33 @@ class LoadedModel:
         return self.meta["kind"]
 
     @_one_at_a_time
-    def classify(self, texts: Sequence[str], error_rate: float | None = None) -> list[dict]:
-        """Label, calibrated confidence and scores per text, and its drift features (descriptors
-        and the projected embedding: what the inference log keeps instead of the text). With
-        an `error_rate` and a calibrated model, `candidates`: the conformal prediction set, and
-        `abstained` when it is not exactly one label."""
+    def classify(self, texts: Sequence[str], error_rate: float | None = None,
+                 priors: Mapping[str, float] | None = None) -> list[dict]:
+        """Label, calibrated confidence and scores per text, and its drift features (descriptors,
+        the projected embedding and the posterior under the training priors: what the inference
+        log keeps instead of the text). With an `error_rate` and a calibrated model,
+        `candidates`: the conformal prediction set, and `abstained` when it is not exactly one
+        label. `priors` (`{label: new prior / training prior}`, `training/priors.py`) adjusts
+        the answer to a label shift."""
         from training.calibration import prediction_set, temperature, threshold
         from training.features import EMBEDDING_DIMS, input_features
         from training.models import classify
+        from training.priors import adjust, weights
 
         out = classify(self.model, self.tokenizer, texts, self.meta["max_length"],
                        batch_size=max(len(texts), 1), embedding_dims=EMBEDDING_DIMS,
                        temperature=temperature(self.meta))
         labels, calibrated = self.meta["labels"], self.meta.get("calibration")
+        probs = adjust(out.probs, weights(labels, priors)) if priors else out.probs
         q = threshold(calibrated["scores"], error_rate) if calibrated and error_rate else None
-        sets = [None if q is None else [labels[i] for i in prediction_set(p, q)] for p in out.probs]
+        sets = [None if q is None else [labels[i] for i in prediction_set(p, q)] for p in probs]
         return [{"label": labels[int(p.argmax())], "confidence": round(float(p.max()), 6),
                  "scores": {lbl: round(float(x), 6) for lbl, x in zip(labels, p)},
                  **({} if s is None else {"candidates": s, "abstained": len(s) != 1}),
-                 "features": features, "tokens": int(n)}
-                for p, s, features, n in zip(out.probs, sets, input_features(texts, out),
-                                             out.tokens)]
+                 "features": {**features, "posterior": [round(float(x), 6) for x in raw]},
+                 "tokens": int(n)}
+                for p, raw, s, features, n in zip(probs, out.probs, sets,
+                                                  input_features(texts, out), out.tokens)]
 
     @_one_at_a_time
     def generate(self, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,

@@ -13,14 +13,23 @@ from conftest import free_port, register_quick, tiny_settings
 
 from cluster.canary import canary_verdict
 from cluster.controller import PREVIOUS, Controller, Refused
+from cluster.demo import quality
 from cluster.settings import CanaryPolicy
 from cluster.state import ControllerState
 from monitoring.config import LogConfig
+from monitoring.drift import DriftReport, check_model
 from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
 from training.config import GateConfig, RetrainConfig
 from training.data import generate
 from training.errors import InvalidData
-from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
+from training.registry import (
+    CHALLENGER,
+    CHAMPION,
+    GOLDEN_FILE,
+    PRIORS_TAG,
+    REFERENCE_FILE,
+    Registry,
+)
 from training.retrain import ORIGINAL, RECENT, gate, retraining_data
 from training.taskdata import TaskData
 
@@ -126,24 +135,29 @@ def loop(ray_session, tmp_path):
     return settings, registry, Controller(settings, MODEL, registry)
 
 
-def _served(settings, registry, scenario: str, n: int, labelled: int, version: int = 1) -> None:
-    """What serving writes for n requests answered by `version`: log records with the features
-    drift checks read and the (redacted) text, and feedback labels for the first `labelled`."""
+def _served(settings, registry, scenario: str, n: int, labelled: int, version: int = 1,
+            priors: dict | None = None, seed: int = 11) -> None:
+    """What serving writes for n requests answered by `version` (adjusted to `priors`): log
+    records with the features drift checks read and the (redacted) text, and feedback labels
+    for the first `labelled`."""
     from serve_apps.model import load
 
-    df = generate("support-tickets", scenario, n, seed=11)
-    out = load(f"models:/{MODEL}/{version}", registry.tracking_uri).classify(list(df.text))
+    df = generate("support-tickets", scenario, n, seed=seed)
+    out = load(f"models:/{MODEL}/{version}", registry.tracking_uri).classify(list(df.text),
+                                                                            priors=priors)
     writer = SegmentWriter(settings.log_uri, INFERENCE, LogConfig())
     ts = now()
     writer.write_segment([
-        {"request_id": f"q{i}", "item": 0, "ts": ts, "tenant": "default", "application": "support",
+        {"request_id": f"q{seed}-{i}", "item": 0, "ts": ts, "tenant": "default",
+         "application": "support",
          "model": MODEL, "model_version": str(version), "variant": "champion",
          **out[i]["features"], "prediction": out[i]["label"],
          "confidence": float(out[i]["confidence"]), "latency_ms": 5.0, "outcome": "ok",
          "text": df.text[i]} for i in range(n)])
-    SegmentWriter(settings.log_uri, FEEDBACK, LogConfig()).write_segment([
-        {"request_id": f"q{i}", "item": 0, "label": df.label[i], "ts": ts, "tenant": "default"}
-        for i in range(labelled)])
+    if labelled:
+        SegmentWriter(settings.log_uri, FEEDBACK, LogConfig()).write_segment([
+            {"request_id": f"q{seed}-{i}", "item": 0, "label": df.label[i], "ts": ts,
+             "tenant": "default"} for i in range(labelled)])
 
 
 def _canary_traffic(settings, variant: str, n: int, start: int = 0) -> None:
@@ -171,6 +185,64 @@ def test_clean_traffic_never_starts_a_retrain(loop):
     for _ in range(3):
         assert controller.step().state == "serving"
     assert controller.events() == [] and controller.state().retrain_id is None
+
+
+@pytest.fixture
+def accurate(ray_session, tmp_path):
+    """A registry whose router is accurate enough (about 0.93) for its posteriors to say
+    something about the traffic: more rows and epochs than the loop's (about 12 s)."""
+    settings = tiny_settings(tmp_path / "state")
+    settings.ray.dashboard_port = int(ray_session.dashboard.rsplit(":", 1)[1])
+    task = settings.training.tasks[MODEL]
+    settings.training.tasks[MODEL] = task.model_copy(update={
+        "train_size": 1200, "holdout_size": 300,
+        "model": task.model.model_copy(update={"freeze_embeddings": False})})
+    registry = Registry(settings.registry, settings.data_dir)
+    register_quick(settings, registry, MODEL, epochs=10)
+    return settings, registry, Controller(settings, MODEL, registry)
+
+
+def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_labels(accurate):
+    settings, registry, controller = accurate
+    controller.store.save(ControllerState(model=MODEL, state="drift_suspected", champion=1,
+                                          serving_since=time.time() - 1))
+    _served(settings, registry, "label-shift", 600, 0)  # unlabelled: only the posteriors
+    state = controller.step()
+    assert state.state == "reweighted", state.detail
+    shift = state.detail["label_shift"]
+    assert registry.priors(MODEL, 1) == shift["priors"]  # what drift checks now compare with
+    truth = generate("support-tickets", "label-shift", 600, seed=11).label.value_counts(
+        normalize=True)
+    def distance(p):
+        return 0.5 * sum(abs(p.get(k, 0) - truth.get(k, 0)) for k in set(p) | set(truth))
+    assert distance(shift["priors"]) < distance(shift["training"]) / 2
+    assert state.retrain_id is None and state.retrain_started == []  # no retrain
+    # the adjusted answers, labelled: as accurate as the reference under the new priors
+    _served(settings, registry, "label-shift", 80, 40, priors=shift["priors"] and {
+        k: q / shift["training"][k] for k, q in shift["priors"].items()}, seed=12)
+    state = controller.step()
+    assert state.state == "serving" and "confirmed" in controller.events()[-1]["reason"]
+    # drift checks compare the shifted traffic with the reference in the new proportions
+    def newest_window(priors: dict) -> DriftReport:
+        registry.tag_version(MODEL, 1, {PRIORS_TAG: json.dumps(priors)})
+        return check_model(settings.log_uri, registry, settings.monitoring.drift, MODEL,
+                           window=500).windows[-1]
+    assert newest_window({}).drifted and not newest_window(shift["priors"]).drifted
+    # the benchmark's figures read the served version as it answers: with its new priors
+    figures = quality(registry, "label-shift", 1, 1, error_rate=0.05)
+    drifted = figures["drifted_traffic"]
+    assert drifted["v1 with its new priors"] > drifted["v1"]
+    assert figures["recovered"] == round(drifted["v1 with its new priors"]
+                                         / figures["clean_traffic_before_drift"], 3)
+    served = figures["served_on_drifted_traffic"]
+    assert 0.5 < served["coverage"] < 1 and served["precision"] > drifted["v1"]
+    # refuted: labels that disagree with the adjusted answers send the loop to a retrain
+    controller.store.save(state.model_copy(update={"state": "reweighted", "since": time.time()}))
+    _served(settings, registry, "concept-shift", 60, 60, seed=13)
+    state = controller.step()
+    assert state.state == "drift_suspected" and "label_shift_refuted" in state.detail
+    assert controller.label_shift.reweight  # and the next step would retrain, not re-weight
+    assert [e["to"] for e in controller.events()] == ["reweighted", "serving", "drift_suspected"]
 
 
 def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):

@@ -254,6 +254,16 @@ def test_drift_detected_in_one_window_for_every_scenario_and_quiet_on_clean_traf
     assert not any(d.drift for d in decisions)  # 20 consecutive clean windows: never declared
     assert sum(r.drifted for r in clean) <= 2
     assert any(r.labelled == 500 for r in clean)
+    # labels asked for the least confident answers only (the label queue's way): still quiet,
+    # where accuracy against the reference rows' would read as a large drop
+    right = (reference.prediction == reference.label).mean()
+    hardest = [w.assign(label=w.label.where(w.confidence.rank(method="first") <= 40))
+               for w in (_window(model, "base", seed, feedback=True) for seed in (40, 41))]
+    for w in hardest:
+        asked = w.dropna(subset=["label"])
+        assert right - (asked.prediction == asked.label).mean() > config.thresholds \
+            .feedback_accuracy_drop  # what a comparison with the reference rows would see
+        assert not check(w).metric("feedback_accuracy_drop").drifted
 
     for scenario in sorted(set(SCENARIOS) - {"base"}):
         report = check(_window(model, scenario, 100, feedback=True))
@@ -337,6 +347,49 @@ def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
     assert checked[3] == {"request_id": "r1", "item": 0, "label": "billing", "tenant": "default"}
     del checked[3]
     assert [type(c) for c in checked] == [case[4] for case in bad]
+
+
+def test_the_label_queue_puts_disagreements_and_doubts_first_per_label_and_explores(tmp_path):
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    uri = str(tmp_path / "log")
+    rng = np.random.default_rng(0)
+    labels = ["billing", "refund", "shipping"]
+    # 90 answers: billing predicted 60 times, refund 20, shipping 10; confidence known
+    rows = [_record(i, prediction=labels[0 if i < 60 else 1 if i < 80 else 2],
+                    confidence=float(rng.uniform(0.3, 1.0)), posterior=[0.3, 0.3, 0.4],
+                    text=f"ticket {i}") for i in range(90)]
+    rows[5]["confidence"] = 0.99  # confident, but a shadowing challenger says otherwise
+    shadow = {**rows[5], "variant": "shadow", "model_version": "2", "prediction": "refund"}
+    other = [_record(100 + i, tenant="neighbour", confidence=0.01, posterior=[1, 0, 0])
+             for i in range(5)]
+    generated = {**_record(200, confidence=0.01), "posterior": None}  # no posterior: a generator
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment([*rows, shadow, *other, generated])
+    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([  # already labelled: not pending
+        {"request_id": "r7", "item": 0, "label": "billing", "ts": now(), "tenant": "default"}])
+    config = LabelQueueConfig(explore=0.25)
+    page = pending(uri, "default", 12, config)
+    ids = [it["request_id"] for it in page]
+    assert len(page) == 12 and len(set(ids)) == 12
+    assert page[0]["request_id"] == "r5" and page[0]["reason"] == "disagreement"
+    assert not {"r7", "r200"} & set(ids) and not any(i.startswith("r10") for i in ids)
+    useful, drawn = page[:9], page[9:]
+    assert [it["reason"] for it in drawn] == ["random"] * 3
+    assert {it["prediction"] for it in useful[1:4]} == set(labels)  # each label in turn
+    by_label = {}
+    for it in useful[1:]:
+        by_label.setdefault(it["prediction"], []).append(it["confidence"])
+    least = {lab: sorted(round(r["confidence"], 4) for r in rows if r["prediction"] == lab
+                         and r["request_id"] not in ("r5", "r7"))
+             for lab in labels}
+    for lab, seen in by_label.items():  # each label's least confident, in order
+        assert seen == least[lab][:len(seen)]
+    assert page[1]["text"].startswith("ticket") and page[0]["model_version"] == "1"
+    assert pending(uri, "neighbour", 50, config) and all(
+        it["request_id"].startswith("r10") for it in pending(uri, "neighbour", 50, config))
+    assert pending(uri, "default", 12, config, model="moderation") == []
+    assert len(pending(uri, "default", 500, config)) == 89  # all but r7 (the shadow is r5's)
 
 
 def test_health_check_compares_golden_set_figures_with_the_registration(router):

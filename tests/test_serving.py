@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -40,7 +41,7 @@ from monitoring.log import FEEDBACK, read, with_feedback
 from serve_apps.apps import ingress_options
 from serve_apps.auth import SCOPES, Unauthorized
 from serve_apps.config import CanaryConfig, ChatAppConfig, OverloadConfig, ServeConfig
-from serve_apps.deploy import ServeCluster, serve_config, set_canary, swap
+from serve_apps.deploy import ServeCluster, serve_config, set_canary, set_priors, swap
 from serve_apps.deployments import Item, bucket
 from serve_apps.http import InvalidRequest
 from serve_apps.model import load
@@ -669,6 +670,25 @@ def test_canary_split_is_sticky_and_shadow_answers_with_champion(platform):
     assert platform.cluster.status()["moderation"]["deployments"]["Classifier"]["canary"] is None
 
 
+def test_new_class_priors_reach_the_served_version_without_a_restart(platform):
+    """The controller's answer to a label shift: a hot user_config change that adjusts the
+    posteriors of one version; the logged posterior stays the trained one (what the next
+    estimate starts from)."""
+    handle = serve.get_deployment_handle("Classifier", "moderation")
+    labels = platform.registry.labels("moderation", "1")
+    text = "thanks, see you at the meeting tomorrow"
+    before = handle.predict.remote(Item(text, "p-0")).result()
+    rare = min(labels, key=lambda k: before["scores"][k])
+    set_priors(platform.cluster, "moderation", 1, {rare: 1e6})
+    after = handle.predict.remote(Item(text, "p-1")).result()
+    assert after["label"] == rare and after["scores"][rare] > 0.9
+    assert after["features"]["posterior"] == before["features"]["posterior"]
+    set_priors(platform.cluster, "moderation", 2, {rare: 1e6})  # another version: not v1's
+    assert handle.predict.remote(Item(text, "p-2")).result()["label"] == before["label"]
+    set_priors(platform.cluster, "moderation", 1, None)
+    assert handle.predict.remote(Item(text, "p-3")).result()["scores"] == before["scores"]
+
+
 def test_serve_config_reads_use_gpu_auto_as_up_does(platform):
     """One GPU rule: with `use_gpu: auto`, `llmops serve-config` asks the running cluster (2
     logical GPUs here) as `llmops up` does, so model replicas ask for their GPU share."""
@@ -744,6 +764,7 @@ def test_replicas_log_json_lines_carrying_the_platform_request_id(platform):
 
 
 def test_every_request_is_logged_and_feedback_joins_it(platform):
+    began = datetime.now(UTC).isoformat()
     texts = list(generate("moderation", "base", 20, seed=21).text)
     ids = []
     for text in texts:
@@ -794,6 +815,23 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     # another tenant cannot label this tenant's request: 404, as for an unknown one
     with pytest.raises(UnknownRequest, match="no logged request"):
         handle.submit.remote({"request_id": third, "label": "spam"}, None, neighbour).result()
+    # the queue of answers awaiting a label: this tenant's, labelled ones gone, least sure first
+    r = httpx.get(f"{platform.url}/v1/feedback/pending", params={"limit": 500, "since": began},
+                  headers=platform.auth, timeout=30)
+    assert r.status_code == 200, r.text
+    queue = {(it["request_id"], it["item"]): it for it in r.json()}
+    assert (many, 0) in queue and (ids[0], 0) in queue
+    assert (many, 1) not in queue and (third, 0) not in queue
+    assert queue[(ids[0], 0)]["text"] == redact(texts[0]).text
+    page = httpx.get(f"{platform.url}/v1/feedback/pending", params={
+        "limit": 4, "model": "moderation", "since": began}, headers=platform.auth, timeout=30).json()
+    assert len(page) == 4 and {it["model"] for it in page} == {"moderation"}
+    assert not {it["request_id"] for it in handle.pending.remote({"limit": 500}, None,
+                                                                   neighbour).result()} & set(ids)
+    for params in ({"limit": 0}, {"limit": 100_000}, {"limit": "many"}, {"since": "yesterday"}):
+        r = httpx.get(f"{platform.url}/v1/feedback/pending", params=params,
+                      headers=platform.auth, timeout=30)
+        assert r.status_code == 422 and r.json()["detail"], (params, r.text)
 
 
 def test_failing_generator_opens_the_breaker_and_the_fallback_answers_degraded(platform):
@@ -962,8 +1000,10 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
     controller = Controller(settings, "support-router", platform.registry)
     assert controller.state().state == "serving"  # it watches traffic from now on
     run = (platform.env, platform.config)
+    # labelled at random: the tiny routers' confidence on new-product says nothing, so the
+    # label queue's order would only reshuffle noise (its order is tested with the queue)
     sent = [_llmops(run, "traffic", "support", "--scenario", "new-product", "--n", "500",
-                    "--seed", "50", "--feedback", "0.4", "--json")]
+                    "--seed", "50", "--feedback", "0.4", "--labelling", "random", "--json")]
     assert json.loads(sent[0].stdout)["feedback"]["accepted"] >= 150, sent[0].stderr[-2000:]
     time.sleep(1.5)
     seen, state = [], controller.step()
@@ -974,7 +1014,7 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
         if state.state == "canary":  # live traffic for the canary to be judged on
             sent.append(_llmops(run, "traffic", "support", "--scenario", "new-product", "--n",
                                 "200", "--seed", str(60 + len(sent)), "--feedback", "0.5",
-                                "--json"))
+                                "--labelling", "random", "--json"))
             time.sleep(1.5)
         else:
             time.sleep(2)

@@ -42,6 +42,27 @@ def classification_metrics(probs: np.ndarray, y_true: Sequence[str], labels: Seq
     }
 
 
+def abstention_metrics(task_model, df, error_rate: float | None,
+                       priors: dict[str, float] | None = None) -> dict:
+    """How a registered classifier (`TaskModel`, adjusted to `priors`) that abstains at
+    `error_rate` (conformal sets, `training/calibration.py`; None, or an uncalibrated model:
+    never) does on labelled rows: calibration error, the share it answers (coverage) and the
+    accuracy of those answers (precision)."""
+    from training.calibration import Calibration, prediction_set, threshold
+
+    labels = task_model.meta["labels"]
+    out = task_model.predict(None, df[["text"]], {"priors": priors})
+    probs = out[[f"prob_{lbl}" for lbl in labels]].to_numpy()
+    y = _indices(df.label, labels)
+    calibration = Calibration.of(task_model.meta)
+    q = threshold(calibration.scores, error_rate) if calibration and error_rate else None
+    answered = np.array([q is None or len(prediction_set(p, q)) == 1 for p in probs])
+    right = probs.argmax(axis=1) == y
+    return {"ece": round(expected_calibration_error(probs, y), 4),
+            "coverage": round(float(answered.mean()), 4),
+            "precision": round(float(right[answered].mean()), 4) if answered.any() else None}
+
+
 def evaluate_classifier(model, tokenizer, holdouts: dict, labels: Sequence[str],
                         max_length: int, temperature: float = 1.0) -> dict[str, dict]:
     """Metrics per named holdout (each a DataFrame with `text` and `label`) with the calibrated

@@ -54,5 +54,6 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
     profile = pd.DataFrame(input_features(list(sample.text), out))
     profile["prediction"] = [labels[int(i)] for i in out.probs.argmax(axis=1)]
     profile["confidence"] = out.probs.max(axis=1).astype(float)
+    profile["posterior"] = [p.astype(np.float32).tolist() for p in out.probs]
     profile["label"] = list(sample.label)
     return profile

@@ -39,8 +39,9 @@ def load_hf(folder: Path):
 
 class TaskModel(mlflow.pyfunc.PythonModel):
     """`predict(DataFrame[text])`: label, confidence and per-class probabilities for
-    classifiers; the generated text and its confidence for language models (params:
-    max_new_tokens, temperature, seed)."""
+    classifiers (param `priors`: `{label: new / training prior}` adjusts them to a label
+    shift, `training/priors.py`); the generated text and its confidence for language models
+    (params: max_new_tokens, temperature, seed)."""
 
     @classmethod
     def from_folder(cls, folder: Path) -> TaskModel:
@@ -55,12 +56,15 @@ class TaskModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from training.calibration import temperature
         from training.models import generate_text, predict_proba  # torch only where models run
+        from training.priors import adjust, weights
 
         texts = [str(t) for t in model_input["text"]]
         if self.meta["kind"] == "classification":
             probs = predict_proba(self.model, self.tokenizer, texts, self.meta["max_length"],
                                   temperature=temperature(self.meta))
             labels = self.meta["labels"]
+            if (params or {}).get("priors"):
+                probs = adjust(probs, weights(labels, params["priors"]))
             out = pd.DataFrame(probs, columns=[f"prob_{lbl}" for lbl in labels])
             out.insert(0, "confidence", probs.max(axis=1) if len(texts) else [])
             out.insert(0, "label", [labels[i] for i in probs.argmax(axis=1)])

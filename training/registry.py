@@ -8,6 +8,7 @@ deleted again: a failure part-way leaves no half-registered version behind.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import tempfile
@@ -26,6 +27,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 # Tables under each run's data/: the training data, the reference profile for drift checks and
 # the golden set of the health check.
 REFERENCE_FILE, PROFILE_FILE, GOLDEN_FILE = "reference.parquet", "profile.parquet", "golden.parquet"
+PRIORS_TAG = "llmops.priors"  # a version's re-estimated class priors, JSON {label: prior}
 
 
 @dataclass
@@ -230,6 +232,12 @@ class Registry:
     def tag_version(self, name: str, version: int, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, str(version), key, value)
+
+    def priors(self, name: str, version: str) -> dict[str, float] | None:
+        """The class priors the loop re-estimated for a version after a label shift
+        (`PRIORS_TAG`, set by the controller), or None: the training priors hold."""
+        tag = self._version(name, version).tags.get(PRIORS_TAG)
+        return json.loads(tag) if tag else None
 
     def alias_version(self, name: str, alias: str) -> int | None:
         from mlflow.exceptions import MlflowException

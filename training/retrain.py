@@ -63,11 +63,13 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                     scenario="retrain", golden=golden.reset_index(drop=True), notes=notes)
 
 
-def score(task_model, holdout: pd.DataFrame, metric: str) -> float:
-    """`metric` of a registered classifier (`TaskModel`) on a labelled holdout; macro-F1 over
-    the holdout's own labels (a holdout without some labels, such as a golden set whose moved
-    labels are skipped, is not scored 0 on a label it does not hold)."""
-    predicted = task_model.predict(None, holdout[["text"]])["label"]
+def score(task_model, holdout: pd.DataFrame, metric: str,
+          priors: dict[str, float] | None = None) -> float:
+    """`metric` of a registered classifier (`TaskModel`, adjusted to `priors` if given) on a
+    labelled holdout; macro-F1 over the holdout's own labels (a holdout without some labels,
+    such as a golden set whose moved labels are skipped, is not scored 0 on a label it does
+    not hold)."""
+    predicted = task_model.predict(None, holdout[["text"]], {"priors": priors})["label"]
     if metric == "accuracy":
         return float(accuracy_score(holdout["label"], predicted))
     return float(f1_score(holdout["label"], predicted, labels=sorted(holdout["label"].unique()),

@@ -1,0 +1,160 @@
+"""Whether drift is a label shift the champion can answer with new class priors, and whether
+the labels that arrive afterwards confirm it (`detect`, `confirm`: pure), and the controller's
+steps that read the log and act on the answers (`LabelShiftSteps`).
+
+A label shift changes how often each label comes, not what each label's inputs look like. So
+the priors are re-estimated by EM from the logged posteriors of unlabelled traffic
+(`training/priors.py`), the reference profile is drawn again in the new proportions, and the
+same Evidently drift check runs on the recent window against it: if the drift is gone, the new
+priors explain it. Feedback labels then judge the adjusted answers by the drift check's own
+rule: their accuracy may not fall below their calibrated confidence (`monitoring/drift.py`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+
+from cluster.settings import LabelShiftPolicy
+from monitoring.config import DriftConfig
+from monitoring.drift import NotEnoughData, accuracy_shortfall, check_window
+from training import priors as em
+
+
+@dataclass(frozen=True)
+class Shift:
+    priors: dict[str, float]    # re-estimated (what serving adjusts to)
+    training: dict[str, float]  # the reference profile's label frequencies
+    moved: float                # total variation distance between the two
+    rows: int                   # unlabelled requests the estimate comes from
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return em.ratios(self.priors, self.training)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        moves = sorted(self.priors, key=lambda k: -abs(self.priors[k] - self.training[k]))[:4]
+        return ", ".join(f"{k} {self.training[k]:.2f}->{self.priors[k]:.2f}" for k in moves)
+
+
+def detect(window: pd.DataFrame, reference: pd.DataFrame, labels: list[str],
+           policy: LabelShiftPolicy, drift: DriftConfig, model: str, version: str) -> Shift | None:
+    """The label shift that explains the drift of `window` (the champion's newest logged
+    requests, with their `posterior`) from `reference` (its profile, with true labels), or
+    None: the priors did not move enough, or moving them leaves drift behind."""
+    window = window[window.posterior.notna()]
+    if len(window) < drift.min_rows:
+        return None
+    train = em.training_priors(labels, reference.label)
+    new = em.estimate(np.stack(window.posterior.to_numpy()), train)
+    moved = float(0.5 * np.abs(new - train).sum())
+    if moved < policy.min_shift:
+        return None
+    try:
+        report = check_window(window, em.resample(reference, labels, new), drift.thresholds_for(
+            model), model=model, version=version, min_rows=drift.min_rows,
+            sample_rows=drift.sample_rows)
+    except NotEnoughData:
+        return None
+    if report.drifted:
+        return None
+    return Shift(priors={k: round(float(q), 6) for k, q in zip(labels, new)},
+                 training={k: round(float(p), 6) for k, p in zip(labels, train)},
+                 moved=round(moved, 4), rows=len(window))
+
+
+def confirm(labelled: pd.DataFrame, reference: pd.DataFrame,
+            policy: LabelShiftPolicy) -> tuple[bool | None, str]:
+    """Whether the adjusted answers since the priors moved (`labelled`: log rows with a
+    feedback `label`) are as accurate as their calibrated confidence says, as on the reference
+    rows; None while fewer than `min_labels` have come."""
+    if len(labelled) < policy.min_labels:
+        return None, f"{len(labelled)} of {policy.min_labels} labels to confirm the new priors"
+    shortfall = accuracy_shortfall(labelled, reference, policy.max_accuracy_drop)
+    accuracy = float((labelled.prediction == labelled.label).mean())
+    return not shortfall.drifted, (
+        f"feedback accuracy {accuracy:.3f} on {len(labelled)} labels, "
+        f"{shortfall.value:+.3f} from their confidence")
+
+
+class LabelShiftSteps:
+    """The controller's two label-shift steps (`Controller` composes them): from
+    `drift_suspected`, adjust the champion to the priors that explain the drift; in
+    `reweighted`, wait for the labels that confirm them (back to `serving`) or refute them
+    (`drift_suspected`, which then retrains)."""
+
+    def __init__(self, controller):
+        self.c = controller
+
+    def reweight(self, state):
+        """`reweighted` with the champion's answers adjusted, or None: not a label shift."""
+        from monitoring.log import read
+
+        c, drift = self.c, self.c.settings.monitoring.drift
+        window = read(c.settings.log_uri, model=c.model, outcome="ok",
+                      since=_moment(state.serving_since), last=drift.window)
+        version = str(state.champion)
+        shift = detect(window[window.model_version == version],
+                       c.registry.reference_profile(c.model, version),
+                       c.registry.labels(c.model, version), c.settings.controller.label_shift,
+                       drift, c.model, version)
+        if shift is None:
+            return None
+        self._set_priors(state.champion, shift)
+        return c._to(state, "reweighted", f"label shift explains the drift: priors re-estimated "
+                     f"from {shift.rows} requests ({shift.describe()}); answers adjusted, no "
+                     f"retrain", detail={**state.detail, "label_shift": shift.to_dict()})
+
+    def _set_priors(self, version: int, shift: Shift | None) -> None:
+        """The version's priors as the registry records them (what drift checks read) and as
+        its replicas apply them (a hot user_config change); None: the training priors again.
+        Idempotent."""
+        from serve_apps.deploy import set_priors
+        from training.refs import UnknownModel
+        from training.registry import PRIORS_TAG
+
+        c = self.c
+        c.registry.tag_version(c.model, version, {PRIORS_TAG: json.dumps(
+            shift.priors if shift else {})})
+        try:
+            set_priors(c._serve(), c.model, version, shift.weights if shift else None)
+        except UnknownModel:
+            pass  # not deployed: nothing answers yet
+
+    def clear(self, version: int) -> None:
+        """Serve `version` with the priors it was trained on again (what a benchmark does
+        before each scenario)."""
+        self._set_priors(version, None)
+
+    def confirm(self, state):
+        from monitoring.log import FEEDBACK, read, with_feedback
+
+        c, policy = self.c, self.c.settings.controller.label_shift
+        since = _moment(state.since)
+        rows = with_feedback(read(c.settings.log_uri, model=c.model, outcome="ok", since=since),
+                             read(c.settings.log_uri, FEEDBACK, since=since))
+        rows = rows[(rows.model_version == str(state.champion)) & rows.label.notna()]
+        shift = state.detail["label_shift"]
+        verdict, reason = confirm(rows, c.registry.reference_profile(c.model, state.champion),
+                                  policy)
+        if verdict is None:
+            if time.time() - state.since > policy.timeout_s:
+                return c._to(state, "serving", f"label shift unconfirmed ({reason}); the new "
+                             f"priors stay", detail={"label_shift": shift})
+            return c._hold(state, reason)
+        if verdict:
+            return c._to(state, "serving", f"label shift confirmed: {reason}",
+                         detail={"label_shift": shift})
+        return c._to(state, "drift_suspected", f"label shift refuted: {reason}; retrain",
+                     detail={**state.detail, "label_shift_refuted": reason})
+
+
+def _moment(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
