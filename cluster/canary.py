@@ -4,6 +4,8 @@ acts on the verdict."""
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from cluster.settings import CanaryPolicy
@@ -14,7 +16,8 @@ from monitoring.log import SHADOW
 def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | None, str, dict]:
     """Champion against challenger over the same period (log rows with `variant`, `outcome`,
     `latency_ms`, `confidence` and maybe `label`): None while the challenger has answered fewer
-    than `min_requests`, else whether it may be promoted and why. A shadowing challenger's
+    than `min_requests`, else whether it may be promoted and why. Feedback accuracy fails it
+    only past the allowance and two standard errors of chance. A shadowing challenger's
     answers count as the challenger's (its latency is the request's, so only the other
     criteria tell the two apart)."""
     rows = rows.assign(variant=rows.variant.replace(SHADOW, "challenger"))
@@ -42,7 +45,7 @@ def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | Non
     if cc["confidence"] < ch["confidence"] - policy.max_confidence_drop:
         failures.append(f"confidence {cc['confidence']:.3f} vs {ch['confidence']:.3f}")
     if min(cc["labelled"], ch["labelled"]) >= MIN_LABELS and \
-            cc["accuracy"] < ch["accuracy"] - policy.max_accuracy_drop:
+            ch["accuracy"] - cc["accuracy"] > max(policy.max_accuracy_drop, 2 * _chance(ch, cc)):
         failures.append(f"feedback accuracy {cc['accuracy']:.3f} vs {ch['accuracy']:.3f}")
     if failures:
         return False, "worse than the champion: " + "; ".join(failures), stats
@@ -50,3 +53,9 @@ def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | Non
                   f"{cc['error_rate']:.3f}, p50 {cc['latency_p50_ms']:.0f} ms, confidence "
                   f"{cc['confidence']:.3f})"), stats
 
+
+
+def _chance(a: dict, b: dict) -> float:
+    """The standard error of the difference of two sides' feedback accuracies: a drop within
+    two of them is what 30-odd labels a side show by chance."""
+    return math.sqrt(sum(s["accuracy"] * (1 - s["accuracy"]) / s["labelled"] for s in (a, b)))

@@ -94,12 +94,16 @@ class LabelShiftSteps:
         self.c = controller
 
     def reweight(self, state):
-        """`reweighted` with the champion's answers adjusted, or None: not a label shift."""
-        from monitoring.log import read
+        """`reweighted` with the champion's answers adjusted, or None: not a label shift. The
+        window carries its feedback labels: answers that labels show wrong (a concept shift,
+        with inputs unchanged) are drift no new priors explain."""
+        from monitoring.log import FEEDBACK, read, with_feedback
 
         c, drift = self.c, self.c.settings.monitoring.drift
-        window = read(c.settings.log_uri, model=c.model, outcome="ok",
-                      since=_moment(state.serving_since), last=drift.window)
+        since = _moment(state.serving_since)
+        window = with_feedback(read(c.settings.log_uri, model=c.model, outcome="ok",
+                                    since=since, last=drift.window),
+                               read(c.settings.log_uri, FEEDBACK, since=since))
         version = str(state.champion)
         shift = detect(window[window.model_version == version],
                        c.registry.reference_profile(c.model, version),
@@ -152,6 +156,7 @@ class LabelShiftSteps:
         if verdict:
             return c._to(state, "serving", f"label shift confirmed: {reason}",
                          detail={"label_shift": shift})
+        self._set_priors(state.champion, None)  # the trained priors again, until a retrain
         return c._to(state, "drift_suspected", f"label shift refuted: {reason}; retrain",
                      detail={**state.detail, "label_shift_refuted": reason})
 

@@ -75,6 +75,10 @@ def test_canary_verdict_compares_the_challenger_with_the_champion_over_the_same_
     verdict, reason, stats = canary_verdict(pd.concat([champion, shadow]), policy)
     assert verdict is False and "feedback accuracy" in reason
     assert stats["challenger"]["requests"] == 100
+    # a drop past the allowance but within chance at 40 labels a side is no evidence
+    close = canary_verdict(pd.concat([champion, _rows("challenger", 100, right=0.85,
+                                                      labelled=40)]), policy)
+    assert close[0] is True and close[2]["challenger"]["accuracy"] < 0.9 - policy.max_accuracy_drop
     # 20 labels are too few to judge accuracy by
     few = canary_verdict(pd.concat([champion, _rows("challenger", 100, right=0.7, labelled=20)]),
                          policy)
@@ -241,8 +245,13 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
     _served(settings, registry, "concept-shift", 60, 60, seed=13)
     state = controller.step()
     assert state.state == "drift_suspected" and "label_shift_refuted" in state.detail
-    assert controller.label_shift.reweight  # and the next step would retrain, not re-weight
+    assert registry.priors(MODEL, 1) is None  # refuted priors are not served
     assert [e["to"] for e in controller.events()] == ["reweighted", "serving", "drift_suspected"]
+    # a concept shift whose labels came with it is not taken for a label shift: it retrains
+    controller.store.save(ControllerState(model=MODEL, state="drift_suspected", champion=1,
+                                          serving_since=time.time()))
+    _served(settings, registry, "concept-shift", 300, 300, seed=14)
+    assert controller.step().state == "retraining"
 
 
 def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):

@@ -237,7 +237,7 @@ class Registry:
         """The class priors the loop re-estimated for a version after a label shift
         (`PRIORS_TAG`, set by the controller), or None: the training priors hold."""
         tag = self._version(name, version).tags.get(PRIORS_TAG)
-        return json.loads(tag) if tag else None
+        return (json.loads(tag) or None) if tag else None
 
     def alias_version(self, name: str, alias: str) -> int | None:
         from mlflow.exceptions import MlflowException
