@@ -143,7 +143,8 @@ def register_quick(settings: Settings, registry, task: str, epochs: int = 6, see
                               history=[], ds_config={}, started=started)
 
 
-MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+MONITORING = ROOT / "monitoring"
 
 
 def dashboard_exprs() -> list[str]:

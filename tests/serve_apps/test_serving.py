@@ -25,6 +25,7 @@ import pytest
 import yaml
 from conftest import (
     MONITORING,
+    ROOT,
     dashboard_exprs,
     exposed,
     free_port,
@@ -113,7 +114,7 @@ def _settings(state: Path, port: int):
     # moderation's models have replicas of their own; support's router and encoder run inline
     # (`auto`), its generator in a replica of its own (`auto`); chat's generator inline
     # this tiny moderation model is unsure of most toxic posts at any error rate that covers
-    # its labels: abstention is off here (held posts: tests/test_deployments.py)
+    # its labels: abstention is off here (held posts: tests/serve_apps/test_deployments.py)
     classifier = {"model": "models:/moderation@champion", **ONE_REPLICA, "placement": "replica",
                   "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
                   "error_rate": None}
@@ -253,7 +254,7 @@ def test_the_benchmark_peers_answer_as_the_platform_does(platform):
     Serve application; the ones with models give the platform's answers."""
     from fastapi.testclient import TestClient
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     from peers import load_models, naive_app, noop_app, plain_serve_app, run_pipeline
 
     cfg = ServeConfig.model_validate(yaml.safe_load(platform.config.read_text())["serve"])
@@ -288,7 +289,7 @@ def test_the_benchmark_peers_answer_as_the_platform_does(platform):
 def test_the_bentoml_peer_answers_as_the_platform_does(platform):
     """`bench/serve.py`'s BentoML peer (adaptive batching) gives the models' answers; it runs
     from an environment of its own, which `make bench-env` makes (not part of `make test`)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     from peers import BENTOML, bentoml_server, load_models, run_pipeline
     from stack import PIPELINES
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from monitoring.audit import AuditChain, verify
 from monitoring.config import AuditConfig
@@ -106,7 +107,7 @@ WRITER = textwrap.dedent("""
 def test_a_writer_killed_mid_load_loses_no_acknowledged_record(tmp_path):
     folder = tmp_path / "audit"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(folder)], stdout=subprocess.PIPE,
-                            text=True, cwd=Path(__file__).resolve().parents[1])
+                            text=True, cwd=ROOT)
     acked = 0
     while acked < 400:
         acked = int(proc.stdout.readline())

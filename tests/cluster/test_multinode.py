@@ -24,13 +24,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, register_quick, tiny_settings
+from conftest import ROOT, free_port, register_quick, tiny_settings
 
 from cluster.capacity import load_cluster_config
 from cluster.runtime import PLATFORM_ENV
 
 pytestmark = pytest.mark.own_ray
-ROOT = Path(__file__).resolve().parent.parent
 # Fast failure detection, as Ray's own tests use: a dead node is noticed in about 3 s.
 FAST_HEALTH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
                "health_check_failure_threshold": 3}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from cluster.capacity import Unplaceable, check, load_cluster_config, placements
 from cluster.manifests import rayservice, serve_config_of, write_all
@@ -17,7 +18,6 @@ from cluster.settings import load_settings
 from serve_apps.config import TlsConfig
 from training.errors import LLMOpsError
 
-ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
 CLUSTER_SETTINGS = ROOT / "cluster" / "config" / "llmops.yaml"
 
