@@ -13,13 +13,16 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export TOKENIZERS_PARALLELISM = false
 export RAY_AUTH_MODE = disabled
 export PYTHONUNBUFFERED = 1
+# pip installs without compiling every module of every package (torch, transformers and ray ship
+# thousands never imported here); Python compiles what is imported on first use and keeps it
+unexport PYTHONDONTWRITEBYTECODE
 # (the local head binds the dashboard to 127.0.0.1; see cluster.yaml for a shared cluster)
 
 .PHONY: install demo test lint bench bench-env manifests clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade-strategy only-if-needed -e '.[dev]'
+	$(PY) -m pip install --quiet --no-compile --upgrade-strategy only-if-needed -e '.[dev]'
 	@# promtool (Debian's prometheus package) runs the alert rules' unit tests
 	command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "the local secret (<data_dir>/auth/jwt_secret, made if absent)")
     create.add_argument("--tenant", required=True)
     create.add_argument("--scopes", nargs="+", required=True,
-                        help="moderate, support, chat, feedback, admin")
+                        help="moderate, support, chat, feedback, advise, admin")
     create.add_argument("--subject", help="the principal (default <tenant>-dev)")
     create.add_argument("--ttl", type=int, help="seconds the token is valid (default "
                         "serve.auth.default_ttl_s)")
@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", help="ISO 8601 time, inclusive (UTC unless it says)")
     export.add_argument("--until", help="ISO 8601 time, exclusive")
     export.set_defaults(func=commands.cmd_audit_export)
+    replay = audit_sub.add_parser("replay", parents=[common], help="run an answer's recorded "
+                                  "tool calls (simulations) again; exit 1 if a figure differs")
+    replay.add_argument("request_id", metavar="REQUEST_ID")
+    replay.add_argument("--json", action="store_true")
+    replay.set_defaults(func=commands.cmd_audit_replay)
 
     ctl = sub.add_parser("controller", parents=[common],
                          help="the closed loop per model: drift -> retrain -> gate -> canary -> "

@@ -267,6 +267,25 @@ def cmd_audit_export(args) -> None:
         print(line)
 
 
+def cmd_audit_replay(args) -> Output:
+    from monitoring.audit import find
+    from serve_apps.portfolio import replay
+
+    settings = _settings(args)
+    record = find(settings.audit_dir, args.request_id)
+    if record is None:
+        raise LLMOpsError(f"no audit record of request {args.request_id!r} in "
+                          f"{settings.audit_dir}")
+    if not record.get("tools"):
+        raise LLMOpsError(f"request {args.request_id} ({record['application']}) made no tool "
+                          f"call to replay")
+    results = [replay(tool, settings.serve.advisor.portfolio) for tool in record["tools"]]
+    payload = {"request_id": args.request_id, "ts": record["ts"],
+               "models": record["models"], "match": all(r["match"] for r in results),
+               "tools": results}
+    return Output(payload, views.replay, exit_code=0 if payload["match"] else 1)
+
+
 def cmd_demo(args) -> Output:
     from cluster import demo
 

@@ -181,9 +181,8 @@ def quality(registry: Registry, scenario: str, old: int, new: int,
     (the level to recover), each version on the drifted traffic, and the recovered share; how
     the version now served abstains on the drifted traffic (at `error_rate`)."""
     from training.data import generate
-    from training.evaluate import abstention_metrics
+    from training.evaluate import abstention_metrics, score
     from training.priors import ratios, training_priors
-    from training.retrain import score
 
     models = {v: registry.load_model(MODEL, v) for v in {old, new}}
     clean, drifted = (generate("support-tickets", s, 300, seed=4242) for s in ("base", scenario))

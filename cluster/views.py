@@ -155,6 +155,18 @@ def audit(p: dict) -> str:
     return f"audit chain BROKEN at {bad['file']} line {bad['line']}: {bad['reason']}"
 
 
+def replay(p: dict) -> str:
+    lines = [f"request {p['request_id']} ({p['ts']}): "
+             f"{'figures MATCH' if p['match'] else 'figures DIFFER'}"]
+    for t in p["tools"]:
+        config = "" if t["same_config"] else " (the configuration changed since)"
+        lines.append(f"  {t['tool']} seed {t['seed']}: {t['figures'] - len(t['differences'])} "
+                     f"of {t['figures']} figures equal{config}")
+        lines += [f"    {k}: recorded {d['recorded']}, now {d['replayed']}"
+                  for k, d in t["differences"].items()]
+    return "\n".join(lines)
+
+
 def demo(p: dict) -> str:
     f1, at = p["macro_f1"], p["seconds_after_drift_onset"]
     drifted = ", ".join(f"{v} {x:.3f}" for v, x in f1["drifted_traffic"].items())

@@ -271,6 +271,17 @@ def verify(folder: str | Path, anchor: str | Path | None = None) -> Verification
     return Verification(True, count, len(files))
 
 
+def find(folder: str | Path, request_id: str) -> dict | None:
+    """The audit record of `request_id` (the newest, were there several), or None."""
+    found, needle = None, json.dumps(request_id)
+    for path in _files(Path(folder)):
+        with path.open(encoding="utf-8") as f:
+            for raw in f:
+                if needle in raw and (record := json.loads(raw))["request_id"] == request_id:
+                    found = record
+    return found
+
+
 def export(folder: str | Path, since: datetime | None = None,
            until: datetime | None = None) -> Iterator[str]:
     """The audit lines with `ts` in [since, until), as written (JSON lines for a shipper)."""

@@ -1,5 +1,5 @@
 """The health check: each champion measured again on its golden set (quality, confidence, batch
-latency) through the same function as at registration (`training/golden.py`), compared with the
+latency) through the same function as at registration (`training/evaluate.py`), compared with the
 figures registration recorded. A figure beyond its tolerance, or a champion that cannot be
 measured, makes the check fail (`llmops healthcheck` exits 1).
 """
@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from monitoring.config import HealthConfig
 from training.errors import UnknownName
-from training.golden import QUALITY, measure
+from training.evaluate import QUALITY, measure
 from training.registry import CHAMPION, GOLDEN_FILE
 
 

@@ -5,15 +5,20 @@ pipeline's replica or a deployment of its own (`placement`, `serve_apps/stages.p
 Every model reference is pinned to an exact version when an application is built or swapped, so
 all replicas, including ones the autoscaler adds later, serve the same version even if the
 registry alias moves meanwhile.
+
+Pipelines are imported only when their application is built: Serve builds each application in
+a process of its own, and a service over no model (feedback, advisor) never loads torch.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from ray.serve import Application
 
 from serve_apps.adapters import as_config, pin_adapters
-from serve_apps.chat import ChatPipeline
 from serve_apps.config import (
+    AdvisorAppConfig,
     ChatAppConfig,
     FeedbackAppConfig,
     ModelDeploymentConfig,
@@ -21,10 +26,6 @@ from serve_apps.config import (
     OverloadConfig,
     SupportAppConfig,
 )
-from serve_apps.feedback import FeedbackService
-from serve_apps.moderation import ModerationPipeline
-from serve_apps.stages import MODELS
-from serve_apps.support import SupportPipeline
 from training.refs import pin
 
 
@@ -84,7 +85,8 @@ def app_deployments(name: str, app_cfg, ingress_cpus: float, use_gpu: bool,
     its pipeline (with the user_config and resources of its inline models, `stages`) and
     each model with a replica of its own."""
     pipeline, models = APPS[name]
-    ingress = ingress_options(app_cfg.overload, ingress_cpus)
+    ingress = ingress_options(app_cfg.overload, app_cfg.ingress_cpus or ingress_cpus)
+    pipeline_name = pipeline.rsplit(":", 1)[1]  # the deployment's name: its class's
     out, inline = {}, {}
     for dep, field in models.items():
         md: ModelDeploymentConfig = getattr(app_cfg, field)
@@ -100,23 +102,27 @@ def app_deployments(name: str, app_cfg, ingress_cpus: float, use_gpu: bool,
         ingress["user_config"] = {"models": inline}
     if app_cfg.autoscaling is not None:
         ingress["autoscaling_config"] = app_cfg.autoscaling.model_dump(exclude_none=True)
-    return {pipeline.name: ingress, **out}
+    return {pipeline_name: ingress, **out}
 
 
 def _pipeline(name: str, args: dict) -> Application:
     """args: config (the application's config), limits, tracking_uri, use_gpu, gpu_resource,
     ingress_cpus, log (the inference log's uri and LogConfig; absent: no log) and governance
     (what the policies need, `serve_apps.policies.chain`; absent: no policies)."""
-    pipeline, models = APPS[name]
+    path, models = APPS[name]
+    module, class_name = path.rsplit(":", 1)
+    pipeline = getattr(importlib.import_module(module), class_name)
     uri = args["tracking_uri"]
     options = app_deployments(name, CONFIGS[name].model_validate(args["config"]),
                               args["ingress_cpus"], args["use_gpu"], uri, args.get("gpu_resource"))
-    if name == "feedback":
-        return pipeline.options(**options[pipeline.name]).bind(
+    if not models:  # a service over no model: feedback, advisor
+        return pipeline.options(**options[class_name]).bind(
             args["log"], uri, args["config"], args.get("governance"))
+    from serve_apps.stages import MODELS
+
     stages = [MODELS[dep].options(**options[dep]).bind(uri) if dep in options else None
               for dep in models]
-    return pipeline.options(**options[pipeline.name]).bind(
+    return pipeline.options(**options[class_name]).bind(
         *stages, args["config"], args["limits"], uri, args.get("log"), args.get("governance"))
 
 
@@ -136,13 +142,20 @@ def feedback(args: dict) -> Application:
     return _pipeline("feedback", args)
 
 
-# application name -> (its pipeline deployment, its model stages: deployment name -> config field)
+def advisor(args: dict) -> Application:
+    return _pipeline("advisor", args)
+
+
+# application name -> (its pipeline deployment as module:class, its model stages: deployment
+# name -> config field)
 APPS = {
-    "moderation": (ModerationPipeline, {"Classifier": "classifier", "Generator": "generator"}),
-    "support": (SupportPipeline, {"Classifier": "classifier", "Encoder": "encoder",
-                                  "Generator": "generator"}),
-    "chat": (ChatPipeline, {"Generator": "generator"}),
-    "feedback": (FeedbackService, {}),
+    "moderation": ("serve_apps.moderation:ModerationPipeline",
+                   {"Classifier": "classifier", "Generator": "generator"}),
+    "support": ("serve_apps.support:SupportPipeline",
+                {"Classifier": "classifier", "Encoder": "encoder", "Generator": "generator"}),
+    "chat": ("serve_apps.chat:ChatPipeline", {"Generator": "generator"}),
+    "feedback": ("serve_apps.feedback:FeedbackService", {}),
+    "advisor": ("serve_apps.advisor:AdvisorService", {}),
 }
 CONFIGS = {"moderation": ModerationAppConfig, "support": SupportAppConfig, "chat": ChatAppConfig,
-           "feedback": FeedbackAppConfig}
+           "feedback": FeedbackAppConfig, "advisor": AdvisorAppConfig}

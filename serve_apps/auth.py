@@ -22,7 +22,7 @@ from pathlib import Path
 from serve_apps.policy_config import AuthConfig
 from training.errors import LLMOpsError
 
-SCOPES = ("moderate", "support", "chat", "feedback", "admin")
+SCOPES = ("moderate", "support", "chat", "feedback", "advise", "admin")
 
 
 class Unauthorized(LLMOpsError):

@@ -96,6 +96,7 @@ class Answer:
     tokens: int = 0
     degraded: bool = False
     payload: Any = None
+    tools: list[dict] = field(default_factory=list)  # tool calls: name, arguments, result
 
 
 def outcome_of(error: BaseException) -> tuple[int, str]:
@@ -125,6 +126,7 @@ def audit_record(call: Call, answer: Answer | None, outcome: str, status: int,
         "models": [{stage: _model_ref(m) for stage, m in models.items()}
                    for models in answer.models] if answer else None,
         "guardrails": [f.to_dict() for f in call.findings],
+        **({"tools": answer.tools} if answer and answer.tools else {}),
         "degraded": answer.degraded if answer else False,
         "tokens": answer.tokens if answer else 0,
         "latency_ms": round((time.perf_counter() - call.started) * 1000, 2),

@@ -1,4 +1,4 @@
-"""Typed configuration of the serving package: model deployments and the three applications.
+"""Typed configuration of the serving package: model deployments and the applications.
 
 `ServeConfig` is the `serve:` section of `llmops.yaml`; `serve_apps.deploy.serve_config`
 turns it into Ray Serve's own config format. What a replica may change in place
@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from monitoring.config import LabelQueueConfig
 from serve_apps.policy_config import AuthConfig, GuardrailRule, GuardrailsConfig, QuotaConfig
+from serve_apps.portfolio_config import PortfolioConfig
 from training.config import GpuChoice, StrictModel
 
 
@@ -224,6 +225,8 @@ class _AppConfig(StrictModel):
     autoscaling: AutoscalingConfig | None = Field(
         None, description="the pipeline replica's, which its inline models scale with; "
         "empty: one replica")
+    ingress_cpus: float | None = Field(None, gt=0, description="CPUs of the pipeline replica "
+                                       "(its inline models' are added); empty: serve.ingress_cpus")
 
     @model_validator(mode="after")
     def _once_each(self) -> _AppConfig:
@@ -312,6 +315,22 @@ class FeedbackAppConfig(_AppConfig):
                                     description="the answers awaiting a label (GET /pending)")
 
 
+class AdvisorAppConfig(_AppConfig):
+    """Portfolio simulations for the advisory chatbot (`POST /simulate`, the `advise` scope).
+    Each answer's audit record holds the tool call (its arguments with the seed, the figures,
+    the configuration's digest), so `llmops audit replay` can run it again and compare."""
+
+    route_prefix: str = "/v1/advisor"
+    # its simulations run as Ray tasks asking for CPUs of their own (or in the replica when none
+    # is free): the replica itself reserves little, so a retrain still fits on a 2-core head
+    ingress_cpus: float | None = Field(0.02, gt=0)
+    portfolio: PortfolioConfig = Field(default_factory=PortfolioConfig)
+    disclaimer: str = Field(
+        "Simulated figures under stated assumptions, not a forecast or a personal "
+        "recommendation; past behaviour does not guarantee future returns.", min_length=1,
+        description="sent with every answer")
+
+
 class TlsConfig(StrictModel):
     """HTTPS at Serve's proxy (its `ssl_*` HTTP options, fixed when Serve starts). PEM paths on
     the head node, where the proxy runs; `llmops tls dev-cert` makes a local set."""
@@ -352,6 +371,7 @@ class ServeConfig(StrictModel):
     support: SupportAppConfig = Field(default_factory=SupportAppConfig)
     chat: ChatAppConfig = Field(default_factory=ChatAppConfig)
     feedback: FeedbackAppConfig = Field(default_factory=FeedbackAppConfig)
+    advisor: AdvisorAppConfig = Field(default_factory=AdvisorAppConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
 

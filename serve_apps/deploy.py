@@ -32,7 +32,7 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
     `pin_models` as in `serve_apps.apps.pinned_user_config` (False for a manifest written
     offline); `logging` Serve's `logging_config` (`LoggingSettings.serve()`), None for
     Serve's default."""
-    from serve_apps.apps import APPS, app_deployments  # the pipelines, torch: not for status
+    from serve_apps.apps import APPS, app_deployments  # Ray Serve's API: not for status
 
     apps = []
     for name in APPS:

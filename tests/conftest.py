@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,18 @@ def tiny_settings(data_dir, **training) -> Settings:
         # tests step their controllers themselves (test_controller.py starts the loop's actors)
         "controller": {"autostart": False},
     })
+
+
+def wait_for(what: str, check: Callable, timeout_s: float = 60, every_s: float = 0.25,
+             detail: Callable[[], object] = lambda: ""):
+    """Poll `check` until it returns something truthy, and return that: tests wait for a state,
+    never for a fixed time. Fails the test naming `what` (and `detail()`) after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what} {detail()}")
+        time.sleep(every_s)
+    return value
 
 
 def free_port() -> int:

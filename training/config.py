@@ -70,7 +70,7 @@ class TaskConfig(StrictModel):
     train_size: int = Field(2400, ge=1)
     holdout_size: int = Field(300, ge=1)
     holdouts: list[str] = Field(default_factory=lambda: ["base"])
-    golden_size: int = Field(200, ge=16, description="rows of the golden set (training/golden.py)")
+    golden_size: int = Field(200, ge=16, description="rows of the golden set (training/evaluate.py)")
     epochs: int = Field(2, ge=1, le=100)
     batch_size: int = Field(16, ge=1, le=1024)
     learning_rate: float = Field(5e-5, gt=0, lt=1)

@@ -1,15 +1,27 @@
-"""Holdout metrics: accuracy, macro-F1, per-class F1 and calibration for classifiers;
-loss and perplexity for language models."""
+"""Evaluation, one home for every measure of a model: holdout metrics at registration
+(accuracy, macro-F1, per-class F1 and calibration for classifiers; loss and perplexity for
+language models), the gate's score of a registered version, its abstention figures, and the
+golden set, measured at registration and again by the health check through the same function
+so the two sets of figures compare.
+
+Golden rows come from the seeded generator (the `base` scenario, a seed of its own, the task's
+label mix) and are logged with the version (`data/golden.parquet`), so the set travels with it.
+Torch loads only where a model in memory is evaluated: the health check and the gate call
+registered versions.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
+from training import data as datagen
 from training.calibration import rescale
-from training.models import lm_losses, perplexity, predict_proba
+from training.config import TaskConfig
 
 
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 10) -> float:
@@ -67,6 +79,8 @@ def evaluate_classifier(model, tokenizer, holdouts: dict, labels: Sequence[str],
                         max_length: int, temperature: float = 1.0) -> dict[str, dict]:
     """Metrics per named holdout (each a DataFrame with `text` and `label`) with the calibrated
     probabilities, and the calibration error the uncalibrated ones had (`ece_uncalibrated`)."""
+    from training.models import predict_proba
+
     out = {}
     for name, df in holdouts.items():
         raw = predict_proba(model, tokenizer, list(df.text), max_length)
@@ -77,8 +91,57 @@ def evaluate_classifier(model, tokenizer, holdouts: dict, labels: Sequence[str],
 
 def evaluate_lm(model, tokenizer, holdouts: dict, max_length: int) -> dict[str, dict]:
     """Target-token loss and perplexity per named holdout (`text` -> `rewrite`)."""
+    from training.models import lm_losses, perplexity
+
     out = {}
     for name, df in holdouts.items():
         nll, tokens = lm_losses(model, tokenizer, list(df.text), list(df.rewrite), max_length)
         out[name] = {"loss": nll / max(tokens, 1), "perplexity": perplexity(nll, tokens)}
     return out
+
+
+def score(task_model, holdout: pd.DataFrame, metric: str,
+          priors: dict[str, float] | None = None) -> float:
+    """`metric` of a registered classifier (`TaskModel`, adjusted to `priors` if given) on a
+    labelled holdout; macro-F1 over the holdout's own labels (a holdout without some labels,
+    such as a golden set whose moved labels are skipped, is not scored 0 on a label it does
+    not hold)."""
+    predicted = task_model.predict(None, holdout[["text"]], {"priors": priors})["label"]
+    if metric == "accuracy":
+        return float(accuracy_score(holdout["label"], predicted))
+    return float(f1_score(holdout["label"], predicted, labels=sorted(holdout["label"].unique()),
+                          average="macro", zero_division=0))
+
+
+GOLDEN_SEED = 7919
+BATCH_SIZE = 16
+# The quality figure of each kind of model: share of labels right, share of texts generated
+# exactly as the reference.
+QUALITY = {"classification": "accuracy", "causal-lm": "exact_match"}
+
+
+def golden_set(tc: TaskConfig) -> pd.DataFrame:
+    return datagen.generate(tc.dataset, "base", tc.golden_size, GOLDEN_SEED, priors=tc.label_priors)
+
+
+def measure(predict: Callable[[pd.DataFrame], pd.DataFrame], golden: pd.DataFrame,
+            kind: str) -> dict[str, float]:
+    """Quality, mean confidence and the latency of one batch of `BATCH_SIZE` texts (p50, p99;
+    after one warm-up batch; a last, smaller batch is not timed)."""
+    predict(golden[["text"]].iloc[:BATCH_SIZE])
+    outputs, seconds = [], []
+    for start in range(0, len(golden), BATCH_SIZE):
+        batch = golden[["text"]].iloc[start:start + BATCH_SIZE]
+        began = time.perf_counter()
+        outputs.append(predict(batch))
+        if len(batch) == BATCH_SIZE or not seconds:
+            seconds.append(time.perf_counter() - began)
+    out = pd.concat(outputs, ignore_index=True)
+    if kind == "classification":
+        right = out["label"].to_numpy() == golden["label"].to_numpy()
+    else:
+        right = out["text"].str.strip().to_numpy() == golden["rewrite"].str.strip().to_numpy()
+    ms = np.array(seconds) * 1000
+    return {QUALITY[kind]: float(right.mean()), "confidence": float(out["confidence"].mean()),
+            "latency_p50_ms": float(np.percentile(ms, 50)),
+            "latency_p99_ms": float(np.percentile(ms, 99))}

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,15 +37,6 @@ _HF_DIR = "hf"
 
 
 @dataclass
-class Chaos:
-    """Fault injection for tests: SIGKILL one worker once, right after an epoch's checkpoint."""
-
-    kill_rank: int
-    after_epoch: int
-    marker: str
-
-
-@dataclass
 class FinetuneSpec:
     """Everything a worker needs; small enough to ship inside `train_loop_config`."""
 
@@ -65,8 +56,10 @@ class FinetuneSpec:
     deepspeed: DeepSpeedConfig
     seed: int = 0
     tracking_uri: str | None = None
-    chaos: Chaos | None = None
     lora: LoraSpec | None = None  # None: every weight trains
+    # called on every worker as (rank, epoch) once an epoch's checkpoint is reported: where the
+    # tests kill a worker to prove resume; it travels pickled, so a test can define it locally
+    after_epoch: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -203,7 +196,8 @@ def train_loop(config: dict) -> None:
                 (Path(d) / "ds_config.json").write_text(json.dumps(ds_config))
             ray.train.report({**metrics, "history": history},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
-        _maybe_die(spec.chaos, rank, epoch + 1)
+        if spec.after_epoch is not None:
+            spec.after_epoch(rank, epoch + 1)
 
 
 def _epoch(engine, loader, device, progress: str | None) -> tuple[int, float]:
@@ -227,15 +221,6 @@ def _save_config(module, folder: Path) -> None:
         module.peft_config["default"].save_pretrained(folder)
         module = module.get_base_model()
     module.config.save_pretrained(folder)
-
-
-def _maybe_die(chaos: Chaos | None, rank: int, epoch: int) -> None:
-    """SIGKILL this worker once, a moment after the controller has taken the checkpoint."""
-    if chaos and rank == chaos.kill_rank and epoch == chaos.after_epoch \
-            and not os.path.exists(chaos.marker):
-        Path(chaos.marker).touch()
-        time.sleep(5)  # > the controller poll interval (2 s)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def consolidate(checkpoint_dir: Path, kind: str, out_dir: Path):

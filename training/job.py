@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +21,9 @@ from training import lineage, lora
 from training.calibration import Calibration
 from training.config import TaskConfig, TrainingConfig
 from training.errors import InvalidData, UnknownName
-from training.evaluate import evaluate_classifier, evaluate_lm
+from training.evaluate import evaluate_classifier, evaluate_lm, golden_set, measure
 from training.features import reference_profile
-from training.finetune import Chaos, FinetuneSpec, run_finetune, run_names
-from training.golden import golden_set, measure
+from training.finetune import FinetuneSpec, run_finetune, run_names
 from training.models import PROMPT, load_tokenizer, predict_proba, resolve_source
 from training.pyfunc import META_FILE, TaskModel, write_meta
 from training.refs import RETRAIN_TAG, pin
@@ -56,7 +55,7 @@ def _targets(tc: TaskConfig, df: pd.DataFrame, labels: list[str]) -> list:
 
 
 def make_spec(config: TrainingConfig, registry: Registry, task: str, data: TaskData,
-              chaos: Chaos | None = None) -> FinetuneSpec:
+              after_epoch: Callable[[int, int], None] | None = None) -> FinetuneSpec:
     """Check the data and the model settings, and describe the fine-tune for the workers. A
     registered source is pinned to the version its alias names now: every worker, the adapter's
     lineage and a resumed run start from that one."""
@@ -81,7 +80,7 @@ def make_spec(config: TrainingConfig, registry: Registry, task: str, data: TaskD
         val_inputs=list(data.validation.text), val_targets=_targets(tc, data.validation, labels),
         epochs=tc.epochs, batch_size=tc.batch_size, learning_rate=tc.learning_rate,
         weight_decay=tc.weight_decay, warmup_ratio=tc.warmup_ratio, deepspeed=config.deepspeed,
-        seed=config.seed, tracking_uri=registry.tracking_uri, chaos=chaos,
+        seed=config.seed, tracking_uri=registry.tracking_uri, after_epoch=after_epoch,
         lora=tc.lora if tc.method == "lora" else None)
 
 
@@ -90,7 +89,8 @@ def run_name(task: str, kind: str = "finetune") -> str:
 
 
 def fit_and_register(config: TrainingConfig, registry: Registry, task: str, data: TaskData, *,
-                     storage_path: str, use_gpu: bool, chaos: Chaos | None = None,
+                     storage_path: str, use_gpu: bool,
+                     after_epoch: Callable[[int, int], None] | None = None,
                      tags: dict | None = None, resume: str | None = None) -> JobResult:
     """Fine-tune on `data`, evaluate every holdout and register a new version of `task`.
 
@@ -100,7 +100,7 @@ def fit_and_register(config: TrainingConfig, registry: Registry, task: str, data
     if resume and resume not in run_names(storage_path, ""):
         raise UnknownName("run to resume", resume, run_names(storage_path, f"{task}-finetune-"))
     registry.check()
-    spec = make_spec(config, registry, task, data, chaos)
+    spec = make_spec(config, registry, task, data, after_epoch)
     name = resume or run_name(task)
     print(f"run {name}: checkpoints in {storage_path}/{name} (continue it with --resume {name})",
           file=sys.stderr, flush=True)

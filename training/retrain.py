@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, f1_score
 
 from training.config import GateConfig, RetrainConfig
 from training.errors import InvalidData
+from training.evaluate import score
 
 RECENT, ORIGINAL = "recent", "original"
 PROVENANCE = ("intent", "scenario")
@@ -62,18 +62,6 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                               ORIGINAL: original[["text", "label"]].reset_index(drop=True)},
                     scenario="retrain", golden=golden.reset_index(drop=True), notes=notes)
 
-
-def score(task_model, holdout: pd.DataFrame, metric: str,
-          priors: dict[str, float] | None = None) -> float:
-    """`metric` of a registered classifier (`TaskModel`, adjusted to `priors` if given) on a
-    labelled holdout; macro-F1 over the holdout's own labels (a holdout without some labels,
-    such as a golden set whose moved labels are skipped, is not scored 0 on a label it does
-    not hold)."""
-    predicted = task_model.predict(None, holdout[["text"]], {"priors": priors})["label"]
-    if metric == "accuracy":
-        return float(accuracy_score(holdout["label"], predicted))
-    return float(f1_score(holdout["label"], predicted, labels=sorted(holdout["label"].unique()),
-                          average="macro", zero_division=0))
 
 
 @dataclass

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 
@@ -48,3 +49,37 @@ def test_train_json_then_models_json(ray_session, settings, tmp_path):
     assert chain["served"]["requests"] == 0 and chain["deployed"] == [] and chain["from"] == []
     proc = _llmops("lineage", "moderation", config=config, ray_address=ray_session.address)
     assert proc.returncode == 2 and proc.stderr.startswith("llmops: error: name a model version")
+
+
+HEAVY = {"torch", "transformers", "deepspeed", "peft", "mlflow", "evidently"}
+_LOADED = """
+import json, sys
+from cluster.cli import main
+try:
+    main(sys.argv[2:])
+except SystemExit:
+    pass
+open(sys.argv[1], "w").write(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["drift", "check", "--help"], ["models", "--json"]])
+def test_light_commands_import_no_model_stack(settings, tmp_path, argv):
+    """Commands that read or print load neither torch, the model libraries nor MLflow (the
+    registry listing reads the store itself): a second, not ten, on a small machine."""
+    config = tmp_path / "llmops.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    out = tmp_path / "modules.json"
+    proc = subprocess.run([sys.executable, "-c", _LOADED, str(out), *argv, "--config",
+                           str(config)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
+    assert set(json.loads(out.read_text())) & HEAVY == set()
+
+
+@pytest.mark.parametrize("module", ["monitoring.monitor", "cluster.controller", "cluster.loop"])
+def test_the_loop_imports_no_model_stack_until_it_uses_one(module):
+    code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {m.split(".")[0] for m in json.loads(proc.stdout)} & HEAVY == set()

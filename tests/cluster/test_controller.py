@@ -9,7 +9,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import free_port, register_quick, tiny_settings
+from conftest import free_port, register_quick, tiny_settings, wait_for
 
 from cluster.canary import canary_verdict
 from cluster.controller import PREVIOUS, Controller, Refused
@@ -317,20 +317,17 @@ def test_up_starts_the_loop_and_down_stops_it(loop):
     try:
         begun = start(settings)
         assert begun["controllers"] == [MODEL] and begun["monitor"]["running"], begun
-        deadline = time.monotonic() + 30
-        while not (state := statuses(settings, [MODEL], 1)[MODEL])["state"]:
-            assert time.monotonic() < deadline  # its first step saves its state
-            time.sleep(0.5)
+        state = wait_for("the controller's first step, which saves its state", lambda: (
+            s := statuses(settings, [MODEL], 1)[MODEL])["state"] and s, 30)
         assert state["running"] and state["state"]["champion"] == 1
         metrics = httpx.get(status(settings)["monitor"]["metrics"], timeout=10).text
         assert f'llmops_model_versions{{model="{MODEL}"}} 2.0' in metrics  # it read the registry
         assert start(settings)["monitor"]["running"]  # a second `up` finds the same actor
     finally:
         assert stop_all(settings) == {"controllers": [MODEL], "monitor": True}
-    deadline = time.monotonic() + 30  # the dashboard sees the kill a moment later
-    while (now := status(settings))["controllers"][MODEL]["running"] or now["monitor"]["running"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_for("the dashboard to see the actors gone", lambda: not (
+        (now := status(settings))["controllers"][MODEL]["running"] or now["monitor"]["running"]),
+        30)
     assert stop_all(settings) == {"controllers": [], "monitor": False}
 
 
@@ -352,11 +349,10 @@ def test_the_foreground_monitor_logs_a_json_line_per_verdict(loop, tmp_path):
                              str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.monotonic() + 120
         checked = f'llmops_drift_check_timestamp_seconds{{model="{MODEL}"}}'
-        while checked not in _scrape(settings.monitoring.monitor.port):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
+        wait_for("a drift check", lambda: proc.poll() is not None
+                 or checked in _scrape(settings.monitoring.monitor.port), 120)
+        assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
@@ -433,12 +429,13 @@ def _actor_state(settings) -> dict:
 
     from cluster.loop import control
 
-    for _ in range(60):
+    def state() -> dict | None:
         try:
             return control(settings, MODEL, "state")
         except ray.exceptions.RayActorError:
-            time.sleep(1)
-    raise AssertionError("the controller actor did not come back")
+            return None
+
+    return wait_for("the controller actor to come back", state, 60, every_s=1)
 
 
 def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
@@ -456,26 +453,21 @@ def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
         state = control(settings, MODEL, "retrain_now")
         assert state["state"] == "retraining"
         client = controller._job_client()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        def running() -> bool:
             try:
-                if client.get_job_status(state["retrain_id"]) == JobStatus.RUNNING:
-                    break
+                return client.get_job_status(state["retrain_id"]) == JobStatus.RUNNING
             except RuntimeError:
-                pass  # not submitted yet
-            time.sleep(0.5)
+                return False  # not submitted yet
+
+        wait_for("the retrain job to run", running, 120)
         ray.kill(handle, no_restart=False)  # Ray starts the actor again; it resumes from the store
-        deadline = time.monotonic() + 420
-        while (after := _actor_state(settings))["state"] == "retraining":
-            assert time.monotonic() < deadline
-            time.sleep(2)
+        after = wait_for("the retrain to end", lambda: (
+            s := _actor_state(settings))["state"] != "retraining" and s, 420, every_s=1)
         assert after["state"] in ("evaluating", "canary", "rejected", "serving"), after
         assert after["retrain_id"] == state["retrain_id"] and after["challenger"] == 3
         assert registry.find_version(MODEL, "llmops.retrain_id", state["retrain_id"]) == 3
-        deadline = time.monotonic() + 60  # the job's driver exits a moment after registering
-        while (status := client.get_job_status(state["retrain_id"])) == JobStatus.RUNNING:
-            assert time.monotonic() < deadline
-            time.sleep(1)
+        status = wait_for("the job's driver to exit (a moment after registering)", lambda: (
+            s := client.get_job_status(state["retrain_id"])) != JobStatus.RUNNING and s, 60)
         assert status == JobStatus.SUCCEEDED
         jobs = [j for j in client.list_jobs() if (j.submission_id or "").startswith("retrain-")
                 and j.submission_id == state["retrain_id"]]
@@ -510,10 +502,8 @@ def test_the_controller_actor_killed_mid_canary_judges_the_same_canary_and_promo
     _canary_traffic(settings, "challenger", 100)
     handle = actor(settings, MODEL, start=True)
     try:
-        deadline = time.monotonic() + 60
-        while "100 of 150" not in _actor_state(settings)["detail"].get("waiting", ""):
-            assert time.monotonic() < deadline, _actor_state(settings)
-            time.sleep(0.5)
+        wait_for("the canary's first 100 requests", lambda: "100 of 150" in _actor_state(
+            settings)["detail"].get("waiting", ""), 60, detail=lambda: _actor_state(settings))
         ray.kill(handle, no_restart=False)  # Ray starts it again; it resumes from the store
         _canary_traffic(settings, "challenger", 60, start=100)
         deadline = time.monotonic() + 90

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, free_port, register_quick, tiny_settings
+from conftest import ROOT, free_port, register_quick, tiny_settings, wait_for
 
 from cluster.capacity import load_cluster_config
 from cluster.runtime import PLATFORM_ENV
@@ -48,17 +48,6 @@ def private_ray_tmp(monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", folder)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def _wait(what: str, check, timeout_s: float, every_s: float = 0.5, detail=lambda: ""):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what} {detail()}")
-        time.sleep(every_s)
 
 
 def _replica_nodes(cluster, app: str) -> dict[str, set[str]]:
@@ -150,19 +139,19 @@ def test_placement_training_spread_and_node_loss_under_load(private_ray_tmp, tmp
 
         with futures.ThreadPoolExecutor(4) as pool:
             clients = [pool.submit(client, k) for k in range(4)]
-            _wait("traffic", lambda: len(outcomes) >= 20, 60)
+            wait_for("traffic", lambda: len(outcomes) >= 20, 60)
             cluster.remove_node(gpu_node, allow_graceful=False)
             lost_at = time.monotonic()
             time.sleep(2)
             fresh = cluster.add_node(num_cpus=1, num_gpus=2, resources={"serve_gpu": 2})
-            _wait("replicas on the new GPU node",
-                  lambda: _replica_nodes(apps, "moderation").get("Classifier") == {fresh.node_id}
-                  and _replica_nodes(apps, "moderation").get("Generator") == {fresh.node_id},
-                  120)
+            wait_for("replicas on the new GPU node",
+                     lambda: _replica_nodes(apps, "moderation").get("Classifier") == {fresh.node_id}
+                     and _replica_nodes(apps, "moderation").get("Generator") == {fresh.node_id},
+                     120)
             apps.wait(config, timeout_s=60)
             recovered_s = time.monotonic() - lost_at
             before = len(outcomes)
-            _wait("traffic after recovery", lambda: len(outcomes) >= before + 20, 60)
+            wait_for("traffic after recovery", lambda: len(outcomes) >= before + 20, 60)
             stop.set()
             for c in clients:
                 c.result()
@@ -310,8 +299,8 @@ def test_fake_autoscaler_launches_gpu_nodes_on_demand_and_removes_idle_ones(priv
         serve.delete("probe")
         ray.util.remove_placement_group(group)
         released = time.monotonic()
-        _wait("idle GPU nodes to be terminated", lambda: _nodes_by_type() == {"head": 1}, 120,
-              detail=monitor_log)
+        wait_for("idle GPU nodes to be terminated", lambda: _nodes_by_type() == {"head": 1}, 120,
+                 detail=monitor_log)
         down_s = time.monotonic() - released
         print(json.dumps({"gpu_node_up_s": round(up_s, 1), "idle_nodes_down_s": round(down_s, 1)}))
         assert down_s >= config["idle_timeout_minutes"] * 60 * 0.5

@@ -134,7 +134,7 @@ def test_kuberay_manifests_agree_with_their_sources(tmp_path, cluster_config, cl
     ServeDeploySchema.model_validate(serve)
     assert serve == serve_config_of(cluster_settings, cluster_config)
     names = {a["name"] for a in serve["applications"]}
-    assert names == {"moderation", "support", "chat", "feedback"}
+    assert names == {"moderation", "support", "chat", "feedback", "advisor"}
 
     ray_cluster = service["spec"]["rayClusterConfig"]
     assert ray_cluster["enableInTreeAutoscaling"] is True

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, tiny_llama_folder, tiny_settings
+from conftest import free_port, tiny_llama_folder, tiny_settings, wait_for
 
 from cluster.runtime import PLATFORM_ENV
 from serve_apps.config import ServeConfig
@@ -272,11 +272,12 @@ def test_an_adapter_swaps_under_load_without_a_failed_request_or_restart(served)
     threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
-    time.sleep(2)
+    wait_for("answers before the swap", lambda: len(answers) >= 8 or errors, 60)
     served.registry.set_alias("rewriter-a", "champion", a2)
     swapped = swap(served.cluster, "rewriter-a", served.registry.tracking_uri, alias="champion")
     done = time.monotonic()
-    time.sleep(2)
+    wait_for("answers after the swap", lambda: sum(
+        t > done + 0.5 for t, _ in answers) >= 8 or errors, 60)
     stop.set()
     for t in threads:
         t.join(60)

@@ -4,10 +4,10 @@ refunded, the same for a stated principal (handle callers) as for a token (HTTP)
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from monitoring.audit import verify
 from monitoring.singleton import NAMESPACE, keyed
@@ -78,8 +78,10 @@ def test_chain_authenticates_charges_guards_and_audits(governance):
             await send(Caller("ok-3", None, bearer, "http"))
 
     asyncio.run(scenario())
-    time.sleep(0.5)  # commit and refund are sent without waiting
-    usage = Ledger(QuotaConfig(), Path(settings["quota"]["store"])).usage
+    ledger = lambda: Ledger(QuotaConfig(), Path(settings["quota"]["store"])).usage  # noqa: E731
+    # commit and refund are sent without waiting
+    wait_for("the commits", lambda: ledger()["acme"].tokens == 14, 10)
+    usage = ledger()
     assert usage["acme"].requests == 2 and usage["acme"].tokens == 14
     records = {r["correlation_id"]: r for r in _records(settings)}
     assert set(records) == {"no-token", "wrong-scope", "ok-1", "inject", "crash", "handle-1",
@@ -123,8 +125,8 @@ def test_a_cancelled_request_is_audited_and_its_quota_refunded(governance):
         await asyncio.sleep(0.5)  # the shielded audit write and refund finish
 
     asyncio.run(scenario())
-    time.sleep(0.5)
-    [record] = [r for r in _records(settings) if r["correlation_id"] == "gone"]
+    [record] = wait_for("the cancelled call's audit record", lambda: [
+        r for r in _records(settings) if r["correlation_id"] == "gone"], 10)
     assert (record["outcome"], record["status"]) == ("cancelled", 499)
     usage = Ledger(QuotaConfig(), Path(settings["quota"]["store"])).usage["acme"]
     assert (usage.requests, usage.tokens, usage.reserved) == (0, 0, {})

@@ -32,11 +32,14 @@ from conftest import (
     referenced_metrics,
     register_quick,
     tiny_settings,
+    wait_for,
 )
 from ray import serve
 
+from cluster import views
 from cluster.runtime import PLATFORM_ENV
 from monitoring.config import MonitoringConfig
+from monitoring.drift import check_model
 from monitoring.feedback import UnknownRequest
 from monitoring.log import FEEDBACK, read, with_feedback
 from serve_apps.apps import ingress_options
@@ -134,7 +137,8 @@ def _settings(state: Path, port: int):
                     "generator": {"model": "models:/support-reply@champion",
                                   "generation": {"max_new_tokens": REPLY_TOKENS,
                                                  "stop": []}}},
-        "chat": {"generator": {"model": "models:/rewriter@champion", "placement": "inline"}}})
+        "chat": {"generator": {"model": "models:/rewriter@champion", "placement": "inline"}},
+        "advisor": {"enabled": False}})  # tests/serve_apps/test_advisor.py
     return settings
 
 
@@ -557,7 +561,8 @@ def test_hardening_tenants_are_isolated_and_anonymous_floods_cost_little(platfor
                    headers=platform.headers(X_Request_ID="pii-variants"), timeout=60)
     assert r.status_code == 200, r.text
     [record] = _audit(platform, "pii-variants")
-    logged = _logged(platform, {"pii-variants"}).sort_values("item").text
+    logged = _logged(platform, {r.json()["request_id"]}).sort_values("item").text
+    assert len(logged) == len(texts)
     for name, audited, kept in zip(PII_VARIANTS, record["input"], logged):
         for text in (audited, kept):
             assert "[" in text and not any(k in text.lower() for k in (
@@ -614,12 +619,11 @@ def test_hot_swap_under_load_fails_no_request(platform):
     log: list = []
     stop = threading.Event()
     threads = _load(platform, stop, log)
-    while len(log) < 150:
-        time.sleep(0.05)
+    wait_for("traffic before the swap", lambda: len(log) >= 150, every_s=0.05)
     result = swap(platform.cluster, "moderation", platform.registry.tracking_uri, version=2)
     swapped_at = time.monotonic()
-    while len(log) < 500 or sum(1 for t, *_ in log if t > swapped_at) < 100:
-        time.sleep(0.05)
+    wait_for("traffic after the swap", lambda: len(log) >= 500 and sum(
+        1 for t, *_ in log if t > swapped_at) >= 100, every_s=0.05)
     stop.set()
     for t in threads:
         t.join()
@@ -661,10 +665,9 @@ def test_canary_split_is_sticky_and_shadow_answers_with_champion(platform):
         "2", "shadow")
     # the shadow's answer is logged beside the champion's (a shadow canary is judged on it);
     # drift checks, retraining and feedback read only what users got
-    deadline = time.monotonic() + 20
-    while len(both := read(platform.log_uri, request_id=rid, shadow=True)) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.25)
+    wait_for("the shadow's answer in the log",
+             lambda: len(read(platform.log_uri, request_id=rid, shadow=True)) >= 2, 20)
+    both = read(platform.log_uri, request_id=rid, shadow=True)
     assert sorted(zip(both.variant, both.model_version)) == [("champion", "1"), ("shadow", "2")]
     assert list(read(platform.log_uri, request_id=rid).variant) == ["champion"]
     set_canary(platform.cluster, "moderation", uri, None)
@@ -727,13 +730,19 @@ def test_cli_status_swap_and_errors(platform):
 
 def _logged(platform, ids: set[str], timeout: float = 20) -> pd.DataFrame:
     """The log records of `ids`, once the replicas' periodic flush has written them all."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def mine() -> pd.DataFrame:
         log = read(platform.log_uri)
-        log = log[log.request_id.isin(ids)]
-        if set(log.request_id) == ids or time.monotonic() > deadline:
-            return log
-        time.sleep(0.25)
+        return log[log.request_id.isin(ids)]
+
+    wait_for(f"{len(ids)} requests in the log", lambda: set(mine().request_id) == ids, timeout)
+    return mine()
+
+
+def _flushed(platform, since: datetime, n: int, **equals: str) -> None:
+    """Until the log holds `n` requests (of `equals`) made since `since`: the replicas flush
+    their buffers every 0.5 s."""
+    wait_for(f"{n} requests in the log", lambda: read(
+        platform.log_uri, since=since, **equals).request_id.nunique() >= n, 30)
 
 
 def test_replicas_log_json_lines_carrying_the_platform_request_id(platform):
@@ -748,13 +757,13 @@ def test_replicas_log_json_lines_carrying_the_platform_request_id(platform):
     assert ok.status_code == 200 and refused.status_code == 401
     rid = ok.json()["request_id"]
     folder = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    deadline, mine = time.monotonic() + 30, []
-    while not mine and time.monotonic() < deadline:
-        time.sleep(1)
-        lines = [json.loads(line) for f in folder.glob("replica_moderation_*.log")
-                 for line in f.read_text().splitlines()]  # raises if a line is no JSON
-        mine = [r for r in lines if r.get("llmops_request_id") == rid]
-    [line] = mine
+    def lines() -> list[dict]:
+        return [json.loads(line) for f in folder.glob("replica_moderation_*.log")
+                for line in f.read_text().splitlines()]  # raises if a line is no JSON
+
+    [line] = wait_for("the request's log line", lambda: [
+        r for r in lines() if r.get("llmops_request_id") == rid], 30, every_s=0.5)
+    lines = lines()
     assert line["tenant"] == "tests" and line["outcome"] == "ok" and line["status"] == 200
     assert line["correlation_id"] == "json-log-1" == line["request_id"]  # Serve's: X-Request-ID
     assert {"asctime", "levelname", "name", "message", "application", "deployment", "replica",
@@ -806,9 +815,9 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
         r = httpx.post(f"{platform.url}/v1/feedback/", json=body, headers=platform.auth,
                        timeout=30)
         assert r.status_code == status and message in r.json()["detail"], r.text
-    deadline = time.monotonic() + 20
-    while len(feedback := read(platform.log_uri, FEEDBACK)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.25)
+    wait_for("two labels in the feedback log", lambda: len(read(platform.log_uri, FEEDBACK)) >= 2,
+             20)
+    feedback = read(platform.log_uri, FEEDBACK)
     joined = with_feedback(_logged(platform, {many, third}), feedback)
     labels = joined.set_index(["request_id", "item"]).label
     assert labels[(third, 0)] == "spam" and labels[(many, 1)] == label
@@ -887,12 +896,13 @@ def test_drift_check_on_the_served_log(platform):
     run = (platform.env, platform.config)
 
     def send(scenario: str, seed: int, n: int = 250) -> None:
+        began = datetime.now(UTC)
         proc = _llmops(run, "traffic", "support", "--scenario", scenario, "--n", str(n),
                        "--seed", str(seed), "--json")
         assert proc.returncode == 0, proc.stderr[-2000:]
         sent = json.loads(proc.stdout)
         assert sent["ok"] == n and sent["failed"] == 0 and sent["rps"] > 0
-        time.sleep(1.5)  # the log is flushed every 0.5 s
+        _flushed(platform, began, n, model="support-router")
 
     send("base", 30, n=20)
     proc = _llmops(run, "drift", "check", "support-router", "--json")
@@ -910,8 +920,7 @@ def test_drift_check_on_the_served_log(platform):
     assert shifted["drift"] and shifted["windows"][-1]["rows"] == 250
     drifted = {m["name"] for m in shifted["windows"][-1]["metrics"] if m["drifted"]}
     assert "share_of_drifted_descriptors" in drifted
-    human = _llmops(run, "drift", "check", "support-router")
-    assert human.returncode == 0 and "DRIFT" in human.stdout
+    assert "DRIFT" in views.drift(shifted)  # what the command prints without --json
     unknown = _llmops(run, "drift", "check", "nosuch")
     assert unknown.returncode == 2 and "no requests of 'nosuch'" in unknown.stderr
 
@@ -920,10 +929,11 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
     """`llmops healthcheck` measures every champion against its registration and writes a
     textfile; `llmops monitor` checks drift, reads the registry and serves all of it."""
     run = (platform.env, platform.config)
+    began = datetime.now(UTC)
     sent = _llmops(run, "traffic", "support", "--scenario", "new-product", "--n", "250",
                    "--seed", "40", "--json")
     assert sent.returncode == 0, sent.stderr[-2000:]
-    time.sleep(1.5)
+    _flushed(platform, began, 250, model="support-router")
     # quality and confidence must equal the registration's; latency on two busy cores swings
     # several-fold from run to run, so its rule is checked apart (the degraded run below)
     tolerant = {**platform.env, "LLMOPS_MONITORING__HEALTH__LATENCY_FACTOR": "50"}
@@ -942,7 +952,9 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
     once = _llmops(run, "monitor", "--once", "--json")
     assert once.returncode == 0, once.stderr[-2000:]
     out = json.loads(once.stdout)
-    check = json.loads(_llmops(run, "drift", "check", "support-router", "--json").stdout)
+    check = check_model(platform.log_uri, platform.registry, MonitoringConfig.model_validate(
+        yaml.safe_load(platform.config.read_text())["monitoring"]).drift,
+        "support-router").to_dict()  # what `llmops drift check` reports
     decision = out["decisions"]["support-router"]
     assert decision["drift"] == check["drift"] and decision["version"] == "1"
     lines = out["metrics"].splitlines()
@@ -964,16 +976,15 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
            "LLMOPS_MONITORING__MONITOR__INTERVAL_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "monitor", "--config",
                              str(platform.config)], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline, text = time.monotonic() + 90, ""
+    def metrics() -> str:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.TransportError:
+            return ""  # not listening yet
+
+    try:  # (models are checked one after the other in a round)
         wanted = '{metric="embedding_drift",model="support-router",model_version="1"}'
-        while wanted not in text and time.monotonic() < deadline:
-            time.sleep(1)
-            try:
-                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-            except httpx.TransportError:
-                pass
-        assert wanted in text  # (models are checked one after the other in a round)
+        wait_for("the monitor's drift metrics", lambda: wanted in metrics(), 90, every_s=1)
     finally:
         proc.send_signal(signal.SIGINT)
         _, logged = proc.communicate(timeout=120)  # after the check in progress
@@ -1003,22 +1014,30 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
     run = (platform.env, platform.config)
     # labelled at random: the tiny routers' confidence on new-product says nothing, so the
     # label queue's order would only reshuffle noise (its order is tested with the queue)
-    sent = [_llmops(run, "traffic", "support", "--scenario", "new-product", "--n", "500",
-                    "--seed", "50", "--feedback", "0.4", "--labelling", "random", "--json")]
+
+    def send(n: int, seed: int, feedback: float) -> subprocess.CompletedProcess:
+        began = datetime.now(UTC)
+        proc = _llmops(run, "traffic", "support", "--scenario", "new-product", "--n", str(n),
+                       "--seed", str(seed), "--feedback", str(feedback), "--labelling",
+                       "random", "--json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        _flushed(platform, began, n, model="support-router")
+        accepted = json.loads(proc.stdout)["feedback"]["accepted"]
+        wait_for(f"{accepted} labels in the feedback log", lambda: len(
+            read(platform.log_uri, FEEDBACK, since=began)) >= accepted, 30)
+        return proc
+
+    sent = [send(500, 50, 0.4)]
     assert json.loads(sent[0].stdout)["feedback"]["accepted"] >= 150, sent[0].stderr[-2000:]
-    time.sleep(1.5)
     seen, state = [], controller.step()
     deadline = time.monotonic() + 480
     while state.state not in ("serving", "rejected", "rolled_back") or not seen:
         assert time.monotonic() < deadline, (seen, state)
         seen.append(state.state)
         if state.state == "canary":  # live traffic for the canary to be judged on
-            sent.append(_llmops(run, "traffic", "support", "--scenario", "new-product", "--n",
-                                "200", "--seed", str(60 + len(sent)), "--feedback", "0.5",
-                                "--labelling", "random", "--json"))
-            time.sleep(1.5)
+            sent.append(send(200, 60 + len(sent), 0.5))
         else:
-            time.sleep(2)
+            time.sleep(1)  # a retrain is a Ray job: its status is read again in a second
         state = controller.step()
     assert state.state == "serving" and state.champion == 2, controller.events()
     assert {"drift_suspected", "retraining", "evaluating", "canary"} <= set(seen)
@@ -1036,9 +1055,9 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
     chain = json.loads(shown.stdout)
     assert chain["trained_by"]["state"] == chain["retrain"]["state"] == "COMPLETE"
     assert chain["retrain"]["description"].startswith("drift")
-    read = {d["name"]: d for d in chain["retrain"]["inputs"]}
-    assert read["support-router"]["rows"] >= 150
-    assert "models:/support-router/1/data/reference.parquet" in read
+    inputs = {d["name"]: d for d in chain["retrain"]["inputs"]}
+    assert inputs["support-router"]["rows"] >= 150
+    assert "models:/support-router/1/data/reference.parquet" in inputs
     assert [c["model"] for c in chain["from"]] == ["models:/support-router/1"]
     assert any(d.startswith("support/") for d in chain["deployed"][-1]["deployments"])
     assert chain["served"]["requests"] > 0
@@ -1068,15 +1087,15 @@ def test_metrics_reach_the_ray_metrics_export_port(ray_session, platform):
     # both are awaited (a gauge the controller set a moment ago reaches the export port with
     # the next report).
     referenced = referenced_metrics("ray_")
-    deadline, missing, unexposed = time.monotonic() + 60, set(wanted), set(referenced)
-    while (missing or unexposed) and time.monotonic() < deadline:
+    def absent() -> tuple[list[str], set[str], set[str]]:
         lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
-        missing = {name for name, labels in wanted.items() if not any(
-            line.startswith(name + "{") and all(lab in line for lab in labels) for line in lines)}
-        unexposed = {m for m in referenced if not exposed(m, lines)}
-        time.sleep(2)
-    assert not missing
-    assert unexposed == set()
+        return lines, {name for name, labels in wanted.items() if not any(
+            line.startswith(name + "{") and all(lab in line for lab in labels) for line in lines)
+        }, {m for m in referenced if not exposed(m, lines)}
+
+    wait_for("every metric at the export port", lambda: not any(absent()[1:]), 60, every_s=1,
+             detail=lambda: absent()[1:])
+    lines = absent()[0]
     info = [line for line in lines if line.startswith("ray_llmops_model_info{")
             and 'model="moderation"' in line and line.endswith(" 1.0")]
     assert info  # the version in service is marked 1
@@ -1229,23 +1248,18 @@ def test_gpu_replicas_are_placed_and_autoscale(ray_session, platform):
     threads = [threading.Thread(target=hammer) for _ in range(2)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 120
-    while replicas().get("RUNNING", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    scaled = replicas().get("RUNNING", 0)
-    gpus_at_peak = gpus_in_use()
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        scaled = wait_for("a second classifier replica", lambda: (
+            n := replicas().get("RUNNING", 0)) >= 2 and n, 120, every_s=0.5)
+        gpus_at_peak = gpus_in_use()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
     assert scaled >= 2 and gpus_at_peak >= 1.0  # each classifier replica holds half a GPU
-    deadline = time.monotonic() + 120
-    while replicas() != {"RUNNING": 1} and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert replicas() == {"RUNNING": 1}  # back down when idle
+    wait_for("one replica when idle", lambda: replicas() == {"RUNNING": 1}, 120, every_s=0.5)
     generator = lambda: cluster.status()["moderation"]["deployments"]["Generator"]["replicas"]  # noqa: E731
-    while generator() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert generator() == {}  # min_replicas 0: the idle generator scaled to zero
-    while gpus_in_use() > 0.5 + 1e-6 and time.monotonic() < deadline:
-        time.sleep(0.5)  # a stopped replica's actor gives its GPU back a moment later
-    assert gpus_in_use() == pytest.approx(0.5)  # one classifier replica's half GPU
+    # min_replicas 0: the idle generator scaled to zero
+    wait_for("the idle generator scaled to zero", lambda: generator() == {}, 120, every_s=0.5)
+    # a stopped replica's actor gives its GPU back a moment later: one classifier's half GPU
+    wait_for("the GPUs back", lambda: gpus_in_use() == pytest.approx(0.5), 60, every_s=0.5)

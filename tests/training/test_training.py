@@ -1,6 +1,9 @@
 """Real Ray Train + DeepSpeed fine-tunes (tiny models) registered in a real MLflow registry."""
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -14,7 +17,6 @@ from serve_apps.model import load
 from training import lora
 from training.config import TaskConfig
 from training.errors import InvalidData, LLMOpsError
-from training.finetune import Chaos
 from training.job import fit_and_register, make_spec
 from training.models import encode_causal_lm, predict_proba, prompt_of, train_bpe_tokenizer
 from training.pyfunc import load_hf
@@ -141,8 +143,16 @@ def test_lora_resumes_from_an_adapter_only_checkpoint_after_a_worker_is_killed(
     settings.training.tasks["rewriter"] = TaskConfig.model_validate({
         **settings.training.tasks["rewriter"].model_dump(), "method": "lora", "epochs": 3,
         "model": {"source": str(base), "max_length": 64}, "lora": {"rank": 4}})
-    chaos = Chaos(kill_rank=1, after_epoch=1, marker=str(tmp_path / "killed"))
-    _, result = _train(settings, registry, "rewriter", chaos=chaos)
+    marker = tmp_path / "killed"
+
+    def kill_once(rank: int, epoch: int) -> None:
+        """SIGKILL worker 1 once, after epoch 1's checkpoint has been taken."""
+        if rank == 1 and epoch == 1 and not marker.exists():
+            marker.touch()
+            time.sleep(5)  # > Ray Train's controller poll interval (2 s)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _, result = _train(settings, registry, "rewriter", after_epoch=kill_once)
     assert (tmp_path / "killed").exists()
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
