@@ -76,9 +76,10 @@ def _iban(m: re.Match) -> int:
     return 0
 
 
-# numbers that look like phones but are not: dates, IPv4 addresses, amounts grouped by dots
-_NOT_PHONES = re.compile(  # standalone: not a part of a longer run of digit groups
-    r"(?<![\d+])(?<!\d[-/.])(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|"
+# numbers that look like phones but are not: dates, IPv4 addresses, amounts grouped by dots;
+# standalone (not part of a longer run of digit groups, nor after a country code: "+44 20.00...")
+_NOT_PHONES = re.compile(
+    r"(?<![\d+])(?<!\d[-/.])(?<!\+\d\s)(?<!\+\d\d\s)(?<!\+\d{3}\s)(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|"
     r"(?:\d{1,3}\.){3}\d{1,3}|\d{1,3}(?:\.\d{3})+)(?![-/.]?\d)")
 
 

@@ -46,8 +46,9 @@ def tiny_settings(data_dir, **training) -> Settings:
         "data_dir": str(data_dir),
         "ray": {"include_dashboard": False},
         "training": {"workers": 2, "max_failures": 2, "tasks": tasks, **training},
-        # tests step their controllers themselves (test_controller.py starts the loop's actors)
-        "controller": {"autostart": False},
+        # tests step their controllers themselves (test_controller.py starts the loop's actors);
+        # a retrain on one worker: distribution is tested by the fine-tunes themselves
+        "controller": {"autostart": False, "retrain_workers": 1},
     })
 
 

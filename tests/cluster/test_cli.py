@@ -19,8 +19,8 @@ def _llmops(*args, config, ray_address):
 def test_train_json_then_models_json(ray_session, settings, tmp_path):
     config = tmp_path / "llmops.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    proc = _llmops("train", "moderation", "--epochs", "1", "--deepspeed-stage", "0", "--json",
-                   config=config, ray_address=ray_session.address)
+    proc = _llmops("train", "moderation", "--epochs", "1", "--deepspeed-stage", "0", "--workers",
+                   "1", "--json", config=config, ray_address=ray_session.address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # stdout is exactly one JSON object
     assert (result["model"], result["version"], result["alias"]) == ("moderation", 1, "champion")

@@ -65,6 +65,7 @@ def test_failed_alias_rolls_back_the_new_version(ray_session, settings, registry
         raise RuntimeError("registry went away")
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refuse)
+    settings.training.workers = 1  # registration is what fails here, not training
     with pytest.raises(RuntimeError, match="registry went away"):
         _fit(settings, registry, build_task_data(settings.training, "moderation"), "moderation")
     monkeypatch.undo()

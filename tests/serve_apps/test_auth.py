@@ -149,7 +149,7 @@ def test_token_create_command(tmp_path):
     assert principal.scopes == {"support", "chat"} and out["expires_in_s"] == 120
     bad = _llmops(tmp_path, "token", "create", "--tenant", "acme", "--scopes", "root")
     assert bad.returncode == 2 and bad.stderr.strip() == (
-        "llmops: error: unknown scope root (scopes: moderate, support, chat, feedback, admin)")
+        "llmops: error: unknown scope root (scopes: moderate, support, chat, feedback, advise, admin)")
 
 
 @pytest.mark.parametrize("content, message", [

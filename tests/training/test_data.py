@@ -67,6 +67,17 @@ def test_fraction_mixes_scenario_into_base_traffic():
     assert set(df.scenario) == {"base", "slang"}
 
 
+def test_advisor_questions_ask_for_every_action_and_name_a_portfolio_when_simulating():
+    df = data.generate("advisor-questions", "base", 2000, seed=0)
+    assert set(df.label) == {"simulate", "explain", "recommend", "other"}
+    assert df.text.nunique() > 0.5 * len(df)
+    simulate = df[df.intent.str.startswith("simulate")]
+    assert simulate.text.str.contains(r"\d+(?:\.\d+)?%?").mean() > 0.95  # weights and horizons
+    # a stricter compliance reading: questions on a holding's risk count as recommendations
+    shifted = data.generate("advisor-questions", "concept-shift", 2000, seed=0)
+    assert (shifted[shifted.intent == "simulate_risk"].label == "recommend").mean() > 0.9
+
+
 def test_moderation_pairs_toxic_messages_with_safe_rewrites():
     df = data.generate("moderation", "base", 1000, seed=0)
     assert set(df.label) == {"safe", "toxic", "spam", "pii"}

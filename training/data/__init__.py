@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from training.data import moderation, support
+from training.data import advisor, moderation, support
 from training.data.lexicon import SCENARIOS, Lexicon, MessageSampler, Scenario
 from training.errors import InvalidData, LLMOpsError, UnknownName
 
 __all__ = ["DATASETS", "SCENARIOS", "Scenario", "generate", "labels_of", "summarize", "write"]
 
-DATASETS: dict[str, Lexicon] = {"support-tickets": support.LEXICON, "moderation": moderation.LEXICON}
+DATASETS: dict[str, Lexicon] = {"support-tickets": support.LEXICON, "moderation": moderation.LEXICON,
+                                "advisor-questions": advisor.LEXICON}
 # `rewrite` is the target text of generators: the safe rewrite of a toxic post (moderation), the
 # agent's reply to a ticket (support-tickets); empty where there is none.
 COLUMNS = ["id", "text", "label", "intent", "scenario", "rewrite"]
