@@ -33,7 +33,8 @@ REQUEST = {"holdings": {"us_equity": 0.45, "intl_equity": 0.15, "em_equity": 0.0
 
 
 def timed(request: dict, config: PortfolioConfig, workers: int) -> tuple[float, dict]:
-    simulate({**request, "paths": 1000}, config, workers=workers)  # warm: imports, Ray workers
+    # warm: imports, and one block per task so that every Ray worker has started
+    simulate({**request, "paths": config.block_paths * max(workers, 1)}, config, workers=workers)
     began = time.perf_counter()
     out = simulate(request, config, workers=workers)
     return time.perf_counter() - began, out["figures"]
