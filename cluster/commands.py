@@ -166,6 +166,20 @@ def cmd_monitor(args) -> Output | None:
     return None
 
 
+def _answers(pushgateway: str) -> None:
+    """A pushgateway that does not accept connections is named at once, not after every
+    champion has been measured."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(pushgateway if "://" in pushgateway else f"http://{pushgateway}")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise LLMOpsError(f"cannot push to {pushgateway}: {exc}") from exc
+
+
 def cmd_healthcheck(args) -> Output:
     import time
 
@@ -173,6 +187,8 @@ def cmd_healthcheck(args) -> Output:
     from monitoring.metrics import health_families, registry_of, write_textfile
 
     settings = _settings(args)
+    if args.pushgateway:
+        _answers(args.pushgateway)
     results = check_champions(_registry(settings), settings.monitoring.health, args.models or None)
     metrics = registry_of(lambda: health_families(results, time.time()))
     textfile = Path(args.textfile) if args.textfile else settings.metrics_dir / "healthcheck.prom"
