@@ -42,7 +42,6 @@ class AdvisorService:
     def __init__(self, log: dict | None, tracking_uri: str | None, config: dict | None = None,
                  governance: dict | None = None):
         self.config = AdvisorAppConfig.model_validate(config or {})
-        self.digest = digest(self.config.portfolio)
         self.policies = chain("advisor", self.config.policies, self.config.guardrails,
                               governance)
         app.state.edge = self.policies.edge(LimitsConfig())
@@ -64,7 +63,7 @@ class AdvisorService:
         async def run(call) -> Answer:
             result = await asyncio.to_thread(simulate, body, self.config.portfolio)
             return Answer([json.dumps(result["figures"])], [{}], payload=result,
-                          tools=[tool_call(result, self.digest)])
+                          tools=[tool_call(result, digest(self.config.portfolio))])
 
         holdings = ", ".join(f"{k} {v}" for k, v in body.holdings.items())
         call, answer = await self.policies.apply(

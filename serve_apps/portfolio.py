@@ -11,6 +11,7 @@ classes, or a bootstrap of whole periods of a returns CSV; rebalanced to the wei
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -117,13 +118,28 @@ def _model(weights: dict[str, float], horizon: float, config: PortfolioConfig) -
     return _Model(w, steps, dt, drift=(mu - np.diag(cov) / 2) * dt, chol=chol)
 
 
-def _history(config: PortfolioConfig):
+@functools.lru_cache(maxsize=4)
+def _read_returns(path: str, mtime_ns: int, size: int) -> tuple:
+    """A returns CSV and the SHA-256 of its bytes, read once per version of the file."""
+    import io
+
     import pandas as pd
 
+    raw = Path(path).read_bytes()
+    return pd.read_csv(io.BytesIO(raw)), hashlib.sha256(raw).hexdigest()
+
+
+def _returns(config: PortfolioConfig) -> tuple:
+    path = Path(config.returns_csv)
     try:
-        df = pd.read_csv(Path(config.returns_csv))
+        stat = path.stat()
+        return _read_returns(str(path), stat.st_mtime_ns, stat.st_size)
     except (OSError, ValueError) as exc:
         raise InvalidPortfolio(f"cannot read returns_csv {config.returns_csv}: {exc}") from None
+
+
+def _history(config: PortfolioConfig):
+    df = _returns(config)[0]
     missing = [n for n in config.assets if n not in df.columns]
     if missing or df[list(config.assets)].isna().any().any() or len(df) < 2:
         raise InvalidPortfolio(f"returns_csv needs a full column per asset class; missing "
@@ -189,11 +205,7 @@ def digest(config: PortfolioConfig) -> str:
     CSV's bytes for a bootstrap. A replay under another digest may rightly differ."""
     h = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
     if config.method == "bootstrap":
-        try:
-            h.update(Path(config.returns_csv).read_bytes())
-        except OSError as exc:
-            raise InvalidPortfolio(f"cannot read returns_csv {config.returns_csv}: {exc}") \
-                from None
+        h.update(_returns(config)[1].encode())
     return h.hexdigest()
 
 
