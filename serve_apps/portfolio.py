@@ -176,7 +176,7 @@ def _blocks(model: _Model, seed: int, paths: int, block_paths: int, workers: int
         return [_block(model, seed, b, n) for b, n in enumerate(sizes)]
     import ray
 
-    task = ray.remote(num_cpus=1)(_run_blocks)
+    task = _remote_blocks()
     model_ref = ray.put(model)
     shares = [list(range(w, len(sizes), workers)) for w in range(min(workers, len(sizes)))]
     done = ray.get([task.remote(model_ref, seed, [(b, sizes[b]) for b in share])
@@ -188,6 +188,14 @@ def _blocks(model: _Model, seed: int, paths: int, block_paths: int, workers: int
 
 def _run_blocks(model: _Model, seed: int, blocks: list[tuple[int, int]]) -> list:
     return [_block(model, seed, b, n) for b, n in blocks]
+
+
+@functools.cache
+def _remote_blocks():
+    """`_run_blocks` as a Ray task, made (and shipped to the cluster) once per process."""
+    import ray
+
+    return ray.remote(num_cpus=1)(_run_blocks)
 
 
 def default_workers(config: PortfolioConfig) -> int:
