@@ -76,11 +76,12 @@ def _iban(m: re.Match) -> int:
     return 0
 
 
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"  # of an IPv4 address: 0-255, no leading zero
 # numbers that look like phones but are not: dates, IPv4 addresses, amounts grouped by dots;
 # standalone (not part of a longer run of digit groups, nor after a country code: "+44 20.00...")
 _NOT_PHONES = re.compile(
     r"(?<![\d+])(?<!\d[-/.])(?<!\+\d\s)(?<!\+\d\d\s)(?<!\+\d{3}\s)(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|"
-    r"(?:\d{1,3}\.){3}\d{1,3}|\d{1,3}(?:\.\d{3})+)(?![-/.]?\d)")
+    rf"(?:{_OCTET}\.){{3}}{_OCTET}|\d{{1,3}}(?:\.\d{{3}})+)(?![-/.]?\d)")
 
 
 def _phone_ok(m: str) -> bool:

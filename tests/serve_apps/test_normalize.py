@@ -94,6 +94,7 @@ CONTEXT = st.sampled_from(["reach me at {}", "{} is mine", "details: {} - thanks
 @FUZZ
 @given(pii=st.one_of(card(), phone(), iban(), email()), context=CONTEXT)
 @example(pii=("2000000000", "+44 20.00.000.000"), context="reach me at {}")  # not an IPv4
+@example(pii=("2000000000", "20.00.000.000"), context="reach me at {}")  # octets of 00 and 000
 def test_obfuscated_personal_data_is_redacted(pii, context):
     raw, written = pii
     out = redact(context.format(written))
