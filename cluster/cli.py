@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", parents=[common], help="fine-tune and register a model")
     train.add_argument("task", help="a task of training.tasks: support-router, moderation, "
-                       "rewriter, support-reply or one of your own")
+                       "rewriter, support-reply, advisor-intent or one of your own")
     train.add_argument("--scenario", default="base", help="data distribution to train on")
     train.add_argument("--workers", type=int)
     train.add_argument("--deepspeed-stage", type=int, choices=[0, 1, 2, 3])

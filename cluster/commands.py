@@ -292,10 +292,12 @@ def cmd_audit_replay(args) -> Output:
     if record is None:
         raise LLMOpsError(f"no audit record of request {args.request_id!r} in "
                           f"{settings.audit_dir}")
-    if not record.get("tools"):
-        raise LLMOpsError(f"request {args.request_id} ({record['application']}) made no tool "
-                          f"call to replay")
-    results = [replay(tool, settings.serve.advisor.portfolio) for tool in record["tools"]]
+    tools = [t for t in record.get("tools") or () if t.get("result") is not None]
+    if not tools:
+        raise LLMOpsError(f"request {args.request_id} ({record['application']}) has no tool "
+                          f"result to replay (a call handed to the client is replayed from the "
+                          f"request that returned its result)")
+    results = [replay(tool, settings.serve.advisor.portfolio) for tool in tools]
     payload = {"request_id": args.request_id, "ts": record["ts"],
                "models": record["models"], "match": all(r["match"] for r in results),
                "tools": results}

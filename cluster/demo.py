@@ -23,7 +23,7 @@ from training.errors import LLMOpsError
 from training.registry import CHAMPION, Registry
 
 MODEL = "support-router"
-TASKS = ("support-router", "moderation", "rewriter", "support-reply")
+TASKS = ("support-router", "moderation", "rewriter", "support-reply", "advisor-intent")
 
 
 def _cli(settings_args: list[str], *args: str, env: dict | None = None) -> None:

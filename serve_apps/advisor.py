@@ -1,54 +1,188 @@
-"""The `advisor` application: the advisory chatbot's tool, portfolio simulation
-(`serve_apps/portfolio.py`), behind the policy chain (scope `advise`).
+"""The `advisor` application: the advisory chatbot. The intent classifier (`advisor-intent`)
+and the slots read from a question decide when to simulate a portfolio (`serve_apps/
+dialogue.py`); the answer quotes the simulation exactly (`serve_apps/quoting.py`), refuses
+personalised product recommendations and ends with the disclaimer. All behind the policy chain
+(scope `advise`).
 
-HTTP: `POST /v1/advisor/simulate {"holdings": {"SPY": 0.6, "IEF": 0.4}, "horizon_years": 10,
-"risk_profile": "balanced", "paths": 20000, "seed": 7}` -> the risk figures, a rebalancing
-within the profile's bounds, the disclaimer and the request id. Python:
-`serve.get_app_handle("advisor").simulate.remote({...}, principal=...)`. The simulation's
-paths run as Ray tasks over the cluster's free CPUs. The audit record of every answer holds the
-tool call (arguments with the seed, figures, the configuration's digest): `llmops audit replay
-REQUEST_ID` runs it again and compares.
+HTTP, under `/v1/advisor`:
+- `POST /chat {"message": "How risky is 60% SPY and 40% IEF over 10 years?"}`: the answer,
+  the tool call the service ran and its figures;
+- `POST /chat/completions`: the same as an OpenAI chat completion with function calling, so
+  the official client works with `base_url=.../v1/advisor`. A request whose `tools` offer
+  `simulate_portfolio` gets the call back as `tool_calls` (finish_reason `tool_calls`) for the
+  client to run; the follow-up with the `tool` message gets the answer quoting its figures.
+  Without that tool offered (or with `tool_choice: none`) the service runs it itself;
+- `POST /simulate`: the tool itself, with the figures and the rebalancing as JSON;
+- `GET /tools`, `GET /models`.
+Python: `serve.get_app_handle("advisor").chat.remote({...}, principal=...)` (and `complete`,
+`simulate`). The audit record of every answer holds its tool call (arguments with the seed,
+the figures, the configuration's digest): `llmops audit replay REQUEST_ID` runs it again and
+compares, which also catches a client that reported other figures than its tool returned.
 """
 
 import asyncio
 import json
+import time
 
 from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
+from monitoring.batching import unwrap
+from serve_apps import dialogue
 from serve_apps.auth import Principal
-from serve_apps.call import Answer, Caller
+from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import AdvisorAppConfig, LimitsConfig
-from serve_apps.http import create_app
+from serve_apps.deployments import Item, set_batching
+from serve_apps.http import InvalidRequest, StageModel, check_label, check_texts, create_app, parse
+from serve_apps.inference_log import InferenceLog
+from serve_apps.openai_schema import Message, ToolChoice
+from serve_apps.openai_schema import Tool as ToolSpec
 from serve_apps.policies import chain
 from serve_apps.portfolio import SimulationRequest, digest, request_of, simulate
+from serve_apps.quoting import QUOTED, check
+from serve_apps.stages import Stages
+from training.refs import UnknownModel
 
-TOOL = "simulate_portfolio"
+MODEL_ID = "advisor"  # the one model name the OpenAI route serves
 
-app = create_app("llmops advisor", "Portfolio simulations for the advisory chatbot, every "
-                 "answer audited and replayable.")
-
-
-def tool_call(result: dict, config_digest: str) -> dict:
-    """A simulation as the audit record keeps it: enough to run it again and compare."""
-    return {"name": TOOL, "arguments": result["request"], "seed": result["request"]["seed"],
-            "config_sha256": config_digest, "result": result["figures"],
-            "rebalance": result["rebalance"]["weights"]}
+app = create_app("llmops advisor", "The advisory chatbot: portfolio simulations, every answer "
+                 "audited and replayable.")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=16)
+class AdviceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str = Field(examples=["How risky is 60% SPY and 40% IEF over the next 10 years?"])
+
+
+class ToolChatRequest(BaseModel):
+    """The OpenAI fields the advisor honours; others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(max_length=256)
+    messages: list[Message] = Field(min_length=1)
+    tools: list[ToolSpec] | None = Field(None, max_length=64)
+    tool_choice: ToolChoice | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+    def offers_tool(self) -> bool:
+        """Whether the client runs `simulate_portfolio` itself (it offered it, and allows calls)."""
+        return self.tool_choice != "none" and any(
+            t.function.name == dialogue.TOOL for t in self.tools or ())
+
+
+def tool_call(call_id: str, arguments: dict, result: dict | None, config_digest: str) -> dict:
+    """A simulation as the audit record keeps it: enough to run it again and compare (`result`
+    None: the call was handed to the client, whose result comes with its next request)."""
+    return {"id": call_id, "name": dialogue.TOOL, "arguments": arguments,
+            "seed": arguments["seed"], "config_sha256": config_digest,
+            "result": None if result is None else result["figures"],
+            **({"rebalance": (result.get("rebalance") or {}).get("weights")} if result else {})}
+
+
+def _advice(call: Call) -> bool:
+    """Whether the `advice` guardrail found a product recommendation request in the question."""
+    return any(f.kind == "advice" for f in call.findings)
+
+
+def _tool_results(messages: list[Message]) -> tuple[dict, dict] | None:
+    """The client's follow-up to a `simulate_portfolio` call: the call (id -> arguments) and the
+    result of each, from the `tool` messages after the last assistant message with tool calls;
+    None when the conversation does not end with them."""
+    tail = []
+    for m in reversed(messages):
+        if m.role != "tool":
+            break
+        tail.append(m)
+    if not tail:
+        return None
+    asked = next((m for m in reversed(messages[:len(messages) - len(tail)])
+                  if m.role == "assistant" and m.tool_calls), None)
+    calls = {t.id: t for t in (asked.tool_calls if asked else [])
+             if t.function.name == dialogue.TOOL}
+    results: dict[str, dict] = {}
+    for m in tail:
+        if m.tool_call_id not in calls:
+            raise InvalidRequest(f"tool message {m.tool_call_id!r} answers no {dialogue.TOOL} "
+                                 f"call of the assistant message before it")
+        try:
+            content = json.loads(m.text())
+        except ValueError:
+            content = None
+        figures = content.get("figures") if isinstance(content, dict) else None
+        if not isinstance(figures, dict) or any(
+                not isinstance(figures.get(k), int | float) for k in QUOTED):
+            raise InvalidRequest(f"tool message {m.tool_call_id!r}: a {dialogue.TOOL} result is "
+                                 f"the JSON object POST /simulate returns, with figures "
+                                 f"{', '.join(QUOTED)}")
+        results[m.tool_call_id] = content
+    arguments = {}
+    for call_id in results:
+        try:
+            arguments[call_id] = json.loads(calls[call_id].function.arguments)
+        except ValueError:
+            raise InvalidRequest(f"tool call {call_id!r}: arguments are not JSON") from None
+    return arguments, results
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=64)
 @serve.ingress(app)
-class AdvisorService:
-    def __init__(self, log: dict | None, tracking_uri: str | None, config: dict | None = None,
+class AdvisorPipeline:
+    def __init__(self, classifier: DeploymentHandle | None, config: dict, limits: dict,
+                 tracking_uri: str | None, log: dict | None = None,
                  governance: dict | None = None):
-        self.config = AdvisorAppConfig.model_validate(config or {})
+        self.stages = Stages({"Classifier": classifier}, tracking_uri)
+        self.classifier = self.stages["Classifier"]
+        self.config = AdvisorAppConfig.model_validate(config)
+        self.limits = LimitsConfig.model_validate(limits)
+        self.log = InferenceLog("advisor", log)
         self.policies = chain("advisor", self.config.policies, self.config.guardrails,
                               governance)
-        app.state.edge = self.policies.edge(LimitsConfig())
+        app.state.edge = self.policies.edge(self.limits)
+        self.digest = digest(self.config.portfolio)
+        self.fixed = dialogue.fixed_text(self.config)
+        self.created = int(time.time())
+        set_batching(self._classify, **self.config.classifier.batching.model_dump())
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await self.stages.reconfigure(user_config)
+
+    @app.post("/chat")
+    async def http_chat(self, body: AdviceRequest, request: Request) -> dict:
+        return await self._chat(body, Caller.http(request))
+
+    @app.post("/chat/completions")
+    async def http_complete(self, body: ToolChatRequest, request: Request) -> dict:
+        return await self._complete(body, Caller.http(request))
 
     @app.post("/simulate")
     async def http_simulate(self, body: SimulationRequest, request: Request) -> dict:
         return await self._simulate(body, Caller.http(request))
+
+    @app.get("/tools")
+    async def tools(self) -> dict:
+        """The functions the advisor can call, in OpenAI's `tools` format."""
+        return {"tools": [dialogue.SPEC]}
+
+    @app.get("/models")
+    async def http_models(self, request: Request) -> dict:
+        await self.policies.authorize(Caller.http(request), "advise")
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model",
+                                            "created": self.created, "owned_by": "llmops"}]}
+
+    async def chat(self, request: AdviceRequest | dict, correlation_id: str | None = None,
+                   principal: Principal | dict | None = None) -> dict:
+        caller = Caller(correlation_id, principal)
+        return await self.policies.admit("chat", request, caller,
+                                         lambda: self._chat(request, caller))
+
+    async def complete(self, request: ToolChatRequest | dict, correlation_id: str | None = None,
+                       principal: Principal | dict | None = None) -> dict:
+        caller = Caller(correlation_id, principal)
+        return await self.policies.admit("complete", request, caller, lambda: self._complete(
+            parse(ToolChatRequest, request), caller))
 
     async def simulate(self, request: SimulationRequest | dict,
                        correlation_id: str | None = None,
@@ -57,16 +191,115 @@ class AdvisorService:
         return await self.policies.admit("simulate", request, caller,
                                          lambda: self._simulate(request, caller))
 
+    async def _chat(self, request: AdviceRequest | dict, caller: Caller) -> dict:
+        question = check_texts([parse(AdviceRequest, request).message], self.limits)[0]
+        call, answer = await self.policies.apply(
+            "advise", [question], caller, lambda c: self._advise(c, run_tool=True))
+        return {**call.summary(answer.degraded), "answer": answer.outputs[0], **answer.payload}
+
+    async def _complete(self, request: ToolChatRequest, caller: Caller) -> dict:
+        """A `chat.completion`: the tool call for the client to run, or the answer."""
+        if request.model != MODEL_ID:
+            raise UnknownModel(f"model {request.model!r} is not served here; GET /models "
+                               f"lists {MODEL_ID!r}")
+        if request.stream:
+            raise InvalidRequest("stream: the advisor answers whole (its answers are checked "
+                                 "before they leave)")
+        if len(request.messages) > self.limits.max_messages:
+            raise InvalidRequest(f"at most {self.limits.max_messages} messages per request")
+        users = [m.text() for m in request.messages if m.role == "user"]
+        if not users:
+            raise InvalidRequest("messages: at least one message must have role 'user'")
+        question = check_texts(users[-1:], self.limits)[0]
+        returned = _tool_results(request.messages)
+
+        async def work(c: Call) -> Answer:
+            if returned:
+                return await self._quote(c, *returned)
+            return await self._advise(c, run_tool=not request.offers_tool())
+
+        call, answer = await self.policies.apply("advise", [question], caller, work)
+        payload = answer.payload
+        message = {"role": "assistant", "content": answer.outputs[0]}
+        if payload["action"] == "tool_call":
+            message["tool_calls"] = [{"id": t["id"], "type": "function", "function": {
+                "name": t["name"], "arguments": json.dumps(t["arguments"])}} for t in answer.tools]
+        return {"id": f"chatcmpl-{call.request_id}", "object": "chat.completion",
+                "created": int(time.time()), "model": MODEL_ID,
+                "choices": [{"index": 0, "message": message, "finish_reason":
+                             "tool_calls" if payload["action"] == "tool_call" else "stop"}],
+                "usage": {"prompt_tokens": answer.tokens, "completion_tokens": 0,
+                          "total_tokens": answer.tokens},
+                "llmops": {**call.summary(answer.degraded), **payload}}
+
+    async def _advise(self, call: Call, run_tool: bool) -> Answer:
+        """Classify the question, plan, run the tool (here, or hand the call to the client)."""
+        question, rid = call.texts[0], call.request_id
+        async with self.log.on_failure(rid, [question], call.started, call.principal.tenant):
+            verdict = check_label(unwrap(await self._classify(Item(question, rid))))
+        plan = dialogue.plan(question, verdict, _advice(call), self.config)
+        result, tools = None, []
+        if plan.arguments is not None:
+            call_id = f"call_{rid}"
+            if run_tool:
+                result = await asyncio.to_thread(simulate, plan.arguments, self.config.portfolio)
+            tools = [tool_call(call_id, plan.arguments, result, self.digest)]
+        text = None if tools and result is None else self._checked(
+            dialogue.reply(plan, result, self.config), [result, plan.problem], question)
+        await self.log.record(rid, [question], [verdict], [{"classifier": verdict["model"]}],
+                              call.started, tenant=call.principal.tenant)
+        return self._answer(text, plan, verdict, result, tools)
+
+    async def _quote(self, call: Call, calls: dict[str, dict], results: dict[str, dict]) -> Answer:
+        """The answer to a client's follow-up carrying the tool's result: its figures quoted."""
+        question = call.texts[0]
+        call_id, arguments = next(iter(calls.items()))
+        request = request_of(arguments, self.config.portfolio).model_dump()
+        # only the figures are quoted: a client's own tool need not suggest a rebalancing
+        result = {"figures": results[call_id]["figures"], "request": request}
+        p = dialogue.Plan("simulate", request, refused=_advice(call))
+        text = self._checked(dialogue.reply(p, result, self.config), [result], question)
+        tools = [tool_call(call_id, request, result, self.digest)]
+        return self._answer(text, p, None, result, tools)
+
+    def _checked(self, text: str, tool_results: list, question: str) -> str:
+        return check(text, [r for r in tool_results if r is not None], question, self.fixed)
+
+    def _answer(self, text: str | None, plan: dialogue.Plan, verdict: dict | None,
+                result: dict | None, tools: list[dict]) -> Answer:
+        models = {"classifier": StageModel(**verdict["model"])} if verdict else {}
+        action = "tool_call" if tools and result is None else plan.action
+        payload = {"intent": plan.intent, "action": action, "refused": plan.refused,
+                   "confidence": verdict["confidence"] if verdict else None,
+                   "missing": plan.missing, "tool_calls": tools,
+                   "simulation": result, "disclaimer": self.config.disclaimer,
+                   "models": {k: m.model_dump() for k, m in models.items()}}
+        return Answer([text], [models], verdict["tokens"] if verdict else 0, payload=payload,
+                      tools=tools)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
+    async def _classify(self, items: list[Item]) -> list[dict | Exception]:
+        return await self.classifier.predict_many.remote(items)
+
     async def _simulate(self, request: SimulationRequest | dict, caller: Caller) -> dict:
         body = request_of(request, self.config.portfolio)
 
-        async def run(call) -> Answer:
+        async def run(call: Call) -> Answer:
             result = await asyncio.to_thread(simulate, body, self.config.portfolio)
-            return Answer([json.dumps(result["figures"])], [{}], payload=result,
-                          tools=[tool_call(result, digest(self.config.portfolio))])
+            return Answer([json.dumps(result["figures"])], [{}], payload=result, tools=[
+                tool_call(f"call_{call.request_id}", result["request"], result, self.digest)])
 
         holdings = ", ".join(f"{k} {v}" for k, v in body.holdings.items())
         call, answer = await self.policies.apply(
             "advise", [f"simulate {holdings} over {body.horizon_years} years"], caller, run)
         return {"request_id": call.request_id, **answer.payload,
                 "disclaimer": self.config.disclaimer}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness, without authentication (for load balancers)."""
+        return {"status": "ok"}
+
+    async def __del__(self) -> None:
+        await self.log.close()
+

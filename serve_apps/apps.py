@@ -7,7 +7,7 @@ all replicas, including ones the autoscaler adds later, serve the same version e
 registry alias moves meanwhile.
 
 Pipelines are imported only when their application is built: Serve builds each application in
-a process of its own, and a service over no model (feedback, advisor) never loads torch.
+a process of its own, and a service over no model (feedback) never loads torch.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _pipeline(name: str, args: dict) -> Application:
     uri = args["tracking_uri"]
     options = app_deployments(name, CONFIGS[name].model_validate(args["config"]),
                               args["ingress_cpus"], args["use_gpu"], uri, args.get("gpu_resource"))
-    if not models:  # a service over no model: feedback, advisor
+    if not models:  # a service over no model: feedback
         return pipeline.options(**options[class_name]).bind(
             args["log"], uri, args["config"], args.get("governance"))
     from serve_apps.stages import MODELS
@@ -155,7 +155,7 @@ APPS = {
                 {"Classifier": "classifier", "Encoder": "encoder", "Generator": "generator"}),
     "chat": ("serve_apps.chat:ChatPipeline", {"Generator": "generator"}),
     "feedback": ("serve_apps.feedback:FeedbackService", {}),
-    "advisor": ("serve_apps.advisor:AdvisorService", {}),
+    "advisor": ("serve_apps.advisor:AdvisorPipeline", {"Classifier": "classifier"}),
 }
 CONFIGS = {"moderation": ModerationAppConfig, "support": SupportAppConfig, "chat": ChatAppConfig,
            "feedback": FeedbackAppConfig, "advisor": AdvisorAppConfig}

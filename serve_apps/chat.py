@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
@@ -25,24 +25,11 @@ from serve_apps.call import Answer, Call, Caller, estimate_tokens
 from serve_apps.config import ChatAppConfig, LimitsConfig
 from serve_apps.http import InvalidRequest, check_texts, create_app, parse
 from serve_apps.inference_log import InferenceLog
+from serve_apps.openai_schema import Message
 from serve_apps.policies import chain
 from serve_apps.stages import Stages
 from training.features import descriptors
 from training.refs import UnknownModel, reference
-
-
-class ContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else " ".join(
-            p.text for p in self.content)
 
 
 class ChatRequest(BaseModel):

@@ -315,20 +315,53 @@ class FeedbackAppConfig(_AppConfig):
                                     description="the answers awaiting a label (GET /pending)")
 
 
+def _advice_rules() -> GuardrailsConfig:
+    """Injection is refused; a request for a product recommendation is found and answered with
+    the refusal (`serve_apps/dialogue.py`); answers are composed, not generated: no output rule
+    (a PII pattern must never rewrite a quoted figure)."""
+    return GuardrailsConfig(
+        input=[GuardrailRule(name="prompt-injection", kind="injection", action="block"),
+               GuardrailRule(name="personal-recommendation", kind="advice", action="flag")],
+        output=[])
+
+
 class AdvisorAppConfig(_AppConfig):
-    """Portfolio simulations for the advisory chatbot (`POST /simulate`, the `advise` scope).
-    Each answer's audit record holds the tool call (its arguments with the seed, the figures,
-    the configuration's digest), so `llmops audit replay` can run it again and compare."""
+    """The advisory chatbot (`POST /chat`, OpenAI-compatible `POST /chat/completions` with
+    function calling, `POST /simulate`; the `advise` scope): the intent classifier and slot
+    extraction decide when to simulate a portfolio. Each answer's audit record holds the tool
+    call (its arguments with the seed, the figures, the configuration's digest), so `llmops
+    audit replay` can run it again and compare."""
 
     route_prefix: str = "/v1/advisor"
+    classifier: ModelDeploymentConfig = Field(default_factory=lambda: ModelDeploymentConfig(
+        model="models:/advisor-intent@champion", resources=ResourcesConfig(num_cpus=0.03)))
+    guardrails: GuardrailsConfig = Field(default_factory=_advice_rules)
     # its simulations run as Ray tasks asking for CPUs of their own (or in the replica when none
     # is free): the replica itself reserves little, so a retrain still fits on a 2-core head
     ingress_cpus: float | None = Field(0.02, gt=0)
     portfolio: PortfolioConfig = Field(default_factory=PortfolioConfig)
+    paths: int = Field(20_000, ge=100, description="paths of the simulations the chat runs")
+    seed: int = Field(0, ge=0, description="their seed (recorded with each tool call)")
     disclaimer: str = Field(
         "Simulated figures under stated assumptions, not a forecast or a personal "
         "recommendation; past behaviour does not guarantee future returns.", min_length=1,
         description="sent with every answer")
+    refusal: str = Field(
+        "I cannot recommend specific products or tell you what to buy or sell, or when; I can "
+        "simulate how a portfolio you describe might behave and explain its risk figures.",
+        min_length=1, description="the answer to a personalised product recommendation request")
+    other_reply: str = Field(
+        "I am the portfolio simulation assistant: describe your holdings and a horizon and I "
+        "will simulate their risk, or ask me what a risk measure means. For your account, fees "
+        "or statements, please contact your adviser.", min_length=1,
+        description="the answer to a question about anything else")
+
+    @model_validator(mode="after")
+    def _paths_within_cap(self) -> AdvisorAppConfig:
+        if self.paths > self.portfolio.max_paths:
+            raise ValueError(f"paths {self.paths} exceeds portfolio.max_paths "
+                             f"{self.portfolio.max_paths}")
+        return self
 
 
 class TlsConfig(StrictModel):

@@ -3,7 +3,7 @@
 what matched by a placeholder, `flag` only reports it. Every hit is a `Finding`, returned in the
 response metadata and logged.
 
-Four kinds of rule, one shape (a scan that returns the text with its matches replaced, and how
+Five kinds of rule, one shape (a scan that returns the text with its matches replaced, and how
 many of each it found):
 - `denylist`: the configured regular expressions;
 - `injection`: heuristics for prompt injection (instructions to ignore instructions, requests
@@ -12,7 +12,10 @@ many of each it found):
   mod-97 (`serve_apps/pii.py`);
 - `bias`: a lexicon of protected attributes (race and ethnicity, religion, gender, age,
   disability, nationality, sexual orientation) mentioned in generated text. A mention is not
-  bias; the flag marks answers a reviewer should read.
+  bias; the flag marks answers a reviewer should read;
+- `advice`: requests for a personalised product recommendation (what to buy or sell, whether a
+  product is a good buy, when to trade), which an advisory service may not be licensed to give,
+  except for the products the rule's `allow` names (the advisor refuses the others).
 """
 
 from __future__ import annotations
@@ -50,6 +53,24 @@ INJECTION = {
     "template-tokens": r"<\|[a-z_]{2,30}\|>|</?s>|\[/?(?:inst|system_prompt|avail_tools)\]|"
                        r"<</?sys>>|<(?:start|end)_of_turn>|<\|?(?:system|im_start|im_end|"
                        r"endoftext)\|?>|<(?:bos|eos|pad)>",
+}
+_TRADE = r"(?:buy|sell|invest|put|move|switch|dump|hold|get into|pick|choose|go with|pour)"
+_PRODUCT = r"(?:funds?|etfs?|stocks?|shares?|bonds?|coins?|crypto(?:currenc(?:y|ies))?|" \
+           r"tokens?|products?|securit(?:y|ies)|index funds?|assets?|investments?|tickers?|" \
+           r"options?|reits?|annuit(?:y|ies)|pensions?|accounts?)"
+ADVICE = {
+    # "should I buy/sell ...", "would you put my savings into ...", "do you think I should ..."
+    "what-to-trade": rf"\b(?:should|shall|must|do|would|can) (?:i|we)\b[^.?!\n]{{0,30}}"
+                     rf"\b{_TRADE}\b|\bwould you\b[^.?!\n]{{0,20}}\b{_TRADE}\b",
+    # "which fund should I ...", "what stock will go up", "the best ETF for retirement"
+    "which-product": rf"\b(?:which|what)\b[^.?!\n]{{0,20}}\b{_PRODUCT}\b[^.?!\n]{{0,30}}"
+                     rf"\b(?:should|to|would|will|do you|is best|are best|go up|rise)\b|"
+                     rf"\b(?:best|top|safest|hottest)\b[^.?!\n]{{0,15}}\b{_PRODUCT}\b",
+    "recommend": rf"\b(?:recommend|suggest|advise|tip)\w*\b[^.?!\n]{{0,30}}"
+                 rf"\b(?:{_PRODUCT}|buy|sell|invest)\b",
+    "good-buy": r"\b(?:a )?good (?:buy|investment|pick|bet|time to (?:buy|sell))\b|"
+                r"\b(?:worth|time to|right \w+ to) (?:buying|selling|investing|buy|sell)\b|"
+                r"\b(?:buy|sell) (?:now|before|after|today|next)\b",
 }
 # a phrase spelled out letter by letter (`i g n o r e  a l l ...`) joins into one run
 _COMPACT = re.compile(r"(?:ignore|disregard|forget|override|bypass)[a-z]{0,20}(?:instructions?|"
@@ -130,8 +151,29 @@ def _bias_patterns() -> dict[str, str]:
             for category, words in PROTECTED.items()}
 
 
+def _advice_scan(allow: Sequence[str]) -> Callable[[str], Redaction]:
+    """Recommendation requests, sentence by sentence, less those about an allowed product."""
+    scan = _pattern_scan(ADVICE, "[ADVICE]")
+    allowed = [re.compile(p, re.IGNORECASE) for p in allow]
+
+    def advice(text: str) -> Redaction:
+        parts, found = [], {}
+        for sentence in re.split(r"(?<=[.?!\n])", text):
+            result = scan(sentence)
+            if result.found and not any(p.search(sentence) for p in allowed):
+                sentence = result.text
+                for label, n in result.found.items():
+                    found[label] = found.get(label, 0) + n
+            parts.append(sentence)
+        return Redaction("".join(parts), found)
+
+    return advice
+
+
 def scanner(rule: GuardrailRule) -> Callable[[str], Redaction]:
     """The rule's scan: the text with its matches replaced, and what it found."""
+    if rule.kind == "advice":
+        return _advice_scan(rule.allow)
     if rule.kind == "pii":
         return redact
     if rule.kind == "injection":

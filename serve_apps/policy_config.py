@@ -35,10 +35,13 @@ class GuardrailRule(StrictModel):
     request (422), `redact` replaces what matched, `flag` only reports it."""
 
     name: str
-    kind: Literal["denylist", "injection", "pii", "bias"]
+    kind: Literal["denylist", "injection", "pii", "bias", "advice"]
     action: Literal["block", "redact", "flag"]
     patterns: list[str] = Field(default_factory=list, description="denylist: regular "
                                 "expressions, matched case-insensitively")
+    allow: list[str] = Field(default_factory=list, description="advice: regular expressions of "
+                             "the products the firm may recommend; a request about one of them "
+                             "is not a finding")
 
     @model_validator(mode="after")
     def _patterns(self) -> GuardrailRule:
@@ -46,7 +49,9 @@ class GuardrailRule(StrictModel):
 
         if self.kind == "denylist" and not self.patterns:
             raise ValueError(f"guardrail {self.name!r}: a denylist needs patterns")
-        for pattern in self.patterns:
+        if self.allow and self.kind != "advice":
+            raise ValueError(f"guardrail {self.name!r}: `allow` is for kind advice")
+        for pattern in self.patterns + self.allow:
             try:
                 re.compile(pattern)
             except re.error as exc:

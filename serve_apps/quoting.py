@@ -19,6 +19,7 @@ _SHOWN = [("expected_return", "an expected return of {}"), ("median_return", "a 
           ("var_95", "a 95% value at risk of {}"), ("cvar_95", "a 95% CVaR of {}"),
           ("var_99", "a 99% value at risk of {}"), ("cvar_99", "a 99% CVaR of {}"),
           ("max_drawdown", "an average maximum drawdown of {}")]
+QUOTED = [name for name, _ in _SHOWN] + ["probability_below_target"]  # what `compose` needs
 _RATIOS = {"sharpe_ratio"}  # quoted as numbers; every other figure as a percentage
 # the template's own words ("a 95% value at risk"): numbers an answer may always hold
 TEMPLATE_TEXT = " ".join(text for _, text in _SHOWN)
@@ -36,25 +37,25 @@ def _quoted(name: str, value: float) -> str:
     return f"{value:.2f}" if name in _RATIOS else _pct(value)
 
 
-def compose(result: dict, horizon_years: float, disclaimer: str) -> str:
-    """The answer to a simulation request: the figures over the horizon, the rebalancing with
-    its constraints, the disclaimer."""
+def compose(result: dict, horizon_years: float) -> str:
+    """The answer to a simulation request: the figures over the horizon, and the rebalancing
+    with its constraints when the result has one (a client's own tool may return none)."""
     figures = result["figures"]
     years = f"{horizon_years:g} year{'s' if horizon_years != 1 else ''}"
     parts = [f"Over {years}, {result['request']['paths']:,} simulated paths give "
              + ", ".join(text.format(_quoted(name, figures[name])) for name, text in _SHOWN)
              + f"; the probability of ending below your target is "
              f"{_pct(figures['probability_below_target'])}."]
-    rebalance = result["rebalance"]
-    if rebalance["weights"]:
+    rebalance = result.get("rebalance") or {}
+    if rebalance.get("weights"):
         weights = ", ".join(f"{k} {_pct(v)}" for k, v in rebalance["weights"].items())
         parts.append(f"Within your profile ({rebalance['constraints']}), a mean-variance "
                      f"rebalancing of what you hold would be {weights}, with an expected annual "
                      f"return of {_pct(rebalance['expected_return'])} and volatility of "
                      f"{_pct(rebalance['volatility'])}.")
-    else:
+    elif rebalance:
         parts.append(f"No rebalancing within your profile: {rebalance['reason']}.")
-    return " ".join(parts + [disclaimer])
+    return " ".join(parts)
 
 
 def _numbers(value) -> Iterable[float]:

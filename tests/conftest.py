@@ -41,6 +41,12 @@ def tiny_settings(data_dir, **training) -> Settings:
                                     "max_length": 96, "tokenizer_vocab_size": 1000},
                           "train_size": 400, "holdout_size": 24, "golden_size": 32, "epochs": 1,
                           "holdouts": ["base"]},
+        # the advisor's intents, from the bundled encoder's first layer: questions are read
+        # right from a few hundred rows (tests/serve_apps/test_advisor.py asks real ones)
+        "advisor-intent": {**classifier, "train_size": 400,
+                           "model": {"source": "all-MiniLM-L6-v2", "max_length": 48,
+                                     "architecture": {"num_hidden_layers": 1},
+                                     "freeze_embeddings": True}},
     }
     return Settings.model_validate({
         "data_dir": str(data_dir),

@@ -100,7 +100,7 @@ def test_placement_training_spread_and_node_loss_under_load(private_ray_tmp, tmp
         for md in (serve.moderation.classifier, serve.moderation.generator):
             md.autoscaling.min_replicas = md.autoscaling.max_replicas = 1
             md.resources.num_cpus = 0.5  # the two fill the GPU node: the ingress goes elsewhere
-        serve.support.enabled = serve.chat.enabled = False
+        serve.support.enabled = serve.chat.enabled = serve.advisor.enabled = False
         config = serve_config(serve, registry.tracking_uri, True, dict(PLATFORM_ENV), None,
                               settings.governance())
         for app in config["applications"]:

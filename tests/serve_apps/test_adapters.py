@@ -79,6 +79,7 @@ def _config(port: int, max_adapters: int, tls: dict) -> ServeConfig:
     off = {"enabled": False}
     return ServeConfig.model_validate({
         "port": port, "use_gpu": "no", "tls": tls, "moderation": off, "support": off, "feedback": off,
+        "advisor": off,
         "chat": {"generator": {
             "model": "models:/rewriter@champion", "placement": "replica",
             "adapters": {"toxic-a": "models:/rewriter-a@champion",

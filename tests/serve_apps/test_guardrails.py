@@ -73,7 +73,47 @@ def test_denylist_patterns_in_declared_order():
      "bad pattern '.unclosed'"),
     ({"name": "d", "kind": "toxicity", "action": "block"}, "kind"),
     ({"name": "d", "kind": "pii", "action": "delete"}, "action"),
+    ({"name": "d", "kind": "pii", "action": "flag", "allow": ["x"]}, "`allow` is for kind advice"),
+    ({"name": "d", "kind": "advice", "action": "flag", "allow": ["[bad"]}, "bad pattern"),
 ])
 def test_bad_rules_are_rejected_naming_the_problem(spec, message):
     with pytest.raises(ValidationError, match=message):
         GuardrailRule(**spec)
+
+
+ADVICE = GuardrailRule(name="advice", kind="advice", action="flag")
+
+
+@pytest.mark.parametrize("text", [
+    "Should I dump my Apple shares?",
+    "What's the best ETF for a beginner?",
+    "Is bitcoin worth buying?",
+    "Can you tell me which stocks to pick for my ISA?",
+    "I'm 40, what should I invest in?",
+    "Would you put 10k into Nvidia?",
+    "Any tips on which fund to choose for my pension?",
+    "Is now the right moment to sell GLD?",
+])
+def test_advice_finds_requests_for_a_product_recommendation(text):
+    _, [finding] = Guardrails([ADVICE], "input").check([text])
+    assert finding.kind == "advice" and sum(finding.found.values()) >= 1
+
+
+@pytest.mark.parametrize("text", [
+    "How risky is 70% VTI and 30% TLT over 15 years?",
+    "What does the Sharpe ratio measure?",
+    "Simulate 50% SPY 50% IEF for 10 years, balanced profile.",
+    "Should I be worried about a 20% drawdown?",
+    "What is a good Sharpe ratio?",
+    "How do your simulations work?",
+])
+def test_advice_leaves_risk_questions_alone(text):
+    assert Guardrails([ADVICE], "input").check([text]) == ([text], [])
+
+
+def test_advice_spares_the_products_allowed_sentence_by_sentence():
+    rule = ADVICE.model_copy(update={"allow": [r"model portfolios?"]})
+    text = "Which model portfolio should I choose? And should I buy Tesla?"
+    _, [finding] = Guardrails([rule], "input").check([text])
+    assert finding.found == {"what-to-trade": 1}  # the second sentence only
+    assert Guardrails([rule], "input").check(["Which model portfolio should I choose?"])[1] == []

@@ -18,7 +18,7 @@ def result():
 
 
 def test_the_composed_answer_quotes_every_figure_and_passes_the_check(result):
-    answer = compose(result, 10, DISCLAIMER)
+    answer = f"{compose(result, 10)} {DISCLAIMER}"
     assert check(answer, [result], CLIENT, TEMPLATE_TEXT + DISCLAIMER) == answer
     figures = result["figures"]
     assert f"{figures['var_95'] * 100:.1f}%" in answer
@@ -27,7 +27,7 @@ def test_the_composed_answer_quotes_every_figure_and_passes_the_check(result):
 
 
 def test_an_invented_or_misquoted_figure_is_refused(result):
-    answer = compose(result, 10, DISCLAIMER)
+    answer = f"{compose(result, 10)} {DISCLAIMER}"
     quoted = f"{result['figures']['var_95'] * 100:.1f}%"
     wrong = f"{result['figures']['var_95'] * 100 + 3:.1f}%"
     with pytest.raises(InventedFigure, match=wrong.replace(".", r"\.")) as refused:

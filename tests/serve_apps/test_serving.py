@@ -1219,7 +1219,7 @@ def test_gpu_replicas_are_placed_and_autoscale(ray_session, platform):
 
     config = ServeConfig.model_validate({
         "port": int(platform.url.rsplit(":", 1)[1]), "use_gpu": "yes",
-        "support": {"enabled": False}, "chat": {"enabled": False},
+        "support": {"enabled": False}, "chat": {"enabled": False}, "advisor": {"enabled": False},
         "moderation": {
             "classifier": {"model": "models:/moderation@champion",
                            "resources": {"num_cpus": 0.1, "num_gpus": 0.5},

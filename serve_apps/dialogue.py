@@ -1,0 +1,141 @@
+"""What the advisor answers, decided without a language model: the intent classifier's verdict
+on the question (`advisor-intent`), the slots read from it (`serve_apps/slots.py`) and the
+guardrail findings make a `Plan`; the plan is a tool call (`simulate_portfolio`) or an answer
+of its own, and `reply` writes the text once the tool's result is there.
+
+- `simulate`: with holdings and a horizon read, the tool call (never guessed arguments: what
+  is missing, or what the simulation refuses, is asked about instead);
+- `explain`: the glossary's entries for the measures the question names;
+- `recommend`: the refusal. A personalised product recommendation is refused whenever the
+  classifier says `recommend` (or keeps it among its candidates) or the `advice` guardrail
+  finds one, so a question that asks for both a simulation and a product tip gets the
+  simulation and the refusal;
+- `other`: the configured reply about the service.
+Every answer ends with the disclaimer, and passes the numbers check (`serve_apps/quoting.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from serve_apps.portfolio import InvalidPortfolio, SimulationRequest, request_of
+from serve_apps.quoting import TEMPLATE_TEXT, compose
+from serve_apps.slots import extract
+
+TOOL = "simulate_portfolio"
+SPEC = {"type": "function", "function": {
+    "name": TOOL,
+    "description": "Monte Carlo simulation of a portfolio over a horizon: expected and median "
+                   "return, volatility, Sharpe ratio, VaR and CVaR at 95% and 99%, drawdowns, "
+                   "the probability of ending below a target, and a rebalancing within the "
+                   "risk profile's bounds. Seeded: the same arguments give the same figures.",
+    "parameters": SimulationRequest.model_json_schema()}}
+
+GLOSSARY = [  # (what it explains, the words that ask for it, the explanation)
+    ("cvar", r"\bc-?var\b|conditional value at risk|expected shortfall|tail loss",
+     "CVaR (expected shortfall) at 95% is the average loss over the worst 5% of simulated "
+     "outcomes: it says how bad the bad cases are, where VaR only says where they begin."),
+    ("var", r"\bvar\b|value at risk",
+     "Value at risk (VaR) at 95% is the loss that 95% of the simulated outcomes over the "
+     "horizon stay within: one outcome in 20 loses more. At 99% it is one in 100."),
+    ("sharpe", r"\bsharpe\b|risk[- ]adjusted return",
+     "The Sharpe ratio is the annual return above the risk-free rate divided by the annual "
+     "volatility: the return earned per unit of risk. It compares portfolios; higher is better, "
+     "and it promises nothing about a single year."),
+    ("drawdown", r"draw ?downs?|peak to trough",
+     "The maximum drawdown of a path is its largest fall from an earlier peak within the "
+     "horizon; answers give its average over the simulated paths and the level only one path "
+     "in 20 exceeds."),
+    ("volatility", r"volatil|standard deviation|swings?\b",
+     "Volatility is the annualised standard deviation of the portfolio's returns: how widely "
+     "they swing around their mean. Higher volatility widens both the gains and the losses."),
+    ("return", r"expected return|mean return|median|average return",
+     "The expected return is the average total return over the horizon across the simulated "
+     "paths; the median is the middle outcome, lower than the mean when a few paths do very "
+     "well."),
+    ("method", r"simulat|assum|monte carlo|how do (?:you|your)|model|rebalanc|profile|work",
+     "Each simulation draws many paths of monthly returns for the asset classes you hold "
+     "{method}, rebalances your portfolio to its weights every period and reports the spread of "
+     "outcomes. A rebalancing suggestion maximises the expected return less a penalty on "
+     "variance, long only, within your risk profile's bounds, and only over what you hold."),
+]
+_METHODS = {"gbm": "from long-run assumptions of their returns, volatilities and correlations "
+                   "(correlated geometric Brownian motion)",
+            "bootstrap": "by drawing whole periods at random from the historical returns "
+                         "configured (a bootstrap)"}
+_GENERAL = ("I can explain value at risk, CVaR, the Sharpe ratio, drawdowns, volatility, "
+            "expected returns and how the simulations work.")
+_ASK = {"holdings": "your holdings with their weights (for example 60% SPY and 40% IEF; "
+                    "tickers such as {tickers} or asset classes such as {assets})",
+        "horizon_years": "the horizon (for example 10 years)"}
+
+
+@dataclass
+class Plan:
+    """What to answer: a tool call (`arguments`) or text of its own, and a refusal beside."""
+
+    intent: str
+    arguments: dict | None = None
+    text: str | None = None
+    refused: bool = False
+    missing: list[str] = field(default_factory=list)
+    problem: str | None = None  # why the read arguments cannot be simulated
+
+    @property
+    def action(self) -> str:
+        if self.arguments is not None:
+            return "simulate"
+        if self.missing or self.problem:
+            return "ask"
+        return {"explain": "explain", "recommend": "refuse"}.get(self.intent, "answer")
+
+
+def plan(question: str, verdict: dict, advice_found: bool, config) -> Plan:
+    """The plan for `question` (`config`: the advisor's `AdvisorAppConfig`)."""
+    intent = verdict["label"]
+    refused = advice_found or "recommend" in (verdict.get("candidates") or [intent])
+    out = Plan(intent, refused=refused)
+    if intent == "simulate":
+        slots = extract(question, config.portfolio)
+        out.missing = slots.missing
+        if not slots.missing:
+            arguments = slots.arguments({"paths": config.paths, "seed": config.seed})
+            try:
+                out.arguments = request_of(arguments, config.portfolio).model_dump()
+            except InvalidPortfolio as exc:
+                out.problem = str(exc)
+        if out.missing:
+            names = config.portfolio
+            asks = [_ASK[m].format(tickers=", ".join(sorted(names.tickers)[:4]),
+                                   assets=", ".join(names.names[:2])) for m in out.missing]
+            out.text = f"To simulate your portfolio I need {' and '.join(asks)}."
+        elif out.problem:
+            out.text = f"I could not simulate that portfolio: {out.problem}."
+    elif intent == "explain":
+        out.text = explain(question, config.portfolio.method)
+    elif intent == "other":
+        out.text = config.other_reply
+    return out
+
+
+def explain(question: str, method: str) -> str:
+    """The glossary's entries the question asks for (two at most), else what it can explain."""
+    found = [text for _, words, text in GLOSSARY if re.search(words, question, re.IGNORECASE)]
+    return " ".join(found[:2]).format(method=_METHODS[method]) if found else _GENERAL
+
+
+def reply(p: Plan, result: dict | None, config) -> str:
+    """The answer's text: the plan's own (or the simulation quoted), the refusal, the
+    disclaimer."""
+    parts = [compose(result, p.arguments["horizon_years"]) if result is not None else p.text]
+    if p.refused:
+        parts.append(config.refusal)
+    return " ".join([part for part in parts if part] + [config.disclaimer])
+
+
+def fixed_text(config) -> str:
+    """Every number an answer may hold that is neither the tool's nor the client's: the
+    templates, the glossary, the configured replies."""
+    return " ".join([TEMPLATE_TEXT, *(text for _, _, text in GLOSSARY), _GENERAL,
+                     *_ASK.values(), config.refusal, config.other_reply, config.disclaimer])

@@ -1,0 +1,63 @@
+"""The OpenAI chat wire format both chat applications read (`chat`, `advisor`): messages with
+text or text parts, and the function-calling fields (`tools`, an assistant's `tool_calls`, a
+`tool` message's `tool_call_id`). Fields a server does not use are accepted and ignored, as
+OpenAI-compatible servers do."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=20_000, description="a JSON object, as a string")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=16)
+    tool_call_id: str | None = Field(None, max_length=128)
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else " ".join(
+            p.text for p in self.content)
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(BaseModel):
+    """A function the client offers the model (`tools`)."""
+
+    type: Literal["function"]
+    function: Function
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: Function
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
