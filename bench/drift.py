@@ -93,7 +93,7 @@ def logging_overhead(settings, registry, duration: float) -> dict:
     from serve_apps.deploy import serve_config
 
     cfg = settings.serve.model_dump()
-    cfg.update(use_gpu="no", chat={"enabled": False})
+    cfg.update(use_gpu="no", chat={"enabled": False}, advisor={"enabled": False})
     serve_cfg = ServeConfig.model_validate(cfg)
     texts = sample_texts(11)
     cluster = start_ray(settings)

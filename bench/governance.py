@@ -78,6 +78,7 @@ def main() -> None:
 
     settings, registry = platform(args.data_dir, {
         "serve": {"port": args.port, "use_gpu": "no", "chat": {"enabled": False},
+                  "advisor": {"enabled": False},
                   "quota": {"tenants": {"bench": UNLIMITED}}, **https_settings(args.tls),
                   **{app: {"policies": args.policies} for app in PIPELINES}}})
     texts = sample_texts(11)

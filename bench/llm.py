@@ -243,6 +243,7 @@ def adapter_swap(args, base: Path, storage: Path) -> dict:
     config = ServeConfig.model_validate({
         "port": args.port, "use_gpu": "no", "moderation": {"enabled": False},
         "support": {"enabled": False}, "feedback": {"enabled": False},
+        "advisor": {"enabled": False},
         "chat": {"generator": {"model": "models:/rewriter@champion", "placement": "replica",
                                "adapters": {"toxic-a": "models:/rewriter-a@champion"},
                                "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}})

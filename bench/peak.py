@@ -1,19 +1,26 @@
 """Peak load and the advisor's simulation, in one run.
 
     python bench/peak.py --json [--paths 200000] [--horizon 10]
+                                [--data-dir .llmops] [--factor 3] [--duration 20]
 
 1. Portfolio simulation throughput (`serve_apps/portfolio.py`): paths per second of one
    large request in this process (the baseline), as 1 Ray task, and as one task per CPU of a
    local Ray head; the ratios against the in-process run, and whether every run gave the same
    figures (they must: blocks are seeded by their index, not by their worker).
-
-The traffic spike with and without the distilled fallback (issue 18 item 4) is not measured
-yet: the fallback does not exist yet.
+2. With `--data-dir` (a data dir holding trained champions, `make demo`): a traffic spike on the
+   `moderation` pipeline as `llmops up` deploys it, at `--factor` times the rate the champion
+   sustains (measured first: a closed loop of 8 clients), open loop (requests sent on schedule
+   whatever the answers) for `--duration` seconds, with the peak fallback off and then on (the
+   champion's distilled student, `llmops distill moderation`, run first if the registry has no
+   `fallback`; the default thresholds). Per run: requests sent, answered, shed (503), failed
+   otherwise, p50/p99 latency of the answered, accuracy of the verdicts against the generator's
+   labels, the share the fallback answered; and the on/off ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -62,13 +69,139 @@ def simulation(paths: int, horizon: float) -> dict:
             "same_figures": all(f == runs["in_process"][1] for _, f in runs.values())}
 
 
+async def open_loop(url: str, headers: dict, rows, rate: float, duration: float) -> dict:
+    """Requests at `rate` per second for `duration` s, each sent on schedule whatever the
+    others; the answers' latency, outcome and verdict against the row's label."""
+    import httpx
+    import numpy as np
+
+    outcomes: list[tuple[str, float, bool, bool]] = []  # (outcome, latency, right, fallback)
+
+    async def one(client, text: str, label: str) -> None:
+        started = time.perf_counter()
+        try:
+            r = await client.post(url, json={"text": text}, headers=headers)
+        except httpx.HTTPError:
+            outcomes.append(("failed", 0.0, False, False))
+            return
+        latency = time.perf_counter() - started
+        if r.status_code == 503:
+            outcomes.append(("shed", latency, False, False))
+        elif r.status_code != 200:
+            outcomes.append(("failed", latency, False, False))
+        else:
+            body = r.json()
+            outcomes.append(("ok", latency, body["results"][0]["verdict"] == label,
+                             body.get("served_by") == "fallback"))
+
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        tasks, began, n = [], time.perf_counter(), int(rate * duration)
+        for i in range(n):
+            await asyncio.sleep(max(0.0, began + i / rate - time.perf_counter()))
+            row = rows[i % len(rows)]
+            tasks.append(asyncio.create_task(one(client, row.text, row.label)))
+        await asyncio.gather(*tasks)
+    ok = [o for o in outcomes if o[0] == "ok"]
+    lat = np.array([o[1] for o in ok]) * 1000 if ok else np.array([0.0])
+    return {"sent": n, "rate": round(rate, 1), "answered": len(ok),
+            "shed": sum(o[0] == "shed" for o in outcomes),
+            "failed": sum(o[0] == "failed" for o in outcomes),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1),
+            "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "accuracy": round(sum(o[2] for o in ok) / max(len(ok), 1), 4),
+            "fallback_share": round(sum(o[3] for o in ok) / max(len(ok), 1), 3)}
+
+
+async def sustainable(url: str, headers: dict, texts: list[str], duration: float) -> dict:
+    """What 8 clients back to back get through (after a warm-up of 4 for 2 s)."""
+    import httpx
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from serve import closed_loop
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def call(text: str) -> None:
+            r = await client.post(url, json={"text": text}, headers=headers)
+            r.raise_for_status()
+
+        await closed_loop(call, texts, 4, 2)
+        return await closed_loop(call, texts, 8, duration)
+
+
+def spike(data_dir: str, factor: float, duration: float, port: int) -> dict:
+    import subprocess
+
+    import ray
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from stack import UNLIMITED, platform, start_ray
+
+    from serve_apps.auth import issue
+    from serve_apps.config import ServeConfig
+    from serve_apps.deploy import serve_config
+    from training.data import generate
+    from training.registry import FALLBACK
+
+    settings, registry = platform(data_dir, {"serve": {"quota": {"tenants": {
+        "bench": UNLIMITED}}}})
+    if registry.alias_version("moderation", FALLBACK) is None:
+        subprocess.run([sys.executable, "-m", "cluster.cli", "distill", "moderation",
+                        "--data-dir", data_dir], check=True, stdout=sys.stderr)
+    student = registry.alias_version("moderation", FALLBACK)
+    rows = list(generate("moderation", "base", 1024, seed=29).itertuples())
+    token = issue(settings.serve.auth, settings.data_dir, tenant="bench", scopes=["moderate"],
+                  ttl_s=3600)
+    headers = {"Authorization": f"Bearer {token}"}
+    cluster = start_ray(settings)
+    runs, sustained = {}, None
+    try:
+        for mode in ("off", "on"):
+            cfg = settings.serve.model_dump()
+            cfg.update(port=port, use_gpu="no", **{a: {"enabled": False} for a in (
+                "support", "chat", "feedback", "advisor")})
+            if mode == "on":
+                cfg["moderation"]["classifier"]["fallback"] = {
+                    "model": "models:/moderation@fallback"}
+            serve_cfg = ServeConfig.model_validate(cfg)
+            cluster.deploy(serve_config(serve_cfg, registry.tracking_uri, False,
+                                        dict(runtime.PLATFORM_ENV), settings.log_settings(),
+                                        settings.governance()), timeout_s=600)
+            url = f"{serve_cfg.url}{serve_cfg.moderation.route_prefix}"
+
+            measured = asyncio.run(sustainable(url, headers, [r.text for r in rows],
+                                               duration / 2))  # also each run's warm-up
+            sustained = sustained or measured
+            runs[mode] = asyncio.run(open_loop(url, headers, rows, factor * sustained["rps"],
+                                               duration))
+            time.sleep(2)
+    finally:
+        cluster.shutdown()
+        ray.shutdown()
+    off, on = runs["off"], runs["on"]
+    return {"pipeline": "moderation", "factor": factor, "duration_s": duration,
+            "fallback_version": student, "sustainable": sustained, **runs,
+            "on_vs_off": {"p99": round(on["p99_ms"] / max(off["p99_ms"], 0.1), 3),
+                          "shed": f"{on['shed']} vs {off['shed']}",
+                          "accuracy_points": round((on["accuracy"] - off["accuracy"]) * 100, 2)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", type=int, default=200_000)
     parser.add_argument("--horizon", type=float, default=10)
+    parser.add_argument("--data-dir", help="trained champions: adds the traffic spike")
+    parser.add_argument("--factor", type=float, default=3.0)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--port", type=int, default=8013)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    report_to, sys.stdout = sys.stdout, sys.stderr  # what Ray prints: not the report
     result = {"simulation": simulation(args.paths, args.horizon)}
+    if args.data_dir:
+        result["spike"] = spike(str(Path(args.data_dir).resolve()), args.factor, args.duration,
+                                args.port)
+    sys.stdout = report_to
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

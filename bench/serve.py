@@ -227,7 +227,8 @@ def _args() -> argparse.Namespace:
 def _served(settings, args: argparse.Namespace) -> ServeConfig:
     """The platform's serve settings on the benchmark's port, with the overrides asked for."""
     cfg = settings.serve.model_dump()
-    cfg.update(port=args.port, use_gpu="no", chat={"enabled": False})
+    cfg.update(port=args.port, use_gpu="no", chat={"enabled": False},
+               advisor={"enabled": False})
     for app, deps in (("support", ("classifier", "encoder", "generator")),
                       ("moderation", ("classifier", "generator"))):
         for dep in deps:

@@ -146,6 +146,7 @@ def main() -> None:
     settings, registry = platform(args.data_dir, {
         "monitoring": {"audit": {"folder": tempfile.mkdtemp()}},
         "serve": {"port": args.port, "use_gpu": "no", "chat": {"enabled": False},
+                  "advisor": {"enabled": False},
                   "quota": {"tenants": {"soak": UNLIMITED}}, **https_settings(args.tls)}})
     texts = sample_texts(13)
     token = issue(settings.serve.auth, settings.data_dir, tenant="soak",

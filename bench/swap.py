@@ -68,7 +68,7 @@ def main() -> None:
     cfg = ServeConfig.model_validate({
         "port": args.port, "use_gpu": "no", "support": {"enabled": False},
         **https_settings(args.tls),
-        "chat": {"enabled": False},
+        "chat": {"enabled": False}, "advisor": {"enabled": False},
         "moderation": {"rewrite_labels": [], "block_labels": [],
                        "autoscaling": fixed if args.placement != "replica" else None,
                        "classifier": {"model": "models:/moderation/1", "autoscaling": fixed,

@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=commands.cmd_train)
 
+    distill = sub.add_parser("distill", parents=[common], help="train a smaller student of a "
+                             "classifier's champion: its peak fallback (alias fallback)")
+    distill.add_argument("task", help="a classification task with a champion")
+    distill.add_argument("--workers", type=int)
+    distill.add_argument("--json", action="store_true")
+    distill.set_defaults(func=commands.cmd_distill)
+
     tune = sub.add_parser("tune", parents=[common], help="search learning rate and epochs")
     tune.add_argument("task")
     tune.add_argument("--trials", type=int)

@@ -80,6 +80,19 @@ def cmd_train(args) -> Output:
     return Output(result.to_dict(), views.job)
 
 
+def cmd_distill(args) -> Output:
+    settings = _settings(args)
+    config = settings.training.overridden(args.task, workers=args.workers)
+    registry = _registry(settings)
+    from training.distill import distill_and_register
+
+    runtime.connect(settings.ray, settings.monitoring.logging)
+    result = distill_and_register(config, registry, args.task,
+                                  storage_path=settings.storage_path,
+                                  use_gpu=runtime.use_gpu(config.use_gpu))
+    return Output(result.to_dict(), views.distilled, exit_code=0 if result.gate.promote else 1)
+
+
 def cmd_tune(args) -> Output:
     from training.tune import tune_task
 

@@ -35,7 +35,7 @@ from cluster.state import BUSY, TRANSITIONS, ControllerState, StateStore, export
 from training import lineage
 from training.errors import LLMOpsError
 from training.refs import RETRAIN_TAG, reference
-from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
+from training.registry import CHALLENGER, CHAMPION, FALLBACK, GOLDEN_FILE, REFERENCE_FILE, Registry
 
 log = logging.getLogger(__name__)
 DAY_S = 86400.0
@@ -118,6 +118,8 @@ class Controller:
     def _serving(self, state: ControllerState) -> ControllerState:
         from monitoring.drift import NotEnoughData, check_model
 
+        if state.distill_id:
+            state = self._distilling(state)
         try:
             decision = check_model(self.settings.log_uri, self.registry,
                                    self.settings.monitoring.drift, self.model,
@@ -195,26 +197,81 @@ class Controller:
 
         return JobSubmissionClient(self.settings.dashboard_address)
 
-    def _submit(self, state: ControllerState) -> None:
-        folder = self.work / state.retrain_id
+    def _job_settings(self, folder: Path, source: str | None = None) -> Path:
+        """The settings file a job of the loop runs with (written to `folder`): its driver joins
+        this cluster, its workers take the retrain's resources; `source`: the model's task
+        starts from it (a registered version) instead of its configured model."""
         settings = self.settings.model_copy(deep=True)
+        if source is not None:
+            tasks = dict(settings.training.tasks)
+            task = tasks[self.model]
+            tasks[self.model] = task.model_copy(update={"model": task.model.model_copy(
+                update={"source": source, "architecture": {}})})
+            settings.training.tasks = tasks
         settings.ray.address = "auto"  # the job's driver joins the cluster it runs on
         settings.training.workers = self.settings.controller.retrain_workers
         settings.training.cpus_per_worker = self.settings.controller.retrain_cpus_per_worker
         settings.registry.tracking_uri = self.registry.tracking_uri
         settings.data_dir = Path(self.settings.data_dir).resolve()
-        tasks = dict(settings.training.tasks)  # fine-tune the champion's weights, not a fresh model
-        task = tasks[self.model]
-        tasks[self.model] = task.model_copy(update={"model": task.model.model_copy(update={
-            "source": reference(self.model, state.champion), "architecture": {}})})
-        settings.training.tasks = tasks
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "llmops.yaml").write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        return folder / "llmops.yaml"
+
+    def _submit(self, state: ControllerState) -> None:
+        folder = self.work / state.retrain_id
+        # fine-tune the champion's weights, not a fresh model
+        config = self._job_settings(folder, reference(self.model, state.champion))
         # (no runtime_env: the command sets the platform's environment for its own driver)
         self._job_client().submit_job(
             submission_id=state.retrain_id,
             entrypoint=(f"{sys.executable} -m cluster.cli train {self.model} --data "
-                        f"{folder / 'data'} --config {folder / 'llmops.yaml'} "
+                        f"{folder / 'data'} --config {config} "
                         f"--tag {RETRAIN_TAG}={state.retrain_id} --json"))
+
+    # re-distillation: after a promotion, a model with a peak fallback gets a student of the new
+    # champion (a Ray job), which serving takes once its gate passed -----------------------------
+
+    def _redistill(self) -> str | None:
+        """Submit the job when the model has a `fallback` (its operator opted in); its id."""
+        if self.registry.alias_version(self.model, FALLBACK) is None:
+            return None
+        distill_id = f"distill-{self.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        config = self._job_settings(self.work / distill_id)
+        self._job_client().submit_job(
+            submission_id=distill_id,
+            entrypoint=f"{sys.executable} -m cluster.cli distill {self.model} --config {config}")
+        return distill_id
+
+    def _distilling(self, state: ControllerState) -> ControllerState:
+        """Once the job ended: serve the new student if its gate passed (the job moved the
+        alias), else keep the old one. Not a transition: the loop goes on meanwhile."""
+        from ray.job_submission import JobStatus
+
+        from serve_apps.deploy import repin_fallback
+        from training.refs import UnknownModel
+
+        try:
+            status = self._job_client().get_job_status(state.distill_id)
+        except RuntimeError:  # lost with the cluster: the old student serves on
+            status = JobStatus.FAILED
+        if status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return state
+        fallback = self.registry.alias_version(self.model, FALLBACK)
+        if status == JobStatus.SUCCEEDED:
+            try:
+                repin_fallback(self._serve(), self.model, self.registry.tracking_uri)
+            except UnknownModel:
+                pass  # not deployed: the next `llmops up` pins the alias
+            log.warning("%s: the peak fallback is v%s, distilled from v%s", self.model,
+                        fallback, state.champion)
+        else:  # the gate refused the student (exit 1) or the job failed: the old one serves
+            log.warning("%s: re-distillation %s %s; the fallback stays v%s", self.model,
+                        state.distill_id, status.value.lower(), fallback)
+        new = state.model_copy(update={"distill_id": None, "detail": {
+            **state.detail, "distill": {"job": state.distill_id, "status": status.value,
+                                        "fallback": fallback}}})
+        self.store.save(new)
+        return new
 
     def _retraining(self, state: ControllerState) -> ControllerState:
         from ray.job_submission import JobStatus
@@ -332,9 +389,11 @@ class Controller:
                                            f"{state.trigger or 'manual'}: v{new} replaces v{old}")
         except UnknownModel:
             pass  # not deployed: the next `llmops up` serves the champion
-        return self._to(state, "serving", f"v{new} is the champion (was v{old})",
-                        champion=new, challenger=None, previous_champion=old,
-                        canary_started=None)
+        distill_id = state.distill_id or self._redistill()
+        return self._to(state, "serving", f"v{new} is the champion (was v{old})"
+                        + (f"; re-distilling its peak fallback ({distill_id})" if distill_id
+                           else ""), champion=new, challenger=None, previous_champion=old,
+                        canary_started=None, distill_id=distill_id)
 
     def _rejected(self, state: ControllerState) -> ControllerState:
         """The challenger (if any) never served: drop its alias and any canary."""

@@ -53,6 +53,7 @@ class ControllerState(BaseModel):
     retrain_started: list[float] = Field(default_factory=list)  # for the daily budget
     retrain_finished: float | None = None  # for the cooldown
     canary_started: float | None = None
+    distill_id: str | None = None     # the Ray job re-distilling the peak fallback after a promotion
     trigger: str | None = None        # drift, manual
     detail: dict = Field(default_factory=dict)  # the last decision (gate, canary verdict, error)
 

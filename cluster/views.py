@@ -17,6 +17,14 @@ def job(result: dict) -> str:
     return "\n".join(lines)
 
 
+def distilled(p: dict) -> str:
+    verdict = "aliased @fallback" if p["gate"]["promote"] else "not aliased: the gate refused it"
+    lines = job({**p, "alias": None}).splitlines()
+    lines[0] = (f"registered the student {p['model']} version {p['version']} of champion "
+                f"v{p['teacher']}, {verdict} (run {p['run_id']}, {p['seconds']} s)")
+    return "\n".join(lines + [f"  gate: {p['gate']['reason']}"])
+
+
 def lineage(p: dict, indent: str = "") -> str:
     def data(d: dict) -> str:
         rows = f", {d['rows']} rows" if d.get("rows") is not None else ""
@@ -75,6 +83,8 @@ def status(payload: dict) -> str:
             if d.get("adapters"):
                 model += " + adapters " + ", ".join(f"{name}={ad['model']}"
                                                     for name, ad in d["adapters"].items())
+            if d.get("fallback"):
+                model += f" + peak fallback {d['fallback']['model']}"
             if d.get("inline_in"):
                 model += f" (inline in {d['inline_in']})"
             lines.append(f"  {dep:20} {d['status']:9} {replicas:12} {model}")

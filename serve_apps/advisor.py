@@ -35,12 +35,21 @@ from serve_apps.auth import Principal
 from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import AdvisorAppConfig, LimitsConfig
 from serve_apps.deployments import Item, set_batching
-from serve_apps.http import InvalidRequest, StageModel, check_label, check_texts, create_app, parse
+from serve_apps.http import (
+    InvalidRequest,
+    StageModel,
+    check_label,
+    check_texts,
+    create_app,
+    parse,
+    served_by,
+)
 from serve_apps.inference_log import InferenceLog
 from serve_apps.openai_schema import Message, ToolChoice
 from serve_apps.openai_schema import Tool as ToolSpec
 from serve_apps.policies import chain
 from serve_apps.portfolio import SimulationRequest, digest, request_of, simulate
+from serve_apps.pressure import Pressure
 from serve_apps.quoting import QUOTED, check
 from serve_apps.stages import Stages
 from training.refs import UnknownModel
@@ -144,6 +153,7 @@ class AdvisorPipeline:
         self.digest = digest(self.config.portfolio)
         self.fixed = dialogue.fixed_text(self.config)
         self.created = int(time.time())
+        self.pressure = Pressure(self.config.classifier.fallback)
         set_batching(self._classify, **self.config.classifier.batching.model_dump())
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -195,7 +205,8 @@ class AdvisorPipeline:
         question = check_texts([parse(AdviceRequest, request).message], self.limits)[0]
         call, answer = await self.policies.apply(
             "advise", [question], caller, lambda c: self._advise(c, run_tool=True))
-        return {**call.summary(answer.degraded), "answer": answer.outputs[0], **answer.payload}
+        return {**call.summary(answer.degraded, answer.served_by), "answer": answer.outputs[0],
+                **answer.payload}
 
     async def _complete(self, request: ToolChatRequest, caller: Caller) -> dict:
         """A `chat.completion`: the tool call for the client to run, or the answer."""
@@ -230,13 +241,15 @@ class AdvisorPipeline:
                              "tool_calls" if payload["action"] == "tool_call" else "stop"}],
                 "usage": {"prompt_tokens": answer.tokens, "completion_tokens": 0,
                           "total_tokens": answer.tokens},
-                "llmops": {**call.summary(answer.degraded), **payload}}
+                "llmops": {**call.summary(answer.degraded, answer.served_by), **payload}}
 
     async def _advise(self, call: Call, run_tool: bool) -> Answer:
         """Classify the question, plan, run the tool (here, or hand the call to the client)."""
         question, rid = call.texts[0], call.request_id
-        async with self.log.on_failure(rid, [question], call.started, call.principal.tenant):
-            verdict = check_label(unwrap(await self._classify(Item(question, rid))))
+        with self.pressure.track() as peak:
+            async with self.log.on_failure(rid, [question], call.started, call.principal.tenant):
+                verdict = check_label(unwrap(await self._classify(Item(question, rid,
+                                                                       fallback=peak))))
         plan = dialogue.plan(question, verdict, _advice(call), self.config)
         result, tools = None, []
         if plan.arguments is not None:
@@ -274,8 +287,9 @@ class AdvisorPipeline:
                    "missing": plan.missing, "tool_calls": tools,
                    "simulation": result, "disclaimer": self.config.disclaimer,
                    "models": {k: m.model_dump() for k, m in models.items()}}
-        return Answer([text], [models], verdict["tokens"] if verdict else 0, payload=payload,
-                      tools=tools)
+        fallback = served_by([verdict]) if verdict else None
+        return Answer([text], [models], verdict["tokens"] if verdict else 0,
+                      fallback is not None, payload, tools, fallback)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _classify(self, items: list[Item]) -> list[dict | Exception]:

@@ -37,14 +37,13 @@ def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None,
     deploy)."""
     if not pin_models:
         return md.user_config(md.model, None, md.canary, {
-            name: {"model": ref, "alias": None} for name, ref in md.adapters.items()})
+            name: {"model": ref, "alias": None} for name, ref in md.adapters.items()},
+            md.fallback)
     model, alias = pin(md.model, tracking_uri)
-    canary = None
-    if md.canary:
-        ref, canary_alias = pin(md.canary.model, tracking_uri)
-        canary = md.canary.model_copy(update={"model": ref, "alias": canary_alias})
+    canary, fallback = (None if stage is None else stage.model_copy(update=dict(zip(
+        ("model", "alias"), pin(stage.model, tracking_uri)))) for stage in (md.canary, md.fallback))
     return md.user_config(model, alias, canary,
-                          as_config(pin_adapters(md.adapters, model, tracking_uri)))
+                          as_config(pin_adapters(md.adapters, model, tracking_uri)), fallback)
 
 
 def actor_resources(md: ModelDeploymentConfig, use_gpu: bool, gpu_resource: str | None) -> dict:

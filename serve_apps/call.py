@@ -62,10 +62,12 @@ class Call:
     entered: list = field(default_factory=list)
     logged: bool = False
 
-    def summary(self, degraded: bool) -> dict:
-        """What every answer reports of its call: request id, guardrail findings, degraded."""
+    def summary(self, degraded: bool, served_by: str | None = None) -> dict:
+        """What every answer reports of its call: request id, guardrail findings, degraded,
+        and `served_by: fallback` when the peak fallback answered."""
         return {"request_id": self.request_id, "correlation_id": self.correlation_id,
-                "guardrails": [f.to_dict() for f in self.findings], "degraded": degraded}
+                "guardrails": [f.to_dict() for f in self.findings], "degraded": degraded,
+                "served_by": served_by}
 
     def log(self, status: int, outcome: str) -> None:
         """One log line per request, with the platform's own fields beside Serve's context (whose
@@ -97,6 +99,7 @@ class Answer:
     degraded: bool = False
     payload: Any = None
     tools: list[dict] = field(default_factory=list)  # tool calls: name, arguments, result
+    served_by: str | None = None  # `fallback`: the peak fallback answered (serve_apps/pressure.py)
 
 
 def outcome_of(error: BaseException) -> tuple[int, str]:

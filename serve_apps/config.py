@@ -84,6 +84,29 @@ class GenerationConfig(StrictModel):
                                  "model when its first request arrives)")
 
 
+class PeakFallbackConfig(StrictModel):
+    """A classifier's peak fallback (`serve_apps/pressure.py`): while its pipeline replica is
+    under pressure, `model` (a distilled student, `llmops distill`) answers instead. On when
+    either `enter_*` threshold is crossed; off once both are back under their `exit_*` and it
+    has been on `min_on_s`."""
+
+    model: str = Field(description="models:/NAME@fallback or models:/NAME/VERSION")
+    alias: str | None = Field(None, description="set when the version was pinned from an alias")
+    enter_ongoing: int = Field(48, ge=1, description="requests in flight in the pipeline replica")
+    exit_ongoing: int = Field(16, ge=0)
+    enter_p95_ms: float = Field(500, gt=0, description="p95 latency of the answers of the last "
+                                "`window_s`, at the pipeline replica")
+    exit_p95_ms: float = Field(200, gt=0)
+    window_s: float = Field(5, gt=0)
+    min_on_s: float = Field(5, ge=0, description="once on, at least this long")
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> PeakFallbackConfig:
+        if self.exit_ongoing >= self.enter_ongoing or self.exit_p95_ms >= self.enter_p95_ms:
+            raise ValueError("fallback: each exit_* threshold must be below its enter_*")
+        return self
+
+
 _SERVED_NAME = re.compile(r"^[\w.:-]{1,128}$")
 
 
@@ -99,6 +122,8 @@ class ModelDeploymentConfig(StrictModel):
         "auto", description="auto: fp16 on GPU, fp32 on CPU; int8: quantized linear layers on "
         "CPU (faster; scores depend slightly on the batch a text lands in)")
     canary: CanaryConfig | None = None
+    fallback: PeakFallbackConfig | None = Field(None, description="classifiers: the distilled "
+                                                "student that answers at peaks")
     generation: GenerationConfig | None = None
     adapters: dict[str, str] = Field(
         default_factory=dict, description="a generator's LoRA adapters, served over `model` "
@@ -148,13 +173,15 @@ class ModelDeploymentConfig(StrictModel):
         return self.generation or GenerationConfig()
 
     def user_config(self, model: str, alias: str | None, canary: CanaryConfig | None,
-                    adapters: dict[str, dict] | None = None) -> dict:
+                    adapters: dict[str, dict] | None = None,
+                    fallback: PeakFallbackConfig | None = None) -> dict:
         """What `reconfigure()` receives (with the model and adapters pinned to versions):
         changes here swap in place, without new replicas."""
         return {"model": model, "alias": alias, "precision": self.precision,
                 "error_rate": self.error_rate,
                 "batching": self.batching.model_dump(),
                 "canary": canary.model_dump() if canary else None,
+                **({"fallback": fallback.model_dump()} if fallback else {}),
                 "generation": self.generation_config.model_dump(),
                 **({"adapters": adapters, "adapter": self.adapter,
                     "max_adapters": self.max_adapters} if self.adapters else {})}
@@ -238,6 +265,8 @@ class _AppConfig(StrictModel):
         for stage in ("encoder", "generator"):
             if getattr(getattr(self, stage, None), "error_rate", None) is not None:
                 raise ValueError(f"{stage}.error_rate: only classifiers abstain")
+            if getattr(getattr(self, stage, None), "fallback", None) is not None:
+                raise ValueError(f"{stage}.fallback: the peak fallback is a classifier's")
         classifier = getattr(self, "classifier", None)
         if classifier is not None and "error_rate" not in classifier.model_fields_set:
             classifier.error_rate = ABSTAIN_ERROR_RATE  # however the classifier was given

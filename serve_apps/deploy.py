@@ -138,6 +138,7 @@ class ServeCluster:
                     deps[stage] = {**state, "model": uc.get("model"), "alias": uc.get("alias"),
                                    "canary": uc.get("canary"),
                                    **({"adapters": uc["adapters"]} if uc.get("adapters") else {}),
+                                   **({"fallback": uc["fallback"]} if uc.get("fallback") else {}),
                                    **({"inline_in": dname} if stage != dname else {})}
             out[name] = {"status": app["status"], "route_prefix": app.get("route_prefix"),
                          "deployments": deps}
@@ -202,6 +203,20 @@ def swap(cluster: ServeCluster, model: str, tracking_uri: str | None, *, version
         return out
 
     return {**cluster.update_models(model, change), "serving": ref}
+
+
+def repin_fallback(cluster: ServeCluster, model: str, tracking_uri: str | None) -> dict:
+    """Every deployment of `model` with a peak fallback pinned from an alias serves the version
+    that alias names now (a re-distilled student, `training/distill.py`)."""
+    def change(uc: dict) -> dict:
+        fallback = uc.get("fallback")
+        if not fallback or not fallback.get("alias"):
+            return uc
+        ref, alias = pin(reference(model_name(fallback["model"]), alias=fallback["alias"]),
+                         tracking_uri)
+        return {**uc, "fallback": {**fallback, "model": ref, "alias": alias}}
+
+    return cluster.update_models(model, change)
 
 
 def set_priors(cluster: ServeCluster, model: str, version: int,

@@ -31,7 +31,7 @@ from serve_apps.model import LoadedModel, device, load
 from training.refs import ModelIdentity, UnknownModel, resolve
 
 # the variants a request is routed to (not the registry aliases of the same names)
-CHAMPION_VARIANT, CHALLENGER_VARIANT = "champion", "challenger"
+CHAMPION_VARIANT, CHALLENGER_VARIANT, FALLBACK_VARIANT = "champion", "challenger", "fallback"
 MAX_ADAPTERS = ModelDeploymentConfig.model_fields["max_adapters"].default
 
 
@@ -54,13 +54,15 @@ def bucket(request_id: str) -> float:
 
 @dataclass(frozen=True)
 class Item:
-    """One text in a batch, with what routes it (request id), how to run it (params) and, for
-    a generator, the LoRA adapter that answers it (None: the base)."""
+    """One text in a batch, with what routes it (request id; `fallback`: the pipeline is at a
+    peak, `serve_apps/pressure.py`), how to run it (params) and, for a generator, the LoRA
+    adapter that answers it (None: the base)."""
 
     text: str
     request_id: str
     params: tuple = ()
     adapter: Adapter | None = None
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,33 @@ class Variants:
     champion: LoadedModel
     challenger: LoadedModel | None = None
     canary: CanaryConfig | None = None
+    fallback: LoadedModel | None = None
 
-    def route(self, request_id: str) -> tuple[str, bool]:
-        """(variant that answers, whether the challenger also shadows the request)."""
+    def route(self, item: Item) -> tuple[str, bool]:
+        """(variant that answers, whether the challenger also shadows the request). At a peak
+        the fallback answers everything; an adapter runs on the base it was trained on."""
+        if item.fallback and self.fallback is not None:
+            return FALLBACK_VARIANT, False
+        if item.adapter is not None:
+            return CHAMPION_VARIANT, False
+        return self.split(item.request_id)
+
+    def split(self, request_id: str) -> tuple[str, bool]:
+        """The canary's split of request ids."""
         if self.challenger is None or self.canary is None:
             return CHAMPION_VARIANT, False
         chosen = bucket(request_id) < self.canary.fraction
         if self.canary.shadow:
             return CHAMPION_VARIANT, chosen
         return (CHALLENGER_VARIANT if chosen else CHAMPION_VARIANT), False
+
+    def model(self, variant: str) -> LoadedModel:
+        """The model of a route's variant (`shadow`: the challenger's copy of the request)."""
+        return {CHAMPION_VARIANT: self.champion, CHALLENGER_VARIANT: self.challenger,
+                "shadow": self.challenger, FALLBACK_VARIANT: self.fallback}[variant]
+
+    def held(self) -> list[LoadedModel]:
+        return [m for m in (self.champion, self.challenger, self.fallback) if m is not None]
 
 
 @dataclass
@@ -103,10 +123,14 @@ class ModelSlot:
                                        current)
             challenger = (await self._get(canary.model, canary.alias, precision, current)
                           if canary else None)
+            peak = user_config.get("fallback")
+            fallback = (await self._get(peak["model"], peak.get("alias"), precision, current)
+                        if peak else None)
             generation = GenerationConfig(**(user_config.get("generation") or {}))
             adapters = await asyncio.to_thread(pin_adapters, user_config.get("adapters") or {},
                                                champion.identity.uri, self.tracking_uri)
-            self.variants, self.adapters = Variants(champion, challenger, canary), adapters
+            self.variants = Variants(champion, challenger, canary, fallback)
+            self.adapters = adapters
             self.adapter = user_config.get("adapter")
             self._retire_engines(generation)
             self.generation = generation
@@ -126,7 +150,7 @@ class ModelSlot:
     def _retire_engines(self, generation: GenerationConfig) -> None:
         """Close the engines of models no longer served (or all, when their settings changed),
         each once its requests have ended."""
-        held = {id(m.model) for m in (self.variants.champion, self.variants.challenger) if m}
+        held = {id(m.model) for m in self.variants.held()}
         for key in [k for k in self.engines if k not in held or generation != self.generation]:
             self.engines.pop(key).add_done_callback(_close_engine)
 
@@ -141,9 +165,9 @@ class ModelSlot:
         """The loaded model for `ref`: reused when this replica already holds that version."""
         identity: ModelIdentity = await asyncio.to_thread(resolve, ref, self.tracking_uri)
         identity = replace(identity, alias=alias or identity.alias)
-        for held in (current.champion, current.challenger) if current else ():
-            if held is not None and (held.identity.name, held.identity.version, held.precision) \
-                    == (identity.name, identity.version, precision):
+        for held in current.held() if current else ():
+            if (held.identity.name, held.identity.version, held.precision) == \
+                    (identity.name, identity.version, precision):
                 return replace(held, identity=identity)
         loaded = await asyncio.to_thread(load, ref, self.tracking_uri, precision)
         return replace(loaded, identity=identity, precision=precision)
@@ -153,6 +177,7 @@ class ModelSlot:
         return {"champion": v.champion.identity.to_dict(),
                 "challenger": v.challenger.identity.to_dict() if v.challenger else None,
                 "canary": v.canary.model_dump() if v.canary else None,
+                "fallback": v.fallback.identity.to_dict() if v.fallback else None,
                 "adapters": {name: i.to_dict() for name, i in self.adapters.items()},
                 "adapter": self.adapter}
 
@@ -162,8 +187,7 @@ class ModelSlot:
         items' adapters mixed in it). An item that fails has its exception in its place
         (`unwrap` raises it for its caller)."""
         v = self.variants
-        routes = [v.route(it.request_id) if it.adapter is None else (CHAMPION_VARIANT, False)
-                  for it in items]  # an adapter runs on the base it was trained on
+        routes = [v.route(it) for it in items]
         jobs: dict[tuple, list[int]] = {}
         for i, (it, (variant, shadow)) in enumerate(zip(items, routes)):
             jobs.setdefault((variant, it.params), []).append(i)
@@ -171,7 +195,7 @@ class ModelSlot:
                 jobs.setdefault(("shadow", it.params), []).append(i)
         results: list = [{} for _ in items]
         for (variant, params), idx in jobs.items():
-            model = v.champion if variant == CHAMPION_VARIANT else v.challenger
+            model = v.model(variant)
             started = time.perf_counter()
             outs = await self._isolated(fn, model, [items[i] for i in idx], params)
             metrics.batch(model.identity.name, model.identity.version, len(idx),
@@ -377,8 +401,8 @@ class Generator(_ModelDeployment):
         params = self.params(**options)
         p = dict(kv for kv in params if kv[0] != "salt")
         adapter = await self.adapter(model)
-        variant = self.slot.variants.route(request_id)[0] if adapter is None else CHAMPION_VARIANT
-        loaded = getattr(self.slot.variants, variant)
+        variant = self.slot.variants.split(request_id)[0] if adapter is None else CHAMPION_VARIANT
+        loaded = self.slot.variants.model(variant)
         head = {"model": _answered_by(loaded, adapter, variant),
                 "prompt_tokens": loaded.prompt_tokens(text)}
         if self.continuous(params):

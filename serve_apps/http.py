@@ -55,6 +55,11 @@ class TextsRequest(BaseModel):
         return ([self.text] if self.text is not None else []) + (self.texts or [])
 
 
+def served_by(verdicts: list[dict]) -> str | None:
+    """`fallback` when the peak fallback answered any of a request's classifications."""
+    return "fallback" if any(v["model"].get("variant") == "fallback" for v in verdicts) else None
+
+
 class StageModel(BaseModel):
     """The model that ran one stage: exact version, the alias it was loaded through, and
     whether it answered as champion or challenger."""

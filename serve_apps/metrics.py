@@ -10,6 +10,8 @@ head) with a `ray_` prefix, and Serve adds `application`, `deployment` and `repl
     ray_llmops_batch_size{model, model_version}                   texts per forward pass
     ray_llmops_model_batch_seconds{model, model_version}          time of one forward pass
     ray_llmops_model_info{model, model_version, alias, variant}   1 for each version a replica serves now
+    ray_llmops_fallback_active                                    1 while the peak fallback answers
+    ray_llmops_fallback_switches_total{to}                        switches to it (fallback) and back
 """
 
 from __future__ import annotations
@@ -81,13 +83,25 @@ def batch(model: str, version: str, size: int, seconds: float) -> None:
             ("model", "model_version"), tuple(LATENCY_BUCKETS_S)).observe(seconds, tags=tags)
 
 
+def fallback_active(on: bool) -> None:
+    """(Serve adds the `application` and `replica` tags.)"""
+    metric("gauge", "llmops_fallback_active", "1 while the peak fallback (a distilled "
+           "student) answers a pipeline replica's classifications.", ()).set(int(on))
+
+
+def fallback_switch(on: bool) -> None:
+    metric("counter", "llmops_fallback_switches", "Switches to the peak fallback and back.",
+           ("to",)).inc(tags={"to": "fallback" if on else "champion"})
+    fallback_active(on)
+
+
 def model_info(identities: dict) -> None:
     """Mark the versions a replica serves (1). `identities` is `ModelSlot.identities()`. Ray
     drops a gauge series that is not set again within two export intervals, so the replica
     re-marks every few seconds and a swapped-out version disappears by itself."""
     gauge = metric("gauge", "llmops_model_info", "1 for each model version a replica serves.",
                     ("model", "model_version", "alias", "variant"))
-    for variant in ("champion", "challenger"):
+    for variant in ("champion", "challenger", "fallback"):
         if (ident := identities.get(variant)) is not None:
             gauge.set(1, tags={"model": ident["name"], "model_version": ident["version"],
                                "alias": ident.get("alias") or "none", "variant": variant})

@@ -25,10 +25,12 @@ from serve_apps.http import (
     check_label,
     create_app,
     request_texts,
+    served_by,
 )
 from serve_apps.inference_log import InferenceLog
 from serve_apps.pii import redact
 from serve_apps.policies import chain
+from serve_apps.pressure import Pressure
 from serve_apps.stages import Stages
 
 
@@ -55,7 +57,9 @@ class ModerateResponse(BaseModel):
     results: list[Moderation]
     guardrails: list[GuardrailFinding] = Field(default_factory=list)
     degraded: bool = Field(False, description="a fallback answered for the generator (a post "
-                           "to rewrite was hidden instead)")
+                           "to rewrite was hidden instead), or the peak fallback classified")
+    served_by: str | None = Field(None, description="`fallback` while the peak fallback (a "
+                                  "distilled student) answered: then `degraded` too")
 
 
 app = create_app("llmops moderation", "Classify posts; rewrite toxic ones; redact personal data.")
@@ -76,6 +80,7 @@ class ModerationPipeline:
                               governance)
         app.state.edge = self.policies.edge(self.limits)
         self.breaker = CircuitBreaker(self.config.breaker)
+        self.pressure = Pressure(self.config.classifier.fallback)
         set_batching(self._classify, **self.config.classifier.batching.model_dump())
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -100,23 +105,28 @@ class ModerationPipeline:
             self.config.generator.generation_config.max_new_tokens, response)
         results = [r.model_copy(update={"safe_text": out})
                    for r, out in zip(answer.payload, answer.outputs)]
-        return ModerateResponse(results=results, **call.summary(answer.degraded))
+        return ModerateResponse(results=results, **call.summary(answer.degraded,
+                                                                answer.served_by))
 
     async def _work(self, call: Call) -> Answer:
         texts, rid = call.texts, call.request_id
-        async with self.log.on_failure(rid, texts, call.started, call.principal.tenant):
-            verdicts = await asyncio.gather(*(self._classify(Item(t, rid)) for t in texts))
-            verdicts = [check_label(unwrap(v)) for v in verdicts]
-            finished = await asyncio.gather(*(self._finish(t, v, rid)
-                                              for t, v in zip(texts, verdicts)))
+        with self.pressure.track() as peak:
+            async with self.log.on_failure(rid, texts, call.started, call.principal.tenant):
+                verdicts = await asyncio.gather(*(self._classify(Item(t, rid, fallback=peak))
+                                                  for t in texts))
+                verdicts = [check_label(unwrap(v)) for v in verdicts]
+                finished = await asyncio.gather(*(self._finish(t, v, rid)
+                                                  for t, v in zip(texts, verdicts)))
         results = [r for r, _, _ in finished]
         await self.log.record(rid, texts, verdicts, [r.models for r in results], call.started,
                               tenant=call.principal.tenant)
         for r in results:
             metrics.guardrail_action(r.action)
+        fallback = served_by(verdicts)
         return Answer([r.safe_text for r in results], [r.models for r in results],
                       sum(v["tokens"] for v in verdicts) + sum(n for _, n, _ in finished),
-                      any(d for _, _, d in finished), results)
+                      any(d for _, _, d in finished) or fallback is not None, results,
+                      served_by=fallback)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _classify(self, items: list[Item]) -> list[dict | Exception]:

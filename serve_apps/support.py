@@ -32,9 +32,11 @@ from serve_apps.http import (
     check_label,
     create_app,
     request_texts,
+    served_by,
 )
 from serve_apps.inference_log import InferenceLog
 from serve_apps.policies import chain
+from serve_apps.pressure import Pressure
 from serve_apps.stages import Stages
 from training.data.support import RESOLUTIONS
 
@@ -68,8 +70,10 @@ class RouteResponse(BaseModel):
     correlation_id: str | None = Field(None, description="the caller's own id (X-Request-ID)")
     results: list[Routing]
     guardrails: list[GuardrailFinding] = Field(default_factory=list)
-    degraded: bool = Field(False, description="the generator failed or its breaker is open: "
-                           "every suggestion is a retrieved reply")
+    degraded: bool = Field(False, description="the generator failed or its breaker is open "
+                           "(every suggestion is a retrieved reply), or the peak fallback routed")
+    served_by: str | None = Field(None, description="`fallback` while the peak fallback (a "
+                                  "distilled student) answered: then `degraded` too")
 
 
 def resolved_examples(tracking_uri: str, name: str, version: str, per_intent: int,
@@ -105,6 +109,7 @@ class SupportPipeline:
         self.policies = chain("support", self.config.policies, self.config.guardrails, governance)
         app.state.edge = self.policies.edge(self.limits)
         self.breaker = CircuitBreaker(self.config.breaker)
+        self.pressure = Pressure(self.config.classifier.fallback)
         set_batching(self._route_and_reply, **self.config.classifier.batching.model_dump())
         self._examples: pd.DataFrame | None = None
         self._matrix: np.ndarray | None = None
@@ -132,20 +137,23 @@ class SupportPipeline:
             self.config.generator.generation_config.max_new_tokens, response)
         results = [r.model_copy(update={"suggestion": r.suggestion.model_copy(
             update={"reply": out})}) for r, out in zip(answer.payload, answer.outputs)]
-        return RouteResponse(results=results, **call.summary(answer.degraded))
+        return RouteResponse(results=results, **call.summary(answer.degraded, answer.served_by))
 
     async def _work(self, call: Call) -> Answer:
         texts, rid, tenant = call.texts, call.request_id, call.principal.tenant
-        async with self.log.on_failure(rid, texts, call.started, tenant):
-            triples = [unwrap(t) for t in await asyncio.gather(
-                *(self._route_and_reply(Item(t, rid)) for t in texts))]
+        with self.pressure.track() as peak:
+            async with self.log.on_failure(rid, texts, call.started, tenant):
+                triples = [unwrap(t) for t in await asyncio.gather(
+                    *(self._route_and_reply(Item(t, rid, fallback=peak)) for t in texts))]
         results = [result for result, _, _ in triples]
         routes = [route for _, route, _ in triples]
         await self.log.record(rid, texts, routes, [r.models for r in results], call.started,
                               tenant=tenant)
+        fallback = served_by(routes)
         return Answer([r.suggestion.reply for r in results], [r.models for r in results],
                       sum(r["tokens"] for r in routes) + sum(n for _, _, n in triples),
-                      any("generator" not in r.models for r in results), results)
+                      any("generator" not in r.models for r in results) or fallback is not None,
+                      results, served_by=fallback)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _route_and_reply(self, items: list[Item]) -> list[tuple[Routing, dict, int]]:

@@ -57,6 +57,23 @@ class LoraSpec(StrictModel):
         "empty: PEFT's default for the architecture")
 
 
+class DistillSpec(StrictModel):
+    """A task's peak fallback (`llmops distill`, `training/distill.py`): a student with fewer
+    layers trained on the champion's soft labels, kept only if it loses at most `margin` of
+    the gate metric to the champion."""
+
+    layers: int = Field(2, ge=1, description="the student's layers (a pretrained source keeps "
+                        "its first ones: 2 of MiniLM's 6)")
+    temperature: float = Field(2.0, gt=0, description="softens the champion's probabilities "
+                               "the student learns from")
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of those soft labels against the "
+                         "true labels in the loss")
+    margin: float = Field(0.03, ge=0, le=1, description="the fallback gate: the most the "
+                          "student may lose to the champion on each holdout and the golden set")
+    epochs: int | None = Field(None, ge=1, le=100, description="empty: the task's")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="empty: the task's")
+
+
 class TaskConfig(StrictModel):
     """One trainable task: which dataset, which kind of model, how long, and how (`method`:
     every weight, or a LoRA adapter over a frozen base)."""
@@ -66,6 +83,7 @@ class TaskConfig(StrictModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     method: Literal["full", "lora"] = "full"
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
     label_priors: dict[str, float] | None = None
     train_size: int = Field(2400, ge=1)
     holdout_size: int = Field(300, ge=1)

@@ -57,6 +57,11 @@ class FinetuneSpec:
     seed: int = 0
     tracking_uri: str | None = None
     lora: LoraSpec | None = None  # None: every weight trains
+    # distillation (`training/distill.py`): the teacher's probabilities per training row at
+    # `distill_temperature`, weighed `distill_alpha` against the true labels
+    soft_targets: list[list[float]] | None = None
+    distill_temperature: float = 1.0
+    distill_alpha: float = 0.0
     # called on every worker as (rank, epoch) once an epoch's checkpoint is reported: where the
     # tests kill a worker to prove resume; it travels pickled, so a test can define it locally
     after_epoch: Callable[[int, int], None] | None = None
@@ -84,10 +89,25 @@ def deepspeed_config(ds: DeepSpeedConfig, batch_size: int, on_gpu: bool) -> dict
     }
 
 
-def _encode(spec: FinetuneSpec, inputs: list[str], targets: list) -> list[dict]:
+def _encode(spec: FinetuneSpec, inputs: list[str], targets: list,
+            soft: list[list[float]] | None = None) -> list[dict]:
     if spec.kind == "classification":
-        return encode_classification(spec.tokenizer, inputs, targets, spec.model.max_length)
+        rows = encode_classification(spec.tokenizer, inputs, targets, spec.model.max_length)
+        return rows if soft is None else [{**r, "soft": s} for r, s in zip(rows, soft)]
     return encode_causal_lm(spec.tokenizer, inputs, targets, spec.model.max_length)
+
+
+def _loss(engine, batch: dict, device, spec: FinetuneSpec):
+    """The model's own loss; with soft targets in the batch, Hinton et al.'s distillation loss:
+    `alpha` x T^2 x KL(teacher || student, both at temperature T) + (1 - alpha) x that loss."""
+    soft = batch.pop("soft", None)
+    out = engine(**{k: v.to(device) for k, v in batch.items()})
+    if soft is None:
+        return out.loss
+    t = spec.distill_temperature
+    kd = torch.nn.functional.kl_div(torch.log_softmax(out.logits.float() / t, dim=-1),
+                                    soft.to(device), reduction="batchmean") * t * t
+    return spec.distill_alpha * kd + (1 - spec.distill_alpha) * out.loss
 
 
 def _loader(rows: list[dict], spec: FinetuneSpec, rank: int, world: int, shuffle: bool):
@@ -100,7 +120,7 @@ def _loader(rows: list[dict], spec: FinetuneSpec, rank: int, world: int, shuffle
                                collate_fn=lambda b: collate(b, pad))
 
 
-def _val_loss(engine, loader, device) -> float:
+def _val_loss(engine, loader, device, spec: FinetuneSpec) -> float:
     """Mean validation loss over every worker's shard (all-reduced)."""
     import torch.distributed as dist
 
@@ -108,8 +128,8 @@ def _val_loss(engine, loader, device) -> float:
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for batch in loader:
-            out = engine(**{k: v.to(device) for k, v in batch.items()})
-            total += torch.tensor([out.loss.item() * len(batch["input_ids"]), len(batch["input_ids"])],
+            n = len(batch["input_ids"])
+            total += torch.tensor([_loss(engine, batch, device, spec).item() * n, n],
                                   dtype=torch.float64)
     dist.all_reduce(total)
     engine.train()
@@ -157,8 +177,8 @@ def train_loop(config: dict) -> None:
     if spec.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = spec.tracking_uri
 
-    sampler, loader = _loader(_encode(spec, spec.train_inputs, spec.train_targets), spec, rank,
-                              world, shuffle=True)
+    sampler, loader = _loader(_encode(spec, spec.train_inputs, spec.train_targets,
+                                      spec.soft_targets), spec, rank, world, shuffle=True)
     _, val_loader = _loader(_encode(spec, spec.val_inputs, spec.val_targets), spec, rank, world, False)
     engine, ds_config = _engine(spec, len(loader), on_gpu)
 
@@ -178,11 +198,11 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, spec.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        seen, loss_sum = _epoch(engine, loader, device, f"epoch {epoch + 1}/{spec.epochs}"
+        seen, loss_sum = _epoch(engine, loader, device, spec, f"epoch {epoch + 1}/{spec.epochs}"
                                 if rank == 0 else None)
         elapsed = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(len(loader), 1),
-                   "val_loss": _val_loss(engine, val_loader, device),
+                   "val_loss": _val_loss(engine, val_loader, device, spec),
                    "samples_per_s": seen * world / elapsed, "resumed_from_epoch": start_epoch,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    **sizes}
@@ -200,16 +220,17 @@ def train_loop(config: dict) -> None:
             spec.after_epoch(rank, epoch + 1)
 
 
-def _epoch(engine, loader, device, progress: str | None) -> tuple[int, float]:
+def _epoch(engine, loader, device, spec: FinetuneSpec, progress: str | None
+           ) -> tuple[int, float]:
     """One pass over `loader`: (samples seen, summed loss); five progress lines when given
     their prefix (rank 0)."""
     seen, loss_sum, log_every = 0, 0.0, max(1, len(loader) // 5)
     for step, batch in enumerate(loader, 1):
-        out = engine(**{k: v.to(device) for k, v in batch.items()})
-        engine.backward(out.loss)
-        engine.step()
         seen += len(batch["input_ids"])
-        loss_sum += out.loss.detach().item()
+        loss = _loss(engine, batch, device, spec)
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().item()
         if progress and (step % log_every == 0 or step == len(loader)):
             print(f"{progress} step {step}/{len(loader)} loss {loss_sum / step:.4f}", flush=True)
     return seen, loss_sum

@@ -35,7 +35,7 @@ from training.taskdata import TaskData, validate_data
 class JobResult:
     model: str
     version: int
-    alias: str
+    alias: str | None
     run_id: str
     model_uri: str
     metrics: dict[str, dict]
@@ -135,7 +135,7 @@ def recorded(config: TrainingConfig, registry: Registry, task: str, data: TaskDa
 def register_model_dir(config: TrainingConfig, registry: Registry, task: str, data: TaskData,
                        model_dir: Path, labels: list[str], *, history: list[dict], ds_config: dict,
                        started: float, tags: dict | None = None,
-                       extra_params: dict | None = None) -> JobResult:
+                       extra_params: dict | None = None, aliased: bool = True) -> JobResult:
     """Evaluate a consolidated model folder (or adapter folder) on the holdouts and register
     it; an adapter's version is tagged with its exact base (`llmops.base`, and
     `llmops.base_sha256` for a folder or hub base)."""
@@ -185,7 +185,7 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
                       golden},
         input_example=pd.DataFrame({"text": list(data.train.text[:2])}),
         tags={**(tags or {}), **{f"llmops.{k}": v for k, v in base.items()}},
-        profile=profile, golden=golden)
+        profile=profile, golden=golden, aliased=aliased)
     version: RegisteredVersion = registry.record(record)
     return JobResult(model=version.name, version=version.version, alias=version.alias,
                      run_id=version.run_id, model_uri=version.model_uri, metrics=metrics,

@@ -188,7 +188,9 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
     else:
         labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    soft = {"soft": torch.tensor([r["soft"] for r in rows], dtype=torch.float32)} \
+        if "soft" in rows[0] else {}  # a distilled student's teacher probabilities
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **soft}
 
 
 def _device_of(model: PreTrainedModel) -> torch.device:

@@ -23,7 +23,7 @@ from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
 from training.lineage import Lineage
 from training.refs import reference
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER, FALLBACK = "champion", "challenger", "fallback"
 # Tables under each run's data/: the training data, the reference profile for drift checks and
 # the golden set of the health check.
 REFERENCE_FILE, PROFILE_FILE, GOLDEN_FILE = "reference.parquet", "profile.parquet", "golden.parquet"
@@ -34,7 +34,7 @@ PRIORS_TAG = "llmops.priors"  # a version's re-estimated class priors, JSON {lab
 class RegisteredVersion:
     name: str
     version: int
-    alias: str
+    alias: str | None
     run_id: str
     model_uri: str
 
@@ -54,6 +54,9 @@ class RunRecord:
     tags: dict
     profile: pd.DataFrame | None = None  # drift features of held-out training-distribution rows
     golden: pd.DataFrame | None = None  # the golden set, measured as holdout "golden"
+    # the version's alias: champion for a model's first version, else challenger (a fine-tune
+    # to judge); False: none (a distilled student, aliased `fallback` once its gate passes)
+    aliased: bool = True
 
 
 def _git_commit() -> str:
@@ -178,15 +181,18 @@ class Registry:
                 signature=signature, input_example=record.input_example,
                 pip_requirements=_requirements(), metadata={"llmops": sample.meta})
         return self._register(record.task, info.model_uri, run.info.run_id, {
-            k: v for k, v in record.tags.items() if k.startswith("llmops.")})
+            k: v for k, v in record.tags.items() if k.startswith("llmops.")}, record.aliased)
 
-    def _register(self, name: str, model_uri: str, run_id: str,
-                  tags: dict | None = None) -> RegisteredVersion:
+    def _register(self, name: str, model_uri: str, run_id: str, tags: dict | None = None,
+                  aliased: bool = True) -> RegisteredVersion:
         import mlflow
 
         client = self.client
         first = not client.search_model_versions(f"name='{name}'", max_results=1)
         mv = mlflow.register_model(model_uri, name, tags={"llmops.run_id": run_id, **(tags or {})})
+        if not aliased:
+            return RegisteredVersion(name, int(mv.version), None, run_id,
+                                     reference(name, mv.version))
         alias = CHAMPION if first else CHALLENGER
         try:
             client.set_registered_model_alias(name, alias, mv.version)

@@ -97,6 +97,21 @@ def gate(champion: dict[str, float], challenger: dict[str, float], config: GateC
                       {k: round(v, 4) for k, v in challenger.items()})
 
 
+def fallback_gate(champion: dict[str, float], student: dict[str, float], metric: str,
+                  margin: float) -> GateResult:
+    """The gate of a distilled student (the peak fallback): on every holdout it may lose at
+    most `margin` of `metric` to the champion it learned from; it need not beat it."""
+    losses = {h: champion[h] - student[h] for h in champion}
+    worst = max(losses, key=losses.get)
+    verdict = "within" if losses[worst] <= margin else "over"
+    reason = (f"{metric}: the student's largest loss to the champion is {losses[worst]:+.4f} "
+              f"(on {worst}: {student[worst]:.4f} vs {champion[worst]:.4f}), {verdict} the "
+              f"margin {margin}")
+    return GateResult(losses[worst] <= margin, reason, metric,
+                      {k: round(v, 4) for k, v in champion.items()},
+                      {k: round(v, 4) for k, v in student.items()})
+
+
 def evaluate_pair(champion_model, challenger_model, holdouts: dict[str, pd.DataFrame],
                   config: GateConfig) -> GateResult:
     """Both models scored on the same holdouts, then `gate`."""

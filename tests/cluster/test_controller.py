@@ -25,6 +25,7 @@ from training.errors import InvalidData
 from training.registry import (
     CHALLENGER,
     CHAMPION,
+    FALLBACK,
     GOLDEN_FILE,
     PRIORS_TAG,
     REFERENCE_FILE,
@@ -398,6 +399,28 @@ def test_manual_promotion_then_rollback_move_the_champion_and_record_it(loop):
     assert [e["to"] for e in controller.events()] == ["promoting", "serving"] * 2
     assert "manual rollback to v1" in controller.events()[2]["reason"]
     assert registry.client.get_model_version(MODEL, "1").tags["llmops.state"] == "serving"
+
+
+def test_a_promotion_re_distils_the_peak_fallback_of_a_model_that_has_one(loop):
+    """The operator opted in (a `fallback` alias); the new champion's student is trained as a
+    Ray job while the loop goes on, and aliased once its gate passed."""
+    from training.distill import DISTILLED_FROM_TAG
+
+    settings, registry, controller = loop
+    task = settings.training.tasks[MODEL]
+    task.distill = task.distill.model_copy(update={"layers": 1, "margin": 1.0})
+    registry.set_alias(MODEL, FALLBACK, 1)
+    state = controller.promote()
+    assert state.champion == 2 and state.distill_id.startswith(f"distill-{MODEL}-")
+    assert f"re-distilling its peak fallback ({state.distill_id})" in \
+        controller.events()[-1]["reason"]
+    done = wait_for("the re-distillation job", lambda: (s := controller.step()).distill_id is None
+                    and s, 300, every_s=2, detail=lambda: controller.state().detail)
+    assert done.state == "serving" and done.detail["distill"]["status"] == "SUCCEEDED"
+    student = registry.alias_version(MODEL, FALLBACK)
+    assert student == done.detail["distill"]["fallback"] == 3
+    assert registry.client.get_model_version(MODEL, "3").tags[DISTILLED_FROM_TAG] == "2"
+    assert registry.alias_version(MODEL, CHAMPION) == 2  # the student never serves as champion
 
 
 def test_a_crash_between_the_alias_move_and_the_swap_is_finished_by_the_next_controller(

@@ -64,7 +64,7 @@ def test_cluster_yaml_passes_rays_own_validation(cluster_config):
 def test_every_request_fits_the_intended_node_type(cluster_config, cluster_settings):
     rows = {r["who"]: r for r in check(cluster_settings, cluster_config)}
     models = [r for who, r in rows.items() if who.startswith("serve ") and "GPU" in r["resources"]]
-    assert len(models) == 6  # every model deployment asks for a GPU share ...
+    assert len(models) == 7  # every model deployment asks for a GPU share ...
     assert all(r["node_types"] == ["serve-gpu"] for r in models)  # ... of the serving type only
     assert rows["train worker"]["node_types"] == ["train-gpu"]
     assert rows["train worker"]["resources"]["train_gpu"] == 1

@@ -46,11 +46,19 @@ def advisor(ray_session, tmp_path_factory):
     settings = tiny_settings(root / "state")
     registry = Registry(settings.registry, settings.data_dir)
     register_quick(settings, registry, "advisor-intent", epochs=4, lr=1e-3)
+    # a second version stands for the distilled student (tests/training/test_distill.py)
+    student = register_quick(settings, registry, "advisor-intent", epochs=3, lr=1e-3, seed=1)
+    registry.set_alias("advisor-intent", "fallback", student.version)
     port = free_port()
     settings.serve = settings.serve.model_validate({
         "port": port, "moderation": {"enabled": False}, "support": {"enabled": False},
         "chat": {"enabled": False}, "feedback": {"enabled": False},
-        "advisor": {"portfolio": {"block_paths": 2000}}})
+        "advisor": {"portfolio": {"block_paths": 2000}, "classifier": {
+            "model": "models:/advisor-intent@champion",
+            # three requests in flight make a peak (the latency never decides here)
+            "fallback": {"model": "models:/advisor-intent@fallback", "enter_ongoing": 3,
+                         "exit_ongoing": 1, "enter_p95_ms": 60000, "exit_p95_ms": 30000,
+                         "min_on_s": 1}}}})
     config = root / "llmops.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
     cluster = ServeCluster(ray_session.dashboard)
@@ -259,3 +267,24 @@ def test_bad_tool_conversations_are_422_problems(advisor, messages, message):
     r = httpx.post(f"{advisor.url}/v1/advisor/chat/completions", headers=advisor.headers,
                    json={"model": "advisor", "messages": messages}, timeout=60)
     assert r.status_code == 422 and message in r.json()["detail"], r.text
+
+
+def test_a_synthetic_peak_switches_to_the_fallback_and_back(advisor):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import wait_for
+
+    question = "Simulate 60% SPY and 40% IEF over 10 years, balanced profile."
+    with ThreadPoolExecutor(12) as pool:
+        outs = list(pool.map(lambda _: _chat(advisor, question), range(12)))
+    peak = [o for o in outs if o["served_by"] == "fallback"]
+    assert peak, [o["served_by"] for o in outs]
+    for o in peak:  # the student classified, said so, and the answer is whole
+        assert o["degraded"] and o["models"]["classifier"]["variant"] == "fallback"
+        assert o["models"]["classifier"]["version"] == "2" and o["action"] == "simulate"
+    assert all(o["served_by"] is None and not o["degraded"] for o in outs if o not in peak)
+    # one request at a time, after min_on_s: the champion again
+    calm = wait_for("the switch back to the champion",
+                    lambda: (o := _chat(advisor, question))["served_by"] is None and o, 30)
+    assert calm["models"]["classifier"] == {"name": "advisor-intent", "version": "1",
+                                            "alias": "champion", "variant": "champion"}

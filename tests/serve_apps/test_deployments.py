@@ -57,6 +57,23 @@ def test_a_failing_shadow_never_fails_the_answer():
     assert result["label"] == "ok" and "shadow" not in result
 
 
+def test_at_a_peak_the_fallback_answers_every_item_canary_or_not():
+    from serve_apps.config import CanaryConfig
+
+    def run(model, items, params):
+        return [{"label": model.identity.version} for _ in items]
+
+    canary = CanaryConfig(model="models:/m/2", fraction=1.0)
+    slot = ModelSlot(None, Variants(_model("1"), _model("2"), canary, fallback=_model("3")))
+    calm, peak = asyncio.run(slot.run([Item("a", "r1"), Item("b", "r2", fallback=True)], run))
+    assert (calm["label"], calm["model"]["variant"]) == ("2", "challenger")
+    assert (peak["label"], peak["model"]["variant"]) == ("3", "fallback")
+    # no fallback loaded: a peak item is answered as any other
+    slot = ModelSlot(None, Variants(_model("1")))
+    [item] = asyncio.run(slot.run([Item("b", "r2", fallback=True)], run))
+    assert item["model"]["variant"] == "champion"
+
+
 @pytest.fixture(scope="module")
 def tiny_lm():
     """A 1-layer GPT-2 with random weights and the bundled encoder's tokenizer (no EOS token,

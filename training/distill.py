@@ -1,0 +1,129 @@
+"""Distillation: the peak fallback of a classifier, a smaller student trained on its champion's
+outputs (`llmops distill TASK`).
+
+The student is the task's model with fewer layers (`distill.layers`; a pretrained source keeps
+its first ones, 2 of MiniLM's 6). It trains with DeepSpeed on Ray Train like any fine-tune, on
+the rows the champion was trained on, learning the champion's probabilities at
+`distill.temperature` weighed `distill.alpha` against the true labels (Hinton et al.'s loss,
+`training/finetune.py`). It is registered as a version of the same model, tagged with the
+champion it learned from, and aliased `fallback` only if the fallback gate passes: on each
+holdout and on the champion's golden set, its gate metric is at most `distill.margin` below
+the champion's (`training/retrain.py`, `fallback_gate`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from training import lineage
+from training.config import ModelSpec, TrainingConfig
+from training.errors import InvalidData
+from training.job import JobResult, make_spec, recorded, register_model_dir, run_name
+from training.registry import CHAMPION, FALLBACK, GOLDEN_FILE, REFERENCE_FILE, Registry
+from training.retrain import GateResult, fallback_gate
+from training.taskdata import TaskData, build_task_data
+
+DISTILLED_FROM_TAG = "llmops.distilled_from"  # the champion version a student learned from
+GATE_TAG = "llmops.fallback_gate"
+# the architecture keys that count layers, one per model family; the student sets its own
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass
+class DistillResult:
+    job: JobResult
+    teacher: int
+    gate: GateResult
+
+    def to_dict(self) -> dict:
+        return {**self.job.to_dict(), "teacher": self.teacher, "gate": asdict(self.gate)}
+
+
+def student_model(model: ModelSpec, layers: int) -> ModelSpec:
+    """The task's model spec with `layers` layers (a pretrained source keeps its first ones)."""
+    architecture = {k: v for k, v in model.architecture.items() if k not in _LAYER_KEYS}
+    return model.model_copy(update={"architecture": {**architecture,
+                                                     "num_hidden_layers": layers}})
+
+
+def student_config(config: TrainingConfig, task: str) -> TrainingConfig:
+    """The training settings of the student: the task's, with the student's model, epochs and
+    learning rate."""
+    tc = config.task(task)
+    d = tc.distill
+    student = tc.model_copy(update={
+        "model": student_model(tc.model, d.layers), "epochs": d.epochs or tc.epochs,
+        "learning_rate": d.learning_rate or tc.learning_rate})
+    return config.model_copy(update={"tasks": {**config.tasks, task: student}})
+
+
+def student_data(config: TrainingConfig, registry: Registry, task: str, version: int) -> TaskData:
+    """The champion's own training rows (a retrained champion's: its retraining mix), a tenth
+    kept for validation; the task's seeded holdouts; the champion's golden set."""
+    reference = registry.run_data(task, str(version), REFERENCE_FILE)[["text", "label"]]
+    rows = reference.sample(frac=1.0, random_state=config.seed).reset_index(drop=True)
+    n_val = max(16, min(200, len(rows) // 10))
+    seeded = build_task_data(config, task)
+    return TaskData(train=rows.iloc[n_val:].reset_index(drop=True),
+                    validation=rows.iloc[:n_val].reset_index(drop=True),
+                    holdouts=seeded.holdouts, scenario="distill",
+                    sources=seeded.sources[1:],  # the holdouts'; the rows are the champion's
+                    golden=registry.run_data(task, str(version), GOLDEN_FILE))
+
+
+def distill_and_register(config: TrainingConfig, registry: Registry, task: str, *,
+                         storage_path: str, use_gpu: bool) -> DistillResult:
+    """Train the champion's student, register it, and alias it `fallback` if its gate passes."""
+    from training.evaluate import score
+    from training.finetune import run_finetune
+    from training.models import predict_proba
+
+    started = time.perf_counter()
+    tc = config.task(task)
+    if tc.kind != "classification":
+        raise InvalidData(f"task {task} is a {tc.kind}: distillation trains classifiers' "
+                          f"students (a language model's is not built yet)")
+    registry.check()
+    teacher = registry.alias_version(task, CHAMPION)
+    if teacher is None:
+        raise InvalidData(f"{task} has no champion to distil: train it first (llmops train "
+                          f"{task})")
+    data = student_data(config, registry, task, teacher)
+    champion = registry.load_model(task, str(teacher))
+    d = tc.distill
+    soft = predict_proba(champion.model, champion.tokenizer, list(data.train.text),
+                         tc.model.max_length, temperature=d.temperature)
+    student = student_config(config, task)
+    spec = make_spec(student, registry, task, data)
+    spec.soft_targets, spec.distill_temperature, spec.distill_alpha = \
+        soft.tolist(), d.temperature, d.alpha
+    name = run_name(task, "distill")
+    print(f"run {name}: a {d.layers}-layer student of {task} v{teacher}", file=sys.stderr,
+          flush=True)
+    tags = {DISTILLED_FROM_TAG: str(teacher)}
+    with recorded(student, registry, task, data, name, tags) as run:
+        result = run_finetune(spec, name=name, storage_path=storage_path,
+                              workers=config.workers, use_gpu=use_gpu,
+                              resources=config.worker_resources(use_gpu),
+                              max_failures=config.max_failures)
+        job = register_model_dir(student, registry, task, data, result.model_dir, spec.labels,
+                                 history=result.history, ds_config=result.ds_config,
+                                 started=started, tags=tags, aliased=False, extra_params={
+                                     "distilled_from": teacher, "student_layers": d.layers,
+                                     "distill_temperature": d.temperature,
+                                     "distill_alpha": d.alpha})
+        run.outputs.append(lineage.model_version(registry.tracking_uri, task, job.version))
+    learned = registry.load_model(task, str(job.version))
+    holdouts = {**data.holdouts, "golden": data.golden}
+    metric = config.gate.metric
+    gate = fallback_gate({h: score(champion, df, metric) for h, df in holdouts.items()},
+                         {h: score(learned, df, metric) for h, df in holdouts.items()},
+                         metric, d.margin)
+    registry.tag_version(task, job.version, {GATE_TAG: gate.reason[:5000]})
+    if gate.promote:
+        registry.set_alias(task, FALLBACK, job.version)
+        job.alias = FALLBACK
+    return DistillResult(job, teacher, gate)
+
