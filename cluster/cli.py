@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list the drift scenarios").set_defaults(func=commands.cmd_data_scenarios)
 
     train = sub.add_parser("train", parents=[common], help="fine-tune and register a model")
-    train.add_argument("task", help="a task of training.tasks: support-router, moderation, "
-                       "rewriter, support-reply, advisor-intent or one of your own")
+    train.add_argument("task", nargs="+", help="tasks of training.tasks: support-router, "
+                       "moderation, rewriter, support-reply, advisor-intent or your own; "
+                       "several train one after another in this one process")
     train.add_argument("--scenario", default="base", help="data distribution to train on")
     train.add_argument("--workers", type=int)
     train.add_argument("--deepspeed-stage", type=int, choices=[0, 1, 2, 3])

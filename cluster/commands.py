@@ -64,20 +64,25 @@ def cmd_train(args) -> Output:
     from training.taskdata import TaskData, build_task_data
 
     settings = _settings(args)  # names, data and the registry are checked before the slow imports
-    config = settings.training.overridden(args.task, workers=args.workers,
-                                          deepspeed_stage=args.deepspeed_stage, epochs=args.epochs)
-    data = TaskData.load(Path(args.data)) if args.data else build_task_data(config, args.task,
-                                                                           args.scenario)
+    if len(args.task) > 1 and (args.data or args.resume):
+        raise LLMOpsError("--data and --resume name one task's data or run: train one task")
+    configs = {task: settings.training.overridden(task, workers=args.workers,
+                                                  deepspeed_stage=args.deepspeed_stage,
+                                                  epochs=args.epochs) for task in args.task}
+    data = {task: TaskData.load(Path(args.data)) if args.data else
+            build_task_data(config, task, args.scenario) for task, config in configs.items()}
     tags = dict(t.split("=", 1) for t in args.tag)
     registry = _registry(settings)
     from training.job import fit_and_register
 
     runtime.connect(settings.ray, settings.monitoring.logging)
-    result = fit_and_register(config, registry, args.task, data,
-                              storage_path=settings.storage_path,
-                              use_gpu=runtime.use_gpu(config.use_gpu), resume=args.resume,
-                              tags=tags)
-    return Output(result.to_dict(), views.job)
+    results = [fit_and_register(config, registry, task, data[task],
+                                storage_path=settings.storage_path,
+                                use_gpu=runtime.use_gpu(config.use_gpu), resume=args.resume,
+                                tags=tags).to_dict() for task, config in configs.items()]
+    if len(results) == 1:
+        return Output(results[0], views.job)
+    return Output({"jobs": results}, lambda p: "\n".join(views.job(j) for j in p["jobs"]))
 
 
 def cmd_distill(args) -> Output:

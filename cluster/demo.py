@@ -42,10 +42,14 @@ def prepare(settings: Settings, settings_args: list[str], step: Callable[[str], 
         step(f"started the local Ray head (dashboard {settings.dashboard_address})")
     # the trainings join that head instead of each starting and stopping a Ray of its own
     env = {**os.environ, "LLMOPS_RAY__ADDRESS": settings.ray.address or "auto"}
-    for task in TASKS:
-        if registry.alias_version(task, CHAMPION) is None:
-            step(f"training the first {task} (DeepSpeed on Ray Train)")
-            _cli(settings_args, "train", task, env=env)
+    missing = [task for task in TASKS if registry.alias_version(task, CHAMPION) is None]
+    if missing:  # one process: its imports and Ray connection are paid once
+        step(f"training the first {', '.join(missing)} (DeepSpeed on Ray Train, one after "
+             f"another)")
+        _cli(settings_args, "train", *missing, env=env)
+    if "fraction" not in settings.controller.canary.model_fields_set:
+        # the demo's canary answers half of the traffic, so one batch or two judge it
+        settings.controller.canary.fraction = 0.5
     step("deploying the pipelines and starting the loop (llmops up)")
     platform.up(settings)
 

@@ -70,8 +70,9 @@ class DistillSpec(StrictModel):
                          "true labels in the loss")
     margin: float = Field(0.03, ge=0, le=1, description="the fallback gate: the most the "
                           "student may lose to the champion on each holdout and the golden set")
-    epochs: int | None = Field(None, ge=1, le=100, description="empty: the task's")
-    learning_rate: float | None = Field(None, gt=0, lt=1, description="empty: the task's")
+    epochs: int = Field(3, ge=1, le=100)
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="higher than a fine-tune's: "
+                                 "the cut layers and a fresh head have more to learn")
 
 
 class TaskConfig(StrictModel):

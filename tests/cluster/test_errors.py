@@ -80,6 +80,9 @@ def _cli(*args, data_dir, env=None):
 @pytest.mark.parametrize("args, code, fragment", [
     (["train", "sentiment"], 2, "unknown task 'sentiment'"),
     (["train", "support-router", "--scenario", "winter"], 2, "unknown scenario 'winter'"),
+    (["train", "moderation", "sentiment"], 2, "unknown task 'sentiment'"),
+    (["train", "moderation", "rewriter", "--resume", "r"], 2, "train one task"),
+    (["distill", "sentiment"], 2, "unknown task 'sentiment'"),
     (["train", "support-router", "--mlflow-uri", "http://127.0.0.1:9"], 3, "unreachable"),
     (["models", "--mlflow-uri", "gopher://x"], 2, "tracking_uri"),
     (["tls", "dev-cert", "--days", "0"], 2, "--days must be at least 1"),

@@ -31,8 +31,9 @@ def test_a_student_of_the_champion_is_registered_and_aliased_fallback(ray_sessio
     student = registry.load_model("advisor-intent", str(result.job.version))
     assert student.model.config.num_hidden_layers == 1
     assert teacher.metrics["golden"]["accuracy"] - result.job.metrics["golden"]["accuracy"] <= 0.1
-    # the champion's holdouts and golden set judged both
-    assert set(result.gate.champion) == {"base", "new-product", "slang", "golden"}
+    # judged on the champion's distribution: the base holdout and its golden set
+    assert set(result.gate.champion) == {"base", "golden"}
+    assert {"new-product", "slang"} <= set(result.job.metrics)  # measured, not gated
 
 
 def test_distilling_needs_a_champion_classifier(settings, registry):
