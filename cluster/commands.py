@@ -326,6 +326,13 @@ def cmd_demo(args) -> Output:
     from cluster import demo
 
     settings = _settings(args)
+    if not 0 < args.canary_fraction <= 1:
+        raise LLMOpsError("--canary-fraction must be in (0, 1]")
+    settings.controller.canary.fraction = args.canary_fraction
+    if args.deepspeed_stage is not None:
+        settings.training.deepspeed.stage = args.deepspeed_stage
+    elif not runtime.wants_gpu(settings.training.use_gpu, demo.local_gpus()):
+        settings.training.deepspeed.stage = 0
     passed = [(flag, getattr(args, name, None)) for flag, name in (
         ("--config", "config"), ("--data-dir", "data_dir"), ("--mlflow-uri", "mlflow_uri"))]
     summary = demo.run(settings, [x for flag, value in passed if value for x in (flag, value)],

@@ -34,6 +34,12 @@ def _cli(settings_args: list[str], *args: str, env: dict | None = None) -> None:
         raise LLMOpsError(f"`llmops {' '.join(args)}` failed (exit {done.returncode})")
 
 
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def prepare(settings: Settings, settings_args: list[str], step: Callable[[str], None]) -> None:
     """The first champions (trained and registered if absent) and the pipelines, deployed."""
     registry = Registry(settings.registry, settings.data_dir)
@@ -46,10 +52,8 @@ def prepare(settings: Settings, settings_args: list[str], step: Callable[[str], 
     if missing:  # one process: its imports and Ray connection are paid once
         step(f"training the first {', '.join(missing)} (DeepSpeed on Ray Train, one after "
              f"another)")
-        _cli(settings_args, "train", *missing, env=env)
-    if "fraction" not in settings.controller.canary.model_fields_set:
-        # the demo's canary answers half of the traffic, so one batch or two judge it
-        settings.controller.canary.fraction = 0.5
+        _cli(settings_args, "train", *missing, "--deepspeed-stage",
+             str(settings.training.deepspeed.stage), env=env)
     step("deploying the pipelines and starting the loop (llmops up)")
     platform.up(settings)
 
