@@ -45,7 +45,7 @@ from serve_apps.http import (
     served_by,
 )
 from serve_apps.inference_log import InferenceLog
-from serve_apps.openai_schema import Message, ToolChoice
+from serve_apps.openai_schema import Message, ToolChoice, last_user_message
 from serve_apps.openai_schema import Tool as ToolSpec
 from serve_apps.policies import chain
 from serve_apps.portfolio import SimulationRequest, digest, request_of, simulate
@@ -216,12 +216,7 @@ class AdvisorPipeline:
         if request.stream:
             raise InvalidRequest("stream: the advisor answers whole (its answers are checked "
                                  "before they leave)")
-        if len(request.messages) > self.limits.max_messages:
-            raise InvalidRequest(f"at most {self.limits.max_messages} messages per request")
-        users = [m.text() for m in request.messages if m.role == "user"]
-        if not users:
-            raise InvalidRequest("messages: at least one message must have role 'user'")
-        question = check_texts(users[-1:], self.limits)[0]
+        asked = last_user_message(request.messages, self.limits)
         returned = _tool_results(request.messages)
 
         async def work(c: Call) -> Answer:
@@ -229,7 +224,7 @@ class AdvisorPipeline:
                 return await self._quote(c, *returned)
             return await self._advise(c, run_tool=not request.offers_tool())
 
-        call, answer = await self.policies.apply("advise", [question], caller, work)
+        call, answer = await self.policies.apply("advise", [asked], caller, work)
         payload = answer.payload
         message = {"role": "assistant", "content": answer.outputs[0]}
         if payload["action"] == "tool_call":

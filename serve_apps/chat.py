@@ -23,9 +23,9 @@ from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable, callers_fault
 from serve_apps.call import Answer, Call, Caller, estimate_tokens
 from serve_apps.config import ChatAppConfig, LimitsConfig
-from serve_apps.http import InvalidRequest, check_texts, create_app, parse
+from serve_apps.http import create_app, parse
 from serve_apps.inference_log import InferenceLog
-from serve_apps.openai_schema import Message
+from serve_apps.openai_schema import Message, last_user_message
 from serve_apps.policies import chain
 from serve_apps.stages import Stages
 from training.features import descriptors
@@ -137,12 +137,7 @@ class ChatPipeline:
         if request.model not in served:
             raise UnknownModel(f"model {request.model!r} is not served here; "
                                f"GET /v1/models lists {sorted(served)}")
-        if len(request.messages) > self.limits.max_messages:
-            raise InvalidRequest(f"at most {self.limits.max_messages} messages per request")
-        users = [m.text() for m in request.messages if m.role == "user"]
-        if not users:
-            raise InvalidRequest("messages: at least one message must have role 'user'")
-        text = check_texts(users[-1:], self.limits)[0]
+        text = last_user_message(request.messages, self.limits)
         cap = self.config.generator.generation_config.max_new_tokens  # the generator's own cap
         limit = min(request.options()["max_new_tokens"] or cap, cap)
         return self.policies.open("chat", [text], caller, estimate_tokens([text], limit))

@@ -9,6 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_apps.config import LimitsConfig
+from serve_apps.http import InvalidRequest, check_texts
+
 
 class ContentPart(BaseModel):
     type: Literal["text"]
@@ -61,3 +64,13 @@ class NamedToolChoice(BaseModel):
 
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def last_user_message(messages: list[Message], limits: LimitsConfig) -> str:
+    """What a chat answers: the last user message, within the limits (422 otherwise)."""
+    if len(messages) > limits.max_messages:
+        raise InvalidRequest(f"at most {limits.max_messages} messages per request")
+    users = [m.text() for m in messages if m.role == "user"]
+    if not users:
+        raise InvalidRequest("messages: at least one message must have role 'user'")
+    return check_texts(users[-1:], limits)[0]

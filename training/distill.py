@@ -18,10 +18,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from training import lineage
 from training.config import ModelSpec, TrainingConfig
 from training.errors import InvalidData
-from training.job import JobResult, make_spec, recorded, register_model_dir, run_name
+from training.job import JobResult, finetune_and_register, make_spec, run_name
 from training.registry import CHAMPION, FALLBACK, GOLDEN_FILE, REFERENCE_FILE, Registry
 from training.retrain import GateResult, fallback_gate
 from training.taskdata import TaskData, build_task_data
@@ -78,7 +77,6 @@ def distill_and_register(config: TrainingConfig, registry: Registry, task: str, 
                          storage_path: str, use_gpu: bool) -> DistillResult:
     """Train the champion's student, register it, and alias it `fallback` if its gate passes."""
     from training.evaluate import score
-    from training.finetune import run_finetune
     from training.models import predict_proba
 
     started = time.perf_counter()
@@ -103,19 +101,11 @@ def distill_and_register(config: TrainingConfig, registry: Registry, task: str, 
     name = run_name(task, "distill")
     print(f"run {name}: a {d.layers}-layer student of {task} v{teacher}", file=sys.stderr,
           flush=True)
-    tags = {DISTILLED_FROM_TAG: str(teacher)}
-    with recorded(student, registry, task, data, name, tags) as run:
-        result = run_finetune(spec, name=name, storage_path=storage_path,
-                              workers=config.workers, use_gpu=use_gpu,
-                              resources=config.worker_resources(use_gpu),
-                              max_failures=config.max_failures)
-        job = register_model_dir(student, registry, task, data, result.model_dir, spec.labels,
-                                 history=result.history, ds_config=result.ds_config,
-                                 started=started, tags=tags, aliased=False, extra_params={
-                                     "distilled_from": teacher, "student_layers": d.layers,
-                                     "distill_temperature": d.temperature,
-                                     "distill_alpha": d.alpha})
-        run.outputs.append(lineage.model_version(registry.tracking_uri, task, job.version))
+    job = finetune_and_register(
+        student, registry, task, data, spec, name, started, storage_path=storage_path,
+        use_gpu=use_gpu, tags={DISTILLED_FROM_TAG: str(teacher)}, aliased=False, extra_params={
+            "distilled_from": teacher, "student_layers": d.layers,
+            "distill_temperature": d.temperature, "distill_alpha": d.alpha})
     learned = registry.load_model(task, str(job.version))
     # judged where the champion is: its training distribution and its golden set (the drift
     # scenarios' holdouts are in the version's metrics: a smaller model generalises less)

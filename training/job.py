@@ -104,6 +104,15 @@ def fit_and_register(config: TrainingConfig, registry: Registry, task: str, data
     name = resume or run_name(task)
     print(f"run {name}: checkpoints in {storage_path}/{name} (continue it with --resume {name})",
           file=sys.stderr, flush=True)
+    return finetune_and_register(config, registry, task, data, spec, name, started,
+                                 storage_path=storage_path, use_gpu=use_gpu, tags=tags)
+
+
+def finetune_and_register(config: TrainingConfig, registry: Registry, task: str, data: TaskData,
+                          spec: FinetuneSpec, name: str, started: float, *, storage_path: str,
+                          use_gpu: bool, tags: dict | None = None, **register) -> JobResult:
+    """Run `spec` on Ray Train as run `name`, consolidate, evaluate and register it (`register`:
+    more of `register_model_dir`'s options), inside the run's lineage."""
     with recorded(config, registry, task, data, name, tags) as run:
         result = run_finetune(spec, name=name, storage_path=storage_path,
                               workers=config.workers, use_gpu=use_gpu,
@@ -111,7 +120,7 @@ def fit_and_register(config: TrainingConfig, registry: Registry, task: str, data
                               max_failures=config.max_failures)
         job = register_model_dir(config, registry, task, data, result.model_dir, spec.labels,
                                  history=result.history, ds_config=result.ds_config,
-                                 started=started, tags=tags)
+                                 started=started, tags=tags, **register)
         run.outputs.append(lineage.model_version(registry.tracking_uri, task, job.version))
     return job
 
