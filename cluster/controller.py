@@ -30,12 +30,13 @@ import yaml
 
 from cluster.canary import canary_verdict
 from cluster.label_shift import LabelShiftSteps
+from cluster.redistill import RedistillSteps
 from cluster.settings import CanaryPolicy, Settings
 from cluster.state import BUSY, TRANSITIONS, ControllerState, StateStore, export
 from training import lineage
 from training.errors import LLMOpsError
 from training.refs import RETRAIN_TAG, reference
-from training.registry import CHALLENGER, CHAMPION, FALLBACK, GOLDEN_FILE, REFERENCE_FILE, Registry
+from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
 
 log = logging.getLogger(__name__)
 DAY_S = 86400.0
@@ -58,6 +59,7 @@ class Controller:
         self.store = StateStore(settings.controller_uri)
         self.work = Path(settings.data_dir).resolve() / "retrain"
         self.label_shift = LabelShiftSteps(self)
+        self.redistill = RedistillSteps(self)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class Controller:
         from monitoring.drift import NotEnoughData, check_model
 
         if state.distill_id:
-            state = self._distilling(state)
+            state = self.redistill.follow(state)
         try:
             decision = check_model(self.settings.log_uri, self.registry,
                                    self.settings.monitoring.drift, self.model,
@@ -192,12 +194,12 @@ class Controller:
 
     # retraining: the fine-tune runs as a Ray job named by the retrain id --------------------------
 
-    def _job_client(self):
+    def job_client(self):
         from ray.job_submission import JobSubmissionClient
 
         return JobSubmissionClient(self.settings.dashboard_address)
 
-    def _job_settings(self, folder: Path, source: str | None = None) -> Path:
+    def job_settings(self, folder: Path, source: str | None = None) -> Path:
         """The settings file a job of the loop runs with (written to `folder`): its driver joins
         this cluster, its workers take the retrain's resources; `source`: the model's task
         starts from it (a registered version) instead of its configured model."""
@@ -220,58 +222,13 @@ class Controller:
     def _submit(self, state: ControllerState) -> None:
         folder = self.work / state.retrain_id
         # fine-tune the champion's weights, not a fresh model
-        config = self._job_settings(folder, reference(self.model, state.champion))
+        config = self.job_settings(folder, reference(self.model, state.champion))
         # (no runtime_env: the command sets the platform's environment for its own driver)
-        self._job_client().submit_job(
+        self.job_client().submit_job(
             submission_id=state.retrain_id,
             entrypoint=(f"{sys.executable} -m cluster.cli train {self.model} --data "
                         f"{folder / 'data'} --config {config} "
                         f"--tag {RETRAIN_TAG}={state.retrain_id} --json"))
-
-    # re-distillation: after a promotion, a model with a peak fallback gets a student of the new
-    # champion (a Ray job), which serving takes once its gate passed -----------------------------
-
-    def _redistill(self) -> str | None:
-        """Submit the job when the model has a `fallback` (its operator opted in); its id."""
-        if self.registry.alias_version(self.model, FALLBACK) is None:
-            return None
-        distill_id = f"distill-{self.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        config = self._job_settings(self.work / distill_id)
-        self._job_client().submit_job(
-            submission_id=distill_id,
-            entrypoint=f"{sys.executable} -m cluster.cli distill {self.model} --config {config}")
-        return distill_id
-
-    def _distilling(self, state: ControllerState) -> ControllerState:
-        """Once the job ended: serve the new student if its gate passed (the job moved the
-        alias), else keep the old one. Not a transition: the loop goes on meanwhile."""
-        from ray.job_submission import JobStatus
-
-        from serve_apps.deploy import repin_fallback
-        from training.refs import UnknownModel
-
-        try:
-            status = self._job_client().get_job_status(state.distill_id)
-        except RuntimeError:  # lost with the cluster: the old student serves on
-            status = JobStatus.FAILED
-        if status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return state
-        fallback = self.registry.alias_version(self.model, FALLBACK)
-        if status == JobStatus.SUCCEEDED:
-            try:
-                repin_fallback(self._serve(), self.model, self.registry.tracking_uri)
-            except UnknownModel:
-                pass  # not deployed: the next `llmops up` pins the alias
-            log.warning("%s: the peak fallback is v%s, distilled from v%s", self.model,
-                        fallback, state.champion)
-        else:  # the gate refused the student (exit 1) or the job failed: the old one serves
-            log.warning("%s: re-distillation %s %s; the fallback stays v%s", self.model,
-                        state.distill_id, status.value.lower(), fallback)
-        new = state.model_copy(update={"distill_id": None, "detail": {
-            **state.detail, "distill": {"job": state.distill_id, "status": status.value,
-                                        "fallback": fallback}}})
-        self.store.save(new)
-        return new
 
     def _retraining(self, state: ControllerState) -> ControllerState:
         from ray.job_submission import JobStatus
@@ -283,7 +240,7 @@ class Controller:
                 self.registry.tracking_uri, self.model, version)])
             return self._to(state, "evaluating", f"the retrain registered v{version}",
                             challenger=version, retrain_finished=time.time())
-        client = self._job_client()
+        client = self.job_client()
         try:
             status = client.get_job_status(state.retrain_id)
         except RuntimeError:  # never submitted (a crash right after the transition): submit
@@ -334,7 +291,7 @@ class Controller:
 
     # canary and promotion ------------------------------------------------------------------------
 
-    def _serve(self):
+    def serve(self):
         from serve_apps.deploy import ServeCluster
 
         return ServeCluster(self.settings.dashboard_address)
@@ -349,7 +306,7 @@ class Controller:
             model=reference(self.model, version), fraction=policy.fraction,
             shadow=policy.shadow)
         try:
-            set_canary(self._serve(), self.model, self.registry.tracking_uri, canary)
+            set_canary(self.serve(), self.model, self.registry.tracking_uri, canary)
         except UnknownModel:
             pass  # not deployed: the canary waits for traffic (`llmops up`) or its timeout
 
@@ -383,13 +340,13 @@ class Controller:
         if self.registry.alias_version(self.model, CHALLENGER) == new:
             self.registry.set_alias(self.model, CHALLENGER, None)
         try:
-            swapped = swap(self._serve(), self.model, self.registry.tracking_uri, version=new)
+            swapped = swap(self.serve(), self.model, self.registry.tracking_uri, version=new)
             self.registry.lineage.deployed(self.registry.tracking_uri, swapped["serving"],
                                            swapped["deployments"],
                                            f"{state.trigger or 'manual'}: v{new} replaces v{old}")
         except UnknownModel:
             pass  # not deployed: the next `llmops up` serves the champion
-        distill_id = state.distill_id or self._redistill()
+        distill_id = state.distill_id or self.redistill.submit()
         return self._to(state, "serving", f"v{new} is the champion (was v{old})"
                         + (f"; re-distilling its peak fallback ({distill_id})" if distill_id
                            else ""), champion=new, challenger=None, previous_champion=old,

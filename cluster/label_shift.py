@@ -128,7 +128,7 @@ class LabelShiftSteps:
         c.registry.tag_version(c.model, version, {PRIORS_TAG: json.dumps(
             shift.priors if shift else {})})
         try:
-            set_priors(c._serve(), c.model, version, shift.weights if shift else None)
+            set_priors(c.serve(), c.model, version, shift.weights if shift else None)
         except UnknownModel:
             pass  # not deployed: nothing answers yet
 

@@ -475,7 +475,7 @@ def test_the_controller_actor_killed_mid_retrain_resumes_the_same_job(loop):
     try:
         state = control(settings, MODEL, "retrain_now")
         assert state["state"] == "retraining"
-        client = controller._job_client()
+        client = controller.job_client()
         def running() -> bool:
             try:
                 return client.get_job_status(state["retrain_id"]) == JobStatus.RUNNING
@@ -563,7 +563,7 @@ def test_a_retrain_lost_with_the_cluster_is_submitted_again_and_a_stopped_one_ab
     registry.set_alias(MODEL, CHALLENGER, None)
     _served(settings, registry, "new-product", 120, 100)
     state = controller.retrain_now()
-    client = controller._job_client()
+    client = controller.job_client()
     with pytest.raises(RuntimeError):
         client.get_job_status(state.retrain_id)  # as after a cluster restart: no such job
     assert controller.step().state == "retraining"  # submitted now
