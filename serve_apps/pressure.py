@@ -36,6 +36,9 @@ class Pressure:
     def track(self) -> Iterator[bool]:
         """Around one request: yields whether the fallback answers it."""
         self._report()
+        if self.config is None:  # nothing to switch to: nothing to measure
+            yield False
+            return
         started = self.clock()
         self.ongoing += 1
         self._update(started)
