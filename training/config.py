@@ -69,7 +69,8 @@ class DistillSpec(StrictModel):
     alpha: float = Field(0.7, ge=0, le=1, description="weight of those soft labels against the "
                          "true labels in the loss")
     margin: float = Field(0.03, ge=0, le=1, description="the fallback gate: the most the "
-                          "student may lose to the champion on each holdout and the golden set")
+                          "student may lose to the champion on the base holdout and the golden "
+                          "set")
     epochs: int = Field(3, ge=1, le=100)
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="higher than a fine-tune's: "
                                  "the cut layers and a fresh head have more to learn")
