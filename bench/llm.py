@@ -68,9 +68,9 @@ def generation(base: Path, prompts: list[str], new_tokens: int, seconds: float) 
     """Tokens/s per mode and concurrency (see the module's docstring)."""
     import asyncio
 
-    from serve_apps.config import GenerationConfig
     from serve_apps.engine import ContinuousEngine
     from serve_apps.model import LoadedModel
+    from serve_apps.model_config import GenerationConfig
     from training.pyfunc import load_hf, write_meta
     from training.refs import ModelIdentity
 

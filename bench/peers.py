@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stack import PIPELINES  # noqa: E402
 
-from serve_apps.config import GenerationConfig, ServeConfig  # noqa: E402
+from serve_apps.config import ServeConfig  # noqa: E402
+from serve_apps.model_config import GenerationConfig
 
 # the peers' replicas unpickle their classes from this module (and `stack`), by name
 IMPORTABLE = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}}

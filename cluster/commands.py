@@ -15,7 +15,7 @@ from cluster.settings import Settings, load_settings
 from training.errors import LLMOpsError
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_of(args: argparse.Namespace) -> Settings:
     overrides: dict = {}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
@@ -63,7 +63,7 @@ def cmd_data_scenarios(args) -> None:
 def cmd_train(args) -> Output:
     from training.taskdata import TaskData, build_task_data
 
-    settings = _settings(args)  # names, data and the registry are checked before the slow imports
+    settings = settings_of(args)  # names, data and the registry are checked before the slow imports
     if len(args.task) > 1 and (args.data or args.resume):
         raise LLMOpsError("--data and --resume name one task's data or run: train one task")
     configs = {task: settings.training.overridden(task, workers=args.workers,
@@ -86,7 +86,7 @@ def cmd_train(args) -> Output:
 
 
 def cmd_distill(args) -> Output:
-    settings = _settings(args)
+    settings = settings_of(args)
     config = settings.training.overridden(args.task, workers=args.workers)
     registry = _registry(settings)
     from training.distill import distill_and_register
@@ -101,7 +101,7 @@ def cmd_distill(args) -> Output:
 def cmd_tune(args) -> Output:
     from training.tune import tune_task
 
-    settings = _settings(args)
+    settings = settings_of(args)
     tune = settings.tune if args.trials is None else settings.tune.model_copy(
         update={"trials": args.trials})
     registry = _registry(settings)
@@ -115,7 +115,7 @@ def cmd_tune(args) -> Output:
 def cmd_models(args) -> Output:
     from training.registry import Registry
 
-    settings = _settings(args)  # the catalogue is read without the MLflow client where it can be
+    settings = settings_of(args)  # the catalogue is read without the MLflow client where it can be
     return Output({"models": Registry(settings.registry, settings.data_dir).models()},
                   views.models)
 
@@ -125,7 +125,7 @@ def cmd_lineage(args) -> Output:
     from training.lineage import chain
     from training.refs import model_name, pin, reference
 
-    settings = _settings(args)
+    settings = settings_of(args)
     registry = _registry(settings)
     name, _, at = args.model.removeprefix("models:/").replace("/", "@", 1).partition("@")
     if not name or not at:
@@ -145,7 +145,7 @@ def cmd_traffic(args) -> Output:
     from cluster.traffic import send, token
     from serve_apps.tls import client_context
 
-    settings = _settings(args)
+    settings = settings_of(args)
     app = getattr(settings.serve, args.app, None)
     prefix = app.route_prefix if app is not None else ""
     report = send(settings.serve.url, args.app, prefix, args.scenario, args.n, args.seed,
@@ -161,7 +161,7 @@ def cmd_traffic(args) -> Output:
 def cmd_drift_check(args) -> Output:
     from monitoring.drift import check_model
 
-    settings = _settings(args)
+    settings = settings_of(args)
     registry = _registry(settings)
     decision = check_model(settings.log_uri, registry, settings.monitoring.drift, args.model,
                            window=args.window, report_dir=settings.data_dir.resolve() / "drift")
@@ -172,7 +172,7 @@ def cmd_drift_check(args) -> Output:
 def cmd_monitor(args) -> Output | None:
     from monitoring.monitor import Monitor
 
-    settings = _settings(args)
+    settings = settings_of(args)
     monitor = Monitor(_registry(settings), settings.log_uri, settings.monitoring,
                       settings.metrics_dir)
     if args.once:
@@ -204,7 +204,7 @@ def cmd_healthcheck(args) -> Output:
     from monitoring.health import check_champions
     from monitoring.metrics import health_families, registry_of, write_textfile
 
-    settings = _settings(args)
+    settings = settings_of(args)
     if args.pushgateway:
         _answers(args.pushgateway)
     results = check_champions(_registry(settings), settings.monitoring.health, args.models or None)
@@ -228,7 +228,7 @@ def cmd_controller(args) -> Output:
     from cluster.loop import actor, control, statuses, stop
     from monitoring.singleton import NAMESPACE
 
-    settings = _settings(args)
+    settings = settings_of(args)
     models = args.models or settings.controller.models
     if args.action == "status":  # read-only: the store and the dashboard, no Ray driver
         out = statuses(settings, models, args.events)
@@ -248,84 +248,10 @@ def cmd_controller(args) -> Output:
     return Output(out, views.controllers)
 
 
-def cmd_token_create(args) -> Output:
-    from serve_apps.auth import issue, secret_path
-
-    settings = _settings(args)
-    token = issue(settings.serve.auth, settings.data_dir, tenant=args.tenant, scopes=args.scopes,
-                  subject=args.subject, ttl_s=args.ttl)
-    payload = {"token": token, "tenant": args.tenant, "scopes": args.scopes,
-               "expires_in_s": args.ttl or settings.serve.auth.default_ttl_s,
-               "secret_file": str(secret_path(settings.serve.auth, settings.data_dir))}
-    return Output(payload, lambda p: p["token"])
-
-
-def cmd_tls_dev_cert(args) -> Output:
-    from serve_apps.tls import dev_cert
-
-    settings = _settings(args)
-    out = Path(args.out) if args.out else settings.data_dir / "tls"
-    tls = dev_cert(out, args.host, args.days)
-    return Output({"tls": tls, "days": args.days}, lambda p: "\n".join(
-        ["serve:", "  tls:", *(f"    {k}: {v}" for k, v in p["tls"].items())]))
-
-
-def cmd_audit_verify(args) -> Output:
-    from monitoring.audit import anchor_path, verify
-
-    settings = _settings(args)
-    result = verify(settings.audit_dir,
-                    anchor_path(settings.audit_dir, settings.monitoring.audit)).to_dict()
-
-    return Output(result, views.audit, exit_code=0 if result["ok"] else 1)
-
-
-def _when(text: str | None):
-    """An ISO 8601 time (UTC unless it says otherwise), or None."""
-    from datetime import UTC, datetime
-
-    if text is None:
-        return None
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise LLMOpsError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-25 or "
-                          f"2026-11-25T12:00:00Z)") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def cmd_audit_export(args) -> None:
-    from monitoring.audit import export
-
-    for line in export(_settings(args).audit_dir, _when(args.since), _when(args.until)):
-        print(line)
-
-
-def cmd_audit_replay(args) -> Output:
-    from monitoring.audit import find
-    from serve_apps.portfolio import replay
-
-    settings = _settings(args)
-    record = find(settings.audit_dir, args.request_id)
-    if record is None:
-        raise LLMOpsError(f"no audit record of request {args.request_id!r} in "
-                          f"{settings.audit_dir}")
-    tools = [t for t in record.get("tools") or () if t.get("result") is not None]
-    if not tools:
-        raise LLMOpsError(f"request {args.request_id} ({record['application']}) has no tool "
-                          f"result to replay (a call handed to the client is replayed from the "
-                          f"request that returned its result)")
-    results = [replay(tool, settings.serve.advisor.portfolio) for tool in tools]
-    payload = {"request_id": args.request_id, "ts": record["ts"],
-               "models": record["models"], "match": all(r["match"] for r in results),
-               "tools": results}
-    return Output(payload, views.replay, exit_code=0 if payload["match"] else 1)
-
-
 def cmd_demo(args) -> Output:
     from cluster import demo
 
-    settings = _settings(args)
+    settings = settings_of(args)
     if not 0 < args.canary_fraction <= 1:
         raise LLMOpsError("--canary-fraction must be in (0, 1]")
     settings.controller.canary.fraction = args.canary_fraction
@@ -345,28 +271,28 @@ def manual(method: str, *args_of: str):
     def command(args) -> Output:
         from cluster.loop import control
 
-        settings = _settings(args)
+        settings = settings_of(args)
         state = control(settings, args.model, method, *(getattr(args, a) for a in args_of))
         return Output(state, views.state)
     return command
 
 
 def cmd_up(args) -> Output:
-    return Output(platform.up(_settings(args), args.timeout), views.status)
+    return Output(platform.up(settings_of(args), args.timeout), views.status)
 
 
 def cmd_status(args) -> Output:
-    return Output(platform.status(_settings(args)), views.status)
+    return Output(platform.status(settings_of(args)), views.status)
 
 
 def cmd_down(args) -> Output:
-    return Output(platform.down(_settings(args)), views.down)
+    return Output(platform.down(settings_of(args)), views.down)
 
 
 def cmd_swap(args) -> Output:
     from serve_apps.deploy import swap
 
-    settings = _settings(args)
+    settings = settings_of(args)
     registry = _registry(settings)
     result = swap(platform.serve_cluster(settings), args.model, registry.tracking_uri,
                   version=args.version, alias=args.alias)
@@ -378,11 +304,11 @@ def cmd_swap(args) -> Output:
 def cmd_canary(args) -> Output:
     from pydantic import ValidationError
 
-    from serve_apps.config import CanaryConfig
     from serve_apps.deploy import set_canary
+    from serve_apps.model_config import CanaryConfig
     from training.refs import reference
 
-    settings = _settings(args)
+    settings = settings_of(args)
     registry = _registry(settings)
     canary = None
     if not args.off:
@@ -401,7 +327,7 @@ def cmd_canary(args) -> Output:
 def cmd_serve_config(args) -> None:
     import yaml
 
-    settings = _settings(args)
+    settings = settings_of(args)
     registry = _registry(settings)
     try:  # `auto` is read as `llmops up` reads it: the running cluster's GPUs
         gpus = runtime.cluster_gpus(settings.ray.address) if settings.serve.use_gpu == "auto" else 0
@@ -413,7 +339,7 @@ def cmd_serve_config(args) -> None:
 def cmd_cluster_check(args) -> Output:
     from cluster.capacity import check, load_cluster_config
 
-    settings = _settings(args)
+    settings = settings_of(args)
     rows = check(settings, load_cluster_config(args.cluster_config))
 
     return Output({"cluster_config": args.cluster_config, "requests": rows}, views.capacity)

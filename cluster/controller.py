@@ -18,25 +18,22 @@ step it was in.
 from __future__ import annotations
 
 import logging
-import sys
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from cluster.canary import canary_verdict
 from cluster.label_shift import LabelShiftSteps
 from cluster.redistill import RedistillSteps
+from cluster.retrain import RetrainSteps
 from cluster.settings import CanaryPolicy, Settings
 from cluster.state import BUSY, TRANSITIONS, ControllerState, StateStore, export
-from training import lineage
 from training.errors import LLMOpsError
-from training.refs import RETRAIN_TAG, reference
-from training.registry import CHALLENGER, CHAMPION, GOLDEN_FILE, REFERENCE_FILE, Registry
+from training.refs import reference
+from training.registry import CHALLENGER, CHAMPION, Registry
 
 log = logging.getLogger(__name__)
 DAY_S = 86400.0
@@ -60,6 +57,7 @@ class Controller:
         self.work = Path(settings.data_dir).resolve() / "retrain"
         self.label_shift = LabelShiftSteps(self)
         self.redistill = RedistillSteps(self)
+        self.retrain = RetrainSteps(self)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -109,8 +107,8 @@ class Controller:
         """What the current state does: look, and make at most one transition."""
         handlers: dict[str, Callable[[ControllerState], ControllerState]] = {
             "serving": self._serving, "drift_suspected": self._drift_suspected,
-            "reweighted": self.label_shift.confirm, "retraining": self._retraining,
-            "evaluating": self._evaluating, "canary": self._canary, "promoting": self._promoting,
+            "reweighted": self.label_shift.confirm, "retraining": self.retrain.follow,
+            "evaluating": self.retrain.evaluate, "canary": self._canary, "promoting": self._promoting,
             "rejected": self._rejected, "rolled_back": self._rolled_back}
         state = self.state()
         state = handlers[state.state](state)
@@ -149,7 +147,7 @@ class Controller:
         if state.retrain_finished and now - state.retrain_finished < cfg.cooldown_s:
             until = time.localtime(state.retrain_finished + cfg.cooldown_s)
             return self._hold(state, f"cooldown until {time.strftime('%H:%M:%S', until)}")
-        return self._start_retrain(state, "drift")
+        return self.retrain.start(state, "drift")
 
     def _hold(self, state: ControllerState, why: str) -> ControllerState:
         """Stay, saying why (saved once, not an event per step)."""
@@ -158,41 +156,7 @@ class Controller:
             self.store.save(state)
         return state
 
-    def _start_retrain(self, state: ControllerState, trigger: str) -> ControllerState:
-        """Assemble the training set, then hand over to `retraining` (which submits the job)."""
-        from monitoring.log import FEEDBACK, read, with_feedback
-        from training.errors import InvalidData
-        from training.retrain import retraining_data
-
-        champion = self.registry.alias_version(self.model, CHAMPION)
-        # the champion's own traffic: what earlier champions were retrained on is in the replay
-        since = None if state.serving_since is None else datetime.fromtimestamp(
-            state.serving_since, UTC)
-        recent = with_feedback(read(self.settings.log_uri, model=self.model, outcome="ok",
-                                    since=since, last=self.settings.controller.recent_rows),
-                               read(self.settings.log_uri, FEEDBACK))
-        try:
-            data = retraining_data(recent, self.registry.run_data(self.model, champion,
-                                                                  REFERENCE_FILE),
-                                   self.registry.run_data(self.model, champion, GOLDEN_FILE),
-                                   self.settings.training.retrain, self.settings.training.seed)
-        except InvalidData as exc:
-            return self._hold(state, str(exc))
-        retrain_id = f"retrain-{self.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        data.sources = self._sources(recent, champion)
-        data.save(self.work / retrain_id / "data")
-        self.registry.lineage.emit("START", *lineage.retrain_run(self.model, retrain_id),
-                                   data.sources, description=f"{trigger}: retrain {self.model}")
-        shift = data.notes.get("concept_shift")
-        return self._to(state, "retraining",
-                        f"{trigger}: fine-tune on {len(data.train)} rows "
-                        f"({len(data.holdouts['recent'])} recent labelled held out)"
-                        + (f"; concept shift, feedback contradicts: {shift}" if shift else ""),
-                        trigger=trigger, champion=champion, challenger=None,
-                        retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
-                        detail={k: v for k, v in data.notes.items() if k == "contradictions"})
-
-    # retraining: the fine-tune runs as a Ray job named by the retrain id --------------------------
+    # the loop's Ray jobs (`cluster/retrain.py`, `cluster/redistill.py`) ----------------------------
 
     def job_client(self):
         from ray.job_submission import JobSubmissionClient
@@ -219,76 +183,6 @@ class Controller:
         (folder / "llmops.yaml").write_text(yaml.safe_dump(settings.model_dump(mode="json")))
         return folder / "llmops.yaml"
 
-    def _submit(self, state: ControllerState) -> None:
-        folder = self.work / state.retrain_id
-        # fine-tune the champion's weights, not a fresh model
-        config = self.job_settings(folder, reference(self.model, state.champion))
-        # (no runtime_env: the command sets the platform's environment for its own driver)
-        self.job_client().submit_job(
-            submission_id=state.retrain_id,
-            entrypoint=(f"{sys.executable} -m cluster.cli train {self.model} --data "
-                        f"{folder / 'data'} --config {config} "
-                        f"--tag {RETRAIN_TAG}={state.retrain_id} --json"))
-
-    def _retraining(self, state: ControllerState) -> ControllerState:
-        from ray.job_submission import JobStatus
-
-        version = self.registry.find_version(self.model, RETRAIN_TAG, state.retrain_id)
-        run = lineage.retrain_run(self.model, state.retrain_id)
-        if version is not None:
-            self.registry.lineage.emit("COMPLETE", *run, outputs=[lineage.model_version(
-                self.registry.tracking_uri, self.model, version)])
-            return self._to(state, "evaluating", f"the retrain registered v{version}",
-                            challenger=version, retrain_finished=time.time())
-        client = self.job_client()
-        try:
-            status = client.get_job_status(state.retrain_id)
-        except RuntimeError:  # never submitted (a crash right after the transition): submit
-            self._submit(state)
-            return state
-        if status in (JobStatus.FAILED, JobStatus.STOPPED):
-            tail = client.get_job_logs(state.retrain_id).strip().splitlines()[-1:] or [""]
-            reason = f"the retrain job {status.value.lower()}: {tail[0][:300]}"
-        elif status == JobStatus.SUCCEEDED:  # succeeded, yet no version: registration failed
-            reason = "the retrain job ended without a new version"
-        else:
-            return state
-        self.registry.lineage.emit("FAIL", *run, error=reason)
-        return self._to(state, "rejected", reason, retrain_finished=time.time())
-
-    def _sources(self, recent: pd.DataFrame, champion: int) -> list[lineage.Dataset]:
-        """What a retrain reads: the champion's labelled traffic, the replay of its training
-        data and its golden set (the registry's copies)."""
-        uri = self.registry.tracking_uri
-        return [lineage.inference_log(self.settings.log_uri, self.model, len(recent),
-                                      "recent answers and their feedback labels"),
-                *(lineage.Dataset(uri, f"models:/{self.model}/{champion}/data/{file}",
-                                  description=role)
-                  for file, role in ((REFERENCE_FILE, "replay"), (GOLDEN_FILE, "golden set")))]
-
-    def _evaluating(self, state: ControllerState) -> ControllerState:
-        from training.retrain import evaluate_pair
-        from training.taskdata import TaskData
-
-        holdouts = TaskData.load(self.work / state.retrain_id / "data").holdouts
-        gate = self.settings.training.gate
-        result = evaluate_pair(self.registry.load_model(self.model, state.champion),
-                               self.registry.load_model(self.model, state.challenger),
-                               holdouts, gate)
-        self.registry.tag_version(self.model, state.challenger, {
-            "llmops.gate": "accepted" if result.promote else "rejected",
-            "llmops.gate.reason": result.reason,
-            **{f"llmops.gate.{who}.{h}": str(v) for who, scores in
-               (("champion", result.champion), ("challenger", result.challenger))
-               for h, v in scores.items()}})
-        if not result.promote:
-            return self._to(state, "rejected", "gate: " + result.reason, detail={
-                "gate": result.to_dict()})
-        policy = self.settings.controller.canary
-        self._set_canary(state.challenger, policy)
-        return self._to(state, "canary", "gate: " + result.reason, canary_started=time.time(),
-                        detail={"gate": result.to_dict()})
-
     # canary and promotion ------------------------------------------------------------------------
 
     def serve(self):
@@ -298,8 +192,8 @@ class Controller:
 
     def _set_canary(self, version: int | None, policy: CanaryPolicy | None = None) -> None:
         """Serve `version` beside the champion (None ends any canary). Idempotent."""
-        from serve_apps.config import CanaryConfig
         from serve_apps.deploy import set_canary
+        from serve_apps.model_config import CanaryConfig
         from training.refs import UnknownModel
 
         canary = None if version is None else CanaryConfig(
@@ -374,7 +268,7 @@ class Controller:
             raise Refused(f"{self.model} is {state.state} (since "
                           f"{time.strftime('%H:%M:%S', time.localtime(state.since))}); "
                           f"wait for it to finish")
-        new = self._start_retrain(state, "manual")
+        new = self.retrain.start(state, "manual")
         if new.state != "retraining":
             raise Refused(f"cannot retrain {self.model}: {new.detail.get('waiting')}")
         return new

@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from monitoring.config import MonitoringConfig
-from serve_apps.config import CanaryConfig, ServeConfig
+from serve_apps.config import ServeConfig
+from serve_apps.model_config import CanaryConfig
 from training.config import RegistryConfig, TrainingConfig, TuneConfig
 from training.errors import LLMOpsError
 

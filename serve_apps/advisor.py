@@ -33,8 +33,7 @@ from monitoring.batching import unwrap
 from serve_apps import dialogue
 from serve_apps.auth import Principal
 from serve_apps.call import Answer, Call, Caller
-from serve_apps.config import AdvisorAppConfig, LimitsConfig
-from serve_apps.deployments import Item, set_batching
+from serve_apps.config import AdvisorAppConfig
 from serve_apps.http import (
     InvalidRequest,
     StageModel,
@@ -44,14 +43,12 @@ from serve_apps.http import (
     parse,
     served_by,
 )
-from serve_apps.inference_log import InferenceLog
 from serve_apps.openai_schema import Message, ToolChoice, last_user_message
 from serve_apps.openai_schema import Tool as ToolSpec
-from serve_apps.policies import chain
+from serve_apps.pipeline import Pipeline
 from serve_apps.portfolio import SimulationRequest, digest, request_of, simulate
-from serve_apps.pressure import Pressure
 from serve_apps.quoting import QUOTED, check
-from serve_apps.stages import Stages
+from serve_apps.slot import Item
 from training.refs import UnknownModel
 
 MODEL_ID = "advisor"  # the one model name the OpenAI route serves
@@ -138,26 +135,18 @@ def _tool_results(messages: list[Message]) -> tuple[dict, dict] | None:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=64)
 @serve.ingress(app)
-class AdvisorPipeline:
+class AdvisorPipeline(Pipeline):
+    application, settings = "advisor", AdvisorAppConfig
+
     def __init__(self, classifier: DeploymentHandle | None, config: dict, limits: dict,
                  tracking_uri: str | None, log: dict | None = None,
                  governance: dict | None = None):
-        self.stages = Stages({"Classifier": classifier}, tracking_uri)
-        self.classifier = self.stages["Classifier"]
-        self.config = AdvisorAppConfig.model_validate(config)
-        self.limits = LimitsConfig.model_validate(limits)
-        self.log = InferenceLog("advisor", log)
-        self.policies = chain("advisor", self.config.policies, self.config.guardrails,
-                              governance)
-        app.state.edge = self.policies.edge(self.limits)
+        super().__init__(app, {"Classifier": classifier}, config, limits, tracking_uri, log,
+                         governance)
         self.digest = digest(self.config.portfolio)
         self.fixed = dialogue.fixed_text(self.config)
         self.created = int(time.time())
-        self.pressure = Pressure(self.config.classifier.fallback)
-        set_batching(self._classify, **self.config.classifier.batching.model_dump())
-
-    async def reconfigure(self, user_config: dict) -> None:
-        await self.stages.reconfigure(user_config)
+        self.batch_classifier(self._classify)
 
     @app.post("/chat")
     async def http_chat(self, body: AdviceRequest, request: Request) -> dict:
@@ -184,22 +173,20 @@ class AdvisorPipeline:
 
     async def chat(self, request: AdviceRequest | dict, correlation_id: str | None = None,
                    principal: Principal | dict | None = None) -> dict:
-        caller = Caller(correlation_id, principal)
-        return await self.policies.admit("chat", request, caller,
-                                         lambda: self._chat(request, caller))
+        return await self.admit("chat", request, correlation_id, principal,
+                                lambda caller: self._chat(request, caller))
 
     async def complete(self, request: ToolChatRequest | dict, correlation_id: str | None = None,
                        principal: Principal | dict | None = None) -> dict:
-        caller = Caller(correlation_id, principal)
-        return await self.policies.admit("complete", request, caller, lambda: self._complete(
-            parse(ToolChatRequest, request), caller))
+        return await self.admit("complete", request, correlation_id, principal,
+                                lambda caller: self._complete(parse(ToolChatRequest, request),
+                                                              caller))
 
     async def simulate(self, request: SimulationRequest | dict,
                        correlation_id: str | None = None,
                        principal: Principal | dict | None = None) -> dict:
-        caller = Caller(correlation_id, principal)
-        return await self.policies.admit("simulate", request, caller,
-                                         lambda: self._simulate(request, caller))
+        return await self.admit("simulate", request, correlation_id, principal,
+                                lambda caller: self._simulate(request, caller))
 
     async def _chat(self, request: AdviceRequest | dict, caller: Caller) -> dict:
         question = check_texts([parse(AdviceRequest, request).message], self.limits)[0]
@@ -286,10 +273,6 @@ class AdvisorPipeline:
         return Answer([text], [models], verdict["tokens"] if verdict else 0,
                       fallback is not None, payload, tools, fallback)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
-    async def _classify(self, items: list[Item]) -> list[dict | Exception]:
-        return await self.classifier.predict_many.remote(items)
-
     async def _simulate(self, request: SimulationRequest | dict, caller: Caller) -> dict:
         body = request_of(request, self.config.portfolio)
 
@@ -303,12 +286,4 @@ class AdvisorPipeline:
             "advise", [f"simulate {holdings} over {body.horizon_years} years"], caller, run)
         return {"request_id": call.request_id, **answer.payload,
                 "disclaimer": self.config.disclaimer}
-
-    @app.get("/healthz")
-    async def healthz(self) -> dict:
-        """Liveness, without authentication (for load balancers)."""
-        return {"status": "ok"}
-
-    async def __del__(self) -> None:
-        await self.log.close()
 

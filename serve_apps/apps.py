@@ -21,11 +21,11 @@ from serve_apps.config import (
     AdvisorAppConfig,
     ChatAppConfig,
     FeedbackAppConfig,
-    ModelDeploymentConfig,
     ModerationAppConfig,
     OverloadConfig,
     SupportAppConfig,
 )
+from serve_apps.model_config import ModelDeploymentConfig
 from training.refs import pin
 
 

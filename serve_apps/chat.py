@@ -22,12 +22,10 @@ from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable, callers_fault
 from serve_apps.call import Answer, Call, Caller, estimate_tokens
-from serve_apps.config import ChatAppConfig, LimitsConfig
+from serve_apps.config import ChatAppConfig
 from serve_apps.http import create_app, parse
-from serve_apps.inference_log import InferenceLog
 from serve_apps.openai_schema import Message, last_user_message
-from serve_apps.policies import chain
-from serve_apps.stages import Stages
+from serve_apps.pipeline import Pipeline
 from training.features import descriptors
 from training.refs import UnknownModel, reference
 
@@ -70,23 +68,18 @@ app = create_app("llmops chat", "OpenAI-compatible chat completions over registe
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
-class ChatPipeline:
+class ChatPipeline(Pipeline):
+    application, settings = "chat", ChatAppConfig
+
     def __init__(self, generator: DeploymentHandle | None, config: dict, limits: dict,
                  tracking_uri: str | None, log: dict | None = None,
                  governance: dict | None = None):
-        self.stages = Stages({"Generator": generator}, tracking_uri)
+        super().__init__(app, {"Generator": generator}, config, limits, tracking_uri, log,
+                         governance)
         self.generator = self.stages["Generator"]
-        self.config = ChatAppConfig.model_validate(config)
-        self.limits = LimitsConfig.model_validate(limits)
-        self.log = InferenceLog("chat", log)
-        self.policies = chain("chat", self.config.policies, self.config.guardrails, governance)
         self.breaker = CircuitBreaker(self.config.breaker)
-        app.state.edge = self.policies.edge(self.limits)
         self.created = int(time.time())
         self.roots: dict[str, str] = {}  # adapter name -> its exact version, as last listed
-
-    async def reconfigure(self, user_config: dict) -> None:
-        await self.stages.reconfigure(user_config)
 
     @app.get("/models")
     async def http_models(self, request: Request) -> dict:
@@ -145,9 +138,9 @@ class ChatPipeline:
     async def complete(self, request: ChatRequest | dict, correlation_id: str | None = None,
                        principal: Principal | dict | None = None) -> dict:
         """A `chat.completion` object, with the exact model version under `llmops`."""
-        caller = Caller(correlation_id, principal)
-        out, _ = await self.policies.admit("complete", request, caller, lambda: self._complete(
-            parse(ChatRequest, request), caller))
+        out, _ = await self.admit("complete", request, correlation_id, principal,
+                                  lambda caller: self._complete(parse(ChatRequest, request),
+                                                                caller))
         return out
 
     async def _complete(self, request: ChatRequest, caller: Caller) -> tuple[dict, Call]:
@@ -201,13 +194,11 @@ class ChatPipeline:
     async def stream(self, request: ChatRequest | dict, correlation_id: str | None = None,
                      principal: Principal | dict | None = None) -> AsyncIterator[dict]:
         """`chat.completion.chunk` objects: the role, the content piece by piece, the finish."""
-        caller = Caller(correlation_id, principal)
-
-        async def enter() -> tuple[ChatRequest, Call]:
+        async def enter(caller: Caller) -> tuple[ChatRequest, Call]:
             parsed = parse(ChatRequest, request)
             return parsed, await self._enter(parsed, caller)
 
-        request, call = await self.policies.admit("stream", request, caller, enter)
+        request, call = await self.admit("stream", request, correlation_id, principal, enter)
         async for chunk in self._chunks(call, request):
             yield chunk
 
@@ -270,7 +261,3 @@ class ChatPipeline:
         stages = {"generator": out["model"]} if out.get("model") else {}  # none: the fallback
         await self.log.record(call.request_id, [text], [decision], [stages], call.started,
                               tenant=call.principal.tenant)
-
-    async def __del__(self) -> None:
-        """Serve calls this on a graceful shutdown: nothing buffered is lost."""
-        await self.log.close()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from serve_apps.config import CanaryConfig, ServeConfig
+from serve_apps.config import ServeConfig
+from serve_apps.model_config import CanaryConfig
 from training.errors import LLMOpsError
 from training.refs import UnknownModel, model_name, pin, reference, resolve
 

@@ -21,8 +21,8 @@ import itertools
 import math
 from collections.abc import AsyncIterator, Sequence
 
-from serve_apps.config import GenerationConfig
 from serve_apps.model import StopTrimmer, finished
+from serve_apps.model_config import GenerationConfig
 
 PAGE = 256  # tokens per KV cache page
 

@@ -20,9 +20,9 @@ from monitoring.feedback import Label, feedback_rows, pending
 from monitoring.log import FEEDBACK, SegmentWriter, now
 from serve_apps.auth import Principal
 from serve_apps.call import Answer, Caller
-from serve_apps.config import FeedbackAppConfig, LimitsConfig
+from serve_apps.config import FeedbackAppConfig
 from serve_apps.http import InvalidRequest, create_app, parse
-from serve_apps.policies import chain
+from serve_apps.pipeline import Pipeline
 
 
 class FeedbackRequest(BaseModel):
@@ -84,16 +84,16 @@ app = create_app("llmops feedback", "Ground-truth labels for logged requests.")
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64)
 @serve.ingress(app)
-class FeedbackService:
+class FeedbackService(Pipeline):
+    """No model stages and no inference log of its own: it writes labels to the feedback log."""
+
+    application, settings = "feedback", FeedbackAppConfig
+
     def __init__(self, log: dict, tracking_uri: str | None, config: dict | None = None,
                  governance: dict | None = None):
+        super().__init__(app, {}, config, None, tracking_uri, None, governance)
         self.uri = log["uri"]
         self.writer = SegmentWriter.from_settings(log, FEEDBACK)
-        self.tracking_uri = tracking_uri
-        cfg = FeedbackAppConfig.model_validate(config or {})
-        self.queue = cfg.queue
-        self.policies = chain("feedback", cfg.policies, cfg.guardrails, governance)
-        app.state.edge = self.policies.edge(LimitsConfig())
 
     @app.post("/", response_model=FeedbackReceipt, status_code=201)
     async def http_submit(self, body: FeedbackRequest, request: Request) -> FeedbackReceipt:
@@ -107,18 +107,17 @@ class FeedbackService:
 
     async def pending(self, request: PendingRequest | dict, correlation_id: str | None = None,
                       principal: Principal | dict | None = None) -> list[dict]:
-        caller = Caller(correlation_id, principal)
-        return await self.policies.admit("pending", request, caller,
-                                         lambda: self._pending(request, caller))
+        return await self.admit("pending", request, correlation_id, principal,
+                                lambda caller: self._pending(request, caller))
 
     async def _pending(self, request: PendingRequest | dict, caller: Caller) -> list[dict]:
         body = parse(PendingRequest, request)
-        if body.limit > self.queue.max_limit:
-            raise InvalidRequest(f"limit is at most {self.queue.max_limit}, got {body.limit}")
+        if body.limit > self.config.queue.max_limit:
+            raise InvalidRequest(f"limit is at most {self.config.queue.max_limit}, got {body.limit}")
 
         async def page(call) -> Answer:
             items = await asyncio.to_thread(pending, self.uri, call.principal.tenant,
-                                            body.limit, self.queue, body.model, body.since)
+                                            body.limit, self.config.queue, body.model, body.since)
             return Answer([f"{len(items)} pending"], [{}], payload=items)
 
         _, answer = await self.policies.apply(
@@ -127,9 +126,8 @@ class FeedbackService:
 
     async def submit(self, request: FeedbackRequest | dict, correlation_id: str | None = None,
                      principal: Principal | dict | None = None) -> FeedbackReceipt:
-        caller = Caller(correlation_id, principal)
-        return await self.policies.admit("submit", request, caller,
-                                         lambda: self._submit(request, caller))
+        return await self.admit("submit", request, correlation_id, principal,
+                                lambda caller: self._submit(request, caller))
 
     async def _submit(self, request: FeedbackRequest | dict, caller: Caller) -> FeedbackReceipt:
         body = parse(FeedbackRequest, request)
@@ -154,5 +152,4 @@ class FeedbackService:
         return checked
 
     async def __del__(self) -> None:
-        """Serve calls this on a graceful shutdown: nothing buffered is lost."""
         await self.writer.close()

@@ -302,7 +302,8 @@ class Edge:
 
 
 def create_app(title: str, description: str) -> FastAPI:
-    """A FastAPI app with the platform's request id, edge limits and error handling."""
+    """A FastAPI app with the platform's request id, edge limits, error handling and
+    `GET /healthz`."""
     app = FastAPI(title=title, description=description, version="1")
 
     app.add_middleware(Edge)  # before the body and the token
@@ -336,6 +337,11 @@ def create_app(title: str, description: str) -> FastAPI:
         return problem(500, "Internal Server Error",
                        "the request failed inside the platform; quote the request id",
                        _rid(request))
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness, without authentication (for load balancers)."""
+        return {"status": "ok"}
 
     return app
 

@@ -16,22 +16,18 @@ from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker
 from serve_apps.call import Answer, Call, Caller
-from serve_apps.config import LimitsConfig, ModerationAppConfig
-from serve_apps.deployments import Item, set_batching
+from serve_apps.config import ModerationAppConfig
 from serve_apps.http import (
     GuardrailFinding,
     StageModel,
     TextsRequest,
     check_label,
     create_app,
-    request_texts,
     served_by,
 )
-from serve_apps.inference_log import InferenceLog
 from serve_apps.pii import redact
-from serve_apps.policies import chain
-from serve_apps.pressure import Pressure
-from serve_apps.stages import Stages
+from serve_apps.pipeline import Pipeline
+from serve_apps.slot import Item
 
 
 class Moderation(BaseModel):
@@ -67,24 +63,17 @@ app = create_app("llmops moderation", "Classify posts; rewrite toxic ones; redac
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
-class ModerationPipeline:
+class ModerationPipeline(Pipeline):
+    application, settings = "moderation", ModerationAppConfig
+
     def __init__(self, classifier: DeploymentHandle | None, generator: DeploymentHandle | None,
                  config: dict, limits: dict, tracking_uri: str | None, log: dict | None = None,
                  governance: dict | None = None):
-        self.stages = Stages({"Classifier": classifier, "Generator": generator}, tracking_uri)
-        self.classifier, self.generator = self.stages["Classifier"], self.stages["Generator"]
-        self.config = ModerationAppConfig.model_validate(config)
-        self.limits = LimitsConfig.model_validate(limits)
-        self.log = InferenceLog("moderation", log)
-        self.policies = chain("moderation", self.config.policies, self.config.guardrails,
-                              governance)
-        app.state.edge = self.policies.edge(self.limits)
+        super().__init__(app, {"Classifier": classifier, "Generator": generator}, config,
+                         limits, tracking_uri, log, governance)
+        self.generator = self.stages["Generator"]
         self.breaker = CircuitBreaker(self.config.breaker)
-        self.pressure = Pressure(self.config.classifier.fallback)
-        set_batching(self._classify, **self.config.classifier.batching.model_dump())
-
-    async def reconfigure(self, user_config: dict) -> None:
-        await self.stages.reconfigure(user_config)
+        self.batch_classifier(self._classify)
 
     @app.post("/", response_model=ModerateResponse)
     async def http_moderate(self, body: TextsRequest, request: Request,
@@ -94,15 +83,12 @@ class ModerationPipeline:
     async def moderate(self, request: TextsRequest | dict, correlation_id: str | None = None,
                        principal: Principal | dict | None = None) -> ModerateResponse:
         """Moderate every text of the request; the same for HTTP and handle callers."""
-        caller = Caller(correlation_id, principal)
-        return await self.policies.admit("moderate", request, caller,
-                                         lambda: self._moderate(request, caller))
+        return await self.admit("moderate", request, correlation_id, principal,
+                                lambda caller: self._moderate(request, caller))
 
     async def _moderate(self, request: TextsRequest | dict, caller: Caller,
                         response: Response | None = None) -> ModerateResponse:
-        call, answer = await self.policies.apply(
-            "moderate", request_texts(request, self.limits), caller, self._work,
-            self.config.generator.generation_config.max_new_tokens, response)
+        call, answer = await self.apply_texts("moderate", request, caller, response)
         results = [r.model_copy(update={"safe_text": out})
                    for r, out in zip(answer.payload, answer.outputs)]
         return ModerateResponse(results=results, **call.summary(answer.degraded,
@@ -127,12 +113,6 @@ class ModerationPipeline:
                       sum(v["tokens"] for v in verdicts) + sum(n for _, n, _ in finished),
                       any(d for _, _, d in finished) or fallback is not None, results,
                       served_by=fallback)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
-    async def _classify(self, items: list[Item]) -> list[dict | Exception]:
-        """Texts of concurrent requests go to the classifier in one call, not one call each
-        (an item that failed gets its own exception)."""
-        return await self.classifier.predict_many.remote(items)
 
     async def _rewrite(self, text: str, rid: str) -> dict | None:
         """The generator's safe version of `text`; None when it failed or its breaker is open
@@ -182,12 +162,3 @@ class ModerationPipeline:
         """What a label calls for: block, rewrite, or show (redacted where needed)."""
         return ("block" if label in self.config.block_labels else
                 "rewrite" if label in self.config.rewrite_labels else "show")
-
-    @app.get("/healthz")
-    async def healthz(self) -> dict:
-        """Liveness, without authentication (for load balancers)."""
-        return {"status": "ok"}
-
-    async def __del__(self) -> None:
-        """Serve calls this on a graceful shutdown: nothing buffered is lost."""
-        await self.log.close()

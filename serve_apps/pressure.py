@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from serve_apps import metrics
-from serve_apps.config import PeakFallbackConfig
+from serve_apps.model_config import PeakFallbackConfig
 
 
 class Pressure:

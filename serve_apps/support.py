@@ -23,21 +23,17 @@ from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker
 from serve_apps.call import Answer, Call, Caller
-from serve_apps.config import LimitsConfig, SupportAppConfig
-from serve_apps.deployments import Item, set_batching
+from serve_apps.config import SupportAppConfig
 from serve_apps.http import (
     GuardrailFinding,
     StageModel,
     TextsRequest,
     check_label,
     create_app,
-    request_texts,
     served_by,
 )
-from serve_apps.inference_log import InferenceLog
-from serve_apps.policies import chain
-from serve_apps.pressure import Pressure
-from serve_apps.stages import Stages
+from serve_apps.pipeline import Pipeline
+from serve_apps.slot import Item
 from training.data.support import RESOLUTIONS
 
 
@@ -93,30 +89,23 @@ app = create_app("llmops support", "Route support tickets to a queue and suggest
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
-class SupportPipeline:
+class SupportPipeline(Pipeline):
+    application, settings = "support", SupportAppConfig
+
     def __init__(self, classifier: DeploymentHandle | None, encoder: DeploymentHandle | None,
                  generator: DeploymentHandle | None, config: dict, limits: dict,
                  tracking_uri: str | None, log: dict | None = None,
                  governance: dict | None = None):
-        self.stages = Stages({"Classifier": classifier, "Encoder": encoder,
-                              "Generator": generator}, tracking_uri)
+        super().__init__(app, {"Classifier": classifier, "Encoder": encoder,
+                               "Generator": generator}, config, limits, tracking_uri, log,
+                         governance)
         self.classifier, self.encoder, self.generator = (
             self.stages["Classifier"], self.stages["Encoder"], self.stages["Generator"])
-        self.config = SupportAppConfig.model_validate(config)
-        self.limits = LimitsConfig.model_validate(limits)
-        self.tracking_uri = tracking_uri
-        self.log = InferenceLog("support", log)
-        self.policies = chain("support", self.config.policies, self.config.guardrails, governance)
-        app.state.edge = self.policies.edge(self.limits)
         self.breaker = CircuitBreaker(self.config.breaker)
-        self.pressure = Pressure(self.config.classifier.fallback)
-        set_batching(self._route_and_reply, **self.config.classifier.batching.model_dump())
+        self.batch_classifier(self._route_and_reply)
         self._examples: pd.DataFrame | None = None
         self._matrix: np.ndarray | None = None
         self._lock = asyncio.Lock()
-
-    async def reconfigure(self, user_config: dict) -> None:
-        await self.stages.reconfigure(user_config)
 
     @app.post("/route", response_model=RouteResponse)
     async def http_route(self, body: TextsRequest, request: Request,
@@ -126,15 +115,12 @@ class SupportPipeline:
     async def route(self, request: TextsRequest | dict, correlation_id: str | None = None,
                     principal: Principal | dict | None = None) -> RouteResponse:
         """Route every text of the request; the same for HTTP and handle callers."""
-        caller = Caller(correlation_id, principal)
-        return await self.policies.admit("route", request, caller,
-                                         lambda: self._route(request, caller))
+        return await self.admit("route", request, correlation_id, principal,
+                                lambda caller: self._route(request, caller))
 
     async def _route(self, request: TextsRequest | dict, caller: Caller,
                      response: Response | None = None) -> RouteResponse:
-        call, answer = await self.policies.apply(
-            "support", request_texts(request, self.limits), caller, self._work,
-            self.config.generator.generation_config.max_new_tokens, response)
+        call, answer = await self.apply_texts("support", request, caller, response)
         results = [r.model_copy(update={"suggestion": r.suggestion.model_copy(
             update={"reply": out})}) for r, out in zip(answer.payload, answer.outputs)]
         return RouteResponse(results=results, **call.summary(answer.degraded, answer.served_by))
@@ -246,12 +232,3 @@ class SupportPipeline:
                                              for t in examples.text))
             self._examples = examples
             self._matrix = np.stack([v["embedding"] for v in vectors])
-
-    @app.get("/healthz")
-    async def healthz(self) -> dict:
-        """Liveness, without authentication (for load balancers)."""
-        return {"status": "ok"}
-
-    async def __del__(self) -> None:
-        """Serve calls this on a graceful shutdown: nothing buffered is lost."""
-        await self.log.close()

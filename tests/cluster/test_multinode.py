@@ -241,7 +241,7 @@ def test_fake_autoscaler_launches_gpu_nodes_on_demand_and_removes_idle_ones(priv
     from ray import serve
 
     from serve_apps.apps import actor_resources
-    from serve_apps.config import ModelDeploymentConfig
+    from serve_apps.model_config import ModelDeploymentConfig
     from training.config import TrainingConfig
 
     config = fake_autoscaling_config(load_cluster_config(ROOT / "cluster.yaml"), free_port(),

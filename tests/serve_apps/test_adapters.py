@@ -246,8 +246,8 @@ def test_an_adapter_of_another_base_is_refused_and_nothing_changes(served):
         swap(served.cluster, "rewriter", served.registry.tracking_uri, version=2)
     assert served.cluster.deployed_config() == before
     with pytest.raises(LLMOpsError, match="canaries of adapters are not supported"):
-        from serve_apps.config import CanaryConfig
         from serve_apps.deploy import set_canary
+        from serve_apps.model_config import CanaryConfig
 
         set_canary(served.cluster, "rewriter-a", served.registry.tracking_uri,
                    CanaryConfig(model=reference("rewriter-a", a1)))

@@ -137,6 +137,8 @@ def test_the_advise_scope_guards_it_and_handles_state_their_principal(advisor):
     assert r.status_code == 403 and "advise" in r.json()["detail"]
     assert httpx.post(f"{advisor.url}/v1/advisor/simulate", json=REQUEST,
                       timeout=60).status_code == 401
+    # its probe needs no token, as every application's does
+    assert httpx.get(f"{advisor.url}/v1/advisor/healthz", timeout=30).json() == {"status": "ok"}
     handle = serve.get_app_handle("advisor")
     principal = {"subject": "batch", "tenant": "advisory", "scopes": ["advise"]}
     out = handle.simulate.remote({**REQUEST, "paths": 2000}, None, principal).result(

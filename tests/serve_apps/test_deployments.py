@@ -9,9 +9,9 @@ import time
 import pytest
 
 from monitoring.batching import unwrap
-from serve_apps.deployments import Item, ModelSlot, Variants
 from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel
+from serve_apps.slot import Item, ModelSlot, Variants
 from training.refs import ModelIdentity
 
 
@@ -49,7 +49,7 @@ def test_a_failing_shadow_never_fails_the_answer():
             raise RuntimeError("the challenger broke")
         return [{"label": "ok"} for _ in items]
 
-    from serve_apps.config import CanaryConfig
+    from serve_apps.model_config import CanaryConfig
 
     canary = CanaryConfig(model="models:/m/2", fraction=1.0, shadow=True)
     slot = ModelSlot(None, Variants(_model("1"), _model("2"), canary))
@@ -58,7 +58,7 @@ def test_a_failing_shadow_never_fails_the_answer():
 
 
 def test_at_a_peak_the_fallback_answers_every_item_canary_or_not():
-    from serve_apps.config import CanaryConfig
+    from serve_apps.model_config import CanaryConfig
 
     def run(model, items, params):
         return [{"label": model.identity.version} for _ in items]
@@ -255,8 +255,8 @@ def test_the_continuous_batch_answers_as_one_generate_per_text(tiny_lm):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from serve_apps.config import GenerationConfig
     from serve_apps.engine import ContinuousEngine
+    from serve_apps.model_config import GenerationConfig
     from training.data import generate
     from training.models import train_bpe_tokenizer
 

@@ -32,10 +32,6 @@ def edge():
             raise Unauthorized("a bearer token is required")
         return {"text": body.text}
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
-
     async def audit(record: dict) -> None:
         audited.append(record)
 

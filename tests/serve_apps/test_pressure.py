@@ -5,7 +5,7 @@ never on without a fallback configured."""
 import pytest
 from pydantic import ValidationError
 
-from serve_apps.config import PeakFallbackConfig
+from serve_apps.model_config import PeakFallbackConfig
 from serve_apps.pressure import Pressure
 
 CONFIG = PeakFallbackConfig(model="models:/m@fallback", enter_ongoing=3, exit_ongoing=1,

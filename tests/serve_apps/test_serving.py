@@ -44,12 +44,13 @@ from monitoring.feedback import UnknownRequest
 from monitoring.log import FEEDBACK, read, with_feedback
 from serve_apps.apps import ingress_options
 from serve_apps.auth import SCOPES, Unauthorized
-from serve_apps.config import CanaryConfig, ChatAppConfig, OverloadConfig, ServeConfig
+from serve_apps.config import ChatAppConfig, OverloadConfig, ServeConfig
 from serve_apps.deploy import ServeCluster, serve_config, set_canary, set_priors, swap
-from serve_apps.deployments import Item, bucket
 from serve_apps.http import InvalidRequest
 from serve_apps.model import load
+from serve_apps.model_config import CanaryConfig
 from serve_apps.pii import redact
+from serve_apps.slot import Item, bucket
 from training.data import generate
 from training.data.support import RESOLUTIONS
 from training.registry import Registry
@@ -461,6 +462,13 @@ def test_guardrail_decisions_are_returned_and_blocks_are_422(platform):
     assert chat.json()["type"] == "urn:llmops:problem:blocked"
     [record] = _audit(platform, "gov-inject")
     assert (record["outcome"], record["status"], record["application"]) == ("refused", 422, "chat")
+
+
+def test_every_application_has_a_probe_that_needs_no_token(platform):
+    """`GET /healthz` comes with the shell every application shares (`create_app`)."""
+    for prefix in ("/v1/moderate", "/v1/support", "/v1", "/v1/feedback"):
+        r = httpx.get(f"{platform.url}{prefix}/healthz", timeout=30)
+        assert (r.status_code, r.json()) == (200, {"status": "ok"}), prefix
 
 
 def test_schema_driven_fuzz_of_the_http_api_finds_no_5xx(platform):

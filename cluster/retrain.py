@@ -1,0 +1,136 @@
+"""The loop's retrain: the training set assembled from the champion's labelled traffic, the
+fine-tune run as a Ray job named by the retrain id, and the gate that judges its version.
+States `retraining` and `evaluating` of the controller (`cluster/controller.py`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from cluster.state import ControllerState
+from training import lineage
+from training.refs import RETRAIN_TAG, reference
+from training.registry import CHAMPION, GOLDEN_FILE, REFERENCE_FILE
+
+
+class RetrainSteps:
+    """The controller's retrain (`Controller` composes it): `start` it from drift or by hand,
+    `follow` its job, `evaluate` its version."""
+
+    def __init__(self, controller):
+        self.c = controller
+
+    def start(self, state: ControllerState, trigger: str) -> ControllerState:
+        """Assemble the training set, then hand over to `retraining` (which submits the job)."""
+        from monitoring.log import FEEDBACK, read, with_feedback
+        from training.errors import InvalidData
+        from training.retrain import retraining_data
+
+        c = self.c
+        champion = c.registry.alias_version(c.model, CHAMPION)
+        # the champion's own traffic: what earlier champions were retrained on is in the replay
+        since = None if state.serving_since is None else datetime.fromtimestamp(
+            state.serving_since, UTC)
+        recent = with_feedback(read(c.settings.log_uri, model=c.model, outcome="ok",
+                                    since=since, last=c.settings.controller.recent_rows),
+                               read(c.settings.log_uri, FEEDBACK))
+        try:
+            data = retraining_data(recent, c.registry.run_data(c.model, champion, REFERENCE_FILE),
+                                   c.registry.run_data(c.model, champion, GOLDEN_FILE),
+                                   c.settings.training.retrain, c.settings.training.seed)
+        except InvalidData as exc:
+            return c._hold(state, str(exc))
+        retrain_id = f"retrain-{c.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        data.sources = self._sources(recent, champion)
+        data.save(c.work / retrain_id / "data")
+        c.registry.lineage.emit("START", *lineage.retrain_run(c.model, retrain_id),
+                                data.sources, description=f"{trigger}: retrain {c.model}")
+        shift = data.notes.get("concept_shift")
+        return c._to(state, "retraining",
+                     f"{trigger}: fine-tune on {len(data.train)} rows "
+                     f"({len(data.holdouts['recent'])} recent labelled held out)"
+                     + (f"; concept shift, feedback contradicts: {shift}" if shift else ""),
+                     trigger=trigger, champion=champion, challenger=None,
+                     retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
+                     detail={k: v for k, v in data.notes.items() if k == "contradictions"})
+
+    def _submit(self, state: ControllerState) -> None:
+        c = self.c
+        folder = c.work / state.retrain_id
+        # fine-tune the champion's weights, not a fresh model
+        config = c.job_settings(folder, reference(c.model, state.champion))
+        # (no runtime_env: the command sets the platform's environment for its own driver)
+        c.job_client().submit_job(
+            submission_id=state.retrain_id,
+            entrypoint=(f"{sys.executable} -m cluster.cli train {c.model} --data "
+                        f"{folder / 'data'} --config {config} "
+                        f"--tag {RETRAIN_TAG}={state.retrain_id} --json"))
+
+    def follow(self, state: ControllerState) -> ControllerState:
+        """`retraining`: the job's version registered -> `evaluating`; the job failed ->
+        `rejected`; never submitted (a crash right after the transition) -> submit it now."""
+        from ray.job_submission import JobStatus
+
+        c = self.c
+        version = c.registry.find_version(c.model, RETRAIN_TAG, state.retrain_id)
+        run = lineage.retrain_run(c.model, state.retrain_id)
+        if version is not None:
+            c.registry.lineage.emit("COMPLETE", *run, outputs=[lineage.model_version(
+                c.registry.tracking_uri, c.model, version)])
+            return c._to(state, "evaluating", f"the retrain registered v{version}",
+                         challenger=version, retrain_finished=time.time())
+        client = c.job_client()
+        try:
+            status = client.get_job_status(state.retrain_id)
+        except RuntimeError:  # never submitted (a crash right after the transition): submit
+            self._submit(state)
+            return state
+        if status in (JobStatus.FAILED, JobStatus.STOPPED):
+            tail = client.get_job_logs(state.retrain_id).strip().splitlines()[-1:] or [""]
+            reason = f"the retrain job {status.value.lower()}: {tail[0][:300]}"
+        elif status == JobStatus.SUCCEEDED:  # succeeded, yet no version: registration failed
+            reason = "the retrain job ended without a new version"
+        else:
+            return state
+        c.registry.lineage.emit("FAIL", *run, error=reason)
+        return c._to(state, "rejected", reason, retrain_finished=time.time())
+
+    def _sources(self, recent: pd.DataFrame, champion: int) -> list[lineage.Dataset]:
+        """What a retrain reads: the champion's labelled traffic, the replay of its training
+        data and its golden set (the registry's copies)."""
+        c = self.c
+        uri = c.registry.tracking_uri
+        return [lineage.inference_log(c.settings.log_uri, c.model, len(recent),
+                                      "recent answers and their feedback labels"),
+                *(lineage.Dataset(uri, f"models:/{c.model}/{champion}/data/{file}",
+                                  description=role)
+                  for file, role in ((REFERENCE_FILE, "replay"), (GOLDEN_FILE, "golden set")))]
+
+    def evaluate(self, state: ControllerState) -> ControllerState:
+        """`evaluating`: the gate on the retrain's holdouts -> `canary`, or `rejected`."""
+        from training.retrain import evaluate_pair
+        from training.taskdata import TaskData
+
+        c = self.c
+        holdouts = TaskData.load(c.work / state.retrain_id / "data").holdouts
+        gate = c.settings.training.gate
+        result = evaluate_pair(c.registry.load_model(c.model, state.champion),
+                               c.registry.load_model(c.model, state.challenger),
+                               holdouts, gate)
+        c.registry.tag_version(c.model, state.challenger, {
+            "llmops.gate": "accepted" if result.promote else "rejected",
+            "llmops.gate.reason": result.reason,
+            **{f"llmops.gate.{who}.{h}": str(v) for who, scores in
+               (("champion", result.champion), ("challenger", result.challenger))
+               for h, v in scores.items()}})
+        if not result.promote:
+            return c._to(state, "rejected", "gate: " + result.reason, detail={
+                "gate": result.to_dict()})
+        policy = c.settings.controller.canary
+        c._set_canary(state.challenger, policy)
+        return c._to(state, "canary", "gate: " + result.reason, canary_started=time.time(),
+                     detail={"gate": result.to_dict()})

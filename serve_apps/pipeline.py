@@ -1,0 +1,82 @@
+"""The shell every application shares, so each one only adds its routes and its work.
+
+An application is a Serve ingress deployment subclassing `Pipeline`: it names itself (the
+inference log's and the policy chain's name) and its settings model, and passes its FastAPI app
+and its stages. Every application then has the same shape: `http_X` (the route) and `X` (the
+handle method) both go through the policy chain to `_X`, which does the work; `GET /healthz`
+comes with `create_app`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import ClassVar
+
+from fastapi import FastAPI, Response
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_apps.auth import Principal
+from serve_apps.call import Answer, Call, Caller
+from serve_apps.config import LimitsConfig
+from serve_apps.deployments import set_batching
+from serve_apps.http import request_texts
+from serve_apps.inference_log import InferenceLog
+from serve_apps.policies import chain
+from serve_apps.pressure import Pressure
+from serve_apps.slot import Item
+from serve_apps.stages import Stages
+
+
+class Pipeline:
+    """Stages by deployment name (a handle, or None for a model served inline), the validated
+    settings and limits, the inference log, and the policy chain with its edge guard on `app`."""
+
+    application: ClassVar[str]
+    settings: ClassVar[type[BaseModel]]
+
+    def __init__(self, app: FastAPI, stages: dict[str, DeploymentHandle | None], config: dict,
+                 limits: dict | None, tracking_uri: str | None, log: dict | None,
+                 governance: dict | None):
+        self.stages = Stages(stages, tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.config = self.settings.model_validate(config or {})
+        self.limits = LimitsConfig.model_validate(limits or {})
+        self.log = InferenceLog(self.application, log)
+        self.policies = chain(self.application, self.config.policies, self.config.guardrails,
+                              governance)
+        app.state.edge = self.policies.edge(self.limits)
+
+    def batch_classifier(self, method: Callable) -> None:
+        """For an application with a classifier: the peak fallback's pressure gauge, and
+        `method`'s batches sized by the classifier's settings."""
+        self.pressure = Pressure(self.config.classifier.fallback)
+        set_batching(method, **self.config.classifier.batching.model_dump())
+
+    async def admit(self, action: str, request, correlation_id: str | None,
+                    principal: Principal | dict | None, work: Callable[[Caller], Awaitable]):
+        """A handle caller's request, through the same policies as an HTTP one."""
+        caller = Caller(correlation_id, principal)
+        return await self.policies.admit(action, request, caller, lambda: work(caller))
+
+    async def apply_texts(self, scope: str, request, caller: Caller,
+                          response: Response | None = None) -> tuple[Call, Answer]:
+        """A batch of texts (`TextsRequest`) through the policies to `self._work`, its tokens
+        reserved for the generator's longest answer."""
+        return await self.policies.apply(
+            scope, request_texts(request, self.limits), caller, self._work,
+            self.config.generator.generation_config.max_new_tokens, response)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
+    async def _classify(self, items: list[Item]) -> list[dict | Exception]:
+        """Texts of concurrent requests go to the classifier in one call, not one call each
+        (an item that failed gets its own exception)."""
+        return await self.stages["Classifier"].predict_many.remote(items)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await self.stages.reconfigure(user_config)
+
+    async def __del__(self) -> None:
+        """Serve calls this on a graceful shutdown: nothing buffered is lost."""
+        await self.log.close()
