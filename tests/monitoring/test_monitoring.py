@@ -452,6 +452,7 @@ def test_healthcheck_command_writes_a_textfile_and_pushes_to_a_pushgateway(route
                      "--pushgateway", f"127.0.0.1:{server.server_port}", "--json"])
     finally:
         server.shutdown()
+        server.server_close()  # the port refuses now: the next push fails before measuring
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["healthy"] and out["textfile"] == str(tmp_path / "h.prom")
     textfile = (tmp_path / "h.prom").read_text()

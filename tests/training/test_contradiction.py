@@ -3,9 +3,11 @@ feedback that contradicts the replayed training rows and the golden set retires 
 region, and says which labels moved where; feedback that only shifts the label mix, or brings
 new vocabulary, or is noisy, retires nothing."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from training import contradiction
 from training.config import RetrainConfig
 from training.contradiction import resolve
 from training.data import generate
@@ -15,6 +17,24 @@ from training.taskdata import TaskData
 
 REPLAY = generate("support-tickets", "base", 800, seed=1)
 GOLDEN = generate("support-tickets", "base", 150, seed=9)
+_EMBEDDED: dict[str, np.ndarray] = {}
+
+
+@pytest.fixture(autouse=True)
+def embed_each_text_once(monkeypatch):
+    """Every test resolves against the same replay and golden rows: each text goes through the
+    encoder once per session (the vectors are the encoder's own)."""
+    embed = contradiction.embed
+
+    def once(texts: list[str]) -> np.ndarray:
+        new = list(dict.fromkeys(t for t in texts if t not in _EMBEDDED))
+        if new:
+            _EMBEDDED.update(zip(new, embed(new)))
+        return np.stack([_EMBEDDED[t] for t in texts])
+
+    monkeypatch.setattr(contradiction, "embed", once)
+
+
 MOVED = {f"{old} -> {new}" for old, new in {  # the reorganisation of the concept-shift scenario
     ("account", "security"), ("refund", "billing"), ("shipping", "refund")}}
 

@@ -149,7 +149,8 @@ def test_lora_resumes_from_an_adapter_only_checkpoint_after_a_worker_is_killed(
         """SIGKILL worker 1 once, after epoch 1's checkpoint has been taken."""
         if rank == 1 and epoch == 1 and not marker.exists():
             marker.touch()
-            time.sleep(5)  # > Ray Train's controller poll interval (2 s)
+            # three of Ray Train's polls of its workers: the checkpoint is recorded by then
+            time.sleep(3 * float(os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]))
             os.kill(os.getpid(), signal.SIGKILL)
 
     _, result = _train(settings, registry, "rewriter", after_epoch=kill_once)
