@@ -121,12 +121,13 @@ class LabelShiftSteps:
         its replicas apply them (a hot user_config change); None: the training priors again.
         Idempotent."""
         from serve_apps.deploy import set_priors
-        from training.refs import UnknownModel
+        from training.refs import PRIOR_WEIGHTS_TAG, UnknownModel
         from training.registry import PRIORS_TAG
 
-        c = self.c
-        c.registry.tag_version(c.model, version, {PRIORS_TAG: json.dumps(
-            shift.priors if shift else {})})
+        c = self.c  # recorded first: a redeploy serves them too (`serve_apps.apps`)
+        c.registry.tag_version(c.model, version, {
+            PRIORS_TAG: json.dumps(shift.priors if shift else {}),
+            PRIOR_WEIGHTS_TAG: json.dumps(shift.weights if shift else {})})
         try:
             set_priors(c.serve(), c.model, version, shift.weights if shift else None)
         except UnknownModel:

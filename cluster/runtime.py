@@ -22,8 +22,8 @@ PLATFORM_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else each progress line reaches the driver twice
-    # Ray Train's controller reads its workers' state this often (Ray's default 2 s): the
-    # loop's fine-tunes are short, and a tiny one ended 3.5 s sooner at 0.5 s (of 20 s)
+    # Ray Train's controller reads its workers' state this often (Ray's default 2 s), and each
+    # fine-tune waits for a read to start, to report and to end: the loop's fine-tunes are short
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     # GCS keeps the events of this many tasks (every handle call is one) for the dashboard:
     # Ray's 100,000 grew its memory for hours under steady load (bench/soak.py)

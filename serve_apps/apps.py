@@ -26,13 +26,14 @@ from serve_apps.config import (
     SupportAppConfig,
 )
 from serve_apps.model_config import ModelDeploymentConfig
-from training.refs import pin
+from training.refs import pin, recorded_priors
 
 
 def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None,
                        pin_models: bool = True) -> dict:
     """What a model's `reconfigure()` receives. With `pin_models` every reference is pinned
-    to its version now (the registry is asked) and each adapter is checked against the base;
+    to its version now (the registry is asked), each adapter is checked against the base, and
+    the class priors the loop recorded for the pinned version are applied again;
     without, each replica resolves its aliases when it starts (a manifest written before any
     deploy)."""
     if not pin_models:
@@ -42,8 +43,10 @@ def pinned_user_config(md: ModelDeploymentConfig, tracking_uri: str | None,
     model, alias = pin(md.model, tracking_uri)
     canary, fallback = (None if stage is None else stage.model_copy(update=dict(zip(
         ("model", "alias"), pin(stage.model, tracking_uri)))) for stage in (md.canary, md.fallback))
-    return md.user_config(model, alias, canary,
-                          as_config(pin_adapters(md.adapters, model, tracking_uri)), fallback)
+    config = md.user_config(model, alias, canary,
+                            as_config(pin_adapters(md.adapters, model, tracking_uri)), fallback)
+    priors = recorded_priors(model, tracking_uri)  # what the loop set after a label shift
+    return {**config, "priors": priors} if priors else config
 
 
 def actor_resources(md: ModelDeploymentConfig, use_gpu: bool, gpu_resource: str | None) -> dict:

@@ -4,6 +4,7 @@ the CLI's read-only commands and the deploy client use it without loading torch.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass
 
@@ -12,6 +13,8 @@ from training.errors import LLMOpsError
 
 BASE_TAG = "llmops.base"  # an adapter version's exact base (`training.job.register_model_dir`)
 RETRAIN_TAG = "llmops.retrain_id"  # on a version a retrain registered: which one
+# on a version the loop adjusted to new class priors: what its answers are multiplied by
+PRIOR_WEIGHTS_TAG = "llmops.prior_weights"  # JSON {label: new prior / training prior}
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
@@ -76,6 +79,20 @@ def resolve(ref: str, tracking_uri: str | None) -> ModelIdentity:
     except MlflowException as exc:
         raise UnknownModel(f"{ref} is not in the registry at {tracking_uri}") from exc
     return ModelIdentity(m["name"], str(mv.version), m["alias"], (mv.tags or {}).get(BASE_TAG))
+
+
+def recorded_priors(ref: str, tracking_uri: str | None) -> dict | None:
+    """The class-prior adjustment the loop applied to the exact version `ref` names (after a
+    label shift), as `reconfigure()` takes it; None when it serves its training priors."""
+    m = _REF.match(ref)  # the bundled encoder has no versions
+    if m is None or m["version"] is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    tag = (client.get_model_version(m["name"], m["version"]).tags or {}).get(PRIOR_WEIGHTS_TAG)
+    weights = json.loads(tag) if tag else None
+    return {"version": m["version"], "weights": weights} if weights else None
 
 
 def pin(ref: str, tracking_uri: str | None) -> tuple[str, str | None]:

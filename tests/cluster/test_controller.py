@@ -19,6 +19,7 @@ from cluster.state import ControllerState
 from monitoring.config import LogConfig
 from monitoring.drift import DriftReport, check_model
 from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
+from serve_apps.apps import pinned_user_config
 from training.config import GateConfig, RetrainConfig
 from training.data import generate
 from training.errors import InvalidData
@@ -216,6 +217,11 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
     assert state.state == "reweighted", state.detail
     shift = state.detail["label_shift"]
     assert registry.priors(MODEL, 1) == shift["priors"]  # what drift checks now compare with
+    # ... and what a redeploy (`llmops up`) serves v1 with again
+    weights = {k: round(q / shift["training"][k], 6) for k, q in shift["priors"].items()}
+    served = pinned_user_config(settings.serve.support.classifier, registry.tracking_uri)
+    assert served["model"] == f"models:/{MODEL}/1"
+    assert served["priors"] == {"version": "1", "weights": weights}
     truth = generate("support-tickets", "label-shift", 600, seed=11).label.value_counts(
         normalize=True)
     def distance(p):
@@ -247,6 +253,8 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
     state = controller.step()
     assert state.state == "drift_suspected" and "label_shift_refuted" in state.detail
     assert registry.priors(MODEL, 1) is None  # refuted priors are not served
+    assert "priors" not in pinned_user_config(settings.serve.support.classifier,
+                                              registry.tracking_uri)
     assert [e["to"] for e in controller.events()] == ["reweighted", "serving", "drift_suspected"]
     # a concept shift whose labels came with it is not taken for a label shift: it retrains
     controller.store.save(ControllerState(model=MODEL, state="drift_suspected", champion=1,

@@ -3,7 +3,9 @@ HTTP and handles, batching, hot swap under load, canary routing, the `openai` cl
 requests, GPU placement and autoscaling. Models are tiny ones trained in-process and registered
 in a real MLflow registry."""
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -82,6 +84,24 @@ def _llmops(platform_or_env, *args) -> subprocess.CompletedProcess:
     env, config = platform_or_env
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--config", str(config)],
                           capture_output=True, text=True, timeout=600, env=env)
+
+
+def _llmops_here(platform_or_env, *args) -> subprocess.CompletedProcess:
+    """`_llmops` in this process, for commands that start no Ray (traffic, drift checks, the
+    health check, one monitor round): the same parsing, output and exit code, without a
+    Python start and its imports per command."""
+    from cluster.cli import main
+
+    env, config = platform_or_env
+    out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([*args, "--config", str(config)])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 # every support request generates a reply: short ones keep the tests' traffic quick
@@ -167,8 +187,8 @@ def platform(ray_session, tmp_path_factory):
     assert up["started_ray"] is False  # it joined the running cluster
     assert up["monitor"]["running"], up["monitor"]
     assert yaml.safe_load(Path(up["serve_config"]).read_text())["applications"]
-    token = _llmops((env, config), "token", "create", "--tenant", "tests", "--scopes", "moderate",
-                    "support", "chat", "feedback", "admin", "--json")
+    token = _llmops_here((env, config), "token", "create", "--tenant", "tests", "--scopes",
+                         "moderate", "support", "chat", "feedback", "admin", "--json")
     assert token.returncode == 0, token.stderr[-2000:]
     yield Platform(f"http://127.0.0.1:{port}", config, env, registry,
                    ServeCluster(ray_session.dashboard), threshold, settings.log_uri,
@@ -396,7 +416,7 @@ def test_governance_auth_quota_redaction_and_audit_over_http(platform):
     run = (platform.env, platform.config)
 
     def token(tenant: str, *scopes: str) -> dict:
-        out = _llmops(run, "token", "create", "--tenant", tenant, "--scopes", *scopes)
+        out = _llmops_here(run, "token", "create", "--tenant", tenant, "--scopes", *scopes)
         assert out.returncode == 0, out.stderr
         return {"Authorization": f"Bearer {out.stdout.strip()}"}
 
@@ -431,7 +451,7 @@ def test_governance_auth_quota_redaction_and_audit_over_http(platform):
     [anon] = _audit(platform, "gov-anon")
     assert (anon["outcome"], anon["status"], anon["principal"]) == ("refused", 401, "anonymous")
 
-    verified = _llmops(run, "audit", "verify", "--json")
+    verified = _llmops_here(run, "audit", "verify", "--json")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["records"] >= 9
     from cluster.settings import load_settings
@@ -443,8 +463,8 @@ def test_governance_auth_quota_redaction_and_audit_over_http(platform):
     edited = json.loads(lines[len(lines) // 2])
     lines[len(lines) // 2] = json.dumps({**edited, "tenant": "someone-else"}, ensure_ascii=False)
     newest.write_text("\n".join(lines) + "\n")
-    broken = _llmops(({**platform.env, "LLMOPS_MONITORING__AUDIT__FOLDER": str(copy)},
-                      platform.config), "audit", "verify")
+    broken = _llmops_here(({**platform.env, "LLMOPS_MONITORING__AUDIT__FOLDER": str(copy)},
+                           platform.config), "audit", "verify")
     assert broken.returncode == 1 and "BROKEN" in broken.stdout, broken.stdout + broken.stderr
 
 
@@ -521,8 +541,8 @@ def test_hardening_tenants_are_isolated_and_anonymous_floods_cost_little(platfor
     from cluster.settings import load_settings
 
     url = f"{platform.url}/v1/chat/completions"
-    other = _llmops((platform.env, platform.config), "token", "create", "--tenant", "neighbour",
-                    "--scopes", "chat")
+    other = _llmops_here((platform.env, platform.config), "token", "create", "--tenant",
+                         "neighbour", "--scopes", "chat")
     neighbour = {"Authorization": f"Bearer {other.stdout.strip()}"}
     messages = [{"role": "user", "content": "You people are useless idiots"}]
     # An out-of-range seed is its sender's 422; a neighbour's concurrent requests are answered
@@ -905,18 +925,18 @@ def test_drift_check_on_the_served_log(platform):
 
     def send(scenario: str, seed: int, n: int = 250) -> None:
         began = datetime.now(UTC)
-        proc = _llmops(run, "traffic", "support", "--scenario", scenario, "--n", str(n),
-                       "--seed", str(seed), "--json")
+        proc = _llmops_here(run, "traffic", "support", "--scenario", scenario, "--n", str(n),
+                            "--seed", str(seed), "--json")
         assert proc.returncode == 0, proc.stderr[-2000:]
         sent = json.loads(proc.stdout)
         assert sent["ok"] == n and sent["failed"] == 0 and sent["rps"] > 0
         _flushed(platform, began, n, model="support-router")
 
     send("base", 30, n=20)
-    proc = _llmops(run, "drift", "check", "support-router", "--json")
+    proc = _llmops_here(run, "drift", "check", "support-router", "--json")
     assert proc.returncode == 2 and "needs a window of at least 200" in proc.stderr
     send("base", 31)
-    clean = _llmops(run, "drift", "check", "support-router", "--json")
+    clean = _llmops_here(run, "drift", "check", "support-router", "--json")
     assert clean.returncode == 0, clean.stderr[-2000:]
     clean = json.loads(clean.stdout)
     assert clean["model"] == "support-router" and clean["version"] == "1"
@@ -924,12 +944,12 @@ def test_drift_check_on_the_served_log(platform):
     assert Path(clean["windows"][-1]["html"]).is_file()
 
     send("new-product", 32)
-    shifted = json.loads(_llmops(run, "drift", "check", "support-router", "--json").stdout)
+    shifted = json.loads(_llmops_here(run, "drift", "check", "support-router", "--json").stdout)
     assert shifted["drift"] and shifted["windows"][-1]["rows"] == 250
     drifted = {m["name"] for m in shifted["windows"][-1]["metrics"] if m["drifted"]}
     assert "share_of_drifted_descriptors" in drifted
     assert "DRIFT" in views.drift(shifted)  # what the command prints without --json
-    unknown = _llmops(run, "drift", "check", "nosuch")
+    unknown = _llmops_here(run, "drift", "check", "nosuch")
     assert unknown.returncode == 2 and "no requests of 'nosuch'" in unknown.stderr
 
 
@@ -938,14 +958,14 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
     textfile; `llmops monitor` checks drift, reads the registry and serves all of it."""
     run = (platform.env, platform.config)
     began = datetime.now(UTC)
-    sent = _llmops(run, "traffic", "support", "--scenario", "new-product", "--n", "250",
-                   "--seed", "40", "--json")
+    sent = _llmops_here(run, "traffic", "support", "--scenario", "new-product", "--n", "250",
+                        "--seed", "40", "--json")
     assert sent.returncode == 0, sent.stderr[-2000:]
     _flushed(platform, began, 250, model="support-router")
     # quality and confidence must equal the registration's; latency on two busy cores swings
     # several-fold from run to run, so its rule is checked apart (the degraded run below)
     tolerant = {**platform.env, "LLMOPS_MONITORING__HEALTH__LATENCY_FACTOR": "50"}
-    health = _llmops((tolerant, platform.config), "healthcheck", "--json")
+    health = _llmops_here((tolerant, platform.config), "healthcheck", "--json")
     assert health.returncode == 0, health.stdout + health.stderr[-2000:]
     report = json.loads(health.stdout)
     assert report["healthy"] and {r["model"] for r in report["results"]} == {
@@ -953,11 +973,11 @@ def test_monitor_and_healthcheck_export_prometheus_metrics(platform):
     assert {c["name"] for c in report["results"][0]["checks"]} >= {"latency_p50_ms", "confidence"}
     slow = {**platform.env, "LLMOPS_MONITORING__HEALTH__LATENCY_FACTOR": "0.001",
             "LLMOPS_MONITORING__HEALTH__LATENCY_SLACK_MS": "0"}
-    degraded = _llmops((slow, platform.config), "healthcheck", "moderation")
+    degraded = _llmops_here((slow, platform.config), "healthcheck", "moderation")
     assert degraded.returncode == 1 and "moderation v1: DEGRADED" in degraded.stdout
     assert "latency_p50_ms" in degraded.stdout and Path(report["textfile"]).is_file()
 
-    once = _llmops(run, "monitor", "--once", "--json")
+    once = _llmops_here(run, "monitor", "--once", "--json")
     assert once.returncode == 0, once.stderr[-2000:]
     out = json.loads(once.stdout)
     check = check_model(platform.log_uri, platform.registry, MonitoringConfig.model_validate(
@@ -1025,9 +1045,9 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
 
     def send(n: int, seed: int, feedback: float) -> subprocess.CompletedProcess:
         began = datetime.now(UTC)
-        proc = _llmops(run, "traffic", "support", "--scenario", "new-product", "--n", str(n),
-                       "--seed", str(seed), "--feedback", str(feedback), "--labelling",
-                       "random", "--json")
+        proc = _llmops_here(run, "traffic", "support", "--scenario", "new-product", "--n",
+                            str(n), "--seed", str(seed), "--feedback", str(feedback),
+                            "--labelling", "random", "--json")
         assert proc.returncode == 0, proc.stderr[-2000:]
         _flushed(platform, began, n, model="support-router")
         accepted = json.loads(proc.stdout)["feedback"]["accepted"]
@@ -1058,7 +1078,7 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
     assert gate["llmops.gate"] == "accepted"
     # its lineage (OpenLineage events of the retrain, the fine-tune and the promotion): from
     # the served log and the replay, through the fine-tune of v1, to the router and its requests
-    shown = _llmops(run, "lineage", "support-router@2", "--json")
+    shown = _llmops_here(run, "lineage", "support-router@2", "--json")
     assert shown.returncode == 0, shown.stderr[-2000:]
     chain = json.loads(shown.stdout)
     assert chain["trained_by"]["state"] == chain["retrain"]["state"] == "COMPLETE"
