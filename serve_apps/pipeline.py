@@ -71,7 +71,8 @@ class Pipeline:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _classify(self, items: list[Item]) -> list[dict | Exception]:
         """Texts of concurrent requests go to the classifier in one call, not one call each
-        (an item that failed gets its own exception)."""
+        (an item that failed gets its own exception). Serve batches per decorated function in a
+        process, and each application's replica is a process of its own."""
         return await self.stages["Classifier"].predict_many.remote(items)
 
     async def reconfigure(self, user_config: dict) -> None:
