@@ -67,18 +67,22 @@ def resolve(ref: str, tracking_uri: str | None) -> ModelIdentity:
     if ref == BUNDLED_ENCODER:
         return ModelIdentity(BUNDLED_ENCODER, "bundled")
     m = _parse(ref)
+    mv = _model_version(m, ref, tracking_uri)
+    return ModelIdentity(m["name"], str(mv.version), m["alias"], (mv.tags or {}).get(BASE_TAG))
+
+
+def _model_version(m: re.Match, ref: str, tracking_uri: str | None):
+    """The MLflow model version (with its tags) a parsed reference names now."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         if m["alias"]:
-            mv = client.get_model_version_by_alias(m["name"], m["alias"])
-        else:
-            mv = client.get_model_version(m["name"], m["version"])
+            return client.get_model_version_by_alias(m["name"], m["alias"])
+        return client.get_model_version(m["name"], m["version"])
     except MlflowException as exc:
         raise UnknownModel(f"{ref} is not in the registry at {tracking_uri}") from exc
-    return ModelIdentity(m["name"], str(mv.version), m["alias"], (mv.tags or {}).get(BASE_TAG))
 
 
 def recorded_priors(ref: str, tracking_uri: str | None) -> dict | None:
@@ -87,10 +91,7 @@ def recorded_priors(ref: str, tracking_uri: str | None) -> dict | None:
     m = _REF.match(ref)  # the bundled encoder has no versions
     if m is None or m["version"] is None:
         return None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    tag = (client.get_model_version(m["name"], m["version"]).tags or {}).get(PRIOR_WEIGHTS_TAG)
+    tag = (_model_version(m, ref, tracking_uri).tags or {}).get(PRIOR_WEIGHTS_TAG)
     weights = json.loads(tag) if tag else None
     return {"version": m["version"], "weights": weights} if weights else None
 
