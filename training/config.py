@@ -159,8 +159,11 @@ class RetrainConfig(StrictModel):
     validation_rows: int = Field(200, ge=16, description="held out of the mix for early stopping "
                                  "and the new version's drift reference")
     resolve_contradictions: bool = Field(
-        True, description="retire replayed and golden rows that recent feedback contradicts "
+        True, description="resolve replayed and golden rows that recent feedback contradicts "
         "(concept shift, `training/contradiction.py`)")
+    contradicted_replay: Literal["relabel", "retire"] = Field(
+        "relabel", description="what becomes of a contradicted replay row: it takes the label "
+        "its region moved to, or it is dropped (golden rows are always retired)")
 
 
 class GateConfig(StrictModel):

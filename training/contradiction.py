@@ -12,12 +12,16 @@ ambiguous row is noise, not a concept); then the region grows: a row follows whe
 same-label neighbours moved (`REGION_SIMILARITY`, `GROWTH_PASSES`). A move counts only with the
 support of a region (`MIN_REGION_ROWS`, or 1% of the first table). The other tables (the golden
 set) follow the first: a row goes where most of its nearest first-table rows of its label went.
-Contradicted rows are retired (dropped, never relabelled: a wrong relabel would teach the
-error), and the report says which labels moved where, with examples."""
+Contradicted rows are retired (dropped) or, in the tables named to `resolve` as `relabel`,
+given the label they moved to: the replay then teaches the new concept with all of its
+phrasings instead of leaving it to the few labelled rows (a judge, the golden set, is only ever
+retired: relabelled by the same inference it would judge itself). The report says which labels
+moved where, what each table did with its rows, and examples."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +38,7 @@ class Contradictions:
 
     moved: dict[str, int] = field(default_factory=dict)  # "A -> B": rows of the region
     retired: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> "A -> B" -> rows
+    relabelled: dict[str, dict[str, int]] = field(default_factory=dict)  # likewise
     examples: dict[str, list[str]] = field(default_factory=dict)  # "A -> B" -> texts that moved
 
     def __bool__(self) -> bool:
@@ -46,14 +51,16 @@ class Contradictions:
 
     def summary(self) -> str:
         """One line for the controller's event."""
-        def retired(move: str) -> str:
-            return ", ".join(f"{t[move]} {table} rows" for table, t in self.retired.items()
-                             if t.get(move))
+        def done(move: str) -> str:
+            return ", ".join(f"{t[move]} {table} rows {what}" for what, tables in
+                             (("relabelled", self.relabelled), ("retired", self.retired))
+                             for table, t in tables.items() if t.get(move))
 
-        return "; ".join(f"{move} ({retired(move)} retired)" for move in self.moved)
+        return "; ".join(f"{move} ({done(move)})" for move in self.moved)
 
     def to_dict(self) -> dict:
-        return {"moved": self.moved, "retired": self.retired, "examples": self.examples}
+        return {"moved": self.moved, "retired": self.retired, "relabelled": self.relabelled,
+                "examples": self.examples}
 
 
 def embed(texts: list[str]) -> np.ndarray:
@@ -140,12 +147,12 @@ def _follow(rows_e: np.ndarray, rows_labels: np.ndarray, primary_e: np.ndarray,
     return moved
 
 
-def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame]
-            ) -> tuple[dict[str, pd.DataFrame], Contradictions]:
+def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
+            relabel: Collection[str] = ()) -> tuple[dict[str, pd.DataFrame], Contradictions]:
     """`tables` (each with `text` and `label`) less the rows recent labelled traffic
-    contradicts. The first table defines the regions: a move needs `MIN_REGION_ROWS` of its
-    rows, or 1% of them if more (the other tables, such as a small golden set, follow the moves
-    found there)."""
+    contradicts, or with those rows relabelled for the tables named in `relabel`. The first
+    table defines the regions: a move needs `MIN_REGION_ROWS` of its rows, or 1% of them if
+    more (the other tables, such as a small golden set, follow the moves found there)."""
     if recent.empty or not tables:
         return tables, Contradictions()
     min_region_rows = max(MIN_REGION_ROWS, len(next(iter(tables.values()))) // 100)
@@ -168,11 +175,17 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame]
             primary = rows_e, labels, moves
         else:
             moves = _follow(rows_e, labels, *primary)
-        retired = [f"{a} -> {b}" for a, b in zip(labels, moves) if b is not None]
-        kept[name] = df[moves == None].reset_index(drop=True)  # noqa: E711 (elementwise)
-        report.retired[name] = dict(sorted(Counter(retired).items()))
+        counts = dict(sorted(Counter(f"{a} -> {b}" for a, b in zip(labels, moves)
+                                     if b is not None).items()))
+        if name in relabel:
+            kept[name] = df.assign(label=[b if b is not None else a
+                                          for a, b in zip(df.label, moves)])
+            report.relabelled[name] = counts
+        else:
+            kept[name] = df[moves == None].reset_index(drop=True)  # noqa: E711 (elementwise)
+            report.retired[name] = counts
         if not report.moved:
-            report.moved = report.retired[name]
+            report.moved = counts
             for move in report.moved:
                 report.examples[move] = [t for t, a, b in zip(df.text, labels, moves)
                                          if f"{a} -> {b}" == move][:EXAMPLES]

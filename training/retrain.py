@@ -4,7 +4,8 @@ retrained challenger may replace the champion.
 Training rows: the labelled recent requests (texts from the inference log, labels from feedback;
 the part not held out, repeated `recent_repeats` times) plus a replay sample of the champion's
 own training rows, so the new version learns the new traffic without forgetting the old. Where
-the feedback contradicts replayed or golden rows (a concept shift), those rows are retired
+the feedback contradicts replayed or golden rows (a concept shift), the replayed rows take
+the label their region moved to (or are retired) and the golden rows are retired
 (`training/contradiction.py`). The gate scores champion and challenger on the same two
 holdouts: the held-out labelled recent requests, and the champion's golden set less its
 retired rows, which the new version keeps as its own (a versioned golden set).
@@ -46,7 +47,9 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     if config.resolve_contradictions:
         from training.contradiction import resolve
 
-        tables, found = resolve(learn, {"replay": replay, "golden": golden})
+        tables, found = resolve(learn, {"replay": replay, "golden": golden},
+                                relabel={"replay"} if config.contradicted_replay == "relabel"
+                                else ())
         if found:
             replay, golden = tables["replay"], tables["golden"]
             notes = {"contradictions": found.to_dict(), "concept_shift": found.summary()}

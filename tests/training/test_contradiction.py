@@ -1,7 +1,8 @@
 """Concept shift in the retraining set (`training/contradiction.py`, `training/retrain.py`):
-feedback that contradicts the replayed training rows and the golden set retires them, region by
-region, and says which labels moved where; feedback that only shifts the label mix, or brings
-new vocabulary, or is noisy, retires nothing."""
+feedback that contradicts the replayed training rows and the golden set retires them (or gives
+the replayed ones their new label), region by region, and says which labels moved where;
+feedback that only shifts the label mix, or brings new vocabulary, or is noisy, retires
+nothing."""
 
 import numpy as np
 import pandas as pd
@@ -58,6 +59,22 @@ def test_contradicted_regions_are_retired_from_the_replay_and_the_golden_set():
     assert "refund -> billing" in report.summary() and "golden rows" in report.summary()
 
 
+def test_a_relabelled_replay_carries_the_new_concept_and_keeps_every_row():
+    feedback = generate("support-tickets", "concept-shift", 250, seed=2)[["text", "label"]]
+    kept, report = resolve(feedback, {"replay": REPLAY, "golden": GOLDEN}, relabel={"replay"})
+    replay = kept["replay"]
+    assert replay.text.tolist() == REPLAY.text.tolist()  # same rows, same order
+    changed = replay[replay.label != REPLAY.label]
+    assert len(changed) == sum(report.relabelled["replay"].values()) > 0
+    assert report.relabelled["replay"] == report.moved and "replay" not in report.retired
+    new = changed.intent.map(LEXICON.concept_relabel)
+    assert (changed.label == new).mean() >= 0.95  # each took the label its intent moved to
+    assert len(changed) >= 0.6 * REPLAY.intent.isin(LEXICON.concept_relabel).sum()
+    assert len(kept["golden"]) < len(GOLDEN)  # the judge is retired from, never relabelled
+    assert "replay rows relabelled" in report.summary() and "golden rows retired" in \
+        report.summary()
+
+
 @pytest.mark.parametrize("scenario", ["label-shift", "new-product", "base"])
 def test_feedback_that_moves_no_concept_retires_nothing(scenario):
     feedback = generate("support-tickets", scenario, 250, seed=3)[["text", "label"]]
@@ -70,7 +87,8 @@ def test_feedback_that_moves_no_concept_retires_nothing(scenario):
 
 def test_the_retraining_set_and_the_next_golden_set_follow_the_new_concept(tmp_path):
     recent = generate("support-tickets", "concept-shift", 300, seed=4)[["text", "label"]]
-    config = RetrainConfig(min_labelled=60, replay_rows=800, validation_rows=100)
+    config = RetrainConfig(min_labelled=60, replay_rows=800, validation_rows=100,
+                           contradicted_replay="retire")
     data = retraining_data(recent, REPLAY, GOLDEN, config)
     moved = data.notes["contradictions"]["moved"]
     assert set(moved) == MOVED
@@ -89,3 +107,10 @@ def test_the_retraining_set_and_the_next_golden_set_follow_the_new_concept(tmp_p
     off = retraining_data(recent, REPLAY, GOLDEN, config.model_copy(
         update={"resolve_contradictions": False}))
     assert off.golden.equals(GOLDEN) and not off.notes and len(off.holdouts[ORIGINAL]) == len(GOLDEN)
+    relabelled = retraining_data(recent, REPLAY, GOLDEN, config.model_copy(
+        update={"contradicted_replay": "relabel"}))  # (the default)
+    mix = pd.concat([relabelled.train, relabelled.validation])
+    replayed = mix[mix.intent.notna()]
+    assert len(replayed) == 800 and relabelled.golden.equals(data.golden)
+    assert (replayed.label == replayed.intent.map(LEXICON.concept_relabel).fillna(
+        replayed.label)).mean() >= 0.97  # the replay teaches the new concept
