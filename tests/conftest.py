@@ -109,6 +109,8 @@ def ray_session() -> RaySession:
     ctx = ray.init(num_cpus=2, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                    _node_ip_address="127.0.0.1",  # as the platform's local head (cluster/runtime)
                    log_to_driver=True, runtime_env={"env_vars": dict(PLATFORM_ENV)})
+    # the commands tests run join this Ray, not another test process's (`make test` runs two)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield RaySession(ray.get_runtime_context().gcs_address, f"http://{ctx.dashboard_url}")
     ray.shutdown()
 
