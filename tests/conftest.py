@@ -103,16 +103,24 @@ class RaySession:
 @pytest.fixture(scope="session")
 def ray_session() -> RaySession:
     """One local Ray instance for the whole test session: 2 logical CPUs, like CI, and 2 logical
-    GPUs so GPU placement and autoscaling can be checked without a GPU (nothing runs CUDA)."""
+    GPUs so GPU placement and autoscaling can be checked without a GPU (nothing runs CUDA).
+    `make test` runs two sessions side by side: each Ray takes free ports (`ray.init` would take
+    the fixed port of the dashboard's agent, which submits jobs), and the commands a test runs
+    join their session's Ray (`RAY_ADDRESS`), never the other's."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    ctx = ray.init(num_cpus=2, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                   _node_ip_address="127.0.0.1",  # as the platform's local head (cluster/runtime)
-                   log_to_driver=True, runtime_env={"env_vars": dict(PLATFORM_ENV)})
-    # the commands tests run join this Ray, not another test process's (`make test` runs two)
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    yield RaySession(ray.get_runtime_context().gcs_address, f"http://{ctx.dashboard_url}")
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 2, "object_store_memory": 2 << 30,
+        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+        "dashboard_agent_listen_port": None,  # (free)
+        "node_ip_address": "127.0.0.1"})  # as the platform's local head (cluster/runtime)
+    ray.init(address=cluster.address, log_to_driver=True,
+             runtime_env={"env_vars": dict(PLATFORM_ENV)})
+    os.environ["RAY_ADDRESS"] = cluster.address
+    yield RaySession(cluster.address, f"http://{cluster.webui_url}")
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture
