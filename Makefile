@@ -37,18 +37,13 @@ demo: $(STAMP)
 	$(LLMOPS) demo
 	@echo "the platform is still up: llmops status, llmops controller status, llmops down"
 
-# The linter, then the tests in two processes side by side, each on a Ray of its own (one alone
-# leaves a core idle a third of the time): the serving tests, then those that start Ray clusters
-# of their own (several nodes, the fake autoscaler, the GPU smoke test); and every other test,
-# whose report follows.
-OTHER_LOG = $(VENV)/tests-other.log
+# The linter, then the tests on the session's Ray, then (in a process of their own) the ones that
+# start Ray clusters of their own: several nodes, the fake autoscaler, the GPU smoke test.
+# (Two sessions side by side, each on a Ray of its own, took longer on 2 cores: docs/testing.md)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	@$(PY) -m pytest -m "not own_ray" --ignore=tests/serve_apps -p no:cacheprovider \
-	  > $(OTHER_LOG) 2>&1 & other=$$!; \
-	  $(PY) -m pytest -m "not own_ray" tests/serve_apps && $(PY) -m pytest -m own_ray; \
-	  serving=$$?; wait $$other; rest=$$?; echo "--- every test outside tests/serve_apps:"; \
-	  cat $(OTHER_LOG); exit $$(( serving || rest ))
+	$(PY) -m pytest -m "not own_ray"
+	$(PY) -m pytest -m own_ray
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

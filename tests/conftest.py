@@ -103,24 +103,14 @@ class RaySession:
 @pytest.fixture(scope="session")
 def ray_session() -> RaySession:
     """One local Ray instance for the whole test session: 2 logical CPUs, like CI, and 2 logical
-    GPUs so GPU placement and autoscaling can be checked without a GPU (nothing runs CUDA).
-    `make test` runs two sessions side by side: each Ray takes free ports (`ray.init` would take
-    the fixed port of the dashboard's agent, which submits jobs), and the commands a test runs
-    join their session's Ray (`RAY_ADDRESS`), never the other's."""
+    GPUs so GPU placement and autoscaling can be checked without a GPU (nothing runs CUDA)."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "num_gpus": 2, "object_store_memory": 2 << 30,
-        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-        "dashboard_agent_listen_port": None,  # (free)
-        "node_ip_address": "127.0.0.1"})  # as the platform's local head (cluster/runtime)
-    ray.init(address=cluster.address, log_to_driver=True,
-             runtime_env={"env_vars": dict(PLATFORM_ENV)})
-    os.environ["RAY_ADDRESS"] = cluster.address
-    yield RaySession(cluster.address, f"http://{cluster.webui_url}")
+    ctx = ray.init(num_cpus=2, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                   _node_ip_address="127.0.0.1",  # as the platform's local head (cluster/runtime)
+                   log_to_driver=True, runtime_env={"env_vars": dict(PLATFORM_ENV)})
+    yield RaySession(ray.get_runtime_context().gcs_address, f"http://{ctx.dashboard_url}")
     ray.shutdown()
-    cluster.shutdown()
 
 
 @pytest.fixture
@@ -172,6 +162,18 @@ def register_quick(settings: Settings, registry, task: str, epochs: int = 6, see
     spec.tokenizer.save_pretrained(folder)
     return register_model_dir(settings.training, registry, task, data, folder, spec.labels,
                               history=[], ds_config={}, started=started)
+
+
+def log_record(i: int, **extra) -> dict:
+    """An inference log record of request `r{i}` (a support router's answer), `extra` on top."""
+    from monitoring.log import now
+    from training.features import DESCRIPTORS
+
+    return {"request_id": f"r{i}", "item": 0, "ts": now(), "tenant": "default",
+            "application": "support", "model": "support-router", "model_version": "1",
+            "variant": "champion", "stages": {"router": "support-router/1"},
+            **dict.fromkeys(DESCRIPTORS, 1.0), "embedding": [0.0] * 4, "prediction": "billing",
+            "confidence": 0.9, "latency_ms": 3.0, "outcome": "ok", **extra}
 
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository

@@ -1,0 +1,88 @@
+"""Feedback labels (`monitoring/feedback.py`): each checked against the logged request, its
+tenant and its model's labels, one by one or in a batch with one read; and the queue of answers
+awaiting a label, disagreements and doubts first, each predicted label in turn, some at random."""
+
+import numpy as np
+import pytest
+from conftest import log_record
+
+from monitoring.config import LogConfig
+from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
+
+
+def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
+    from monitoring.feedback import InvalidLabel, Label, UnknownRequest, feedback_row, feedback_rows
+
+    uri = str(tmp_path / "log")
+    writer = SegmentWriter(uri, INFERENCE, LogConfig())
+    writer.write_segment([log_record(1), {**log_record(2), "model": "rewriter", "prediction": "stop"},
+                          {**log_record(3), "model": None, "outcome": "error"}])
+    labels = {"support-router": ["billing", "refund"], "rewriter": []}
+
+    def labels_of(model: str, version: str) -> list[str]:
+        assert version == "1"
+        return labels[model]
+
+    row = feedback_row(uri, labels_of, "r1", 0, "refund", "default")
+    assert row == {"request_id": "r1", "item": 0, "label": "refund", "tenant": "default"}
+    bad = [("nope", 0, "refund", "default", UnknownRequest, "no logged request"),
+           ("r1", 3, "refund", "default", UnknownRequest, "item 3"),
+           # another tenant's request reads exactly as an unknown one
+           ("r1", 0, "refund", "other", UnknownRequest, "no logged request 'r1' with item 0"),
+           ("r1", 0, "shipping", "default", InvalidLabel, "billing, refund"),
+           ("r2", 0, "refund", "default", InvalidLabel, "answers with text"),
+           ("r3", 0, "refund", "default", InvalidLabel, "did not get a prediction")]
+    for rid, item, label, tenant, error, message in bad:
+        with pytest.raises(error, match=message):
+            feedback_row(uri, labels_of, rid, item, label, tenant)
+    # a batch is checked with one read: each label gets its own record or error, in order
+    batch = [Label(*case[:4]) for case in bad]
+    batch.insert(3, Label("r1", 0, "billing", "default"))
+    checked = feedback_rows(uri, labels_of, batch)
+    assert checked[3] == {"request_id": "r1", "item": 0, "label": "billing", "tenant": "default"}
+    del checked[3]
+    assert [type(c) for c in checked] == [case[4] for case in bad]
+
+
+def test_the_label_queue_puts_disagreements_and_doubts_first_per_label_and_explores(tmp_path):
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    uri = str(tmp_path / "log")
+    rng = np.random.default_rng(0)
+    labels = ["billing", "refund", "shipping"]
+    # 90 answers: billing predicted 60 times, refund 20, shipping 10; confidence known
+    rows = [log_record(i, prediction=labels[0 if i < 60 else 1 if i < 80 else 2],
+                    confidence=float(rng.uniform(0.3, 1.0)), posterior=[0.3, 0.3, 0.4],
+                    text=f"ticket {i}") for i in range(90)]
+    rows[5]["confidence"] = 0.99  # confident, but a shadowing challenger says otherwise
+    shadow = {**rows[5], "variant": "shadow", "model_version": "2", "prediction": "refund"}
+    other = [log_record(100 + i, tenant="neighbour", confidence=0.01, posterior=[1, 0, 0])
+             for i in range(5)]
+    generated = {**log_record(200, confidence=0.01), "posterior": None}  # no posterior: a generator
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment([*rows, shadow, *other, generated])
+    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([  # already labelled: not pending
+        {"request_id": "r7", "item": 0, "label": "billing", "ts": now(), "tenant": "default"}])
+    config = LabelQueueConfig(explore=0.25)
+    page = pending(uri, "default", 12, config)
+    ids = [it["request_id"] for it in page]
+    assert len(page) == 12 and len(set(ids)) == 12
+    assert page[0]["request_id"] == "r5" and page[0]["reason"] == "disagreement"
+    assert not {"r7", "r200"} & set(ids) and not any(i.startswith("r10") for i in ids)
+    useful, drawn = page[:9], page[9:]
+    assert [it["reason"] for it in drawn] == ["random"] * 3
+    assert {it["prediction"] for it in useful[1:4]} == set(labels)  # each label in turn
+    by_label = {}
+    for it in useful[1:]:
+        by_label.setdefault(it["prediction"], []).append(it["confidence"])
+    least = {lab: sorted(round(r["confidence"], 4) for r in rows if r["prediction"] == lab
+                         and r["request_id"] not in ("r5", "r7"))
+             for lab in labels}
+    for lab, seen in by_label.items():  # each label's least confident, in order
+        assert seen == least[lab][:len(seen)]
+    assert page[1]["text"].startswith("ticket") and page[0]["model_version"] == "1"
+    assert pending(uri, "neighbour", 50, config) and all(
+        it["request_id"].startswith("r10") for it in pending(uri, "neighbour", 50, config))
+    assert pending(uri, "default", 12, config, model="moderation") == []
+    assert len(pending(uri, "default", 500, config)) == 89  # all but r7 (the shadow is r5's)
+

@@ -1,0 +1,46 @@
+"""A retrain's training set and gate (`training/retrain.py`): labelled recent traffic mixed with
+a replay sample, holdouts that are held out, too few labels refused; a challenger promoted only
+with a gain on recent traffic and no loss on the original (concept shift: test_contradiction.py)."""
+
+import pandas as pd
+import pytest
+
+from training.config import GateConfig, RetrainConfig
+from training.data import generate
+from training.errors import InvalidData
+from training.retrain import ORIGINAL, RECENT, gate, retraining_data
+from training.taskdata import TaskData
+
+
+def test_gate_needs_a_gain_on_recent_traffic_and_no_loss_on_the_original():
+    cfg = GateConfig(margin=0.02, tolerance=0.02)
+    champion = {RECENT: 0.70, ORIGINAL: 0.90}
+    assert gate(champion, {RECENT: 0.80, ORIGINAL: 0.89}, cfg).promote
+    small = gate(champion, {RECENT: 0.71, ORIGINAL: 0.95}, cfg)
+    assert not small.promote and "below the margin" in small.reason
+    forgot = gate(champion, {RECENT: 0.95, ORIGINAL: 0.85}, cfg)
+    assert not forgot.promote and "over the tolerance" in forgot.reason
+    assert forgot.champion == champion and forgot.challenger[ORIGINAL] == 0.85
+
+
+def test_retraining_set_mixes_labelled_recent_traffic_with_a_replay_sample(tmp_path):
+    recent = generate("support-tickets", "new-product", 120, seed=1)[["text", "label"]]
+    recent.loc[100:, "label"] = None  # answered, never labelled
+    reference = generate("support-tickets", "base", 2000, seed=2)
+    golden = generate("support-tickets", "base", 50, seed=3)
+    config = RetrainConfig(min_labelled=60, recent_holdout_share=0.3, recent_repeats=2,
+                           replay_rows=500, validation_rows=100)
+    data = retraining_data(recent, reference, golden, config)
+    assert len(data.holdouts[RECENT]) == 30 and data.holdouts[ORIGINAL].equals(
+        golden[["text", "label"]])
+    assert len(data.train) + len(data.validation) == 500 + 70 * 2 and len(data.validation) == 100
+    mix = pd.concat([data.train, data.validation])
+    assert not set(data.holdouts[RECENT].text) & set(mix.text)  # held out means held out
+    assert mix.text.isin(recent.text).sum() == 140 and mix.label.notna().all()
+    # replayed rows keep their provenance (the support pipeline's resolved tickets come from it)
+    replayed = mix[~mix.text.isin(recent.text)]
+    assert replayed.intent.notna().all() and (replayed.scenario == "base").all()
+    back = TaskData.load(data.save(tmp_path / "d"))
+    assert back.train.equals(data.train) and back.holdouts.keys() == data.holdouts.keys()
+    with pytest.raises(InvalidData, match="59 labelled recent requests"):
+        retraining_data(recent.iloc[:59], reference, golden, config)
