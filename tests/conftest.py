@@ -90,8 +90,11 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked `own_ray` start Ray clusters of their own (stopping the session's): last."""
-    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+    """The tests on the shared serving stack (`platform`) after the others, whose Ray Train
+    workers and replicas would find its replicas holding the session's CPUs; tests marked
+    `own_ray` start Ray clusters of their own (stopping the session's): last."""
+    items.sort(key=lambda item: (item.get_closest_marker("own_ray") is not None,
+                                 "platform" in item.fixturenames))
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,15 @@ def ray_session() -> RaySession:
                    log_to_driver=True, runtime_env={"env_vars": dict(PLATFORM_ENV)})
     yield RaySession(ray.get_runtime_context().gcs_address, f"http://{ctx.dashboard_url}")
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def platform(ray_session, tmp_path_factory):
+    """The serving stack tests/serve_apps/test_serving_*.py share (`serving_stack.py`): set up
+    once, torn down with the session."""
+    from serving_stack import up
+
+    yield from up(ray_session, tmp_path_factory)
 
 
 @pytest.fixture
