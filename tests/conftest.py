@@ -126,6 +126,16 @@ def platform(ray_session, tmp_path_factory):
 
 
 @pytest.fixture
+def loop(ray_session, tmp_path):
+    """The closed loop's stack of tests/cluster/test_controller.py and test_loop.py
+    (`loop_stack.py`): a router champion (v1), a worse challenger (v2), the loop's settings on
+    the session's Ray and their controller."""
+    from loop_stack import build
+
+    return build(ray_session, tmp_path)
+
+
+@pytest.fixture
 def settings(tmp_path) -> Settings:
     return tiny_settings(tmp_path / "state")
 

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 from conftest import register_quick, tiny_settings, wait_for
-from loop_stack import MODEL, build, log_served
+from loop_stack import MODEL, log_served
 
 from cluster.controller import PREVIOUS, Controller, Refused
 from cluster.demo import quality
@@ -27,13 +27,6 @@ from training.registry import (
     Registry,
 )
 from training.retrain import RECENT, retraining_data
-
-
-@pytest.fixture
-def loop(ray_session, tmp_path):
-    """A router champion (v1) and a worse challenger (v2), the loop's settings on the session's
-    Ray (`loop_stack.build`)."""
-    return build(ray_session, tmp_path)
 
 
 def test_a_corrupt_state_file_is_moved_aside_and_the_loop_starts_from_serving(tmp_path):

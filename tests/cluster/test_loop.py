@@ -9,7 +9,7 @@ import time
 
 import pytest
 from conftest import free_port, wait_for
-from loop_stack import MODEL, build, log_served
+from loop_stack import MODEL, log_served
 
 from cluster.controller import PREVIOUS
 from cluster.settings import CanaryPolicy
@@ -20,13 +20,6 @@ from training.registry import (
     CHALLENGER,
     CHAMPION,
 )
-
-
-@pytest.fixture
-def loop(ray_session, tmp_path):
-    """A router champion (v1) and a worse challenger (v2), the loop's settings on the session's
-    Ray (`loop_stack.build`)."""
-    return build(ray_session, tmp_path)
 
 
 def test_up_starts_the_loop_and_down_stops_it(loop):
