@@ -14,6 +14,10 @@ from cluster.runtime import PLATFORM_ENV, apply_platform_env
 from cluster.settings import Settings
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# No Ray API starts a Ray of its own here: after the session's `ray.shutdown()` the routers of
+# the Serve handles this process holds still push metrics, and each push would start a fresh
+# local Ray (in a daemon thread, at exit, where it can hang the interpreter)
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 apply_platform_env()
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
