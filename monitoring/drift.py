@@ -170,15 +170,16 @@ def accuracy_shortfall(labelled: pd.DataFrame, reference: pd.DataFrame,
     """How far the accuracy of labelled answers falls below the mean of their calibrated
     confidence (beyond the reference rows' own gap between the two): about 0 while the world is
     the one the model was calibrated on, whichever answers were chosen for labelling (by
-    confidence or at random). It drifts past `threshold` and two standard errors of chance
-    (each answer right with the probability its confidence says): a few labels of hard
-    answers are not evidence."""
+    confidence or at random). It drifts past `threshold` and three standard errors of chance
+    (each answer right with the probability its confidence says), a control chart's limit: a
+    few labels of hard answers are not evidence, and one temperature leaves the least
+    confident answers of a small model overconfident by about one standard error."""
     confidence = labelled.confidence.to_numpy(float)
     gap = float(reference.confidence.mean() - (reference.prediction == reference.label).mean())
     value = float(confidence.mean() - (labelled.prediction == labelled.label).mean() - gap)
     chance = float(np.sqrt((confidence * (1 - confidence)).sum()) / len(confidence))
     return Metric("feedback_accuracy_drop", round(value, 4), threshold,
-                  value > max(threshold, 2 * chance), "confidence - feedback accuracy")
+                  value > max(threshold, 3 * chance), "confidence - feedback accuracy")
 
 
 def windows(log: pd.DataFrame, size: int) -> list[pd.DataFrame]:

@@ -107,7 +107,10 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
     assert figures["recovered"] == round(drifted["v1 with its new priors"]
                                          / figures["clean_traffic_before_drift"], 3)
     served = figures["served_on_drifted_traffic"]
-    assert 0.5 < served["coverage"] < 1 and served["precision"] > drifted["v1"]
+    # (how much it answers depends on how the tiny model's accuracy sits against 1 - the
+    # error rate: about half on one CPU, a quarter on another; that it abstains, and that what
+    # it answers is the more accurate part, does not)
+    assert 0 < served["coverage"] < 1 and served["precision"] > drifted["v1"], figures
     # refuted: labels that disagree with the adjusted answers send the loop to a retrain
     controller.store.save(state.model_copy(update={"state": "reweighted", "since": time.time()}))
     log_served(settings, registry, "concept-shift", 60, 60, seed=13)
