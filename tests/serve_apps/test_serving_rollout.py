@@ -70,7 +70,7 @@ def test_canary_split_is_sticky_and_shadow_answers_with_champion(platform):
     set_canary(platform.cluster, "moderation", uri,
                CanaryConfig(model="models:/moderation@challenger", fraction=0.3))
     handle = serve.get_deployment_handle("Classifier", "moderation")
-    ids = [f"req-{i}" for i in range(1000)]
+    ids = [f"req-{i}" for i in range(300)]
     answers = [handle.predict.remote(Item("is this spam?", rid)) for rid in ids]
     variants = [a.result()["model"] for a in answers]
     for rid, model in zip(ids, variants):
