@@ -173,7 +173,7 @@ def accuracy_shortfall(labelled: pd.DataFrame, reference: pd.DataFrame,
     confidence or at random). It drifts past `threshold` and three standard errors of chance
     (each answer right with the probability its confidence says), a control chart's limit: a
     few labels of hard answers are not evidence, and one temperature leaves the least
-    confident answers of a small model overconfident by two standard errors and more."""
+    confident answers of a small model overconfident by about two standard errors."""
     confidence = labelled.confidence.to_numpy(float)
     gap = float(reference.confidence.mean() - (reference.prediction == reference.label).mean())
     value = float(confidence.mean() - (labelled.prediction == labelled.label).mean() - gap)
