@@ -13,16 +13,35 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export TOKENIZERS_PARALLELISM = false
 export RAY_AUTH_MODE = disabled
 export PYTHONUNBUFFERED = 1
-# pip installs without compiling every module of every package (torch, transformers and ray ship
-# thousands never imported here); Python compiles what is imported on first use and keeps it
+# the install compiles no module of any package (torch, transformers and ray ship thousands never
+# imported here); Python compiles what is imported on first use and keeps it
 unexport PYTHONDONTWRITEBYTECODE
 # (the local head binds the dashboard to 127.0.0.1; see cluster.yaml for a shared cluster)
 
 .PHONY: install demo test lint bench bench-env manifests clean
 
+# uv resolves and installs the pinned set in seconds (pip took 83 s on 2 cores); uv reads no
+# pip.conf, so pip's configured sources and constraints are handed over; pip stays the fallback
+define PIP_SOURCES
+import os, shlex, subprocess, sys
+out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+flags = ["--index-strategy", "unsafe-best-match"]  # as pip: the best version over every index
+for key, _, value in (line.partition("=") for line in out.splitlines()):
+    name = key.rsplit(".", 1)[-1]
+    for v in value.strip("'\"").split():
+        local = v.removeprefix("file://")
+        if name in ("index-url", "extra-index-url", "find-links", "constraint") and (
+                "://" in local or os.path.exists(local)):
+            flags += [f"--{name}", v]
+print(shlex.join(flags))
+endef
+export PIP_SOURCES
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile --upgrade-strategy only-if-needed -e '.[dev]'
+	$(PY) -m pip install --quiet uv==0.13.8
+	$(VENV)/bin/uv pip install --quiet --python $(PY) $$($(PY) -c "$$PIP_SOURCES") -e '.[dev]' \
+	  || $(PY) -m pip install --quiet --no-compile --upgrade-strategy only-if-needed -e '.[dev]'
 	@# promtool (Debian's prometheus package) runs the alert rules' unit tests
 	command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }

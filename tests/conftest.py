@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +32,24 @@ TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_head
               "max_position_embeddings": 96}
 
 
-def tiny_settings(data_dir, **training) -> Settings:
-    """Settings whose tasks train in seconds: scratch models, a few hundred rows."""
+@functools.cache
+def _migrated_mlflow_store() -> Path:
+    """An empty MLflow SQLite store with its schema created: MLflow's migrations take about 2 s
+    per new store, once per session here, then each test's data dir starts from a copy."""
+    from mlflow import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="mlflow-schema-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+def tiny_settings(data_dir, tracking_uri: str | None = None, **training) -> Settings:
+    """Settings whose tasks train in seconds: scratch models, a few hundred rows; an empty
+    registry (without `tracking_uri`, the SQLite store under `data_dir`)."""
+    if tracking_uri is None and not (Path(data_dir) / "mlflow.db").exists():
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_migrated_mlflow_store(), Path(data_dir) / "mlflow.db")
     classifier = {"model": {"source": "scratch", "architecture": TINY_BERT, "max_length": 48},
                   "train_size": 192, "holdout_size": 48, "golden_size": 48, "epochs": 2,
                   "batch_size": 16, "learning_rate": 1e-3}
@@ -55,6 +75,7 @@ def tiny_settings(data_dir, **training) -> Settings:
     return Settings.model_validate({
         "data_dir": str(data_dir),
         "ray": {"include_dashboard": False},
+        "registry": {"tracking_uri": tracking_uri},
         "training": {"workers": 2, "max_failures": 2, "tasks": tasks, **training},
         # tests step their controllers themselves (test_controller.py starts the loop's actors);
         # a retrain on one worker: distribution is tested by the fine-tunes themselves

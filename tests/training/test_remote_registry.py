@@ -78,8 +78,7 @@ def test_models_registered_and_served_through_a_tracking_server(mlflow_server, t
         urllib.request.urlopen(search, timeout=10)  # no credentials: nothing to read or write
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # what every node's env holds
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
-    settings = tiny_settings(tmp_path / "client")
-    settings.registry.tracking_uri = url
+    settings = tiny_settings(tmp_path / "client", tracking_uri=url)
     registry = Registry(settings.registry, settings.data_dir)
     registry.check()
 
