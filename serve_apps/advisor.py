@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from monitoring.batching import unwrap
 from serve_apps import dialogue
 from serve_apps.auth import Principal
+from serve_apps.batch import Item
 from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import AdvisorAppConfig
 from serve_apps.http import (
@@ -48,7 +49,6 @@ from serve_apps.openai_schema import Tool as ToolSpec
 from serve_apps.pipeline import Pipeline
 from serve_apps.portfolio import SimulationRequest, digest, request_of, simulate
 from serve_apps.quoting import QUOTED, check
-from serve_apps.slot import Item
 from training.refs import UnknownModel
 
 MODEL_ID = "advisor"  # the one model name the OpenAI route serves

@@ -120,9 +120,10 @@ def _pipeline(name: str, args: dict) -> Application:
     if not models:  # a service over no model: feedback
         return pipeline.options(**options[class_name]).bind(
             args["log"], uri, args["config"], args.get("governance"))
-    from serve_apps.stages import MODELS
+    from serve_apps.stages import model_deployments
 
-    stages = [MODELS[dep].options(**options[dep]).bind(uri) if dep in options else None
+    deployments = model_deployments()
+    stages = [deployments[dep].options(**options[dep]).bind(uri) if dep in options else None
               for dep in models]
     return pipeline.options(**options[class_name]).bind(
         *stages, args["config"], args["limits"], uri, args.get("log"), args.get("governance"))

@@ -19,19 +19,14 @@ from ray import serve
 from monitoring.batching import unwrap
 from serve_apps.adapters import Adapter, check_base
 from serve_apps.adapters import fetch as fetch_adapter
+from serve_apps.batch import Item, set_batching
 from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, device
 from serve_apps.model_config import ModelDeploymentConfig
-from serve_apps.slot import CHAMPION_VARIANT, Item, ModelSlot, answered_by
+from serve_apps.slot import CHAMPION_VARIANT, ModelSlot, answered_by
 from training.refs import UnknownModel, resolve
 
 MAX_ADAPTERS = ModelDeploymentConfig.model_fields["max_adapters"].default
-
-
-def set_batching(method, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-    """Resize a `@serve.batch` method's batches in place (from config, at any time)."""
-    method.set_max_batch_size(max_batch_size)
-    method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
 
 class _ModelDeployment:

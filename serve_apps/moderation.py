@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 from monitoring.batching import unwrap
 from serve_apps import metrics
 from serve_apps.auth import Principal
+from serve_apps.batch import Item
 from serve_apps.breaker import CircuitBreaker
 from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import ModerationAppConfig
@@ -27,7 +28,6 @@ from serve_apps.http import (
 )
 from serve_apps.pii import redact
 from serve_apps.pipeline import Pipeline
-from serve_apps.slot import Item
 
 
 class Moderation(BaseModel):

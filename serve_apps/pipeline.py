@@ -18,14 +18,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps.auth import Principal
+from serve_apps.batch import Item, set_batching
 from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import LimitsConfig
-from serve_apps.deployments import set_batching
 from serve_apps.http import request_texts
 from serve_apps.inference_log import InferenceLog
 from serve_apps.policies import chain
 from serve_apps.pressure import Pressure
-from serve_apps.slot import Item
 from serve_apps.stages import Stages
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from serve_apps import metrics
 from serve_apps.adapters import Adapter, pin_adapters
+from serve_apps.batch import Item
 from serve_apps.engine import ContinuousEngine
 from serve_apps.model import LoadedModel, load
 from serve_apps.model_config import CanaryConfig, GenerationConfig
@@ -31,19 +32,6 @@ def answered_by(model: LoadedModel, adapter: Adapter | None, variant: str) -> di
 def bucket(request_id: str) -> float:
     """A stable number in [0, 1) per request id: the same id always lands on the same side."""
     return int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) / 2**32
-
-
-@dataclass(frozen=True)
-class Item:
-    """One text in a batch, with what routes it (request id; `fallback`: the pipeline is at a
-    peak, `serve_apps/pressure.py`), how to run it (params) and, for a generator, the LoRA
-    adapter that answers it (None: the base)."""
-
-    text: str
-    request_id: str
-    params: tuple = ()
-    adapter: Adapter | None = None
-    fallback: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,13 @@ from collections.abc import Mapping
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_apps.deployments import Classifier, Encoder, Generator
 
-MODELS = {d.name: d for d in (Classifier, Encoder, Generator)}
+def model_deployments() -> dict:
+    """The model deployments by name, imported when a stage needs one: they load torch, which
+    a pipeline whose models all have replicas of their own never needs."""
+    from serve_apps.deployments import Classifier, Encoder, Generator
+
+    return {d.name: d for d in (Classifier, Encoder, Generator)}
 
 
 class _Stream:
@@ -64,7 +68,7 @@ class InProcess:
     (`stage.predict_many.remote(items)`, `stage.options(stream=True).stream.remote(...)`)."""
 
     def __init__(self, deployment: str, tracking_uri: str | None):
-        self.model = MODELS[deployment].func_or_class(tracking_uri)
+        self.model = model_deployments()[deployment].func_or_class(tracking_uri)
 
     def options(self, **_) -> InProcess:
         return self

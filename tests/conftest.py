@@ -83,6 +83,22 @@ def tiny_settings(data_dir, tracking_uri: str | None = None, **training) -> Sett
     })
 
 
+HEAVY = {"torch", "transformers", "deepspeed", "peft", "mlflow", "evidently"}
+
+
+def imported_by(code: str) -> set[str]:
+    """The top-level packages a fresh interpreter holds after running `code`."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {m.split(".")[0] for m in json.loads(proc.stdout)}
+
+
 def wait_for(what: str, check: Callable, timeout_s: float = 60, every_s: float = 0.25,
              detail: Callable[[], object] = lambda: ""):
     """Poll `check` until it returns something truthy, and return that: tests wait for a state,

@@ -20,10 +20,10 @@ from serving_stack import (
     SUPPORT_TEXTS,
 )
 
+from serve_apps.batch import Item
 from serve_apps.config import ServeConfig
 from serve_apps.http import InvalidRequest
 from serve_apps.pii import redact
-from serve_apps.slot import Item
 from training.data import generate
 from training.data.support import RESOLUTIONS
 

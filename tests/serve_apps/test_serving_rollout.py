@@ -18,9 +18,10 @@ from serving_stack import (
 )
 
 from monitoring.log import read
+from serve_apps.batch import Item
 from serve_apps.deploy import set_canary, set_priors, swap
 from serve_apps.model_config import CanaryConfig
-from serve_apps.slot import Item, bucket
+from serve_apps.slot import bucket
 
 
 def _load(platform, stop: threading.Event, log: list, workers: int = 6) -> list[threading.Thread]:

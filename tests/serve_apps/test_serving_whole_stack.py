@@ -34,9 +34,9 @@ from serving_stack import (
 
 from cluster.runtime import PLATFORM_ENV
 from monitoring.log import FEEDBACK, read
+from serve_apps.batch import Item
 from serve_apps.config import ServeConfig
 from serve_apps.deploy import serve_config
-from serve_apps.slot import Item
 
 
 def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_request(platform):

@@ -1,0 +1,27 @@
+"""What a model deployment's batch holds (`Item`) and how its size is set (`set_batching`): the
+pipelines need both without loading a model, so neither lives beside the models (torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve_apps.adapters import Adapter
+
+
+@dataclass(frozen=True)
+class Item:
+    """One text in a batch, with what routes it (request id; `fallback`: the pipeline is at a
+    peak, `serve_apps/pressure.py`), how to run it (params) and, for a generator, the LoRA
+    adapter that answers it (None: the base)."""
+
+    text: str
+    request_id: str
+    params: tuple = ()
+    adapter: Adapter | None = None
+    fallback: bool = False
+
+
+def set_batching(method, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    """Resize a `@serve.batch` method's batches in place (from config, at any time)."""
+    method.set_max_batch_size(max_batch_size)
+    method.set_batch_wait_timeout_s(batch_wait_timeout_s)
