@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,10 +91,6 @@ HEAVY = {"torch", "transformers", "deepspeed", "peft", "mlflow", "evidently"}
 
 def imported_by(code: str) -> set[str]:
     """The top-level packages a fresh interpreter holds after running `code`."""
-    import json
-    import subprocess
-    import sys
-
     code = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
@@ -124,8 +123,6 @@ def pytest_runtest_logreport(report):
     """A failure is printed when it happens too, not only in the summary: a Ray process that
     takes the interpreter down at exit would otherwise take the report with it."""
     if report.failed:
-        import sys
-
         print(f"\nFAILED {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}",
               file=sys.stderr, flush=True)
 
@@ -244,8 +241,6 @@ MONITORING = ROOT / "monitoring"
 
 
 def dashboard_exprs() -> list[str]:
-    import json
-
     dashboard = json.loads((MONITORING / "grafana" / "llmops.json").read_text())
     return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])] + [
         a["expr"] for a in dashboard["annotations"]["list"]]
