@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import functools
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,6 +127,28 @@ def pytest_runtest_logreport(report):
     if report.failed:
         print(f"\nFAILED {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}",
               file=sys.stderr, flush=True)
+
+
+# How long the test process may take to exit once its tests and fixtures are done
+EXIT_GRACE_S = 60
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A test process that does not exit within EXIT_GRACE_S of its last teardown prints every
+    thread's stack and exits with the session's status: a thread left behind (a library's, at
+    exit) once kept CI's session alive until its kill limit, with no sign of where."""
+    def give_up():
+        os.write(2, f"\nthe test process did not exit {EXIT_GRACE_S} s after its session; "
+                    "its threads:\n".encode())
+        faulthandler.dump_traceback(sys.__stderr__, all_threads=True)
+        os._exit(int(exitstatus))
+
+    watchdog = threading.Timer(EXIT_GRACE_S, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    # Were the interpreter stuck where no Python thread runs: stacks, then exit 1
+    faulthandler.dump_traceback_later(2 * EXIT_GRACE_S, exit=True, file=sys.__stderr__)
 
 
 def pytest_collection_modifyitems(items):
