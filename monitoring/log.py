@@ -207,10 +207,11 @@ def read(uri: str, kind: str = INFERENCE, *, last: int | None = None,
     return df.tail(last).reset_index(drop=True) if last is not None else df
 
 
-def _scan(uri: str, kind: str, condition, attempts: int = 3) -> pd.DataFrame:
+def _scan(uri: str, kind: str, condition, attempts: int = 10) -> pd.DataFrame:
     """The rows of every segment matching `condition`. A compaction (`monitoring/compaction.py`)
     may remove a listed segment before it is opened: the scan then starts again from a fresh
-    listing, which has the merged segment instead."""
+    listing, which has the merged segment instead, after a pause that grows with each try (a
+    compactor busy merging a stream of new segments once won three tries in a row)."""
     import pyarrow.dataset as ds
 
     fs, root = filesystem(uri)
@@ -229,6 +230,7 @@ def _scan(uri: str, kind: str, condition, attempts: int = 3) -> pd.DataFrame:
             if attempt == attempts - 1:
                 raise LogUnavailable(f"the {kind} log at {uri} kept changing under a read"
                                      ) from exc
+            time.sleep(0.02 * (attempt + 1))
         except OSError as exc:
             raise LogUnavailable(f"cannot read the {kind} log at {uri}: {exc}") from exc
 
