@@ -38,6 +38,8 @@ class LabelQueueConfig(StrictModel):
 
     window: int = Field(5000, ge=10, description="the newest logged answers searched")
     explore: float = Field(0.3, ge=0, le=1, description="share of a page drawn at random")
+    confident: float = Field(0.9, gt=0, le=1, description="calibrated confidence from which a "
+                             "labelled answer found wrong points the queue at its neighbours")
     max_limit: int = Field(500, ge=1, description="the most items one page returns")
 
 

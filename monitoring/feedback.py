@@ -10,14 +10,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 
 from monitoring.config import LabelQueueConfig
-from monitoring.log import FEEDBACK, INFERENCE, SHADOW, read
+from monitoring.log import FEEDBACK, INFERENCE, SHADOW, read, with_feedback
 from training.errors import LLMOpsError
 
 # labelled requests before an accuracy counts: a drift window's, or each side of a canary's
 MIN_LABELS = 30
+# confidently wrong answers (beyond three standard errors of chance) before the label queue
+# asks about their neighbours
+MIN_CONTRADICTIONS = 3
 
 
 class UnknownRequest(LLMOpsError):
@@ -81,25 +85,37 @@ def _checked(record, lab: Label, labels_of) -> dict | LLMOpsError:
 def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
             model: str | None = None, since: datetime | None = None) -> list[dict]:
     """The classifier answers of `tenant` (of `model`, if given) that wait for a label, the most
-    useful first: where the champion and a shadowing challenger disagree, then the least
-    confident (calibrated confidence: a conformal set of several labels comes first), taken
-    in turn from each predicted label so no label is starved; `explore` of the page is a
-    uniform draw of the rest. Each item says why it was chosen."""
-    log = read(log_uri, INFERENCE, last=config.window, since=since, shadow=True, tenant=tenant,
+    useful first: where the champion and a shadowing challenger disagree; then, once labels
+    show the model confidently wrong more often than its confidence allows (a concept shift:
+    the moved region is answered with confidence, so doubt never points there), the answers
+    whose nearest labelled one is such a mistake, the closest first (`contradiction`); then the
+    least confident (calibrated confidence: a conformal set of several labels comes first);
+    taken in turn from each predicted label so no label is starved; `explore` of the page is a
+    uniform draw of the rest. Each item says why it was chosen. `since` limits the answers
+    listed, not the labelled ones that point the queue."""
+    log = read(log_uri, INFERENCE, last=config.window, shadow=True, tenant=tenant,
                outcome="ok", model=model)
     log = log[log.prediction.notna() & log.posterior.notna()]
     if log.empty or limit < 1:
         return []
-    labelled = read(log_uri, FEEDBACK, request_ids=set(log.request_id), tenant=tenant)
-    done = set(zip(labelled.request_id, labelled.item))
-    log = log[[k not in done for k in zip(log.request_id, log.item)]]
     shadow = log[log.variant == SHADOW].set_index(["request_id", "item"]).prediction
-    answers = log[log.variant != SHADOW].drop_duplicates(["request_id", "item"], keep="last")
+    answers = with_feedback(
+        log[log.variant != SHADOW].drop_duplicates(["request_id", "item"], keep="last"),
+        read(log_uri, FEEDBACK, request_ids=set(log.request_id), tenant=tenant))
+    labelled = answers[answers.label.notna()]
+    answers = answers[answers.label.isna()]
+    if since is not None:
+        at = pd.Timestamp(since)
+        answers = answers[answers.ts >= (at if at.tzinfo else at.tz_localize("UTC"))]
     other = [shadow.get(k) for k in zip(answers.request_id, answers.item)]
-    disagree = [o is not None and o != p for o, p in zip(other, answers.prediction)]
-    answers = answers.assign(disagree=disagree, reason=["disagreement" if d else "uncertain"
-                                                        for d in disagree])
-    ranked = answers.sort_values(["disagree", "confidence"], ascending=[False, True])
+    disagree = np.array([o is not None and o != p for o, p in zip(other, answers.prediction)])
+    similar = _near(answers, labelled, _confidently_wrong(labelled, config.confident))
+    near = ~disagree & ~np.isnan(similar)
+    answers = answers.assign(rank=np.where(disagree, 0, np.where(near, 1, 2)),
+                             order=np.where(near, -similar, answers.confidence),
+                             reason=np.where(disagree, "disagreement",
+                                             np.where(near, "contradiction", "uncertain")))
+    ranked = answers.sort_values(["rank", "order"])
     explore = round(min(limit, len(ranked)) * config.explore)
     useful = _interleave(ranked, limit - explore)
     rest = ranked.drop(index=useful.index)
@@ -109,6 +125,45 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
              "model": r.model, "model_version": r.model_version, "prediction": r.prediction,
              "confidence": round(float(r.confidence), 4), "reason": r.reason, "text": r.text}
             for r in page.itertuples(index=False)]
+
+
+def _confidently_wrong(labelled: pd.DataFrame, confident: float) -> pd.DataFrame:
+    """The labelled answers at `confident` or more that the label contradicts, when there are
+    more of them than their confidence allows beyond three standard errors of chance (else
+    none: the few a calibrated model gets wrong at any confidence are not a region)."""
+    sure = labelled[labelled.confidence >= confident]
+    wrong = sure[sure.prediction != sure.label]
+    c = sure.confidence.to_numpy(float)
+    expected, sd = (1 - c).sum(), np.sqrt((c * (1 - c)).sum())
+    return wrong if len(wrong) >= MIN_CONTRADICTIONS and len(wrong) > expected + 3 * sd \
+        else wrong.iloc[:0]
+
+
+def _near(answers: pd.DataFrame, labelled: pd.DataFrame, wrong: pd.DataFrame) -> np.ndarray:
+    """Per answer, where the labelled answer nearest to it (same model version, same
+    prediction; the model's own logged embedding, cosine) is a confidently wrong one, its
+    similarity to it (NaN elsewhere): the region a concept shift moved, found from its first
+    labels and bounded by the labels that confirm the model around it."""
+    out = np.full(len(answers), np.nan)
+    if wrong.empty:
+        return out
+    keys = ["model", "model_version", "prediction"]
+    seeds = set(zip(wrong.request_id, wrong.item))
+    for key, group in labelled[labelled.embedding.notna()].groupby(keys):
+        is_wrong = np.array([k in seeds for k in zip(group.request_id, group.item)])
+        mine = np.flatnonzero((answers[keys] == pd.Series(key, index=keys)).all(axis=1)
+                              & answers.embedding.notna())
+        if is_wrong.any() and len(mine):
+            sims = _unit(answers.embedding.iloc[mine]) @ _unit(group.embedding).T
+            nearest = sims.argmax(axis=1)
+            hit = is_wrong[nearest]
+            out[mine[hit]] = sims[hit, nearest[hit]]
+    return out
+
+
+def _unit(vectors: pd.Series) -> np.ndarray:
+    m = np.stack(vectors.to_numpy()).astype(np.float32)
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
 
 
 def _interleave(ranked: pd.DataFrame, n: int) -> pd.DataFrame:

@@ -86,3 +86,54 @@ def test_the_label_queue_puts_disagreements_and_doubts_first_per_label_and_explo
     assert pending(uri, "default", 12, config, model="moderation") == []
     assert len(pending(uri, "default", 500, config)) == 89  # all but r7 (the shadow is r5's)
 
+
+
+def test_the_label_queue_asks_around_confident_mistakes_once_they_exceed_chance(tmp_path):
+    """A concept shift moves a region the model answers with confidence: doubt never points
+    there. Once labels find the model confidently wrong more often than chance, the queue asks
+    about the answers nearest those mistakes (same version, same prediction) first."""
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    rng = np.random.default_rng(1)
+    centres = np.eye(8)  # three regions the router calls shipping, with confidence; billing doubts
+
+    def answer(i, region, prediction, confidence, version="1"):
+        e = centres[region] + rng.normal(0, 0.15, 8)
+        return log_record(i, prediction=prediction, confidence=confidence, posterior=[0.5, 0.5],
+                          embedding=e.tolist(), model_version=version, text=f"r{region} {i}")
+
+    rows = [answer(i, i % 3, "shipping", 0.97) for i in range(90)]  # region i % 3
+    rows += [answer(100 + i, 5, "billing", 0.4 + 0.01 * i) for i in range(20)]
+    rows += [answer(200 + i, 1, "shipping", 0.97, version="2") for i in range(10)]
+    uri = str(tmp_path / "log")
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
+
+    def label(ids_labels):
+        SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
+            {"request_id": f"r{i}", "item": 0, "label": lab, "ts": now(), "tenant": "default"}
+            for i, lab in ids_labels])
+
+    config = LabelQueueConfig(explore=0)
+    # region 0 and 2 confirmed; one mistake in region 1: a calibrated model's share, not a region
+    label([(i, "shipping") for i in (0, 2, 3, 5, 6, 8, 9, 11, 12, 14)] + [(1, "refund")])
+    assert {it["reason"] for it in pending(uri, "default", 40, config)} == {"uncertain"}
+    label([(4, "refund"), (7, "refund"), (10, "refund")])  # four of fourteen at 0.97: a region
+    page = pending(uri, "default", 40, config)
+    asked = [it for it in page if it["reason"] == "contradiction"]
+    assert len(asked) >= 10 and {it["text"][:2] for it in asked} == {"r1"}
+    assert all(it["model_version"] == "1" and it["prediction"] == "shipping" for it in asked)
+    shipping = [it["reason"] for it in page if it["prediction"] == "shipping"]
+    assert shipping[:len(asked)] == ["contradiction"] * len(asked)  # before the doubts
+    assert [it["prediction"] for it in page[:2]] in (["shipping", "billing"],
+                                                     ["billing", "shipping"])  # in turn
+    # the threshold is the queue's setting: at 0.98, none of these answers is confident enough
+    assert "contradiction" not in {it["reason"] for it in pending(
+        uri, "default", 40, LabelQueueConfig(explore=0, confident=0.98))}
+    # `since` lists newer answers only; the labels before it still point the queue
+    since = now()
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(
+        [answer(300 + i, region, "shipping", 0.97) for i, region in enumerate([0, 2, 1, 1])])
+    newer = pending(uri, "default", 40, config, since=since)
+    assert {it["request_id"] for it in newer} == {"r300", "r301", "r302", "r303"}
+    assert {it["request_id"] for it in newer if it["reason"] == "contradiction"} == {"r302", "r303"}
