@@ -109,7 +109,7 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
         answers = answers[answers.ts >= (at if at.tzinfo else at.tz_localize("UTC"))]
     other = [shadow.get(k) for k in zip(answers.request_id, answers.item)]
     disagree = np.array([o is not None and o != p for o, p in zip(other, answers.prediction)])
-    similar = _near(answers, labelled, _confidently_wrong(labelled, config.confident))
+    similar = _near(answers, labelled, confident_mistakes(labelled, config.confident))
     near = ~disagree & ~np.isnan(similar)
     answers = answers.assign(rank=np.where(disagree, 0, np.where(near, 1, 2)),
                              order=np.where(near, -similar, answers.confidence),
@@ -127,7 +127,7 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
             for r in page.itertuples(index=False)]
 
 
-def _confidently_wrong(labelled: pd.DataFrame, confident: float) -> pd.DataFrame:
+def confident_mistakes(labelled: pd.DataFrame, confident: float) -> pd.DataFrame:
     """The labelled answers at `confident` or more that the label contradicts, when there are
     more of them than their confidence allows beyond three standard errors of chance (else
     none: the few a calibrated model gets wrong at any confidence are not a region)."""
