@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import functools
 import json
@@ -98,6 +99,22 @@ def imported_by(code: str) -> set[str]:
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {m.split(".")[0] for m in json.loads(proc.stdout)}
+
+
+@contextlib.contextmanager
+def running(stop: threading.Event, *targets: Callable[[], None], join_s: float = 60):
+    """Each target in a daemon thread for the block, then `stop` set and the threads joined,
+    however the block ends: a failed test once left its load thread spinning through the rest
+    of the session, and at exit the interpreter waited for it until CI's kill limit."""
+    threads = [threading.Thread(target=target, daemon=True) for target in targets]
+    for t in threads:
+        t.start()
+    try:
+        yield threads
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(join_s)
 
 
 def wait_for(what: str, check: Callable, timeout_s: float = 60, every_s: float = 0.25,

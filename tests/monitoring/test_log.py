@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import log_record
+from conftest import log_record, running
 
 from monitoring.config import LogConfig
 from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now, read, with_feedback
@@ -123,18 +123,13 @@ def test_reads_while_the_log_is_written_and_compacted_see_every_record_once(tmp_
             except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
-    threads = [threading.Thread(target=write), threading.Thread(target=compact_all)]
-    for t in threads:
-        t.start()
-    reads = 0
-    while threads[0].is_alive() or reads < 5:
-        floor = written[0]
-        ids = list(read(uri).request_id)
-        assert len(ids) == len(set(ids)) >= floor
-        reads += 1
-    stop.set()
-    for t in threads:
-        t.join()
+    with running(stop, write, compact_all) as threads:
+        reads = 0
+        while threads[0].is_alive() or reads < 5:
+            floor = written[0]
+            ids = list(read(uri).request_id)
+            assert len(ids) == len(set(ids)) >= floor
+            reads += 1
     assert not errors
     assert sorted(read(uri).request_id) == sorted(f"r{i}" for i in range(120))
 

@@ -13,6 +13,7 @@ themselves are in test_training.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import ssl
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, tiny_llama_folder, tiny_settings, wait_for
+from conftest import free_port, running, tiny_llama_folder, tiny_settings, wait_for
 
 from cluster.runtime import PLATFORM_ENV
 from serve_apps.config import ServeConfig
@@ -270,18 +271,14 @@ def test_an_adapter_swaps_under_load_without_a_failed_request_or_restart(served)
             except Exception as exc:  # counted: the test fails on any
                 errors.append(repr(exc))
 
-    threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    wait_for("answers before the swap", lambda: len(answers) >= 8 or errors, 60)
-    served.registry.set_alias("rewriter-a", "champion", a2)
-    swapped = swap(served.cluster, "rewriter-a", served.registry.tracking_uri, alias="champion")
-    done = time.monotonic()
-    wait_for("answers after the swap", lambda: sum(
-        t > done + 0.5 for t, _ in answers) >= 8 or errors, 60)
-    stop.set()
-    for t in threads:
-        t.join(60)
+    with running(stop, *[functools.partial(load, k) for k in range(4)]):
+        wait_for("answers before the swap", lambda: len(answers) >= 8 or errors, 60)
+        served.registry.set_alias("rewriter-a", "champion", a2)
+        swapped = swap(served.cluster, "rewriter-a", served.registry.tracking_uri,
+                       alias="champion")
+        done = time.monotonic()
+        wait_for("answers after the swap", lambda: sum(
+            t > done + 0.5 for t, _ in answers) >= 8 or errors, 60)
     assert not errors, errors[:3]
     assert swapped["serving"] == reference("rewriter-a", a2)
     assert {v for _, v in answers} == {str(a1), str(a2)}

@@ -5,10 +5,12 @@ load, a sticky canary split and a shadow, new class priors without a restart, th
 import json
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import yaml
 from conftest import (
+    running,
     wait_for,
 )
 from ray import serve
@@ -24,7 +26,8 @@ from serve_apps.model_config import CanaryConfig
 from serve_apps.slot import bucket
 
 
-def _load(platform, stop: threading.Event, log: list, workers: int = 6) -> list[threading.Thread]:
+def _load(platform, stop: threading.Event, log: list) -> Callable[[], None]:
+    """One client's moderation requests until `stop`, each logged (when, status, version)."""
     url = platform.url
 
     def run() -> None:
@@ -39,24 +42,18 @@ def _load(platform, stop: threading.Event, log: list, workers: int = 6) -> list[
                 except httpx.HTTPError as exc:
                     log.append((started, type(exc).__name__, None))
 
-    threads = [threading.Thread(target=run) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    return threads
+    return run
 
 
 def test_hot_swap_under_load_fails_no_request(platform):
     log: list = []
     stop = threading.Event()
-    threads = _load(platform, stop, log)
-    wait_for("traffic before the swap", lambda: len(log) >= 150, every_s=0.05)
-    result = swap(platform.cluster, "moderation", platform.registry.tracking_uri, version=2)
-    swapped_at = time.monotonic()
-    wait_for("traffic after the swap", lambda: len(log) >= 500 and sum(
-        1 for t, *_ in log if t > swapped_at) >= 100, every_s=0.05)
-    stop.set()
-    for t in threads:
-        t.join()
+    with running(stop, *[_load(platform, stop, log)] * 6):  # six clients
+        wait_for("traffic before the swap", lambda: len(log) >= 150, every_s=0.05)
+        result = swap(platform.cluster, "moderation", platform.registry.tracking_uri, version=2)
+        swapped_at = time.monotonic()
+        wait_for("traffic after the swap", lambda: len(log) >= 500 and sum(
+            1 for t, *_ in log if t > swapped_at) >= 100, every_s=0.05)
     assert result["deployments"] == ["moderation/Classifier"]
     assert [s for _, s, _ in log if s != 200] == []
     assert {v for *_, v in log} == {"1", "2"}
