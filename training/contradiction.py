@@ -40,6 +40,8 @@ class Contradictions:
     retired: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> "A -> B" -> rows
     relabelled: dict[str, dict[str, int]] = field(default_factory=dict)  # likewise
     examples: dict[str, list[str]] = field(default_factory=dict)  # "A -> B" -> texts that moved
+    # "A -> B" -> recent rows: a move said in an A region by too few rows, or too thin a region
+    suspected: dict[str, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.moved)
@@ -60,7 +62,7 @@ class Contradictions:
 
     def to_dict(self) -> dict:
         return {"moved": self.moved, "retired": self.retired, "relabelled": self.relabelled,
-                "examples": self.examples}
+                "examples": self.examples, "suspected": self.suspected}
 
 
 def embed(texts: list[str]) -> np.ndarray:
@@ -72,28 +74,32 @@ def embed(texts: list[str]) -> np.ndarray:
 
 
 def _contradicting(recent_labels: np.ndarray, neighbours: list[np.ndarray],
-                   rows_labels: np.ndarray) -> set[tuple[str, str]]:
+                   rows_labels: np.ndarray) -> tuple[set[tuple[str, str]], Counter]:
     """The moves (A, B) the recent rows make as a group: of the recent rows that sit clearly
     in an A region (70% of their near rows carry A), at least `MIN_SHARE` carry B, and at
     least `MIN_PAIR_ROWS` of them. Label noise spreads over every pair; a shifted prior moves
-    no row out of its region."""
+    no row out of its region. Also every pair said by 2 or more of those rows and
+    `MIN_SHARE` of its region's, with its count: a move before it has the rows to show it
+    (noise stays under the share)."""
     regions: dict[str, Counter] = {}
     for label, near in zip(recent_labels, neighbours):
         if len(near) >= 3:
             region, n = Counter(rows_labels[near]).most_common(1)[0]
             if n >= 0.7 * len(near):
                 regions.setdefault(region, Counter())[label] += 1
-    return {(a, b) for a, said in regions.items() for b, n in said.items()
-            if b != a and n >= MIN_PAIR_ROWS and n >= MIN_SHARE * sum(said.values())}
+    said = Counter({(a, b): n for a, by in regions.items() for b, n in by.items()
+                    if b != a and n >= 2 and n >= MIN_SHARE * sum(by.values())})
+    return {pair for pair, n in said.items() if n >= MIN_PAIR_ROWS}, said
 
 
 def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
-           rows_labels: np.ndarray) -> np.ndarray:
-    """Per row, the label it moved to (None where it did not)."""
+           rows_labels: np.ndarray) -> tuple[np.ndarray, Counter]:
+    """Per row, the label it moved to (None where it did not); and the pairs the recent rows
+    say (`_contradicting`)."""
     sims = recent_e @ rows_e.T
     neighbours = [near[sims[j, near] >= MIN_SIMILARITY]
                   for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K])]
-    pairs = _contradicting(recent_labels, neighbours, rows_labels)
+    pairs, said = _contradicting(recent_labels, neighbours, rows_labels)
     confirm = np.zeros(len(rows_labels))
     against: list[Counter] = [Counter() for _ in rows_labels]
     for j, near in enumerate(neighbours):
@@ -124,7 +130,7 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
                                        and rows_labels[y] == rows_labels[x]])
             if label is not None:
                 moved[x] = label
-    return moved
+    return moved, said
 
 
 def _majority(moves: np.ndarray, near: list[int]) -> str | None:
@@ -167,9 +173,11 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
         rows_e, at = embedded[at:at + len(df)], at + len(df)
         labels = df.label.astype(str).to_numpy()
         if primary is None:  # the regions: the first table's moved rows
-            moves = _moves(recent_e, recent_labels, rows_e, labels)
+            moves, said = _moves(recent_e, recent_labels, rows_e, labels)
             pairs = Counter(f"{a} -> {b}" for a, b in zip(labels, moves) if b is not None)
             accepted = {move for move, n in pairs.items() if n >= min_region_rows}
+            report.suspected = {f"{a} -> {b}": n for (a, b), n in sorted(said.items())
+                                if f"{a} -> {b}" not in accepted}
             moves = np.array([b if b is not None and f"{a} -> {b}" in accepted else None
                               for a, b in zip(labels, moves)], dtype=object)
             primary = rows_e, labels, moves

@@ -50,9 +50,11 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
         tables, found = resolve(learn, {"replay": replay, "golden": golden},
                                 relabel={"replay"} if config.contradicted_replay == "relabel"
                                 else ())
+        if found.suspected:
+            notes["suspected_moves"] = found.suspected
         if found:
             replay, golden = tables["replay"], tables["golden"]
-            notes = {"contradictions": found.to_dict(), "concept_shift": found.summary()}
+            notes |= {"contradictions": found.to_dict(), "concept_shift": found.summary()}
             # where the concept moved, recent labels judge: a golden row of a moved label that
             # was not found contradicted may still be, so the no-forgetting check skips them
             original = golden[~golden.label.astype(str).isin(found.sources)]
