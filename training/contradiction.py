@@ -16,7 +16,8 @@ Contradicted rows are retired (dropped) or, in the tables named to `resolve` as 
 given the label they moved to: the replay then teaches the new concept with all of its
 phrasings instead of leaving it to the few labelled rows (a judge, the golden set, is only ever
 retired: relabelled by the same inference it would judge itself). The report says which labels
-moved where, what each table did with its rows, and examples."""
+moved where, what each table did with its rows, and examples; and the moves suspected, not
+shown (too few rows yet: the loop waits for labels there, `cluster/retrain.py`)."""
 
 from __future__ import annotations
 
