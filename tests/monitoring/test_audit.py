@@ -1,6 +1,7 @@
 """The hash-chained audit log: tampering of any kind is found at its line, rotation keeps the
 chain, a writer killed mid-load loses no acknowledged record, and the `llmops audit` commands."""
 
+import functools
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, running
 
 from monitoring.audit import AuditChain, verify
 from monitoring.config import AuditConfig
@@ -150,17 +151,12 @@ def test_the_logger_actor_killed_mid_load_loses_no_acknowledged_record(ray_sessi
             assert time.monotonic() < deadline, len(acked)
             time.sleep(0.05)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
     try:
-        for t in threads:
-            t.start()
-        until(400)
-        ray.kill(audit, no_restart=False)  # mid-load; Ray restarts it and retries the calls
-        until(len(acked) + 400)
+        with running(stop, *[functools.partial(client, k) for k in range(8)], join_s=120):
+            until(400)
+            ray.kill(audit, no_restart=False)  # mid-load; Ray restarts it and retries the calls
+            until(len(acked) + 400)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
         ray.kill(audit)
     assert verify(folder).ok
     logged = {json.loads(line)["request_id"] for f in sorted(folder.glob("audit-*.jsonl"))

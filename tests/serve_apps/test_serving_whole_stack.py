@@ -22,6 +22,7 @@ from conftest import (
     exposed,
     free_port,
     referenced_metrics,
+    running,
     wait_for,
 )
 from ray import serve
@@ -295,17 +296,10 @@ def test_gpu_replicas_are_placed_and_autoscale(ray_session, platform):
         while not stop.is_set():  # for the new replica to start
             [r.result() for r in [handle.predict.remote(Item(f"t{i}", f"g{i}")) for i in range(8)]]
 
-    threads = [threading.Thread(target=hammer)]
-    for t in threads:
-        t.start()
-    try:
+    with running(stop, hammer):
         scaled = wait_for("a second classifier replica", lambda: (
             n := replicas().get("RUNNING", 0)) >= 2 and n, 120, every_s=0.5)
         gpus_at_peak = gpus_in_use()
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert scaled >= 2 and gpus_at_peak >= 1.0  # each classifier replica holds half a GPU
     wait_for("one replica when idle", lambda: replicas() == {"RUNNING": 1}, 120, every_s=0.5)
     generator = lambda: cluster.status()["moderation"]["deployments"]["Generator"]["replicas"]  # noqa: E731
