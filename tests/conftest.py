@@ -258,11 +258,11 @@ def register_quick(settings: Settings, registry, task: str, epochs: int = 6, see
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    folder = Path(tempfile.mkdtemp(prefix=f"quick-{task}-"))
-    model.eval().save_pretrained(folder)
-    spec.tokenizer.save_pretrained(folder)
-    return register_model_dir(settings.training, registry, task, data, folder, spec.labels,
-                              history=[], ds_config={}, started=started)
+    with tempfile.TemporaryDirectory(prefix=f"quick-{task}-") as folder:
+        model.eval().save_pretrained(folder)
+        spec.tokenizer.save_pretrained(folder)
+        return register_model_dir(settings.training, registry, task, data, Path(folder),
+                                  spec.labels, history=[], ds_config={}, started=started)
 
 
 def log_record(i: int, **extra) -> dict:

@@ -14,7 +14,8 @@ import os
 import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,26 +321,33 @@ def run_names(storage: str, prefix: str) -> list[str]:
     return sorted(n for n in names if n.startswith(prefix))
 
 
-def consolidate_run(checkpoint_path: str, storage: str, name: str, kind: str):
+@contextmanager
+def consolidated(checkpoint_path: str, storage: str, name: str,
+                 kind: str) -> Iterator[tuple[Path, dict]]:
     """Consolidate the checkpoint at `checkpoint_path` (a path of `storage`'s filesystem) to a
     model folder on this machine: beside the run's checkpoints when they are local, else a
-    scratch folder (the registry keeps the copy that lasts). (model folder, DeepSpeed config)."""
+    scratch folder removed on exit (the registry keeps the copy that lasts).
+    (model folder, DeepSpeed config)."""
     import ray.train
 
     fs, _ = _filesystem(storage)
     local = "://" not in storage
-    model_dir = Path(storage, name, "model") if local else Path(tempfile.mkdtemp(prefix=name))
-    with ray.train.Checkpoint(checkpoint_path, filesystem=fs).as_directory() as folder:
-        ds_config = consolidate(Path(folder), kind, model_dir)
-    return model_dir, ds_config
+    with (nullcontext(str(Path(storage, name, "model"))) if local
+          else tempfile.TemporaryDirectory(prefix=f"{name}-")) as model_dir:
+        with ray.train.Checkpoint(checkpoint_path, filesystem=fs).as_directory() as folder:
+            ds_config = consolidate(Path(folder), kind, Path(model_dir))
+        yield Path(model_dir), ds_config
 
 
-def run_finetune(spec: FinetuneSpec, *, name: str, storage_path: str, **fit_kwargs) -> FinetuneResult:
-    """Fit, then consolidate the last checkpoint to a full-weight model folder."""
+@contextmanager
+def run_finetune(spec: FinetuneSpec, *, name: str, storage_path: str,
+                 **fit_kwargs) -> Iterator[FinetuneResult]:
+    """Fit, then consolidate the last checkpoint to a full-weight model folder (see
+    `consolidated` for how long it lasts)."""
     result = fit(spec, name=name, storage_path=storage_path, **fit_kwargs)
-    model_dir, ds_config = consolidate_run(result.checkpoint.path, storage_path, name, spec.kind)
-    return FinetuneResult(model_dir=model_dir, checkpoint=result.checkpoint.path,
-                          history=result.metrics.get("history", []), ds_config=ds_config)
+    with consolidated(result.checkpoint.path, storage_path, name, spec.kind) as (model_dir, ds):
+        yield FinetuneResult(model_dir=model_dir, checkpoint=result.checkpoint.path,
+                             history=result.metrics.get("history", []), ds_config=ds)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -114,13 +114,12 @@ def finetune_and_register(config: TrainingConfig, registry: Registry, task: str,
     """Run `spec` on Ray Train as run `name`, consolidate, evaluate and register it (`register`:
     more of `register_model_dir`'s options), inside the run's lineage."""
     with recorded(config, registry, task, data, name, tags) as run:
-        result = run_finetune(spec, name=name, storage_path=storage_path,
-                              workers=config.workers, use_gpu=use_gpu,
-                              resources=config.worker_resources(use_gpu),
-                              max_failures=config.max_failures)
-        job = register_model_dir(config, registry, task, data, result.model_dir, spec.labels,
-                                 history=result.history, ds_config=result.ds_config,
-                                 started=started, tags=tags, **register)
+        with run_finetune(spec, name=name, storage_path=storage_path, workers=config.workers,
+                          use_gpu=use_gpu, resources=config.worker_resources(use_gpu),
+                          max_failures=config.max_failures) as result:
+            job = register_model_dir(config, registry, task, data, result.model_dir, spec.labels,
+                                     history=result.history, ds_config=result.ds_config,
+                                     started=started, tags=tags, **register)
         run.outputs.append(lineage.model_version(registry.tracking_uri, task, job.version))
     return job
 

@@ -71,6 +71,11 @@ def resolve(ref: str, tracking_uri: str | None) -> ModelIdentity:
     return ModelIdentity(m["name"], str(mv.version), m["alias"], (mv.tags or {}).get(BASE_TAG))
 
 
+def model_version(ref: str, tracking_uri: str | None):
+    """The MLflow model version a `models:/` reference names now (tags, run, source)."""
+    return _model_version(_parse(ref), ref, tracking_uri)
+
+
 def _model_version(m: re.Match, ref: str, tracking_uri: str | None):
     """The MLflow model version (with its tags) a parsed reference names now."""
     from mlflow.exceptions import MlflowException

@@ -7,9 +7,11 @@ deleted again: a failure part-way leaves no half-registered version behind.
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -21,13 +23,15 @@ from training import catalogue
 from training.config import RegistryConfig
 from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
 from training.lineage import Lineage
-from training.refs import reference
+from training.refs import model_version, reference
 
 CHAMPION, CHALLENGER, FALLBACK = "champion", "challenger", "fallback"
 # Tables under each run's data/: the training data, the reference profile for drift checks and
 # the golden set of the health check.
 REFERENCE_FILE, PROFILE_FILE, GOLDEN_FILE = "reference.parquet", "profile.parquet", "golden.parquet"
 PRIORS_TAG = "llmops.priors"  # a version's re-estimated class priors, JSON {label: prior}
+# where `download_hf_model` keeps the versions this machine loaded, and how many of them
+MODEL_CACHE, CACHED_VERSIONS = Path(tempfile.gettempdir()) / "llmops-models", 16
 
 
 @dataclass
@@ -68,32 +72,47 @@ def _git_commit() -> str:
 
 
 def download_hf_model(model_uri: str) -> Path:
-    """The Hugging Face folder inside a registered model (for `models:/NAME@ALIAS` sources); a
-    pinned version (`models:/NAME/VERSION`, which never changes) once per process."""
-    import mlflow
-
-    if "@" in model_uri:
-        return _download(model_uri)
-    return _download_pinned(model_uri, mlflow.get_tracking_uri())
-
-
-@functools.lru_cache(maxsize=8)
-def _download_pinned(model_uri: str, tracking_uri: str) -> Path:
-    return _download(model_uri)
-
-
-def _download(model_uri: str) -> Path:
+    """The Hugging Face folder inside the registered version `model_uri` names now, downloaded
+    once per machine: a version's files never change, so every process of a node (replicas,
+    training workers) shares one copy under `<tmp>/llmops-models/`, of which the
+    `CACHED_VERSIONS` used last are kept."""
     import mlflow.artifacts
 
-    dst = Path(tempfile.mkdtemp(prefix="llmops-model-"))
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
-    # MLflow keeps the artifact under its source folder's name: find it by its metadata file.
     from training.pyfunc import META_FILE  # (mlflow.pyfunc: not for importers of this module)
 
-    folders = [p.parent for p in (root / "artifacts").glob(f"*/{META_FILE}")]
+    tracking_uri = mlflow.get_tracking_uri()
+    mv = model_version(model_uri, tracking_uri)
+    # the version's run tells a version apart from its namesake in a registry made again
+    key = hashlib.sha256(json.dumps([tracking_uri, mv.name, mv.version, mv.run_id, mv.source])
+                         .encode()).hexdigest()[:24]
+    entry = MODEL_CACHE / key
+    if not entry.is_dir():
+        MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{key}-", dir=MODEL_CACHE,
+                                         ignore_cleanup_errors=True) as part:
+            mlflow.artifacts.download_artifacts(artifact_uri=reference(mv.name, mv.version),
+                                                dst_path=part)
+            with contextlib.suppress(OSError):  # another process of the node got there first
+                os.rename(part, entry)
+    os.utime(entry)
+    _evict_cached_versions()
+    # MLflow keeps the artifact under its source folder's name: find it by its metadata file.
+    folders = [p.parent for p in entry.rglob(f"artifacts/*/{META_FILE}")]
     if len(folders) != 1:
         raise LLMOpsError(f"{model_uri} was not registered by llmops (no hf artifact)")
     return folders[0]
+
+
+def _evict_cached_versions() -> None:
+    """Remove the cached versions beyond the `CACHED_VERSIONS` used last (the one being used
+    was touched just now, so it stays)."""
+    used = {}
+    for entry in MODEL_CACHE.iterdir():
+        with contextlib.suppress(OSError):  # another process may be evicting too
+            if not entry.name.startswith("."):
+                used[entry] = entry.stat().st_mtime
+    for old in sorted(used, key=used.get, reverse=True)[CACHED_VERSIONS:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class Registry:
@@ -225,10 +244,10 @@ class Registry:
         (`reference.parquet`: its training data; `profile.parquet`: its reference profile)."""
         import mlflow.artifacts
 
-        path = mlflow.artifacts.download_artifacts(
-            run_id=self._version(name, version).run_id, artifact_path=f"data/{file}",
-            tracking_uri=self.tracking_uri)
-        return pd.read_parquet(path)
+        with tempfile.TemporaryDirectory() as scratch:
+            return pd.read_parquet(mlflow.artifacts.download_artifacts(
+                run_id=self._version(name, version).run_id, artifact_path=f"data/{file}",
+                tracking_uri=self.tracking_uri, dst_path=scratch))
 
     def find_version(self, name: str, tag: str, value: str) -> int | None:
         """The version of `name` carrying model-version tag `tag` = `value` (None: none yet)."""

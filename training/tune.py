@@ -12,7 +12,7 @@ import time
 
 from training.config import TrainingConfig, TuneConfig
 from training.errors import TrainingFailed
-from training.finetune import FinetuneSpec, consolidate_run, fit
+from training.finetune import FinetuneSpec, consolidated, fit
 from training.job import JobResult, make_spec, recorded, register_model_dir, run_name
 from training.lineage import model_version
 from training.registry import Registry
@@ -58,13 +58,14 @@ def tune_task(config: TrainingConfig, tune_config: TuneConfig, registry: Registr
         if not ok:
             raise TrainingFailed(f"every trial of {name!r} failed: {grid.errors[:1]}")
         best = min(ok, key=lambda r: r.metrics["val_loss"])
-        model_dir, ds_config = consolidate_run(best.metrics["checkpoint_path"], storage_path,
-                                               name, spec.kind)
-        job = register_model_dir(
-            config, registry, task, data, model_dir, spec.labels,
-            history=best.metrics["history"], ds_config=ds_config, started=started,
-            extra_params={"tune_trials": len(grid), "learning_rate": best.config["learning_rate"],
-                          "epochs": best.config["epochs"]},
-            tags={"llmops.tune_run": name})
+        with consolidated(best.metrics["checkpoint_path"], storage_path, name,
+                          spec.kind) as (model_dir, ds_config):
+            job = register_model_dir(
+                config, registry, task, data, model_dir, spec.labels,
+                history=best.metrics["history"], ds_config=ds_config, started=started,
+                extra_params={"tune_trials": len(grid),
+                              "learning_rate": best.config["learning_rate"],
+                              "epochs": best.config["epochs"]},
+                tags={"llmops.tune_run": name})
         run.outputs.append(model_version(registry.tracking_uri, task, job.version))
     return job

@@ -94,6 +94,25 @@ def test_models_registered_and_served_through_a_tracking_server(mlflow_server, t
     answers = loaded.classify(["you are an idiot", "see you at the meetup"])
     assert [a["label"] in loaded.meta["labels"] for a in answers] == [True, True]
 
+    # A machine downloads a version once, whatever the reference or process asking; it keeps
+    # the versions it used last (one here) and nothing else.
+    import mlflow.artifacts
+
+    from training import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "MODEL_CACHE", tmp_path / "models")
+    monkeypatch.setattr(registry_module, "CACHED_VERSIONS", 1)
+    downloads, download = [], mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts",
+                        lambda **kw: downloads.append(kw) or download(**kw))
+    folder = registry_module.download_hf_model("models:/moderation@champion")
+    assert folder == registry_module.download_hf_model(f"models:/moderation/{second.version}")
+    assert folder.is_relative_to(tmp_path / "models") and len(downloads) == 1
+    older = registry_module.download_hf_model(f"models:/moderation/{first.version}")
+    assert older != folder and len(downloads) == 2
+    [kept] = (tmp_path / "models").iterdir()
+    assert older.is_relative_to(kept) and not folder.exists()
+
     # The lineage and artifacts live with the server, nothing with the client.
     run = registry.client.get_run(first.run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
