@@ -88,7 +88,7 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     useful first: where the champion and a shadowing challenger disagree; then, once labels
     show the model confidently wrong more often than its confidence allows (a concept shift:
     the moved region is answered with confidence, so doubt never points there), the answers
-    whose nearest labelled one is such a mistake, the closest first (`contradiction`); then the
+    whose nearest labelled one is such a mistake, spread over that region (`contradiction`); then the
     least confident (calibrated confidence: a conformal set of several labels comes first);
     taken in turn from each predicted label so no label is starved; `explore` of the page is a
     uniform draw of the rest. Each item says why it was chosen. `since` limits the answers
@@ -112,7 +112,8 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     similar = _near(answers, labelled, confident_mistakes(labelled, config.confident))
     near = ~disagree & ~np.isnan(similar)
     answers = answers.assign(rank=np.where(disagree, 0, np.where(near, 1, 2)),
-                             order=np.where(near, -similar, answers.confidence),
+                             order=np.where(near, _spread(answers, labelled, near, limit),
+                                            answers.confidence),
                              reason=np.where(disagree, "disagreement",
                                              np.where(near, "contradiction", "uncertain")))
     ranked = answers.sort_values(["rank", "order"])
@@ -159,6 +160,31 @@ def _near(answers: pd.DataFrame, labelled: pd.DataFrame, wrong: pd.DataFrame) ->
             hit = is_wrong[nearest]
             out[mine[hit]] = sims[hit, nearest[hit]]
     return out
+
+
+def _spread(answers: pd.DataFrame, labelled: pd.DataFrame, near: np.ndarray,
+            k: int) -> np.ndarray:
+    """An order of the `near` answers that spreads a page's asks over the region (per model
+    version, the answer least like every labelled and already chosen one next: greedy
+    k-center); asking closest-first spent the labels on the first mistakes' neighbours and
+    left the region's extent unknown. Answers beyond the first `k` of a version follow,
+    closest to a labelled one first."""
+    order = np.zeros(len(answers))
+    keys = ["model", "model_version"]
+    at = np.flatnonzero(near)
+    for key, members in answers.iloc[at].groupby(keys).indices.items():
+        idx = at[members]
+        mine = labelled[(labelled[keys] == pd.Series(key, index=keys)).all(axis=1)
+                        & labelled.embedding.notna()]
+        cand = _unit(answers.embedding.iloc[idx])
+        best = (cand @ _unit(mine.embedding).T).max(axis=1)  # near: one labelled at least
+        rank = np.full(len(idx), np.nan)
+        for step in range(min(k, len(idx))):
+            j = int(np.nanargmin(np.where(np.isnan(rank), best, np.nan)))
+            rank[j] = step
+            best = np.maximum(best, cand @ cand[j])
+        order[idx] = np.where(np.isnan(rank), k + 1 - best, rank)
+    return order
 
 
 def _unit(vectors: pd.Series) -> np.ndarray:

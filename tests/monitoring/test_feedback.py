@@ -137,3 +137,30 @@ def test_the_label_queue_asks_around_confident_mistakes_once_they_exceed_chance(
     newer = pending(uri, "default", 40, config, since=since)
     assert {it["request_id"] for it in newer} == {"r300", "r301", "r302", "r303"}
     assert {it["request_id"] for it in newer if it["reason"] == "contradiction"} == {"r302", "r303"}
+
+
+def test_the_asks_around_confident_mistakes_spread_over_the_region(tmp_path):
+    """A moved region stretching away from its first mistakes: a page's asks reach its far end
+    instead of crowding around the mistakes (closest-first took the four nearest here)."""
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    along, other = np.eye(8)[0], np.eye(8)[1]
+
+    def answer(i, e):
+        return log_record(i, prediction="shipping", confidence=0.97, posterior=[0.5, 0.5],
+                          embedding=e.tolist(), text=f"t {i}")
+
+    # the region: one end at `other + 0 * along`, the far end at `other + 2 * along`
+    rows = [answer(i, other + 0.02 * i * along) for i in range(100)]
+    rows += [answer(200 + i, np.eye(8)[2] + 0.01 * i * np.eye(8)[3]) for i in range(12)]
+    uri = str(tmp_path / "log")
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
+    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
+        {"request_id": f"r{i}", "item": 0, "label": lab, "ts": now(), "tenant": "default"}
+        for i, lab in [(0, "refund"), (1, "refund"), (2, "refund"), (3, "refund")]
+        + [(200 + i, "shipping") for i in range(12)]])
+    asked = [int(it["request_id"][1:]) for it in pending(uri, "default", 4, LabelQueueConfig(
+        explore=0)) if it["reason"] == "contradiction"]
+    assert len(asked) == 4 and max(asked) >= 90, asked  # the far end is asked about
+    assert len({i // 25 for i in asked}) >= 3, asked  # and the page covers most of the region
