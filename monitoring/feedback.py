@@ -88,8 +88,8 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     useful first: where the champion and a shadowing challenger disagree; then, once labels
     show the model confidently wrong more often than its confidence allows (a concept shift:
     the moved region is answered with confidence, so doubt never points there), the answers
-    whose nearest labelled one is such a mistake, spread over that region (`contradiction`); then the
-    least confident (calibrated confidence: a conformal set of several labels comes first);
+    whose nearest labelled one is such a mistake, spread over that region (`contradiction`);
+    then the least confident (calibrated confidence: a conformal set of several labels comes first);
     taken in turn from each predicted label so no label is starved; `explore` of the page is a
     uniform draw of the rest. Each item says why it was chosen. `since` limits the answers
     listed, not the labelled ones that point the queue."""
