@@ -85,11 +85,11 @@ def _checked(record, lab: Label, labels_of) -> dict | LLMOpsError:
 def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
             model: str | None = None, since: datetime | None = None) -> list[dict]:
     """The classifier answers of `tenant` (of `model`, if given) that wait for a label, the most
-    useful first: where the champion and a shadowing challenger disagree; then, once labels
-    show the model confidently wrong more often than its confidence allows (a concept shift:
-    the moved region is answered with confidence, so doubt never points there), the answers
-    whose nearest labelled one is such a mistake, spread over that region (`contradiction`);
-    then the least confident (calibrated confidence: a conformal set of several labels comes first);
+    useful first: where the champion and a shadowing challenger disagree; then, once labels show
+    the model confidently wrong more often than its confidence allows (a concept shift: the
+    moved region is answered with confidence, so doubt never points there), the answers whose
+    nearest labelled one is such a mistake, spread over that region (`contradiction`); then the
+    least confident (calibrated confidence: a conformal set of several labels comes first);
     taken in turn from each predicted label so no label is starved; `explore` of the page is a
     uniform draw of the rest. Each item says why it was chosen. `since` limits the answers
     listed, not the labelled ones that point the queue."""
