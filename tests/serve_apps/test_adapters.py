@@ -206,6 +206,9 @@ def test_requests_for_different_adapters_share_a_batch(served):
     from ray import serve
 
     generator = serve.get_deployment_handle("Generator", "chat")
+    for adapter in ("toxic-a", "toxic-b"):  # both loaded: no request waits for its adapter
+        generator.generate.remote(TEXTS[0], "warm", model=adapter, max_new_tokens=1).result(
+            timeout_s=60)
     calls = [generator.generate.remote(TEXTS[0], f"mix-{i}", model=("toxic-a", "toxic-b")[i % 2],
                                        max_new_tokens=MAX_TOKENS) for i in range(8)]
     outs = [c.result(timeout_s=60) for c in calls]
