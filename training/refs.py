@@ -71,7 +71,7 @@ def resolve(ref: str, tracking_uri: str | None) -> ModelIdentity:
     return ModelIdentity(m["name"], str(mv.version), m["alias"], (mv.tags or {}).get(BASE_TAG))
 
 
-def model_version(ref: str, tracking_uri: str | None):
+def mlflow_version(ref: str, tracking_uri: str | None):
     """The MLflow model version a `models:/` reference names now (tags, run, source)."""
     return _model_version(_parse(ref), ref, tracking_uri)
 

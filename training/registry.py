@@ -23,7 +23,7 @@ from training import catalogue
 from training.config import RegistryConfig
 from training.errors import LLMOpsError, RegistryUnavailable, UnknownName
 from training.lineage import Lineage
-from training.refs import model_version, reference
+from training.refs import mlflow_version, reference
 
 CHAMPION, CHALLENGER, FALLBACK = "champion", "challenger", "fallback"
 # Tables under each run's data/: the training data, the reference profile for drift checks and
@@ -81,7 +81,7 @@ def download_hf_model(model_uri: str) -> Path:
     from training.pyfunc import META_FILE  # (mlflow.pyfunc: not for importers of this module)
 
     tracking_uri = mlflow.get_tracking_uri()
-    mv = model_version(model_uri, tracking_uri)
+    mv = mlflow_version(model_uri, tracking_uri)
     # the version's run tells a version apart from its namesake in a registry made again
     key = hashlib.sha256(json.dumps([tracking_uri, mv.name, mv.version, mv.run_id, mv.source])
                          .encode()).hexdigest()[:24]
