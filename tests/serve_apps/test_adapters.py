@@ -88,7 +88,9 @@ def _config(port: int, max_adapters: int, tls: dict) -> ServeConfig:
             "max_adapters": max_adapters,
             "resources": {"num_cpus": 0.25},
             "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}}}})
+            # a window wide enough for eight requests from the driver to arrive within it on a
+            # busy machine (they came ~20 ms apart in CI), and a batch that fills at eight
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.5}}}})
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +204,9 @@ def test_concurrent_requests_for_two_adapters_and_the_base_get_their_own_answers
 
 
 def test_requests_for_different_adapters_share_a_batch(served):
-    """Four requests for each adapter at once: a batch larger than four held both."""
+    """Four requests for each adapter at once: a batch larger than four held both (the batch
+    window is 0.5 s and fills at eight, `_config`, so when the requests arrive does not decide
+    it; a batcher that split by adapter gives batches of at most four)."""
     from ray import serve
 
     generator = serve.get_deployment_handle("Generator", "chat")
