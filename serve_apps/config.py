@@ -119,7 +119,8 @@ def _generator() -> ModelDeploymentConfig:
 
 class ModerationAppConfig(_AppConfig):
     """Classify a post; rewrite toxic ones with the generator; redact personal data. While the
-    generator's breaker is open, a post to rewrite is hidden instead (`degraded`)."""
+    generator's breaker is open, or at a peak (`classifier.fallback`), a post to rewrite is
+    hidden instead (`degraded`)."""
 
     route_prefix: str = "/v1/moderate"
     classifier: ModelDeploymentConfig = Field(
@@ -138,7 +139,8 @@ def _reply_generator() -> ModelDeploymentConfig:
 
 class SupportAppConfig(_AppConfig):
     """Route a ticket to a queue; suggest a generated reply, or the reply of the closest resolved
-    ticket when the generator is not confident, or fails, or its breaker is open (`degraded`)."""
+    ticket when the generator is not confident, or fails, or its breaker is open, or at a peak
+    (`classifier.fallback`; `degraded`)."""
 
     route_prefix: str = "/v1/support"
     classifier: ModelDeploymentConfig = Field(

@@ -59,7 +59,8 @@ def guardrail_finding(rule: str, action: str) -> None:
 
 def degraded(reason: str) -> None:
     metric("counter", "llmops_degraded_answers", "Answers given by a fallback (generator "
-           "failed, timed out or its breaker was open).", ("reason",)).inc(
+           "failed, timed out or its breaker was open; `peak`: skipped at a peak).",
+           ("reason",)).inc(
         tags={"reason": reason})
 
 

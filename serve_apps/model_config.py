@@ -81,9 +81,9 @@ class GenerationConfig(StrictModel):
 
 class PeakFallbackConfig(StrictModel):
     """A classifier's peak fallback (`serve_apps/pressure.py`): while its pipeline replica is
-    under pressure, `model` (a distilled student, `llmops distill`) answers instead. On when
-    either `enter_*` threshold is crossed; off once both are back under their `exit_*` and it
-    has been on `min_on_s`."""
+    under pressure, `model` (a distilled student, `llmops distill`) answers instead, and the
+    pipeline skips its generation (`generation`). On when either `enter_*` threshold is
+    crossed; off once both are back under their `exit_*` and it has been on `min_on_s`."""
 
     model: str = Field(description="models:/NAME@fallback or models:/NAME/VERSION")
     alias: str | None = Field(None, description="set when the version was pinned from an alias")
@@ -94,6 +94,11 @@ class PeakFallbackConfig(StrictModel):
     exit_p95_ms: float = Field(200, gt=0)
     window_s: float = Field(5, gt=0)
     min_on_s: float = Field(5, ge=0, description="once on, at least this long")
+    generation: Literal["skip", "keep"] = Field(
+        "skip", description="while on, skip the pipeline's generator: moderation hides a post "
+        "to rewrite, support suggests the closest resolved ticket's reply (both `degraded`, as "
+        "when the generator's breaker is open): a generated answer costs more than a "
+        "classification, with a real LLM by far. keep: generate as usual")
 
     @model_validator(mode="after")
     def _hysteresis(self) -> PeakFallbackConfig:

@@ -101,7 +101,7 @@ class ModerationPipeline(Pipeline):
                 verdicts = await asyncio.gather(*(self._classify(Item(t, rid, fallback=peak))
                                                   for t in texts))
                 verdicts = [check_label(unwrap(v)) for v in verdicts]
-                finished = await asyncio.gather(*(self._finish(t, v, rid)
+                finished = await asyncio.gather(*(self._finish(t, v, rid, peak)
                                                   for t, v in zip(texts, verdicts)))
         results = [r for r, _, _ in finished]
         await self.log.record(rid, texts, verdicts, [r.models for r in results], call.started,
@@ -123,8 +123,10 @@ class ModerationPipeline(Pipeline):
             metrics.degraded(type(exc).__name__)
             return None
 
-    async def _finish(self, text: str, verdict: dict, rid: str) -> tuple[Moderation, int, bool]:
-        """The result of one text, the tokens its rewrite used, whether a fallback answered."""
+    async def _finish(self, text: str, verdict: dict, rid: str, peak: bool
+                      ) -> tuple[Moderation, int, bool]:
+        """The result of one text, the tokens its rewrite used, whether a fallback answered
+        (at a peak a post to rewrite may be hidden unrewritten: `skip_generation`)."""
         label, candidates = verdict["label"], verdict.get("candidates")
         models = {"classifier": StageModel(**verdict["model"])}
         if "shadow" in verdict:  # the challenger's answer is recorded, never returned as text
@@ -138,7 +140,7 @@ class ModerationPipeline(Pipeline):
         elif label in self.config.block_labels:
             action, safe = "block", None
         elif label in self.config.rewrite_labels:
-            rewrite = await self._rewrite(text, rid)
+            rewrite = None if self.skip_generation(peak) else await self._rewrite(text, rid)
             if rewrite is None:
                 action, safe, degraded = "block", None, True
             else:

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.batch import Item, set_batching
 from serve_apps.call import Answer, Call, Caller
@@ -52,6 +53,15 @@ class Pipeline:
         `method`'s batches sized by the classifier's settings."""
         self.pressure = Pressure(self.config.classifier.fallback)
         set_batching(method, **self.config.classifier.batching.model_dump())
+
+    def skip_generation(self, peak: bool) -> bool:
+        """Whether a request at a peak goes without the generator (`PeakFallbackConfig`), which
+        then counts it as a degraded answer."""
+        fallback = self.config.classifier.fallback
+        skip = peak and fallback is not None and fallback.generation == "skip"
+        if skip:
+            metrics.degraded("peak")
+        return skip
 
     async def admit(self, action: str, request, correlation_id: str | None,
                     principal: Principal | dict | None, work: Callable[[Caller], Awaitable]):

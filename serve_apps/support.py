@@ -146,9 +146,12 @@ class SupportPipeline(Pipeline):
         """Texts of concurrent requests go to each model in one call, not one call each. Each
         answer comes with the router's raw output (its drift features go to the log) and the
         tokens its reply used. The reply is retrieved when the generator is unsure, fails or
-        its breaker is open."""
-        routes, replies = await asyncio.gather(self.classifier.predict_many.remote(items),
-                                               self._replies(items))
+        its breaker is open, or skipped at a peak (`skip_generation`)."""
+        generate = [it for it in items if not self.skip_generation(it.fallback)]
+        routes, generated = await asyncio.gather(self.classifier.predict_many.remote(items),
+                                                 self._replies(generate))
+        by_item = {id(it): r for it, r in zip(generate, generated)}
+        replies = [by_item.get(id(it)) for it in items]
         unsure = [i for i, r in enumerate(replies)
                   if r is None or r["confidence"] < self.config.min_reply_confidence]
         retrieved = dict(zip(unsure, await self._retrieve([items[i] for i in unsure])))
@@ -168,6 +171,8 @@ class SupportPipeline(Pipeline):
 
     async def _replies(self, items: list[Item]) -> list[dict | None]:
         """The generator's replies; Nones when it failed or its breaker is open."""
+        if not items:
+            return []
         try:
             replies = await self.breaker.call(lambda: self.generator.generate_many.remote(items))
         except Exception as exc:

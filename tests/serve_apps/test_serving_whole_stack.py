@@ -38,6 +38,7 @@ from monitoring.log import FEEDBACK, read
 from serve_apps.batch import Item
 from serve_apps.config import ServeConfig
 from serve_apps.deploy import serve_config
+from training.data import generate
 
 
 def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_request(platform):
@@ -254,6 +255,61 @@ def test_the_log_has_one_compactor_that_merges_its_small_segments(ray_session, p
     after = read(platform.log_uri)
     assert set(before.request_id) <= set(after.request_id)
     assert not after.duplicated(["request_id", "item", "variant"]).any()
+
+
+def test_at_a_peak_the_students_classify_and_no_generator_is_waited_for(platform):
+    """Moderation and support with a peak fallback that turns on at two requests in flight (its
+    student here is the champion's own version; `llmops distill` trains a smaller one): what
+    the fallback answered hides a toxic post (moderation) or suggests the closest resolved
+    ticket's reply (support), `degraded`, without calling the generator; a request before the
+    peak was generated. It leaves them so: the tests after it need support's answers logged,
+    then replace the applications."""
+    from cluster.platform import generated_serve_config
+    from cluster.settings import load_settings
+    from serve_apps.model_config import PeakFallbackConfig
+
+    before = platform.cluster.deployed_config()
+    settings = load_settings(platform.config)
+    for app, model in ((settings.serve.moderation, "moderation"),
+                       (settings.serve.support, "support-router")):
+        app.classifier.fallback = PeakFallbackConfig(
+            model=f"models:/{model}@champion", enter_ongoing=2, exit_ongoing=1, min_on_s=60,
+            enter_p95_ms=60_000, exit_p95_ms=30_000)  # in flight decides, not a slow machine
+    peaked = {app["name"]: app for app in generated_serve_config(
+        settings, platform.registry, 0)["applications"]}  # the other applications unchanged
+    platform.cluster.deploy({**before, "applications": [
+        peaked[app["name"]] if app["name"] in ("moderation", "support") else app
+        for app in before["applications"]]})
+    toxic = list(generate("moderation", "base", 12, seed=5, priors={"toxic": 1.0}).text)
+
+    def ask(route: str, text: str) -> dict:
+        r = httpx.post(f"{platform.url}{route}", json={"text": text}, headers=platform.auth,
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    for route, texts in (("/v1/moderate", toxic), ("/v1/support/route", SUPPORT_TEXTS * 2)):
+        for text in texts[:4]:  # one at a time: no peak; a post the classifier finds toxic
+            calm = ask(route, text)
+            assert calm["served_by"] is None, calm
+            if route == "/v1/support/route" or calm["results"][0]["verdict"] == "toxic":
+                break
+        if route == "/v1/moderate":  # rewritten by the generator
+            assert calm["results"][0]["action"] == "rewrite", calm
+            assert "generator" in calm["results"][0]["models"] and not calm["degraded"]
+        with ThreadPoolExecutor(len(texts)) as pool:
+            burst = list(pool.map(lambda t, r=route: ask(r, t), texts))
+        peak = [out for out in burst if out["served_by"] == "fallback"]
+        assert peak, [out["served_by"] for out in burst]
+        for out in peak:
+            [result] = out["results"]
+            assert out["degraded"] and "generator" not in result["models"], out
+            assert result["models"]["classifier" if route == "/v1/moderate" else "router"][
+                "variant"] == "fallback"
+            if route == "/v1/support/route":
+                assert result["suggestion"]["source"] == "retrieval"
+            elif result["verdict"] == "toxic":
+                assert (result["action"], result["safe_text"]) == ("block", None), result
 
 
 def test_log_survives_a_graceful_shutdown(platform):
