@@ -6,6 +6,7 @@ their own loads no model library."""
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import HEAVY, imported_by
@@ -322,17 +323,22 @@ def _verdict(label: str, candidates: list[str] | None) -> dict:
 def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():
     """Abstention in the pipelines: moderation holds a post only when its candidates call for
     different actions; support routes an unsure ticket to the review queue, keeping the router's
-    label; one candidate is an ordinary answer."""
+    label; one candidate is an ordinary answer. At a peak whose fallback skips generation, a
+    post to rewrite is hidden without a call to the generator."""
+    from serve_apps.breaker import CircuitBreaker
     from serve_apps.config import ModerationAppConfig, SupportAppConfig
     from serve_apps.moderation import ModerationPipeline
     from serve_apps.support import SupportPipeline
 
     moderation = object.__new__(ModerationPipeline.func_or_class)
     moderation.config = ModerationAppConfig()
+    reply = {"text": "we refunded you", "confidence": 0.9, "prompt_tokens": 1,
+             "completion_tokens": 2, "model": {"name": "support-reply", "version": "1",
+                                              "alias": "champion", "variant": "champion"}}
 
-    def finish(label, candidates):
+    def finish(label, candidates, peak=False):
         return asyncio.run(moderation._finish("call me on 555-867-5309", _verdict(
-            label, candidates), "r1"))[0]
+            label, candidates), "r1", peak))[0]
 
     held = finish("safe", ["safe", "spam"])
     assert (held.action, held.safe_text, held.abstained, held.flagged) == ("hold", None, True, True)
@@ -343,12 +349,27 @@ def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():
     sure = finish("spam", ["spam"])
     assert (sure.action, sure.abstained, sure.candidates) == ("block", False, ["spam"])
     assert finish("spam", None).abstained is False  # abstention off
+    # at a peak, with a fallback that skips generation, a post to rewrite is hidden without a
+    # call to the generator; not at a peak it is rewritten
+    rewrites = []
+
+    async def rewrite(text: str, rid: str) -> dict:
+        rewrites.append(text)
+        return {**reply, "text": "a kind post", "model": {**reply["model"], "name": "rewriter"}}
+
+    moderation.config = ModerationAppConfig.model_validate({"classifier": {
+        "model": "models:/moderation@champion", "fallback": {"model": "models:/moderation/2"}}})
+    moderation.breaker = CircuitBreaker(moderation.config.breaker)
+    moderation.generator = SimpleNamespace(generate=SimpleNamespace(remote=rewrite))
+    hidden = finish("toxic", None, peak=True)
+    assert (hidden.action, hidden.safe_text, "generator" in hidden.models) == ("block", None, False)
+    assert rewrites == []
+    calm = finish("toxic", None)
+    assert (calm.action, calm.safe_text, calm.models["generator"].name) == (
+        "rewrite", "a kind post", "rewriter") and len(rewrites) == 1
 
     support = object.__new__(SupportPipeline.func_or_class)
     support.config = SupportAppConfig()
-    reply = {"text": "we refunded you", "confidence": 0.9, "prompt_tokens": 1,
-             "completion_tokens": 2, "model": {"name": "support-reply", "version": "1",
-                                              "alias": "champion", "variant": "champion"}}
     unsure = support._result(_verdict("billing", ["billing", "refund"]), reply, None)
     assert (unsure.queue, unsure.label, unsure.abstained) == ("human-review", "billing", True)
     routed = support._result(_verdict("billing", ["billing"]), reply, None)
