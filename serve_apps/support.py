@@ -147,11 +147,12 @@ class SupportPipeline(Pipeline):
         answer comes with the router's raw output (its drift features go to the log) and the
         tokens its reply used. The reply is retrieved when the generator is unsure, fails or
         its breaker is open, or skipped at a peak (`skip_generation`)."""
-        generate = [it for it in items if not self.skip_generation(it.fallback)]
+        asked = [i for i, it in enumerate(items) if not self.skip_generation(it.fallback)]
         routes, generated = await asyncio.gather(self.classifier.predict_many.remote(items),
-                                                 self._replies(generate))
-        by_item = {id(it): r for it, r in zip(generate, generated)}
-        replies = [by_item.get(id(it)) for it in items]
+                                                 self._replies([items[i] for i in asked]))
+        replies = [None] * len(items)
+        for i, reply in zip(asked, generated):
+            replies[i] = reply
         unsure = [i for i, r in enumerate(replies)
                   if r is None or r["confidence"] < self.config.min_reply_confidence]
         retrieved = dict(zip(unsure, await self._retrieve([items[i] for i in unsure])))
