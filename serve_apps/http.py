@@ -82,6 +82,19 @@ class GuardrailFinding(BaseModel):
     found: dict[str, int]
 
 
+class Envelope(BaseModel):
+    """What every texts answer carries beside its results (`Call.summary`)."""
+
+    request_id: str = Field(description="made by the platform: feedback names it")
+    correlation_id: str | None = Field(None, description="the caller's own id (X-Request-ID)")
+    guardrails: list[GuardrailFinding] = Field(default_factory=list)
+    degraded: bool = Field(False, description="a fallback answered for a model: the generator "
+                           "failed, its breaker is open or it was skipped at a peak, or the peak "
+                           "fallback classified")
+    served_by: str | None = Field(None, description="`fallback` while the peak fallback (a "
+                                  "distilled student) answered: then `degraded` too")
+
+
 def new_request_id() -> str:
     """The id of a request: made here, unique, never chosen by a client (quota reservations,
     feedback and the canary split are keyed by it)."""

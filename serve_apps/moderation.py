@@ -19,7 +19,7 @@ from serve_apps.breaker import CircuitBreaker
 from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import ModerationAppConfig
 from serve_apps.http import (
-    GuardrailFinding,
+    Envelope,
     StageModel,
     TextsRequest,
     check_label,
@@ -47,15 +47,8 @@ class Moderation(BaseModel):
     models: dict[str, StageModel]
 
 
-class ModerateResponse(BaseModel):
-    request_id: str = Field(description="made by the platform: feedback names it")
-    correlation_id: str | None = Field(None, description="the caller's own id (X-Request-ID)")
+class ModerateResponse(Envelope):
     results: list[Moderation]
-    guardrails: list[GuardrailFinding] = Field(default_factory=list)
-    degraded: bool = Field(False, description="a fallback answered for the generator (a post "
-                           "to rewrite was hidden instead), or the peak fallback classified")
-    served_by: str | None = Field(None, description="`fallback` while the peak fallback (a "
-                                  "distilled student) answered: then `degraded` too")
 
 
 app = create_app("llmops moderation", "Classify posts; rewrite toxic ones; redact personal data.")

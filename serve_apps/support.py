@@ -26,7 +26,7 @@ from serve_apps.breaker import CircuitBreaker
 from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import SupportAppConfig
 from serve_apps.http import (
-    GuardrailFinding,
+    Envelope,
     StageModel,
     TextsRequest,
     check_label,
@@ -61,15 +61,8 @@ class Routing(BaseModel):
     models: dict[str, StageModel]
 
 
-class RouteResponse(BaseModel):
-    request_id: str = Field(description="made by the platform: feedback names it")
-    correlation_id: str | None = Field(None, description="the caller's own id (X-Request-ID)")
+class RouteResponse(Envelope):
     results: list[Routing]
-    guardrails: list[GuardrailFinding] = Field(default_factory=list)
-    degraded: bool = Field(False, description="the generator failed or its breaker is open "
-                           "(every suggestion is a retrieved reply), or the peak fallback routed")
-    served_by: str | None = Field(None, description="`fallback` while the peak fallback (a "
-                                  "distilled student) answered: then `degraded` too")
 
 
 def resolved_examples(tracking_uri: str, name: str, version: str, per_intent: int,
