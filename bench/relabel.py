@@ -8,8 +8,9 @@ what the loop's retrain builds from them and the champion's replay (`training/re
 70% of them learnt from), three ways: the replay as it is (no contradiction check), relabelled
 by `training/contradiction.py` (the loop's setting), and relabelled by the generator's own
 truth (the ceiling of any relabelling). Each set fine-tunes the router's `--version` in this
-process as a retrain does (its task's epochs, learning rate, batch size and warm-up; plain
-PyTorch, not DeepSpeed: one process is enough for the comparison), scored by macro-F1 on 600
+process as a retrain does (`training/finetune.fit_in_process`: its task's epochs, learning
+rate, batch size, warm-up and clipping; no Ray or DeepSpeed: one process is enough for the
+comparison), scored by macro-F1 on 600
 other concept-shifted tickets. Per way: the share of replay rows whose label is the new
 concept's, and the macro-F1 against the version's own and against the clean macro-F1 it was
 registered with.
@@ -31,45 +32,78 @@ from training.registry import GOLDEN_FILE, REFERENCE_FILE, Registry  # noqa: E40
 MODEL, DATASET, SCENARIO = "support-router", "support-tickets", "concept-shift"
 
 
-def loaded(folder: str, task, labels: list[str]):
-    """The version in `folder` as a fine-tune starts from it (embeddings frozen where the task
-    says so), and its tokenizer."""
-    from transformers import AutoTokenizer
+def retrained(settings, registry, folder: str, data):
+    """The version in `folder` fine-tuned on `data` as the loop's retrain fine-tunes it (its
+    `job_settings`: the task starts from the version), in this process."""
+    from training.finetune import fit_in_process
+    from training.job import make_spec
 
-    from training.models import build_model
+    training = settings.training.model_copy(deep=True)
+    task = training.tasks[MODEL]
+    training.tasks = {**training.tasks, MODEL: task.model_copy(update={
+        "model": task.model.model_copy(update={"source": folder, "architecture": {}})})}
+    spec = make_spec(training, registry, MODEL, data)
+    return fit_in_process(spec), spec.tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return build_model(task.model.model_copy(update={"source": folder}), task.kind, labels,
-                       tokenizer), tokenizer
+
+def scorer(settings, labels: list[str], seed: int):
+    """Macro-F1 of a model on 600 concept-shifted tickets the retraining never saw."""
+    from sklearn.metrics import f1_score
+
+    from training.data import generate
+    from training.models import classify
+
+    test = generate(DATASET, SCENARIO, 600, seed=seed + 1000)
+    max_length = settings.training.tasks[MODEL].model.max_length
+
+    def score(model, tokenizer) -> float:
+        probs = classify(model, tokenizer, list(test.text), max_length).probs
+        return round(float(f1_score(test.label, [labels[i] for i in probs.argmax(1)],
+                                    average="macro")), 4)
+    return score
 
 
-def fine_tuned(folder: str, task, train, labels: list[str], seed: int):
-    """The version in `folder` fine-tuned on `train` as a retrain would fine-tune it."""
-    import torch
-    from transformers import get_linear_schedule_with_warmup
+def measure(settings, version: str, n_labels: int, seed: int) -> dict:
+    """The three ways' retrains of `version` from `n_labels` labelled shifted tickets."""
+    import mlflow
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from training.models import collate, encode_classification
+    from training.data import DATASETS, generate
+    from training.registry import download_hf_model
+    from training.retrain import retraining_data
 
-    torch.manual_seed(seed)
-    model, tokenizer = loaded(folder, task, labels)
-    index = {label: i for i, label in enumerate(labels)}
-    rows = encode_classification(tokenizer, list(train.text), [index[x] for x in train.label],
-                                 task.model.max_length)
-    steps = task.epochs * -(-len(rows) // task.batch_size)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=task.learning_rate, weight_decay=task.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(task.warmup_ratio * steps), steps)
-    model.train()
-    for epoch in range(task.epochs):
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
-        for i in range(0, len(rows), task.batch_size):
-            batch = [rows[j] for j in order[i:i + task.batch_size].tolist()]
-            model(**collate(batch, tokenizer.pad_token_id)).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-    return model.eval(), tokenizer
+    registry = Registry(settings.registry, settings.data_dir)
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    retrain = settings.training.retrain
+    folder = str(download_hf_model(f"models:/{MODEL}/{version}"))
+    score = scorer(settings, registry.labels(MODEL, version), seed)
+    reference = registry.run_data(MODEL, version, REFERENCE_FILE)
+    golden = registry.run_data(MODEL, version, GOLDEN_FILE)
+    moved = DATASETS[DATASET].concept_relabel
+    truth = reference.assign(label=[moved.get(i, y) for i, y in zip(reference.intent,
+                                                                    reference.label)])
+    right = dict(zip(truth.text, truth.label))  # each replay row's label in the new concept
+    recent = generate(DATASET, SCENARIO, n_labels, seed=seed)[["text", "label"]]
+    clean = registry.run_metrics(MODEL, version)["base_macro_f1"]
+    result = {"model": MODEL, "version": version, "labels": n_labels,
+              "clean_macro_f1": round(clean, 4), "ways": {},
+              "version_on_shifted": score(
+                  AutoModelForSequenceClassification.from_pretrained(folder).eval(),
+                  AutoTokenizer.from_pretrained(folder))}
+    for way, replay, resolve in [("as_is", reference, False), ("contradiction", reference, True),
+                                 ("truth", truth, False)]:
+        data = retraining_data(recent, replay, golden, retrain.model_copy(
+            update={"resolve_contradictions": resolve}), settings.training.seed)
+        replayed = data.train.dropna(subset=["intent"])  # recent rows have no provenance
+        f1 = score(*retrained(settings, registry, folder, data))
+        result["ways"][way] = {
+            "replay_rows_right": round(float(np.mean(
+                replayed.label == replayed.text.map(right))), 4),
+            "train_rows": len(data.train), "macro_f1": f1, "of_clean": round(f1 / clean, 3),
+            "moves": data.notes.get("concept_shift", "")}
+        print(f"{way}: {result['ways'][way]}", file=sys.stderr, flush=True)
+    return result
 
 
 def main() -> None:
@@ -82,57 +116,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     report_to, sys.stdout = sys.stdout, sys.stderr  # what libraries print: not the report
-
-    import mlflow
-    import numpy as np
-    from sklearn.metrics import f1_score
-
-    from training.data import DATASETS, generate
-    from training.models import classify
-    from training.registry import download_hf_model
-    from training.retrain import retraining_data
-
     settings = load_settings(args.config, overrides={"data_dir": args.data_dir}
                              if args.data_dir else None)
-    registry = Registry(settings.registry, settings.data_dir)
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    task, retrain = settings.training.tasks[MODEL], settings.training.retrain
-    folder = str(download_hf_model(f"models:/{MODEL}/{args.version}"))
-    labels = registry.labels(MODEL, args.version)
-    reference = registry.run_data(MODEL, args.version, REFERENCE_FILE)
-    golden = registry.run_data(MODEL, args.version, GOLDEN_FILE)
-    moved = DATASETS[DATASET].concept_relabel
-    truth = reference.assign(label=[moved.get(i, y) for i, y in zip(reference.intent,
-                                                                    reference.label)])
-    recent = generate(DATASET, SCENARIO, args.labels, seed=args.seed)[["text", "label"]]
-    test = generate(DATASET, SCENARIO, 600, seed=args.seed + 1000)
-
-    def score(model, tokenizer) -> float:
-        probs = classify(model, tokenizer, list(test.text), task.model.max_length).probs
-        return round(float(f1_score(test.label, [labels[i] for i in probs.argmax(1)],
-                                    average="macro")), 4)
-
-    ways = {"as_is": (reference, False), "contradiction": (reference, True),
-            "truth": (truth, False)}
-    clean = registry.run_metrics(MODEL, args.version)["base_macro_f1"]
-    result = {"model": MODEL, "version": args.version, "labels": args.labels,
-              "clean_macro_f1": round(clean, 4),
-              "version_on_shifted": score(*loaded(folder, task, labels)), "ways": {}}
-    sample = reference.sample(n=min(retrain.replay_rows, len(reference)),
-                              random_state=settings.training.seed)  # the replay's rows
-    right = dict(zip(sample.text, truth.loc[sample.index, "label"]))
-    for way, (replay, resolve) in ways.items():
-        data = retraining_data(recent, replay, golden, retrain.model_copy(
-            update={"resolve_contradictions": resolve}), settings.training.seed)
-        replayed = data.train[data.train.text.isin(right)]  # by text: the replay's rows
-        f1 = score(*fine_tuned(folder, task, data.train, labels, args.seed))
-        result["ways"][way] = {
-            "replay_rows_right": round(float(np.mean(replayed.label == replayed.text.map(right))),
-                                       4),
-            "train_rows": len(data.train), "macro_f1": f1,
-            "of_clean": round(f1 / clean, 3),
-            "moves": data.notes.get("concept_shift", "")}
-        print(f"{way}: {result['ways'][way]}", file=sys.stderr, flush=True)
+    result = measure(settings, args.version, args.labels, args.seed)
     print(json.dumps(result, indent=None if args.json else 2), file=report_to)
 
 

@@ -142,10 +142,9 @@ def _linear_warmup_decay(warmup: int, total: int):
     return lambda step: min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup + 1)))
 
 
-def _engine(spec: FinetuneSpec, steps_per_epoch: int, on_gpu: bool):
-    """The model wrapped in a DeepSpeed engine with a torch AdamW and its schedule."""
-    import deepspeed
-
+def _optimized(spec: FinetuneSpec, steps_per_epoch: int):
+    """The model to train (an adapter over its frozen base with LoRA), a torch AdamW over what
+    trains, and its schedule."""
     model = build_model(spec.model, spec.kind, spec.labels, spec.tokenizer)
     if spec.lora is not None:
         model = lora.adapt(model, spec.lora, spec.model.source)
@@ -154,6 +153,36 @@ def _engine(spec: FinetuneSpec, steps_per_epoch: int, on_gpu: bool):
                                   lr=spec.learning_rate, weight_decay=spec.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _linear_warmup_decay(max(1, int(spec.warmup_ratio * total)), total))
+    return model, optimizer, schedule
+
+
+def fit_in_process(spec: FinetuneSpec):
+    """`spec`'s model fine-tuned in this process, without Ray or DeepSpeed, as one worker
+    would (same optimizer, schedule, clipping, shuffling and loss): where a trained model is
+    needed in seconds, not a job (the tests' registered models, a benchmark's retrain)."""
+    torch.manual_seed(spec.seed)
+    sampler, loader = _loader(_encode(spec, spec.train_inputs, spec.train_targets,
+                                      spec.soft_targets), spec, 0, 1, shuffle=True)
+    model, optimizer, schedule = _optimized(spec, len(loader))
+    model.train()
+    for epoch in range(spec.epochs):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            _loss(model, batch, torch.device("cpu"), spec).backward()
+            if spec.deepspeed.gradient_clipping:
+                torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               spec.deepspeed.gradient_clipping)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+    return model.eval()
+
+
+def _engine(spec: FinetuneSpec, steps_per_epoch: int, on_gpu: bool):
+    """The model wrapped in a DeepSpeed engine with a torch AdamW and its schedule."""
+    import deepspeed
+
+    model, optimizer, schedule = _optimized(spec, steps_per_epoch)
     ds_config = deepspeed_config(spec.deepspeed, spec.batch_size, on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config)
