@@ -100,11 +100,28 @@ def app_deployments(name: str, app_cfg, ingress_cpus: float, use_gpu: bool,
         actor["num_cpus"] = round(actor["num_cpus"] + md.resources.num_cpus, 4)
         if md.resources.memory_mb:
             actor["memory"] = actor.get("memory", 0) + md.resources.memory_mb * 2**20
+    live = {}  # what the pipeline's `reconfigure` changes in place (`pipeline_config`)
+    if "Classifier" in models:
+        fallback = getattr(app_cfg, models["Classifier"]).fallback
+        live["pressure"] = fallback and fallback.model_dump(mode="json")
+    if "breaker" in type(app_cfg).model_fields:
+        live["breaker"] = app_cfg.breaker.model_dump(mode="json")
     if inline:
-        ingress["user_config"] = {"models": inline}
+        live["models"] = inline
+    if live:
+        ingress["user_config"] = live
     if app_cfg.autoscaling is not None:
         ingress["autoscaling_config"] = app_cfg.autoscaling.model_dump(exclude_none=True)
     return {pipeline_name: ingress, **out}
+
+
+def pipeline_config(app_cfg) -> dict:
+    """The application's settings its pipeline is built with (its `args`): without those that
+    change in place, which its deployments' options hold (`app_deployments`): the overload
+    limits, the peak fallback's thresholds and the generator's breaker. Serve replaces every
+    replica of an application whose args change, and none for a user_config or those limits."""
+    return app_cfg.model_dump(mode="json", exclude={"overload": True, "breaker": True,
+                                                    "classifier": {"fallback"}})
 
 
 def _pipeline(name: str, args: dict) -> Application:

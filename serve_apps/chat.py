@@ -179,7 +179,7 @@ class ChatPipeline(Pipeline):
             if isinstance(error, GeneratorUnavailable):
                 raise error
             raise GeneratorUnavailable(f"the generator failed ({type(error).__name__})",
-                                       self.config.breaker.cooldown_s) from error
+                                       self.breaker.config.cooldown_s) from error
         return {"text": self.config.fallback_reply, "finish_reason": "stop", "model": None,
                 "prompt_tokens": 0, "completion_tokens": 0}
 

@@ -33,14 +33,14 @@ def serve_config(config: ServeConfig, tracking_uri: str | None, use_gpu: bool,
     `pin_models` as in `serve_apps.apps.pinned_user_config` (False for a manifest written
     offline); `logging` Serve's `logging_config` (`LoggingSettings.serve()`), None for
     Serve's default."""
-    from serve_apps.apps import APPS, app_deployments  # Ray Serve's API: not for status
+    from serve_apps.apps import APPS, app_deployments, pipeline_config  # not for status
 
     apps = []
     for name in APPS:
         app_cfg = getattr(config, name)
         if not app_cfg.enabled or (name == "feedback" and log is None):
             continue
-        args = {"config": app_cfg.model_dump(mode="json"), "limits": config.limits.model_dump(),
+        args = {"config": pipeline_config(app_cfg), "limits": config.limits.model_dump(),
                 "tracking_uri": tracking_uri, "use_gpu": use_gpu,
                 "gpu_resource": config.gpu_resource, "ingress_cpus": config.ingress_cpus,
                 "log": log, "governance": governance}

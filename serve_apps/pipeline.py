@@ -21,7 +21,7 @@ from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.batch import Item, set_batching
 from serve_apps.call import Answer, Call, Caller
-from serve_apps.config import LimitsConfig
+from serve_apps.config import BreakerConfig, LimitsConfig
 from serve_apps.http import request_texts
 from serve_apps.inference_log import InferenceLog
 from serve_apps.policies import chain
@@ -44,20 +44,19 @@ class Pipeline:
         self.config = self.settings.model_validate(config or {})
         self.limits = LimitsConfig.model_validate(limits or {})
         self.log = InferenceLog(self.application, log)
+        self.pressure = Pressure(None)  # a classifier's peak fallback: set by `reconfigure`
         self.policies = chain(self.application, self.config.policies, self.config.guardrails,
                               governance)
         app.state.edge = self.policies.edge(self.limits)
 
     def batch_classifier(self, method: Callable) -> None:
-        """For an application with a classifier: the peak fallback's pressure gauge, and
-        `method`'s batches sized by the classifier's settings."""
-        self.pressure = Pressure(self.config.classifier.fallback)
+        """For an application with a classifier: `method`'s batches sized by its settings."""
         set_batching(method, **self.config.classifier.batching.model_dump())
 
     def skip_generation(self, peak: bool) -> bool:
         """Whether a request at a peak goes without the generator (`PeakFallbackConfig`), which
         then counts it as a degraded answer."""
-        fallback = self.config.classifier.fallback
+        fallback = self.pressure.config
         skip = peak and fallback is not None and fallback.generation == "skip"
         if skip:
             metrics.degraded("peak")
@@ -85,6 +84,13 @@ class Pipeline:
         return await self.stages["Classifier"].predict_many.remote(items)
 
     async def reconfigure(self, user_config: dict) -> None:
+        """The inline stages' models and the settings that change in place
+        (`serve_apps.apps.pipeline_config`): the peak fallback's thresholds, the generator's
+        breaker (each keeps its state)."""
+        if "pressure" in user_config:
+            self.pressure.configure(user_config["pressure"])
+        if "breaker" in user_config:
+            self.breaker.config = BreakerConfig.model_validate(user_config["breaker"])
         await self.stages.reconfigure(user_config)
 
     async def __del__(self) -> None:

@@ -32,6 +32,14 @@ class Pressure:
         self._p95, self._p95_at = 0.0, -1.0
         self._reporter: asyncio.Task | None = None
 
+    def configure(self, config: PeakFallbackConfig | dict | None) -> None:
+        """New thresholds (None: no fallback, the switch off), kept from a replica's user_config;
+        the switch's state and the latencies measured stay."""
+        self.config = None if config is None else PeakFallbackConfig.model_validate(config)
+        if self.config is None and self.on:
+            self.on = False
+            metrics.fallback_switch(False)
+
     @contextlib.contextmanager
     def track(self) -> Iterator[bool]:
         """Around one request: yields whether the fallback answers it."""

@@ -193,3 +193,11 @@ def flushed(platform, since: datetime, n: int, **equals: str) -> None:
     their buffers every 0.5 s."""
     wait_for(f"{n} requests in the log", lambda: read(
         platform.log_uri, since=since, **equals).request_id.nunique() >= n, 30)
+
+
+def replica_ids(platform, apps: tuple[str, ...]) -> set[tuple[str, str, str]]:
+    """Every replica of `apps` as (application, deployment, replica id): unchanged across a
+    deploy that changed settings in place."""
+    return {(app, dep, r["replica_id"])
+            for app, a in platform.cluster.details()["applications"].items() if app in apps
+            for dep, d in a["deployments"].items() for r in d["replicas"]}

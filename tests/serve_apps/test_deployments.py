@@ -162,8 +162,10 @@ def test_inline_stages_answer_like_their_deployment_handles(ray_session, tiny_lm
 
 
 def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
-    from serve_apps.apps import app_deployments
-    from serve_apps.config import ServeConfig
+    """And the settings that change in place (peak fallback, breaker, overload) are in the
+    pipeline's options, not in the args its replicas are built with."""
+    from serve_apps.apps import app_deployments, pipeline_config
+    from serve_apps.config import BreakerConfig, ServeConfig, SupportAppConfig
 
     cfg = ServeConfig.model_validate({"support": {
         "autoscaling": {"min_replicas": 1, "max_replicas": 3},
@@ -183,7 +185,19 @@ def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
     assert cpu["Encoder"]["ray_actor_options"]["memory"] == 100 * 2**20
     gpu = app_deployments("support", ServeConfig().support, 0.1, True, None, pin_models=False)
     assert set(gpu) == {"SupportPipeline", "Classifier", "Encoder", "Generator"}
-    assert "user_config" not in gpu["SupportPipeline"]
+    # what changes in place is in the pipeline's user_config and options, never in its args
+    live = gpu["SupportPipeline"]["user_config"]
+    assert live == {"pressure": None, "breaker": BreakerConfig().model_dump(mode="json")}
+    cfg.support.classifier.fallback = {"model": "models:/support-router@fallback",
+                                       "enter_ongoing": 8, "exit_ongoing": 2}
+    cfg.support.overload.max_queued_requests = 7
+    fallback = app_deployments("support", cfg.support, 0.1, True, None, pin_models=False)
+    assert fallback["SupportPipeline"]["user_config"]["pressure"]["enter_ongoing"] == 8
+    assert fallback["SupportPipeline"]["max_queued_requests"] == 7
+    args = pipeline_config(cfg.support)
+    assert "breaker" not in args and "overload" not in args
+    assert "fallback" not in args["classifier"] and args["classifier"]["model"]
+    assert SupportAppConfig.model_validate(args).classifier.fallback is None
     assert gpu["Classifier"]["ray_actor_options"]["num_gpus"] == 0.25
 
 
@@ -327,7 +341,9 @@ def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():
     post to rewrite is hidden without a call to the generator."""
     from serve_apps.breaker import CircuitBreaker
     from serve_apps.config import ModerationAppConfig, SupportAppConfig
+    from serve_apps.model_config import PeakFallbackConfig
     from serve_apps.moderation import ModerationPipeline
+    from serve_apps.pressure import Pressure
     from serve_apps.support import SupportPipeline
 
     moderation = object.__new__(ModerationPipeline.func_or_class)
@@ -357,8 +373,8 @@ def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():
         rewrites.append(text)
         return {**reply, "text": "a kind post", "model": {**reply["model"], "name": "rewriter"}}
 
-    moderation.config = ModerationAppConfig.model_validate({"classifier": {
-        "model": "models:/moderation@champion", "fallback": {"model": "models:/moderation/2"}}})
+    moderation.config = ModerationAppConfig()
+    moderation.pressure = Pressure(PeakFallbackConfig(model="models:/moderation/2"))
     moderation.breaker = CircuitBreaker(moderation.config.breaker)
     moderation.generator = SimpleNamespace(generate=SimpleNamespace(remote=rewrite))
     hidden = finish("toxic", None, peak=True)

@@ -77,3 +77,21 @@ def test_without_a_fallback_it_is_never_on():
 def test_exit_thresholds_must_be_below_enter(change):
     with pytest.raises(ValidationError, match="exit_\\* threshold must be below"):
         PeakFallbackConfig(**{**CONFIG.model_dump(), **change})
+
+
+def test_new_thresholds_apply_in_place_and_none_turns_it_off():
+    """What a replica's `reconfigure` does with its user_config's `pressure`."""
+    p = Pressure(None)
+    p.configure(CONFIG.model_dump(mode="json"))  # as the user_config holds it
+    held = [p.track() for _ in range(3)]
+    assert [h.__enter__() for h in held] == [False, False, True]
+    p.configure({**CONFIG.model_dump(mode="json"), "enter_ongoing": 10, "exit_ongoing": 5})
+    assert p.on and p.config.enter_ongoing == 10  # the state stays until the load says
+    p.configure(None)
+    assert not p.on and p.config is None
+    for h in held:
+        h.__exit__(None, None, None)
+    with p.track() as peak:
+        assert not peak
+    with pytest.raises(ValidationError):
+        p.configure({**CONFIG.model_dump(mode="json"), "exit_ongoing": 99})

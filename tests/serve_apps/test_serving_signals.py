@@ -27,6 +27,7 @@ from serving_stack import (
     llmops,
     llmops_here,
     logged,
+    replica_ids,
 )
 
 from cluster import views
@@ -143,20 +144,23 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
 def test_failing_generator_opens_the_breaker_and_the_fallback_answers_degraded(platform):
     """A generator timeout of 1 ms fails every call: chat answers with its fallback reply and
     support with retrieved replies, both marked `degraded`; chat, limited to one request in
-    flight and one queued, sheds a burst with 503 and Retry-After. It leaves them so: the tests after
-    it need support's router only, and chat no more."""
+    flight and one queued, sheds a burst with 503 and Retry-After. Both settings change in
+    place (no replica replaced). It leaves them so: the tests after it need support's router
+    only, and chat no more."""
     config = platform.cluster.deployed_config()
     broken = {"failures": 2, "window_s": 60, "cooldown_s": 600, "timeout_s": 0.001}
     shed = {"max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2}
     for app in config["applications"]:
-        if app["name"] in ("chat", "support"):
-            app["args"]["config"]["breaker"] = broken
+        if app["name"] not in ("chat", "support"):
+            continue
+        [ingress] = [d for d in app["deployments"] if d["name"].endswith("Pipeline")]
+        ingress["user_config"]["breaker"] = broken
         if app["name"] == "chat":  # and chat sheds load past one request and one queued
-            app["args"]["config"]["overload"] = shed
-            [ingress] = [d for d in app["deployments"] if d["name"] == "ChatPipeline"]
             ingress.update(ingress_options(OverloadConfig(**shed),
                                            ingress["ray_actor_options"]["num_cpus"]))
+    serving = replica_ids(platform, ("chat", "support"))
     platform.cluster.deploy(config)
+    assert replica_ids(platform, ("chat", "support")) == serving
     body = {"model": "rewriter", "messages": [{"role": "user", "content": "you idiots"}]}
     for _ in range(3):  # two failures open the breaker; the third is answered at once
         r = httpx.post(f"{platform.url}/v1/chat/completions", json=body,

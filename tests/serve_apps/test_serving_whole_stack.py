@@ -31,6 +31,7 @@ from serving_stack import (
     flushed,
     llmops,
     llmops_here,
+    replica_ids,
 )
 
 from cluster.runtime import PLATFORM_ENV
@@ -259,11 +260,11 @@ def test_the_log_has_one_compactor_that_merges_its_small_segments(ray_session, p
 
 def test_at_a_peak_the_students_classify_and_no_generator_is_waited_for(platform):
     """Moderation and support with a peak fallback that turns on at two requests in flight (its
-    student here is the champion's own version; `llmops distill` trains a smaller one): what
-    the fallback answered hides a toxic post (moderation) or suggests the closest resolved
-    ticket's reply (support), `degraded`, without calling the generator; a request before the
-    peak was generated. It leaves them so: the tests after it need support's answers logged,
-    then replace the applications."""
+    student here is the champion's own version; `llmops distill` trains a smaller one), turned
+    on in place (user_config: no replica replaced): what the fallback answered hides a toxic
+    post (moderation) or suggests the closest resolved ticket's reply (support), `degraded`,
+    without calling the generator; a request before the peak was generated. It leaves them so:
+    the tests after it need support's answers logged, then replace the applications."""
     from cluster.platform import generated_serve_config
     from cluster.settings import load_settings
     from serve_apps.model_config import PeakFallbackConfig
@@ -277,9 +278,11 @@ def test_at_a_peak_the_students_classify_and_no_generator_is_waited_for(platform
             enter_p95_ms=60_000, exit_p95_ms=30_000)  # in flight decides, not a slow machine
     peaked = {app["name"]: app for app in generated_serve_config(
         settings, platform.registry, 0)["applications"]}  # the other applications unchanged
+    serving = replica_ids(platform, ("moderation", "support"))
     platform.cluster.deploy({**before, "applications": [
         peaked[app["name"]] if app["name"] in ("moderation", "support") else app
         for app in before["applications"]]})
+    assert replica_ids(platform, ("moderation", "support")) == serving
     toxic = list(generate("moderation", "base", 12, seed=5, priors={"toxic": 1.0}).text)
 
     def ask(route: str, text: str) -> dict:
