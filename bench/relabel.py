@@ -5,20 +5,21 @@ measured apart from the loop: minutes, where `bench/loop.py` takes half an hour.
 
 `--labels` concept-shifted support tickets, labelled, are the feedback; the retraining set is
 what the loop's retrain builds from them and the champion's replay (`training/retrain.py`,
-70% of them learnt from), three ways: the replay as it is (no contradiction check), relabelled
-by `training/contradiction.py` (the loop's setting), and relabelled by the generator's own
-truth (the ceiling of any relabelling). Each set fine-tunes the router's `--version` in this
-process as a retrain does (`training/finetune.fit_in_process`: its task's epochs, learning
-rate, batch size, warm-up and clipping; no Ray or DeepSpeed: one process is enough for the
-comparison), scored by macro-F1 on 600
-other concept-shifted tickets. Per way: the share of replay rows whose label is the new
-concept's, and the macro-F1 against the version's own and against the clean macro-F1 it was
-registered with.
+70% of them learnt from), four ways: the replay as it is (no contradiction check), relabelled
+by `training/contradiction.py` alone, relabelled by it with the teacher's second opinion
+(`training/teacher.py`: the loop's setting), and relabelled by the generator's own truth (the
+ceiling of any relabelling). Each set fine-tunes the router's `--version` in this process as a
+retrain does (`training/finetune.fit_in_process`: its task's epochs, learning rate, batch size,
+warm-up and clipping; no Ray or DeepSpeed: one process is enough for the comparison), scored
+by macro-F1 on 600 other concept-shifted tickets. Per way: the share of replay rows whose label
+is the new concept's, and the macro-F1 against the version's own and against the clean
+macro-F1 it was registered with.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -69,14 +70,16 @@ def measure(settings, version: str, n_labels: int, seed: int) -> dict:
     import numpy as np
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from training import teacher
     from training.data import DATASETS, generate
+    from training.refs import reference as reference_of
     from training.registry import download_hf_model
     from training.retrain import retraining_data
 
     registry = Registry(settings.registry, settings.data_dir)
     mlflow.set_tracking_uri(registry.tracking_uri)
     retrain = settings.training.retrain
-    folder = str(download_hf_model(f"models:/{MODEL}/{version}"))
+    folder = str(download_hf_model(reference_of(MODEL, version)))
     score = scorer(settings, registry.labels(MODEL, version), seed)
     reference = registry.run_data(MODEL, version, REFERENCE_FILE)
     golden = registry.run_data(MODEL, version, GOLDEN_FILE)
@@ -91,17 +94,21 @@ def measure(settings, version: str, n_labels: int, seed: int) -> dict:
               "version_on_shifted": score(
                   AutoModelForSequenceClassification.from_pretrained(folder).eval(),
                   AutoTokenizer.from_pretrained(folder))}
-    for way, replay, resolve in [("as_is", reference, False), ("contradiction", reference, True),
-                                 ("truth", truth, False)]:
+    teach = functools.partial(teacher.fit, settings.training, registry, MODEL,
+                              reference_of(MODEL, version))
+    for way, replay, resolve, judge in [
+            ("as_is", reference, False, None), ("contradiction", reference, True, None),
+            ("contradiction_teacher", reference, True, teach), ("truth", truth, False, None)]:
         data = retraining_data(recent, replay, golden, retrain.model_copy(
-            update={"resolve_contradictions": resolve}), settings.training.seed)
+            update={"resolve_contradictions": resolve}), settings.training.seed, judge)
         replayed = data.train.dropna(subset=["intent"])  # recent rows have no provenance
         f1 = score(*retrained(settings, registry, folder, data))
         result["ways"][way] = {
             "replay_rows_right": round(float(np.mean(
                 replayed.label == replayed.text.map(right))), 4),
             "train_rows": len(data.train), "macro_f1": f1, "of_clean": round(f1 / clean, 3),
-            "moves": data.notes.get("concept_shift", "")}
+            "moves": data.notes.get("concept_shift", ""),
+            "teacher_relabelled": data.notes.get("teacher_relabelled")}
         print(f"{way}: {result['ways'][way]}", file=sys.stderr, flush=True)
     return result
 

@@ -4,6 +4,7 @@ States `retraining` and `evaluating` of the controller (`cluster/controller.py`)
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import uuid
@@ -28,6 +29,7 @@ class RetrainSteps:
     def start(self, state: ControllerState, trigger: str) -> ControllerState:
         """Assemble the training set, then hand over to `retraining` (which submits the job)."""
         from monitoring.log import FEEDBACK, read, with_feedback
+        from training import teacher
         from training.errors import InvalidData
         from training.retrain import retraining_data
 
@@ -42,7 +44,9 @@ class RetrainSteps:
         try:
             data = retraining_data(recent, c.registry.run_data(c.model, champion, REFERENCE_FILE),
                                    c.registry.run_data(c.model, champion, GOLDEN_FILE),
-                                   c.settings.training.retrain, c.settings.training.seed)
+                                   c.settings.training.retrain, c.settings.training.seed,
+                                   functools.partial(teacher.fit, c.settings.training, c.registry,
+                                                     c.model, reference(c.model, champion)))
         except InvalidData as exc:
             return c._hold(state, str(exc))
         unseen = self._unseen_moves(recent, data.notes) if trigger == "drift" else {}
@@ -63,7 +67,8 @@ class RetrainSteps:
                      + (f"; concept shift, feedback contradicts: {shift}" if shift else ""),
                      trigger=trigger, champion=champion, challenger=None,
                      retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
-                     detail={k: v for k, v in data.notes.items() if k == "contradictions"})
+                     detail={k: v for k, v in data.notes.items()
+                             if k in ("contradictions", "teacher_relabelled")})
 
     def _unseen_moves(self, recent: pd.DataFrame, notes: dict) -> dict[str, int]:
         """The moves ("A -> B": rows) the retraining set's contradiction check suspected but

@@ -13,6 +13,7 @@ retired rows, which the new version keeps as its own (a versioned golden set).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -21,14 +22,18 @@ import pandas as pd
 from training.config import GateConfig, RetrainConfig
 from training.errors import InvalidData
 from training.evaluate import score
+from training.teacher import Judge, refine
 
 RECENT, ORIGINAL = "recent", "original"
 PROVENANCE = ("intent", "scenario")
 
 
 def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.DataFrame,
-                    config: RetrainConfig, seed: int = 0):
-    """A `TaskData` (`scenario` "retrain") with holdouts `recent` and `original`."""
+                    config: RetrainConfig, seed: int = 0,
+                    teacher: Callable[[pd.DataFrame], Judge | None] | None = None):
+    """A `TaskData` (`scenario` "retrain") with holdouts `recent` and `original`. `teacher`
+    (the labelled rows learnt from -> a judge, `training/teacher.fit`) gives a second opinion
+    on the relabelled replay rows of a concept shift."""
     from training.taskdata import TaskData
 
     recent = recent.dropna(subset=["text", "label"])[["text", "label"]].reset_index(drop=True)
@@ -53,7 +58,16 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
         if found.suspected:
             notes["suspected_moves"] = found.suspected
         if found:
-            replay, golden = tables["replay"], tables["golden"]
+            relabelled, golden = tables["replay"], tables["golden"]
+            judge = teacher(learn) if teacher and config.contradicted_replay == "relabel" \
+                else None
+            if judge is not None:
+                labels, n = refine(list(replay.text), list(replay.label.astype(str)),
+                                   list(relabelled.label), [tuple(m.split(" -> "))
+                                                            for m in found.moved], judge)
+                relabelled = relabelled.assign(label=labels)
+                notes["teacher_relabelled"] = n
+            replay = relabelled
             notes |= {"contradictions": found.to_dict(), "concept_shift": found.summary()}
             # where the concept moved, recent labels judge: a golden row of a moved label that
             # was not found contradicted may still be, so the no-forgetting check skips them

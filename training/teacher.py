@@ -1,0 +1,73 @@
+"""A second opinion on a concept-shift retrain's relabelled replay.
+
+`training/contradiction.py` relabels the replay rows of a moved label by their neighbours in
+the bundled encoder's space, which knows meaning, not the task's boundaries: two intents under
+one old label that the shift split (a refund request, now billing, beside a return label, still
+refund) sit close there. The teacher is the champion fine-tuned on the labelled recent rows
+alone, in this process and in seconds: it has learnt the new concept from labels that separate
+them. It decides each replay row of a moved label between that label and where it moved, when
+it is at least `SURE` of its choice; elsewhere the encoder's relabelling stands (measured by
+`bench/relabel.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from training.config import TrainingConfig
+from training.errors import InvalidData
+
+SURE, EPOCHS = 0.8, 4
+
+# texts -> (labels, probabilities per text and label)
+Judge = Callable[[list[str]], tuple[list[str], np.ndarray]]
+
+
+def fit(training: TrainingConfig, registry, task: str, source: str,
+        learn: pd.DataFrame) -> Judge | None:
+    """The model at `source` (a registered version, `models:/NAME/VERSION`) fine-tuned on
+    `learn` alone, `EPOCHS` epochs of its task's settings; None when the rows cannot train it
+    (a label without a row: `validate_data`)."""
+    from training.finetune import fit_in_process
+    from training.job import make_spec
+    from training.models import classify
+    from training.registry import download_hf_model
+    from training.taskdata import TaskData
+
+    tc = training.task(task)
+    folder = str(download_hf_model(source))
+    config = training.model_copy(update={"tasks": {**training.tasks, task: tc.model_copy(update={
+        "epochs": EPOCHS, "model": tc.model.model_copy(update={"source": folder,
+                                                              "architecture": {}})})}})
+    rows = learn[["text", "label"]].reset_index(drop=True)
+    try:
+        spec = make_spec(config, registry, task, TaskData(
+            train=pd.concat([rows] * training.retrain.recent_repeats, ignore_index=True),
+            validation=rows.iloc[:16], holdouts={}, scenario="retrain"))
+    except InvalidData:
+        return None
+    model = fit_in_process(spec)
+    return lambda texts: (spec.labels, classify(model, spec.tokenizer, texts,
+                                                spec.model.max_length).probs)
+
+
+def refine(texts: list[str], before: list[str], relabelled: list[str],
+           moves: list[tuple[str, str]], judge: Judge) -> tuple[list[str], int]:
+    """The labels of replay rows (`before`: as the champion learnt them; `relabelled`: after
+    the encoder's relabelling) with the teacher's sure choices between a moved label and where
+    it moved; and how many rows it changed."""
+    choices = {a: [a] + [b for src, b in moves if src == a] for a, _ in moves}
+    asked = [x for x, a in enumerate(before) if a in choices]
+    out = list(relabelled)
+    if not asked:
+        return out, 0
+    labels, probs = judge([texts[x] for x in asked])
+    for x, p in zip(asked, probs):
+        options = {lbl: p[labels.index(lbl)] for lbl in choices[before[x]]}
+        best = max(options, key=options.get)
+        if options[best] >= SURE * sum(options.values()):
+            out[x] = best
+    return out, sum(a != b for a, b in zip(out, relabelled))
