@@ -6,9 +6,10 @@ the part not held out, repeated `recent_repeats` times) plus a replay sample of 
 own training rows, so the new version learns the new traffic without forgetting the old. Where
 the feedback contradicts replayed or golden rows (a concept shift), the replayed rows take
 the label their region moved to (or are retired) and the golden rows are retired
-(`training/contradiction.py`). The gate scores champion and challenger on the same two
-holdouts: the held-out labelled recent requests, and the champion's golden set less its
-retired rows, which the new version keeps as its own (a versioned golden set).
+(`training/contradiction.py`; `training/teacher.py` gives the relabelling a second opinion).
+The gate scores champion and challenger on the same two holdouts: the held-out labelled recent
+requests, and the champion's golden set less its retired rows, which the new version keeps as
+its own (a versioned golden set).
 """
 
 from __future__ import annotations
