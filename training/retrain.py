@@ -65,7 +65,8 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
             if judge is not None:
                 labels, n = refine(list(replay.text), list(replay.label.astype(str)),
                                    list(relabelled.label), [tuple(m.split(" -> "))
-                                                            for m in found.moved], judge)
+                                                            for m in found.moved], judge,
+                                   list(learn.label.astype(str)))
                 relabelled = relabelled.assign(label=labels)
                 notes["teacher_relabelled"] = n
             replay = relabelled

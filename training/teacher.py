@@ -6,12 +6,15 @@ one old label that the shift split (a refund request, now billing, beside a retu
 refund) sit close there. The teacher is the champion fine-tuned on the labelled recent rows
 alone, in this process and in seconds: it has learnt the new concept from labels that separate
 them. It decides each replay row of a moved label between that label and where it moved, when
-it is at least `SURE` of its choice; elsewhere the encoder's relabelling stands (measured by
-`bench/relabel.py`).
+it is at least `SURE` of its choice, and only between labels it has learnt: `MIN_ROWS` labelled
+rows of each (the label queue asks where the champion is wrong, so a label that did not move
+may have almost none, and a teacher without them moves its whole region); elsewhere the
+encoder's relabelling stands (measured by `bench/relabel.py`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -20,7 +23,7 @@ import pandas as pd
 from training.config import TrainingConfig
 from training.errors import InvalidData
 
-SURE, EPOCHS = 0.8, 4
+SURE, EPOCHS, MIN_ROWS = 0.8, 4, 10
 
 # texts -> (labels, probabilities per text and label)
 Judge = Callable[[list[str]], tuple[list[str], np.ndarray]]
@@ -55,10 +58,14 @@ def fit(training: TrainingConfig, registry, task: str, source: str,
 
 
 def refine(texts: list[str], before: list[str], relabelled: list[str],
-           moves: list[tuple[str, str]], judge: Judge) -> tuple[list[str], int]:
+           moves: list[tuple[str, str]], judge: Judge, learnt: list[str]
+           ) -> tuple[list[str], int]:
     """The labels of replay rows (`before`: as the champion learnt them; `relabelled`: after
     the encoder's relabelling) with the teacher's sure choices between a moved label and where
-    it moved; and how many rows it changed."""
+    it moved, for the moves whose two labels it learnt from `MIN_ROWS` rows each (`learnt`:
+    the labels of its training rows); and how many rows it changed."""
+    rows = Counter(learnt)
+    moves = [(a, b) for a, b in moves if min(rows[a], rows[b]) >= MIN_ROWS]
     choices = {a: [a] + [b for src, b in moves if src == a] for a, _ in moves}
     asked = [x for x, a in enumerate(before) if a in choices]
     out = list(relabelled)

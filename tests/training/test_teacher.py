@@ -1,5 +1,6 @@
 """The teacher's second opinion on a relabelled replay (`training/teacher.py`): it decides only
-rows of a moved label, only between that label and where it moved, only when sure; it is the
+rows of a moved label, only between that label and where it moved, only when sure, only
+between labels it learnt from enough rows; it is the
 champion fine-tuned on the labelled rows, and `retraining_data` asks it where a concept moved."""
 
 import numpy as np
@@ -35,11 +36,18 @@ def test_the_teacher_decides_moved_rows_between_their_label_and_its_move_when_su
         asked.extend(batch)
         return judge_of(probs)(batch)
 
-    out, changed = teacher.refine(texts, before, relabelled,
-                                  [("refund", "billing"), ("account", "security")], judge)
+    moves = [("refund", "billing"), ("account", "security")]
+    learnt = [label for label in LABELS for _ in range(teacher.MIN_ROWS)]
+    out, changed = teacher.refine(texts, before, relabelled, moves, judge, learnt)
     assert out == ["billing", "refund", "refund", "account", "billing"] and changed == 2
     assert asked == texts[:4]
-    assert teacher.refine(texts, before, relabelled, [], judge) == (relabelled, 0)
+    assert teacher.refine(texts, before, relabelled, [], judge, learnt) == (relabelled, 0)
+    # a label it learnt from too few rows (the queue asked elsewhere): that move is not its call
+    few = [label for label in learnt if label != "account"] + ["account"] * 2
+    asked.clear()
+    out, changed = teacher.refine(texts, before, relabelled, moves, judge, few)
+    assert out == ["billing", "refund", "refund", "security", "billing"] and changed == 1
+    assert asked == texts[:3]
 
 
 def test_the_teacher_is_the_champion_fine_tuned_on_the_labels_and_the_retrain_asks_it(
