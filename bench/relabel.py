@@ -39,11 +39,7 @@ def retrained(settings, registry, folder: str, data):
     from training.finetune import fit_in_process
     from training.job import make_spec
 
-    training = settings.training.model_copy(deep=True)
-    task = training.tasks[MODEL]
-    training.tasks = {**training.tasks, MODEL: task.model_copy(update={
-        "model": task.model.model_copy(update={"source": folder, "architecture": {}})})}
-    spec = make_spec(training, registry, MODEL, data)
+    spec = make_spec(settings.training.starting_from(MODEL, folder), registry, MODEL, data)
     return fit_in_process(spec), spec.tokenizer
 
 
@@ -65,7 +61,7 @@ def scorer(settings, labels: list[str], seed: int):
 
 
 def measure(settings, version: str, n_labels: int, seed: int) -> dict:
-    """The three ways' retrains of `version` from `n_labels` labelled shifted tickets."""
+    """The four ways' retrains of `version` from `n_labels` labelled shifted tickets."""
     import mlflow
     import numpy as np
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

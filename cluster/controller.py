@@ -169,11 +169,7 @@ class Controller:
         starts from it (a registered version) instead of its configured model."""
         settings = self.settings.model_copy(deep=True)
         if source is not None:
-            tasks = dict(settings.training.tasks)
-            task = tasks[self.model]
-            tasks[self.model] = task.model_copy(update={"model": task.model.model_copy(
-                update={"source": source, "architecture": {}})})
-            settings.training.tasks = tasks
+            settings.training = settings.training.starting_from(self.model, source)
         settings.ray.address = "auto"  # the job's driver joins the cluster it runs on
         settings.training.workers = self.settings.controller.retrain_workers
         settings.training.cpus_per_worker = self.settings.controller.retrain_cpus_per_worker

@@ -217,6 +217,14 @@ class TrainingConfig(StrictModel):
             data["tasks"][task]["epochs"] = epochs
         return TrainingConfig.model_validate(data)
 
+    def starting_from(self, task: str, source: str, **update) -> TrainingConfig:
+        """A copy whose `task` starts from `source` (a registered version, or its folder)
+        instead of its configured model, as a retrain does; `update`: other fields of the task."""
+        tc = self.task(task)
+        return self.model_copy(update={"tasks": {**self.tasks, task: tc.model_copy(update={
+            **update, "model": tc.model.model_copy(update={"source": source,
+                                                           "architecture": {}})})}})
+
     @field_validator("tasks", mode="before")
     @classmethod
     def _merge_task_defaults(cls, value: Any) -> Any:

@@ -23,7 +23,7 @@ import pandas as pd
 from training.config import GateConfig, RetrainConfig
 from training.errors import InvalidData
 from training.evaluate import score
-from training.teacher import Judge, refine
+from training.teacher import Judge, decidable, refine
 
 RECENT, ORIGINAL = "recent", "original"
 PROVENANCE = ("intent", "scenario")
@@ -60,13 +60,14 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
             notes["suspected_moves"] = found.suspected
         if found:
             relabelled, golden = tables["replay"], tables["golden"]
+            moves = [tuple(m.split(" -> ")) for m in found.moved]
+            learnt = list(learn.label.astype(str))
+            # fitted only where it may decide something: a fine-tune, not a lookup
             judge = teacher(learn) if teacher and config.contradicted_replay == "relabel" \
-                else None
+                and decidable(moves, learnt) else None
             if judge is not None:
                 labels, n = refine(list(replay.text), list(replay.label.astype(str)),
-                                   list(relabelled.label), [tuple(m.split(" -> "))
-                                                            for m in found.moved], judge,
-                                   list(learn.label.astype(str)))
+                                   list(relabelled.label), moves, judge, learnt)
                 relabelled = relabelled.assign(label=labels)
                 notes["teacher_relabelled"] = n
             replay = relabelled

@@ -40,11 +40,7 @@ def fit(training: TrainingConfig, registry, task: str, source: str,
     from training.registry import download_hf_model
     from training.taskdata import TaskData
 
-    tc = training.task(task)
-    folder = str(download_hf_model(source))
-    config = training.model_copy(update={"tasks": {**training.tasks, task: tc.model_copy(update={
-        "epochs": EPOCHS, "model": tc.model.model_copy(update={"source": folder,
-                                                              "architecture": {}})})}})
+    config = training.starting_from(task, str(download_hf_model(source)), epochs=EPOCHS)
     rows = learn[["text", "label"]].reset_index(drop=True)
     try:
         spec = make_spec(config, registry, task, TaskData(
@@ -57,6 +53,13 @@ def fit(training: TrainingConfig, registry, task: str, source: str,
                                                 spec.model.max_length).probs)
 
 
+def decidable(moves: list[tuple[str, str]], learnt: list[str]) -> list[tuple[str, str]]:
+    """The moves whose two labels the teacher learns from `MIN_ROWS` rows each (`learnt`: the
+    labels of its training rows)."""
+    rows = Counter(learnt)
+    return [(a, b) for a, b in moves if min(rows[a], rows[b]) >= MIN_ROWS]
+
+
 def refine(texts: list[str], before: list[str], relabelled: list[str],
            moves: list[tuple[str, str]], judge: Judge, learnt: list[str]
            ) -> tuple[list[str], int]:
@@ -64,8 +67,7 @@ def refine(texts: list[str], before: list[str], relabelled: list[str],
     the encoder's relabelling) with the teacher's sure choices between a moved label and where
     it moved, for the moves whose two labels it learnt from `MIN_ROWS` rows each (`learnt`:
     the labels of its training rows); and how many rows it changed."""
-    rows = Counter(learnt)
-    moves = [(a, b) for a, b in moves if min(rows[a], rows[b]) >= MIN_ROWS]
+    moves = decidable(moves, learnt)
     choices = {a: [a] + [b for src, b in moves if src == a] for a, _ in moves}
     asked = [x for x, a in enumerate(before) if a in choices]
     out = list(relabelled)
