@@ -137,6 +137,8 @@ def test_the_label_queue_asks_around_confident_mistakes_once_they_exceed_chance(
     newer = pending(uri, "default", 40, config, since=since)
     assert {it["request_id"] for it in newer} == {"r300", "r301", "r302", "r303"}
     assert {it["request_id"] for it in newer if it["reason"] == "contradiction"} == {"r302", "r303"}
+    # none since (the traffic not yet flushed): an empty page, not an error
+    assert pending(uri, "default", 40, config, since=now()) == []
 
 
 def test_the_asks_around_confident_mistakes_spread_over_the_region(tmp_path):
