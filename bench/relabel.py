@@ -2,8 +2,13 @@
 measured apart from the loop: minutes, where `bench/loop.py` takes half an hour.
 
     python bench/relabel.py --json --data-dir .llmops [--version 1] [--labels 240] [--seed 5]
+                            [--asked random|queue]
 
-`--labels` concept-shifted support tickets, labelled, are the feedback; the retraining set is
+`--labels` concept-shifted support tickets, labelled, are the feedback: drawn at random, or
+as the label queue asks (`queue`: of 4x as many tickets, those the version answers wrongly
+first, taken in turn from each label it predicts, a fifth of them at random, the way
+`monitoring.feedback.pending` asks once a shift shows: few labels where a moved label's
+remainder is still answered right). The retraining set is
 what the loop's retrain builds from them and the champion's replay (`training/retrain.py`,
 70% of them learnt from), four ways: the replay as it is (no contradiction check), relabelled
 by `training/contradiction.py` alone, relabelled by it with the teacher's second opinion
@@ -60,7 +65,28 @@ def scorer(settings, labels: list[str], seed: int):
     return score
 
 
-def measure(settings, version: str, n_labels: int, seed: int) -> dict:
+def asked_by_queue(model, tokenizer, labels: list[str], max_length: int, n: int,
+                   seed: int):
+    """`n` labelled shifted tickets as the label queue asks for them (the module's text)."""
+    import numpy as np
+    import pandas as pd
+
+    from training.data import generate
+    from training.models import classify
+
+    pool = generate(DATASET, SCENARIO, 4 * n, seed=seed)
+    probs = classify(model, tokenizer, list(pool.text), max_length).probs
+    pool = pool.assign(predicted=[labels[i] for i in probs.argmax(1)],
+                       right=[labels[i] == y for i, y in zip(probs.argmax(1), pool.label)],
+                       draw=np.random.default_rng(seed).random(len(pool)))
+    pool = pool.sort_values(["right", "draw"])
+    pool = pool.assign(turn=pool.groupby("predicted", sort=False).cumcount().to_numpy())
+    asked = pool.sort_values(["turn", "right"]).head(n - n // 5)
+    drawn = pool.drop(index=asked.index).sample(n=n // 5, random_state=seed)
+    return pd.concat([asked, drawn])[["text", "label"]].reset_index(drop=True)
+
+
+def measure(settings, version: str, n_labels: int, seed: int, asked: str) -> dict:
     """The four ways' retrains of `version` from `n_labels` labelled shifted tickets."""
     import mlflow
     import numpy as np
@@ -83,13 +109,16 @@ def measure(settings, version: str, n_labels: int, seed: int) -> dict:
     truth = reference.assign(label=[moved.get(i, y) for i, y in zip(reference.intent,
                                                                     reference.label)])
     right = dict(zip(truth.text, truth.label))  # each replay row's label in the new concept
-    recent = generate(DATASET, SCENARIO, n_labels, seed=seed)[["text", "label"]]
+    served = (AutoModelForSequenceClassification.from_pretrained(folder).eval(),
+              AutoTokenizer.from_pretrained(folder))
+    recent = asked_by_queue(*served, registry.labels(MODEL, version),
+                            settings.training.tasks[MODEL].model.max_length, n_labels, seed) \
+        if asked == "queue" else generate(DATASET, SCENARIO, n_labels, seed=seed)[["text", "label"]]
     clean = registry.run_metrics(MODEL, version)["base_macro_f1"]
-    result = {"model": MODEL, "version": version, "labels": n_labels,
+    result = {"model": MODEL, "version": version, "labels": n_labels, "asked": asked,
+              "labelled": recent.label.value_counts().to_dict(),
               "clean_macro_f1": round(clean, 4), "ways": {},
-              "version_on_shifted": score(
-                  AutoModelForSequenceClassification.from_pretrained(folder).eval(),
-                  AutoTokenizer.from_pretrained(folder))}
+              "version_on_shifted": score(*served)}
     teach = functools.partial(teacher.fit, settings.training, registry, MODEL,
                               reference_of(MODEL, version))
     for way, replay, resolve, judge in [
@@ -113,6 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", default="1", help="the router version retrained")
     parser.add_argument("--labels", type=int, default=240, help="labelled shifted tickets")
+    parser.add_argument("--asked", choices=("random", "queue"), default="random",
+                        help="which tickets get the labels")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--config", default=None)
@@ -121,7 +152,7 @@ def main() -> None:
     report_to, sys.stdout = sys.stdout, sys.stderr  # what libraries print: not the report
     settings = load_settings(args.config, overrides={"data_dir": args.data_dir}
                              if args.data_dir else None)
-    result = measure(settings, args.version, args.labels, args.seed)
+    result = measure(settings, args.version, args.labels, args.seed, args.asked)
     print(json.dumps(result, indent=None if args.json else 2), file=report_to)
 
 
