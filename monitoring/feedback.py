@@ -110,8 +110,7 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     if answers.empty:  # all labelled, or none since: nothing to rank
         return []
     other = [shadow.get(k) for k in zip(answers.request_id, answers.item)]
-    disagree = np.array([o is not None and o != p for o, p in zip(other, answers.prediction)],
-                        dtype=bool)
+    disagree = np.array([o is not None and o != p for o, p in zip(other, answers.prediction)])
     similar = _near(answers, labelled, confident_mistakes(labelled, config.confident))
     near = ~disagree & ~np.isnan(similar)
     answers = answers.assign(rank=np.where(disagree, 0, np.where(near, 1, 2)),
