@@ -67,21 +67,22 @@ def scorer(settings, labels: list[str], seed: int):
 
 def asked_by_queue(model, tokenizer, labels: list[str], max_length: int, n: int,
                    seed: int):
-    """`n` labelled shifted tickets as the label queue asks for them (the module's text)."""
+    """`n` labelled shifted tickets as the label queue asks for them (the module's text; the
+    turns per predicted label are the queue's own, `monitoring.feedback.interleave`)."""
     import numpy as np
     import pandas as pd
 
+    from monitoring.feedback import interleave
     from training.data import generate
     from training.models import classify
 
     pool = generate(DATASET, SCENARIO, 4 * n, seed=seed)
     probs = classify(model, tokenizer, list(pool.text), max_length).probs
-    pool = pool.assign(predicted=[labels[i] for i in probs.argmax(1)],
+    pool = pool.assign(prediction=[labels[i] for i in probs.argmax(1)],
                        right=[labels[i] == y for i, y in zip(probs.argmax(1), pool.label)],
                        draw=np.random.default_rng(seed).random(len(pool)))
     pool = pool.sort_values(["right", "draw"])
-    pool = pool.assign(turn=pool.groupby("predicted", sort=False).cumcount().to_numpy())
-    asked = pool.sort_values(["turn", "right"]).head(n - n // 5)
+    asked = interleave(pool, n - n // 5)
     drawn = pool.drop(index=asked.index).sample(n=n // 5, random_state=seed)
     return pd.concat([asked, drawn])[["text", "label"]].reset_index(drop=True)
 

@@ -120,7 +120,7 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
                                              np.where(near, "contradiction", "uncertain")))
     ranked = answers.sort_values(["rank", "order"])
     explore = round(min(limit, len(ranked)) * config.explore)
-    useful = _interleave(ranked, limit - explore)
+    useful = interleave(ranked, limit - explore)
     rest = ranked.drop(index=useful.index)
     drawn = rest.sample(n=min(explore, len(rest)), random_state=0).assign(reason="random")
     page = pd.concat([useful, drawn])
@@ -194,7 +194,7 @@ def _unit(vectors: pd.Series) -> np.ndarray:
     return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
 
 
-def _interleave(ranked: pd.DataFrame, n: int) -> pd.DataFrame:
+def interleave(ranked: pd.DataFrame, n: int) -> pd.DataFrame:
     """The first `n` rows of `ranked` taken in turn from each predicted label (each label's
     own order kept; the label with the most useful row first)."""
     turn = ranked.groupby("prediction", sort=False).cumcount()
