@@ -14,7 +14,7 @@ what the loop's retrain builds from them and the champion's replay (`training/re
 by `training/contradiction.py` alone, relabelled by it with the teacher's second opinion
 (`training/teacher.py`: the loop's setting), and relabelled by the generator's own truth (the
 ceiling of any relabelling). Each set fine-tunes the router's `--version` in this process as a
-retrain does (`training/finetune.fit_in_process`: its task's epochs, learning rate, batch size,
+retrain does (`training/worker.fit_in_process`: its task's epochs, learning rate, batch size,
 warm-up and clipping; no Ray or DeepSpeed: one process is enough for the comparison), scored
 by macro-F1 on 600 other concept-shifted tickets. Per way: the share of replay rows whose label
 is the new concept's, and the macro-F1 against the version's own and against the clean
@@ -41,8 +41,8 @@ MODEL, DATASET, SCENARIO = "support-router", "support-tickets", "concept-shift"
 def retrained(settings, registry, folder: str, data):
     """The version in `folder` fine-tuned on `data` as the loop's retrain fine-tunes it (its
     `job_settings`: the task starts from the version), in this process."""
-    from training.finetune import fit_in_process
     from training.job import make_spec
+    from training.worker import fit_in_process
 
     spec = make_spec(settings.training.starting_from(MODEL, folder), registry, MODEL, data)
     return fit_in_process(spec), spec.tokenizer

@@ -5,7 +5,7 @@ The student is the task's model with fewer layers (`distill.layers`; a pretraine
 its first ones, 2 of MiniLM's 6). It trains with DeepSpeed on Ray Train like any fine-tune, on
 the rows the champion was trained on, learning the champion's probabilities at
 `distill.temperature` weighed `distill.alpha` against the true labels (Hinton et al.'s loss,
-`training/finetune.py`). It is registered as a version of the same model, tagged with the
+`training/worker.py`). It is registered as a version of the same model, tagged with the
 champion it learned from, and aliased `fallback` only if the fallback gate passes: on the base
 holdout and on the champion's golden set, its gate metric is at most `distill.margin` below the
 champion's (`training/retrain.py`, `fallback_gate`). The drift scenarios' holdouts are measured

@@ -34,11 +34,11 @@ def fit(training: TrainingConfig, registry, task: str, source: str,
     """The model at `source` (a registered version, `models:/NAME/VERSION`) fine-tuned on
     `learn` alone, `EPOCHS` epochs of its task's settings; None when the rows cannot train it
     (a label without a row: `validate_data`)."""
-    from training.finetune import fit_in_process
     from training.job import make_spec
     from training.models import classify
     from training.registry import download_hf_model
     from training.taskdata import TaskData
+    from training.worker import fit_in_process
 
     config = training.starting_from(task, str(download_hf_model(source)), epochs=EPOCHS)
     rows = learn[["text", "label"]].reset_index(drop=True)

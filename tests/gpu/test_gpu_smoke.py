@@ -64,10 +64,10 @@ def test_pipeline_served_on_gpu_in_half_precision(gpu_ray, tmp_path):
 
 
 def test_zero2_finetune_step_over_nccl(gpu_ray, tmp_path):
-    from training.finetune import deepspeed_config
     from training.job import fit_and_register
     from training.registry import Registry
     from training.taskdata import build_task_data
+    from training.worker import deepspeed_config
 
     settings = tiny_settings(tmp_path / "state", workers=1, use_gpu="yes",
                              deepspeed={"stage": 2})

@@ -8,9 +8,10 @@ from conftest import register_quick
 
 from training.distill import DISTILLED_FROM_TAG, GATE_TAG, distill_and_register, student_model
 from training.errors import InvalidData
-from training.finetune import FinetuneSpec, _loss
+from training.finetune import FinetuneSpec
 from training.registry import CHAMPION, FALLBACK
 from training.retrain import fallback_gate
+from training.worker import _loss
 
 
 def test_a_student_of_the_champion_is_registered_and_aliased_fallback(ray_session, settings,

@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_LLAMA, tiny_llama_folder
+from conftest import HEAVY, TINY_LLAMA, imported_by, tiny_llama_folder
 
 from serve_apps.model import load
 from training import lora
 from training.config import TaskConfig
 from training.errors import InvalidData, LLMOpsError
-from training.job import fit_and_register, make_spec
+from training.job import fit_and_register, make_spec, register_model_dir
 from training.models import encode_causal_lm, predict_proba, prompt_of, train_bpe_tokenizer
 from training.pyfunc import load_hf
 from training.taskdata import build_task_data
@@ -93,12 +93,12 @@ def test_two_worker_zero2_finetune_registers_champion_then_a_resumed_challenger(
     assert registry.models() == registry.models(through_client=True)
 
 
-def test_llama_from_config_then_a_zero3_lora_adapter_registered_with_its_base(
-        ray_session, settings, registry):
+def test_llama_from_config_then_a_zero3_lora_adapter_resumed_after_a_worker_is_killed(
+        ray_session, settings, registry, tmp_path):
     """A tiny Llama with a tokenizer trained here, fully fine-tuned with ZeRO 3 (weights
     sharded, consolidated to full ones; ZeRO 2 is above, 0 in test_cli.py), then a LoRA
-    adapter over the registered version: only the adapter trains and is registered, tagged
-    with its base."""
+    adapter over the registered version: only the adapter trains, is checkpointed (a killed
+    worker resumes from it) and is registered, tagged with its base."""
     settings.training.tasks["rewriter"].model.architecture = TINY_LLAMA
     settings.training.deepspeed.stage = 3
     _, base = _train(settings, registry, "rewriter")
@@ -107,10 +107,29 @@ def test_llama_from_config_then_a_zero3_lora_adapter_registered_with_its_base(
     files = {p.name for p in Path(base.model_dir).iterdir()}
     assert "model.safetensors" in files and "adapter_config.json" not in files
     settings.training.tasks["rewriter-lora"] = TaskConfig.model_validate({
-        **settings.training.tasks["rewriter"].model_dump(), "method": "lora", "epochs": 2,
+        **settings.training.tasks["rewriter"].model_dump(), "method": "lora", "epochs": 3,
         "learning_rate": 1e-2, "model": {"source": "models:/rewriter@champion", "max_length": 64},
         "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}})
-    _, adapter = _train(settings, registry, "rewriter-lora")
+    marker = tmp_path / "killed"
+
+    def kill_once(rank: int, epoch: int) -> None:
+        """SIGKILL worker 1 once, after epoch 1's checkpoint has been taken."""
+        if rank == 1 and epoch == 1 and not marker.exists():
+            marker.touch()
+            # three of Ray Train's polls of its workers: the checkpoint is recorded by then
+            time.sleep(3 * float(os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _, adapter = _train(settings, registry, "rewriter-lora", after_epoch=kill_once)
+    assert marker.exists()
+    assert [h["epoch"] for h in adapter.history] == [1, 2, 3]
+    assert [h["resumed_from_epoch"] for h in adapter.history] == [0, 1, 1]
+    # ZeRO 3's checkpoint: the adapter's weights (sharded), nothing of the frozen base
+    [states] = sorted(Path(adapter.model_dir).parent.glob(
+        "checkpoint_*/state/zero_pp_rank_0_mp_rank_00_model_states.pt"))[-1:]
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    assert saved["module"] and all(".lora_" in name for name in saved["module"])
+    assert saved["frozen_param_shapes"] is None
 
     assert (adapter.model, adapter.version, adapter.alias) == ("rewriter-lora", 1, "champion")
     history = adapter.history[-1]
@@ -136,40 +155,35 @@ def test_llama_from_config_then_a_zero3_lora_adapter_registered_with_its_base(
                   build_task_data(settings.training, "rewriter-lora"))
 
 
-def test_lora_resumes_from_an_adapter_only_checkpoint_after_a_worker_is_killed(
-        ray_session, settings, registry, tmp_path):
-    """ZeRO 2; the base is a local folder, identified by the digest of its files."""
+def test_an_adapter_over_a_local_folder_is_tagged_with_its_digest_and_refused_once_it_changes(
+        settings, registry, tmp_path):
+    """A user's own base folder, identified by the digest of its files (the adapter here has
+    random weights: what registration records is tested, the fine-tune above)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     base = tiny_llama_folder(tmp_path / "base", settings)
     settings.training.tasks["rewriter"] = TaskConfig.model_validate({
-        **settings.training.tasks["rewriter"].model_dump(), "method": "lora", "epochs": 3,
+        **settings.training.tasks["rewriter"].model_dump(), "method": "lora",
         "model": {"source": str(base), "max_length": 64}, "lora": {"rank": 4}})
-    marker = tmp_path / "killed"
-
-    def kill_once(rank: int, epoch: int) -> None:
-        """SIGKILL worker 1 once, after epoch 1's checkpoint has been taken."""
-        if rank == 1 and epoch == 1 and not marker.exists():
-            marker.touch()
-            # three of Ray Train's polls of its workers: the checkpoint is recorded by then
-            time.sleep(3 * float(os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]))
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    _, result = _train(settings, registry, "rewriter", after_epoch=kill_once)
-    assert (tmp_path / "killed").exists()
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]
-    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
-
-    run_dir = Path(result.model_dir).parent
-    [states] = sorted(run_dir.glob("checkpoint_*/state/mp_rank_00_model_states.pt"))[-1:]
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    assert module and all(".lora_" in name for name in module)  # the adapter, no base weights
-    tags = registry.client.get_model_version("rewriter", "1").tags
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    adapter.peft_config["default"].base_model_name_or_path = str(base)  # as a fine-tune does
+    adapter.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "adapter")
+    version = register_model_dir(settings.training, registry, "rewriter",
+                                 build_task_data(settings.training, "rewriter"),
+                                 tmp_path / "adapter", [], history=[], ds_config={},
+                                 started=time.perf_counter()).version
+    tags = registry.client.get_model_version("rewriter", str(version)).tags
     assert tags["llmops.base"] == str(base)
     assert tags["llmops.base_sha256"] == lora.folder_digest(base)
+    assert registry.load_model("rewriter", str(version)).model is not None
 
     # A base whose files changed since is refused, not silently used.
     (base / "config.json").write_text((base / "config.json").read_text() + " ")
     with pytest.raises(lora.BaseMismatch, match="changed since"):
-        registry.load_model("rewriter", "1")
+        registry.load_model("rewriter", str(version))
 
 
 def test_lora_settings_fail_before_any_worker_starts(settings, registry, tmp_path):
@@ -189,6 +203,12 @@ def test_lora_settings_fail_before_any_worker_starts(settings, registry, tmp_pat
     settings.training.tasks["rewriter"].model.source = "some-org/some-model"
     with pytest.raises(LLMOpsError, match="model.source 'some-org/some-model' is a Hugging Face"):
         make_spec(settings.training, registry, "rewriter", data)
+
+
+def test_ray_trains_controller_loads_no_model_stack_for_a_fine_tune():
+    """It unpickles the function `TorchTrainer` runs (its spec is an object reference): only
+    the workers import torch, transformers and DeepSpeed."""
+    assert imported_by("from training.finetune import train_loop") & HEAVY == set()
 
 
 def test_tune_searches_and_registers_the_best_trial(ray_session, settings, registry):
