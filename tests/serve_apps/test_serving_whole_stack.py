@@ -339,7 +339,7 @@ def test_gpu_replicas_are_placed_and_autoscale(ray_session, platform):
             "classifier": {"model": "models:/moderation@champion",
                            "resources": {"num_cpus": 0.1, "num_gpus": 0.5},
                            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05},
-                           "autoscaling": {"min_replicas": 1, "max_replicas": 3,
+                           "autoscaling": {"min_replicas": 1, "max_replicas": 2,
                                            "target_ongoing_requests": 1, "upscale_delay_s": 0,
                                            "downscale_delay_s": 2, "look_back_period_s": 2}},
             "generator": {"model": "models:/rewriter@champion", "resources": {"num_gpus": 0.5},
