@@ -280,6 +280,9 @@ def test_fake_autoscaler_launches_gpu_nodes_on_demand_and_removes_idle_ones(priv
             def __call__(self) -> str:
                 return ray.get_runtime_context().get_node_id()
 
+        # one HTTP proxy, on the head, as the platform deploys (serve_apps/deploy.py): a proxy
+        # on the GPU node would hold it for Serve's 30 s proxy draining once the replica left
+        serve.start(proxy_location="HeadOnly")
         launched = time.monotonic()
         handle = serve.run(Probe.bind(), name="probe", route_prefix=None, blocking=False)
         node_id = handle.remote().result(timeout_s=120)
