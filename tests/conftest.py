@@ -28,6 +28,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 # the Serve handles this process holds still push metrics, and each push would start a fresh
 # local Ray (in a daemon thread, at exit, where it can hang the interpreter)
 os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+# The Serve handles this process holds report their load to the autoscaler every second, not
+# Serve's 10 s: the autoscaling test sees its scale-up and its scale-down that much sooner
+os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
 apply_platform_env()
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
