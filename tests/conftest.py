@@ -232,19 +232,39 @@ def registry(settings):
 def register_quick(settings: Settings, registry, task: str, epochs: int = 6, seed: int = 0,
                    lr: float = 3e-3):
     """A tiny model trained in-process (plain PyTorch, seconds) and registered as a new version:
-    serving tests need registered models, not a distributed fine-tune."""
+    serving tests need registered models, not a distributed fine-tune. The training is seeded,
+    so the same task settings, epochs, seed and rate give the same model: it is trained once a
+    session (unless it starts from a registered version) and each call registers a copy."""
     import tempfile
     import time
 
-    import torch
-
     from training.job import make_spec, register_model_dir
-    from training.models import build_model, collate, encode_causal_lm, encode_classification
     from training.taskdata import build_task_data
 
     started = time.perf_counter()
     data = build_task_data(settings.training, task)
     spec = make_spec(settings.training, registry, task, data)
+    key = json.dumps([settings.training.task(task).model_dump(mode="json"),
+                      settings.training.seed, epochs, seed, lr], sort_keys=True)
+    trained = _QUICK.get(key) or _train_quick(spec, epochs, seed, lr)
+    if not spec.model.source.startswith("models:/"):  # a registered source: this registry's
+        _QUICK[key] = trained
+    with tempfile.TemporaryDirectory(prefix=f"quick-{task}-") as folder:
+        shutil.copytree(trained, folder, dirs_exist_ok=True)  # registering writes into it
+        return register_model_dir(settings.training, registry, task, data, Path(folder),
+                                  spec.labels, history=[], ds_config={}, started=started)
+
+
+_QUICK: dict[str, Path] = {}  # register_quick's models of this session, by what trained them
+
+
+def _train_quick(spec, epochs: int, seed: int, lr: float) -> Path:
+    """`spec`'s model trained `epochs` times over its rows in this process, saved in a folder
+    of the session's."""
+    import torch
+
+    from training.models import build_model, collate, encode_causal_lm, encode_classification
+
     torch.manual_seed(seed)
     model = build_model(spec.model, spec.kind, spec.labels, spec.tokenizer)
     if spec.kind == "classification":
@@ -261,11 +281,11 @@ def register_quick(settings: Settings, registry, task: str, epochs: int = 6, see
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    with tempfile.TemporaryDirectory(prefix=f"quick-{task}-") as folder:
-        model.eval().save_pretrained(folder)
-        spec.tokenizer.save_pretrained(folder)
-        return register_model_dir(settings.training, registry, task, data, Path(folder),
-                                  spec.labels, history=[], ds_config={}, started=started)
+    folder = Path(tempfile.mkdtemp(prefix="quick-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    model.eval().save_pretrained(folder)
+    spec.tokenizer.save_pretrained(folder)
+    return folder
 
 
 def log_record(i: int, **extra) -> dict:
