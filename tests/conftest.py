@@ -339,3 +339,20 @@ def tiny_llama_folder(folder: Path, settings: Settings) -> Path:
     build_model(spec, "causal-lm", [], tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def lora_adapter(base_dir: Path, base: str, folder: Path, seed: int = 0, **lora) -> Path:
+    """A PEFT LoRA adapter (on q/v, rank 4, `lora` on top) over the model in `base_dir`, random
+    as `seed` draws it, recorded as trained on `base` as a fine-tune records it, and saved with
+    the base's tokenizer in `folder`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **lora))
+    adapter.peft_config["default"].base_model_name_or_path = base
+    adapter.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+    return folder

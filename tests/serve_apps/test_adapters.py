@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, running, tiny_llama_folder, tiny_settings, wait_for
+from conftest import free_port, lora_adapter, running, tiny_llama_folder, tiny_settings, wait_for
 
 from cluster.runtime import PLATFORM_ENV
 from serve_apps.config import ServeConfig
@@ -59,20 +59,10 @@ def _register(settings, registry, task: str, folder: Path) -> int:
 
 def _adapter(settings, registry, task: str, base: str, seed: int, folder: Path) -> int:
     """A LoRA adapter of the registered `base` (large random weights: it changes answers)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from training.registry import download_hf_model
 
-    base_dir = download_hf_model(base)
-    torch.manual_seed(seed)
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(
-        r=4, lora_alpha=256, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-        task_type="CAUSAL_LM"))
-    peft.peft_config["default"].base_model_name_or_path = base  # as a fine-tune records it
-    peft.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+    lora_adapter(download_hf_model(base), base, folder, seed, lora_alpha=256,
+                 init_lora_weights=False)
     return _register(settings, registry, task, folder)
 
 

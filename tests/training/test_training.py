@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import HEAVY, TINY_LLAMA, imported_by, tiny_llama_folder
+from conftest import HEAVY, TINY_LLAMA, imported_by, lora_adapter, tiny_llama_folder
 
 from serve_apps.model import load
 from training import lora
@@ -159,22 +159,14 @@ def test_an_adapter_over_a_local_folder_is_tagged_with_its_digest_and_refused_on
         settings, registry, tmp_path):
     """A user's own base folder, identified by the digest of its files (the adapter here has
     random weights: what registration records is tested, the fine-tune above)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     base = tiny_llama_folder(tmp_path / "base", settings)
     settings.training.tasks["rewriter"] = TaskConfig.model_validate({
         **settings.training.tasks["rewriter"].model_dump(), "method": "lora",
         "model": {"source": str(base), "max_length": 64}, "lora": {"rank": 4}})
-    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    adapter.peft_config["default"].base_model_name_or_path = str(base)  # as a fine-tune does
-    adapter.save_pretrained(tmp_path / "adapter")
-    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "adapter")
     version = register_model_dir(settings.training, registry, "rewriter",
                                  build_task_data(settings.training, "rewriter"),
-                                 tmp_path / "adapter", [], history=[], ds_config={},
-                                 started=time.perf_counter()).version
+                                 lora_adapter(base, str(base), tmp_path / "adapter"), [],
+                                 history=[], ds_config={}, started=time.perf_counter()).version
     tags = registry.client.get_model_version("rewriter", str(version)).tags
     assert tags["llmops.base"] == str(base)
     assert tags["llmops.base_sha256"] == lora.folder_digest(base)
