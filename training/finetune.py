@@ -67,7 +67,7 @@ class FinetuneResult:
 def train_loop(config: dict) -> None:
     """The per-worker function `TorchTrainer` runs. The spec travels through the object store
     and the work lives in `training.worker`, so the controller, which unpickles this function
-    and its config, loads neither torch nor transformers (4 s less per fine-tune on 2 cores)."""
+    and its config, loads neither torch nor transformers (docs/performance.md)."""
     import ray
 
     from training.worker import train
