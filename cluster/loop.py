@@ -39,13 +39,19 @@ class ControllerActor:
         self.thread.start()
 
     def _loop(self) -> None:
+        """A step as soon as the actor starts (after `up`, or a restart mid-retrain or
+        mid-canary, the loop goes on at once), then one every `interval_s`."""
         interval = self.controller.settings.controller.interval_s
-        while not self.stopping.wait(interval):
+        while True:
             with self.lock:
+                if self.stopping.is_set():
+                    return
                 try:
                     self.controller.step()
                 except Exception:
                     log.exception("%s: step failed; retrying", self.controller.model)
+            if self.stopping.wait(interval):
+                return
 
     def call(self, method: str, *args):
         """`step`, `state`, `events`, `promote`, `rollback` or `retrain_now` (a Refused error
