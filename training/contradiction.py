@@ -15,9 +15,13 @@ set) follow the first: a row goes where most of its nearest first-table rows of 
 Contradicted rows are retired (dropped) or, in the tables named to `resolve` as `relabel`,
 given the label they moved to: the replay then teaches the new concept with all of its
 phrasings instead of leaving it to the few labelled rows (a judge, the golden set, is only ever
-retired: relabelled by the same inference it would judge itself). The report says which labels
-moved where, what each table did with its rows, and examples; and the moves suspected, not
-shown (too few rows yet: the loop waits for labels there, `cluster/retrain.py`)."""
+retired: relabelled by the same inference it would judge itself). A row moved by one labelled
+row alone (its closest, with no second one near it saying the same), or grown from such rows,
+is retired there too: one label cannot tell a sparse move from label noise, which the label
+queue over-samples (a wrong label looks like a confident mistake, the queue's cue):
+relabelling after one label taught whole regions a move that never happened. The report says
+which labels moved where, what each table did with its rows, and examples; and the moves
+suspected, not shown (too few rows yet: the loop waits for labels there, `cluster/retrain.py`)."""
 
 from __future__ import annotations
 
@@ -94,9 +98,10 @@ def _contradicting(recent_labels: np.ndarray, neighbours: list[np.ndarray],
 
 
 def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
-           rows_labels: np.ndarray) -> tuple[np.ndarray, Counter]:
-    """Per row, the label it moved to (None where it did not); and the pairs the recent rows
-    say (`_contradicting`)."""
+           rows_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, Counter]:
+    """Per row, the label it moved to (None where it did not) and whether two labelled recent
+    rows or more show it (else one label alone moved it, or rows it alone moved); and the
+    pairs the recent rows say (`_contradicting`)."""
     sims = recent_e @ rows_e.T
     neighbours = [near[sims[j, near] >= MIN_SIMILARITY]
                   for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K])]
@@ -119,19 +124,24 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
             if (n >= MIN_VOTES and n > confirm[x]
                     and (rows_labels[order[x]] == rows_labels[x]).mean() >= 0.6):
                 moved[x] = label
+    shown = moved != None  # noqa: E711 (elementwise)
     nearest = sims.argmax(axis=0)  # each row's closest labelled recent row
     for x in [x for x, m in enumerate(moved) if m is None]:
         j = nearest[x]
         if sims[j, x] >= MIN_SIMILARITY and (rows_labels[x], recent_labels[j]) in pairs:
             moved[x] = recent_labels[j]  # a move already found, said by its closest recent row
+            shown[x] = ((sims[:, x] >= MIN_SIMILARITY)
+                        & (recent_labels == recent_labels[j])).sum() >= MIN_VOTES
     for _ in range(GROWTH_PASSES):  # the region grows from the rows next to labelled ones
-        before = moved.copy()
+        before, was_shown = moved.copy(), shown.copy()
         for x in [x for x, m in enumerate(before) if m is None]:
-            label = _majority(before, [y for y in order[x] if own[x, y] >= REGION_SIMILARITY
-                                       and rows_labels[y] == rows_labels[x]])
+            near = [y for y in order[x] if own[x, y] >= REGION_SIMILARITY
+                    and rows_labels[y] == rows_labels[x]]
+            label = _majority(before, near)
             if label is not None:
                 moved[x] = label
-    return moved, said
+                shown[x] = _majority(np.where(was_shown, before, None), near) == label
+    return moved, shown, said
 
 
 def _majority(moves: np.ndarray, near: list[int]) -> str | None:
@@ -139,6 +149,12 @@ def _majority(moves: np.ndarray, near: list[int]) -> str | None:
     label, n = Counter(moves[y] for y in near if moves[y] is not None).most_common(1)[0] \
         if any(moves[y] is not None for y in near) else (None, 0)
     return label if n >= 3 else None
+
+
+def _counts(labels: np.ndarray, moves: np.ndarray) -> dict[str, int]:
+    """Rows per move ("A -> B")."""
+    return dict(sorted(Counter(f"{a} -> {b}" for a, b in zip(labels, moves)
+                               if b is not None).items()))
 
 
 def _follow(rows_e: np.ndarray, rows_labels: np.ndarray, primary_e: np.ndarray,
@@ -174,7 +190,7 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
         rows_e, at = embedded[at:at + len(df)], at + len(df)
         labels = df.label.astype(str).to_numpy()
         if primary is None:  # the regions: the first table's moved rows
-            moves, said = _moves(recent_e, recent_labels, rows_e, labels)
+            moves, shown, said = _moves(recent_e, recent_labels, rows_e, labels)
             pairs = Counter(f"{a} -> {b}" for a, b in zip(labels, moves) if b is not None)
             accepted = {move for move, n in pairs.items() if n >= min_region_rows}
             report.suspected = {f"{a} -> {b}": n for (a, b), n in sorted(said.items())
@@ -183,18 +199,18 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
                               for a, b in zip(labels, moves)], dtype=object)
             primary = rows_e, labels, moves
         else:
-            moves = _follow(rows_e, labels, *primary)
-        counts = dict(sorted(Counter(f"{a} -> {b}" for a, b in zip(labels, moves)
-                                     if b is not None).items()))
-        if name in relabel:
-            kept[name] = df.assign(label=[b if b is not None else a
-                                          for a, b in zip(df.label, moves)])
-            report.relabelled[name] = counts
+            moves, shown = _follow(rows_e, labels, *primary), np.ones(len(df), dtype=bool)
+        unshown = (moves != None) & ~shown  # noqa: E711 (elementwise)
+        if name in relabel:  # a move one label alone shows is retired: noise or not, unknown
+            kept[name] = df.assign(label=[b if b is not None and s else a for a, b, s
+                                          in zip(df.label, moves, shown)])[~unshown]
+            report.relabelled[name] = _counts(labels[~unshown], moves[~unshown])
+            report.retired[name] = _counts(labels[unshown], moves[unshown])
         else:
             kept[name] = df[moves == None].reset_index(drop=True)  # noqa: E711 (elementwise)
-            report.retired[name] = counts
+            report.retired[name] = _counts(labels, moves)
         if not report.moved:
-            report.moved = counts
+            report.moved = _counts(labels, moves)
             for move in report.moved:
                 report.examples[move] = [t for t, a, b in zip(df.text, labels, moves)
                                          if f"{a} -> {b}" == move][:EXAMPLES]

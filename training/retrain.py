@@ -66,7 +66,8 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
             judge = teacher(learn) if teacher and config.contradicted_replay == "relabel" \
                 and decidable(moves, learnt) else None
             if judge is not None:
-                labels, n = refine(list(replay.text), list(replay.label.astype(str)),
+                before = replay.loc[relabelled.index]  # less the rows it retired
+                labels, n = refine(list(before.text), list(before.label.astype(str)),
                                    list(relabelled.label), moves, judge, learnt)
                 relabelled = relabelled.assign(label=labels)
                 notes["teacher_relabelled"] = n
