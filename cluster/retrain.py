@@ -51,10 +51,9 @@ class RetrainSteps:
             return c._hold(state, str(exc))
         unseen = self._unseen_moves(recent, data.notes) if trigger == "drift" else {}
         if unseen and time.time() - state.since < c.settings.controller.label_wait_s:
-            return c._hold(state, "waiting for labels: feedback and the champion's confident "
-                           "mistakes suggest " + ", ".join(f"{m} ({n} rows)" for m, n in
-                                                          unseen.items())
-                           + ", too few to tell a concept shift from noise")
+            return c._hold(state, "waiting for labels: feedback suggests " + ", ".join(
+                f"{m} ({why})" for m, why in unseen.items())
+                + ", too few labels to tell a concept shift from noise")
         retrain_id = f"retrain-{c.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         data.sources = self._sources(recent, champion)
         data.save(c.work / retrain_id / "data")
@@ -70,21 +69,24 @@ class RetrainSteps:
                      detail={k: v for k, v in data.notes.items()
                              if k in ("contradictions", "teacher_relabelled")})
 
-    def _unseen_moves(self, recent: pd.DataFrame, notes: dict) -> dict[str, int]:
-        """The moves ("A -> B": rows) the retraining set's contradiction check suspected but
+    def _unseen_moves(self, recent: pd.DataFrame, notes: dict) -> dict[str, str]:
+        """The moves ("A -> B": why) the retraining set's contradiction check suspected but
         could not show (2 or more labelled rows in an A region say B: too few, or too thin a
         region), which 2 or more of the champion's confident mistakes also say, once those
-        exceed chance (`monitoring.feedback.confident_mistakes`, the label queue's rule). The
-        queue is asking about their regions; a retrain started now would average the move
-        away. New inputs (no region of the training data) and ambiguous ones (rarely
+        exceed chance (`monitoring.feedback.confident_mistakes`, the label queue's rule); and
+        the moves it found whose replay rows rest more on single labels than on two or more
+        (those rows it retires: the retrain would learn the move from the labelled rows
+        alone). The queue is asking about their regions; a retrain started now would average
+        the move away. New inputs (no region of the training data) and ambiguous ones (rarely
         confident) do not hold it."""
         from monitoring.feedback import confident_mistakes
 
         wrong = confident_mistakes(recent[recent.label.notna()],
                                    self.c.settings.serve.feedback.queue.confident)
         said = Counter(f"{a} -> {b}" for a, b in zip(wrong.prediction, wrong.label))
-        return {move: n for move, n in notes.get("suspected_moves", {}).items()
-                if said[move] >= 2}
+        return {move: f"{n} labelled rows" for move, n in notes.get("suspected_moves", {}).items()
+                if said[move] >= 2} | {move: f"{n} replay rows on one label each" for move, n
+                                       in notes.get("thin_moves", {}).items()}
 
     def _submit(self, state: ControllerState) -> None:
         c = self.c

@@ -97,9 +97,9 @@ class ControllerConfig(BaseModel):
     recent_rows: int = Field(5000, ge=10, description="newest logged requests searched for "
                              "feedback labels when retraining")
     label_wait_s: float = Field(300.0, ge=0, description="how long a retrain on drift waits "
-                                "for labels while the champion's confident mistakes suggest a "
-                                "move with too few rows to tell from noise (a concept shift "
-                                "found by its first labels)")
+                                "for labels while feedback suggests a move with too few "
+                                "labels to tell from noise (a concept shift found by its "
+                                "first labels)")
     retrain_workers: int = Field(2, ge=1, description="Ray Train workers of a retrain")
     retrain_cpus_per_worker: float = Field(0.02, gt=0, description="what each asks of the "
                                            "scheduler: a retrain shares the nodes with serving")

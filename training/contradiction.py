@@ -47,9 +47,15 @@ class Contradictions:
     examples: dict[str, list[str]] = field(default_factory=dict)  # "A -> B" -> texts that moved
     # "A -> B" -> recent rows: a move said in an A region by too few rows, or too thin a region
     suspected: dict[str, int] = field(default_factory=dict)
+    single: dict[str, int] = field(default_factory=dict)  # "A -> B": its rows one label moved
 
     def __bool__(self) -> bool:
         return bool(self.moved)
+
+    @property
+    def thin(self) -> dict[str, int]:
+        """The moves ("A -> B": rows) that rest more on single labels than on two or more."""
+        return {m: n for m, n in self.single.items() if 2 * n > self.moved.get(m, 0)}
 
     @property
     def sources(self) -> set[str]:
@@ -67,7 +73,7 @@ class Contradictions:
 
     def to_dict(self) -> dict:
         return {"moved": self.moved, "retired": self.retired, "relabelled": self.relabelled,
-                "examples": self.examples, "suspected": self.suspected}
+                "examples": self.examples, "suspected": self.suspected, "single": self.single}
 
 
 def embed(texts: list[str]) -> np.ndarray:
@@ -211,6 +217,7 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
             report.retired[name] = _counts(labels, moves)
         if not report.moved:
             report.moved = _counts(labels, moves)
+            report.single = _counts(labels, np.where(unshown, moves, None))
             for move in report.moved:
                 report.examples[move] = [t for t, a, b in zip(df.text, labels, moves)
                                          if f"{a} -> {b}" == move][:EXAMPLES]

@@ -58,6 +58,8 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                                 else ())
         if found.suspected:
             notes["suspected_moves"] = found.suspected
+        if found.thin:
+            notes["thin_moves"] = found.thin
         if found:
             relabelled, golden = tables["replay"], tables["golden"]
             moves = [tuple(m.split(" -> ")) for m in found.moved]

@@ -104,6 +104,25 @@ def test_one_label_alone_relabels_no_region(intent):
     assert len(two) > len(one) and mine.sum() >= len(none)
 
 
+def test_a_move_that_rests_on_single_labels_is_thin_until_more_labels_come():
+    """With 60 labels most of the region that moved account -> security is moved by one label
+    each (the loop waits for labels there, `cluster/retrain.py`: the retraining set's
+    `thin_moves`); with 250, two or more show nearly all of every move."""
+    reports = [resolve(generate("support-tickets", "concept-shift", n, seed=2)[["text", "label"]],
+                       {"replay": REPLAY, "golden": GOLDEN}, relabel={"replay"})[1]
+               for n in (60, 250)]
+    few, many = reports
+    assert "account -> security" in few.thin and few.retired["replay"] == few.single
+    assert all(2 * few.single[m] > few.moved[m] for m in few.thin)
+    assert many.thin == {} and set(many.moved) == MOVED and many.to_dict()["single"] == many.single
+    assert sum(many.single.values()) < 0.1 * sum(many.moved.values())
+    few_labels = generate("support-tickets", "concept-shift", 90, seed=2)[["text", "label"]]
+    data = retraining_data(few_labels, REPLAY, GOLDEN, RetrainConfig(
+        min_labelled=60, replay_rows=800, validation_rows=100))  # 63 learnt from
+    assert data.notes["thin_moves"] and set(data.notes["thin_moves"]) <= set(
+        data.notes["contradictions"]["moved"])
+
+
 @pytest.mark.parametrize("scenario", ["label-shift", "new-product", "base"])
 def test_feedback_that_moves_no_concept_retires_nothing(scenario):
     feedback = generate("support-tickets", scenario, 250, seed=3)[["text", "label"]]
