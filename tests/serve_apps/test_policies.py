@@ -114,22 +114,29 @@ def test_a_cancelled_request_is_audited_and_its_quota_refunded(governance):
     async def hang(call) -> Answer:
         await asyncio.sleep(60)
 
+    def acme():
+        store = Path(settings["quota"]["store"])
+        return Ledger(QuotaConfig(), store).usage.get("acme") if store.exists() else None
+
     async def scenario():
         call = policies.open("support", ["where is my parcel"], Caller("gone", None, bearer,
                                                                           "http"), tokens=5)
         task = asyncio.create_task(policies.run(call, hang))
-        await asyncio.sleep(1.0)
+        # (the quota authority's first call starts its actor: seconds on a busy machine)
+        await asyncio.to_thread(wait_for, "the reservation", lambda: (u := acme()) and
+                                u.reserved, 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.5)  # the shielded audit write and refund finish
+        # the loop stays up while the refund, sent on its own, lands
+        return await asyncio.to_thread(wait_for, "the refund", lambda: (u := acme()) and
+                                       not u.reserved and u, 30)
 
-    asyncio.run(scenario())
+    usage = asyncio.run(scenario())
+    assert (usage.requests, usage.tokens, usage.reserved) == (0, 0, {})
     [record] = wait_for("the cancelled call's audit record", lambda: [
         r for r in _records(settings) if r["correlation_id"] == "gone"], 10)
     assert (record["outcome"], record["status"]) == ("cancelled", 499)
-    usage = Ledger(QuotaConfig(), Path(settings["quota"]["store"])).usage["acme"]
-    assert (usage.requests, usage.tokens, usage.reserved) == (0, 0, {})
 
 
 def test_a_handle_call_gets_one_record_whether_refused_before_or_inside_the_chain(governance):
