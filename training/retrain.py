@@ -78,11 +78,16 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
             # where the concept moved, recent labels judge: a golden row of a moved label that
             # was not found contradicted may still be, so the no-forgetting check skips them
             original = golden[~golden.label.astype(str).isin(found.sources)]
-    mix = pd.concat([replay] + [learn] * config.recent_repeats, ignore_index=True)
-    mix = mix.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    n_val = min(config.validation_rows, len(mix) // 5)
-    return TaskData(train=mix.iloc[n_val:].reset_index(drop=True),
-                    validation=mix.iloc[:n_val].reset_index(drop=True),
+    # validation rows are drawn before the repeats: a row and its copy never sit on both sides
+    # (validation calibrates the version's confidence and is its drift reference)
+    rows = pd.concat([replay.assign(_recent=False), learn.assign(_recent=True)],
+                     ignore_index=True).sample(frac=1.0, random_state=seed)
+    n_val = min(config.validation_rows, (len(replay) + len(learn) * config.recent_repeats) // 5)
+    fit = rows.iloc[n_val:]
+    mix = pd.concat([fit] + [fit[fit._recent]] * (config.recent_repeats - 1))
+    mix = mix.sample(frac=1.0, random_state=seed).drop(columns="_recent")
+    return TaskData(train=mix.reset_index(drop=True),
+                    validation=rows.iloc[:n_val].drop(columns="_recent").reset_index(drop=True),
                     holdouts={RECENT: holdout.reset_index(drop=True),
                               ORIGINAL: original[["text", "label"]].reset_index(drop=True)},
                     scenario="retrain", golden=golden.reset_index(drop=True), notes=notes)

@@ -33,10 +33,14 @@ def test_retraining_set_mixes_labelled_recent_traffic_with_a_replay_sample(tmp_p
     data = retraining_data(recent, reference, golden, config)
     assert len(data.holdouts[RECENT]) == 30 and data.holdouts[ORIGINAL].equals(
         golden[["text", "label"]])
-    assert len(data.train) + len(data.validation) == 500 + 70 * 2 and len(data.validation) == 100
+    assert len(data.validation) == 100 and data.validation.text.is_unique
+    assert not set(data.validation.text) & set(data.train.text)  # no copy on both sides
     mix = pd.concat([data.train, data.validation])
     assert not set(data.holdouts[RECENT].text) & set(mix.text)  # held out means held out
-    assert mix.text.isin(recent.text).sum() == 140 and mix.label.notna().all()
+    in_validation = data.validation.text.isin(recent.text).sum()
+    assert len(mix) == 500 + 70 * 2 - in_validation and mix.label.notna().all()
+    assert data.train.text.isin(recent.text).sum() == 2 * (70 - in_validation)
+    assert 0 < in_validation < 30  # its share of the distinct rows, about 12%
     # replayed rows keep their provenance (the support pipeline's resolved tickets come from it)
     replayed = mix[~mix.text.isin(recent.text)]
     assert replayed.intent.notna().all() and (replayed.scenario == "base").all()
