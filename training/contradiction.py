@@ -207,17 +207,17 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
         else:
             moves, shown = _follow(rows_e, labels, *primary), np.ones(len(df), dtype=bool)
         unshown = (moves != None) & ~shown  # noqa: E711 (elementwise)
+        single = _counts(labels[unshown], moves[unshown])
         if name in relabel:  # a move one label alone shows is retired: noise or not, unknown
-            kept[name] = df.assign(label=[b if b is not None and s else a for a, b, s
-                                          in zip(df.label, moves, shown)])[~unshown]
+            kept[name] = df[~unshown].assign(label=[b if b is not None else a for a, b
+                                                    in zip(df.label[~unshown], moves[~unshown])])
             report.relabelled[name] = _counts(labels[~unshown], moves[~unshown])
-            report.retired[name] = _counts(labels[unshown], moves[unshown])
+            report.retired[name] = single
         else:
             kept[name] = df[moves == None].reset_index(drop=True)  # noqa: E711 (elementwise)
             report.retired[name] = _counts(labels, moves)
         if not report.moved:
-            report.moved = _counts(labels, moves)
-            report.single = _counts(labels, np.where(unshown, moves, None))
+            report.moved, report.single = _counts(labels, moves), single
             for move in report.moved:
                 report.examples[move] = [t for t, a, b in zip(df.text, labels, moves)
                                          if f"{a} -> {b}" == move][:EXAMPLES]
