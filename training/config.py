@@ -153,8 +153,11 @@ class RetrainConfig(StrictModel):
     min_labelled: int = Field(60, ge=10, description="labelled recent requests a retrain needs")
     recent_holdout_share: float = Field(0.3, gt=0, lt=1, description="of the labelled recent "
                                         "requests, held out for the evaluation gate")
-    recent_repeats: int = Field(2, ge=1, le=20, description="times each labelled recent row is "
-                                "repeated in the training set")
+    recent_repeats: int = Field(2, ge=1, le=20, description="times the newest labelled recent "
+                                "rows are repeated in the training set")
+    recency_half_life_s: float | None = Field(
+        86400, gt=0, description="a labelled recent row's repeats halve with each this many "
+        "seconds its request is older than the newest (never under one); null: all alike")
     replay_rows: int = Field(1200, ge=0, description="rows of the champion's training data mixed in")
     validation_rows: int = Field(200, ge=16, description="held out of the mix for early stopping "
                                  "and the new version's drift reference")

@@ -2,11 +2,12 @@
 retrained challenger may replace the champion.
 
 Training rows: the labelled recent requests (texts from the inference log, labels from feedback;
-the part not held out, repeated `recent_repeats` times) plus a replay sample of the champion's
-own training rows, so the new version learns the new traffic without forgetting the old. Where
-the feedback contradicts replayed or golden rows (a concept shift), the replayed rows take
-the label their region moved to (or are retired) and the golden rows are retired
-(`training/contradiction.py`; `training/teacher.py` gives the relabelling a second opinion).
+the part not held out, repeated `recent_repeats` times, fewer as they age) plus a replay sample
+of the champion's own training rows, so the new version learns the new traffic without
+forgetting the old. Where the feedback contradicts replayed or golden rows (a concept shift),
+the replayed rows take the label their region moved to (or are retired) and the golden rows
+are retired (`training/contradiction.py`; `training/teacher.py` gives the relabelling a second
+opinion).
 The gate scores champion and challenger on the same two holdouts: the held-out labelled recent
 requests, and the champion's golden set less its retired rows, which the new version keeps as
 its own (a versioned golden set).
@@ -37,7 +38,8 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     on the relabelled replay rows of a concept shift."""
     from training.taskdata import TaskData
 
-    recent = recent.dropna(subset=["text", "label"])[["text", "label"]].reset_index(drop=True)
+    recent = recent.dropna(subset=["text", "label"]).reset_index(drop=True)
+    recent = recent[["text", "label"]].assign(_copies=copies(recent, config))
     if len(recent) < config.min_labelled:
         raise InvalidData(f"{len(recent)} labelled recent requests; a retrain needs "
                           f"{config.min_labelled} (send feedback labels: POST /v1/feedback)")
@@ -45,6 +47,7 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     order = rng.permutation(len(recent))
     n_holdout = max(1, round(len(recent) * config.recent_holdout_share))
     holdout, learn = recent.iloc[order[:n_holdout]], recent.iloc[order[n_holdout:]]
+    labelled = learn[["text", "label"]]
     # the replay keeps its provenance (`intent`, `scenario`) where the reference has it: the
     # support pipeline picks its resolved tickets from the serving router's training data
     kept = ["text", "label"] + [c for c in PROVENANCE if c in reference.columns]
@@ -53,7 +56,7 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     if config.resolve_contradictions:
         from training.contradiction import resolve
 
-        tables, found = resolve(learn, {"replay": replay, "golden": golden},
+        tables, found = resolve(labelled, {"replay": replay, "golden": golden},
                                 relabel={"replay"} if config.contradicted_replay == "relabel"
                                 else ())
         if found.suspected:
@@ -63,9 +66,9 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
         if found:
             relabelled, golden = tables["replay"], tables["golden"]
             moves = [tuple(m.split(" -> ")) for m in found.moved]
-            learnt = list(learn.label.astype(str))
+            learnt = list(labelled.label.astype(str))
             # fitted only where it may decide something: a fine-tune, not a lookup
-            judge = teacher(learn) if teacher and config.contradicted_replay == "relabel" \
+            judge = teacher(labelled) if teacher and config.contradicted_replay == "relabel" \
                 and decidable(moves, learnt) else None
             if judge is not None:
                 before = replay.loc[relabelled.index]  # less the rows it retired
@@ -78,19 +81,38 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
             # where the concept moved, recent labels judge: a golden row of a moved label that
             # was not found contradicted may still be, so the no-forgetting check skips them
             original = golden[~golden.label.astype(str).isin(found.sources)]
-    # validation rows are drawn before the repeats: a row and its copy never sit on both sides
-    # (validation calibrates the version's confidence and is its drift reference)
-    rows = pd.concat([replay.assign(_recent=False), learn.assign(_recent=True)],
-                     ignore_index=True).sample(frac=1.0, random_state=seed)
-    n_val = min(config.validation_rows, (len(replay) + len(learn) * config.recent_repeats) // 5)
-    fit = rows.iloc[n_val:]
-    mix = pd.concat([fit] + [fit[fit._recent]] * (config.recent_repeats - 1))
-    mix = mix.sample(frac=1.0, random_state=seed).drop(columns="_recent")
-    return TaskData(train=mix.reset_index(drop=True),
-                    validation=rows.iloc[:n_val].drop(columns="_recent").reset_index(drop=True),
-                    holdouts={RECENT: holdout.reset_index(drop=True),
+    train, validation = _mix(replay, learn, config, seed)
+    return TaskData(train=train, validation=validation,
+                    holdouts={RECENT: holdout[["text", "label"]].reset_index(drop=True),
                               ORIGINAL: original[["text", "label"]].reset_index(drop=True)},
                     scenario="retrain", golden=golden.reset_index(drop=True), notes=notes)
+
+
+def copies(recent: pd.DataFrame, config: RetrainConfig) -> np.ndarray:
+    """Each labelled recent row's repeats in the training set: `recent_repeats` for the newest
+    requests, halving with each `recency_half_life_s` their request (`ts`) is older (where the
+    feedback disagrees with itself, the concept now outweighs what it was), never under once;
+    all alike without request times or a half-life."""
+    if config.recency_half_life_s is None or "ts" not in recent or recent.empty:
+        return np.full(len(recent), config.recent_repeats)
+    ts = pd.to_datetime(recent.ts, utc=True)
+    age = (ts.max() - ts).dt.total_seconds().to_numpy()
+    return np.maximum(1, np.rint(config.recent_repeats * 0.5 ** (age / config.recency_half_life_s))
+                      ).astype(int)
+
+
+def _mix(replay: pd.DataFrame, learn: pd.DataFrame, config: RetrainConfig, seed: int
+         ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training and validation rows of the replay and the labelled rows learnt from (each
+    with its `_copies`). Validation is drawn before the repeats, so a row and its copy never sit
+    on both sides (validation calibrates the version's confidence and is its drift reference)."""
+    rows = pd.concat([replay.assign(_copies=1), learn], ignore_index=True).sample(
+        frac=1.0, random_state=seed)
+    n_val = min(config.validation_rows, int(rows._copies.sum()) // 5)
+    fit = rows.iloc[n_val:]
+    train = fit.loc[fit.index.repeat(fit._copies)].sample(frac=1.0, random_state=seed)
+    return (train.drop(columns="_copies").reset_index(drop=True),
+            rows.iloc[:n_val].drop(columns="_copies").reset_index(drop=True))
 
 
 

@@ -8,7 +8,7 @@ import pytest
 from training.config import GateConfig, RetrainConfig
 from training.data import generate
 from training.errors import InvalidData
-from training.retrain import ORIGINAL, RECENT, gate, retraining_data
+from training.retrain import ORIGINAL, RECENT, copies, gate, retraining_data
 from training.taskdata import TaskData
 
 
@@ -48,3 +48,24 @@ def test_retraining_set_mixes_labelled_recent_traffic_with_a_replay_sample(tmp_p
     assert back.train.equals(data.train) and back.holdouts.keys() == data.holdouts.keys()
     with pytest.raises(InvalidData, match="59 labelled recent requests"):
         retraining_data(recent.iloc[:59], reference, golden, config)
+
+
+def test_labelled_rows_weigh_by_recency():
+    """The newest requests' rows are repeated `recent_repeats` times, older ones fewer (halving
+    per half-life, never under once); without request times or a half-life, all alike."""
+    recent = generate("support-tickets", "concept-shift", 100, seed=4)[["text", "label"]]
+    now = pd.Timestamp("2026-12-03T12:00:00Z")
+    day = pd.Timedelta(days=1)
+    recent["ts"] = [now - day * (i % 4) for i in range(100)]  # 0, 1, 2 and 3 days old
+    config = RetrainConfig(min_labelled=60, recent_repeats=8, replay_rows=300,
+                           validation_rows=16, recency_half_life_s=86400)
+    assert list(copies(recent, config)[:4]) == [8, 4, 2, 1]
+    assert (copies(recent, config.model_copy(update={"recency_half_life_s": None})) == 8).all()
+    assert (copies(recent.drop(columns="ts"), config) == 8).all()
+    data = retraining_data(recent, generate("support-tickets", "base", 600, seed=5),
+                           generate("support-tickets", "base", 40, seed=6),
+                           config.model_copy(update={"resolve_contradictions": False}))
+    age = dict(zip(recent.text, (i % 4 for i in range(100))))
+    times = data.train[data.train.text.isin(age)].text.value_counts()
+    by_age = {a: {int(times[t]) for t in times.index if age[t] == a} for a in range(4)}
+    assert by_age == {0: {8}, 1: {4}, 2: {2}, 3: {1}}
