@@ -93,7 +93,7 @@ class Controller:
                 log.exception("could not tag %s v%s", self.model, version)
         detail = {k: v for k, v in changes.pop("detail", state.detail).items() if k != "waiting"}
         if new == "serving":
-            changes["serving_since"] = now
+            changes |= {"serving_since": now, "drift_onset": None}
         new_state = state.model_copy(update={"state": new, "since": now, "detail": detail,
                                              **changes})
         self.store.save(new_state)
@@ -131,8 +131,8 @@ class Controller:
         return self._to(state, "drift_suspected",
                         f"drift in {decision.drifted_windows} of the last "
                         f"{len(decision.windows)} windows of v{decision.version}",
-                        trigger="drift", detail={"drift": decision.windows[-1].to_dict()
-                                                 | {"html": None}})
+                        trigger="drift", drift_onset=decision.onset,
+                        detail={"drift": decision.windows[-1].to_dict() | {"html": None}})
 
     def _drift_suspected(self, state: ControllerState) -> ControllerState:
         cfg = self.settings.controller

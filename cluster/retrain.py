@@ -46,7 +46,9 @@ class RetrainSteps:
                                    c.registry.run_data(c.model, champion, GOLDEN_FILE),
                                    c.settings.training.retrain, c.settings.training.seed,
                                    functools.partial(teacher.fit, c.settings.training, c.registry,
-                                                     c.model, reference(c.model, champion)))
+                                                     c.model, reference(c.model, champion)),
+                                   onset=datetime.fromtimestamp(state.drift_onset, UTC)
+                                   if trigger == "drift" and state.drift_onset else None)
         except InvalidData as exc:
             return c._hold(state, str(exc))
         unseen = self._unseen_moves(recent, data.notes) if trigger == "drift" else {}

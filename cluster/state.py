@@ -46,6 +46,7 @@ class ControllerState(BaseModel):
     state: State = "serving"
     since: float = Field(default_factory=time.time)
     serving_since: float | None = None  # when the loop last entered serving (None: never)
+    drift_onset: float | None = None  # the drift's first window's start: a retrain learns since
     champion: int | None = None
     challenger: int | None = None
     previous_champion: int | None = None

@@ -81,6 +81,13 @@ class Decision:
     k: int = 2
     n: int = 3
 
+    @property
+    def onset(self) -> float | None:
+        """When the drift began, as far as the windows tell: the first drifted one's start (a
+        Unix time)."""
+        start = next((w.start for w in self.windows if w.drifted), None)
+        return None if start is None else pd.Timestamp(start).timestamp()
+
     def to_dict(self) -> dict:
         return {**asdict(self), "windows": [w.to_dict() for w in self.windows]}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -27,65 +28,84 @@ from training.evaluate import score
 from training.teacher import Judge, decidable, refine
 
 RECENT, ORIGINAL = "recent", "original"
+PRE_DRIFT = "pre-drift"  # the labelled requests from before a drift's onset
 PROVENANCE = ("intent", "scenario")
 
 
 def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.DataFrame,
                     config: RetrainConfig, seed: int = 0,
-                    teacher: Callable[[pd.DataFrame], Judge | None] | None = None):
+                    teacher: Callable[[pd.DataFrame], Judge | None] | None = None,
+                    onset: datetime | None = None):
     """A `TaskData` (`scenario` "retrain") with holdouts `recent` and `original`. `teacher`
     (the labelled rows learnt from -> a judge, `training/teacher.fit`) gives a second opinion
-    on the relabelled replay rows of a concept shift."""
+    on the relabelled replay rows of a concept shift. `onset` (when the drift began): the
+    labels of requests before it are checked against those since, as the replay is (a concept
+    shift supersedes them: they would outvote the new concept where it moved), and only the
+    labels since count towards `min_labelled` and the holdout."""
     from training.taskdata import TaskData
 
-    recent = recent.dropna(subset=["text", "label"]).reset_index(drop=True)
-    recent = recent[["text", "label"]].assign(_copies=copies(recent, config))
+    labelled = recent.dropna(subset=["text", "label"]).reset_index(drop=True)
+    rows = labelled[["text", "label"]].assign(_copies=copies(labelled, config))
+    at = None if onset is None else pd.Timestamp(onset)
+    before = (pd.to_datetime(labelled.ts, utc=True) < (at if at.tzinfo else at.tz_localize(
+        "UTC"))).to_numpy() if at is not None and "ts" in labelled else np.zeros(len(rows), bool)
+    earlier, recent = rows[before], rows[~before].reset_index(drop=True)
     if len(recent) < config.min_labelled:
-        raise InvalidData(f"{len(recent)} labelled recent requests; a retrain needs "
-                          f"{config.min_labelled} (send feedback labels: POST /v1/feedback)")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(recent))
+        raise InvalidData(f"{len(recent)} labelled recent requests"
+                          + (f" since the drift began ({onset:%Y-%m-%d %H:%M:%S})" if onset
+                             else "") + f"; a retrain needs {config.min_labelled} "
+                          "(send feedback labels: POST /v1/feedback)")
+    order = np.random.default_rng(seed).permutation(len(recent))
     n_holdout = max(1, round(len(recent) * config.recent_holdout_share))
     holdout, learn = recent.iloc[order[:n_holdout]], recent.iloc[order[n_holdout:]]
-    labelled = learn[["text", "label"]]
     # the replay keeps its provenance (`intent`, `scenario`) where the reference has it: the
     # support pipeline picks its resolved tickets from the serving router's training data
     kept = ["text", "label"] + [c for c in PROVENANCE if c in reference.columns]
     replay = reference[kept].sample(n=min(config.replay_rows, len(reference)), random_state=seed)
+    tables = {"replay": replay, "golden": golden, PRE_DRIFT: earlier}
     notes, original = {}, golden
     if config.resolve_contradictions:
-        from training.contradiction import resolve
-
-        tables, found = resolve(labelled, {"replay": replay, "golden": golden},
-                                relabel={"replay"} if config.contradicted_replay == "relabel"
-                                else ())
-        if found.suspected:
-            notes["suspected_moves"] = found.suspected
-        if found.thin:
-            notes["thin_moves"] = found.thin
-        if found:
-            relabelled, golden = tables["replay"], tables["golden"]
-            moves = [tuple(m.split(" -> ")) for m in found.moved]
-            learnt = list(labelled.label.astype(str))
-            # fitted only where it may decide something: a fine-tune, not a lookup
-            judge = teacher(labelled) if teacher and config.contradicted_replay == "relabel" \
-                and decidable(moves, learnt) else None
-            if judge is not None:
-                before = replay.loc[relabelled.index]  # less the rows it retired
-                labels, n = refine(list(before.text), list(before.label.astype(str)),
-                                   list(relabelled.label), moves, judge, learnt)
-                relabelled = relabelled.assign(label=labels)
-                notes["teacher_relabelled"] = n
-            replay = relabelled
-            notes |= {"contradictions": found.to_dict(), "concept_shift": found.summary()}
+        tables, notes = _resolve(learn[["text", "label"]], tables, config, teacher)
+        if notes.get("concept_shift"):
             # where the concept moved, recent labels judge: a golden row of a moved label that
             # was not found contradicted may still be, so the no-forgetting check skips them
-            original = golden[~golden.label.astype(str).isin(found.sources)]
-    train, validation = _mix(replay, learn, config, seed)
+            moved_from = {m.split(" -> ")[0] for m in notes["contradictions"]["moved"]}
+            original = tables["golden"][~tables["golden"].label.astype(str).isin(moved_from)]
+    train, validation = _mix(tables["replay"], pd.concat([learn, tables[PRE_DRIFT]]), config,
+                             seed)
     return TaskData(train=train, validation=validation,
                     holdouts={RECENT: holdout[["text", "label"]].reset_index(drop=True),
                               ORIGINAL: original[["text", "label"]].reset_index(drop=True)},
-                    scenario="retrain", golden=golden.reset_index(drop=True), notes=notes)
+                    scenario="retrain", golden=tables["golden"].reset_index(drop=True),
+                    notes=notes)
+
+
+def _resolve(learnt: pd.DataFrame, tables: dict[str, pd.DataFrame], config: RetrainConfig,
+             teacher: Callable[[pd.DataFrame], Judge | None] | None
+             ) -> tuple[dict[str, pd.DataFrame], dict]:
+    """The replay, golden and pre-drift tables less (or, the replay, relabelled where) the
+    labelled rows `learnt` contradict them, and the notes that say so."""
+    from training.contradiction import resolve
+
+    resolved, found = resolve(learnt, tables, relabel={"replay"}
+                              if config.contradicted_replay == "relabel" else ())
+    notes = {k: v for k, v in (("suspected_moves", found.suspected),
+                               ("thin_moves", found.thin)) if v}
+    if not found:
+        return tables, notes
+    moves = [tuple(m.split(" -> ")) for m in found.moved]
+    labels = list(learnt.label.astype(str))
+    # fitted only where it may decide something: a fine-tune, not a lookup
+    judge = teacher(learnt) if teacher and config.contradicted_replay == "relabel" \
+        and decidable(moves, labels) else None
+    if judge is not None:
+        relabelled = resolved["replay"]
+        before = tables["replay"].loc[relabelled.index]  # less the rows it retired
+        refined, n = refine(list(before.text), list(before.label.astype(str)),
+                            list(relabelled.label), moves, judge, labels)
+        resolved["replay"] = relabelled.assign(label=refined)
+        notes["teacher_relabelled"] = n
+    return resolved, notes | {"contradictions": found.to_dict(), "concept_shift": found.summary()}
 
 
 def copies(recent: pd.DataFrame, config: RetrainConfig) -> np.ndarray:

@@ -5,6 +5,7 @@ nothing, a re-distillation, a crash mid-promotion). Its actors: test_loop.py."""
 
 import json
 import time
+from datetime import timedelta
 
 import pandas as pd
 import pytest
@@ -131,8 +132,10 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     """A concept shift found by its first labels: refunds are billing now (20 labels: a move
     the retraining set shows), and damaged parcels are refunds (4 labels the champion answered
     with confidence: suspected, not shown). The retrain on drift waits for labels there, up to
-    `controller.label_wait_s`; by hand, it starts at once. (The accurate router's 1,200
-    training rows: regions the tiny one's 192 are too sparse to hold.)"""
+    `controller.label_wait_s`; by hand, it starts at once. Refunds labelled refund before the
+    drift's onset, twice as many, do not outvote the move: they are checked against the labels
+    since, and retired. (The accurate router's 1,200 training rows: regions the tiny one's 192
+    are too sparse to hold.)"""
     from monitoring.config import LogConfig
     from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
 
@@ -147,15 +150,19 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
             prediction="shipping"),
         base[~base.label.isin(["shipping", "refund"])].head(40).assign(
             prediction=lambda df: df.label)], ignore_index=True)
-    ts = now()
+    earlier = base[base.intent.isin(["refund_request", "refund_status"])].head(40).assign(
+        prediction="refund")
+    ts, hour_ago = now(), now() - timedelta(hours=1)
     SegmentWriter(settings.log_uri, INFERENCE, LogConfig()).write_segment([
-        log_record(i, request_id=f"c{i}", model=MODEL, ts=ts, prediction=r.prediction,
-                   confidence=0.97, text=r.text) for i, r in enumerate(rows.itertuples())])
+        log_record(i, request_id=f"c{i}", model=MODEL, ts=at, prediction=r.prediction,
+                   confidence=0.97, text=r.text)
+        for i, (r, at) in enumerate([(r, hour_ago) for r in earlier.itertuples()]
+                                    + [(r, ts) for r in rows.itertuples()])])
     SegmentWriter(settings.log_uri, FEEDBACK, LogConfig()).write_segment([
         {"request_id": f"c{i}", "item": 0, "label": r.label, "ts": ts, "tenant": "default"}
-        for i, r in enumerate(rows.itertuples())])
+        for i, r in enumerate([*earlier.itertuples(), *rows.itertuples()])])
     suspected = ControllerState(model=MODEL, state="drift_suspected", champion=1,
-                                serving_since=time.time() - 60)
+                                serving_since=time.time() - 7200, drift_onset=time.time() - 60)
     controller.store.save(suspected)
     state = controller.step()
     assert state.state == "drift_suspected" and state.retrain_started == []
@@ -166,8 +173,10 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     controller.store.save(suspected.model_copy(update={
         "since": time.time() - settings.controller.label_wait_s - 1}))
     state = controller.step()
-    assert state.state == "retraining" and "refund -> billing" in state.detail["contradictions"][
-        "moved"] and "shipping -> refund" in state.detail["contradictions"]["suspected"]
+    found = state.detail["contradictions"]
+    assert state.state == "retraining" and "refund -> billing" in found["moved"] and \
+        "shipping -> refund" in found["suspected"]
+    assert found["retired"]["pre-drift"]["refund -> billing"] >= 20, found
 
 
 def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):

@@ -3,6 +3,8 @@ registered classifier, against the reference profile and golden-set figures regi
 in MLflow (the log: test_log.py; feedback and the label queue: test_feedback.py)."""
 
 import time
+from dataclasses import replace
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -106,6 +108,12 @@ def test_drift_policy_needs_k_of_n_windows_and_enough_rows(router):
     assert drifted.drifted and not clean.drifted
     assert not decide([clean, drifted, clean], config, "m", "1").drift  # one window is noise
     assert decide([drifted, clean, drifted], config, "m", "1").drift
+    # the onset a retrain learns from: the first drifted window's start
+    hours = [replace(w, start=f"2026-12-03 1{h}:00:00+00:00")
+             for h, w in enumerate([clean, drifted, drifted])]
+    onset = datetime(2026, 12, 3, 11, tzinfo=UTC).timestamp()
+    assert decide(hours, config, "m", "1").onset == onset
+    assert decide([clean] * 3, config, "m", "1").onset is None
     with pytest.raises(NotEnoughData, match="at least 100"):
         check_window(_window(model, "base", 5, n=99), reference, config.thresholds,
                      model="support-router", version="1", min_rows=100)

@@ -84,12 +84,15 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
     while state.state not in ("serving", "rejected", "rolled_back") or not seen:
         assert time.monotonic() < deadline, (seen, state)
         seen.append(state.state)
+        if state.state == "drift_suspected":  # a retrain learns the labels since the onset
+            assert state.drift_onset is not None and state.drift_onset < time.time(), state
         if state.state == "canary":  # live traffic for the canary to be judged on
             sent.append(send(200, 60 + len(sent), 0.5))
         else:
             time.sleep(1)  # a retrain is a Ray job: its status is read again in a second
         state = controller.step()
     assert state.state == "serving" and state.champion == 2, controller.events()
+    assert state.drift_onset is None
     assert {"drift_suspected", "retraining", "evaluating", "canary"} <= set(seen)
     assert [e["to"] for e in controller.events()][-2:] == ["promoting", "serving"]
     assert all(p.returncode == 0 and json.loads(p.stdout)["failed"] == 0 for p in sent)

@@ -69,3 +69,35 @@ def test_labelled_rows_weigh_by_recency():
     times = data.train[data.train.text.isin(age)].text.value_counts()
     by_age = {a: {int(times[t]) for t in times.index if age[t] == a} for a in range(4)}
     assert by_age == {0: {8}, 1: {4}, 2: {2}, 3: {1}}
+
+
+def test_labels_from_before_the_drift_are_checked_against_those_since():
+    """Labels of the old concept from before a drift's onset would outvote the new one where it
+    moved (feedback labelled all along): with the onset, the moves are found from the labels
+    since, the earlier labels they contradict are retired, the rest are learnt from, and only
+    labels since are held out or counted towards `min_labelled`."""
+    now = pd.Timestamp("2026-12-03T12:00:00Z")
+    onset = now - pd.Timedelta(minutes=30)
+    old = generate("support-tickets", "base", 450, seed=3)[["text", "label", "intent"]].assign(
+        ts=now - pd.Timedelta(hours=2))
+    new = generate("support-tickets", "concept-shift", 300, seed=4)[["text", "label"]].assign(
+        ts=now)
+    recent = pd.concat([old.drop(columns="intent"), new], ignore_index=True)
+    reference = generate("support-tickets", "base", 1200, seed=2)
+    golden = generate("support-tickets", "base", 60, seed=5)
+    config = RetrainConfig(replay_rows=1200, validation_rows=100)
+    blind = retraining_data(recent, reference, golden, config)
+    assert "account -> security" not in blind.notes.get("contradictions", {}).get("moved", {})
+    data = retraining_data(recent, reference, golden, config, onset=onset.to_pydatetime())
+    found = data.notes["contradictions"]
+    assert {"account -> security", "refund -> billing"} <= set(found["moved"])
+    assert found["retired"]["pre-drift"] and "pre-drift rows retired" in data.notes["concept_shift"]
+    assert len(data.holdouts[RECENT]) == 90 and set(data.holdouts[RECENT].text) <= set(new.text)
+    mix = pd.concat([data.train, data.validation])
+    learnt_old = old[old.text.isin(mix.text) & ~old.text.isin(reference.text)
+                     & ~old.text.isin(new.text)]
+    assert len(learnt_old) > 100  # the labels a move did not contradict are learnt from
+    assert not (learnt_old.intent == "account_locked").any()  # those it did are retired
+    with pytest.raises(InvalidData, match="59 labelled recent requests since the drift began"):
+        retraining_data(pd.concat([old.drop(columns="intent"), new.iloc[:59]]), reference, golden,
+                        config, onset=onset.to_pydatetime())
