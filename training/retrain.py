@@ -46,9 +46,8 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
 
     labelled = recent.dropna(subset=["text", "label"]).reset_index(drop=True)
     rows = labelled[["text", "label"]].assign(_copies=copies(labelled, config))
-    at = None if onset is None else pd.Timestamp(onset)
-    before = (pd.to_datetime(labelled.ts, utc=True) < (at if at.tzinfo else at.tz_localize(
-        "UTC"))).to_numpy() if at is not None and "ts" in labelled else np.zeros(len(rows), bool)
+    before = (pd.to_datetime(labelled.ts, utc=True) < pd.to_datetime(onset, utc=True)).to_numpy() \
+        if onset is not None and "ts" in labelled else np.zeros(len(rows), bool)
     earlier, recent = rows[before], rows[~before].reset_index(drop=True)
     if len(recent) < config.min_labelled:
         raise InvalidData(f"{len(recent)} labelled recent requests"
