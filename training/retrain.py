@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from training.config import GateConfig, RetrainConfig
+from training.contradiction import Contradictions, resolve
 from training.errors import InvalidData
 from training.evaluate import score
 from training.teacher import Judge, decidable, refine
@@ -64,12 +65,10 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     tables = {"replay": replay, "golden": golden, PRE_DRIFT: earlier}
     notes, original = {}, golden
     if config.resolve_contradictions:
-        tables, notes = _resolve(learn[["text", "label"]], tables, config, teacher)
-        if notes.get("concept_shift"):
-            # where the concept moved, recent labels judge: a golden row of a moved label that
-            # was not found contradicted may still be, so the no-forgetting check skips them
-            moved_from = {m.split(" -> ")[0] for m in notes["contradictions"]["moved"]}
-            original = tables["golden"][~tables["golden"].label.astype(str).isin(moved_from)]
+        tables, found, notes = _resolve(learn[["text", "label"]], tables, config, teacher)
+        # where the concept moved, recent labels judge: a golden row of a moved label that was
+        # not found contradicted may still be, so the no-forgetting check skips them
+        original = tables["golden"][~tables["golden"].label.astype(str).isin(found.sources)]
     train, validation = _mix(tables["replay"], pd.concat([learn, tables[PRE_DRIFT]]), config,
                              seed)
     return TaskData(train=train, validation=validation,
@@ -81,17 +80,15 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
 
 def _resolve(learnt: pd.DataFrame, tables: dict[str, pd.DataFrame], config: RetrainConfig,
              teacher: Callable[[pd.DataFrame], Judge | None] | None
-             ) -> tuple[dict[str, pd.DataFrame], dict]:
+             ) -> tuple[dict[str, pd.DataFrame], Contradictions, dict]:
     """The replay, golden and pre-drift tables less (or, the replay, relabelled where) the
-    labelled rows `learnt` contradict them, and the notes that say so."""
-    from training.contradiction import resolve
-
+    labelled rows `learnt` contradict them, the contradictions, and the notes that say so."""
     resolved, found = resolve(learnt, tables, relabel={"replay"}
                               if config.contradicted_replay == "relabel" else ())
     notes = {k: v for k, v in (("suspected_moves", found.suspected),
                                ("thin_moves", found.thin)) if v}
     if not found:
-        return tables, notes
+        return tables, found, notes
     moves = [tuple(m.split(" -> ")) for m in found.moved]
     labels = list(learnt.label.astype(str))
     # fitted only where it may decide something: a fine-tune, not a lookup
@@ -104,7 +101,8 @@ def _resolve(learnt: pd.DataFrame, tables: dict[str, pd.DataFrame], config: Retr
                             list(relabelled.label), moves, judge, labels)
         resolved["replay"] = relabelled.assign(label=refined)
         notes["teacher_relabelled"] = n
-    return resolved, notes | {"contradictions": found.to_dict(), "concept_shift": found.summary()}
+    return resolved, found, notes | {"contradictions": found.to_dict(),
+                                     "concept_shift": found.summary()}
 
 
 def copies(recent: pd.DataFrame, config: RetrainConfig) -> np.ndarray:
