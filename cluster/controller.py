@@ -123,14 +123,16 @@ class Controller:
         try:
             decision = check_model(self.settings.log_uri, self.registry,
                                    self.settings.monitoring.drift, self.model,
-                                   since=datetime.fromtimestamp(state.since, UTC))
+                                   since=datetime.fromtimestamp(state.since, UTC), trace=True)
         except NotEnoughData:
             return state
         if not decision.drift:
             return state
         return self._to(state, "drift_suspected",
                         f"drift in {decision.drifted_windows} of the last "
-                        f"{len(decision.windows)} windows of v{decision.version}",
+                        f"{len(decision.windows)} windows of v{decision.version}"
+                        + (f" and the {len(decision.traced)} before them" if decision.traced
+                           else ""),
                         trigger="drift", drift_onset=decision.onset,
                         detail={"drift": decision.windows[-1].to_dict() | {"html": None}})
 

@@ -71,6 +71,9 @@ class DriftConfig(StrictModel):
     min_rows: int = Field(200, ge=10)
     k: int = Field(2, ge=1)
     n: int = Field(3, ge=1)
+    onset_lookback: int = Field(8, ge=0, description="when drift is declared and the oldest of "
+                                "the `n` windows drifted too, up to this many earlier windows are "
+                                "checked for where it began (the onset a retrain learns from)")
     reference_rows: int = Field(1000, ge=10, description="rows of the reference profile used")
     sample_rows: int = Field(2000, ge=100, description="a larger window is checked on a seeded "
                              "random sample of this many requests (the KL divergence and feedback "

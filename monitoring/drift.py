@@ -20,6 +20,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from itertools import takewhile
 from pathlib import Path
 
 import numpy as np
@@ -80,16 +81,17 @@ class Decision:
     windows: list[DriftReport] = field(default_factory=list)
     k: int = 2
     n: int = 3
+    traced: list[DriftReport] = field(default_factory=list)  # drifted windows before `windows`
 
     @property
     def onset(self) -> float | None:
         """When the drift began, as far as the windows tell: the first drifted one's start (a
-        Unix time)."""
-        start = next((w.start for w in self.windows if w.drifted), None)
+        Unix time), the windows traced back included."""
+        start = next((w.start for w in self.traced + self.windows if w.drifted), None)
         return None if start is None else pd.Timestamp(start).timestamp()
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "windows": [w.to_dict() for w in self.windows]}
+        return asdict(self)
 
 
 def scalar_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -216,12 +218,14 @@ def reweighted(reference: pd.DataFrame, priors: dict[str, float] | None) -> pd.D
 
 def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
                 window: int | None = None, report_dir: Path | None = None,
-                since: datetime | None = None) -> Decision:
+                since: datetime | None = None, trace: bool = False) -> Decision:
     """Run the policy on the inference log as it is now: the model version that served the
     latest request, its last `n` windows (the newest ends with the latest request; a window
     below `min_rows` is skipped), feedback joined, against that version's reference profile.
     The newest window's Evidently report is saved as HTML under `report_dir`. With `since`,
-    only requests from then on count."""
+    only requests from then on count. With `trace`, a drift whose oldest window drifted too is
+    traced back through up to `onset_lookback` earlier windows (its onset, `Decision.onset`):
+    traffic may have outrun the checks."""
     from monitoring.log import FEEDBACK, read, with_feedback
 
     size = window or config.window
@@ -233,7 +237,8 @@ def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
         raise NotEnoughData(f"the inference log at {log_uri} holds no requests of {model!r}")
     version = str(log.model_version.iloc[-1])
     log = with_feedback(log[log.model_version == version], read(log_uri, FEEDBACK))
-    full = [w for w in windows(log, size) if len(w) >= config.min_rows][-config.n:]
+    checkable = [w for w in windows(log, size) if len(w) >= config.min_rows]
+    full, earlier = checkable[-config.n:], checkable[-config.n - 1::-1][:config.onset_lookback]
     if not full:
         raise NotEnoughData(f"{model} version {version} has {len(log)} logged requests; a drift "
                             f"check needs a window of at least {config.min_rows}")
@@ -242,10 +247,16 @@ def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
     if len(reference) > config.reference_rows:
         reference = reference.sample(n=config.reference_rows, random_state=0)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    reports = [check_window(w, reference, config.thresholds_for(model), model=model,
+
+    def check(window: pd.DataFrame, html_path: Path | None = None) -> DriftReport:
+        return check_window(window, reference, config.thresholds_for(model), model=model,
                             version=version, min_rows=config.min_rows,
-                            sample_rows=config.sample_rows,
-                            html_path=(report_dir / f"{model}-v{version}-{stamp}.html"
-                                       if report_dir is not None and i == len(full) - 1 else None))
+                            sample_rows=config.sample_rows, html_path=html_path)
+
+    reports = [check(w, report_dir / f"{model}-v{version}-{stamp}.html"
+                     if report_dir is not None and i == len(full) - 1 else None)
                for i, w in enumerate(full)]
-    return decide(reports, config, model, version)
+    decision = decide(reports, config, model, version)
+    if trace and decision.drift and reports[0].drifted:
+        decision.traced = list(takewhile(lambda r: r.drifted, map(check, earlier)))[::-1]
+    return decision

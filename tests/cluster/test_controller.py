@@ -46,13 +46,23 @@ def test_a_corrupt_state_file_is_moved_aside_and_the_loop_starts_from_serving(tm
     assert not list((tmp_path / "controller").glob(".*.tmp"))  # nothing half-written left
 
 
-def test_clean_traffic_never_starts_a_retrain(loop):
+def test_clean_traffic_never_starts_a_retrain_and_a_drift_is_traced_to_its_onset(loop):
     settings, registry, controller = loop
     controller.state()  # it watches traffic from now on
     log_served(settings, registry, "base", 1500, 300)  # three full windows, labelled as predicted
     for _ in range(3):
         assert controller.step().state == "serving"
     assert controller.events() == [] and controller.state().retrain_id is None
+    # traffic outruns the checks: five windows of a new product before the next one, so the
+    # last three alone would date the drift two windows late; the onset is traced back
+    begun = []
+    for seed in range(5):
+        begun.append(time.time())
+        log_served(settings, registry, "new-product", 500, 0, seed=20 + seed)
+    state = controller.step()
+    assert state.state == "drift_suspected", state.detail
+    assert "and the 2 before them" in controller.events()[-1]["reason"]
+    assert begun[0] <= state.drift_onset < begun[1]
 
 
 @pytest.fixture
