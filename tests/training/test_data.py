@@ -54,6 +54,20 @@ def test_concept_shift_routes_the_same_phrasing_elsewhere():
         assert (labels == expected).mean() > 0.9
 
 
+@pytest.mark.parametrize("dataset", list(data.DATASETS))
+def test_true_labels_are_the_labels_without_the_annotators_random_mistakes(dataset):
+    lexicon = data.DATASETS[dataset]
+    for scenario in ("base", "concept-shift"):
+        df = data.generate(dataset, scenario, 3000, seed=3)
+        truth = data.true_labels(dataset, df)
+        wrong = (truth != df.label).mean()  # a random label is sometimes the right one
+        expected = lexicon.label_noise * (1 - 1 / len(lexicon.labels))
+        assert expected / 2 < wrong < expected * 2, (scenario, wrong)
+        moved = df.intent.isin(list(lexicon.concept_relabel))
+        if scenario == "concept-shift" and moved.any():
+            assert (truth[moved] == df.intent[moved].map(lexicon.concept_relabel)).all()
+
+
 def test_slang_is_lower_case_with_emoji_and_abbreviations():
     df = data.generate("support-tickets", "slang", 400, seed=0)
     assert (df.text == df.text.str.lower()).mean() > 0.95

@@ -15,7 +15,8 @@ from training.data import advisor, moderation, support
 from training.data.lexicon import SCENARIOS, Lexicon, MessageSampler, Scenario
 from training.errors import InvalidData, LLMOpsError, UnknownName
 
-__all__ = ["DATASETS", "SCENARIOS", "Scenario", "generate", "labels_of", "summarize", "write"]
+__all__ = ["DATASETS", "SCENARIOS", "Scenario", "generate", "labels_of", "summarize",
+           "true_labels", "write"]
 
 DATASETS: dict[str, Lexicon] = {"support-tickets": support.LEXICON, "moderation": moderation.LEXICON,
                                 "advisor-questions": advisor.LEXICON}
@@ -60,6 +61,18 @@ def generate(dataset: str, scenario: str = "base", n: int = 1000, seed: int = 0,
         row = samplers[name].sample(rng)
         rows.append({"id": f"{dataset}-{scenario}-{seed}-{i}", "scenario": name, **row})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def true_labels(dataset: str, df: pd.DataFrame) -> pd.Series:
+    """Each generated row's right answer: its intent's label, moved where its scenario relabels
+    it, without the annotators' random mistakes (`Lexicon.label_noise`) that its `label`
+    carries. No model can learn those mistakes, so a benchmark scores against this."""
+    lexicon = _lexicon(dataset)
+    label = {i.name: i.label for i in lexicon.intents}
+    return pd.Series([lexicon.concept_relabel.get(intent, label[intent])
+                      if SCENARIOS[scenario].relabel else label[intent]
+                      for intent, scenario in zip(df.intent, df.scenario)],
+                     index=df.index, name="label")
 
 
 def write(df: pd.DataFrame, path: str | Path) -> Path:
