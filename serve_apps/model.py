@@ -46,6 +46,7 @@ class LoadedModel:
     precision: str = "fp32"
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     adapters: AdapterHost = field(default_factory=AdapterHost, repr=False, compare=False)
+    thresholds: dict[float, float | None] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -60,7 +61,7 @@ class LoadedModel:
         `candidates`: the conformal prediction set, and `abstained` when it is not exactly one
         label. `priors` (`{label: new prior / training prior}`, `training/priors.py`) adjusts
         the answer to a label shift."""
-        from training.calibration import prediction_set, temperature, threshold
+        from training.calibration import prediction_set, temperature
         from training.features import EMBEDDING_DIMS, input_features
         from training.models import classify
         from training.priors import adjust, weights
@@ -68,9 +69,9 @@ class LoadedModel:
         out = classify(self.model, self.tokenizer, texts, self.meta["max_length"],
                        batch_size=max(len(texts), 1), embedding_dims=EMBEDDING_DIMS,
                        temperature=temperature(self.meta))
-        labels, calibrated = self.meta["labels"], self.meta.get("calibration")
+        labels = self.meta["labels"]
         probs = adjust(out.probs, weights(labels, priors)) if priors else out.probs
-        q = threshold(calibrated["scores"], error_rate) if calibrated and error_rate else None
+        q = self._threshold(error_rate) if error_rate else None
         sets = [None if q is None else [labels[i] for i in prediction_set(p, q)] for p in probs]
         return [{"label": labels[int(p.argmax())], "confidence": round(float(p.max()), 6),
                  "scores": {lbl: round(float(x), 6) for lbl, x in zip(labels, p)},
@@ -79,6 +80,15 @@ class LoadedModel:
                  "tokens": int(n)}
                 for p, raw, s, features, n in zip(probs, out.probs, sets,
                                                   input_features(texts, out), out.tokens)]
+
+    def _threshold(self, error_rate: float) -> float | None:
+        """The conformal threshold at `error_rate` (None: uncalibrated), once per rate."""
+        from training.calibration import Calibration
+
+        if error_rate not in self.thresholds:
+            calibration = Calibration.of(self.meta)
+            self.thresholds[error_rate] = calibration and calibration.threshold(error_rate)
+        return self.thresholds[error_rate]
 
     @_one_at_a_time
     def generate(self, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,

@@ -4,7 +4,13 @@ chosen to minimise the negative log-likelihood; the ranking of labels never chan
 conformal prediction sets (Sadinle et al., 2019: the label set {y : p(y) >= 1 - q}, where q is
 the calibration rows' score quantile, holds the true label with probability at least 1 - alpha
 for rows exchangeable with them). Serving turns a set that is not exactly one label into an
-abstention (`serve_apps`)."""
+abstention (`serve_apps`).
+
+Labels are not always right: where a known share of them were given at random (annotators'
+mistakes, `TaskConfig.label_noise`), the sets are sized for the true labels, not the noisy ones.
+A random label falls in a set of s of K labels with chance s/K, so the true labels' coverage is
+(noisy coverage - rho * mean s / K) / (1 - rho) (Sesia et al., 2023, the plug-in correction);
+uncorrected, an error rate near the noise rate makes sets of every label and abstains on all."""
 
 from __future__ import annotations
 
@@ -50,12 +56,21 @@ def conformal_scores(probs: np.ndarray, y: np.ndarray) -> list[float]:
     return sorted(round(float(1 - p), 6) for p in probs[np.arange(len(y)), y])
 
 
-def threshold(scores: list[float], error_rate: float) -> float:
-    """q: the ceil((n + 1)(1 - alpha)) / n empirical quantile of the scores; infinite (every
-    label, so always uncertain) when n rows cannot support that rate (n < 1/alpha - 1)."""
-    n = len(scores)
-    rank = math.ceil((n + 1) * (1 - error_rate))
-    return math.inf if rank > n else scores[rank - 1]
+def threshold(scores: list[float], error_rate: float, label_noise: float = 0.0,
+              probs: list[list[float]] | None = None) -> float:
+    """q: the smallest score s.t. at least (n + 1)(1 - alpha) of the n calibration rows score no
+    more (the ceil((n + 1)(1 - alpha)) / n quantile); with `label_noise` rho, the smallest whose
+    corrected coverage (module docstring; set sizes from the rows' calibrated `probs`) reaches
+    1 - alpha. Infinite (every label, so always uncertain) when no score does: n rows cannot
+    support that rate (n < 1/alpha - 1)."""
+    q = np.asarray(scores, dtype=np.float64)
+    covered = np.searchsorted(q, q, side="right") / (len(q) + 1)
+    if label_noise:
+        flat = np.sort(np.asarray(probs, dtype=np.float64).ravel())
+        sizes = (len(flat) - np.searchsorted(flat, 1 - q, side="left")) / len(q)
+        covered = (covered - label_noise * sizes / len(probs[0])) / (1 - label_noise)
+    enough = np.flatnonzero(covered >= 1 - error_rate)
+    return float(q[enough[0]]) if len(enough) else math.inf
 
 
 @dataclass(frozen=True)
@@ -64,20 +79,31 @@ class Calibration:
 
     temperature: float
     scores: list[float]  # conformal scores of the calibration rows, with that temperature
+    label_noise: float = 0.0  # the share of their labels given at random
+    probs: list[list[float]] | None = None  # their calibrated probabilities, where noise > 0
 
     @classmethod
-    def fit(cls, probs: np.ndarray, y: np.ndarray) -> Calibration:
-        """From held-out rows' uncalibrated probabilities and their true label indices."""
+    def fit(cls, probs: np.ndarray, y: np.ndarray, label_noise: float = 0.0) -> Calibration:
+        """From held-out rows' uncalibrated probabilities and their label indices (a
+        `label_noise` share of them random)."""
         t = fit_temperature(probs, y)
-        return cls(t, conformal_scores(rescale(probs, t), y))
+        calibrated = rescale(probs, t)
+        return cls(t, conformal_scores(calibrated, y), label_noise,
+                   np.round(calibrated.astype(np.float64), 6).tolist() if label_noise else None)
 
     @classmethod
     def of(cls, meta: dict) -> Calibration | None:
         c = meta.get("calibration")
-        return cls(float(c["temperature"]), list(c["scores"])) if c else None
+        return cls(float(c["temperature"]), list(c["scores"]), float(c.get("label_noise", 0.0)),
+                   c.get("probs")) if c else None
+
+    def threshold(self, error_rate: float) -> float:
+        return threshold(self.scores, error_rate, self.label_noise, self.probs)
 
     def to_meta(self) -> dict:
-        return {"calibration": {"temperature": self.temperature, "scores": self.scores}}
+        return {"calibration": {"temperature": self.temperature, "scores": self.scores,
+                                **({"label_noise": self.label_noise, "probs": self.probs}
+                                   if self.label_noise else {})}}
 
 
 def temperature(meta: dict) -> float:

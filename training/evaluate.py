@@ -60,14 +60,14 @@ def abstention_metrics(task_model, df, error_rate: float | None,
     `error_rate` (conformal sets, `training/calibration.py`; None, or an uncalibrated model:
     never) does on labelled rows: calibration error, the share it answers (coverage) and the
     accuracy of those answers (precision)."""
-    from training.calibration import Calibration, prediction_set, threshold
+    from training.calibration import Calibration, prediction_set
 
     labels = task_model.meta["labels"]
     out = task_model.predict(None, df[["text"]], {"priors": priors})
     probs = out[[f"prob_{lbl}" for lbl in labels]].to_numpy()
     y = _indices(df.label, labels)
     calibration = Calibration.of(task_model.meta)
-    q = threshold(calibration.scores, error_rate) if calibration and error_rate else None
+    q = calibration.threshold(error_rate) if calibration and error_rate else None
     answered = np.array([q is None or len(prediction_set(p, q)) == 1 for p in probs])
     right = probs.argmax(axis=1) == y
     return {"ece": round(expected_calibration_error(probs, y), 4),

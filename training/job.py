@@ -162,7 +162,7 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
         # calibrated on the validation rows (never trained on), before anything is measured
         calibration = Calibration.fit(
             predict_proba(model, tokenizer, list(data.validation.text), tc.model.max_length),
-            np.array(_targets(tc, data.validation, labels)))
+            np.array(_targets(tc, data.validation, labels)), tc.label_noise)
         task_model.meta = {**meta, **calibration.to_meta()}
         write_meta(model_dir, task_model.meta)
         metrics = evaluate_classifier(model, tokenizer, data.holdouts, labels, tc.model.max_length,

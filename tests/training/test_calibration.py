@@ -73,6 +73,32 @@ def test_a_smaller_error_rate_needs_larger_sets_and_too_few_rows_abstain_always(
     assert prediction_set(np.array([0.7, 0.2, 0.1]), math.inf) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("error_rate", [0.1, 0.2])
+def test_with_random_labels_the_sets_hold_the_true_label_at_the_rate_and_no_more(error_rate):
+    """A tenth of the calibration labels drawn at random: sets sized for those labels swell
+    (they must hold the random ones too); told the noise rate, they hold the true label at the
+    promised rate and are smaller."""
+    probs, y = _data(2000, seed=7)
+    rng = np.random.default_rng(8)
+    noisy = np.where(rng.random(len(y)) < 0.1, rng.integers(0, 4, len(y)), y)
+    naive, robust = Calibration.fit(probs, noisy), Calibration.fit(probs, noisy, label_noise=0.1)
+    assert Calibration.of({"kind": "classification", **robust.to_meta()}) == robust
+    test_probs, test_y = _data(5000, seed=9)
+    figures = {}
+    for name, c in (("naive", naive), ("robust", robust)):
+        q = c.threshold(error_rate)
+        sets = [prediction_set(p, q) for p in rescale(test_probs, c.temperature)]
+        figures[name] = (np.mean([y in s for s, y in zip(sets, test_y)]),
+                         np.mean([len(s) for s in sets]))
+    assert figures["robust"][0] >= 1 - error_rate - 0.02, figures  # the guarantee, true labels
+    assert figures["naive"][0] > figures["robust"][0] + 0.02, figures  # more than promised
+    assert figures["naive"][1] > figures["robust"][1], figures
+    # no noise: the plain split-conformal quantile, whichever way it is asked for
+    plain = Calibration.fit(probs, y)
+    assert plain.threshold(error_rate) == threshold(plain.scores, error_rate)
+    assert plain.probs is None and "probs" not in plain.to_meta()["calibration"]
+
+
 def test_metadata_round_trip_and_uncalibrated_models():
     probs, y = _data(300, seed=6)
     calibration = Calibration.fit(probs, y)

@@ -50,6 +50,10 @@ def test_two_worker_zero2_finetune_registers_champion_then_a_resumed_challenger(
     model, tokenizer, meta = load_hf(Path(first.model_dir))
     assert meta["calibration"]["temperature"] == fitted["temperature"]
     assert len(meta["calibration"]["scores"]) == fitted["rows"]
+    # the generator's labels are wrong at a known rate: the sets are sized for the true ones
+    assert meta["calibration"]["label_noise"] == settings.training.tasks[
+        "support-router"].label_noise > 0
+    assert np.array(meta["calibration"]["probs"]).shape == (fitted["rows"], len(meta["labels"]))
     expected = predict_proba(model, tokenizer, texts, meta["max_length"],
                              temperature=fitted["temperature"])
     loaded = mlflow.pyfunc.load_model("models:/support-router@champion")
