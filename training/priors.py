@@ -53,15 +53,18 @@ def weights(labels: Sequence[str], by_label: Mapping[str, float]) -> np.ndarray:
     return np.array([float(by_label.get(label, 1.0)) for label in labels])
 
 
-def resample(reference: pd.DataFrame, labels: Sequence[str], priors: np.ndarray,
-             seed: int = 0) -> pd.DataFrame:
+def resample(reference: pd.DataFrame, labels: Sequence[str], priors: np.ndarray) -> pd.DataFrame:
     """The reference rows drawn again, by true label, in the proportions `priors`: what the
-    training distribution looks like after a pure label shift to them (with replacement, the
-    same number of rows)."""
-    rng = np.random.default_rng(seed)
+    training distribution looks like after a pure label shift to them (the same number of
+    rows). Systematic, not random: each label's rows are repeated in turn until its share is
+    filled, so they weigh alike and two checks of one window against it agree (random draws
+    with replacement moved the descriptors' drift across its threshold from seed to seed,
+    and a label shift for a retrain)."""
+    target = np.asarray(priors, dtype=np.float64) / np.sum(priors) * len(reference)
+    counts = np.floor(target).astype(int)
+    counts[np.argsort(counts - target)[:len(reference) - counts.sum()]] += 1  # largest remainders
     by_label = {label: np.flatnonzero(reference.label.to_numpy() == label) for label in labels}
-    counts = rng.multinomial(len(reference), priors)
-    picks = [rng.choice(by_label[label], n) for label, n in zip(labels, counts)
+    picks = [np.resize(by_label[label], n) for label, n in zip(labels, counts)
              if n and len(by_label[label])]
     return reference.iloc[np.concatenate(picks)].reset_index(drop=True)
 

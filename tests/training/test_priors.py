@@ -59,11 +59,17 @@ def test_weights_and_training_priors_follow_the_label_order():
 def test_the_reference_drawn_again_has_the_new_label_mix():
     reference = pd.DataFrame({"label": ["a"] * 500 + ["b"] * 300 + ["c"] * 200,
                               "x": np.arange(1000)})
-    again = resample(reference, ["a", "b", "c"], np.array([0.1, 0.1, 0.8]), seed=1)
+    again = resample(reference, ["a", "b", "c"], np.array([0.1, 0.1, 0.8]))
     assert len(again) == len(reference)
-    share = again.label.value_counts(normalize=True)
-    assert share["c"] == pytest.approx(0.8, abs=0.04) and share["a"] == pytest.approx(0.1, abs=0.03)
+    assert again.label.value_counts().to_dict() == {"c": 800, "a": 100, "b": 100}
     assert set(again.x[again.label == "c"]) <= set(range(800, 1000))  # rows kept whole
+    # systematic: every c row four times, no a row twice, and the same draw every time
+    assert set(again.x[again.label == "c"].value_counts()) == {4}
+    assert again.x[again.label == "a"].is_unique
+    pd.testing.assert_frame_equal(again, resample(reference, ["a", "b", "c"],
+                                                  np.array([0.1, 0.1, 0.8])))
+    odd = resample(reference, ["a", "b", "c"], np.array([1, 1, 1]) / 3)  # 333.3 each
+    assert len(odd) == 1000 and set(odd.label.value_counts()) == {333, 334}
 
 
 def test_the_priors_are_confirmed_only_by_enough_labels_as_accurate_as_their_confidence():
