@@ -55,11 +55,13 @@ def classification_metrics(probs: np.ndarray, y_true: Sequence[str], labels: Seq
 
 
 def abstention_metrics(task_model, df, error_rate: float | None,
-                       priors: dict[str, float] | None = None) -> dict:
+                       priors: dict[str, float] | None = None,
+                       noisy: Sequence[str] | None = None) -> dict:
     """How a registered classifier (`TaskModel`, adjusted to `priors`) that abstains at
     `error_rate` (conformal sets, `training/calibration.py`; None, or an uncalibrated model:
     never) does on labelled rows: calibration error, the share it answers (coverage) and the
-    accuracy of those answers (precision)."""
+    accuracy of those answers (precision), also against `noisy` labels of the same rows if
+    given (what annotators said, beside the truth in `label`)."""
     from training.calibration import Calibration, prediction_set
 
     labels = task_model.meta["labels"]
@@ -69,10 +71,14 @@ def abstention_metrics(task_model, df, error_rate: float | None,
     calibration = Calibration.of(task_model.meta)
     q = calibration.threshold(error_rate) if calibration and error_rate else None
     answered = np.array([q is None or len(prediction_set(p, q)) == 1 for p in probs])
-    right = probs.argmax(axis=1) == y
+    def precision(truth: np.ndarray) -> float | None:
+        right = probs.argmax(axis=1) == truth
+        return round(float(right[answered].mean()), 4) if answered.any() else None
+
     return {"ece": round(expected_calibration_error(probs, y), 4),
-            "coverage": round(float(answered.mean()), 4),
-            "precision": round(float(right[answered].mean()), 4) if answered.any() else None}
+            "coverage": round(float(answered.mean()), 4), "precision": precision(y),
+            **({} if noisy is None else
+               {"precision_against_noisy_labels": precision(_indices(noisy, labels))})}
 
 
 def evaluate_classifier(model, tokenizer, holdouts: dict, labels: Sequence[str],

@@ -122,6 +122,9 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
     # error rate: about half on one CPU, a quarter on another; that it abstains, and that what
     # it answers is the more accurate part, does not)
     assert 0 < served["coverage"] < 1 and served["precision"] > drifted["v1"], figures
+    # scored against the true labels; the generator's random ones (about a dozen of the answered
+    # rows) would count right answers wrong
+    assert served["precision_against_noisy_labels"] < served["precision"], figures
     # refuted: labels that disagree with the adjusted answers send the loop to a retrain
     controller.store.save(state.model_copy(update={"state": "reweighted", "since": time.time()}))
     log_served(settings, registry, "concept-shift", 60, 60, seed=13)
