@@ -58,9 +58,14 @@ class Contradictions:
         return {m: n for m, n in self.single.items() if 2 * n > self.moved.get(m, 0)}
 
     @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """The moves as (A, B), in the order found."""
+        return [tuple(move.split(" -> ")) for move in self.moved]
+
+    @property
     def sources(self) -> set[str]:
         """The labels whose meaning moved (the A of each "A -> B")."""
-        return {move.split(" -> ")[0] for move in self.moved}
+        return {a for a, _ in self.pairs}
 
     def summary(self) -> str:
         """One line for the controller's event."""

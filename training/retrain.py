@@ -89,7 +89,7 @@ def _resolve(learnt: pd.DataFrame, tables: dict[str, pd.DataFrame], config: Retr
                                ("thin_moves", found.thin)) if v}
     if not found:
         return tables, found, notes
-    moves = [tuple(m.split(" -> ")) for m in found.moved]
+    moves = found.pairs
     labels = list(learnt.label.astype(str))
     # fitted only where it may decide something: a fine-tune, not a lookup
     judge = teacher(learnt) if teacher and config.contradicted_replay == "relabel" \
