@@ -238,7 +238,7 @@ def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
     version = str(log.model_version.iloc[-1])
     log = with_feedback(log[log.model_version == version], read(log_uri, FEEDBACK))
     checkable = [w for w in windows(log, size) if len(w) >= config.min_rows]
-    full, earlier = checkable[-config.n:], checkable[-config.n - 1::-1][:config.onset_lookback]
+    full, earlier = checkable[-config.n:], checkable[:-config.n][::-1][:config.onset_lookback]
     if not full:
         raise NotEnoughData(f"{model} version {version} has {len(log)} logged requests; a drift "
                             f"check needs a window of at least {config.min_rows}")
