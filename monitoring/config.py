@@ -33,11 +33,13 @@ class LogConfig(StrictModel):
 
 class LabelQueueConfig(StrictModel):
     """The requests awaiting a label (`GET /v1/feedback/pending`, `monitoring/feedback.py`):
-    most of a page is where a label helps most, the rest a uniform sample of the same traffic,
-    so a region where the model is confidently wrong (a concept shift) is still asked about."""
+    part of a page is where a label helps most, the rest spread over the traffic no label has
+    reached, so a region the model answers with confidence (a new product's intent, a concept
+    shift) is still asked about."""
 
     window: int = Field(5000, ge=10, description="the newest logged answers searched")
-    explore: float = Field(0.3, ge=0, le=1, description="share of a page drawn at random")
+    explore: float = Field(0.5, ge=0, le=1, description="share of a page spread over the "
+                           "answers least like every labelled one")
     confident: float = Field(0.9, gt=0, le=1, description="calibrated confidence from which a "
                              "labelled answer found wrong points the queue at its neighbours")
     max_limit: int = Field(500, ge=1, description="the most items one page returns")

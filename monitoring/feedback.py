@@ -90,9 +90,11 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     moved region is answered with confidence, so doubt never points there), the answers whose
     nearest labelled one is such a mistake, spread over that region (`contradiction`); then the
     least confident (calibrated confidence: a conformal set of several labels comes first);
-    taken in turn from each predicted label so no label is starved; `explore` of the page is a
-    uniform draw of the rest. Each item says why it was chosen. `since` limits the answers
-    listed, not the labelled ones that point the queue."""
+    taken in turn from each predicted label so no label is starved. `explore` of the page is
+    spread over the rest (`_cover`): a new product's intents answered with confidence, or a
+    moved region no label has reached yet, are asked about without waiting for doubt. Each item
+    says why it was chosen. `since` limits the answers listed, not the labelled ones that point
+    the queue."""
     log = read(log_uri, INFERENCE, last=config.window, shadow=True, tenant=tenant,
                outcome="ok", model=model)
     log = log[log.prediction.notna() & log.posterior.notna()]
@@ -122,7 +124,7 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     explore = round(min(limit, len(ranked)) * config.explore)
     useful = interleave(ranked, limit - explore)
     rest = ranked.drop(index=useful.index)
-    drawn = rest.sample(n=min(explore, len(rest)), random_state=0).assign(reason="random")
+    drawn = _cover(rest, pd.concat([labelled, useful]), explore).assign(reason="coverage")
     page = pd.concat([useful, drawn])
     return [{"request_id": r.request_id, "item": int(r.item), "ts": r.ts.isoformat(),
              "model": r.model, "model_version": r.model_version, "prediction": r.prediction,
@@ -167,29 +169,68 @@ def _near(answers: pd.DataFrame, labelled: pd.DataFrame, wrong: pd.DataFrame) ->
 def _spread(answers: pd.DataFrame, labelled: pd.DataFrame, near: np.ndarray,
             k: int) -> np.ndarray:
     """An order of the `near` answers that spreads a page's asks over the region (per model
-    version, the answer least like every labelled and already chosen one next: greedy
-    k-center); asking closest-first spent the labels on the first mistakes' neighbours and
-    left the region's extent unknown. Answers beyond the first `k` of a version follow,
-    closest to a labelled one first."""
+    version, `_farthest_first` from the labelled ones); asking closest-first spent the labels
+    on the first mistakes' neighbours and left the region's extent unknown. Answers beyond the
+    first `k` of a version follow, closest to a labelled one first."""
     order = np.zeros(len(answers))
     keys = ["model", "model_version"]
     at = np.flatnonzero(near)
     for key, members in answers.iloc[at].groupby(keys).indices.items():
         idx = at[members]
-        mine = labelled[(labelled[keys] == pd.Series(key, index=keys)).all(axis=1)
-                        & labelled.embedding.notna()]
         cand = _unit(answers.embedding.iloc[idx])
-        best = (cand @ _unit(mine.embedding).T).max(axis=1)  # near: one labelled at least
-        rank = np.full(len(idx), np.nan)
-        for step in range(min(k, len(idx))):
-            j = int(np.nanargmin(np.where(np.isnan(rank), best, np.nan)))
-            rank[j] = step
-            best = np.maximum(best, cand @ cand[j])
-        order[idx] = np.where(np.isnan(rank), k + 1 - best, rank)
+        best = _nearest(cand, _unit(_of(labelled, key).embedding))  # near: one labelled at least
+        order[idx] = k + 1 - best
+        order[idx[_farthest_first(cand, best, k)]] = range(min(k, len(idx)))
     return order
 
 
+def _cover(rest: pd.DataFrame, known: pd.DataFrame, n: int) -> pd.DataFrame:
+    """`n` answers of `rest` spread over it: per model version (in proportion to its answers),
+    `_farthest_first` from the `known` ones (labelled or already on the page). A uniform draw
+    asks in proportion to traffic, so a new sub-intent of a twentieth of it got a label or two
+    per page, too few to learn it from, while its answers' confidence hid it from doubt; the
+    farthest answer from every label is where the model has been told least."""
+    rest = rest[rest.embedding.notna()]
+    n, keys, picks = min(n, len(rest)), ["model", "model_version"], []
+    groups = sorted(rest.groupby(keys), key=lambda kv: -len(kv[1]))
+    for key, group in groups:
+        k = min(n - len(picks), -(-n * len(group) // len(rest)))
+        cand = _unit(group.embedding)
+        best = _nearest(cand, _unit(_of(known, key).embedding))
+        picks += list(group.index[_farthest_first(cand, best, k)])
+    return rest.loc[picks]
+
+
+def _farthest_first(cand: np.ndarray, best: np.ndarray, k: int) -> list[int]:
+    """Greedy k-center: `k` rows of `cand` (unit vectors), each next the one least like every
+    row before it (`best`: each row's highest similarity to the rows already known)."""
+    best, chosen = best.copy(), []
+    for _ in range(min(k, len(cand))):
+        j = int(np.argmin(best))
+        chosen.append(j)
+        best = np.maximum(best, cand @ cand[j])
+        best[j] = np.inf
+    return chosen
+
+
+def _nearest(cand: np.ndarray, known: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Each row's highest cosine similarity to a `known` row (-1 where none is known), in
+    chunks (a window of answers against its labels would be a matrix of gigabytes)."""
+    if not len(known):
+        return np.full(len(cand), -1.0)
+    return np.concatenate([(cand[i:i + chunk] @ known.T).max(axis=1)
+                           for i in range(0, len(cand), chunk)] or [np.zeros(0)])
+
+
+def _of(rows: pd.DataFrame, key: tuple) -> pd.DataFrame:
+    """The rows of one (model, model version) with an embedding."""
+    return rows[(rows.model == key[0]) & (rows.model_version == key[1])
+                & rows.embedding.notna()]
+
+
 def _unit(vectors: pd.Series) -> np.ndarray:
+    if vectors.empty:
+        return np.zeros((0, 1), np.float32)
     m = np.stack(vectors.to_numpy()).astype(np.float32)
     return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
 

@@ -1,6 +1,7 @@
 """Feedback labels (`monitoring/feedback.py`): each checked against the logged request, its
 tenant and its model's labels, one by one or in a batch with one read; and the queue of answers
-awaiting a label, disagreements and doubts first, each predicted label in turn, some at random."""
+awaiting a label, disagreements and doubts first, each predicted label in turn, the rest spread
+over the traffic."""
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
     assert [type(c) for c in checked] == [case[4] for case in bad]
 
 
-def test_the_label_queue_puts_disagreements_and_doubts_first_per_label_and_explores(tmp_path):
+def test_the_label_queue_puts_disagreements_and_doubts_first_per_label_and_covers(tmp_path):
     from monitoring.config import LabelQueueConfig
     from monitoring.feedback import pending
 
@@ -70,7 +71,7 @@ def test_the_label_queue_puts_disagreements_and_doubts_first_per_label_and_explo
     assert page[0]["request_id"] == "r5" and page[0]["reason"] == "disagreement"
     assert not {"r7", "r200"} & set(ids) and not any(i.startswith("r10") for i in ids)
     useful, drawn = page[:9], page[9:]
-    assert [it["reason"] for it in drawn] == ["random"] * 3
+    assert [it["reason"] for it in drawn] == ["coverage"] * 3
     assert {it["prediction"] for it in useful[1:4]} == set(labels)  # each label in turn
     by_label = {}
     for it in useful[1:]:
@@ -86,6 +87,37 @@ def test_the_label_queue_puts_disagreements_and_doubts_first_per_label_and_explo
     assert pending(uri, "default", 12, config, model="moderation") == []
     assert len(pending(uri, "default", 500, config)) == 89  # all but r7 (the shadow is r5's)
 
+
+def test_the_label_queue_covers_what_no_label_reached_however_confident(tmp_path):
+    """A new sub-intent, a twentieth of the traffic, answered with confidence: doubt never
+    points there, and a uniform draw of a page's explore share seldom does. The explore share
+    goes to the answers least like every labelled one, so the first page asks about it and,
+    once one of its answers is labelled, the next page looks elsewhere."""
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    rng = np.random.default_rng(2)
+
+    def answer(i, region, confidence, spread):
+        e = np.eye(8)[region] + rng.normal(0, spread, 8)
+        return log_record(i, prediction="billing", confidence=confidence,
+                          posterior=[0.5, 0.5], embedding=e.tolist(), text=f"r{region} {i}")
+
+    rows = [answer(i, 1 + i % 3, float(rng.uniform(0.4, 0.9)), 0.3) for i in range(190)]
+    rows += [answer(500 + i, 0, 0.99, 0.05) for i in range(10)]  # the new sub-intent, also billing
+    uri = str(tmp_path / "log")
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
+    config = LabelQueueConfig(explore=0.5)
+    page = pending(uri, "default", 10, config)
+    covered = [it for it in page if it["reason"] == "coverage"]
+    assert len(covered) == 5 and {it["reason"] for it in page} == {"uncertain", "coverage"}
+    assert all(it["confidence"] < 0.99 for it in page if it["reason"] == "uncertain")
+    new = [it["request_id"] for it in covered if it["text"].startswith("r0")]
+    assert new, covered
+    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
+        {"request_id": new[0], "item": 0, "label": "shipping", "ts": now(), "tenant": "default"}])
+    again = [it for it in pending(uri, "default", 10, config) if it["reason"] == "coverage"]
+    assert len(again) == 5 and not any(it["text"].startswith("r0") for it in again), again
 
 
 def test_the_label_queue_asks_around_confident_mistakes_once_they_exceed_chance(tmp_path):
