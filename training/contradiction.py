@@ -3,9 +3,10 @@ replay (the champion's training data) or judge by (its golden set).
 
 Texts are compared in the bundled sentence encoder's space (all-MiniLM-L6-v2: meaning, not the
 champion's own labels). First the moves (`_contradicting`): B is a move from A when at least
-`MIN_SHARE` of the labelled recent rows sitting clearly in an A region carry B, and at least
-`MIN_PAIR_ROWS` of them: label noise spreads over every pair, and a shifted prior moves no row
-out of its region. Then the rows that moved: a row of A goes to B when its closest labelled
+`MIN_PAIR_ROWS` of the labelled recent rows sitting clearly in an A region carry B, beyond
+chance (`MOVE_CHANCE`) against how often the rows themselves carry B in A regions: label noise
+and texts between two intents disagree at that rate, and a shifted prior moves no row out of
+its region. Then the rows that moved: a row of A goes to B when its closest labelled
 recent row says B, or when at least `MIN_VOTES` of the recent rows that count it among their
 `K` nearest say B, more than confirm A, and its own neighbours agree with A (a mislabelled or
 ambiguous row is noise, not a concept); then the region grows: a row follows when 3 of its close
@@ -33,7 +34,10 @@ import numpy as np
 import pandas as pd
 
 K, MIN_VOTES, MIN_SIMILARITY, REGION_SIMILARITY, MIN_REGION_ROWS = 10, 2, 0.6, 0.6, 10
-MIN_PAIR_ROWS, MIN_SHARE, GROWTH_PASSES = 5, 0.25, 4
+MIN_PAIR_ROWS, MIN_SHARE, GROWTH_PASSES = 4, 0.25, 4
+# the chance of a pair's count with no move (`_contradicting`) under which it is a move, and
+# suspected: about 0.003 and 0.03 over the 30 pairs of six labels (Bonferroni)
+MOVE_CHANCE, SUSPECT_CHANCE = 1e-4, 1e-3
 EXAMPLES = 3
 
 
@@ -89,23 +93,65 @@ def embed(texts: list[str]) -> np.ndarray:
     return sentence_embeddings(model, tokenizer, texts)
 
 
+def _region(labels: np.ndarray, near: np.ndarray) -> str | None:
+    """The label a text's `near` rows mostly carry (70% of 3 or more), else None."""
+    if len(near) < 3:
+        return None
+    region, n = Counter(labels[near]).most_common(1)[0]
+    return region if n >= 0.7 * len(near) else None
+
+
+def _disagreement(own: np.ndarray, rows_labels: np.ndarray) -> dict[str, Counter]:
+    """Per region label A, the labels of the rows themselves that sit clearly in an A region
+    (each among its own nearest, itself left out): how often the data disagrees with its
+    neighbourhood with no concept shift (label noise, texts between two intents)."""
+    out: dict[str, Counter] = {}
+    for x, near in enumerate(np.argsort(-own, axis=1)[:, :K]):
+        region = _region(rows_labels, near[own[x, near] >= MIN_SIMILARITY])
+        if region is not None:
+            out.setdefault(region, Counter())[rows_labels[x]] += 1
+    return out
+
+
 def _contradicting(recent_labels: np.ndarray, neighbours: list[np.ndarray],
-                   rows_labels: np.ndarray) -> tuple[set[tuple[str, str]], Counter]:
+                   rows_labels: np.ndarray, base: dict[str, Counter]
+                   ) -> tuple[set[tuple[str, str]], Counter]:
     """The moves (A, B) the recent rows make as a group: of the recent rows that sit clearly
-    in an A region (70% of their near rows carry A), at least `MIN_SHARE` carry B, and at
-    least `MIN_PAIR_ROWS` of them. Label noise spreads over every pair; a shifted prior moves
-    no row out of its region. Also every pair said by 2 or more of those rows and
-    `MIN_SHARE` of its region's, with its count: a move before it has the rows to show it
-    (noise stays under the share)."""
+    in an A region, at least `MIN_PAIR_ROWS` carry B, more than `MOVE_CHANCE` allows (a
+    binomial tail) at the larger of two rates of B with no move: `base`, the share of B the
+    rows themselves carry in A regions (label noise, texts between two intents; add-one
+    smoothed), and the median share of B in the recent rows' other regions (an annotator's
+    bias towards B is everywhere, a move in one place). A shifted prior moves no row out of
+    its region; a moved sub-intent of a twentieth of its label's rows stands out against a
+    base rate of about 1%, where a fixed share of the region's labels (a quarter, before)
+    missed it. Also every pair said by 2 or more of those rows, beyond `SUSPECT_CHANCE` or by
+    `MIN_SHARE` of the region's, with its count: a move before it has the rows to show it."""
+    from scipy.stats import binom
+
     regions: dict[str, Counter] = {}
     for label, near in zip(recent_labels, neighbours):
-        if len(near) >= 3:
-            region, n = Counter(rows_labels[near]).most_common(1)[0]
-            if n >= 0.7 * len(near):
-                regions.setdefault(region, Counter())[label] += 1
-    said = Counter({(a, b): n for a, by in regions.items() for b, n in by.items()
-                    if b != a and n >= 2 and n >= MIN_SHARE * sum(by.values())})
-    return {pair for pair, n in said.items() if n >= MIN_PAIR_ROWS}, said
+        region = _region(rows_labels, near)
+        if region is not None:
+            regions.setdefault(region, Counter())[label] += 1
+    kinds = len(set(rows_labels) | set(recent_labels))
+    said, moves = Counter(), set()
+
+    def elsewhere(a: str, b: str) -> float:
+        shares = [by[b] / sum(by.values()) for c, by in regions.items()
+                  if c not in (a, b) and sum(by.values()) >= MIN_PAIR_ROWS]
+        return float(np.median(shares)) if shares else 0.0
+
+    for a, by in regions.items():
+        seen = base.get(a, Counter())
+        for b, n in by.items():
+            rate = max((seen[b] + 1) / (sum(seen.values()) + kinds), elsewhere(a, b))
+            chance = binom.sf(n - 1, sum(by.values()), rate)
+            if b != a and n >= 2 and (chance < SUSPECT_CHANCE
+                                      or n >= MIN_SHARE * sum(by.values())):
+                said[(a, b)] = n
+                if n >= MIN_PAIR_ROWS and chance < MOVE_CHANCE:
+                    moves.add((a, b))
+    return moves, said
 
 
 def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
@@ -116,7 +162,10 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
     sims = recent_e @ rows_e.T
     neighbours = [near[sims[j, near] >= MIN_SIMILARITY]
                   for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K])]
-    pairs, said = _contradicting(recent_labels, neighbours, rows_labels)
+    own = rows_e @ rows_e.T
+    np.fill_diagonal(own, -1.0)
+    pairs, said = _contradicting(recent_labels, neighbours, rows_labels,
+                                 _disagreement(own, rows_labels))
     confirm = np.zeros(len(rows_labels))
     against: list[Counter] = [Counter() for _ in rows_labels]
     for j, near in enumerate(neighbours):
@@ -125,8 +174,6 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
                 confirm[x] += 1
             elif (rows_labels[x], recent_labels[j]) in pairs:
                 against[x][recent_labels[j]] += 1
-    own = rows_e @ rows_e.T
-    np.fill_diagonal(own, -1.0)
     order = np.argsort(-own, axis=1)[:, :5]
     moved = np.full(len(rows_labels), None, dtype=object)
     for x, votes in enumerate(against):

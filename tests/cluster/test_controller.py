@@ -143,8 +143,8 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
 
 def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown(accurate):
     """A concept shift found by its first labels: refunds are billing now (20 labels: a move
-    the retraining set shows), and damaged parcels are refunds (4 labels the champion answered
-    with confidence: suspected, not shown). The retrain on drift waits for labels there, up to
+    the retraining set shows), and damaged parcels are refunds (3 labels the champion answered
+    with confidence: suspected, not shown; a move takes 4). The retrain on drift waits for labels there, up to
     `controller.label_wait_s`; by hand, it starts at once. Refunds labelled refund before the
     drift's onset, twice as many, do not outvote the move: they are checked against the labels
     since, and retired. (The accurate router's 1,200 training rows: regions the tiny one's 192
@@ -158,7 +158,7 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     rows = pd.concat([
         shift[shift.intent.isin(["refund_request", "refund_status"])].head(20).assign(
             prediction="refund"),
-        shift[shift.intent == "damaged_parcel"].head(4).assign(prediction="shipping"),
+        shift[shift.intent == "damaged_parcel"].head(3).assign(prediction="shipping"),
         base[(base.label == "shipping") & (base.intent != "damaged_parcel")].head(8).assign(
             prediction="shipping"),
         base[~base.label.isin(["shipping", "refund"])].head(40).assign(
