@@ -5,7 +5,7 @@ to recover); how the served model abstains there (calibration error, coverage, p
 the answers it gives); labels used; failed requests.
 
     python bench/loop.py --json [--scenarios new-product slang ...] [--data-dir .llmops]
-                         [--labels 0.15] [--baseline-labels 0.3]
+                         [--labels 0.1] [--baseline-labels 0.3]
 
 Runs on the demo's stack (`make demo` trains the champions; the pipelines are deployed if they
 are not): for each scenario, what `llmops demo` does after its setup (clean traffic, then the
@@ -42,7 +42,7 @@ def main() -> None:
                         choices=[s for s in SCENARIOS if s != "base"])
     parser.add_argument("--from-version", type=int, default=None,
                         help="the router version every scenario starts from (default: the champion)")
-    parser.add_argument("--labels", type=float, default=0.15,
+    parser.add_argument("--labels", type=float, default=0.1,
                         help="share of each drifted batch labelled from the queue")
     parser.add_argument("--baseline-labels", type=float, default=0.3,
                         help="share labelled at random in the baseline run (0: none)")
