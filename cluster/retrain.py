@@ -78,17 +78,23 @@ class RetrainSteps:
         exceed chance (`monitoring.feedback.confident_mistakes`, the label queue's rule); and
         the moves it found whose replay rows rest more on single labels than on two or more
         (those rows it retires: the retrain would learn the move from the labelled rows
-        alone). The queue is asking about their regions; a retrain started now would average
-        the move away. New inputs (no region of the training data) and ambiguous ones (rarely
-        confident) do not hold it."""
+        alone). Once a concept shift is found, also the pairs 3 or more of those confident
+        mistakes say that no move found explains: a reorganisation moves several intents, and
+        the first labels show the largest move first (a retrain on them alone learnt one move
+        of three, 0.80 of clean). The queue is asking about their regions; a retrain started
+        now would average the move away. New inputs (no region of the training data, no move
+        found) and ambiguous ones (rarely confident) do not hold it."""
         from monitoring.feedback import confident_mistakes
 
         wrong = confident_mistakes(recent[recent.label.notna()],
                                    self.c.settings.serve.feedback.queue.confident)
         said = Counter(f"{a} -> {b}" for a, b in zip(wrong.prediction, wrong.label))
+        found = notes.get("contradictions", {}).get("moved", {})
         return {move: f"{n} labelled rows" for move, n in notes.get("suspected_moves", {}).items()
                 if said[move] >= 2} | {move: f"{n} replay rows on one label each" for move, n
-                                       in notes.get("thin_moves", {}).items()}
+                                       in notes.get("thin_moves", {}).items()} | {
+            move: f"{n} confident mistakes" for move, n in said.items()
+            if found and n >= 3 and move not in found}
 
     def _submit(self, state: ControllerState) -> None:
         c = self.c
