@@ -215,7 +215,7 @@ def _farthest_first(cand: np.ndarray, best: np.ndarray, k: int) -> list[int]:
 
 def _nearest(cand: np.ndarray, known: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """Each row's highest cosine similarity to a `known` row (-1 where none is known), in
-    chunks (a window of answers against its labels would be a matrix of gigabytes)."""
+    chunks (a full window against as many labels would be one 100 MB matrix)."""
     if not len(known):
         return np.full(len(cand), -1.0)
     return np.concatenate([(cand[i:i + chunk] @ known.T).max(axis=1)
