@@ -101,12 +101,14 @@ def _region(labels: np.ndarray, near: np.ndarray) -> str | None:
     return region if n >= 0.7 * len(near) else None
 
 
-def _disagreement(own: np.ndarray, rows_labels: np.ndarray) -> dict[str, Counter]:
+def _disagreement(own: np.ndarray, ranked: np.ndarray,
+                  rows_labels: np.ndarray) -> dict[str, Counter]:
     """Per region label A, the labels of the rows themselves that sit clearly in an A region
-    (each among its own nearest, itself left out): how often the data disagrees with its
-    neighbourhood with no concept shift (label noise, texts between two intents)."""
+    (each among its own nearest, itself left out; `ranked`: each row's others, most similar
+    first): how often the data disagrees with its neighbourhood with no concept shift (label
+    noise, texts between two intents)."""
     out: dict[str, Counter] = {}
-    for x, near in enumerate(np.argsort(-own, axis=1)[:, :K]):
+    for x, near in enumerate(ranked[:, :K]):
         region = _region(rows_labels, near[own[x, near] >= MIN_SIMILARITY])
         if region is not None:
             out.setdefault(region, Counter())[rows_labels[x]] += 1
@@ -144,10 +146,11 @@ def _contradicting(recent_labels: np.ndarray, neighbours: list[np.ndarray],
     for a, by in regions.items():
         seen = base.get(a, Counter())
         for b, n in by.items():
+            if b == a or n < 2:
+                continue
             rate = max((seen[b] + 1) / (sum(seen.values()) + kinds), elsewhere(a, b))
             chance = binom.sf(n - 1, sum(by.values()), rate)
-            if b != a and n >= 2 and (chance < SUSPECT_CHANCE
-                                      or n >= MIN_SHARE * sum(by.values())):
+            if chance < SUSPECT_CHANCE or n >= MIN_SHARE * sum(by.values()):
                 said[(a, b)] = n
                 if n >= MIN_PAIR_ROWS and chance < MOVE_CHANCE:
                     moves.add((a, b))
@@ -164,8 +167,9 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
                   for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K])]
     own = rows_e @ rows_e.T
     np.fill_diagonal(own, -1.0)
+    ranked = np.argsort(-own, axis=1)
     pairs, said = _contradicting(recent_labels, neighbours, rows_labels,
-                                 _disagreement(own, rows_labels))
+                                 _disagreement(own, ranked, rows_labels))
     confirm = np.zeros(len(rows_labels))
     against: list[Counter] = [Counter() for _ in rows_labels]
     for j, near in enumerate(neighbours):
@@ -174,7 +178,7 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
                 confirm[x] += 1
             elif (rows_labels[x], recent_labels[j]) in pairs:
                 against[x][recent_labels[j]] += 1
-    order = np.argsort(-own, axis=1)[:, :5]
+    order = ranked[:, :5]
     moved = np.full(len(rows_labels), None, dtype=object)
     for x, votes in enumerate(against):
         if votes:
