@@ -144,13 +144,13 @@ def _contradicting(recent_labels: np.ndarray, neighbours: list[np.ndarray],
         return float(np.median(shares)) if shares else 0.0
 
     for a, by in regions.items():
-        seen = base.get(a, Counter())
+        seen, total = base.get(a, Counter()), sum(by.values())
         for b, n in by.items():
             if b == a or n < 2:
                 continue
-            rate = max((seen[b] + 1) / (sum(seen.values()) + kinds), elsewhere(a, b))
-            chance = binom.sf(n - 1, sum(by.values()), rate)
-            if chance < SUSPECT_CHANCE or n >= MIN_SHARE * sum(by.values()):
+            rate = max((seen[b] + 1) / (seen.total() + kinds), elsewhere(a, b))
+            chance = binom.sf(n - 1, total, rate)
+            if chance < SUSPECT_CHANCE or n >= MIN_SHARE * total:
                 said[(a, b)] = n
                 if n >= MIN_PAIR_ROWS and chance < MOVE_CHANCE:
                     moves.add((a, b))
