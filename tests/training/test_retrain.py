@@ -101,3 +101,35 @@ def test_labels_from_before_the_drift_are_checked_against_those_since():
     with pytest.raises(InvalidData, match="59 labelled recent requests since the drift began"):
         retraining_data(pd.concat([old.drop(columns="intent"), new.iloc[:59]]), reference, golden,
                         config, onset=onset.to_pydatetime())
+
+
+def test_the_holdout_leaves_a_move_two_labels_near_each_of_its_phrasings():
+    """A concept shift's rarer phrasings get a label or two each from the queue, and the
+    contradiction check relabels a phrasing's replay rows from two labels near them. Held out,
+    those labels decide nothing: the holdout takes a label that contradicts the champion only
+    while the labels near it saying the same move keep two among the rows learnt from."""
+    common = generate("support-tickets", "base", 120, seed=6)[["text", "label"]]
+    common = common.assign(prediction=common.label)  # the champion confirmed
+    family = ["How do I add a family member to my account?",
+              "Hi, how do I add a family member to my account? Thanks."]
+    locked = ["My account is locked after too many login attempts.",
+              "Hello, my account is locked after too many login attempts.",
+              "My account is locked after too many login attempts. Please help.",
+              "Good morning, my account is locked after too many login attempts. Regards."]
+    moved = pd.DataFrame({"text": family + locked, "label": "security", "prediction": "account"})
+    recent = pd.concat([common, moved], ignore_index=True)
+    reference = generate("support-tickets", "base", 600, seed=2)
+    golden = generate("support-tickets", "base", 40, seed=3)
+    config = RetrainConfig(min_labelled=60, recent_holdout_share=0.4, replay_rows=300,
+                           validation_rows=50)
+    held: set[str] = set()
+    for seed in range(6):
+        holdout = set(retraining_data(recent, reference, golden, config, seed=seed)
+                      .holdouts[RECENT].text)
+        assert len(holdout) == 50 and not holdout & set(family)  # two: both learnt from
+        assert len(holdout & set(locked)) <= 2  # four: two may be held out
+        held |= holdout
+    assert held & set(locked) and len(held) > 100  # still a draw
+    # without the champion's answers (no log), a plain draw
+    plain = retraining_data(recent.drop(columns="prediction"), reference, golden, config)
+    assert len(plain.holdouts[RECENT]) == 50
