@@ -120,6 +120,40 @@ def test_the_label_queue_covers_what_no_label_reached_however_confident(tmp_path
     assert len(again) == 5 and not any(it["text"].startswith("r0") for it in again), again
 
 
+def test_the_label_queue_covers_a_new_phrasing_before_outliers(tmp_path):
+    """Farthest from every label are the outliers (a typo-ridden ticket, two requests in one),
+    each alone; a new phrasing of a few percent of the traffic, answered with confidence, is
+    nearer the labelled regions but many answers together. The explore share asks the
+    phrasing first and the outliers only once every group has a label."""
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    rng = np.random.default_rng(3)
+
+    def answer(i, e, confidence, text):
+        return log_record(i, prediction="billing", confidence=confidence, posterior=[0.5, 0.5],
+                          embedding=e.tolist(), text=text)
+
+    centre = np.eye(16)
+    rows = [answer(i, centre[1 + i % 3] + rng.normal(0, 0.2, 16), float(rng.uniform(0.5, 0.9)),
+                   f"known {i}") for i in range(150)]
+    phrasing = 0.6 * centre[1] + 0.8 * centre[0]  # its nearest labelled region: 1
+    rows += [answer(300 + i, phrasing + rng.normal(0, 0.03, 16), 0.99, f"new {i}")
+             for i in range(8)]
+    rows += [answer(400 + i, centre[4 + i] + rng.normal(0, 0.3, 16), 0.99, f"odd {i}")
+             for i in range(6)]
+    uri = str(tmp_path / "log")
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
+    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([  # ten in each known region
+        {"request_id": f"r{i}", "item": 0, "label": "billing", "ts": now(), "tenant": "default"}
+        for i in range(30)])
+    page = pending(uri, "default", 2, LabelQueueConfig(explore=1.0))
+    assert [it["reason"] for it in page] == ["coverage"] * 2
+    assert any(it["text"].startswith("new") for it in page), page
+    again = pending(uri, "default", 12, LabelQueueConfig(explore=1.0))
+    assert sum(it["text"].startswith("new") for it in again) == 1, again
+
+
 def test_the_label_queue_asks_around_confident_mistakes_once_they_exceed_chance(tmp_path):
     """A concept shift moves a region the model answers with confidence: doubt never points
     there. Once labels find the model confidently wrong more often than chance, the queue asks
