@@ -95,17 +95,21 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
     moved = np.flatnonzero(labels != answers)
     if not len(moved):
         return order
-    e = embed(list(recent.text.iloc[moved]))
-    near = np.zeros((len(recent), len(recent)), bool)
-    near[np.ix_(moved, moved)] = ((e @ e.T >= MIN_SIMILARITY)
-                                  & (labels[moved][:, None] == labels[moved][None, :])
-                                  & (answers[moved][:, None] == answers[moved][None, :]))
+    e, said, was = embed(list(recent.text.iloc[moved])), labels[moved], answers[moved]
+    near = ((e @ e.T >= MIN_SIMILARITY) & (said[:, None] == said[None, :])
+            & (was[:, None] == was[None, :]))  # among the contradicting labels only
+    at = np.full(len(recent), -1)
+    at[moved] = np.arange(len(moved))
     count, learnt, taken = near.sum(axis=1), np.ones(len(recent), bool), []
     for x in order:
-        if len(taken) < n and (not near[x].any() or count[near[x] & learnt].min() >= 3):
+        if len(taken) == n:
+            break
+        i = at[x]
+        if i < 0 or count[near[i] & learnt[moved]].min() >= 3:
             taken.append(x)
             learnt[x] = False
-            count[near[x]] -= 1
+            if i >= 0:
+                count[near[i]] -= 1
     return np.array(taken + [x for x in order if learnt[x]], dtype=int)
 
 
