@@ -84,14 +84,15 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
 def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
                    n: int) -> np.ndarray:
     """`order` with `n` rows to hold out first: the labels that contradict the champion's
-    answer (`answers`) in their share of all (the gate must see the move to pass the
+    answer (`answers`) up to their share of all (the gate must see the move to pass the
     challenger: a holdout of only confirming labels rejected a right one, +0.004), each next
     from the move with the most labels left learnt near it (the same answer and label, within
-    cosine `MIN_SIMILARITY` in the bundled encoder's space), the order breaking ties; the other
-    labels in `order`. The contradiction check relabels a replay row from two labels near it
-    and retires it on one, and a concept shift's rarer phrasings get a label or two each:
-    held out at random, both labels of a moved phrasing sat in the holdout and the retrain
-    learnt it with its old label (docs/limitations.md)."""
+    cosine `MIN_SIMILARITY` in the bundled encoder's space; the order breaks ties) while every
+    label near it keeps 2 learnt; the other labels in `order`. The contradiction check
+    relabels a replay row from two labels near it and retires it on one, and a concept shift's
+    or a new product's rarer phrasings get a label or two each: held out, they are not learnt
+    (both labels of a moved phrasing in the holdout left it with its old label; the only label
+    of a new one, its intent wrong, docs/limitations.md)."""
     labels = recent.label.astype(str).to_numpy()
     moved = np.flatnonzero(labels != answers)
     if not len(moved):
@@ -106,7 +107,10 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
         left = np.flatnonzero(learnt)
         # each one's move: the fewest learnt labels any learnt label near it would keep
         support = np.where(near[left] & learnt, count, np.iinfo(int).max).min(axis=1)
-        best = left[np.lexsort((rank[moved[left]], -support))[0]]
+        top = np.lexsort((rank[moved[left]], -support))[0]
+        if support[top] < 3:  # it would leave a move under two labels learnt
+            break
+        best = left[top]
         held.append(moved[best])
         learnt[best] = False
         count[near[best]] -= 1
