@@ -94,7 +94,8 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
     (both labels of a moved phrasing in the holdout left it with its old label; the only label
     of a new one, its intent wrong, docs/limitations.md)."""
     labels = recent.label.astype(str).to_numpy()
-    moved = np.flatnonzero(labels != answers)
+    contradicts = labels != answers
+    moved = np.flatnonzero(contradicts)
     if not len(moved):
         return order
     e, said, was = embed(list(recent.text.iloc[moved])), labels[moved], answers[moved]
@@ -114,7 +115,7 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
         held.append(moved[best])
         learnt[best] = False
         count[near[best]] -= 1
-    others = [x for x in order if labels[x] == answers[x]][:n - len(held)]
+    others = [x for x in order if not contradicts[x]][:n - len(held)]
     first = set(held) | set(others)
     return np.array([x for x in order if x in first] + [x for x in order if x not in first],
                     dtype=int)
