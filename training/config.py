@@ -174,6 +174,10 @@ class RetrainConfig(StrictModel):
     resolve_contradictions: bool = Field(
         True, description="resolve replayed and golden rows that recent feedback contradicts "
         "(concept shift, `training/contradiction.py`)")
+    champion_weight: float = Field(
+        0.4, ge=0, lt=1, description="share of the champion's weights the retrained version "
+        "keeps (WiSE-FT, `training/interpolation.py`): what no label spoke about keeps the "
+        "champion's answer; 0 where feedback shows a concept shift; 0: none")
     contradicted_replay: Literal["relabel", "retire"] = Field(
         "relabel", description="what becomes of a contradicted replay row: it takes the label "
         "its region moved to, or it is dropped (golden rows are always retired)")

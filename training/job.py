@@ -117,11 +117,29 @@ def finetune_and_register(config: TrainingConfig, registry: Registry, task: str,
         with run_finetune(spec, name=name, storage_path=storage_path, workers=config.workers,
                           use_gpu=use_gpu, resources=config.worker_resources(use_gpu),
                           max_failures=config.max_failures) as result:
+            if data.scenario == "retrain":
+                register["extra_params"] = {**register.get("extra_params", {}),
+                                            "champion_weight": _keep_champion(
+                                                config, data, spec, result.model_dir)}
             job = register_model_dir(config, registry, task, data, result.model_dir, spec.labels,
                                      history=result.history, ds_config=result.ds_config,
                                      started=started, tags=tags, **register)
         run.outputs.append(lineage.model_version(registry.tracking_uri, task, job.version))
     return job
+
+
+def _keep_champion(config: TrainingConfig, data: TaskData, spec: FinetuneSpec,
+                   model_dir: Path) -> float:
+    """A retrain's model folder moved back towards the champion it started from by the share
+    `champion_share` allows (`training/interpolation.py`); that share."""
+    from training import interpolation
+
+    champion = None if spec.lora is not None else resolve_source(spec.model.source)
+    share = interpolation.champion_share(config.retrain.champion_weight, data.notes, model_dir,
+                                         champion, spec.labels)
+    if share:
+        interpolation.keep(model_dir, champion, share)
+    return share
 
 
 @contextmanager
