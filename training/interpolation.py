@@ -1,11 +1,11 @@
 """A retrained version keeps a share of the champion it started from: its weights become
 (1 - w) x the fine-tuned ones + w x the champion's (weight-space ensembling, WiSE-FT: Wortsman
 et al., CVPR 2022). A retrain learns from a few labels per new phrasing; a phrasing no label
-reached is answered however the fine-tune happened to move it, and the same retraining set
-gave new-product 0.959 in one run and 0.997 in another (docs/closed-loop.md). Halfway back to the
-champion the labelled moves stay learnt while what no label spoke about keeps the champion's
-answer. Not where feedback contradicts the champion (a concept shift): there its weights hold
-the superseded concept."""
+reached is answered however the fine-tune happened to move it: the same retraining set gave
+new-product 0.959 on two workers and 0.997 on one (docs/closed-loop.md). Part of the way back
+to the champion, the labelled moves stay learnt and what no label spoke about keeps the
+champion's answer. Not where feedback contradicts the champion (a concept shift): there its
+weights hold the superseded concept."""
 
 from __future__ import annotations
 
