@@ -51,24 +51,27 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
     return round(math.exp(found.x), 4)
 
 
-def conformal_scores(probs: np.ndarray, y: np.ndarray) -> list[float]:
-    """Each calibration row's nonconformity, 1 - p(true label), sorted."""
-    return sorted(round(float(1 - p), 6) for p in probs[np.arange(len(y)), y])
-
-
 def threshold(scores: list[float], error_rate: float, label_noise: float = 0.0,
-              probs: list[list[float]] | None = None) -> float:
-    """q: the smallest score s.t. at least (n + 1)(1 - alpha) of the n calibration rows score no
-    more (the ceil((n + 1)(1 - alpha)) / n quantile); with `label_noise` rho, the smallest whose
-    corrected coverage (module docstring; set sizes from the rows' calibrated `probs`) reaches
-    1 - alpha. Infinite (every label, so always uncertain) when no score does: n rows cannot
-    support that rate (n < 1/alpha - 1)."""
+              probs: list[list[float]] | None = None,
+              weights: list[float] | None = None) -> float:
+    """q: the smallest score (of `scores`, sorted) s.t. at least (n + 1)(1 - alpha) of the n
+    calibration rows score no more (the ceil((n + 1)(1 - alpha)) / n quantile); with
+    `label_noise` rho, the smallest whose corrected coverage (module docstring; set sizes from
+    the rows' calibrated `probs`) reaches 1 - alpha. With `weights` (per row, in the order of
+    `scores` and `probs`), weighted split conformal (Tibshirani et al., 2019): a row counts by
+    its weight and the text to answer by the largest (it is like the rows weighted up).
+    Infinite (every label, so always uncertain) when no score does: n rows cannot support that
+    rate (n < 1/alpha - 1)."""
     q = np.asarray(scores, dtype=np.float64)
-    covered = np.searchsorted(q, q, side="right") / (len(q) + 1)
+    w = np.ones(len(q)) if weights is None else np.asarray(weights, dtype=np.float64)
+    below = np.concatenate([[0.0], np.cumsum(w)])[np.searchsorted(q, q, side="right")]
+    covered = below / (w.sum() + (w.max() if len(w) else 1.0))
     if label_noise:
-        flat = np.sort(np.asarray(probs, dtype=np.float64).ravel())
-        sizes = (len(flat) - np.searchsorted(flat, 1 - q, side="left")) / len(q)
-        covered = (covered - label_noise * sizes / len(probs[0])) / (1 - label_noise)
+        p = np.asarray(probs, dtype=np.float64)
+        flat, order = np.sort(p.ravel()), np.argsort(p.ravel(), kind="stable")
+        above = np.concatenate([np.cumsum(np.repeat(w, p.shape[1])[order][::-1])[::-1], [0.0]])
+        sizes = above[np.searchsorted(flat, 1 - q, side="left")] / w.sum()  # weighted mean
+        covered = (covered - label_noise * sizes / p.shape[1]) / (1 - label_noise)
     enough = np.flatnonzero(covered >= 1 - error_rate)
     return float(q[enough[0]]) if len(enough) else math.inf
 
@@ -81,29 +84,38 @@ class Calibration:
     scores: list[float]  # conformal scores of the calibration rows, with that temperature
     label_noise: float = 0.0  # the share of their labels given at random
     probs: list[list[float]] | None = None  # their calibrated probabilities, where noise > 0
+    weights: list[float] | None = None  # their weights, where some rows count for more
 
     @classmethod
-    def fit(cls, probs: np.ndarray, y: np.ndarray, label_noise: float = 0.0) -> Calibration:
+    def fit(cls, probs: np.ndarray, y: np.ndarray, label_noise: float = 0.0,
+            weights: np.ndarray | None = None) -> Calibration:
         """From held-out rows' uncalibrated probabilities and their label indices (a
-        `label_noise` share of them random)."""
+        `label_noise` share of them random), each row counting by its weight where given
+        (`threshold`); all kept in the order of the rows' conformal scores, 1 - p(label)."""
         t = fit_temperature(probs, y)
         calibrated = rescale(probs, t)
-        return cls(t, conformal_scores(calibrated, y), label_noise,
-                   np.round(calibrated.astype(np.float64), 6).tolist() if label_noise else None)
+        scores = np.round(1 - calibrated[np.arange(len(y)), y].astype(np.float64), 6)
+        order = np.argsort(scores, kind="stable")
+        return cls(t, scores[order].tolist(), label_noise,
+                   np.round(calibrated[order].astype(np.float64), 6).tolist()
+                   if label_noise else None,
+                   None if weights is None else np.round(np.asarray(weights, np.float64)[order],
+                                                         8).tolist())
 
     @classmethod
     def of(cls, meta: dict) -> Calibration | None:
         c = meta.get("calibration")
         return cls(float(c["temperature"]), list(c["scores"]), float(c.get("label_noise", 0.0)),
-                   c.get("probs")) if c else None
+                   c.get("probs"), c.get("weights")) if c else None
 
     def threshold(self, error_rate: float) -> float:
-        return threshold(self.scores, error_rate, self.label_noise, self.probs)
+        return threshold(self.scores, error_rate, self.label_noise, self.probs, self.weights)
 
     def to_meta(self) -> dict:
         return {"calibration": {"temperature": self.temperature, "scores": self.scores,
                                 **({"label_noise": self.label_noise, "probs": self.probs}
-                                   if self.label_noise else {})}}
+                                   if self.label_noise else {}),
+                                **({"weights": self.weights} if self.weights else {})}}
 
 
 def temperature(meta: dict) -> float:

@@ -23,10 +23,11 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _data(n: int, seed: int, overconfidence: float = 3.0, classes: int = 4):
-    """Rows whose labels are drawn from softmax(z), and a model that reports softmax(k z)."""
+def _data(n: int, seed: int, overconfidence: float = 3.0, classes: int = 4, scale: float = 1.5):
+    """Rows whose labels are drawn from softmax(z) (z of `scale`: smaller is harder), and a
+    model that reports softmax(k z)."""
     rng = np.random.default_rng(seed)
-    z = rng.normal(0, 1.5, size=(n, classes))
+    z = rng.normal(0, scale, size=(n, classes))
     truth = _softmax(z)
     y = np.array([rng.choice(classes, p=p) for p in truth])
     return _softmax(overconfidence * z).astype(np.float32), y
@@ -106,3 +107,32 @@ def test_metadata_round_trip_and_uncalibrated_models():
     assert Calibration.of(meta) == calibration and temperature(meta) == calibration.temperature
     assert Calibration.of({"kind": "classification"}) is None
     assert temperature({"kind": "classification"}) == 1.0  # registered before calibration
+
+
+def test_rows_weighted_towards_the_traffic_to_serve_give_its_coverage():
+    """Calibration rows mostly of an easy old distribution and a few of a harder new one (a
+    retrain's replay and its labels since a drift), serving half and half: sized on all rows
+    alike the sets miss the served true label more often than promised; with the new rows
+    weighted to half of the mass (weighted conformal: the weights are the served traffic's
+    mix) they hold it at the promised rate. Equal weights are the plain quantile."""
+    def mix(n_old: int, n_new: int, seed: int):
+        old = _data(n_old, seed, overconfidence=1.0, scale=4.0)
+        new = _data(n_new, seed + 1, overconfidence=1.0, scale=0.6)
+        return np.vstack([old[0], new[0]]), np.concatenate([old[1], new[1]])
+
+    probs, y = mix(1000, 80, seed=10)
+    weights = np.where(np.arange(len(y)) < 1000, 0.5 / 1000, 0.5 / 80)
+    plain, weighted = Calibration.fit(probs, y), Calibration.fit(probs, y, weights=weights)
+    assert Calibration.of({"kind": "classification", **weighted.to_meta()}) == weighted
+    test_probs, test_y = mix(2500, 2500, seed=12)
+    coverage = {}
+    for name, c in (("plain", plain), ("weighted", weighted)):
+        q = c.threshold(0.1)
+        coverage[name] = np.mean([y in prediction_set(p, q) for p, y in
+                                  zip(rescale(test_probs, c.temperature), test_y)])
+    assert coverage["plain"] < 0.9 - 0.03 < coverage["weighted"], coverage
+    assert coverage["weighted"] <= 0.9 + 0.05, coverage  # not vacuous
+    equal = Calibration.fit(probs, y, weights=np.full(len(y), 2.0))
+    assert equal.threshold(0.1) == plain.threshold(0.1) == threshold(plain.scores, 0.1)
+    assert Calibration.fit(probs, y, 0.1, np.full(len(y), 2.0)).threshold(0.1) == \
+        Calibration.fit(probs, y, 0.1).threshold(0.1)  # and so with label noise
