@@ -174,6 +174,10 @@ class RetrainConfig(StrictModel):
     resolve_contradictions: bool = Field(
         True, description="resolve replayed and golden rows that recent feedback contradicts "
         "(concept shift, `training/contradiction.py`)")
+    recent_calibration_share: float | None = Field(
+        0.5, gt=0, lt=1, description="of the retrained version's calibration rows' weight, the "
+        "share of the labelled requests since the drift (weighted conformal, "
+        "`training.retrain.calibration_rows`); null: all rows alike")
     champion_weight: float = Field(
         0.4, ge=0, lt=1, description="share of the champion's weights the retrained version "
         "keeps (WiSE-FT, `training/interpolation.py`): what no label spoke about keeps the "

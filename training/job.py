@@ -28,6 +28,7 @@ from training.models import PROMPT, load_tokenizer, predict_proba, resolve_sourc
 from training.pyfunc import META_FILE, TaskModel, write_meta
 from training.refs import RETRAIN_TAG, pin
 from training.registry import RegisteredVersion, Registry, RunRecord
+from training.retrain import calibration_rows
 from training.taskdata import TaskData, validate_data
 
 
@@ -130,16 +131,28 @@ def finetune_and_register(config: TrainingConfig, registry: Registry, task: str,
 
 def _keep_champion(config: TrainingConfig, data: TaskData, spec: FinetuneSpec,
                    model_dir: Path) -> float:
-    """A retrain's model folder moved back towards the champion it started from by the share
-    `champion_share` allows (`training/interpolation.py`); that share."""
+    """A retrained classifier's model folder moved back towards the champion it started from
+    by the share `champion_share` allows, where that costs no validation row
+    (`training/interpolation.py`); that share."""
     from training import interpolation
 
-    champion = None if spec.lora is not None else resolve_source(spec.model.source)
+    champion = None if spec.lora is not None or spec.kind != "classification" \
+        else resolve_source(spec.model.source)
     share = interpolation.champion_share(config.retrain.champion_weight, data.notes, model_dir,
                                          champion, spec.labels)
-    if share:
-        interpolation.keep(model_dir, champion, share)
-    return share
+    if not share:
+        return 0.0
+    from transformers import AutoModelForSequenceClassification
+
+    model, truth = AutoModelForSequenceClassification.from_pretrained(model_dir).eval(), \
+        np.array(spec.val_targets)
+
+    def errors(weights: dict) -> int:
+        model.load_state_dict(weights, strict=False)  # non-persistent buffers are not saved
+        return int((predict_proba(model, spec.tokenizer, spec.val_inputs, spec.model.max_length
+                                  ).argmax(axis=1) != truth).sum())
+
+    return interpolation.keep(model_dir, champion, share, errors)
 
 
 @contextmanager
@@ -177,10 +190,12 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
     model, tokenizer = task_model.model, task_model.tokenizer
     profile = None
     if tc.kind == "classification":
-        # calibrated on the validation rows (never trained on), before anything is measured
+        # calibrated on rows never trained on (a retrain's weighted towards the traffic since
+        # the drift), before anything is measured
+        rows, weights = calibration_rows(data, config.retrain.recent_calibration_share)
         calibration = Calibration.fit(
-            predict_proba(model, tokenizer, list(data.validation.text), tc.model.max_length),
-            np.array(_targets(tc, data.validation, labels)), tc.label_noise)
+            predict_proba(model, tokenizer, list(rows.text), tc.model.max_length),
+            np.array(_targets(tc, rows, labels)), tc.label_noise, weights)
         task_model.meta = {**meta, **calibration.to_meta()}
         write_meta(model_dir, task_model.meta)
         metrics = evaluate_classifier(model, tokenizer, data.holdouts, labels, tc.model.max_length,

@@ -2,13 +2,15 @@
 a replay sample, holdouts that are held out, too few labels refused; a challenger promoted only
 with a gain on recent traffic and no loss on the original (concept shift: test_contradiction.py)."""
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
 from training.config import GateConfig, RetrainConfig
 from training.data import generate
 from training.errors import InvalidData
-from training.retrain import ORIGINAL, RECENT, copies, gate, retraining_data
+from training.retrain import ORIGINAL, RECENT, calibration_rows, copies, gate, retraining_data
 from training.taskdata import TaskData
 
 
@@ -46,6 +48,14 @@ def test_retraining_set_mixes_labelled_recent_traffic_with_a_replay_sample(tmp_p
     assert replayed.intent.notna().all() and (replayed.scenario == "base").all()
     back = TaskData.load(data.save(tmp_path / "d"))
     assert back.train.equals(data.train) and back.holdouts.keys() == data.holdouts.keys()
+    # calibrated on validation and the recent holdout, the labels since the drift weighing half
+    rows, weights = calibration_rows(back, 0.5)
+    since = rows.text.isin(recent.text).to_numpy()
+    assert len(rows) == 100 + 30 and since.sum() == in_validation + 30
+    assert weights[since].sum() == pytest.approx(0.5) and weights.sum() == pytest.approx(1.0)
+    assert len(set(weights[since])) == len(set(weights[~since])) == 1
+    assert calibration_rows(back, None) == (back.validation, None)
+    assert calibration_rows(dataclasses.replace(back, scenario="base"), 0.5)[1] is None
     with pytest.raises(InvalidData, match="59 labelled recent requests"):
         retraining_data(recent.iloc[:59], reference, golden, config)
 
