@@ -68,7 +68,8 @@ def threshold(scores: list[float], error_rate: float, label_noise: float = 0.0,
     covered = below / (w.sum() + (w.max() if len(w) else 1.0))
     if label_noise:
         p = np.asarray(probs, dtype=np.float64)
-        flat, order = np.sort(p.ravel()), np.argsort(p.ravel(), kind="stable")
+        order = np.argsort(p.ravel(), kind="stable")
+        flat = p.ravel()[order]
         above = np.concatenate([np.cumsum(np.repeat(w, p.shape[1])[order][::-1])[::-1], [0.0]])
         sizes = above[np.searchsorted(flat, 1 - q, side="left")] / w.sum()  # weighted mean
         covered = (covered - label_noise * sizes / p.shape[1]) / (1 - label_noise)

@@ -39,27 +39,20 @@ def champion_share(weight: float, notes: dict, tuned: Path, champion: Path | Non
     return weight
 
 
-def mixed(tuned: Path, champion: Path, weight: float) -> dict:
-    """`tuned`'s weights as (1 - `weight`) x them + `weight` x `champion`'s (each in its own
-    dtype; frozen weights are equal in both and stay as they were)."""
-    from safetensors.torch import load_file
-
-    mine, theirs = load_file(tuned / WEIGHTS), load_file(champion / WEIGHTS)
-    return {k: ((1 - weight) * v.float() + weight * theirs[k].float()).to(v.dtype)
-            if v.is_floating_point() else v for k, v in mine.items()}
-
-
 def keep(tuned: Path, champion: Path, weight: float, errors) -> float:
-    """Rewrite `tuned`'s weights `mixed` with the champion's where that costs no held-out row:
-    `errors` (a model's weights -> how many validation rows it gets wrong) is no higher
-    mixed than fine-tuned (WiSE-FT's share is chosen on held-out rows too). Weight space is
-    only that forgiving where fine-tuning stays near its start (a pretrained encoder at a
-    small learning rate); a small model trained from scratch at a high one lost its gain at
-    the gate. The share kept: `weight` or 0."""
+    """Rewrite `tuned`'s weights as (1 - `weight`) x them + `weight` x `champion`'s (each in
+    its own dtype; frozen weights are equal in both and stay as they were) where that costs
+    no held-out row: `errors` (a model's weights -> how many validation rows it gets wrong) is
+    no higher mixed than fine-tuned (WiSE-FT's share is chosen on held-out rows too). Weight
+    space is only that forgiving where fine-tuning stays near its start (a pretrained encoder
+    at a small learning rate); a small model trained from scratch at a high one lost its gain
+    at the gate. The share kept: `weight` or 0."""
     from safetensors.torch import load_file, save_file
 
-    mix = mixed(tuned, champion, weight)
-    if errors(mix) > errors(load_file(tuned / WEIGHTS)):
+    mine, theirs = load_file(tuned / WEIGHTS), load_file(champion / WEIGHTS)
+    mix = {k: ((1 - weight) * v.float() + weight * theirs[k].float()).to(v.dtype)
+           if v.is_floating_point() else v for k, v in mine.items()}
+    if errors(mix) > errors(mine):
         return 0.0
     save_file(mix, tuned / WEIGHTS, metadata={"format": "pt"})
     return weight
