@@ -2,10 +2,10 @@
 (a label shift) or a registered challenger, and to the new champion serving; macro-F1 on the
 drifted traffic before and after (against the champion's macro-F1 on clean traffic, the level
 to recover); how the served model abstains there (calibration error, coverage, precision of
-the answers it gives); labels used; failed requests.
+the answers it gives); retrains; labels used; failed requests.
 
     python bench/loop.py --json [--scenarios new-product slang ...] [--data-dir .llmops]
-                         [--labels 0.1] [--baseline-labels 0.3]
+                         [--labels 0.1] [--baseline-labels 0.3] [--settle REQUESTS]
 
 Runs on the demo's stack (`make demo` trains the champions; the pipelines are deployed if they
 are not): for each scenario, what `llmops demo` does after its setup (clean traffic, then the
@@ -14,8 +14,10 @@ labels, the support router's controller stepping every `controller.interval_s`),
 with a `--baseline-labels` share labelled at random (0: no baseline). Before each run the
 router's first champion is restored (`llmops rollback --to-version`, `--from-version` picks
 it) with its training priors, so every run starts from the same model; the retrain cooldown
-and daily budget are lifted. Each row's baselines: the old champion's macro-F1 on the drifted
-traffic, and the random-labelling run of the same scenario.
+and daily budget are lifted. A new champion keeps answering the drifted traffic until the
+drift checks have seen it (`--settle`): a retrain that missed part of the drift is followed
+by another, and the run reports where the loop settles, not its first step. Each row's baselines: the old
+champion's macro-F1 on the drifted traffic, and the random-labelling run of the same scenario.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def main() -> None:
                         help="share of each drifted batch labelled from the queue")
     parser.add_argument("--baseline-labels", type=float, default=0.3,
                         help="share labelled at random in the baseline run (0: none)")
+    parser.add_argument("--settle", type=int, default=None,
+                        help="drifted requests a new champion answers with the controller still "
+                             "serving before the run ends (default: the drift check's n windows; "
+                             "0: end at the first promotion)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--config", default=None)
     parser.add_argument("--json", action="store_true")
@@ -53,6 +59,8 @@ def main() -> None:
     settings = load_settings(args.config, overrides={"data_dir": args.data_dir} if args.data_dir
                              else None)
     settings.controller.cooldown_s = 0
+    drift = settings.monitoring.drift
+    settle = drift.window * drift.n if args.settle is None else args.settle
     # lifted: the data dir's earlier runs count against a day's budget too
     settings.controller.max_retrains_per_day = 10**6
     settings_args = [x for flag, value in (("--config", args.config),
@@ -77,7 +85,8 @@ def main() -> None:
             Controller(settings, demo.MODEL, registry).label_shift.clear(first)
             say(f"scenario {scenario}, {share:.0%} labelled ({labelling})")
             rows.append(demo.drift_loop(settings, scenario, say, labels=share,
-                                        labelling=labelling))
+                                        labelling=labelling, settle=settle,
+                                        timeout_s=1800))
     stop(settings, demo.MODEL)
     result = {"model": demo.MODEL, "first_champion": first, "scenarios": rows}
     if args.json:
@@ -89,7 +98,8 @@ def main() -> None:
               f"{at['drift_detected']} s, priors {at['priors_adjusted']} s, challenger "
               f"{at['challenger_registered']} s, serving {at['new_champion_serving']} s; macro-F1 "
               f"clean {f1['clean_traffic_before_drift']}, drifted {f1['drifted_traffic']} "
-              f"({f1['recovered']}); {r['labels_used']} labels; failed {r['requests_failed']}")
+              f"({f1['recovered']}); {r['retrains']} retrains; {r['labels_used']} labels; "
+              f"failed {r['requests_failed']}")
 
 
 if __name__ == "__main__":

@@ -88,17 +88,23 @@ class Traffic:
 
 
 def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
-               timeout_s: float = 900, labels: float = 0.3, labelling: str = "queue") -> dict:
+               timeout_s: float = 900, labels: float = 0.3, labelling: str = "queue",
+               settle: int = 0) -> dict:
     """Clean traffic, then `scenario` with feedback labels, with the router's controller running;
     follows its transitions until the loop ends (a new champion, new class priors confirmed,
-    or a stop at the gate or the canary). Returns the figures: when each step happened after
-    the drift began, macro-F1 before and after, requests served and failed, labels used."""
+    or a stop at the gate or the canary). With `settle`, a new champion goes on answering the
+    drifted traffic until it has answered `settle` requests with the controller still serving
+    (the drift checks may find what its retrain missed and retrain again). Returns the figures:
+    when each step happened after the drift began, macro-F1 before and after, requests served
+    and failed, labels used."""
     registry = Registry(settings.registry, settings.data_dir)
     old = registry.alias_version(MODEL, CHAMPION)
     actor(settings, MODEL, start=True)
     step(f"controller for {MODEL} v{old} running (Ray actor, Actors tab of the dashboard)")
     traffic = Traffic(settings, step, labels, labelling)
-    seen, events, seed, shown, drifted = len(control(settings, MODEL, "events")), [], 3, 0, 0
+    seen, events, seed, shown = len(control(settings, MODEL, "events")), [], 3, 0
+    drifted = calm = 0  # drifted requests since the last transition; since it, while serving
+    recovered_with, sent = None, time.time()  # labels when the last champion began serving
     started = time.time()
     traffic("base", 300, seed=1, labelled=False)
     onset = time.time()
@@ -107,12 +113,21 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
             step(f"{e['from']} -> {e['to']}: {e['reason']}")
             seen += 1
             events.append(e)
-        if events and events[-1]["to"] == "serving":
-            break  # promoted, new priors settled, or the loop stopped at the gate or canary
+            drifted = calm = 0
+            if (e["from"], e["to"]) == ("promoting", "serving"):
+                recovered_with = traffic.totals()["labels_used"]
+        last = events[-1] if events else {}
+        if last.get("to") == "serving" and last["from"] != "promoting":
+            break  # new priors settled, or the loop stopped at the gate or canary
+        settled = last.get("to") == "serving" and calm >= settle  # promoted, and watched
+        # once the checks have seen the last batch (a step every interval_s after the log's flush)
+        if settled and (not settle or time.time() - sent > 2 * settings.controller.interval_s):
+            break
         current = control(settings, MODEL, "state")
-        if current["state"] in ("serving", "drift_suspected", "reweighted") and drifted < 2000:
+        if current["state"] in ("serving", "drift_suspected", "reweighted") and drifted < 2000 \
+                and not settled:
             traffic(scenario, 250, seed=seed)  # until the controller acts on it
-            drifted += 250
+            drifted, calm, sent = drifted + 250, calm + 250, time.time()
         elif current["state"] == "canary":
             traffic(scenario, 200, seed=seed, fraction=0.5)  # for it to be judged
         else:
@@ -120,29 +135,34 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
                 shown = _progress(settings, current["retrain_id"], shown, step)
             time.sleep(3)
         seed += 1
-    return _summary(registry, scenario, old, events, onset, traffic.totals(),
+    return _summary(registry, scenario, old, events, onset, traffic.totals(), recovered_with,
                     settings.serve.support.classifier.error_rate)
 
 
 def _summary(registry: Registry, scenario: str, old: int, events: list[dict], onset: float,
-             totals: dict, error_rate: float | None) -> dict:
-    def after(to: str, came_from: str | None = None) -> float | None:
-        return next((round(e["ts"] - onset, 1) for e in events if e["to"] == to and
-                     came_from in (None, e["from"])), None)
+             totals: dict, recovered_with: int | None, error_rate: float | None) -> dict:
+    def after(to: str, came_from: str | None = None, last: bool = False) -> float | None:
+        found = [round(e["ts"] - onset, 1) for e in events
+                 if e["to"] == to and came_from in (None, e["from"])]
+        return (found[-1] if last else found[0]) if found else None
 
     new = registry.alias_version(MODEL, CHAMPION)
-    last = events[-1] if events else None
-    promoted = after("serving", "promoting") is not None
+    promotions = [e for e in events if (e["from"], e["to"]) == ("promoting", "serving")]
+    outcome = "promoted" if promotions else events[-1]["from"] if events else "timed out"
     return {
         "scenario": scenario, "model": MODEL, "old_champion": old, "new_champion": new,
-        "outcome": "promoted" if promoted else last["from"] if last else "timed out",
+        "outcome": outcome, "retrains": sum(e["to"] == "retraining" for e in events),
+        "promotions": len(promotions),
         "seconds_after_drift_onset": {
             "drift_detected": after("drift_suspected"),
             "priors_adjusted": after("reweighted"),
             "challenger_registered": after("evaluating", "retraining"),
-            "new_champion_serving": after("serving", "promoting"),
+            "new_champion_serving": after("serving", "promoting", last=True),
             "priors_confirmed": after("serving", "reweighted")},
-        "macro_f1": quality(registry, scenario, old, new, error_rate), **totals}
+        "macro_f1": quality(registry, scenario, old, new, error_rate), **totals,
+        # the labels sent until the last new champion served (all of them without one)
+        "labels_used": totals["labels_used"] if recovered_with is None else recovered_with,
+        "labels_sent": totals["labels_used"]}
 
 
 def run(settings: Settings, settings_args: list[str], scenario: str, teardown: bool,

@@ -2,16 +2,18 @@
 
 The reference profile is the model version's view of labelled held-out rows of its training
 distribution (descriptors, predictions, confidence, projected embeddings, true labels), stored
-with the version in MLflow at registration. Per window Evidently computes: data drift of the
-text descriptors (share of drifted columns), drift of the predicted class (Jensen-Shannon
-distance) and of confidence (Wasserstein distance), and embedding drift (MMD, the fast method:
-see `bench/drift.py`); next to them the KL divergence of the predicted-class distribution and,
-when the window has enough feedback labels, how far their accuracy falls (beyond chance)
-below what the model's calibrated confidence promised for those very rows (concept shift
-changes the right answers, not the inputs; comparing each labelled row with its own confidence
-keeps the metric fair however the labels were asked for, the uncertain ones first or at
-random). A window drifts when any metric passes its threshold; drift is *declared* when `k`
-of the last `n` windows drifted (hysteresis: one noisy window does not trigger a retrain).
+with the version in MLflow at registration; a version retrained on drift also profiles the
+drifted traffic it was retrained to serve (unlabelled), and live inputs are compared with that.
+Per window Evidently computes: data drift of the text descriptors (share of drifted columns),
+drift of the predicted class (Jensen-Shannon distance) and of confidence (Wasserstein
+distance), and embedding drift (MMD, the fast method: see `bench/drift.py`); next to them the
+KL divergence of the predicted-class distribution and, when the window has enough feedback
+labels, how far their accuracy falls (beyond chance) below what the model's calibrated
+confidence promised for those very rows (concept shift changes the right answers, not the
+inputs; comparing each labelled row with its own confidence keeps the metric fair however the
+labels were asked for, the uncertain ones first or at random). A window drifts when any metric
+passes its threshold; drift is *declared* when `k` of the last `n` windows drifted (hysteresis:
+one noisy window does not trigger a retrain).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pandas as pd
 from monitoring.config import DriftConfig, DriftThresholds
 from monitoring.feedback import MIN_LABELS
 from training.errors import LLMOpsError
-from training.features import DESCRIPTORS
+from training.features import DESCRIPTORS, SERVED
 
 
 class NotEnoughData(LLMOpsError):
@@ -124,7 +126,8 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
                  *, model: str, version: str, min_rows: int, sample_rows: int = 2000,
                  html_path: Path | None = None) -> DriftReport:
     """Evidently's drift metrics for one window of logged requests (rows of the inference log,
-    optionally with a `label` column from feedback) against the reference profile."""
+    optionally with a `label` column from feedback) against the reference profile: the inputs
+    and answers against its `inputs`, the feedback against its labelled rows."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import DriftedColumnsCount, ValueDrift
     from evidently.metrics.embeddings import MMDDriftMethod
@@ -142,6 +145,7 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
         ValueDrift(column="prediction", method="jensenshannon", threshold=t.prediction_drift),
         ValueDrift(column="confidence", method="wasserstein", threshold=t.confidence_drift),
     ])
+    profile, reference = reference, inputs(reference)
     snapshot = report.run(Dataset.from_pandas(scalar_frame(sample), data_definition=definition),
                           Dataset.from_pandas(scalar_frame(reference), data_definition=definition))
     share, prediction, confidence = [m["value"] for m in json.loads(snapshot.json())["metrics"]]
@@ -160,8 +164,8 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
         _metric("kl_divergence", kl, t.kl_divergence, "kl(current||reference)"),
     ]
     labelled = current.dropna(subset=["label"]) if "label" in current else current.iloc[:0]
-    if len(labelled) >= MIN_LABELS and "label" in reference:
-        metrics.append(accuracy_shortfall(labelled, reference, t.feedback_accuracy_drop))
+    if len(labelled) >= MIN_LABELS and "label" in profile and profile.label.notna().any():
+        metrics.append(accuracy_shortfall(labelled, profile, t.feedback_accuracy_drop))
     html = None
     if html_path is not None:
         html_path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +178,14 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
                        labelled=len(labelled))
 
 
+def inputs(reference: pd.DataFrame) -> pd.DataFrame:
+    """The reference rows live inputs are compared with: the drifted traffic a retrained version
+    was retrained to serve, where its profile holds some (`training.retrain`); else its held-out
+    rows."""
+    served = reference[SERVED].eq(True) if SERVED in reference else None
+    return reference[served] if served is not None and served.any() else reference
+
+
 def accuracy_shortfall(labelled: pd.DataFrame, reference: pd.DataFrame,
                        threshold: float) -> Metric:
     """How far the accuracy of labelled answers falls below the mean of their calibrated
@@ -184,6 +196,7 @@ def accuracy_shortfall(labelled: pd.DataFrame, reference: pd.DataFrame,
     few labels of hard answers are not evidence, and one temperature leaves the least
     confident answers of a small model overconfident by about two standard errors."""
     confidence = labelled.confidence.to_numpy(float)
+    reference = reference.dropna(subset=["label"])  # served traffic has no true label
     gap = float(reference.confidence.mean() - (reference.prediction == reference.label).mean())
     value = float(confidence.mean() - (labelled.prediction == labelled.label).mean() - gap)
     chance = float(np.sqrt((confidence * (1 - confidence)).sum()) / len(confidence))

@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # torch is imported by what runs models, not by readers of th
 DESCRIPTORS = ["chars", "words", "mean_word_length", "tokens_per_word", "non_letter_share",
                "upper_share", "digit_share"]
 EMBEDDING_DIMS = 32
+# the reference profile's column marking the rows of drifted traffic a retrained version was
+# retrained to serve (no true label): live inputs are compared with those where it has any
+SERVED = "served"
 
 
 def descriptors(text: str, tokens: int) -> dict[str, float]:
@@ -42,8 +45,8 @@ def input_features(texts: Sequence[str], out: Classified) -> list[dict]:
 
 def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], max_length: int,
                       rows: int = 2000, seed: int = 0, temperature: float = 1.0) -> pd.DataFrame:
-    """The features of (up to `rows` of) labelled texts the model was not fit on, drawn from its
-    training distribution, with their true labels: what live traffic is compared with. (On the
+    """The features of (up to `rows` of) texts the model was not fit on, with their true labels
+    where `df` has them: what live traffic is compared with (`monitoring/drift.py`). (On the
     very rows it was fit on a model is overconfident, which would read as drift on clean
     traffic.)"""
     from training.models import classify
@@ -55,5 +58,5 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
     profile["prediction"] = [labels[int(i)] for i in out.probs.argmax(axis=1)]
     profile["confidence"] = out.probs.max(axis=1).astype(float)
     profile["posterior"] = [p.astype(np.float32).tolist() for p in out.probs]
-    profile["label"] = list(sample.label)
+    profile["label"] = list(sample.label) if "label" in sample else None
     return profile

@@ -59,11 +59,14 @@ def resample(reference: pd.DataFrame, labels: Sequence[str], priors: np.ndarray)
     rows). Systematic, not random: each label's rows are repeated in turn until its share is
     filled, so they weigh alike and two checks of one window against it agree (random draws
     with replacement moved the descriptors' drift across its threshold from seed to seed,
-    and a label shift for a retrain)."""
+    and a label shift for a retrain). Rows without a true label (the drifted traffic a
+    retrained version profiled) count under the model's answer."""
     target = np.asarray(priors, dtype=np.float64) / np.sum(priors) * len(reference)
     counts = np.floor(target).astype(int)
     counts[np.argsort(counts - target)[:len(reference) - counts.sum()]] += 1  # largest remainders
-    by_label = {label: np.flatnonzero(reference.label.to_numpy() == label) for label in labels}
+    known = reference.label.fillna(reference.prediction) if "prediction" in reference \
+        else reference.label
+    by_label = {label: np.flatnonzero(known.to_numpy() == label) for label in labels}
     picks = [np.resize(by_label[label], n) for label, n in zip(labels, counts)
              if n and len(by_label[label])]
     return reference.iloc[np.concatenate(picks)].reset_index(drop=True)

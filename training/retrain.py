@@ -41,10 +41,12 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     (the labelled rows learnt from -> a judge, `training/teacher.fit`) gives a second opinion
     on the relabelled replay rows of a concept shift. `onset` (when the drift began): the
     labels of requests before it are checked against those since, as the replay is (a concept
-    shift supersedes them: they would outvote the new concept where it moved), and only the
-    labels since count towards `min_labelled` and the holdout."""
+    shift supersedes them: they would outvote the new concept where it moved), only the
+    labels since count towards `min_labelled` and the holdout, and the unlabelled requests
+    since are the traffic the version is retrained to serve (`served`)."""
     from training.taskdata import TaskData
 
+    served = _served(recent, onset, config.served_rows)
     labelled = recent.dropna(subset=["text", "label"]).reset_index(drop=True)
     rows = labelled[["text", "label"]].assign(_copies=copies(labelled, config))
     answers = labelled.prediction.astype(str).to_numpy() if "prediction" in labelled else None
@@ -78,7 +80,26 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                     holdouts={RECENT: holdout[["text", "label"]].reset_index(drop=True),
                               ORIGINAL: original[["text", "label"]].reset_index(drop=True)},
                     scenario="retrain", golden=tables["golden"].reset_index(drop=True),
-                    notes=notes)
+                    notes=notes, served=served)
+
+
+def _served(recent: pd.DataFrame, onset: datetime | None, n: int) -> pd.DataFrame | None:
+    """The newest `n` unlabelled requests (their texts) since the drift's `onset`: what the
+    retrained version will answer, never trained on, profiled as its drift reference
+    (`training/job.py`). Its held-out rows are mostly replay: against them a new product's
+    traffic read as drift again once its retrained version served it (each check, until a
+    retrain the gate rejected). The newest: the onset is a window's start, and the first
+    drifted window began in clean traffic (a random draw since it held a fifth of clean rows,
+    and their descriptors read as drift). None without an onset (a manual retrain)."""
+    if onset is None or not n or not {"ts", "label", "text"} <= set(recent.columns):
+        return None
+    ts = pd.to_datetime(recent.ts, utc=True)
+    rows = recent[(ts >= pd.to_datetime(onset, utc=True)) & recent.label.isna()
+                  & recent.text.notna()]
+    if rows.empty:
+        return None
+    newest = rows.assign(_ts=ts).sort_values("_ts", kind="stable").tail(n)
+    return newest[["text"]].reset_index(drop=True)
 
 
 def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,

@@ -28,6 +28,7 @@ class TaskData:
     sources: list[Dataset] = field(default_factory=list)
     golden: pd.DataFrame | None = None  # a retrain's: its champion's, less contradicted rows
     notes: dict = field(default_factory=dict)  # what shaped the set (a retrain's contradictions)
+    served: pd.DataFrame | None = None  # a retrain's: unlabelled texts of the drifted traffic
 
     def save(self, folder: Path) -> Path:
         """As Parquet files (what a retrain job reads back with `load`)."""
@@ -38,8 +39,9 @@ class TaskData:
         (folder / "scenario").write_text(self.scenario)
         (folder / "sources.json").write_text(json.dumps([s.to_dict() for s in self.sources]))
         (folder / "notes.json").write_text(json.dumps(self.notes))
-        if self.golden is not None:
-            self.golden.to_parquet(folder / "golden.parquet", index=False)
+        for name, df in (("golden", self.golden), ("served", self.served)):
+            if df is not None:
+                df.to_parquet(folder / f"{name}.parquet", index=False)
         return folder
 
     @classmethod
@@ -51,13 +53,15 @@ class TaskData:
         listed = folder / "sources.json"
         sources = [Dataset.from_dict(d) for d in json.loads(listed.read_text())] \
             if listed.is_file() else [Dataset("file", str(folder.resolve()), len(train))]
-        golden, notes = folder / "golden.parquet", folder / "notes.json"
+        golden, notes, served = (folder / f for f in ("golden.parquet", "notes.json",
+                                                      "served.parquet"))
         return cls(train=train, validation=pd.read_parquet(folder / "validation.parquet"),
                    holdouts={p.stem.removeprefix("holdout-"): pd.read_parquet(p)
                              for p in sorted(folder.glob("holdout-*.parquet"))},
                    scenario=(folder / "scenario").read_text().strip(), sources=sources,
                    golden=pd.read_parquet(golden) if golden.is_file() else None,
-                   notes=json.loads(notes.read_text()) if notes.is_file() else {})
+                   notes=json.loads(notes.read_text()) if notes.is_file() else {},
+                   served=pd.read_parquet(served) if served.is_file() else None)
 
 
 def build_task_data(config: TrainingConfig, task: str, scenario: str = "base") -> TaskData:

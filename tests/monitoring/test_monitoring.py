@@ -119,6 +119,36 @@ def test_drift_policy_needs_k_of_n_windows_and_enough_rows(router):
                      model="support-router", version="1", min_rows=100)
 
 
+def test_a_retrained_version_compares_inputs_with_the_traffic_it_was_retrained_to_serve(router):
+    """Its held-out rows are mostly replay of the old traffic: against them, the traffic it was
+    retrained for reads as drift for as long as it serves it. With that traffic profiled
+    (unlabelled, `served`), the same traffic is quiet, new drift beyond it is not, and the
+    feedback is still judged against the held-out rows' labels."""
+    from training.features import SERVED
+
+    registry, model = router
+    config = DriftConfig()
+    held_out = registry.reference_profile("support-router", "1").assign(**{SERVED: False})
+    served = _window(model, "new-product", 200, n=800).drop(columns="ts").assign(**{SERVED: True})
+    profile = pd.concat([held_out, served], ignore_index=True)
+
+    def check(window: pd.DataFrame, reference: pd.DataFrame):
+        return check_window(window, reference, config.thresholds, model="support-router",
+                            version="1", min_rows=config.min_rows)
+
+    now = _window(model, "new-product", 201)
+    assert check(now, held_out).metric("embedding_drift").drifted
+    quiet = check(now, profile)
+    assert not quiet.drifted, quiet.metrics
+    # (this small router never learnt the new product: its labels say so, as before)
+    labelled = _window(model, "new-product", 201, feedback=True)
+    assert check(labelled, profile).metric("feedback_accuracy_drop").value == pytest.approx(
+        check(labelled, held_out).metric("feedback_accuracy_drop").value)
+    assert check(_window(model, "slang", 202), profile).drifted
+    concept = check(_window(model, "concept-shift", 203, feedback=True), profile)
+    assert concept.metric("feedback_accuracy_drop").drifted
+
+
 def test_drift_report_saves_an_evidently_html_report(router, tmp_path):
     registry, model = router
     reference = registry.reference_profile("support-router", "1")

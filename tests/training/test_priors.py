@@ -70,6 +70,13 @@ def test_the_reference_drawn_again_has_the_new_label_mix():
                                                   np.array([0.1, 0.1, 0.8])))
     odd = resample(reference, ["a", "b", "c"], np.array([1, 1, 1]) / 3)  # 333.3 each
     assert len(odd) == 1000 and set(odd.label.value_counts()) == {333, 334}
+    # the unlabelled traffic a retrained version profiled counts under its answer
+    served = reference.assign(prediction=np.where(reference.x % 2, "a", "c"),
+                              label=np.where(reference.x < 500, reference.label, None))
+    mixed = resample(served, ["a", "b", "c"], np.array([0.5, 0, 0.5]))
+    answered_c = mixed[mixed.label.isna() & (mixed.prediction == "c")]
+    assert len(answered_c) == 500 and set(answered_c.x.value_counts()) == {2}
+    assert (mixed.x % 2 == 0)[mixed.x >= 500].all() and len(mixed) == 1000
 
 
 def test_the_priors_are_confirmed_only_by_enough_labels_as_accurate_as_their_confidence():

@@ -81,6 +81,36 @@ def test_labelled_rows_weigh_by_recency():
     assert by_age == {0: {8}, 1: {4}, 2: {2}, 3: {1}}
 
 
+def test_the_unlabelled_traffic_since_the_drift_is_what_the_retrained_version_serves(tmp_path):
+    """Profiled as its drift reference (`training/job.py`): the newest `served_rows` requests
+    since the onset that no label made part of the training set; none without an onset."""
+    now = pd.Timestamp("2026-12-03T12:00:00Z")
+    before = generate("support-tickets", "base", 100, seed=1)[["text", "label"]].assign(
+        ts=now - pd.Timedelta(hours=1))
+    since = generate("support-tickets", "new-product", 300, seed=2)[["text", "label"]].assign(
+        ts=[now - pd.Timedelta(seconds=300 - i) for i in range(300)])
+    since.loc[100:, "label"] = None
+    before.loc[50:, "label"] = None
+    recent = pd.concat([before, since], ignore_index=True)
+    reference = generate("support-tickets", "base", 600, seed=3)
+    golden = generate("support-tickets", "base", 50, seed=4)
+    config = RetrainConfig(replay_rows=300, validation_rows=50, served_rows=150)
+    onset = (now - pd.Timedelta(minutes=5)).to_pydatetime()
+    data = retraining_data(recent, reference, golden, config, onset=onset)
+    assert data.served.text.tolist() == since.text[150:].tolist()
+    assert list(data.served.columns) == ["text"]
+    everything = retraining_data(recent, reference, golden, config.model_copy(
+        update={"served_rows": 1000}), onset=onset)
+    assert len(everything.served) == 200
+    assert retraining_data(recent, reference, golden, config).served is None
+    assert retraining_data(recent, reference, golden, config.model_copy(
+        update={"served_rows": 0}), onset=onset).served is None
+    back = TaskData.load(data.save(tmp_path / "d"))
+    assert back.served.equals(data.served)
+    assert TaskData.load(everything.__class__(**{**vars(data), "served": None}).save(
+        tmp_path / "e")).served is None
+
+
 def test_labels_from_before_the_drift_are_checked_against_those_since():
     """Labels of the old concept from before a drift's onset would outvote the new one where it
     moved (feedback labelled all along): with the onset, the moves are found from the labels
