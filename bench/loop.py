@@ -12,12 +12,13 @@ are not): for each scenario, what `llmops demo` does after its setup (clean traf
 scenario with a `--labels` share of each batch labelled from the platform's queue of pending
 labels, the support router's controller stepping every `controller.interval_s`), then the same
 with a `--baseline-labels` share labelled at random (0: no baseline). Before each run the
-router's first champion is restored (`llmops rollback --to-version`, `--from-version` picks
-it) with its training priors, so every run starts from the same model; the retrain cooldown
-and daily budget are lifted. A new champion keeps answering the drifted traffic until the
-drift checks have seen it (`--settle`): a retrain that missed part of the drift is followed
-by another, and the run reports where the loop settles, not its first step. Each row's baselines: the old
-champion's macro-F1 on the drifted traffic, and the random-labelling run of the same scenario.
+router's first champion is restored (`llmops rollback --to-version`, `--from-version` picks it)
+with its training priors and profile, so every run starts from the same model; the retrain
+cooldown and daily budget are lifted. Where the loop comes back to serving, the drifted traffic
+goes on until the drift checks have seen it (`--settle` requests): a retrain that missed part
+of the drift, or a drift still declared, starts the loop again, and the run reports where the
+loop settles, not its first step. Each row's baselines: the old champion's macro-F1 on the
+drifted traffic, and the random-labelling run of the same scenario.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import demo  # noqa: E402
 from cluster.controller import Controller  # noqa: E402
-from cluster.loop import control, stop  # noqa: E402
+from cluster.loop import stop  # noqa: E402
 from cluster.settings import load_settings  # noqa: E402
 from training.data import SCENARIOS  # noqa: E402
 from training.registry import CHAMPION, Registry  # noqa: E402
@@ -71,7 +72,6 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     demo.prepare(settings, settings_args, say)
-    stop(settings, demo.MODEL)  # started again below with this run's settings
     registry = Registry(settings.registry, settings.data_dir)
     first = args.from_version or registry.alias_version(demo.MODEL, CHAMPION)
     runs = [("queue", args.labels)] + ([("random", args.baseline_labels)]
@@ -79,10 +79,17 @@ def main() -> None:
     rows = []
     for scenario in args.scenarios:
         for labelling, share in runs:
+            stop(settings, demo.MODEL)  # started again by the run
+            controller = Controller(settings, demo.MODEL, registry)
             if registry.alias_version(demo.MODEL, CHAMPION) != first:
-                control(settings, demo.MODEL, "rollback", first)
+                controller.rollback(first)
                 say(f"{demo.MODEL}: back to v{first}")
-            Controller(settings, demo.MODEL, registry).label_shift.clear(first)
+            controller.label_shift.clear(first)
+            registry.forget_traffic(demo.MODEL, first)
+            state = controller.state()
+            if state.state == "serving":  # the drift checks start after the last run's traffic
+                controller.store.save(state.model_copy(update={"since": time.time(),
+                                                               "serving_since": time.time()}))
             say(f"scenario {scenario}, {share:.0%} labelled ({labelling})")
             rows.append(demo.drift_loop(settings, scenario, say, labels=share,
                                         labelling=labelling, settle=settle,

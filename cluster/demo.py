@@ -92,9 +92,10 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
                settle: int = 0) -> dict:
     """Clean traffic, then `scenario` with feedback labels, with the router's controller running;
     follows its transitions until the loop ends (a new champion, new class priors confirmed,
-    or a stop at the gate or the canary). With `settle`, a new champion goes on answering the
-    drifted traffic until it has answered `settle` requests with the controller still serving
-    (the drift checks may find what its retrain missed and retrain again). Returns the figures:
+    or a stop at the gate or the canary). With `settle`, the loop's outcome goes on answering
+    the drifted traffic until it has answered `settle` requests with the controller still
+    serving (the drift checks may find what a retrain missed, or that the drift is still
+    there, and start again). Returns the figures:
     when each step happened after the drift began, macro-F1 before and after, requests served
     and failed, labels used."""
     registry = Registry(settings.registry, settings.data_dir)
@@ -104,7 +105,7 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
     traffic = Traffic(settings, step, labels, labelling)
     seen, events, seed, shown = len(control(settings, MODEL, "events")), [], 3, 0
     drifted = calm = 0  # drifted requests since the last transition; since it, while serving
-    recovered_with, sent = None, time.time()  # labels when the last champion began serving
+    recovered_with, sent = None, time.time()  # labels when the loop last came back to serving
     started = time.time()
     traffic("base", 300, seed=1, labelled=False)
     onset = time.time()
@@ -114,12 +115,11 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
             seen += 1
             events.append(e)
             drifted = calm = 0
-            if (e["from"], e["to"]) == ("promoting", "serving"):
+            if e["to"] == "serving":
                 recovered_with = traffic.totals()["labels_used"]
         last = events[-1] if events else {}
-        if last.get("to") == "serving" and last["from"] != "promoting":
-            break  # new priors settled, or the loop stopped at the gate or canary
-        settled = last.get("to") == "serving" and calm >= settle  # promoted, and watched
+        # back to serving (promoted, new priors settled, stopped at the gate or canary), watched
+        settled = last.get("to") == "serving" and calm >= settle
         # once the checks have seen the last batch (a step every interval_s after the log's flush)
         if settled and (not settle or time.time() - sent > 2 * settings.controller.interval_s):
             break
@@ -160,7 +160,7 @@ def _summary(registry: Registry, scenario: str, old: int, events: list[dict], on
             "new_champion_serving": after("serving", "promoting", last=True),
             "priors_confirmed": after("serving", "reweighted")},
         "macro_f1": quality(registry, scenario, old, new, error_rate), **totals,
-        # the labels sent until the last new champion served (all of them without one)
+        # the labels sent until the loop last came back to serving (all of them if it never did)
         "labels_used": totals["labels_used"] if recovered_with is None else recovered_with,
         "labels_sent": totals["labels_used"]}
 

@@ -148,17 +148,44 @@ class RetrainSteps:
                                   description=role)
                   for file, role in ((REFERENCE_FILE, "replay"), (GOLDEN_FILE, "golden set")))]
 
+    def _adopt(self, state: ControllerState, champion, served: pd.DataFrame | None,
+               result) -> str:
+        """Where the champion answers the labels since the drift within the gate's tolerance of
+        its golden set, the drifted traffic becomes what its inputs are compared with
+        (`Registry.adopt_traffic`): the drift is one it already answers (slang, a reworded
+        form), and against its old profile the same drift would start a retrain, rejected
+        again, after each cooldown. A champion the labels find wrong (a concept shift the
+        retrain failed to learn) keeps its profile: the drift stays declared. Returns what the
+        transition's reason adds."""
+        from training.calibration import temperature
+        from training.features import SERVED, reference_profile
+        from training.retrain import ORIGINAL, RECENT
+
+        held = result.champion[RECENT] >= result.champion[ORIGINAL] - self.c.settings.training \
+            .gate.tolerance
+        if served is None or served.empty or not held:
+            return ""
+        meta = champion.meta
+        profile = reference_profile(champion.model, champion.tokenizer, served, meta["labels"],
+                                    meta["max_length"], temperature=temperature(meta))
+        self.c.registry.adopt_traffic(self.c.model, state.champion,
+                                      profile.assign(**{SERVED: True}),
+                                      f"{state.retrain_id}: {result.reason}")
+        return (f"; v{state.champion} answers the drifted traffic as well as its golden set "
+                f"({result.champion[RECENT]:.4f} vs {result.champion[ORIGINAL]:.4f}): its "
+                f"{len(profile)} newest requests are its drift reference now")
+
     def evaluate(self, state: ControllerState) -> ControllerState:
         """`evaluating`: the gate on the retrain's holdouts -> `canary`, or `rejected`."""
         from training.retrain import evaluate_pair
         from training.taskdata import TaskData
 
         c = self.c
-        holdouts = TaskData.load(c.work / state.retrain_id / "data").holdouts
+        data = TaskData.load(c.work / state.retrain_id / "data")
         gate = c.settings.training.gate
-        result = evaluate_pair(c.registry.load_model(c.model, state.champion),
-                               c.registry.load_model(c.model, state.challenger),
-                               holdouts, gate)
+        champion = c.registry.load_model(c.model, state.champion)
+        result = evaluate_pair(champion, c.registry.load_model(c.model, state.challenger),
+                               data.holdouts, gate)
         c.registry.tag_version(c.model, state.challenger, {
             "llmops.gate": "accepted" if result.promote else "rejected",
             "llmops.gate.reason": result.reason,
@@ -166,8 +193,9 @@ class RetrainSteps:
                (("champion", result.champion), ("challenger", result.challenger))
                for h, v in scores.items()}})
         if not result.promote:
-            return c._to(state, "rejected", "gate: " + result.reason, detail={
-                "gate": result.to_dict()})
+            return c._to(state, "rejected", "gate: " + result.reason
+                         + self._adopt(state, champion, data.served, result), detail={
+                             "gate": result.to_dict()})
         policy = c.settings.controller.canary
         c._set_canary(state.challenger, policy)
         return c._to(state, "canary", "gate: " + result.reason, canary_started=time.time(),

@@ -220,13 +220,23 @@ def decide(reports: list[DriftReport], config: DriftConfig, model: str, version:
 
 def reweighted(reference: pd.DataFrame, priors: dict[str, float] | None) -> pd.DataFrame:
     """The reference profile as the served version sees its world: after the loop adjusted
-    it to a label shift (`priors`), drawn again in the new label proportions, so the shift
-    it already answers is not drift any more."""
-    from training.priors import resample
+    it to a label shift (`priors`), drawn again in the new label proportions and answered as
+    serving answers (the posterior adjusted to them: its prediction and confidence; the logged
+    `posterior` stays the trained one), so the shift it already answers is not drift any
+    more. Its unadjusted confidence read as drift (Wasserstein 0.9 of 0.3) on the very traffic
+    whose priors the labels had just confirmed."""
+    from training.priors import adjust, resample, training_priors
 
     if not priors:
         return reference
-    return resample(reference, list(priors), np.array(list(priors.values())))
+    labels, new = list(priors), np.array(list(priors.values()))
+    drawn = resample(reference, labels, new)
+    if "posterior" not in drawn or drawn.posterior.isna().any():
+        return drawn
+    answered = adjust(np.stack(drawn.posterior.to_numpy()),
+                      new / training_priors(labels, reference.label))
+    return drawn.assign(prediction=[labels[i] for i in answered.argmax(axis=1)],
+                        confidence=answered.max(axis=1))
 
 
 def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,

@@ -30,6 +30,8 @@ CHAMPION, CHALLENGER, FALLBACK = "champion", "challenger", "fallback"
 # the golden set of the health check.
 REFERENCE_FILE, PROFILE_FILE, GOLDEN_FILE = "reference.parquet", "profile.parquet", "golden.parquet"
 PRIORS_TAG = "llmops.priors"  # a version's re-estimated class priors, JSON {label: prior}
+# a version's drift reference now includes the drifted traffic it answers (`adopt_traffic`)
+ADOPTED_FILE, ADOPTED_TAG = "profile-adopted.parquet", "llmops.adopted_traffic"
 # where `download_hf_model` keeps the versions this machine loaded, and how many of them
 MODEL_CACHE, CACHED_VERSIONS = Path(tempfile.gettempdir()) / "llmops-models", 16
 
@@ -294,15 +296,41 @@ class Registry:
 
     def reference_profile(self, name: str, version: str) -> pd.DataFrame:
         """The drift features of held-out rows of the version's training distribution, logged
-        at registration (classifiers)."""
+        at registration (classifiers), with the traffic it serves where it has been profiled:
+        the drifted traffic of its retrain, or the traffic the loop adopted since
+        (`adopt_traffic`, which replaces it)."""
+        from training.features import SERVED
+
         try:
-            return self.run_data(name, version, PROFILE_FILE)
+            profile = self.run_data(name, version, PROFILE_FILE)
+            if ADOPTED_TAG in self._version(name, version).tags:
+                held_out = profile[~profile[SERVED].eq(True)] if SERVED in profile else profile
+                profile = pd.concat([held_out, self.run_data(name, version, ADOPTED_FILE)],
+                                    ignore_index=True)
+            return profile
         except UnknownName:
             raise
         except Exception as exc:
             raise LLMOpsError(f"{name} version {version} has no reference profile (only "
                               f"classifiers registered by this version of llmops have one); "
                               f"register a new version") from exc
+
+    def adopt_traffic(self, name: str, version: int, served: pd.DataFrame, why: str) -> None:
+        """Record `served` (profiled traffic, column `SERVED`) as the traffic the version
+        serves, what its live inputs are compared with from now on (`reference_profile`): the
+        loop found it answers a drift as well as its golden set (a retrain the gate rejected
+        would otherwise follow each cooldown). Beside the run's data; the tag says why."""
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / ADOPTED_FILE
+            served.to_parquet(path, index=False)
+            self.client.log_artifact(self._version(name, version).run_id, str(path), "data")
+        self.tag_version(name, version, {ADOPTED_TAG: why[:5000]})
+
+    def forget_traffic(self, name: str, version: int) -> None:
+        """Compare the version's inputs with its own profile again (what a benchmark does
+        before each run)."""
+        if ADOPTED_TAG in self._version(name, version).tags:
+            self.client.delete_model_version_tag(name, str(version), ADOPTED_TAG)
 
     def models(self, through_client: bool = False) -> list[dict]:
         """Registered models with their versions, aliases and key holdout metrics, read

@@ -18,7 +18,9 @@ from cluster.state import ControllerState
 from monitoring.drift import DriftReport, check_model
 from serve_apps.apps import pinned_user_config
 from training.data import generate
+from training.features import SERVED
 from training.registry import (
+    ADOPTED_TAG,
     CHALLENGER,
     CHAMPION,
     FALLBACK,
@@ -27,7 +29,7 @@ from training.registry import (
     REFERENCE_FILE,
     Registry,
 )
-from training.retrain import RECENT, retraining_data
+from training.retrain import ORIGINAL, RECENT, retraining_data
 
 
 def test_a_corrupt_state_file_is_moved_aside_and_the_loop_starts_from_serving(tmp_path):
@@ -200,13 +202,19 @@ def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):
                       "label": generate("support-tickets", "new-product", 80, seed=11).label}),
         registry.run_data(MODEL, 1, REFERENCE_FILE), registry.run_data(MODEL, 1, GOLDEN_FILE),
         settings.training.retrain)
+    data.served = generate("support-tickets", "new-product", 120, seed=12)[["text"]]
     data.save(controller.work / "r-worse" / "data")
     # a controller that stopped after the retrain registered v2 resumes at the gate
     controller.store.save(ControllerState(model=MODEL, state="evaluating", champion=1,
                                           challenger=2, retrain_id="r-worse"))
     state = controller.step()
     assert state.state == "rejected" and "gate" in state.detail
-    assert state.detail["gate"]["challenger"][RECENT] < state.detail["gate"]["champion"][RECENT]
+    gate = state.detail["gate"]
+    assert gate["challenger"][RECENT] < gate["champion"][RECENT]
+    # the labels find the champion wrong on the drifted traffic: it stays the drift
+    assert gate["champion"][RECENT] < gate["champion"][ORIGINAL] - 0.02
+    assert ADOPTED_TAG not in registry.client.get_model_version(MODEL, "1").tags
+    assert not registry.reference_profile(MODEL, 1)[SERVED].any()
     state = controller.step()
     assert state.state == "serving" and state.champion == 1 and state.challenger is None
     assert registry.alias_version(MODEL, CHAMPION) == 1
@@ -215,6 +223,38 @@ def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):
     assert tags["llmops.gate"] == "rejected" and "below the margin" in tags["llmops.gate.reason"]
     assert [(e["from"], e["to"]) for e in controller.events()] == [
         ("evaluating", "rejected"), ("rejected", "serving")]
+
+
+def test_a_drift_the_champion_answers_becomes_its_reference_when_the_gate_keeps_it(loop):
+    """Its challenger gained nothing and the champion answers the labels since the drift as
+    well as its golden set: the drifted traffic is what its inputs are compared with from now
+    on, so the same drift does not start a retrain after each cooldown."""
+    settings, registry, controller = loop
+    reworded = generate("support-tickets", "base", 160, seed=21)
+    data = retraining_data(reworded[["text", "label"]], registry.run_data(MODEL, 1, REFERENCE_FILE),
+                           registry.run_data(MODEL, 1, GOLDEN_FILE), settings.training.retrain)
+    data.served = generate("support-tickets", "slang", 150, seed=22)[["text"]]
+    data.save(controller.work / "r-held" / "data")
+    controller.store.save(ControllerState(model=MODEL, state="evaluating", champion=1,
+                                          challenger=2, retrain_id="r-held"))
+    before = registry.reference_profile(MODEL, 1)
+    state = controller.step()
+    gate = state.detail["gate"]
+    assert state.state == "rejected", gate
+    assert gate["champion"][RECENT] >= gate["champion"][ORIGINAL] - 0.02
+    assert "drift reference now" in controller.events()[-1]["reason"]
+    assert "r-held" in registry.client.get_model_version(MODEL, "1").tags[ADOPTED_TAG]
+    profile = registry.reference_profile(MODEL, 1)
+    served = profile[profile[SERVED].eq(True)]
+    assert len(served) == 150 and served.label.isna().all()
+    assert {"embedding", "prediction", "confidence", "posterior"} <= set(served.columns)
+    held_out = profile[~profile[SERVED].eq(True)]
+    assert len(held_out) == len(before) and held_out.label.notna().all()
+    # adopted again (a later drift): it replaces, not adds to, the traffic adopted before
+    registry.adopt_traffic(MODEL, 1, served.iloc[:10], "again")
+    assert registry.reference_profile(MODEL, 1)[SERVED].eq(True).sum() == 10
+    registry.forget_traffic(MODEL, 1)  # what the loop benchmark does before each run
+    assert registry.reference_profile(MODEL, 1).equals(before)
 
 
 def test_manual_commands_refuse_what_cannot_apply_and_change_nothing(loop):

@@ -149,6 +149,37 @@ def test_a_retrained_version_compares_inputs_with_the_traffic_it_was_retrained_t
     assert concept.metric("feedback_accuracy_drop").drifted
 
 
+def test_a_label_shift_the_served_answers_adjust_to_is_not_drift(router):
+    """Once the loop serves new priors, live answers are adjusted to them (their prediction and
+    confidence; the log keeps the trained posterior): the reference is drawn again in the new
+    proportions and answered the same way, so the shift it answers is quiet."""
+    from monitoring.drift import reweighted
+    from training.priors import estimate, ratios, resample, training_priors
+
+    registry, model = router
+    config = DriftConfig()
+    reference = registry.reference_profile("support-router", "1")
+    labels = model.meta["labels"]
+    df = generate("support-tickets", "label-shift", 500, seed=300)
+    raw = np.stack([o["features"]["posterior"] for o in model.classify(list(df.text))])
+    train = training_priors(labels, reference.label)
+    priors = dict(zip(labels, estimate(raw, train)))
+    adjusted = model.classify(list(df.text), priors=ratios(priors, dict(zip(labels, train))))
+    window = pd.DataFrame([{**o["features"], "prediction": o["label"],
+                            "confidence": o["confidence"]} for o in adjusted]).assign(
+        ts=pd.Timestamp.now(tz="UTC"), label=None)
+    served = reweighted(reference, priors)
+    assert served.label.value_counts(normalize=True).reindex(labels).to_numpy() \
+        == pytest.approx(list(priors.values()), abs=0.01)
+    plain = resample(reference, labels, np.array(list(priors.values())))
+    assert served.posterior.equals(plain.posterior)  # the trained posterior, as logged
+    assert not np.allclose(served.confidence, plain.confidence)  # answered under the new priors
+    report = check_window(window, served, config.thresholds, model="support-router",
+                          version="1", min_rows=config.min_rows)
+    assert not report.metric("confidence_drift").drifted, report.metrics
+    assert not report.metric("kl_divergence").drifted
+
+
 def test_drift_report_saves_an_evidently_html_report(router, tmp_path):
     registry, model = router
     reference = registry.reference_profile("support-router", "1")
