@@ -158,7 +158,7 @@ class RetrainSteps:
         retrain failed to learn) keeps its profile: the drift stays declared. Returns what the
         transition's reason adds."""
         from training.calibration import temperature
-        from training.features import SERVED, reference_profile
+        from training.features import reference_profile
         from training.retrain import ORIGINAL, RECENT
 
         held = result.champion[RECENT] >= result.champion[ORIGINAL] - self.c.settings.training \
@@ -167,9 +167,9 @@ class RetrainSteps:
             return ""
         meta = champion.meta
         profile = reference_profile(champion.model, champion.tokenizer, served, meta["labels"],
-                                    meta["max_length"], temperature=temperature(meta))
-        self.c.registry.adopt_traffic(self.c.model, state.champion,
-                                      profile.assign(**{SERVED: True}),
+                                    meta["max_length"], temperature=temperature(meta),
+                                    served=True)
+        self.c.registry.adopt_traffic(self.c.model, state.champion, profile,
                                       f"{state.retrain_id}: {result.reason}")
         return (f"; v{state.champion} answers the drifted traffic as well as its golden set "
                 f"({result.champion[RECENT]:.4f} vs {result.champion[ORIGINAL]:.4f}): its "

@@ -44,11 +44,12 @@ def input_features(texts: Sequence[str], out: Classified) -> list[dict]:
 
 
 def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], max_length: int,
-                      rows: int = 2000, seed: int = 0, temperature: float = 1.0) -> pd.DataFrame:
+                      rows: int = 2000, seed: int = 0, temperature: float = 1.0,
+                      served: bool = False) -> pd.DataFrame:
     """The features of (up to `rows` of) texts the model was not fit on, with their true labels
-    where `df` has them: what live traffic is compared with (`monitoring/drift.py`). (On the
-    very rows it was fit on a model is overconfident, which would read as drift on clean
-    traffic.)"""
+    where `df` has them: what live traffic is compared with (`monitoring/drift.py`); `served`:
+    the texts are traffic the version serves, unlabelled (column `SERVED`). (On the very rows
+    it was fit on a model is overconfident, which would read as drift on clean traffic.)"""
     from training.models import classify
 
     sample = df.sample(n=min(rows, len(df)), random_state=seed) if len(df) > rows else df
@@ -59,4 +60,5 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
     profile["confidence"] = out.probs.max(axis=1).astype(float)
     profile["posterior"] = [p.astype(np.float32).tolist() for p in out.probs]
     profile["label"] = list(sample.label) if "label" in sample else None
+    profile[SERVED] = served
     return profile

@@ -22,7 +22,7 @@ from training.calibration import Calibration
 from training.config import TaskConfig, TrainingConfig
 from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm, golden_set, measure
-from training.features import SERVED, reference_profile
+from training.features import reference_profile
 from training.finetune import FinetuneSpec, run_finetune, run_names
 from training.models import PROMPT, load_tokenizer, predict_proba, resolve_source
 from training.pyfunc import META_FILE, TaskModel, write_meta
@@ -204,8 +204,7 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
                                   "rows": len(calibration.scores)}
         held_out = pd.concat([data.validation, data.holdouts.get(data.scenario, data.validation[:0])])
         profile = pd.concat([reference_profile(model, tokenizer, df, labels, tc.model.max_length,
-                                               temperature=calibration.temperature)
-                             .assign(**{SERVED: served})
+                                               temperature=calibration.temperature, served=served)
                              for df, served in ((held_out, False), (data.served, True))
                              if df is not None and len(df)], ignore_index=True)
     else:
