@@ -225,16 +225,17 @@ def reweighted(reference: pd.DataFrame, priors: dict[str, float] | None) -> pd.D
     `posterior` stays the trained one), so the shift it already answers is not drift any
     more. Its unadjusted confidence read as drift (Wasserstein 0.9 of 0.3) on the very traffic
     whose priors the labels had just confirmed."""
-    from training.priors import adjust, resample, training_priors
+    from training.priors import adjust, ratios, resample, training_priors, weights
 
     if not priors:
         return reference
-    labels, new = list(priors), np.array(list(priors.values()))
-    drawn = resample(reference, labels, new)
+    labels = list(priors)
+    drawn = resample(reference, labels, np.array(list(priors.values())))
     if "posterior" not in drawn or drawn.posterior.isna().any():
         return drawn
+    trained = dict(zip(labels, training_priors(labels, reference.label)))
     answered = adjust(np.stack(drawn.posterior.to_numpy()),
-                      new / training_priors(labels, reference.label))
+                      weights(labels, ratios(priors, trained)))  # serving's weights
     return drawn.assign(prediction=[labels[i] for i in answered.argmax(axis=1)],
                         confidence=answered.max(axis=1))
 

@@ -17,8 +17,9 @@ if TYPE_CHECKING:  # torch is imported by what runs models, not by readers of th
 DESCRIPTORS = ["chars", "words", "mean_word_length", "tokens_per_word", "non_letter_share",
                "upper_share", "digit_share"]
 EMBEDDING_DIMS = 32
-# the reference profile's column marking the rows of drifted traffic a retrained version was
-# retrained to serve (no true label): live inputs are compared with those where it has any
+# the reference profile's column marking the rows of traffic the version serves (no true label:
+# its retrain's drifted traffic, or traffic the loop adopted): live inputs are compared with
+# those where it has any
 SERVED = "served"
 
 
