@@ -22,17 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import stack  # noqa: E402
 from serve import closed_loop  # noqa: E402
-from stack import (  # noqa: E402
-    PIPELINES,
-    TLS_HELP,
-    UNLIMITED,
-    https_settings,
-    models_of,
-    platform,
-    sample_texts,
-    start_ray,
-)
 
 from cluster import runtime  # noqa: E402
 
@@ -47,7 +38,7 @@ async def measure(base: str, headers: dict, concurrencies: list[int], duration: 
     limits = httpx.Limits(max_connections=256)
     async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers,
                                  verify=verify) as client:
-        for name, (_, path, _) in PIPELINES.items():
+        for name, (_, path, _) in stack.PIPELINES.items():
             async def call(text: str, url: str = base + path) -> None:
                 r = await client.post(url, json={"text": text})
                 r.raise_for_status()
@@ -64,7 +55,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--data-dir", help="a data dir with trained champions (default: scratch)")
     parser.add_argument("--port", type=int, default=8021)
-    parser.add_argument("--tls", action="store_true", help=TLS_HELP)
+    parser.add_argument("--tls", action="store_true", help=stack.TLS_HELP)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
                         help="the policies of the `on` phase (default: all, in their order)")
     parser.add_argument("--json", action="store_true")
@@ -76,17 +67,17 @@ def main() -> None:
     from serve_apps.deploy import serve_config
     from serve_apps.tls import client_context
 
-    settings, registry = platform(args.data_dir, {
+    settings, registry = stack.platform(args.data_dir, {
         "serve": {"port": args.port, "use_gpu": "no", "chat": {"enabled": False},
                   "advisor": {"enabled": False},
-                  "quota": {"tenants": {"bench": UNLIMITED}}, **https_settings(args.tls),
-                  **{app: {"policies": args.policies} for app in PIPELINES}}})
-    texts = sample_texts(11)
+                  "quota": {"tenants": {"bench": stack.UNLIMITED}}, **stack.https_settings(args.tls),
+                  **{app: {"policies": args.policies} for app in stack.PIPELINES}}})
+    texts = stack.sample_texts(11)
     token = issue(settings.serve.auth, settings.data_dir, tenant="bench",
                   scopes=["moderate", "support"], ttl_s=3600)
     headers = {"Authorization": f"Bearer {token}"}
 
-    cluster = start_ray(settings)
+    cluster = stack.start_ray(settings)
     base, verify = settings.serve.url, client_context(settings.serve.tls)
     phases = []
     for governed in (False, True, False):
@@ -101,10 +92,10 @@ def main() -> None:
 
     off_a, on, off_b = phases
     report = {"benchmark": "governance", "cpus": os.cpu_count(), "tls": args.tls, "policies": args.policies,
-              "models": models_of(args.data_dir), "duration_s": args.duration,
+              "models": stack.models_of(args.data_dir), "duration_s": args.duration,
               "policies_off": off_a, "policies_on": on, "policies_off_again": off_b,
               "ratios": {}}
-    for name in PIPELINES:
+    for name in stack.PIPELINES:
         for c in args.concurrency:
             key = f"c{c}"
             off_rps = (off_a[name][key]["rps"] + off_b[name][key]["rps"]) / 2

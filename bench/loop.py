@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster import demo  # noqa: E402
 from cluster.controller import Controller  # noqa: E402
 from cluster.loop import stop  # noqa: E402
-from cluster.settings import load_settings  # noqa: E402
+from cluster.settings import Settings, load_settings  # noqa: E402
 from training.data import SCENARIOS  # noqa: E402
 from training.registry import CHAMPION, Registry  # noqa: E402
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=[s for s in SCENARIOS if s != "base"],
                         choices=[s for s in SCENARIOS if s != "base"])
@@ -56,14 +56,48 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--config", default=None)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _start_from(settings: Settings, registry: Registry, first: int, say) -> None:
+    """The router back to version `first` with nothing learnt since: no priors, no adopted
+    traffic, and drift checks that start after the previous run's traffic."""
+    stop(settings, demo.MODEL)  # started again by the run
+    controller = Controller(settings, demo.MODEL, registry)
+    if registry.alias_version(demo.MODEL, CHAMPION) != first:
+        controller.rollback(first)
+        say(f"{demo.MODEL}: back to v{first}")
+    controller.label_shift.clear(first)
+    registry.forget_traffic(demo.MODEL, first)
+    state = controller.state()
+    if state.state == "serving":
+        controller.store.save(state.model_copy(update={"since": time.time(),
+                                                       "serving_since": time.time()}))
+
+
+def _print(rows: list[dict]) -> None:
+    for r in rows:
+        f1, at = r["macro_f1"], r["seconds_after_drift_onset"]
+        print(f"{r['scenario']:14s} {r['labelling']:6s} {r['outcome']:10s} detected "
+              f"{at['drift_detected']} s, priors {at['priors_adjusted']} s, challenger "
+              f"{at['challenger_registered']} s, serving {at['new_champion_serving']} s; macro-F1 "
+              f"clean {f1['clean_traffic_before_drift']}, drifted {f1['drifted_traffic']} "
+              f"({f1['recovered']}); {r['retrains']} retrains; {r['labels_used']} labels; "
+              f"failed {r['requests_failed']}")
+
+
+def main() -> None:
+    args = _arguments()
     settings = load_settings(args.config, overrides={"data_dir": args.data_dir} if args.data_dir
                              else None)
     settings.controller.cooldown_s = 0
     drift = settings.monitoring.drift
     settle = drift.window * drift.n if args.settle is None else args.settle
-    # lifted: the data dir's earlier runs count against a day's budget too
+    # lifted: the data dir's earlier runs count against a day's budgets too (each run sends
+    # about 10,000 requests as the traffic tenant)
     settings.controller.max_retrains_per_day = 10**6
+    settings.serve.quota.tenants["traffic"] = settings.serve.quota.limits_for(
+        "traffic").model_copy(update={"requests_per_day": None, "tokens_per_day": None})
     settings_args = [x for flag, value in (("--config", args.config),
                                            ("--data-dir", args.data_dir)) if value
                      for x in (flag, value)]
@@ -79,17 +113,7 @@ def main() -> None:
     rows = []
     for scenario in args.scenarios:
         for labelling, share in runs:
-            stop(settings, demo.MODEL)  # started again by the run
-            controller = Controller(settings, demo.MODEL, registry)
-            if registry.alias_version(demo.MODEL, CHAMPION) != first:
-                controller.rollback(first)
-                say(f"{demo.MODEL}: back to v{first}")
-            controller.label_shift.clear(first)
-            registry.forget_traffic(demo.MODEL, first)
-            state = controller.state()
-            if state.state == "serving":  # the drift checks start after the last run's traffic
-                controller.store.save(state.model_copy(update={"since": time.time(),
-                                                               "serving_since": time.time()}))
+            _start_from(settings, registry, first, say)
             say(f"scenario {scenario}, {share:.0%} labelled ({labelling})")
             rows.append(demo.drift_loop(settings, scenario, say, labels=share,
                                         labelling=labelling, settle=settle,
@@ -98,15 +122,8 @@ def main() -> None:
     result = {"model": demo.MODEL, "first_champion": first, "scenarios": rows}
     if args.json:
         print(json.dumps(result))
-        return
-    for r in rows:
-        f1, at = r["macro_f1"], r["seconds_after_drift_onset"]
-        print(f"{r['scenario']:14s} {r['labelling']:6s} {r['outcome']:10s} detected "
-              f"{at['drift_detected']} s, priors {at['priors_adjusted']} s, challenger "
-              f"{at['challenger_registered']} s, serving {at['new_champion_serving']} s; macro-F1 "
-              f"clean {f1['clean_traffic_before_drift']}, drifted {f1['drifted_traffic']} "
-              f"({f1['recovered']}); {r['retrains']} retrains; {r['labels_used']} labels; "
-              f"failed {r['requests_failed']}")
+    else:
+        _print(rows)
 
 
 if __name__ == "__main__":

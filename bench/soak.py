@@ -27,17 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import (  # noqa: E402
-    PIPELINES,
-    TLS_HELP,
-    UNLIMITED,
-    https_settings,
-    models_of,
-    platform,
-    ray_processes,
-    sample_texts,
-    start_ray,
-)
+import stack  # noqa: E402
 
 from cluster import runtime  # noqa: E402
 
@@ -55,7 +45,7 @@ class Sampler(threading.Thread):
 
         while not self.stop.is_set():
             now = time.monotonic()
-            for pid, name in ray_processes().items():
+            for pid, name in stack.ray_processes().items():
                 try:
                     rss = psutil.Process(pid).memory_info().rss / 2**20
                 except psutil.Error:
@@ -78,7 +68,7 @@ async def drive(base: str, headers: dict, texts: dict, concurrency: int, seconds
 
     failed = 0
     deadline = time.monotonic() + seconds
-    paths = [(name, path) for name, (_, path, _) in PIPELINES.items()]
+    paths = [(name, path) for name, (_, path, _) in stack.PIPELINES.items()]
     async with httpx.AsyncClient(timeout=120, headers=headers, verify=verify,
                                  limits=httpx.Limits(max_connections=concurrency)) as client:
         async def worker(k: int) -> None:
@@ -133,7 +123,7 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--data-dir", help="a data dir with trained champions (default: scratch)")
     parser.add_argument("--port", type=int, default=8023)
-    parser.add_argument("--tls", action="store_true", help=TLS_HELP)
+    parser.add_argument("--tls", action="store_true", help=stack.TLS_HELP)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -143,16 +133,16 @@ def main() -> None:
     from serve_apps.deploy import serve_config
     from serve_apps.tls import client_context
 
-    settings, registry = platform(args.data_dir, {
+    settings, registry = stack.platform(args.data_dir, {
         "monitoring": {"audit": {"folder": tempfile.mkdtemp()}},
         "serve": {"port": args.port, "use_gpu": "no", "chat": {"enabled": False},
                   "advisor": {"enabled": False},
-                  "quota": {"tenants": {"soak": UNLIMITED}}, **https_settings(args.tls)}})
-    texts = sample_texts(13)
+                  "quota": {"tenants": {"soak": stack.UNLIMITED}}, **stack.https_settings(args.tls)}})
+    texts = stack.sample_texts(13)
     token = issue(settings.serve.auth, settings.data_dir, tenant="soak",
                   scopes=["moderate", "support"], ttl_s=int(args.minutes * 60 + 3600))
 
-    cluster = start_ray(settings)
+    cluster = stack.start_ray(settings)
     cluster.deploy(serve_config(settings.serve, registry.tracking_uri, False,
                                 dict(runtime.PLATFORM_ENV), settings.log_settings(),
                                 settings.governance()), timeout_s=600)
@@ -175,7 +165,7 @@ def main() -> None:
     report = {"benchmark": "soak", "cpus": os.cpu_count(), "tls": args.tls,
               "minutes": round(elapsed / 60, 2),
               "warmup_s": args.warmup_s, "concurrency": args.concurrency,
-              "models": models_of(args.data_dir),
+              "models": stack.models_of(args.data_dir),
               "requests_answered": len(answered), "requests_failed": failed,
               "answered_missing_from_audit": missing,
               "max_slope_mb_per_min": processes[0]["slope_mb_per_min"] if processes else None,

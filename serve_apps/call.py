@@ -102,6 +102,19 @@ class Answer:
     served_by: str | None = None  # `fallback`: the peak fallback answered (serve_apps/pressure.py)
 
 
+@dataclass
+class Decided:
+    """One text's decision in a `TextsPipeline`: the pipeline's result (with its `models`), the
+    classifier's raw answer (logged for the drift checks; its `tokens` charged), the text that
+    leaves, the generator's tokens, and whether a fallback answered."""
+
+    result: Any
+    decision: dict
+    output: str | None
+    tokens: int = 0
+    degraded: bool = False
+
+
 def outcome_of(error: BaseException) -> tuple[int, str]:
     """(status, outcome) of a failed request: a 4xx refusal, a client gone (499, as nginx
     logs it), or an error."""

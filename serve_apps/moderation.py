@@ -4,8 +4,6 @@ generator; block spam; redact personal data from whatever text is returned.
 HTTP: `POST /v1/moderate`. Python: `serve.get_app_handle("moderation").moderate.remote({...})`.
 """
 
-import asyncio
-
 from fastapi import Request, Response
 from pydantic import BaseModel, Field
 from ray import serve
@@ -13,10 +11,9 @@ from ray.serve.handle import DeploymentHandle
 
 from monitoring.batching import unwrap
 from serve_apps import metrics
-from serve_apps.auth import Principal
 from serve_apps.batch import Item
 from serve_apps.breaker import CircuitBreaker
-from serve_apps.call import Answer, Call, Caller
+from serve_apps.call import Answer, Call, Caller, Decided
 from serve_apps.config import ModerationAppConfig
 from serve_apps.http import (
     Envelope,
@@ -24,10 +21,9 @@ from serve_apps.http import (
     TextsRequest,
     check_label,
     create_app,
-    served_by,
 )
 from serve_apps.pii import redact
-from serve_apps.pipeline import Pipeline
+from serve_apps.pipeline import TextsPipeline
 
 
 class Moderation(BaseModel):
@@ -56,8 +52,10 @@ app = create_app("llmops moderation", "Classify posts; rewrite toxic ones; redac
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
-class ModerationPipeline(Pipeline):
+class ModerationPipeline(TextsPipeline):
     application, settings = "moderation", ModerationAppConfig
+    method = scope = "moderate"
+    moderate = TextsPipeline.answer  # the handle method
 
     def __init__(self, classifier: DeploymentHandle | None, generator: DeploymentHandle | None,
                  config: dict, limits: dict, tracking_uri: str | None, log: dict | None = None,
@@ -71,41 +69,20 @@ class ModerationPipeline(Pipeline):
     @app.post("/", response_model=ModerateResponse)
     async def http_moderate(self, body: TextsRequest, request: Request,
                             response: Response) -> ModerateResponse:
-        return await self._moderate(body, Caller.http(request), response)
+        return await self.answer_as(body, Caller.http(request), response)
 
-    async def moderate(self, request: TextsRequest | dict, correlation_id: str | None = None,
-                       principal: Principal | dict | None = None) -> ModerateResponse:
-        """Moderate every text of the request; the same for HTTP and handle callers."""
-        return await self.admit("moderate", request, correlation_id, principal,
-                                lambda caller: self._moderate(request, caller))
-
-    async def _moderate(self, request: TextsRequest | dict, caller: Caller,
-                        response: Response | None = None) -> ModerateResponse:
-        call, answer = await self.apply_texts("moderate", request, caller, response)
+    def respond(self, call: Call, answer: Answer) -> ModerateResponse:
         results = [r.model_copy(update={"safe_text": out})
                    for r, out in zip(answer.payload, answer.outputs)]
         return ModerateResponse(results=results, **call.summary(answer.degraded,
                                                                 answer.served_by))
 
-    async def _work(self, call: Call) -> Answer:
-        texts, rid = call.texts, call.request_id
-        with self.pressure.track() as peak:
-            async with self.log.on_failure(rid, texts, call.started, call.principal.tenant):
-                verdicts = await asyncio.gather(*(self._classify(Item(t, rid, fallback=peak))
-                                                  for t in texts))
-                verdicts = [check_label(unwrap(v)) for v in verdicts]
-                finished = await asyncio.gather(*(self._finish(t, v, rid, peak)
-                                                  for t, v in zip(texts, verdicts)))
-        results = [r for r, _, _ in finished]
-        await self.log.record(rid, texts, verdicts, [r.models for r in results], call.started,
-                              tenant=call.principal.tenant)
-        for r in results:
-            metrics.guardrail_action(r.action)
-        fallback = served_by(verdicts)
-        return Answer([r.safe_text for r in results], [r.models for r in results],
-                      sum(v["tokens"] for v in verdicts) + sum(n for _, n, _ in finished),
-                      any(d for _, _, d in finished) or fallback is not None, results,
-                      served_by=fallback)
+    async def decide(self, item: Item) -> Decided:
+        verdict = check_label(unwrap(await self._classify(item)))
+        result, tokens, degraded = await self._finish(item.text, verdict, item.request_id,
+                                                      item.fallback)
+        metrics.guardrail_action(result.action)
+        return Decided(result, verdict, result.safe_text, tokens, degraded)
 
     async def _rewrite(self, text: str, rid: str) -> dict | None:
         """The generator's safe version of `text`; None when it failed or its breaker is open

@@ -4,25 +4,29 @@ An application is a Serve ingress deployment subclassing `Pipeline`: it names it
 inference log's and the policy chain's name) and its settings model, and passes its FastAPI app
 and its stages. Every application then has the same shape: `http_X` (the route) and `X` (the
 handle method) both go through the policy chain to `_X`, which does the work; `GET /healthz`
-comes with `create_app`.
+comes with `create_app`. An application that answers each text of a request with one
+classifier decision (moderation, support) subclasses `TextsPipeline`, which holds that work's
+shell: it adds how one text is decided and how the answer is shaped.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Response
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from monitoring.batching import unwrap
 from serve_apps import metrics
 from serve_apps.auth import Principal
 from serve_apps.batch import Item, set_batching
-from serve_apps.call import Answer, Call, Caller
+from serve_apps.call import Answer, Call, Caller, Decided
 from serve_apps.config import BreakerConfig, LimitsConfig
-from serve_apps.http import request_texts
+from serve_apps.http import TextsRequest, request_texts, served_by
 from serve_apps.inference_log import InferenceLog
 from serve_apps.policies import chain
 from serve_apps.pressure import Pressure
@@ -68,14 +72,6 @@ class Pipeline:
         caller = Caller(correlation_id, principal)
         return await self.policies.admit(action, request, caller, lambda: work(caller))
 
-    async def apply_texts(self, scope: str, request, caller: Caller,
-                          response: Response | None = None) -> tuple[Call, Answer]:
-        """A batch of texts (`TextsRequest`) through the policies to `self._work`, its tokens
-        reserved for the generator's longest answer."""
-        return await self.policies.apply(
-            scope, request_texts(request, self.limits), caller, self._work,
-            self.config.generator.generation_config.max_new_tokens, response)
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _classify(self, items: list[Item]) -> list[dict | Exception]:
         """Texts of concurrent requests go to the classifier in one call, not one call each
@@ -96,3 +92,50 @@ class Pipeline:
     async def __del__(self) -> None:
         """Serve calls this on a graceful shutdown: nothing buffered is lost."""
         await self.log.close()
+
+
+class TextsPipeline(Pipeline):
+    """An application answering each text of a `TextsRequest` with one classifier decision: the
+    texts go through the policy chain together, each is decided by `decide` at once (their
+    classifier calls batched across requests), the decisions are logged for the drift checks,
+    and `respond` shapes the answer once the output policies have seen its texts."""
+
+    method: ClassVar[str]  # the handle method's name (callers and audit records use it)
+    scope: ClassVar[str]  # the scope its callers' tokens need
+
+    async def answer(self, request: TextsRequest | dict, correlation_id: str | None = None,
+                     principal: Principal | dict | None = None) -> BaseModel:
+        """Every text of the request answered; the same for HTTP and handle callers."""
+        return await self.admit(self.method, request, correlation_id, principal,
+                                lambda caller: self.answer_as(request, caller))
+
+    async def answer_as(self, request: TextsRequest | dict, caller: Caller,
+                        response: Response | None = None) -> BaseModel:
+        """The answer to `caller` (an HTTP route's, with its `response` for the headers), its
+        tokens reserved for the generator's longest answer."""
+        call, answer = await self.policies.apply(
+            self.scope, request_texts(request, self.limits), caller, self._work,
+            self.config.generator.generation_config.max_new_tokens, response)
+        return self.respond(call, answer)
+
+    async def _work(self, call: Call) -> Answer:
+        rid, tenant = call.request_id, call.principal.tenant
+        with self.pressure.track() as peak:
+            async with self.log.on_failure(rid, call.texts, call.started, tenant):
+                done: list[Decided] = [unwrap(d) for d in await asyncio.gather(
+                    *(self.decide(Item(t, rid, fallback=peak)) for t in call.texts))]
+        decisions, models = [d.decision for d in done], [d.result.models for d in done]
+        await self.log.record(rid, call.texts, decisions, models, call.started, tenant=tenant)
+        fallback = served_by(decisions)
+        return Answer([d.output for d in done], models,
+                      sum(d.decision["tokens"] + d.tokens for d in done),
+                      any(d.degraded for d in done) or fallback is not None,
+                      [d.result for d in done], served_by=fallback)
+
+    async def decide(self, item: Item) -> Decided | Exception:
+        """One text's decision, or the exception that failed it."""
+        raise NotImplementedError
+
+    def respond(self, call: Call, answer: Answer) -> Any:
+        """The response model, with the texts as the output policies left them."""
+        raise NotImplementedError

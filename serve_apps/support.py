@@ -20,10 +20,9 @@ from ray.serve.handle import DeploymentHandle
 
 from monitoring.batching import unwrap
 from serve_apps import metrics
-from serve_apps.auth import Principal
 from serve_apps.batch import Item
 from serve_apps.breaker import CircuitBreaker
-from serve_apps.call import Answer, Call, Caller
+from serve_apps.call import Answer, Call, Caller, Decided
 from serve_apps.config import SupportAppConfig
 from serve_apps.http import (
     Envelope,
@@ -31,9 +30,8 @@ from serve_apps.http import (
     TextsRequest,
     check_label,
     create_app,
-    served_by,
 )
-from serve_apps.pipeline import Pipeline
+from serve_apps.pipeline import TextsPipeline
 from training.data.support import RESOLUTIONS
 
 
@@ -82,8 +80,10 @@ app = create_app("llmops support", "Route support tickets to a queue and suggest
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
-class SupportPipeline(Pipeline):
+class SupportPipeline(TextsPipeline):
     application, settings = "support", SupportAppConfig
+    method, scope = "route", "support"
+    route = TextsPipeline.answer  # the handle method
 
     def __init__(self, classifier: DeploymentHandle | None, encoder: DeploymentHandle | None,
                  generator: DeploymentHandle | None, config: dict, limits: dict,
@@ -95,7 +95,7 @@ class SupportPipeline(Pipeline):
         self.classifier, self.encoder, self.generator = (
             self.stages["Classifier"], self.stages["Encoder"], self.stages["Generator"])
         self.breaker = CircuitBreaker(self.config.breaker)
-        self.batch_classifier(self._route_and_reply)
+        self.batch_classifier(self.decide)
         self._examples: pd.DataFrame | None = None
         self._matrix: np.ndarray | None = None
         self._lock = asyncio.Lock()
@@ -103,43 +103,18 @@ class SupportPipeline(Pipeline):
     @app.post("/route", response_model=RouteResponse)
     async def http_route(self, body: TextsRequest, request: Request,
                          response: Response) -> RouteResponse:
-        return await self._route(body, Caller.http(request), response)
+        return await self.answer_as(body, Caller.http(request), response)
 
-    async def route(self, request: TextsRequest | dict, correlation_id: str | None = None,
-                    principal: Principal | dict | None = None) -> RouteResponse:
-        """Route every text of the request; the same for HTTP and handle callers."""
-        return await self.admit("route", request, correlation_id, principal,
-                                lambda caller: self._route(request, caller))
-
-    async def _route(self, request: TextsRequest | dict, caller: Caller,
-                     response: Response | None = None) -> RouteResponse:
-        call, answer = await self.apply_texts("support", request, caller, response)
+    def respond(self, call: Call, answer: Answer) -> RouteResponse:
         results = [r.model_copy(update={"suggestion": r.suggestion.model_copy(
             update={"reply": out})}) for r, out in zip(answer.payload, answer.outputs)]
         return RouteResponse(results=results, **call.summary(answer.degraded, answer.served_by))
 
-    async def _work(self, call: Call) -> Answer:
-        texts, rid, tenant = call.texts, call.request_id, call.principal.tenant
-        with self.pressure.track() as peak:
-            async with self.log.on_failure(rid, texts, call.started, tenant):
-                triples = [unwrap(t) for t in await asyncio.gather(
-                    *(self._route_and_reply(Item(t, rid, fallback=peak)) for t in texts))]
-        results = [result for result, _, _ in triples]
-        routes = [route for _, route, _ in triples]
-        await self.log.record(rid, texts, routes, [r.models for r in results], call.started,
-                              tenant=tenant)
-        fallback = served_by(routes)
-        return Answer([r.suggestion.reply for r in results], [r.models for r in results],
-                      sum(r["tokens"] for r in routes) + sum(n for _, _, n in triples),
-                      any("generator" not in r.models for r in results) or fallback is not None,
-                      results, served_by=fallback)
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
-    async def _route_and_reply(self, items: list[Item]) -> list[tuple[Routing, dict, int]]:
-        """Texts of concurrent requests go to each model in one call, not one call each. Each
-        answer comes with the router's raw output (its drift features go to the log) and the
-        tokens its reply used. The reply is retrieved when the generator is unsure, fails or
-        its breaker is open, or skipped at a peak (`skip_generation`)."""
+    async def decide(self, items: list[Item]) -> list[Decided | Exception]:
+        """Texts of concurrent requests go to each model in one call, not one call each. The
+        reply is retrieved when the generator is unsure, fails or its breaker is open, or
+        skipped at a peak (`skip_generation`)."""
         asked = [i for i, it in enumerate(items) if not self.skip_generation(it.fallback)]
         routes, generated = await asyncio.gather(self.classifier.predict_many.remote(items),
                                                  self._replies([items[i] for i in asked]))
@@ -149,17 +124,19 @@ class SupportPipeline(Pipeline):
         unsure = [i for i, r in enumerate(replies)
                   if r is None or r["confidence"] < self.config.min_reply_confidence]
         retrieved = dict(zip(unsure, await self._retrieve([items[i] for i in unsure])))
-        return [self._triple(route, reply, retrieved.get(i))
+        return [self._decided(route, reply, retrieved.get(i))
                 for i, (route, reply) in enumerate(zip(routes, replies))]
 
-    def _triple(self, route: dict | Exception, reply: dict | None,
-                retrieved: dict | Exception | None) -> tuple | Exception:
-        """One item's (result, route, reply tokens), or the exception that failed that item
-        alone (its caller raises it; the other items of the batch are answered)."""
+    def _decided(self, route: dict | Exception, reply: dict | None,
+                 retrieved: dict | Exception | None) -> Decided | Exception:
+        """One item's decision, or the exception that failed that item alone (its caller raises
+        it; the other items of the batch are answered)."""
         try:
             route = check_label(unwrap(route))
-            return (self._result(route, reply, unwrap(retrieved)), route,
-                    reply["prompt_tokens"] + reply["completion_tokens"] if reply else 0)
+            result = self._result(route, reply, unwrap(retrieved))
+            return Decided(result, route, result.suggestion.reply,
+                           reply["prompt_tokens"] + reply["completion_tokens"] if reply else 0,
+                           degraded="generator" not in result.models)
         except Exception as exc:
             return exc
 

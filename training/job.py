@@ -171,6 +171,29 @@ def recorded(config: TrainingConfig, registry: Registry, task: str, data: TaskDa
         yield run
 
 
+def _calibrate(task_model: TaskModel, model_dir: Path, tc: TaskConfig, data: TaskData,
+               labels: list[str], recent_share: float) -> tuple[dict, pd.DataFrame]:
+    """A classifier calibrated on rows never trained on (a retrain's weighted towards the
+    traffic since the drift), before anything is measured: its holdout metrics and its drift
+    reference (held-out rows, and the traffic a retrain serves)."""
+    model, tokenizer, max_length = task_model.model, task_model.tokenizer, tc.model.max_length
+    rows, weights = calibration_rows(data, recent_share)
+    calibration = Calibration.fit(predict_proba(model, tokenizer, list(rows.text), max_length),
+                                  np.array(_targets(tc, rows, labels)), tc.label_noise, weights)
+    task_model.meta = {**task_model.meta, **calibration.to_meta()}
+    write_meta(model_dir, task_model.meta)
+    metrics = evaluate_classifier(model, tokenizer, data.holdouts, labels, max_length,
+                                  calibration.temperature)
+    metrics["calibration"] = {"temperature": calibration.temperature,
+                              "rows": len(calibration.scores)}
+    held_out = pd.concat([data.validation, data.holdouts.get(data.scenario, data.validation[:0])])
+    profile = pd.concat([reference_profile(model, tokenizer, df, labels, max_length,
+                                           temperature=calibration.temperature, served=served)
+                         for df, served in ((held_out, False), (data.served, True))
+                         if df is not None and len(df)], ignore_index=True)
+    return metrics, profile
+
+
 def register_model_dir(config: TrainingConfig, registry: Registry, task: str, data: TaskData,
                        model_dir: Path, labels: list[str], *, history: list[dict], ds_config: dict,
                        started: float, tags: dict | None = None,
@@ -188,27 +211,11 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
     write_meta(model_dir, meta)
     task_model = TaskModel.from_folder(model_dir)
     model, tokenizer = task_model.model, task_model.tokenizer
-    profile = None
     if tc.kind == "classification":
-        # calibrated on rows never trained on (a retrain's weighted towards the traffic since
-        # the drift), before anything is measured
-        rows, weights = calibration_rows(data, config.retrain.recent_calibration_share)
-        calibration = Calibration.fit(
-            predict_proba(model, tokenizer, list(rows.text), tc.model.max_length),
-            np.array(_targets(tc, rows, labels)), tc.label_noise, weights)
-        task_model.meta = {**meta, **calibration.to_meta()}
-        write_meta(model_dir, task_model.meta)
-        metrics = evaluate_classifier(model, tokenizer, data.holdouts, labels, tc.model.max_length,
-                                      calibration.temperature)
-        metrics["calibration"] = {"temperature": calibration.temperature,
-                                  "rows": len(calibration.scores)}
-        held_out = pd.concat([data.validation, data.holdouts.get(data.scenario, data.validation[:0])])
-        profile = pd.concat([reference_profile(model, tokenizer, df, labels, tc.model.max_length,
-                                               temperature=calibration.temperature, served=served)
-                             for df, served in ((held_out, False), (data.served, True))
-                             if df is not None and len(df)], ignore_index=True)
+        metrics, profile = _calibrate(task_model, model_dir, tc, data, labels,
+                                      config.retrain.recent_calibration_share)
     else:
-        metrics = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length)
+        metrics, profile = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length), None
     golden = golden_set(tc) if data.golden is None else data.golden  # a retrain keeps its own
     metrics["golden"] = measure(lambda df: task_model.predict(None, df), golden, tc.kind)
     if data.notes.get("concept_shift"):

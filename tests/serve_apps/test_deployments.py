@@ -365,15 +365,12 @@ def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():
     sure = finish("spam", ["spam"])
     assert (sure.action, sure.abstained, sure.candidates) == ("block", False, ["spam"])
     assert finish("spam", None).abstained is False  # abstention off
-    # at a peak, with a fallback that skips generation, a post to rewrite is hidden without a
-    # call to the generator; not at a peak it is rewritten
     rewrites = []
 
     async def rewrite(text: str, rid: str) -> dict:
         rewrites.append(text)
         return {**reply, "text": "a kind post", "model": {**reply["model"], "name": "rewriter"}}
 
-    moderation.config = ModerationAppConfig()
     moderation.pressure = Pressure(PeakFallbackConfig(model="models:/moderation/2"))
     moderation.breaker = CircuitBreaker(moderation.config.breaker)
     moderation.generator = SimpleNamespace(generate=SimpleNamespace(remote=rewrite))
