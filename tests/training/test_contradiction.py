@@ -133,6 +133,25 @@ def test_feedback_that_moves_no_concept_retires_nothing(scenario):
     assert len(kept["replay"]) == len(REPLAY) and len(kept["golden"]) == len(GOLDEN)
 
 
+def test_hand_written_feedback_moves_what_moved_and_nothing_else():
+    """Tickets a person wrote, five per intent: labelled as before they move nothing; labelled
+    under the reorganisation they show its moves and no other, and every replay row they
+    relabel is one of a moved intent, given its new label. (Their damaged parcels read as
+    refund requests in the encoder's space, so shipping -> refund is not seen from them.)"""
+    from training.data import handwritten
+
+    kept, report = resolve(handwritten("support-tickets")[["text", "label"]], {"replay": REPLAY},
+                           relabel=["replay"])
+    assert not report and not report.suspected and kept["replay"].equals(REPLAY)
+    kept, report = resolve(handwritten("support-tickets", "concept-shift")[["text", "label"]],
+                           {"replay": REPLAY}, relabel=["replay"])
+    assert {"account -> security", "refund -> billing"} <= set(report.moved) <= MOVED
+    rows = kept["replay"]
+    changed = rows[rows.label != REPLAY.label.loc[rows.index]]
+    assert len(changed) >= 50
+    assert (changed.label == changed.intent.map(LEXICON.concept_relabel)).all()
+
+
 def test_a_move_said_by_too_few_rows_is_suspected_not_made():
     """Three labels of a region's nine move it (damaged parcels are refunds now): too few to
     move a region, enough to suspect it (the loop waits for labels there); the same three

@@ -104,12 +104,29 @@ def test_moderation_pairs_toxic_messages_with_safe_rewrites():
     assert set(only_toxic.intent) <= {"insult_complaint", "insult_user", "threat"}
 
 
+def test_hand_written_tickets_cover_every_base_intent_in_other_words_than_the_templates():
+    """Five tickets per intent, none a generated text; concept shift relabels them as it
+    relabels the generated ones."""
+    people = data.handwritten("support-tickets")
+    generated = data.generate("support-tickets", "base", 5000, seed=0)
+    assert people.intent.value_counts().to_dict() == dict.fromkeys(set(generated.intent), 5)
+    assert not set(people.text) & set(generated.text)
+    label = {i.name: i.label for i in data.DATASETS["support-tickets"].intents}
+    assert (people.label == people.intent.map(label)).all()
+    shifted = data.handwritten("support-tickets", "concept-shift")
+    moved = data.DATASETS["support-tickets"].concept_relabel
+    assert (shifted.label == [moved.get(i, y) for i, y in zip(people.intent, people.label)]).all()
+    assert (shifted.label != people.label).sum() == 5 * len(moved)
+
+
 @pytest.mark.parametrize("call, error", [
     (lambda: data.generate("tickets", "base", 10, 0), UnknownName),
     (lambda: data.generate("moderation", "rainy-day", 10, 0), UnknownName),
     (lambda: data.generate("moderation", "base", 0, 0), InvalidData),
     (lambda: data.generate("moderation", "base", 10, 0, fraction=1.5), InvalidData),
     (lambda: data.generate("moderation", "base", 10, 0, priors={"angry": 1.0}), UnknownName),
+    (lambda: data.handwritten("moderation"), UnknownName),
+    (lambda: data.handwritten("support-tickets", "rainy-day"), UnknownName),
 ])
 def test_bad_arguments_raise_typed_errors(call, error):
     with pytest.raises(error):

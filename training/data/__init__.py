@@ -15,8 +15,8 @@ from training.data import advisor, moderation, support
 from training.data.lexicon import SCENARIOS, Lexicon, MessageSampler, Scenario
 from training.errors import InvalidData, LLMOpsError, UnknownName
 
-__all__ = ["DATASETS", "SCENARIOS", "Scenario", "generate", "labels_of", "summarize",
-           "true_labels", "write"]
+__all__ = ["DATASETS", "SCENARIOS", "Scenario", "generate", "handwritten", "labels_of",
+           "summarize", "true_labels", "write"]
 
 DATASETS: dict[str, Lexicon] = {"support-tickets": support.LEXICON, "moderation": moderation.LEXICON,
                                 "advisor-questions": advisor.LEXICON}
@@ -73,6 +73,24 @@ def true_labels(dataset: str, df: pd.DataFrame) -> pd.Series:
                       if SCENARIOS[scenario].relabel else label[intent]
                       for intent, scenario in zip(df.intent, df.scenario)],
                      index=df.index, name="label")
+
+
+HANDWRITTEN = Path(__file__).with_name("handwritten")
+
+
+def handwritten(dataset: str, scenario: str = "base") -> pd.DataFrame:
+    """Texts a person wrote for each intent of `dataset` (`handwritten/<dataset>.csv`: five per
+    intent of the base scenario, in other words than the generator's templates, some terse or
+    misspelt), labelled as `scenario` labels them: what the generated data cannot show, how
+    far its phrasings carry over to people's."""
+    path = HANDWRITTEN / f"{dataset}.csv"
+    if not path.exists():
+        raise UnknownName("hand-written dataset", dataset,
+                          sorted(p.stem for p in HANDWRITTEN.glob("*.csv")))
+    if scenario not in SCENARIOS:
+        raise UnknownName("scenario", scenario, list(SCENARIOS))
+    df = pd.read_csv(path).assign(scenario=scenario)
+    return df.assign(label=true_labels(dataset, df))
 
 
 def write(df: pd.DataFrame, path: str | Path) -> Path:
