@@ -6,7 +6,9 @@ personalised product recommendations and ends with the disclaimer. All behind th
 
 HTTP, under `/v1/advisor`:
 - `POST /chat {"message": "How risky is 60% SPY and 40% IEF over 10 years?"}`: the answer,
-  the tool call the service ran and its figures;
+  the tool call the service ran and its figures (`history`: the client's earlier messages, so
+  a follow-up such as "and over 20 years?" keeps the holdings; the OpenAI route reads them from
+  its `messages`);
 - `POST /chat/completions`: the same as an OpenAI chat completion with function calling, so
   the official client works with `base_url=.../v1/advisor`. A request whose `tools` offer
   `simulate_portfolio` gets the call back as `tool_calls` (finish_reason `tool_calls`) for the
@@ -60,6 +62,9 @@ app = create_app("llmops advisor", "The advisory chatbot: portfolio simulations,
 class AdviceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     message: str = Field(examples=["How risky is 60% SPY and 40% IEF over the next 10 years?"])
+    history: list[str] = Field(default_factory=list, description="the client's earlier "
+                               "messages of the conversation, oldest first: what a follow-up "
+                               "leaves out (holdings, horizon, profile) is read from them")
 
 
 class ToolChatRequest(BaseModel):
@@ -189,9 +194,14 @@ class AdvisorPipeline(Pipeline):
                                 lambda caller: self._simulate(request, caller))
 
     async def _chat(self, request: AdviceRequest | dict, caller: Caller) -> dict:
-        question = check_texts([parse(AdviceRequest, request).message], self.limits)[0]
+        request = parse(AdviceRequest, request)
+        question = check_texts([request.message], self.limits)[0]
+        if len(request.history) >= self.limits.max_messages:
+            raise InvalidRequest(f"history: at most {self.limits.max_messages - 1} earlier "
+                                 f"messages")
+        earlier = check_texts(request.history, self.limits) if request.history else []
         call, answer = await self.policies.apply(
-            "advise", [question], caller, lambda c: self._advise(c, run_tool=True))
+            "advise", [question], caller, lambda c: self._advise(c, True, earlier))
         return {**call.summary(answer.degraded, answer.served_by), "answer": answer.outputs[0],
                 **answer.payload}
 
@@ -204,12 +214,13 @@ class AdvisorPipeline(Pipeline):
             raise InvalidRequest("stream: the advisor answers whole (its answers are checked "
                                  "before they leave)")
         asked = last_user_message(request.messages, self.limits)
+        earlier = [m.text() for m in request.messages if m.role == "user"][:-1]
         returned = _tool_results(request.messages)
 
         async def work(c: Call) -> Answer:
             if returned:
                 return await self._quote(c, *returned)
-            return await self._advise(c, run_tool=not request.offers_tool())
+            return await self._advise(c, not request.offers_tool(), earlier)
 
         call, answer = await self.policies.apply("advise", [asked], caller, work)
         payload = answer.payload
@@ -225,14 +236,15 @@ class AdvisorPipeline(Pipeline):
                           "total_tokens": answer.tokens},
                 "llmops": {**call.summary(answer.degraded, answer.served_by), **payload}}
 
-    async def _advise(self, call: Call, run_tool: bool) -> Answer:
-        """Classify the question, plan, run the tool (here, or hand the call to the client)."""
+    async def _advise(self, call: Call, run_tool: bool, earlier: list[str]) -> Answer:
+        """Classify the question, plan (`earlier`: the client's earlier messages), run the tool
+        (here, or hand the call to the client)."""
         question, rid = call.texts[0], call.request_id
         with self.pressure.track() as peak:
             async with self.log.on_failure(rid, [question], call.started, call.principal.tenant):
                 verdict = check_label(unwrap(await self._classify(Item(question, rid,
                                                                        fallback=peak))))
-        plan = dialogue.plan(question, verdict, _advice(call), self.config)
+        plan = dialogue.plan(question, verdict, _advice(call), self.config, earlier)
         result, tools = None, []
         if plan.arguments is not None:
             call_id = f"call_{rid}"
@@ -266,7 +278,7 @@ class AdvisorPipeline(Pipeline):
         action = "tool_call" if tools and result is None else plan.action
         payload = {"intent": plan.intent, "action": action, "refused": plan.refused,
                    "confidence": verdict["confidence"] if verdict else None,
-                   "missing": plan.missing, "tool_calls": tools,
+                   "missing": plan.missing, "carried": plan.carried, "tool_calls": tools,
                    "simulation": result, "disclaimer": self.config.disclaimer,
                    "models": {k: m.model_dump() for k, m in models.items()}}
         fallback = served_by([verdict]) if verdict else None

@@ -4,7 +4,8 @@ guardrail findings make a `Plan`; the plan is a tool call (`simulate_portfolio`)
 of its own, and `reply` writes the text once the tool's result is there.
 
 - `simulate`: with holdings and a horizon read, the tool call (never guessed arguments: what
-  is missing, or what the simulation refuses, is asked about instead);
+  is missing, or what the simulation refuses, is asked about instead); a follow-up takes what
+  it leaves out from the client's earlier messages, and its answer says which;
 - `explain`: the glossary's entries for the measures the question names;
 - `recommend`: the refusal. A personalised product recommendation is refused whenever the
   classifier says `recommend` (or keeps it among its candidates) or the `advice` guardrail
@@ -17,6 +18,7 @@ Every answer ends with the disclaimer, and passes the numbers check (`serve_apps
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from serve_apps.portfolio import InvalidPortfolio, SimulationRequest, request_of
@@ -81,6 +83,7 @@ class Plan:
     refused: bool = False
     missing: list[str] = field(default_factory=list)
     problem: str | None = None  # why the read arguments cannot be simulated
+    carried: list[str] = field(default_factory=list)  # arguments from earlier messages
 
     @property
     def action(self) -> str:
@@ -91,14 +94,16 @@ class Plan:
         return {"explain": "explain", "recommend": "refuse"}.get(self.intent, "answer")
 
 
-def plan(question: str, verdict: dict, advice_found: bool, config) -> Plan:
-    """The plan for `question` (`config`: the advisor's `AdvisorAppConfig`)."""
+def plan(question: str, verdict: dict, advice_found: bool, config,
+         earlier: Sequence[str] = ()) -> Plan:
+    """The plan for `question` (`config`: the advisor's `AdvisorAppConfig`; `earlier`: the
+    client's earlier messages of the conversation, oldest first)."""
     intent = verdict["label"]
     refused = advice_found or "recommend" in (verdict.get("candidates") or [intent])
     out = Plan(intent, refused=refused)
     if intent == "simulate":
-        slots = extract(question, config.portfolio)
-        out.missing = slots.missing
+        slots = extract(question, config.portfolio, earlier)
+        out.missing, out.carried = slots.missing, slots.carried
         if not slots.missing:
             arguments = slots.arguments({"paths": config.paths, "seed": config.seed})
             try:
@@ -129,9 +134,19 @@ def reply(p: Plan, result: dict | None, config) -> str:
     """The answer's text: the plan's own (or the simulation quoted), the refusal, the
     disclaimer."""
     parts = [compose(result, p.arguments["horizon_years"]) if result is not None else p.text]
+    if p.carried and p.arguments is not None:
+        parts.insert(0, f"As in your earlier messages: {_carried(p)}.")
     if p.refused:
         parts.append(config.refusal)
     return " ".join([part for part in parts if part] + [config.disclaimer])
+
+
+def _carried(p: Plan) -> str:
+    """What a follow-up took from earlier messages, in words (no figure: those are the tool's)."""
+    said = {"holdings": f"your holdings ({', '.join(p.arguments['holdings'])})",
+            "horizon_years": "the horizon",
+            "risk_profile": f"the {p.arguments.get('risk_profile')} profile"}
+    return ", ".join(said[name] for name in p.carried)
 
 
 def fixed_text(config) -> str:

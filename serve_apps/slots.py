@@ -5,12 +5,15 @@ Deterministic, so the same question always makes the same tool call (and an audi
 trust the recorded arguments). Holdings are the names the portfolio settings know (tickers
 and asset classes, any case; "us equity" for `us_equity`) with a weight beside them: a
 percentage or a fraction, before or after the name. What cannot be read is listed in
-`missing`, for the chatbot to ask about, never guessed.
+`missing`, for the chatbot to ask about, never guessed. A follow-up ("and over 20 years?")
+takes what it leaves out from the client's earlier messages of the conversation, the newest
+that has it, and says so (`carried`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from serve_apps.portfolio_config import PortfolioConfig
@@ -28,6 +31,7 @@ class Slots:
     horizon_years: float | None = None
     risk_profile: str | None = None
     missing: list[str] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)  # read from earlier messages
 
     def arguments(self, defaults: dict) -> dict:
         """The simulation's arguments: what was read, then `defaults` (paths, seed, profile)."""
@@ -77,11 +81,22 @@ def horizon_years(text: str) -> float | None:
     return round(value / 12, 4) if m.group(2).lower().startswith("month") else value
 
 
-def extract(text: str, config: PortfolioConfig) -> Slots:
-    """The simulation's arguments found in `text`, and the names of those that are not."""
-    slots = Slots(holdings(text, config), horizon_years(text), next(
+def _read(text: str, config: PortfolioConfig) -> Slots:
+    return Slots(holdings(text, config), horizon_years(text), next(
         (p for p in config.profiles if re.search(rf"\b{re.escape(p)}\b", text, re.IGNORECASE)),
         None))
+
+
+def extract(text: str, config: PortfolioConfig, earlier: Sequence[str] = ()) -> Slots:
+    """The simulation's arguments found in `text`, or else in the newest of the `earlier`
+    messages (oldest first) that has them, and the names of those found in neither."""
+    slots = _read(text, config)
+    for before in reversed(earlier):
+        old = _read(before, config)
+        for name in ("holdings", "horizon_years", "risk_profile"):
+            if not getattr(slots, name) and getattr(old, name):
+                setattr(slots, name, getattr(old, name))
+                slots.carried.append(name)
     if not slots.holdings:
         slots.missing.append("holdings")
     if slots.horizon_years is None:

@@ -154,8 +154,9 @@ def test_the_advise_scope_guards_it_and_handles_state_their_principal(advisor):
     assert _llmops(advisor, "audit", "replay", out["request_id"]).returncode == 0
 
 
-def _chat(advisor: Advisor, message: str) -> dict:
-    r = httpx.post(f"{advisor.url}/v1/advisor/chat", json={"message": message},
+def _chat(advisor: Advisor, message: str, history: list[str] = ()) -> dict:
+    r = httpx.post(f"{advisor.url}/v1/advisor/chat", json={"message": message,
+                                                          "history": list(history)},
                    headers=advisor.headers, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
@@ -185,6 +186,13 @@ def test_the_chat_simulates_what_it_reads_quotes_it_exactly_and_is_replayed(advi
     record = find(advisor.settings.audit_dir, out["request_id"])
     assert record["scope"] == "advise" and record["output"] == [answer]
     assert record["models"] == [{"classifier": "advisor-intent/1:champion"}]
+    # a follow-up: what it leaves out comes from the conversation's earlier message
+    again = _chat(advisor, "Can you project it over 5 years?", [question])
+    assert again["action"] == "simulate" and again["carried"] == ["holdings", "risk_profile"]
+    [tool] = again["tool_calls"]
+    assert (tool["arguments"]["holdings"], tool["arguments"]["horizon_years"]) == (
+        {"VTI": 0.7, "TLT": 0.3}, 5)
+    assert again["answer"].startswith("As in your earlier messages: your holdings (VTI, TLT)")
 
 
 def test_the_chat_asks_explains_and_refuses_recommendations(advisor):

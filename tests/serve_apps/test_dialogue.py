@@ -44,6 +44,32 @@ def test_what_cannot_be_read_is_asked_for_never_guessed(question, missing):
     assert check(text, [], question, fixed_text(CONFIG)) == text
 
 
+def test_a_follow_up_keeps_what_it_leaves_out_from_the_earlier_messages_and_says_so():
+    """"and over 20 years?" after a simulation: the newest earlier holdings and profile, its own
+    horizon; what no message gave is still asked for; its own holdings win over earlier ones."""
+    earlier = ["How risky is 70% VTI and 30% TLT over 15 years? I'm conservative.",
+               "And what is CVaR?"]
+    p = plan("and over 20 years?", verdict("simulate"), False, CONFIG, earlier)
+    assert p.action == "simulate" and p.carried == ["holdings", "risk_profile"]
+    assert (p.arguments["holdings"], p.arguments["horizon_years"],
+            p.arguments["risk_profile"]) == ({"VTI": 0.7, "TLT": 0.3}, 20.0, "conservative")
+    result = simulate(p.arguments, CONFIG.portfolio, workers=0)
+    text = reply(p, result, CONFIG)
+    assert text.startswith("As in your earlier messages: your holdings (VTI, TLT), the "
+                           "conservative profile.") and "Over 20 years" in text
+    assert check(text, [result], "and over 20 years?", fixed_text(CONFIG)) == text
+    switched = plan("what about 50% SPY and 50% IEF?", verdict("simulate"), False, CONFIG, earlier)
+    assert switched.arguments["holdings"] == {"SPY": 0.5, "IEF": 0.5}
+    assert (switched.arguments["horizon_years"], switched.carried) == (15.0, ["horizon_years",
+                                                                             "risk_profile"])
+    asked = plan("and over 20 years?", verdict("simulate"), False, CONFIG, ["hello there"])
+    assert asked.action == "ask" and asked.missing == ["holdings"] and asked.carried == []
+    fresh = plan("What could 60% SPY and 40% IEF do over 5 years?", verdict("simulate"), False,
+                 CONFIG, earlier)
+    assert fresh.carried == ["risk_profile"] and "earlier" in reply(fresh, simulate(
+        fresh.arguments, CONFIG.portfolio, workers=0), CONFIG)
+
+
 def test_a_portfolio_the_simulation_refuses_is_explained_not_run():
     question = "Simulate 60% SPY and 30% IEF over 10 years"
     p = plan(question, verdict("simulate"), False, CONFIG)
