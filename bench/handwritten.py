@@ -16,7 +16,6 @@ relabelled, rightly, and retired.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.settings import load_settings  # noqa: E402
+from stack import report  # noqa: E402
+
 from training.registry import CHAMPION, REFERENCE_FILE, Registry  # noqa: E402
 
 MODEL, DATASET = "support-router", "support-tickets"
@@ -104,15 +104,7 @@ def measure(settings, version: str | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", default=None, help="default: the champion")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    report_to, sys.stdout = sys.stdout, sys.stderr  # what libraries print: not the report
-    settings = load_settings(args.config, overrides={"data_dir": args.data_dir}
-                             if args.data_dir else None)
-    result = measure(settings, args.version)
-    print(json.dumps(result, indent=None if args.json else 2), file=report_to)
+    report(parser, lambda settings, args: measure(settings, args.version))
 
 
 if __name__ == "__main__":

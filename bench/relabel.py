@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.settings import load_settings  # noqa: E402
+from stack import report  # noqa: E402
+
 from training.registry import GOLDEN_FILE, REFERENCE_FILE, Registry  # noqa: E402
 
 MODEL, DATASET, SCENARIO = "support-router", "support-tickets", "concept-shift"
@@ -146,15 +146,8 @@ def main() -> None:
     parser.add_argument("--asked", choices=("random", "queue"), default="random",
                         help="which tickets get the labels")
     parser.add_argument("--seed", type=int, default=5)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    report_to, sys.stdout = sys.stdout, sys.stderr  # what libraries print: not the report
-    settings = load_settings(args.config, overrides={"data_dir": args.data_dir}
-                             if args.data_dir else None)
-    result = measure(settings, args.version, args.labels, args.seed, args.asked)
-    print(json.dumps(result, indent=None if args.json else 2), file=report_to)
+    report(parser, lambda settings, args: measure(settings, args.version, args.labels,
+                                                  args.seed, args.asked))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""What the serving benchmarks share: settings on a data dir (a scratch one with every task's
+"""What the benchmarks share: settings on a data dir (a scratch one with every task's
 configured architecture registered untrained, or one holding trained champions), the texts they
-send, and a local Ray head with the platform's environment and its Serve cluster."""
+send, and a local Ray head with the platform's environment and its Serve cluster; the main of
+an offline benchmark (`report`)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 import tempfile
@@ -70,6 +73,20 @@ def platform(data_dir: str | None, overrides: dict | None = None, versions: int 
     for _ in range(0 if data_dir else versions):
         register_untrained(settings, registry)
     return settings, registry
+
+
+def report(parser: argparse.ArgumentParser,
+           measure: Callable[[Settings, argparse.Namespace], dict]) -> None:
+    """An offline benchmark's main: `parser` gains `--data-dir`, `--config` and `--json`; what
+    libraries print goes to stderr, the report of `measure(settings, args)` alone to stdout."""
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    report_to, sys.stdout = sys.stdout, sys.stderr
+    settings = load_settings(args.config, overrides={"data_dir": args.data_dir}
+                             if args.data_dir else None)
+    print(json.dumps(measure(settings, args), indent=None if args.json else 2), file=report_to)
 
 
 def sample_texts(seed: int) -> dict[str, list[str]]:
