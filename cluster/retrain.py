@@ -51,11 +51,9 @@ class RetrainSteps:
                                    if trigger == "drift" and state.drift_onset else None)
         except InvalidData as exc:
             return c._hold(state, str(exc))
-        unseen = self._unseen_moves(recent, data.notes) if trigger == "drift" else {}
-        if unseen and time.time() - state.since < c.settings.controller.label_wait_s:
-            return c._hold(state, "waiting for labels: feedback suggests " + ", ".join(
-                f"{m} ({why})" for m, why in unseen.items())
-                + ", too few labels to tell a concept shift from noise")
+        waiting = self._waiting(recent, data.notes) if trigger == "drift" else None
+        if waiting and time.time() - state.since < c.settings.controller.label_wait_s:
+            return c._hold(state, f"waiting for labels: {waiting}")
         retrain_id = f"retrain-{c.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         data.sources = self._sources(recent, champion)
         data.save(c.work / retrain_id / "data")
@@ -70,6 +68,22 @@ class RetrainSteps:
                      retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
                      detail={k: v for k, v in data.notes.items()
                              if k in ("contradictions", "teacher_relabelled")})
+
+    def _waiting(self, recent: pd.DataFrame, notes: dict) -> str | None:
+        """Why a retrain on drift waits for labels, if it does: moves the labels cannot show
+        yet (`_unseen_moves`), or a concept shift found on fewer labels since the onset than
+        `controller.concept_shift_labels` (the first hundred reach only part of the moved
+        regions, and what they miss keeps its old label in the replay)."""
+        unseen = self._unseen_moves(recent, notes)
+        if unseen:
+            return ("feedback suggests " + ", ".join(f"{m} ({why})" for m, why in unseen.items())
+                    + ", too few labels to tell a concept shift from noise")
+        need = self.c.settings.controller.concept_shift_labels
+        if notes.get("concept_shift") and notes["labelled"] < need:
+            moved = ", ".join(notes["contradictions"]["moved"])
+            return (f"a concept shift ({moved}) found on {notes['labelled']} labels since the "
+                    f"drift; its retrain waits for {need}")
+        return None
 
     def _unseen_moves(self, recent: pd.DataFrame, notes: dict) -> dict[str, str]:
         """The moves ("A -> B": why) the retraining set's contradiction check suspected but

@@ -100,6 +100,11 @@ class ControllerConfig(BaseModel):
                                 "for labels while feedback suggests a move with too few "
                                 "labels to tell from noise (a concept shift found by its "
                                 "first labels)")
+    concept_shift_labels: int = Field(200, ge=0, description="labels since the drift's onset "
+                                      "a retrain on a concept shift waits for, up to "
+                                      "label_wait_s: the replay is relabelled as far as the "
+                                      "labels reach the moved regions (a retrain on 107 learnt "
+                                      "part of a reorganisation and needed a second)")
     retrain_workers: int = Field(2, ge=1, description="Ray Train workers of a retrain")
     retrain_cpus_per_worker: float = Field(0.02, gt=0, description="what each asks of the "
                                            "scheduler: a retrain shares the nodes with serving")

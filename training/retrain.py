@@ -74,6 +74,7 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
         # where the concept moved, recent labels judge: a golden row of a moved label that was
         # not found contradicted may still be, so the no-forgetting check skips them
         original = tables["golden"][~tables["golden"].label.astype(str).isin(found.sources)]
+    notes["labelled"] = len(recent)  # since the onset
     train, validation = _mix(tables["replay"], pd.concat([learn.assign(**{RECENT: True}),
                                                           tables[PRE_DRIFT]]), config, seed)
     return TaskData(train=train, validation=validation,

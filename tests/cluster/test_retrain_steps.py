@@ -1,7 +1,7 @@
 """When a retrain on drift waits for labels (`cluster/retrain.py`): a move the contradiction
 check suspects and the champion's confident mistakes say too; a move found on single labels;
-and, once a concept shift is found, a pair the confident mistakes keep saying that no move
-found explains."""
+once a concept shift is found, a pair the confident mistakes keep saying that no move found
+explains; and a concept shift found on fewer labels than `controller.concept_shift_labels`."""
 
 from types import SimpleNamespace
 
@@ -32,3 +32,16 @@ def test_a_found_concept_shift_waits_for_the_moves_its_confident_mistakes_still_
     # suspected by the contradiction check and said by two confident mistakes: it waits too
     suspected = {**found, "suspected_moves": {"refund -> billing": 2}}
     assert steps._unseen_moves(fewer, suspected) == {"refund -> billing": "2 labelled rows"}
+
+
+def test_a_concept_shift_found_on_its_first_labels_waits_for_more():
+    steps = RetrainSteps(SimpleNamespace(settings=load_settings(environ={})))
+    need = steps.c.settings.controller.concept_shift_labels
+    recent = _labelled({(label, label): 20 for label in ("billing", "refund", "technical")})
+    found = {"concept_shift": "refund -> billing (40 replay rows relabelled)",
+             "contradictions": {"moved": {"refund -> billing": 40}}}
+    assert steps._waiting(recent, {**found, "labelled": need - 1}) == (
+        f"a concept shift (refund -> billing) found on {need - 1} labels since the drift; its "
+        f"retrain waits for {need}")
+    assert steps._waiting(recent, {**found, "labelled": need}) is None
+    assert steps._waiting(recent, {"labelled": 10}) is None  # no concept shift: new inputs

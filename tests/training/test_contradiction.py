@@ -213,7 +213,8 @@ def test_the_retraining_set_and_the_next_golden_set_follow_the_new_concept(tmp_p
     assert back.golden.equals(data.golden) and back.notes == data.notes
     off = retraining_data(recent, REPLAY, GOLDEN, config.model_copy(
         update={"resolve_contradictions": False}))
-    assert off.golden.equals(GOLDEN) and not off.notes and len(off.holdouts[ORIGINAL]) == len(GOLDEN)
+    assert off.golden.equals(GOLDEN) and off.notes == {"labelled": 300}  # labels, no moves
+    assert len(off.holdouts[ORIGINAL]) == len(GOLDEN)
     relabelled = retraining_data(recent, REPLAY, GOLDEN, config.model_copy(
         update={"contradicted_replay": "relabel"}))  # (the default)
     mix = pd.concat([relabelled.train, relabelled.validation])
