@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from fastapi import FastAPI, Response
 from pydantic import BaseModel
@@ -96,9 +96,11 @@ class Pipeline:
 
 class TextsPipeline(Pipeline):
     """An application answering each text of a `TextsRequest` with one classifier decision: the
-    texts go through the policy chain together, each is decided by `decide` at once (their
-    classifier calls batched across requests), the decisions are logged for the drift checks,
-    and `respond` shapes the answer once the output policies have seen its texts."""
+    texts go through the policy chain together, each is decided at once (their classifier calls
+    batched across requests), the decisions are logged for the drift checks, and the answer is
+    shaped once the output policies have seen its texts. A subclass defines both ends:
+    `decide(item) -> Decided` (or the exception that failed that text) and
+    `respond(call, answer)` (its response model)."""
 
     method: ClassVar[str]  # the handle method's name (callers and audit records use it)
     scope: ClassVar[str]  # the scope its callers' tokens need
@@ -131,11 +133,3 @@ class TextsPipeline(Pipeline):
                       sum(d.decision["tokens"] + d.tokens for d in done),
                       any(d.degraded for d in done) or fallback is not None,
                       [d.result for d in done], served_by=fallback)
-
-    async def decide(self, item: Item) -> Decided | Exception:
-        """One text's decision, or the exception that failed it."""
-        raise NotImplementedError
-
-    def respond(self, call: Call, answer: Answer) -> Any:
-        """The response model, with the texts as the output policies left them."""
-        raise NotImplementedError
