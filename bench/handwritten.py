@@ -35,15 +35,14 @@ def routing(model, df, error_rate: float) -> dict:
     from sklearn.metrics import f1_score
 
     from training.calibration import Calibration, prediction_set
+    from training.evaluate import expected_calibration_error
 
     out = model.predict(None, df[["text"]])
-    probs = out[[c for c in out if c.startswith("prob_")]].to_numpy()
+    probs = out[[f"prob_{label}" for label in model.meta["labels"]]].to_numpy()
     q = Calibration.of(model.meta).threshold(error_rate)
     answered = np.array([len(prediction_set(p, q)) == 1 for p in probs])
     right, conf = out.label.to_numpy() == df.label.to_numpy(), out.confidence.to_numpy()
-    bins = np.minimum((conf * 10).astype(int), 9)
-    ece = sum(abs(right[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
-              for b in np.unique(bins))
+    ece = expected_calibration_error(probs, df.label.map(model.meta["labels"].index).to_numpy())
     return {"texts": len(df), "accuracy": round(float(right.mean()), 4),
             "macro_f1": round(float(f1_score(df.label, out.label, average="macro")), 4),
             "ece": round(float(ece), 4), "answered": round(float(answered.mean()), 4),
