@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster import demo  # noqa: E402
+from cluster import demo, traffic  # noqa: E402
 from cluster.controller import Controller  # noqa: E402
 from cluster.loop import stop  # noqa: E402
 from cluster.settings import Settings, load_settings  # noqa: E402
@@ -96,8 +96,8 @@ def main() -> None:
     # lifted: the data dir's earlier runs count against a day's budgets too (each run sends
     # about 10,000 requests as the traffic tenant)
     settings.controller.max_retrains_per_day = 10**6
-    settings.serve.quota.tenants["traffic"] = settings.serve.quota.limits_for(
-        "traffic").model_copy(update={"requests_per_day": None, "tokens_per_day": None})
+    settings.serve.quota.tenants[traffic.TENANT] = settings.serve.quota.limits_for(
+        traffic.TENANT).model_copy(update={"requests_per_day": None, "tokens_per_day": None})
     settings_args = [x for flag, value in (("--config", args.config),
                                            ("--data-dir", args.data_dir)) if value
                      for x in (flag, value)]

@@ -23,6 +23,7 @@ LABELLING = ("queue", "random")  # which answers `--feedback` labels
 QUEUE_PAGE = 500  # the most a page of the label queue holds (its default max_limit)
 # application -> (dataset, path under its route prefix)
 TARGETS = {"support": ("support-tickets", "/route"), "moderation": ("moderation", "/")}
+TENANT = "traffic"  # the tenant generated traffic is charged to
 
 
 def token(settings: Settings) -> str:
@@ -30,7 +31,7 @@ def token(settings: Settings) -> str:
     support, feedback), signed with the platform's secret."""
     from serve_apps.auth import issue
 
-    return issue(settings.serve.auth, settings.data_dir, tenant="traffic",
+    return issue(settings.serve.auth, settings.data_dir, tenant=TENANT,
                  scopes=["moderate", "support", "feedback"], subject="llmops-traffic",
                  ttl_s=24 * 3600)
 
