@@ -9,13 +9,14 @@ import math
 import pandas as pd
 
 from cluster.settings import CanaryPolicy
-from monitoring.feedback import MIN_LABELS
+from monitoring.feedback import MIN_LABELS, feedback_scores
 from monitoring.log import SHADOW
 
 
 def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | None, str, dict]:
     """Champion against challenger over the same period (log rows with `variant`, `outcome`,
-    `latency_ms`, `confidence` and maybe `label`): None while the challenger has answered fewer
+    `latency_ms`, `confidence` and maybe feedback: `label`, or a generator's `correction` of its
+    `output`): None while the challenger has answered fewer
     than `min_requests`, else whether it may be promoted and why. Feedback accuracy fails it
     only past the allowance and two standard errors of chance. A shadowing challenger's
     answers count as the challenger's (its latency is the request's, so only the other
@@ -25,15 +26,15 @@ def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | Non
     for side in ("champion", "challenger"):
         part = rows[rows.variant == side]
         ok = part[part.outcome == "ok"]
-        labelled = ok[ok.label.notna()] if "label" in ok else ok.iloc[:0]
+        scores = feedback_scores(ok)
         stats[side] = {
             "requests": len(part),
             "error_rate": float((part.outcome != "ok").mean()) if len(part) else 0.0,
             "latency_p50_ms": float(ok.latency_ms.median()) if len(ok) else 0.0,
             "confidence": float(ok.confidence.mean()) if len(ok) else 0.0,
-            "labelled": len(labelled),
-            "accuracy": float((labelled.prediction == labelled.label).mean())
-            if len(labelled) else None}
+            "labelled": len(scores),
+            "accuracy": float(scores.mean()) if len(scores) else None,
+            "accuracy_variance": float(scores.var()) if len(scores) else None}
     ch, cc = stats["champion"], stats["challenger"]
     if cc["requests"] < policy.min_requests or ch["requests"] == 0:
         return None, f"challenger answered {cc['requests']} of {policy.min_requests}", stats
@@ -58,4 +59,4 @@ def canary_verdict(rows: pd.DataFrame, policy: CanaryPolicy) -> tuple[bool | Non
 def _chance(a: dict, b: dict) -> float:
     """The standard error of the difference of two sides' feedback accuracies: a drop within
     two of them is what 30-odd labels a side show by chance."""
-    return math.sqrt(sum(s["accuracy"] * (1 - s["accuracy"]) / s["labelled"] for s in (a, b)))
+    return math.sqrt(sum(s["accuracy_variance"] / s["labelled"] for s in (a, b)))

@@ -121,7 +121,9 @@ def _platform(cmds: _Commands) -> None:
              json=False)
     traffic = cmds.add("traffic", commands.cmd_traffic,
                        "send seeded traffic of a scenario to a running pipeline")
-    traffic.add_argument("app", help="support or moderation")
+    traffic.add_argument("app", help="support, moderation or chat")
+    traffic.add_argument("--model", help="chat: the generator asked (default: chat's own); its "
+                         "answers get their reference texts as corrections")
     traffic.add_argument("--scenario", default="base")
     traffic.add_argument("--n", type=int, default=500, help="requests (one text each)")
     traffic.add_argument("--fraction", type=float, default=1.0,
@@ -130,9 +132,10 @@ def _platform(cmds: _Commands) -> None:
     traffic.add_argument("--concurrency", type=int, default=8)
     traffic.add_argument("--feedback", type=float, default=0.0, metavar="SHARE",
                          help="share of answered requests to label with the true label")
-    traffic.add_argument("--labelling", choices=["queue", "random"], default="queue",
+    traffic.add_argument("--labelling", choices=["queue", "random"], default=None,
                          help="which answers get labels: the platform's queue of pending "
-                              "labels (most useful first) or a seeded random draw")
+                              "labels (most useful first; the default) or a seeded random "
+                              "draw (chat's corrections, always)")
 
 
 def _cluster(cmds: _Commands) -> None:
@@ -172,6 +175,9 @@ def _loop(cmds: _Commands) -> None:
     demo = cmds.add("demo", commands.cmd_demo, "the whole loop on this machine: train, serve, "
                     "drift, retrain, gate, canary, promote")
     demo.add_argument("--scenario", default="new-product", help="the drift to mix in")
+    demo.add_argument("--model", default="support-router", help="the model whose loop runs: "
+                      "the support router (support traffic, labels), or a generator such as "
+                      "rewriter (chat traffic, corrected answers)")
     demo.add_argument("--teardown", action="store_true", help="stop everything at the end")
     demo.add_argument("--canary-fraction", type=float, default=0.5, help="the demo's canary "
                       "answers this share (one or two bursts of traffic judge it); the "

@@ -142,16 +142,18 @@ def cmd_lineage(args) -> Output:
 
 
 def cmd_traffic(args) -> Output:
-    from cluster.traffic import send, token
+    from cluster.traffic import chat_target, send, token
     from serve_apps.tls import client_context
 
     settings = settings_of(args)
     app = getattr(settings.serve, args.app, None)
     prefix = app.route_prefix if app is not None else ""
+    chat = chat_target(settings, args.model) if args.app == "chat" else None
     report = send(settings.serve.url, args.app, prefix, args.scenario, args.n, args.seed,
                   args.fraction, args.concurrency, args.feedback,
                   settings.serve.feedback.route_prefix, token(settings),
-                  client_context(settings.serve.tls), args.labelling)
+                  client_context(settings.serve.tls),
+                  args.labelling or ("random" if chat else "queue"), chat)
     return Output(report, lambda p: (f"{p['requests']} requests ({p['scenario']}) to {p['url']}: "
                                      f"{p['ok']} ok, {p['failed']} failed, {p['rps']} req/s, "
                                      f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms; "
@@ -262,7 +264,8 @@ def cmd_demo(args) -> Output:
     passed = [(flag, getattr(args, name, None)) for flag, name in (
         ("--config", "config"), ("--data-dir", "data_dir"), ("--mlflow-uri", "mlflow_uri"))]
     summary = demo.run(settings, [x for flag, value in passed if value for x in (flag, value)],
-                       args.scenario, args.teardown, lambda text: print(text, flush=True))
+                       args.scenario, args.teardown, lambda text: print(text, flush=True),
+                       model=args.model)
 
     return Output(summary, views.demo, exit_code=0 if summary["requests_failed"] == 0 else 1)
 

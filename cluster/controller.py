@@ -194,9 +194,11 @@ class Controller:
         from serve_apps.model_config import CanaryConfig
         from training.refs import UnknownModel
 
+        # an adapter's canary splits its requests: a request gets one version or the other
+        adapter = self.settings.training.task(self.model).method == "lora"
         canary = None if version is None else CanaryConfig(
             model=reference(self.model, version), fraction=policy.fraction,
-            shadow=policy.shadow)
+            shadow=policy.shadow and not adapter)
         try:
             set_canary(self.serve(), self.model, self.registry.tracking_uri, canary)
         except UnknownModel:

@@ -1,7 +1,8 @@
 """`llmops demo`: the whole loop on one machine. Trains and registers the first champions if
 absent, deploys the pipelines, starts the support router's controller, replays clean traffic,
 then a drift scenario with feedback labels, and prints the controller's transitions as they
-happen until the retrained router serves (or the loop stops at the gate or the canary)."""
+happen until the retrained router serves (or the loop stops at the gate or the canary). With
+`--model rewriter` the same for a generator: chat traffic, corrected answers as feedback."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from cluster import platform, runtime
 from cluster.loop import actor, control
 from cluster.settings import Settings
-from cluster.traffic import send, token
+from cluster.traffic import chat_target, send, token
 from serve_apps.tls import client_context
 from training.errors import LLMOpsError
 from training.registry import CHAMPION, Registry
@@ -61,21 +62,27 @@ def prepare(settings: Settings, settings_args: list[str], step: Callable[[str], 
 
 @dataclass
 class Traffic:
-    """The demo's traffic to the support pipeline, a `labels` share of each batch labelled as
-    human review would (`labelling`: from the platform's queue, or at random)."""
+    """The demo's traffic to the support pipeline (or, for a generator `model`, to chat), a
+    `labels` share of each batch labelled as human review would (`labelling`: from the
+    platform's queue, or at random; a generator's answers get their corrections at random)."""
 
     settings: Settings
     step: Callable[[str], None]
     labels: float = 0.3
     labelling: str = "queue"
+    model: str = MODEL
     reports: list = field(default_factory=list)
 
     def __call__(self, scenario: str, n: int, seed: int, fraction: float = 1.0,
                  labelled: bool = True) -> None:
         s = self.settings
-        r = send(s.serve.url, "support", s.serve.support.route_prefix, scenario, n, seed,
-                 fraction, 8, self.labels if labelled else 0.0, s.serve.feedback.route_prefix,
-                 token(s), client_context(s.serve.tls), self.labelling)
+        generator = s.training.task(self.model).kind == "causal-lm"
+        app = s.serve.chat if generator else s.serve.support
+        r = send(s.serve.url, "chat" if generator else "support", app.route_prefix, scenario, n,
+                 seed, fraction, 8, self.labels if labelled else 0.0,
+                 s.serve.feedback.route_prefix, token(s), client_context(s.serve.tls),
+                 "random" if generator else self.labelling,
+                 chat_target(s, self.model) if generator else None)
         self.reports.append(r)
         self.step(f"sent {n} {scenario} requests ({r['ok']} ok, {r['failed']} failed, "
                   f"{r['rps']} req/s), {r['feedback']['accepted']} labelled")
@@ -89,28 +96,28 @@ class Traffic:
 
 def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
                timeout_s: float = 900, labels: float = 0.3, labelling: str = "queue",
-               settle: int = 0) -> dict:
+               settle: int = 0, model: str = MODEL) -> dict:
     """Clean traffic, then `scenario` with feedback labels, with the router's controller running;
     follows its transitions until the loop ends (a new champion, new class priors confirmed,
     or a stop at the gate or the canary). With `settle`, the loop's outcome goes on answering
     the drifted traffic until it has answered `settle` requests with the controller still
     serving (the drift checks may find what a retrain missed, or that the drift is still
     there, and start again). Returns the figures:
-    when each step happened after the drift began, macro-F1 before and after, requests served
-    and failed, labels used."""
+    when each step happened after the drift began, macro-F1 (a generator's token F1) before
+    and after, requests served and failed, labels used."""
     registry = Registry(settings.registry, settings.data_dir)
-    old = registry.alias_version(MODEL, CHAMPION)
-    actor(settings, MODEL, start=True)
-    step(f"controller for {MODEL} v{old} running (Ray actor, Actors tab of the dashboard)")
-    traffic = Traffic(settings, step, labels, labelling)
-    seen, events, seed, shown = len(control(settings, MODEL, "events")), [], 3, 0
+    old = registry.alias_version(model, CHAMPION)
+    actor(settings, model, start=True)
+    step(f"controller for {model} v{old} running (Ray actor, Actors tab of the dashboard)")
+    traffic = Traffic(settings, step, labels, labelling, model)
+    seen, events, seed, shown = len(control(settings, model, "events")), [], 3, 0
     drifted = calm = 0  # drifted requests since the last transition; since it, while serving
     recovered_with, sent = None, time.time()  # labels when the loop last came back to serving
     started = time.time()
     traffic("base", 300, seed=1, labelled=False)
     onset = time.time()
     while time.time() - started < timeout_s:
-        for e in control(settings, MODEL, "events")[seen:]:
+        for e in control(settings, model, "events")[seen:]:
             step(f"{e['from']} -> {e['to']}: {e['reason']}")
             seen += 1
             events.append(e)
@@ -123,7 +130,7 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
         # once the checks have seen the last batch (a step every interval_s after the log's flush)
         if settled and (not settle or time.time() - sent > 2 * settings.controller.interval_s):
             break
-        current = control(settings, MODEL, "state")
+        current = control(settings, model, "state")
         if current["state"] in ("serving", "drift_suspected", "reweighted") and drifted < 2000 \
                 and not settled:
             traffic(scenario, 250, seed=seed)  # until the controller acts on it
@@ -136,21 +143,23 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
             time.sleep(3)
         seed += 1
     return _summary(registry, scenario, old, events, onset, traffic.totals(), recovered_with,
-                    settings.serve.support.classifier.error_rate)
+                    settings.serve.support.classifier.error_rate, model,
+                    settings.training.task(model))
 
 
 def _summary(registry: Registry, scenario: str, old: int, events: list[dict], onset: float,
-             totals: dict, recovered_with: int | None, error_rate: float | None) -> dict:
+             totals: dict, recovered_with: int | None, error_rate: float | None, model: str,
+             task) -> dict:
     def after(to: str, came_from: str | None = None, last: bool = False) -> float | None:
         found = [round(e["ts"] - onset, 1) for e in events
                  if e["to"] == to and came_from in (None, e["from"])]
         return (found[-1] if last else found[0]) if found else None
 
-    new = registry.alias_version(MODEL, CHAMPION)
+    new = registry.alias_version(model, CHAMPION)
     promotions = [e for e in events if (e["from"], e["to"]) == ("promoting", "serving")]
     outcome = "promoted" if promotions else events[-1]["from"] if events else "timed out"
     return {
-        "scenario": scenario, "model": MODEL, "old_champion": old, "new_champion": new,
+        "scenario": scenario, "model": model, "old_champion": old, "new_champion": new,
         "outcome": outcome, "retrains": sum(e["to"] == "retraining" for e in events),
         "promotions": len(promotions),
         "seconds_after_drift_onset": {
@@ -159,21 +168,25 @@ def _summary(registry: Registry, scenario: str, old: int, events: list[dict], on
             "challenger_registered": after("evaluating", "retraining"),
             "new_champion_serving": after("serving", "promoting", last=True),
             "priors_confirmed": after("serving", "reweighted")},
-        "macro_f1": quality(registry, scenario, old, new, error_rate), **totals,
+        **({"macro_f1": quality(registry, scenario, old, new, error_rate)}
+           if task.kind == "classification" else
+           {"token_f1": generation_quality(registry, model, task, scenario, old, new)}),
+        **totals,
         # the labels sent until the loop last came back to serving (all of them if it never did)
         "labels_used": totals["labels_used"] if recovered_with is None else recovered_with,
         "labels_sent": totals["labels_used"]}
 
 
 def run(settings: Settings, settings_args: list[str], scenario: str, teardown: bool,
-        say: Callable[[str], None], timeout_s: float = 900) -> dict:
+        say: Callable[[str], None], timeout_s: float = 900, model: str = MODEL) -> dict:
     started = time.time()
 
     def step(text: str) -> None:
         say(f"[{time.time() - started:6.0f} s] {text}")
 
+    settings.training.task(model)  # a task the demo can train and loop on, before any work
     prepare(settings, settings_args, step)
-    summary = drift_loop(settings, scenario, step, timeout_s)
+    summary = drift_loop(settings, scenario, step, timeout_s, model=model)
     summary |= {
         "seconds_total": round(time.time() - started, 1),
         "where_to_look": {
@@ -232,3 +245,22 @@ def quality(registry: Registry, scenario: str, old: int, new: int,
             "recovered": round(on_drift[served] / before, 3),
             "served_on_drifted_traffic": abstention_metrics(models[new], drifted, error_rate,
                                                             weights, noisy.label)}
+
+
+def generation_quality(registry: Registry, model: str, task, scenario: str, old: int,
+                       new: int, rows: int = 300) -> dict:
+    """A generator's token F1 (`training.evaluate.token_f1`) on fresh prompts of its task
+    against their reference texts: the old champion on clean prompts (the level to recover),
+    each version on the drifted ones, and the recovered share."""
+    from training.data import generate
+    from training.evaluate import GENERATION_METRIC, score
+
+    models = {v: registry.load_model(model, v) for v in {old, new}}
+    clean, drifted = (generate(task.dataset, s, rows, seed=4242, priors=task.label_priors)
+                      for s in ("base", scenario))
+    before = score(models[old], clean, GENERATION_METRIC)
+    on_drift = {f"v{v}": round(score(m, drifted, GENERATION_METRIC), 4)
+                for v, m in sorted(models.items())}
+    return {"clean_traffic_before_drift": round(before, 4), "drifted_traffic": on_drift,
+            "recovered": round(on_drift[f"v{new}"] / before, 3)}
+

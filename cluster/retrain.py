@@ -15,7 +15,7 @@ import pandas as pd
 
 from cluster.state import ControllerState
 from training import lineage
-from training.refs import RETRAIN_TAG, reference
+from training.refs import RETRAIN_TAG, reference, resolve
 from training.registry import CHAMPION, GOLDEN_FILE, REFERENCE_FILE
 
 
@@ -31,7 +31,7 @@ class RetrainSteps:
         from monitoring.log import FEEDBACK, read, with_feedback
         from training import teacher
         from training.errors import InvalidData
-        from training.retrain import retraining_data
+        from training.retrain import generation_retraining_data, retraining_data
 
         c = self.c
         champion = c.registry.alias_version(c.model, CHAMPION)
@@ -41,17 +41,20 @@ class RetrainSteps:
         recent = with_feedback(read(c.settings.log_uri, model=c.model, outcome="ok",
                                     since=since, last=c.settings.controller.recent_rows),
                                read(c.settings.log_uri, FEEDBACK))
+        onset = datetime.fromtimestamp(state.drift_onset, UTC) \
+            if trigger == "drift" and state.drift_onset else None
+        tables = (recent, c.registry.run_data(c.model, champion, REFERENCE_FILE),
+                  c.registry.run_data(c.model, champion, GOLDEN_FILE), c.settings.training.retrain,
+                  c.settings.training.seed)
+        classifier = c.settings.training.task(c.model).kind == "classification"
         try:
-            data = retraining_data(recent, c.registry.run_data(c.model, champion, REFERENCE_FILE),
-                                   c.registry.run_data(c.model, champion, GOLDEN_FILE),
-                                   c.settings.training.retrain, c.settings.training.seed,
-                                   functools.partial(teacher.fit, c.settings.training, c.registry,
-                                                     c.model, reference(c.model, champion)),
-                                   onset=datetime.fromtimestamp(state.drift_onset, UTC)
-                                   if trigger == "drift" and state.drift_onset else None)
+            data = retraining_data(*tables, functools.partial(
+                teacher.fit, c.settings.training, c.registry, c.model,
+                reference(c.model, champion)), onset=onset) if classifier \
+                else generation_retraining_data(*tables, onset=onset)
         except InvalidData as exc:
             return c._hold(state, str(exc))
-        waiting = self._waiting(recent, data.notes) if trigger == "drift" else None
+        waiting = self._waiting(recent, data.notes) if trigger == "drift" and classifier else None
         if waiting and time.time() - state.since < c.settings.controller.label_wait_s:
             return c._hold(state, f"waiting for labels: {waiting}")
         retrain_id = f"retrain-{c.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -62,7 +65,8 @@ class RetrainSteps:
         shift = data.notes.get("concept_shift")
         return c._to(state, "retraining",
                      f"{trigger}: fine-tune on {len(data.train)} rows "
-                     f"({len(data.holdouts['recent'])} recent labelled held out)"
+                     f"({len(data.holdouts['recent'])} recent "
+                     f"{'labelled' if classifier else 'corrected'} held out)"
                      + (f"; concept shift, feedback contradicts: {shift}" if shift else ""),
                      trigger=trigger, champion=champion, challenger=None,
                      retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
@@ -113,8 +117,13 @@ class RetrainSteps:
     def _submit(self, state: ControllerState) -> None:
         c = self.c
         folder = c.work / state.retrain_id
-        # fine-tune the champion's weights, not a fresh model
-        config = c.job_settings(folder, reference(c.model, state.champion))
+        # fine-tune the champion's weights, not a fresh model; a LoRA task's champion is an
+        # adapter, not a base: a new adapter trains on the exact base the champion's was
+        # trained on (a registry base stays pinned to that version)
+        champion = reference(c.model, state.champion)
+        if c.settings.training.task(c.model).method == "lora":
+            champion = resolve(champion, c.registry.tracking_uri).base
+        config = c.job_settings(folder, champion)
         # (no runtime_env: the command sets the platform's environment for its own driver)
         c.job_client().submit_job(
             submission_id=state.retrain_id,

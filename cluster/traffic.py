@@ -1,6 +1,8 @@
 """A load generator for the running stack: seeded traffic of any drift scenario, sent to a
-pipeline over HTTP, one text per request, from a few concurrent clients. For demos, drift
-drills and smoke tests (`llmops traffic support --scenario new-product`)."""
+pipeline over HTTP, one text per request, from a few concurrent clients, and the feedback human
+review would give (a classifier answer's true label, a generated answer's reference text as its
+correction). For demos, drift drills and smoke tests (`llmops traffic support --scenario
+new-product`, `llmops traffic chat --model rewriter`)."""
 
 from __future__ import annotations
 
@@ -21,31 +23,48 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per reque
 MAX_WAIT_S = 10.0
 LABELLING = ("queue", "random")  # which answers `--feedback` labels
 QUEUE_PAGE = 500  # the most a page of the label queue holds (its default max_limit)
-# application -> (dataset, path under its route prefix)
-TARGETS = {"support": ("support-tickets", "/route"), "moderation": ("moderation", "/")}
+# application -> (dataset, path under its route prefix); chat's texts are a generator's
+# prompts (its task's dataset)
+TARGETS = {"support": ("support-tickets", "/route"), "moderation": ("moderation", "/"),
+           "chat": (None, "/chat/completions")}
 TENANT = "traffic"  # the tenant generated traffic is charged to
 
 
 def token(settings: Settings) -> str:
     """A development token of tenant `traffic` with the scopes traffic needs (moderate,
-    support, feedback), signed with the platform's secret."""
+    support, chat, feedback), signed with the platform's secret."""
     from serve_apps.auth import issue
 
     return issue(settings.serve.auth, settings.data_dir, tenant=TENANT,
-                 scopes=["moderate", "support", "feedback"], subject="llmops-traffic",
+                 scopes=["moderate", "support", "chat", "feedback"], subject="llmops-traffic",
                  ttl_s=24 * 3600)
+
+
+def chat_target(settings: Settings, model: str | None) -> tuple[str, dict[str, float]]:
+    """The generator chat traffic asks (`model`, or the chat application's own) and the
+    dataset and label mix its prompts are drawn from (its task's)."""
+    from training.refs import model_name
+
+    model = model or model_name(settings.serve.chat.generator.model)
+    task = settings.training.task(model)
+    if task.kind != "causal-lm":
+        raise LLMOpsError(f"chat traffic asks a generator; {model} is a {task.kind} model")
+    return model, {"dataset": task.dataset, "priors": task.label_priors}
 
 
 def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed: int,
          fraction: float, concurrency: int, feedback: float = 0.0,
          feedback_prefix: str = "/v1/feedback", bearer: str | None = None,
-         verify: ssl.SSLContext | bool = True, labelling: str = "queue") -> dict:
+         verify: ssl.SSLContext | bool = True, labelling: str = "queue",
+         chat: tuple[str, dict] | None = None) -> dict:
     """Send `n` generated texts (with the `bearer` token; over HTTPS verified by `verify`, as
     `serve_apps.tls.client_context` gives it); the report counts answers by status code and
     gives latency. A `feedback` share of the answered requests then gets its true label
     through the feedback application, as human review would (the labels retraining learns
     from): the ones the platform's queue of pending labels puts first (`labelling` queue), or
-    a seeded random draw (random)."""
+    a seeded random draw (random). Chat traffic (`chat`: the generator asked and where its
+    prompts come from, `chat_target`) gets corrections instead: each prompt's reference text,
+    at random (the queue lists classifier answers)."""
     import httpx
 
     if app not in TARGETS:
@@ -56,23 +75,35 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
         raise LLMOpsError(f"--feedback is a share between 0 and 1, got {feedback}")
     if labelling not in LABELLING:
         raise LLMOpsError(f"--labelling is one of {', '.join(LABELLING)}, not {labelling!r}")
+    if app == "chat" and (chat is None or labelling != "random"):
+        raise LLMOpsError("chat traffic asks a generator (`chat_target`) and corrects its "
+                          "answers at random (--labelling random)")
     dataset, path = TARGETS[app]
-    rows = generate(dataset, scenario, n, seed, fraction)
+    model, data = chat or (None, {"dataset": dataset, "priors": None})
+    rows = generate(data["dataset"], scenario, n, seed, fraction, priors=data["priors"])
+    truth = rows.rewrite if model else rows.label
+
+    def body(text: str) -> dict:
+        return {"model": model, "messages": [{"role": "user", "content": text}]} if model \
+            else {"text": text}
+
     url = base_url + route_prefix.rstrip("/") + path
     auth = {"Authorization": f"Bearer {bearer}"} if bearer else {}
     with httpx.Client(timeout=60, headers=auth, verify=verify) as client:
         try:
-            client.post(url, json={"text": rows.text.iloc[0]})
+            client.post(url, json=body(rows.text.iloc[0]))
         except httpx.HTTPError as exc:
             raise LLMOpsError(f"nothing answers at {url} (start it with `llmops up`)") from exc
         began, started = now().isoformat(), time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            results = list(pool.map(lambda text: _polite_post(client, url, text), rows.text))
+            results = list(pool.map(lambda text: _polite_post(client, url, body(text)),
+                                    rows.text))
         seconds = time.perf_counter() - started
-        answered = [(rid, rows.label.iloc[i]) for i, (code, _, rid) in enumerate(results)
+        answered = [(rid, truth.iloc[i]) for i, (code, _, rid) in enumerate(results)
                     if code == 200]
         labels = _label(client, base_url + feedback_prefix.rstrip("/") + "/", answered,
-                        feedback, labelling, seed, began, concurrency)
+                        feedback, labelling, seed, began, concurrency,
+                        "correction" if model else "label")
     codes = [c for c, _, _ in results]
     latency = np.array([t for _, t, _ in results]) * 1000
     return {"url": url, "scenario": scenario, "fraction": fraction, "requests": n,
@@ -81,7 +112,7 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
             "p99_ms": round(float(np.percentile(latency, 99)), 1), "feedback": labels}
 
 
-def _polite_post(client, url: str, text: str) -> tuple[int, float, str | None]:
+def _polite_post(client, url: str, body: dict) -> tuple[int, float, str | None]:
     """A request, sent again after `Retry-After` when throttled (429 by the tenant's rate
     limit, 503 by load shedding) for up to `MAX_WAIT_S`, as a polite client does; its status,
     seconds and the request id the platform gave it (feedback names it)."""
@@ -90,21 +121,22 @@ def _polite_post(client, url: str, text: str) -> tuple[int, float, str | None]:
     started, waited = time.perf_counter(), 0.0
     while True:
         try:
-            r = client.post(url, json={"text": text})
+            r = client.post(url, json=body)
         except httpx.HTTPError:
             return 0, time.perf_counter() - started, None
         wait = float(r.headers.get("retry-after", "inf"))
         if r.status_code not in (429, 503) or waited + wait > MAX_WAIT_S:
-            rid = r.json().get("request_id") if r.status_code == 200 else None
+            answer = r.json() if r.status_code == 200 else {}
+            rid = answer.get("request_id") or answer.get("llmops", {}).get("request_id")
             return r.status_code, time.perf_counter() - started, rid
         time.sleep(wait)
         waited += wait
 
 
 def _label(client, url: str, answered: list[tuple[str, str]], share: float, labelling: str,
-           seed: int, since: str, concurrency: int) -> dict:
-    """Give a `share` of the `answered` requests (request id, true label) their labels: the
-    queue's first (`labelling` queue) or a seeded random draw."""
+           seed: int, since: str, concurrency: int, field: str = "label") -> dict:
+    """Give a `share` of the `answered` requests (request id, true label or correction, as
+    `field`) their feedback: the queue's first (`labelling` queue) or a seeded random draw."""
     truth = dict(answered)
     if labelling == "queue":
         sent, accepted, reasons = _from_queue(client, url, truth, round(share * len(truth)),
@@ -113,7 +145,7 @@ def _label(client, url: str, answered: list[tuple[str, str]], share: float, labe
         chosen = np.random.default_rng(seed).random(len(answered)) < share
         picked = [pair for pair, pick in zip(answered, chosen) if pick]
         sent, reasons = len(picked), {"random": len(picked)}
-        accepted = _feedback(client, url, picked, concurrency)
+        accepted = _feedback(client, url, picked, concurrency, field)
     return {"labelling": labelling, "sent": sent, "accepted": accepted, "reasons": reasons}
 
 
@@ -147,12 +179,13 @@ def _from_queue(client, url: str, truth: dict[str, str], budget: int, since: str
 
 
 def _feedback(client, url: str, labels: list[tuple[str, str]], concurrency: int,
-              wait_s: float = 30.0) -> int:
-    """POST the labels from `concurrency` clients, as a review team does (the platform checks
-    and stores concurrent labels as one batch); a 404 means the answer is not in the log yet
-    (it is written every flush interval), so those are retried until `wait_s` has passed."""
+              field: str = "label", wait_s: float = 30.0) -> int:
+    """POST the labels (or corrections: `field`) from `concurrency` clients, as a review team
+    does (the platform checks and stores concurrent labels as one batch); a 404 means the answer
+    is not in the log yet (it is written every flush interval), so those are retried until
+    `wait_s` has passed."""
     def post(pair: tuple[str, str]) -> int:
-        return client.post(url, json={"request_id": pair[0], "label": pair[1]}).status_code
+        return client.post(url, json={"request_id": pair[0], field: pair[1]}).status_code
 
     pending, accepted = list(labels), 0
     deadline = time.monotonic() + wait_s

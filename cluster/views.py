@@ -178,11 +178,13 @@ def replay(p: dict) -> str:
 
 
 def demo(p: dict) -> str:
-    f1, at = p["macro_f1"], p["seconds_after_drift_onset"]
+    metric = "macro_f1" if "macro_f1" in p else "token_f1"  # a generator's
+    f1, at = p[metric], p["seconds_after_drift_onset"]
     drifted = ", ".join(f"{v} {x:.3f}" for v, x in f1["drifted_traffic"].items())
     return "\n".join([
         f"{p['model']}: {p['outcome']} (champion v{p['old_champion']} -> v{p['new_champion']})",
-        f"macro-F1: {f1['clean_traffic_before_drift']:.3f} on clean traffic before the drift; "
+        f"{metric.replace('_', '-')}: {f1['clean_traffic_before_drift']:.3f} on clean traffic "
+        f"before the drift; "
         f"on {p['scenario']} traffic {drifted} ({f1['recovered']:.0%} recovered)",
         f"requests served {p['requests_served']}, failed {p['requests_failed']}",
         "after the drift began: " + ", ".join(

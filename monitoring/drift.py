@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from monitoring.config import DriftConfig, DriftThresholds
-from monitoring.feedback import MIN_LABELS
+from monitoring.feedback import MIN_LABELS, correction_scores
 from training.errors import LLMOpsError
 from training.features import DESCRIPTORS, SERVED
 
@@ -96,11 +96,13 @@ class Decision:
         return asdict(self)
 
 
-def scalar_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Descriptors, prediction and confidence, typed for Evidently."""
-    out = df[DESCRIPTORS + ["prediction", "confidence"]].reset_index(drop=True).copy()
-    out[DESCRIPTORS + ["confidence"]] = out[DESCRIPTORS + ["confidence"]].astype(float)
-    out["prediction"] = out["prediction"].astype(str)
+def scalar_frame(df: pd.DataFrame, answers: bool = True) -> pd.DataFrame:
+    """Descriptors, and (`answers`) prediction and confidence, typed for Evidently."""
+    numeric = DESCRIPTORS + (["confidence"] if answers else [])
+    out = df[numeric + (["prediction"] if answers else [])].reset_index(drop=True).copy()
+    out[numeric] = out[numeric].astype(float)
+    if answers:
+        out["prediction"] = out["prediction"].astype(str)
     return out
 
 
@@ -126,8 +128,11 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
                  *, model: str, version: str, min_rows: int, sample_rows: int = 2000,
                  html_path: Path | None = None) -> DriftReport:
     """Evidently's drift metrics for one window of logged requests (rows of the inference log,
-    optionally with a `label` column from feedback) against the reference profile: the inputs
-    and answers against its `inputs`, the feedback against its labelled rows."""
+    optionally with `label` or `correction` columns from feedback) against the reference
+    profile: the inputs and answers against its `inputs`, the feedback against its labelled
+    rows. A generator's profile holds its prompts' descriptors and its answers to held-out
+    prompts beside their references (no class, no embedding): its prompts drift, and its
+    corrected answers lose words against what it wrote on held-out prompts."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import DriftedColumnsCount, ValueDrift
     from evidently.metrics.embeddings import MMDDriftMethod
@@ -137,35 +142,41 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
                             f"needs at least {min_rows}")
     started = time.perf_counter()
     sample = current.sample(n=sample_rows, random_state=0) if len(current) > sample_rows else current
-    definition = DataDefinition(numerical_columns=DESCRIPTORS + ["confidence"],
-                                categorical_columns=["prediction"])
+    profile, reference = reference, inputs(reference)
+    answers = bool(reference.prediction.notna().all())  # a class and its confidence
+    definition = DataDefinition(numerical_columns=DESCRIPTORS + ["confidence"] * answers,
+                                categorical_columns=["prediction"] * answers)
     t = thresholds
     report = Report([
         DriftedColumnsCount(columns=DESCRIPTORS, method="wasserstein", threshold=t.descriptor_drift),
-        ValueDrift(column="prediction", method="jensenshannon", threshold=t.prediction_drift),
-        ValueDrift(column="confidence", method="wasserstein", threshold=t.confidence_drift),
-    ])
-    profile, reference = reference, inputs(reference)
-    snapshot = report.run(Dataset.from_pandas(scalar_frame(sample), data_definition=definition),
-                          Dataset.from_pandas(scalar_frame(reference), data_definition=definition))
-    share, prediction, confidence = [m["value"] for m in json.loads(snapshot.json())["metrics"]]
-    # Evidently's MMD method, called directly: its EmbeddingsDrift metric also fits a t-SNE for
-    # its plot, 95% of a check's time (7 of 7.7 s on a 2k-row window).
-    mmd = MMDDriftMethod(threshold=t.embedding_drift)(embedding_frame(sample),
-                                                       embedding_frame(reference))[0]
-    predicted, expected = current["prediction"].astype(str), reference["prediction"].astype(str)
-    kl = kl_divergence(predicted, expected, sorted(set(expected) | set(predicted)))
-    metrics = [
-        _metric("share_of_drifted_descriptors", share["share"], t.share_of_drifted_descriptors,
-                "evidently:wasserstein"),
-        _metric("prediction_drift", prediction, t.prediction_drift, "evidently:jensenshannon"),
-        _metric("confidence_drift", confidence, t.confidence_drift, "evidently:wasserstein"),
-        _metric("embedding_drift", mmd, t.embedding_drift, "evidently:mmd", digits=5),
-        _metric("kl_divergence", kl, t.kl_divergence, "kl(current||reference)"),
-    ]
+        *([ValueDrift(column="prediction", method="jensenshannon", threshold=t.prediction_drift),
+           ValueDrift(column="confidence", method="wasserstein", threshold=t.confidence_drift)]
+          if answers else [])])
+    snapshot = report.run(*(Dataset.from_pandas(scalar_frame(df, answers), data_definition=definition)
+                            for df in (sample, reference)))
+    share, *drifts = [m["value"] for m in json.loads(snapshot.json())["metrics"]]
+    metrics = [_metric("share_of_drifted_descriptors", share["share"],
+                       t.share_of_drifted_descriptors, "evidently:wasserstein")]
+    if answers:
+        predicted, expected = current["prediction"].astype(str), reference["prediction"].astype(str)
+        kl = kl_divergence(predicted, expected, sorted(set(expected) | set(predicted)))
+        metrics += [
+            _metric("prediction_drift", drifts[0], t.prediction_drift, "evidently:jensenshannon"),
+            _metric("confidence_drift", drifts[1], t.confidence_drift, "evidently:wasserstein"),
+            _metric("kl_divergence", kl, t.kl_divergence, "kl(current||reference)")]
+    if reference.embedding.notna().all() and sample.embedding.notna().all():
+        # Evidently's MMD method, called directly: its EmbeddingsDrift metric also fits a t-SNE
+        # for its plot, 95% of a check's time (7 of 7.7 s on a 2k-row window).
+        mmd = MMDDriftMethod(threshold=t.embedding_drift)(embedding_frame(sample),
+                                                           embedding_frame(reference))[0]
+        metrics.insert(-1 if answers else 1, _metric("embedding_drift", mmd, t.embedding_drift,
+                                                     "evidently:mmd", digits=5))
     labelled = current.dropna(subset=["label"]) if "label" in current else current.iloc[:0]
     if len(labelled) >= MIN_LABELS and "label" in profile and profile.label.notna().any():
         metrics.append(accuracy_shortfall(labelled, profile, t.feedback_accuracy_drop))
+    corrected = correction_scores(current)
+    if len(corrected) >= MIN_LABELS and len(held := correction_scores(profile)):
+        metrics.append(quality_shortfall(corrected, held, t.feedback_accuracy_drop))
     html = None
     if html_path is not None:
         html_path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +186,7 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
                        start=str(current.ts.min()), end=str(current.ts.max()), metrics=metrics,
                        drifted=any(m.drifted for m in metrics),
                        seconds=round(time.perf_counter() - started, 3), html=html,
-                       labelled=len(labelled))
+                       labelled=len(labelled) + len(corrected))
 
 
 def inputs(reference: pd.DataFrame) -> pd.DataFrame:
@@ -202,6 +213,16 @@ def accuracy_shortfall(labelled: pd.DataFrame, reference: pd.DataFrame,
     chance = float(np.sqrt((confidence * (1 - confidence)).sum()) / len(confidence))
     return Metric("feedback_accuracy_drop", round(value, 4), threshold,
                   value > max(threshold, 3 * chance), "confidence - feedback accuracy")
+
+
+def quality_shortfall(corrected: np.ndarray, held_out: np.ndarray, threshold: float) -> Metric:
+    """How far a generator's corrected answers' token F1 (each against its correction) falls
+    below that of its answers to held-out prompts against their references: past `threshold`
+    and three standard errors of the difference, as for a classifier's labels."""
+    value = float(held_out.mean() - corrected.mean())
+    chance = float(np.sqrt(corrected.var() / len(corrected) + held_out.var() / len(held_out)))
+    return Metric("feedback_quality_drop", round(value, 4), threshold,
+                  value > max(threshold, 3 * chance), "held-out - corrected token F1")
 
 
 def windows(log: pd.DataFrame, size: int) -> list[pd.DataFrame]:

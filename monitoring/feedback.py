@@ -38,12 +38,14 @@ class InvalidLabel(LLMOpsError):
 
 
 class Label(NamedTuple):
-    """One reviewer's label for text `item` of `request_id`, given by `tenant`."""
+    """One reviewer's label for text `item` of `request_id`, given by `tenant`: a label for a
+    classifier's answer, or the corrected text (`correction`) of a generator's."""
 
     request_id: str
     item: int
-    label: str
+    label: str | None
     tenant: str
+    correction: str | None = None
 
 
 def feedback_rows(log_uri: str, labels_of, labels: Sequence[Label]) -> list[dict | LLMOpsError]:
@@ -74,14 +76,38 @@ def _checked(record, lab: Label, labels_of) -> dict | LLMOpsError:
     if record.model is None or record.outcome != "ok":
         return InvalidLabel(f"request {lab.request_id!r} did not get a prediction to label")
     labels = labels_of(record.model, record.model_version)
-    if not labels:
-        return InvalidLabel(f"{record.model} answers with text, not a label: feedback labels "
-                            f"classifiers' answers")
+    row = {"request_id": lab.request_id, "item": lab.item, "tenant": record.tenant}
+    if not labels:  # a generator: its answer is text, corrected as text
+        if lab.correction is None:
+            return InvalidLabel(f"{record.model} answers with text, not a label: send the "
+                                f"answer as it should have been, as `correction`")
+        return row | {"label": None, "correction": lab.correction}
+    if lab.correction is not None:
+        return InvalidLabel(f"{record.model} answers with a label: send one of "
+                            f"{', '.join(labels)} as `label`, not a correction")
     if lab.label not in labels:
         return InvalidLabel(f"label {lab.label!r} is not one of {record.model}'s labels: "
                             f"{', '.join(labels)}")
-    return {"request_id": lab.request_id, "item": lab.item, "label": lab.label,
-            "tenant": record.tenant}
+    return row | {"label": lab.label, "correction": None}
+
+
+def correction_scores(rows: pd.DataFrame) -> np.ndarray:
+    """Each corrected generator answer's token-level F1 against its correction (`output` and
+    `correction` columns; none without them)."""
+    from training.evaluate import token_f1  # sklearn: not on the feedback app's path
+
+    if not {"correction", "output"} <= set(rows.columns):
+        return np.array([])
+    corrected = rows[rows.correction.notna() & rows.output.notna()]
+    return np.array([token_f1(a, c) for a, c in zip(corrected.output, corrected.correction)])
+
+
+def feedback_scores(rows: pd.DataFrame) -> np.ndarray:
+    """How right each answer with feedback was: a classifier's 1 or 0 against its label, a
+    generator's token-level F1 against its correction."""
+    labelled = rows[rows.label.notna()] if "label" in rows else rows.iloc[:0]
+    return np.concatenate([(labelled.prediction == labelled.label).to_numpy(float),
+                           correction_scores(rows)])
 
 
 def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,

@@ -49,11 +49,13 @@ INFERENCE_SCHEMA = pa.schema([
     ("embedding", pa.list_(pa.float32())), ("posterior", pa.list_(pa.float32())),
     ("prediction", pa.string()),
     ("confidence", pa.float32()), ("latency_ms", pa.float32()), ("outcome", pa.string()),
-    ("text", pa.string()),
+    ("text", pa.string()), ("output", pa.string()),  # a generator's answer (redacted)
 ])
+# a classifier's answer gets a `label`, a generator's its corrected text (`correction`); segments
+# written before the column existed read it as null
 FEEDBACK_SCHEMA = pa.schema([
     ("request_id", pa.string()), ("item", pa.int32()), ("label", pa.string()),
-    ("ts", pa.timestamp("us", tz="UTC")), ("tenant", pa.string()),
+    ("ts", pa.timestamp("us", tz="UTC")), ("tenant", pa.string()), ("correction", pa.string()),
 ])
 SCHEMAS = {INFERENCE: INFERENCE_SCHEMA, FEEDBACK: FEEDBACK_SCHEMA}
 # What makes a record unique: while a compaction has written its merged segment but not yet
@@ -244,7 +246,8 @@ def _and(a, b):
 
 
 def with_feedback(log: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
-    """The log with a `label` column from feedback (the latest label per request and item)."""
+    """The log with `label` and `correction` columns from feedback (the latest per request and
+    item)."""
     latest = (feedback.sort_values("ts").drop_duplicates(["request_id", "item"], keep="last")
-              [["request_id", "item", "label"]])
+              .reindex(columns=["request_id", "item", "label", "correction"]))
     return log.merge(latest, on=["request_id", "item"], how="left")

@@ -1,6 +1,7 @@
-"""The monitor: every `interval_s` it runs the drift policy on each champion classifier's logged
-traffic and keeps the latest verdicts, which Prometheus scrapes from its /metrics together
-with the registry's versions and the health check's last result (`monitoring/metrics.py`).
+"""The monitor: every `interval_s` it runs the drift policy on each champion's logged traffic
+(classifiers' and generators') and keeps the latest verdicts, which Prometheus scrapes from its
+/metrics together with the registry's versions and the health check's last result
+(`monitoring/metrics.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from monitoring.config import MonitoringConfig
 from monitoring.drift import Decision, NotEnoughData, check_model
 from monitoring.metrics import drift_families, exposition, registry_families, registry_of, textfile_families
+from training.errors import LLMOpsError
 from training.registry import CHAMPION
 
 log = logging.getLogger(__name__)
@@ -26,18 +28,23 @@ class Monitor:
         self.checked_at: dict[str, float] = {}
         self.failures: Counter[str] = Counter()
         self.models: list[dict] = []
-        self._classifier: dict[tuple[str, str], bool] = {}
+        self._profile: dict[tuple[str, str], bool] = {}
         self.listening = False  # /metrics is served (`run`)
         self.prometheus = registry_of(
             lambda: drift_families(self.decisions, self.checked_at, self.failures),
             lambda: registry_families(self.models),
             lambda: textfile_families(textfile_dir))
 
-    def _is_classifier(self, name: str, version: str) -> bool:
-        """Drift is checked for classifiers (they have a reference profile); cached per version."""
-        if (name, version) not in self._classifier:
-            self._classifier[name, version] = bool(self.registry.labels(name, version))
-        return self._classifier[name, version]
+    def _profiled(self, name: str, version: str) -> bool:
+        """Drift is checked for versions registered with a reference profile (classifiers and
+        generators; an encoder or a version of an older llmops has none); cached per version."""
+        if (name, version) not in self._profile:
+            try:
+                self._profile[name, version] = not self.registry.reference_profile(
+                    name, version).empty
+            except LLMOpsError:
+                self._profile[name, version] = False
+        return self._profile[name, version]
 
     def tick(self) -> dict[str, Decision | None]:
         """One round of checks. A model with too little traffic has no verdict (None); a check
@@ -45,7 +52,7 @@ class Monitor:
         self.models = self.registry.models()
         for m in self.models:
             name, champion = m["name"], m["aliases"].get(CHAMPION)
-            if champion is None or not self._is_classifier(name, str(champion)):
+            if champion is None or not self._profiled(name, str(champion)):
                 continue
             try:
                 self.decisions[name] = check_model(self.log_uri, self.registry, self.config.drift,

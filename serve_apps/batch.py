@@ -19,6 +19,7 @@ class Item:
     params: tuple = ()
     adapter: Adapter | None = None
     fallback: bool = False
+    variant: str | None = None  # an adapter's canary side (None: the replica's variants route)
 
 
 def set_batching(method, max_batch_size: int, batch_wait_timeout_s: float) -> None:

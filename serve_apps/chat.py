@@ -253,10 +253,11 @@ class ChatPipeline(Pipeline):
         await self._record(call, out)
 
     async def _record(self, call: Call, out: dict) -> None:
-        """The log keeps the prompt (redacted), its descriptors and how the answer ended."""
+        """The log keeps the prompt and the answer (redacted: what a reviewer corrects), the
+        prompt's descriptors and how the answer ended."""
         text = call.texts[0]
         decision = {"model": out.get("model"), "label": out.get("finish_reason"),
-                    "confidence": out.get("confidence"),
+                    "confidence": out.get("confidence"), "output": out.get("text"),
                     "features": descriptors(text, out.get("prompt_tokens", 0))}
         stages = {"generator": out["model"]} if out.get("model") else {}  # none: the fallback
         await self.log.record(call.request_id, [text], [decision], [stages], call.started,

@@ -139,6 +139,8 @@ class ServeCluster:
                     deps[stage] = {**state, "model": uc.get("model"), "alias": uc.get("alias"),
                                    "canary": uc.get("canary"),
                                    **({"adapters": uc["adapters"]} if uc.get("adapters") else {}),
+                                   **({"adapter_canaries": uc["adapter_canaries"]}
+                                      if uc.get("adapter_canaries") else {}),
                                    **({"fallback": uc["fallback"]} if uc.get("fallback") else {}),
                                    **({"inline_in": dname} if stage != dname else {})}
             out[name] = {"status": app["status"], "route_prefix": app.get("route_prefix"),
@@ -201,6 +203,11 @@ def swap(cluster: ServeCluster, model: str, tracking_uri: str | None, *, version
                         if model_name(a["model"]) == model else a
                         for name, a in uc["adapters"].items()}
             out["adapters"] = as_config(pin_adapters(adapters, out["model"], tracking_uri))
+            # an adapter whose challenger became the adapter itself ends its canary
+            out["adapter_canaries"] = {name: c for name, c in
+                                       (uc.get("adapter_canaries") or {}).items()
+                                       if resolve(c["model"], tracking_uri).uri
+                                       != out["adapters"][name]["model"]}
         return out
 
     return {**cluster.update_models(model, change), "serving": ref}
@@ -241,9 +248,27 @@ def set_canary(cluster: ServeCluster, model: str, tracking_uri: str | None,
     body = canary.model_dump() if canary else None
 
     def change(uc: dict) -> dict:
-        if model_name(uc["model"]) != model:
-            raise LLMOpsError(f"{model} is served as a LoRA adapter: canaries of adapters are "
-                              f"not supported yet; move it with `llmops swap` instead")
-        return {**uc, "canary": body}
+        if model_name(uc["model"]) == model:
+            return {**uc, "canary": body}
+        return {**uc, "adapter_canaries": adapter_canaries(uc, model, body, tracking_uri)}
 
     return cluster.update_models(model, change)
+
+
+def adapter_canaries(uc: dict, model: str, canary: dict | None, tracking_uri: str | None
+                     ) -> dict[str, dict]:
+    """A generator's adapter canaries with `canary` (None: none) for each adapter name that
+    serves `model`, after checking its challenger was trained on the served base. A request
+    for an adapter is answered by one version or the other, so its canary splits request ids;
+    a shadow would generate every answer twice for a comparison no reviewer reads."""
+    from serve_apps.adapters import pin_adapters
+
+    names = [name for name, a in uc["adapters"].items() if model_name(a["model"]) == model]
+    out = {k: v for k, v in (uc.get("adapter_canaries") or {}).items() if k not in names}
+    if canary is None:
+        return out
+    if canary["shadow"]:
+        raise LLMOpsError(f"{model} is served as a LoRA adapter: its canary splits requests "
+                          f"(`fraction`), it cannot shadow them")
+    pin_adapters(dict.fromkeys(names, canary["model"]), uc["model"], tracking_uri)
+    return out | dict.fromkeys(names, canary)

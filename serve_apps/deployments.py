@@ -23,7 +23,7 @@ from serve_apps.batch import Item, set_batching
 from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, device
 from serve_apps.model_config import ModelDeploymentConfig
-from serve_apps.slot import CHAMPION_VARIANT, ModelSlot, answered_by
+from serve_apps.slot import CHALLENGER_VARIANT, CHAMPION_VARIANT, ModelSlot, answered_by, bucket
 from training.refs import UnknownModel, resolve
 
 MAX_ADAPTERS = ModelDeploymentConfig.model_fields["max_adapters"].default
@@ -118,17 +118,22 @@ class Generator(_ModelDeployment):
             self._fetch = serve.multiplexed(max_num_models_per_replica=size)(fetch)
             self._max_adapters = size
 
-    async def adapter(self, model: str | None) -> Adapter | None:
-        """The adapter that answers a request naming `model` (None: the deployment's `adapter`;
-        the base's name: none), fetched through Serve's multiplexing."""
+    async def adapter(self, model: str | None, request_id: str) -> tuple[Adapter | None, str | None]:
+        """The adapter that answers request `request_id` naming `model` (None: the deployment's
+        `adapter`; the base's name: none), fetched through Serve's multiplexing, and its canary
+        side: where the adapter has a canary, the challenger version answers the requests its
+        fraction of ids picks (sticky, as a model's canary)."""
         slot = self.slot
         name = slot.adapter if model is None else model
         if name is None or name == slot.variants.champion.identity.name:
-            return None
+            return None, None
         if name not in slot.adapters:
             served = [slot.variants.champion.identity.name, *slot.adapters]
             raise UnknownModel(f"model {name!r} is not served here; served: {served}")
-        return await self._fetch(slot.adapters[name].uri)
+        challenger, canary = slot.adapter_canaries.get(name, (None, None))
+        if canary is not None and bucket(request_id) < canary.fraction:
+            return await self._fetch(challenger.uri), CHALLENGER_VARIANT
+        return await self._fetch(slot.adapters[name].uri), CHAMPION_VARIANT
 
     def params(self, max_new_tokens: int | None = None, temperature: float | None = None,
                seed: int | None = None, stop: list[str] | None = None, salt: str = "") -> tuple:
@@ -148,8 +153,9 @@ class Generator(_ModelDeployment):
                        **options) -> dict:
         """The answer to one text by `model` (the base's or an adapter's name; None: this
         deployment's `adapter`)."""
-        adapter = await self.adapter(model)
-        item = Item(text, request_id, self.params(salt=request_id, **options), adapter)
+        adapter, variant = await self.adapter(model, request_id)
+        item = Item(text, request_id, self.params(salt=request_id, **options), adapter,
+                    variant=variant)
         if self.continuous(item.params):
             return unwrap((await self.slot.run([item], self._continuous_batch))[0])
         return await self.predict(item)
@@ -157,9 +163,9 @@ class Generator(_ModelDeployment):
     async def generate_many(self, items: list[Item]) -> list[dict]:
         """A batch a pipeline already formed, with this deployment's generation settings and
         adapter."""
-        adapter = await self.adapter(None)
-        items = [Item(it.text, it.request_id, self.params(salt=it.request_id), adapter)
-                 for it in items]
+        picked = [await self.adapter(None, it.request_id) for it in items]
+        items = [Item(it.text, it.request_id, self.params(salt=it.request_id), adapter,
+                      variant=variant) for it, (adapter, variant) in zip(items, picked)]
         if items and self.continuous(items[0].params):
             return await self.slot.run(items, self._continuous_batch)
         return await self.predict_many(items)
@@ -190,10 +196,10 @@ class Generator(_ModelDeployment):
         """Pieces of the answer as they are generated; the first carries the model identity."""
         params = self.params(**options)
         p = dict(kv for kv in params if kv[0] != "salt")
-        adapter = await self.adapter(model)
+        adapter, side = await self.adapter(model, request_id)
         variant = self.slot.variants.split(request_id)[0] if adapter is None else CHAMPION_VARIANT
         loaded = self.slot.variants.model(variant)
-        head = {"model": answered_by(loaded, adapter, variant),
+        head = {"model": answered_by(loaded, adapter, side or variant),
                 "prompt_tokens": loaded.prompt_tokens(text)}
         if self.continuous(params):
             engine = await self.slot.engine(loaded)

@@ -1,6 +1,7 @@
 """The `feedback` application: ground-truth labels from human review for logged requests.
 
-HTTP: `POST /v1/feedback {"request_id": ..., "label": ..., "item": 0}` -> 201. Python:
+HTTP: `POST /v1/feedback {"request_id": ..., "label": ..., "item": 0}` -> 201; a generator's
+answer takes `"correction": "the answer as it should have been"` instead of a label. Python:
 `serve.get_app_handle("feedback").submit.remote({...})`. A request id the log does not hold is a
 404, a label outside the answering model's label set a 422. `GET /v1/feedback/pending?limit=50
 &model=...` (`pending` on the handle) is the caller's tenant's queue of answers awaiting a
@@ -12,7 +13,7 @@ import functools
 from datetime import UTC, datetime
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
 from monitoring.batching import unwrap
@@ -22,14 +23,28 @@ from serve_apps.auth import Principal
 from serve_apps.call import Answer, Caller
 from serve_apps.config import FeedbackAppConfig
 from serve_apps.http import InvalidRequest, create_app, parse
+from serve_apps.pii import redact
 from serve_apps.pipeline import Pipeline
+
+MAX_CORRECTION = 8000  # characters: a generated answer's corrected text
 
 
 class FeedbackRequest(BaseModel):
+    """A label for a classifier's answer, or a generator's answer as it should have been."""
+
     model_config = ConfigDict(extra="forbid")
     request_id: str = Field(min_length=1, max_length=128)
-    label: str = Field(min_length=1, max_length=64)
+    label: str | None = Field(None, min_length=1, max_length=64)
+    correction: str | None = Field(None, min_length=1, max_length=MAX_CORRECTION,
+                                   description="a generated answer's corrected text")
     item: int = Field(0, ge=0, description="which text of a multi-text request")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "FeedbackRequest":
+        if (self.label is None) == (self.correction is None):
+            raise ValueError("send either a label (a classifier's answer) or a correction (a "
+                             "generator's)")
+        return self
 
 
 class PendingRequest(BaseModel):
@@ -67,7 +82,8 @@ class PendingItem(BaseModel):
 class FeedbackReceipt(BaseModel):
     request_id: str
     item: int
-    label: str
+    label: str | None
+    corrected: bool = Field(False, description="a correction was stored (PII redacted)")
     accepted: bool = True
 
 
@@ -131,12 +147,17 @@ class FeedbackService(Pipeline):
 
     async def _submit(self, request: FeedbackRequest | dict, caller: Caller) -> FeedbackReceipt:
         body = parse(FeedbackRequest, request)
-        await self.policies.apply("feedback", [f"{body.request_id}#{body.item}: {body.label}"],
+        said = body.label if body.correction is None else f"corrected: {body.correction}"
+        await self.policies.apply("feedback", [f"{body.request_id}#{body.item}: {said}"],
                                   caller, lambda call: self._store(body, call.principal.tenant))
-        return FeedbackReceipt(request_id=body.request_id, item=body.item, label=body.label)
+        return FeedbackReceipt(request_id=body.request_id, item=body.item, label=body.label,
+                               corrected=body.correction is not None)
 
     async def _store(self, body: FeedbackRequest, tenant: str) -> Answer:
-        unwrap(await self._record(Label(body.request_id, body.item, body.label, tenant)))
+        # a correction is stored as the log keeps texts: with personal data redacted
+        correction = None if body.correction is None else redact(body.correction).text
+        unwrap(await self._record(Label(body.request_id, body.item, body.label, tenant,
+                                        correction)))
         return Answer([None], [{}])
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)

@@ -27,9 +27,9 @@ class InferenceLog:
                      stages: list[Mapping], started: float, outcome: str = "ok",
                      tenant: str = DEFAULT_TENANT) -> None:
         """One record per text: `decisions[i]` is the stage output the drift checks watch (its
-        model, prediction, confidence, features), `stages[i]` every stage's model; `started`
-        is the request's `time.perf_counter()` at arrival. Texts are kept PII-redacted, or not
-        at all (`keep_text: false`)."""
+        model, prediction, confidence, features, and a generator's answer as `output`),
+        `stages[i]` every stage's model; `started` is the request's `time.perf_counter()` at
+        arrival. Texts and answers are kept PII-redacted, or not at all (`keep_text: false`)."""
         seconds = time.perf_counter() - started
         for d in decisions:
             model = d.get("model") or {}
@@ -39,12 +39,17 @@ class InferenceLog:
         if self.writer is None:
             return
         ts, latency = now(), seconds * 1000
-        kept = [redact(t).text if self.writer.config.keep_text else None for t in texts]
+
+        def kept(text: str | None) -> str | None:
+            return redact(text).text if text is not None and self.writer.config.keep_text \
+                else None
+
         # a shadowing challenger's answer is a record of its own (variant `shadow`), so a
         # shadow canary is judged like a live one; readers leave it out unless they ask
         await self.writer.append([
             {**_row(request_id, i, ts, tenant, self.application, answer, s, latency, outcome),
-             "text": text} for i, (d, s, text) in enumerate(zip(decisions, stages, kept))
+             "text": kept(text), "output": kept(answer.get("output"))}
+            for i, (d, s, text) in enumerate(zip(decisions, stages, texts))
             for answer in (d, d.get("shadow")) if answer is not None])
 
     @contextlib.asynccontextmanager

@@ -79,6 +79,8 @@ class ModelSlot:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     adapters: dict[str, ModelIdentity] = field(default_factory=dict)
     adapter: str | None = None  # the adapter of requests that name none
+    # an adapter's canary, by adapter name: the challenger version and its split
+    adapter_canaries: dict[str, tuple[ModelIdentity, CanaryConfig]] = field(default_factory=dict)
     engines: dict[int, asyncio.Future] = field(default_factory=dict)  # by id of the module
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reporter: asyncio.Task | None = None
@@ -98,8 +100,14 @@ class ModelSlot:
             generation = GenerationConfig(**(user_config.get("generation") or {}))
             adapters = await asyncio.to_thread(pin_adapters, user_config.get("adapters") or {},
                                                champion.identity.uri, self.tracking_uri)
+            canaries = {name: CanaryConfig(**c) for name, c in
+                        (user_config.get("adapter_canaries") or {}).items()}
+            challengers = await asyncio.to_thread(
+                pin_adapters, {name: c.model for name, c in canaries.items()},
+                champion.identity.uri, self.tracking_uri)
             self.variants = Variants(champion, challenger, canary, fallback)
             self.adapters = adapters
+            self.adapter_canaries = {name: (challengers[name], c) for name, c in canaries.items()}
             self.adapter = user_config.get("adapter")
             self._retire_engines(generation)
             self.generation = generation
@@ -148,7 +156,9 @@ class ModelSlot:
                 "canary": v.canary.model_dump() if v.canary else None,
                 "fallback": v.fallback.identity.to_dict() if v.fallback else None,
                 "adapters": {name: i.to_dict() for name, i in self.adapters.items()},
-                "adapter": self.adapter}
+                "adapter": self.adapter,
+                "adapter_canaries": {name: c.model_dump() for name, (_, c) in
+                                     self.adapter_canaries.items()}}
 
     async def run(self, items: list[Item], fn: Callable[[LoadedModel, list[Item], tuple], list[dict]]
                   ) -> list[dict | Exception]:
@@ -174,7 +184,8 @@ class ModelSlot:
                     if variant != "shadow":  # a failed shadow never fails the answer
                         results[i] = out
                     continue
-                out = {**out, "model": answered_by(model, items[i].adapter, variant)}
+                out = {**out, "model": answered_by(model, items[i].adapter,
+                                                   items[i].variant or variant)}
                 if variant == "shadow":
                     results[i]["shadow"] = out
                 else:

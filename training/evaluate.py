@@ -1,8 +1,9 @@
 """Evaluation, one home for every measure of a model: holdout metrics at registration
 (accuracy, macro-F1, per-class F1 and calibration for classifiers; loss and perplexity for
-language models), the gate's score of a registered version, its abstention figures, and the
-golden set, measured at registration and again by the health check through the same function
-so the two sets of figures compare.
+language models), the gate's score of a registered version (a generator's: token-level F1 of its
+answers against the reference texts), its abstention figures, and the golden set, measured
+at registration and again by the health check through the same function so the two sets of
+figures compare.
 
 Golden rows come from the seeded generator (the `base` scenario, a seed of its own, the task's
 label mix) and are logged with the version (`data/golden.parquet`), so the set travels with it.
@@ -12,7 +13,9 @@ registered versions.
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -106,12 +109,30 @@ def evaluate_lm(model, tokenizer, holdouts: dict, max_length: int) -> dict[str, 
     return out
 
 
+# What a generator is judged by (the gate, the golden set): its greedy answers' words against the
+# reference's. Exact match gives a near miss nothing (a corrected answer is rarely word for word
+# what any version writes); perplexity scores the reference's likelihood, not the answer served.
+GENERATION_METRIC = "token_f1"
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token-level F1: the harmonic mean of the shares of the answer's and the
+    reference's words (lower-cased, punctuation aside) that they share; 1 when both are empty."""
+    said, meant = (re.findall(r"\w+", t.lower()) for t in (prediction, reference))
+    if not said or not meant:
+        return float(said == meant)
+    return 2 * sum((Counter(said) & Counter(meant)).values()) / (len(said) + len(meant))
+
+
 def score(task_model, holdout: pd.DataFrame, metric: str,
           priors: dict[str, float] | None = None) -> float:
     """`metric` of a registered classifier (`TaskModel`, adjusted to `priors` if given) on a
     labelled holdout; macro-F1 over the holdout's own labels (a holdout without some labels,
     such as a golden set whose moved labels are skipped, is not scored 0 on a label it does
-    not hold)."""
+    not hold). A generator's is the mean `token_f1` of its answers against `rewrite`."""
+    if metric == GENERATION_METRIC:
+        answers = task_model.predict(None, holdout[["text"]])["text"]
+        return float(np.mean([token_f1(a, r) for a, r in zip(answers, holdout["rewrite"])]))
     predicted = task_model.predict(None, holdout[["text"]], {"priors": priors})["label"]
     if metric == "accuracy":
         return float(accuracy_score(holdout["label"], predicted))
@@ -143,11 +164,15 @@ def measure(predict: Callable[[pd.DataFrame], pd.DataFrame], golden: pd.DataFram
         if len(batch) == BATCH_SIZE or not seconds:
             seconds.append(time.perf_counter() - began)
     out = pd.concat(outputs, ignore_index=True)
+    words = {}
     if kind == "classification":
         right = out["label"].to_numpy() == golden["label"].to_numpy()
     else:
         right = out["text"].str.strip().to_numpy() == golden["rewrite"].str.strip().to_numpy()
+        words = {GENERATION_METRIC: float(np.mean([token_f1(a, r) for a, r in
+                                                   zip(out["text"], golden["rewrite"])]))}
     ms = np.array(seconds) * 1000
-    return {QUALITY[kind]: float(right.mean()), "confidence": float(out["confidence"].mean()),
+    return {QUALITY[kind]: float(right.mean()), **words,
+            "confidence": float(out["confidence"].mean()),
             "latency_p50_ms": float(np.percentile(ms, 50)),
             "latency_p99_ms": float(np.percentile(ms, 99))}

@@ -63,3 +63,25 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
     profile["label"] = list(sample.label) if "label" in sample else None
     profile[SERVED] = served
     return profile
+
+
+def generation_profile(task_model, df: pd.DataFrame, rows: int = 500, seed: int = 0
+                       ) -> pd.DataFrame:
+    """A generator's reference profile: the descriptors of (up to `rows` of) held-out prompts,
+    counted in the tokens it reads (as serving counts them), and its answers to them beside
+    their reference texts (`output`, `correction`: what a reviewer's correction is compared
+    with). No class, confidence or embedding: a generator's live drift is its prompts' wording
+    and its corrected answers' words (`monitoring/drift.py`)."""
+    from training.models import prompt_of
+
+    sample = df.sample(n=min(rows, len(df)), random_state=seed) if len(df) > rows else df
+    tokenizer = task_model.tokenizer
+    tokens = [len(tokenizer(prompt_of(tokenizer, t), add_special_tokens=False)["input_ids"])
+              for t in sample.text]
+    profile = pd.DataFrame([descriptors(t, n) for t, n in zip(sample.text, tokens)])
+    nothing = [None] * len(profile)
+    return profile.assign(embedding=nothing, prediction=nothing, confidence=np.nan,
+                          posterior=nothing, label=nothing,
+                          output=list(task_model.predict(None, sample[["text"]]).text),
+                          correction=list(sample.rewrite), **{SERVED: False})
+

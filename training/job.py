@@ -22,7 +22,7 @@ from training.calibration import Calibration
 from training.config import TaskConfig, TrainingConfig
 from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm, golden_set, measure
-from training.features import reference_profile
+from training.features import generation_profile, reference_profile
 from training.finetune import FinetuneSpec, run_finetune, run_names
 from training.models import PROMPT, load_tokenizer, predict_proba, resolve_source
 from training.pyfunc import META_FILE, TaskModel, write_meta
@@ -171,6 +171,11 @@ def recorded(config: TrainingConfig, registry: Registry, task: str, data: TaskDa
         yield run
 
 
+def _held_out(data: TaskData) -> pd.DataFrame:
+    """Rows of the training distribution the version was not fit on: its drift reference."""
+    return pd.concat([data.validation, data.holdouts.get(data.scenario, data.validation[:0])])
+
+
 def _calibrate(task_model: TaskModel, model_dir: Path, tc: TaskConfig, data: TaskData,
                labels: list[str], recent_share: float) -> tuple[dict, pd.DataFrame]:
     """A classifier calibrated on rows never trained on (a retrain's weighted towards the
@@ -186,7 +191,7 @@ def _calibrate(task_model: TaskModel, model_dir: Path, tc: TaskConfig, data: Tas
                                   calibration.temperature)
     metrics["calibration"] = {"temperature": calibration.temperature,
                               "rows": len(calibration.scores)}
-    held_out = pd.concat([data.validation, data.holdouts.get(data.scenario, data.validation[:0])])
+    held_out = _held_out(data)
     profile = pd.concat([reference_profile(model, tokenizer, df, labels, max_length,
                                            temperature=calibration.temperature, served=served)
                          for df, served in ((held_out, False), (data.served, True))
@@ -215,7 +220,8 @@ def register_model_dir(config: TrainingConfig, registry: Registry, task: str, da
         metrics, profile = _calibrate(task_model, model_dir, tc, data, labels,
                                       config.retrain.recent_calibration_share)
     else:
-        metrics, profile = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length), None
+        metrics = evaluate_lm(model, tokenizer, data.holdouts, tc.model.max_length)
+        profile = generation_profile(task_model, _held_out(data))
     golden = golden_set(tc) if data.golden is None else data.golden  # a retrain keeps its own
     metrics["golden"] = measure(lambda df: task_model.predict(None, df), golden, tc.kind)
     if data.notes.get("concept_shift"):

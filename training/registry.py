@@ -238,8 +238,10 @@ class Registry:
         import mlflow.models
 
         mv = self._version(name, version)
-        info = mlflow.models.get_model_info(reference(name, mv.version))
-        return list((info.metadata or {}).get("llmops", {}).get("labels", []))
+        meta = (mlflow.models.get_model_info(reference(name, mv.version)).metadata or {}
+                ).get("llmops", {})
+        # a language model's meta lists its dataset's labels, which its answers are not
+        return list(meta.get("labels", [])) if meta.get("kind") == "classification" else []
 
     def run_data(self, name: str, version: str, file: str) -> pd.DataFrame:
         """A table logged under `data/` of the run that registered the version
@@ -296,9 +298,9 @@ class Registry:
 
     def reference_profile(self, name: str, version: str) -> pd.DataFrame:
         """The drift features of held-out rows of the version's training distribution, logged
-        at registration (classifiers), with the traffic it serves where it has been profiled:
-        the drifted traffic of its retrain, or the traffic the loop adopted since
-        (`adopt_traffic`, which replaces it)."""
+        at registration (`training/features.py`: a classifier's, or a generator's), with the
+        traffic it serves where it has been profiled: the drifted traffic of its retrain, or
+        the traffic the loop adopted since (`adopt_traffic`, which replaces it)."""
         from training.features import SERVED
 
         try:
@@ -311,9 +313,9 @@ class Registry:
         except UnknownName:
             raise
         except Exception as exc:
-            raise LLMOpsError(f"{name} version {version} has no reference profile (only "
-                              f"classifiers registered by this version of llmops have one); "
-                              f"register a new version") from exc
+            raise LLMOpsError(f"{name} version {version} has no reference profile (versions "
+                              f"registered by older llmops have none); register a new "
+                              f"version") from exc
 
     def adopt_traffic(self, name: str, version: int, served: pd.DataFrame, why: str) -> None:
         """Record `served` (profiled traffic, column `SERVED`) as the traffic the version

@@ -25,7 +25,7 @@ import pandas as pd
 from training.config import GateConfig, RetrainConfig
 from training.contradiction import MIN_SIMILARITY, Contradictions, embed, resolve
 from training.errors import InvalidData
-from training.evaluate import score
+from training.evaluate import GENERATION_METRIC, score
 from training.teacher import Judge, decidable, refine
 
 RECENT, ORIGINAL = "recent", "original"
@@ -82,6 +82,41 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                               ORIGINAL: original[["text", "label"]].reset_index(drop=True)},
                     scenario="retrain", golden=tables["golden"].reset_index(drop=True),
                     notes=notes, served=served)
+
+
+def generation_retraining_data(recent: pd.DataFrame, reference: pd.DataFrame,
+                               golden: pd.DataFrame, config: RetrainConfig, seed: int = 0,
+                               onset: datetime | None = None):
+    """A generator's `TaskData` (`scenario` "retrain"): its answers' corrections since `onset`
+    (`text` -> `rewrite`; the part not held out, repeated by recency as a classifier's labels
+    are) beside a replay of the champion's training rows; holdouts `recent` (the corrections
+    held out) and `original` (its golden set). A correction is the answer wanted, so nothing
+    contradicts it the way a moved label does: the latest correction of a request wins."""
+    from training.taskdata import TaskData
+
+    corrected = recent.dropna(subset=["text", "correction"])
+    if onset is not None and "ts" in corrected:
+        corrected = corrected[pd.to_datetime(corrected.ts, utc=True)
+                              >= pd.to_datetime(onset, utc=True)]
+    if len(corrected) < config.min_labelled:
+        raise InvalidData(f"{len(corrected)} corrected answers"
+                          + (f" since the drift began ({onset:%Y-%m-%d %H:%M:%S})" if onset
+                             else "") + f"; a retrain needs {config.min_labelled} (send "
+                          "corrections: POST /v1/feedback with `correction`)")
+    rows = corrected.assign(rewrite=corrected.correction).reset_index(drop=True)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_holdout = max(1, round(len(rows) * config.recent_holdout_share))
+    holdout, learn = rows.iloc[order[:n_holdout]], rows.iloc[order[n_holdout:]]
+    replay = reference[["text", "rewrite"]].sample(n=min(config.replay_rows, len(reference)),
+                                                   random_state=seed)
+    train, validation = _mix(replay, learn[["text", "rewrite"]].assign(
+        _copies=copies(learn, config), **{RECENT: True}), config, seed)
+    pairs = ["text", "rewrite"]
+    return TaskData(train=train, validation=validation,
+                    holdouts={RECENT: holdout[pairs].reset_index(drop=True),
+                              ORIGINAL: golden[pairs].reset_index(drop=True)},
+                    scenario="retrain", golden=golden.reset_index(drop=True),
+                    notes={"labelled": len(rows)})
 
 
 def _served(recent: pd.DataFrame, onset: datetime | None, n: int) -> pd.DataFrame | None:
@@ -228,23 +263,25 @@ class GateResult:
         return asdict(self)
 
 
-def gate(champion: dict[str, float], challenger: dict[str, float], config: GateConfig
-         ) -> GateResult:
-    """Scores per holdout (`recent`, `original`) -> the decision and why, in one line."""
+def gate(champion: dict[str, float], challenger: dict[str, float], config: GateConfig,
+         metric: str | None = None) -> GateResult:
+    """Scores per holdout (`recent`, `original`) of `metric` (the configured one) -> the
+    decision and why, in one line."""
+    metric = metric or config.metric
     gain = challenger[RECENT] - champion[RECENT]
     loss = champion[ORIGINAL] - challenger[ORIGINAL]
     if gain < config.margin:
-        reason = (f"{config.metric} on recent traffic {challenger[RECENT]:.4f} vs the champion's "
+        reason = (f"{metric} on recent traffic {challenger[RECENT]:.4f} vs the champion's "
                   f"{champion[RECENT]:.4f}: a gain of {gain:+.4f}, below the margin "
                   f"{config.margin}")
     elif loss > config.tolerance:
-        reason = (f"{config.metric} on the original holdout fell {loss:.4f} (from "
+        reason = (f"{metric} on the original holdout fell {loss:.4f} (from "
                   f"{champion[ORIGINAL]:.4f} to {challenger[ORIGINAL]:.4f}), over the "
                   f"tolerance {config.tolerance}")
     else:
-        reason = (f"{config.metric} on recent traffic {gain:+.4f} (>= {config.margin}), on the "
+        reason = (f"{metric} on recent traffic {gain:+.4f} (>= {config.margin}), on the "
                   f"original holdout {-loss:+.4f} (tolerance {config.tolerance})")
-    return GateResult(gain >= config.margin and loss <= config.tolerance, reason, config.metric,
+    return GateResult(gain >= config.margin and loss <= config.tolerance, reason, metric,
                       {k: round(v, 4) for k, v in champion.items()},
                       {k: round(v, 4) for k, v in challenger.items()})
 
@@ -266,7 +303,10 @@ def fallback_gate(champion: dict[str, float], student: dict[str, float], metric:
 
 def evaluate_pair(champion_model, challenger_model, holdouts: dict[str, pd.DataFrame],
                   config: GateConfig) -> GateResult:
-    """Both models scored on the same holdouts, then `gate`."""
-    return gate({name: score(champion_model, df, config.metric) for name, df in holdouts.items()},
-                {name: score(challenger_model, df, config.metric) for name, df in holdouts.items()},
-                config)
+    """Both models scored on the same holdouts, then `gate`: classifiers by the configured
+    metric, generators by `GENERATION_METRIC`."""
+    metric = config.metric if champion_model.meta["kind"] == "classification" \
+        else GENERATION_METRIC
+    return gate({name: score(champion_model, df, metric) for name, df in holdouts.items()},
+                {name: score(challenger_model, df, metric) for name, df in holdouts.items()},
+                config, metric)

@@ -90,12 +90,13 @@ def validate_data(tc: TaskConfig, data: TaskData) -> list[str]:
     labels = datagen.labels_of(tc.dataset)
     if data.train.empty:
         raise InvalidData("the training dataset is empty")
+    classifier = tc.kind == "classification"  # a causal LM learns `text` -> `rewrite`
     for name, df in {"training": data.train, **data.holdouts}.items():
-        if missing := {"text", "label"} - set(df.columns):
+        if missing := ({"text", "label"} if classifier else {"text", "rewrite"}) - set(df.columns):
             raise InvalidData(f"the {name} dataset lacks columns {sorted(missing)}")
-        if unknown := set(df["label"]) - set(labels):
+        if classifier and (unknown := set(df["label"]) - set(labels)):
             raise InvalidData(f"the {name} dataset has labels outside {labels}: {sorted(unknown)}")
-    if tc.kind == "classification":
+    if classifier:
         if absent := [lbl for lbl in labels if lbl not in set(data.train["label"])]:
             raise InvalidData(f"label(s) {absent} never occur in the training data; every one of "
                               f"{labels} needs examples")

@@ -44,3 +44,29 @@ def test_canary_verdict_compares_the_challenger_with_the_champion_over_the_same_
     few = canary_verdict(pd.concat([champion, _rows("challenger", 100, right=0.7, labelled=20)]),
                          policy)
     assert few[0] is True and few[2]["challenger"]["labelled"] == 20
+
+
+def _generated(side: str, n: int, corrected: int, kept: int) -> pd.DataFrame:
+    """`n` generator answers of one side; the first `corrected` got a correction, which left
+    the first `kept` of them as they were (the rest rewritten in other words)."""
+    answer, other = "I disagree with you about gardening.", "Please stop posting here, thanks."
+    return pd.DataFrame({
+        "variant": side, "outcome": "ok", "latency_ms": 10.0, "confidence": 0.6,
+        "prediction": "stop", "label": None, "output": answer,
+        "correction": [answer] * kept + [other] * (corrected - kept) + [None] * (n - corrected)})
+
+
+def test_a_generators_canary_is_judged_by_its_answers_words_against_their_corrections():
+    policy = CanaryPolicy(min_requests=100)
+    champion = _generated("champion", 300, 40, 36)
+    same = canary_verdict(pd.concat([champion, _generated("challenger", 100, 40, 35)]), policy)
+    assert same[0] is True and same[2]["challenger"]["labelled"] == 40
+    assert same[2]["champion"]["accuracy"] == 0.9  # token F1: 1 kept as is, 0 rewritten whole
+    verdict, reason, stats = canary_verdict(
+        pd.concat([champion, _generated("challenger", 100, 40, 24)]), policy)
+    assert verdict is False and "feedback accuracy 0.600 vs 0.900" in reason, reason
+    # a correction that keeps half the answer's words scores between the two
+    half = champion.assign(correction=champion.correction.where(
+        champion.correction.isna(), "I disagree with you, sorry."))
+    assert 0.3 < canary_verdict(pd.concat([half, _generated("challenger", 100, 0, 0)]),
+                                policy)[2]["champion"]["accuracy"] < 0.9

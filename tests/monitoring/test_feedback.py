@@ -11,7 +11,7 @@ from monitoring.config import LogConfig
 from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
 
 
-def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
+def test_feedback_is_checked_against_the_log_and_the_models_labels_or_corrections(tmp_path):
     from monitoring.feedback import InvalidLabel, Label, UnknownRequest, feedback_row, feedback_rows
 
     uri = str(tmp_path / "log")
@@ -25,13 +25,21 @@ def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
         return labels[model]
 
     row = feedback_row(uri, labels_of, "r1", 0, "refund", "default")
-    assert row == {"request_id": "r1", "item": 0, "label": "refund", "tenant": "default"}
+    assert row == {"request_id": "r1", "item": 0, "label": "refund", "tenant": "default",
+                   "correction": None}
+    # a generator's answer takes its corrected text, a classifier's a label, never the other
+    [fixed, crossed] = feedback_rows(uri, labels_of, [
+        Label("r2", 0, None, "default", "Please stop posting here."),
+        Label("r1", 0, None, "default", "refund")])
+    assert fixed == {"request_id": "r2", "item": 0, "label": None, "tenant": "default",
+                     "correction": "Please stop posting here."}
+    assert isinstance(crossed, InvalidLabel) and "as `label`" in str(crossed)
     bad = [("nope", 0, "refund", "default", UnknownRequest, "no logged request"),
            ("r1", 3, "refund", "default", UnknownRequest, "item 3"),
            # another tenant's request reads exactly as an unknown one
            ("r1", 0, "refund", "other", UnknownRequest, "no logged request 'r1' with item 0"),
            ("r1", 0, "shipping", "default", InvalidLabel, "billing, refund"),
-           ("r2", 0, "refund", "default", InvalidLabel, "answers with text"),
+           ("r2", 0, "refund", "default", InvalidLabel, "answers with text.*`correction`"),
            ("r3", 0, "refund", "default", InvalidLabel, "did not get a prediction")]
     for rid, item, label, tenant, error, message in bad:
         with pytest.raises(error, match=message):
@@ -40,7 +48,8 @@ def test_feedback_is_checked_against_the_log_and_the_models_labels(tmp_path):
     batch = [Label(*case[:4]) for case in bad]
     batch.insert(3, Label("r1", 0, "billing", "default"))
     checked = feedback_rows(uri, labels_of, batch)
-    assert checked[3] == {"request_id": "r1", "item": 0, "label": "billing", "tenant": "default"}
+    assert checked[3] == {"request_id": "r1", "item": 0, "label": "billing", "tenant": "default",
+                          "correction": None}
     del checked[3]
     assert [type(c) for c in checked] == [case[4] for case in bad]
 

@@ -1,7 +1,7 @@
 """Many LoRA adapters over one base in serving (`serve_apps/adapters.py`): one generator
 deployment serves a tiny Llama base and two adapters registered on it, picked by the OpenAI
 `model` field through Serve's model multiplexing; an adapter swaps under load without a failed
-request or a replica restart; an adapter of another base is refused.
+request or a replica restart, and serves a canary; an adapter of another base is refused.
 
 This module's Serve runs over HTTPS (`serve.tls` with `llmops tls dev-cert`'s CA and
 certificate, `serve_apps/tls.py`): its HTTP requests are real TLS handshakes, and a plain-HTTP
@@ -29,7 +29,8 @@ from conftest import free_port, lora_adapter, running, tiny_llama_folder, tiny_s
 
 from cluster.runtime import PLATFORM_ENV
 from serve_apps.config import ServeConfig
-from serve_apps.deploy import ServeCluster, serve_config, swap
+from serve_apps.deploy import ServeCluster, serve_config, set_canary, swap
+from serve_apps.model_config import CanaryConfig
 from serve_apps.tls import client_context, dev_cert
 from training.errors import BaseMismatch, LLMOpsError
 from training.refs import reference
@@ -242,13 +243,14 @@ def test_an_adapter_of_another_base_is_refused_and_nothing_changes(served):
         swap(served.cluster, "rewriter-a", served.registry.tracking_uri, version=a3)
     with pytest.raises(BaseMismatch, match="trained on models:/rewriter/1.*serves models:/rewriter/2"):
         swap(served.cluster, "rewriter", served.registry.tracking_uri, version=2)
-    assert served.cluster.deployed_config() == before
-    with pytest.raises(LLMOpsError, match="canaries of adapters are not supported"):
-        from serve_apps.deploy import set_canary
-        from serve_apps.model_config import CanaryConfig
-
+    # nor does an adapter's canary: a challenger of another base, or one asked to shadow
+    with pytest.raises(BaseMismatch, match="trained on models:/rewriter/2"):
         set_canary(served.cluster, "rewriter-a", served.registry.tracking_uri,
-                   CanaryConfig(model=reference("rewriter-a", a1)))
+                   CanaryConfig(model=reference("rewriter-a", a3)))
+    with pytest.raises(LLMOpsError, match="splits requests.*cannot shadow"):
+        set_canary(served.cluster, "rewriter-a", served.registry.tracking_uri,
+                   CanaryConfig(model=reference("rewriter-a", a1), shadow=True))
+    assert served.cluster.deployed_config() == before
 
 
 def test_an_adapter_swaps_under_load_without_a_failed_request_or_restart(served):
@@ -283,3 +285,33 @@ def test_an_adapter_swaps_under_load_without_a_failed_request_or_restart(served)
     assert replicas() == before  # reconfigured in place, no new replica
     assert _chat("toxic-a", TEXTS[0])["choices"][0]["message"]["content"] == \
         _expected(served, reference("rewriter-a", a2), TEXTS[:1])[0]
+
+
+def test_an_adapters_canary_answers_its_share_of_requests_until_a_swap_ends_it(served):
+    """A canary of the adapter's other version: the request ids its fraction picks get the
+    challenger's answer, marked `challenger`, the rest the serving version's; swapping to the
+    challenger ends the canary."""
+    a1, a2, _ = served.versions["rewriter-a"]
+    serving = served.cluster.status()["chat"]["deployments"]["Generator"]["adapters"]["toxic-a"]
+    champion, challenger = (a2, a1) if serving["model"] == reference("rewriter-a", a2) \
+        else (a1, a2)
+    set_canary(served.cluster, "rewriter-a", served.registry.tracking_uri,
+               CanaryConfig(model=reference("rewriter-a", challenger), fraction=0.5))
+    status = served.cluster.status()["chat"]["deployments"]["Generator"]
+    assert status["adapter_canaries"]["toxic-a"]["model"] == reference("rewriter-a", challenger)
+    expected = {str(v): _expected(served, reference("rewriter-a", v), TEXTS[:1])[0]
+                for v in (champion, challenger)}
+    sides = {}
+    for k in range(16):  # both sides: all 16 on one is a chance of 3 in 100,000
+        out = _chat("toxic-a", TEXTS[0], f"canary-{k}")
+        model = out["llmops"]["model"]
+        sides.setdefault(model["variant"], set()).add(model["version"])
+        assert out["choices"][0]["message"]["content"] == expected[model["version"]]
+    assert sides == {"champion": {str(champion)}, "challenger": {str(challenger)}}
+    # the other adapter has no canary
+    assert _chat("toxic-b", TEXTS[0], "canary-0")["llmops"]["model"]["variant"] == "champion"
+    swap(served.cluster, "rewriter-a", served.registry.tracking_uri, version=challenger)
+    assert "adapter_canaries" not in served.cluster.status()["chat"]["deployments"]["Generator"]
+    answers = [_chat("toxic-a", TEXTS[0], f"canary-{k}")["llmops"]["model"] for k in range(6)]
+    assert {(m["variant"], m["version"]) for m in answers} == {("champion", str(challenger))}
+

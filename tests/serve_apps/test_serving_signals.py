@@ -81,9 +81,12 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
         ids.append(r.json()["request_id"])
     multi = httpx.post(f"{platform.url}/v1/support/route", json={"texts": SUPPORT_TEXTS[:3]},
                        headers=platform.auth, timeout=60).json()
+    chat = httpx.post(f"{platform.url}/v1/chat/completions", headers=platform.auth, json={
+        "model": "rewriter", "messages": [{"role": "user", "content": texts[0]}],
+        "max_tokens": 8}, timeout=60).json()["llmops"]["request_id"]
     many, third = multi["request_id"], ids[3]
-    log = logged(platform, {*ids, many})
-    assert len(log) == len(texts) + 3  # N requests in, N records out (one per text)
+    log = logged(platform, {*ids, many, chat})
+    assert len(log) == len(texts) + 4  # N requests in, N records out (one per text)
     mod = log[log.application == "moderation"].set_index("request_id")
     assert (mod.model == "moderation").all() and (mod.model_version == "1").all()
     assert (mod.outcome == "ok").all() and (mod.latency_ms > 0).all()
@@ -108,16 +111,34 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
             ({"request_id": "no-such-request", "label": "spam"}, 404, "no logged request"),
             ({"request_id": third, "label": "billing"}, 422, "not one of moderation's labels"),
             ({"request_id": many, "item": 7, "label": "refund"}, 404, "item 7"),
-            ({"request_id": third}, 422, "label")]:
+            ({"request_id": third}, 422, "either a label"),
+            ({"request_id": third, "label": "spam", "correction": "fine"}, 422, "either a label"),
+            ({"request_id": third, "correction": "fine"}, 422, "answers with a label"),
+            ({"request_id": chat, "label": "spam"}, 422, "answers with text")]:
         r = httpx.post(f"{platform.url}/v1/feedback/", json=body, headers=platform.auth,
                        timeout=30)
         assert r.status_code == status and message in r.json()["detail"], r.text
-    wait_for("two labels in the feedback log", lambda: len(read(platform.log_uri, FEEDBACK)) >= 2,
-             20)
+    # a generated answer is corrected with its text, stored as the log keeps texts (redacted)
+    r = httpx.post(f"{platform.url}/v1/feedback/", headers=platform.auth, json={
+        "request_id": chat, "correction": "Please write to jane.doe@example.com instead."},
+        timeout=30)
+    assert r.status_code == 201 and r.json()["corrected"] and r.json()["label"] is None, r.text
+    wait_for("three labels in the feedback log",
+             lambda: len(read(platform.log_uri, FEEDBACK)) >= 3, 20)
     feedback = read(platform.log_uri, FEEDBACK)
-    joined = with_feedback(logged(platform, {many, third}), feedback)
-    labels = joined.set_index(["request_id", "item"]).label
+    joined = with_feedback(logged(platform, {many, third, chat}), feedback)
+    [fixed] = joined[joined.request_id == chat].itertuples()
+    assert fixed.correction == redact("Please write to jane.doe@example.com instead.").text
+    assert "jane.doe" not in fixed.correction and not isinstance(fixed.label, str)
+    labels = joined[joined.request_id != chat].set_index(["request_id", "item"]).label
     assert labels[(third, 0)] == "spam" and labels[(many, 1)] == label
+    # `llmops traffic chat` asks the chat generator and corrects half its answers
+    sent = llmops_here((platform.env, platform.config), "traffic", "chat", "--n", "8",
+                       "--feedback", "0.5", "--seed", "3", "--json")
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    report = json.loads(sent.stdout)
+    assert report["ok"] == 8 and report["feedback"]["labelling"] == "random"
+    assert report["feedback"]["accepted"] == report["feedback"]["sent"] > 0
     assert labels.isna().sum() == 2  # items 0 and 2 of the support request got no feedback
     # another tenant cannot label this tenant's request: 404, as for an unknown one
     with pytest.raises(UnknownRequest, match="no logged request"):
