@@ -132,10 +132,10 @@ def _platform(cmds: _Commands) -> None:
     traffic.add_argument("--concurrency", type=int, default=8)
     traffic.add_argument("--feedback", type=float, default=0.0, metavar="SHARE",
                          help="share of answered requests to label with the true label")
-    traffic.add_argument("--labelling", choices=["queue", "random"], default=None,
-                         help="which answers get labels: the platform's queue of pending "
-                              "labels (most useful first; the default) or a seeded random "
-                              "draw (chat's corrections, always)")
+    traffic.add_argument("--labelling", choices=["queue", "random"], default="queue",
+                         help="which answers get labels (chat: corrections): the platform's "
+                              "queue of pending labels (most useful first) or a seeded random "
+                              "draw")
 
 
 def _cluster(cmds: _Commands) -> None:

@@ -63,8 +63,8 @@ def prepare(settings: Settings, settings_args: list[str], step: Callable[[str], 
 @dataclass
 class Traffic:
     """The demo's traffic to the support pipeline (or, for a generator `model`, to chat), a
-    `labels` share of each batch labelled as human review would (`labelling`: from the
-    platform's queue, or at random; a generator's answers get their corrections at random)."""
+    `labels` share of each batch labelled (a generator's answers: corrected) as human review
+    would (`labelling`: from the platform's queue, or at random)."""
 
     settings: Settings
     step: Callable[[str], None]
@@ -81,8 +81,7 @@ class Traffic:
         r = send(s.serve.url, "chat" if generator else "support", app.route_prefix, scenario, n,
                  seed, fraction, 8, self.labels if labelled else 0.0,
                  s.serve.feedback.route_prefix, token(s), client_context(s.serve.tls),
-                 "random" if generator else self.labelling,
-                 chat_target(s, self.model) if generator else None)
+                 self.labelling, chat_target(s, self.model) if generator else None)
         self.reports.append(r)
         self.step(f"sent {n} {scenario} requests ({r['ok']} ok, {r['failed']} failed, "
                   f"{r['rps']} req/s), {r['feedback']['accepted']} labelled")

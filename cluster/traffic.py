@@ -63,8 +63,8 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
     through the feedback application, as human review would (the labels retraining learns
     from): the ones the platform's queue of pending labels puts first (`labelling` queue), or
     a seeded random draw (random). Chat traffic (`chat`: the generator asked and where its
-    prompts come from, `chat_target`) gets corrections instead: each prompt's reference text,
-    at random (the queue lists classifier answers)."""
+    prompts come from, `chat_target`) gets corrections instead: each prompt's reference
+    text."""
     import httpx
 
     if app not in TARGETS:
@@ -75,9 +75,8 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
         raise LLMOpsError(f"--feedback is a share between 0 and 1, got {feedback}")
     if labelling not in LABELLING:
         raise LLMOpsError(f"--labelling is one of {', '.join(LABELLING)}, not {labelling!r}")
-    if app == "chat" and (chat is None or labelling != "random"):
-        raise LLMOpsError("chat traffic asks a generator (`chat_target`) and corrects its "
-                          "answers at random (--labelling random)")
+    if (app == "chat") != (chat is not None):
+        raise LLMOpsError("chat traffic, and only chat traffic, asks a generator (`chat_target`)")
     dataset, path = TARGETS[app]
     model, data = chat or (None, {"dataset": dataset, "priors": None})
     rows = generate(data["dataset"], scenario, n, seed, fraction, priors=data["priors"])
@@ -140,7 +139,7 @@ def _label(client, url: str, answered: list[tuple[str, str]], share: float, labe
     truth = dict(answered)
     if labelling == "queue":
         sent, accepted, reasons = _from_queue(client, url, truth, round(share * len(truth)),
-                                              since, concurrency)
+                                              since, concurrency, field)
     else:
         chosen = np.random.default_rng(seed).random(len(answered)) < share
         picked = [pair for pair, pick in zip(answered, chosen) if pick]
@@ -150,11 +149,13 @@ def _label(client, url: str, answered: list[tuple[str, str]], share: float, labe
 
 
 def _from_queue(client, url: str, truth: dict[str, str], budget: int, since: str,
-                concurrency: int, wait_s: float = 30.0) -> tuple[int, int, dict[str, int]]:
-    """Label `budget` of this run's answers (`truth`: request id -> true label) as the
-    platform's queue of pending labels orders them (`GET /pending`, one page after another),
-    once the log holds them all (it is written every flush interval) or `wait_s` has passed.
-    Returns labels sent, accepted, and how many of each reason the queue gave."""
+                concurrency: int, field: str = "label", wait_s: float = 30.0
+                ) -> tuple[int, int, dict[str, int]]:
+    """Label (or correct: `field`) `budget` of this run's answers (`truth`: request id -> true
+    label or reference text) as the platform's queue of pending labels orders them (`GET
+    /pending`, one page after another), once the log holds them all (it is written every flush
+    interval) or `wait_s` has passed. Returns labels sent, accepted, and how many of each
+    reason the queue gave."""
     def page(limit: int) -> list[dict]:
         r = client.get(url + "pending", params={"limit": limit, "since": since})
         if r.status_code != 200:
@@ -174,7 +175,7 @@ def _from_queue(client, url: str, truth: dict[str, str], budget: int, since: str
             reasons[it["reason"]] = reasons.get(it["reason"], 0) + 1
         sent += len(items)
         accepted += _feedback(client, url, [(it["request_id"], truth[it["request_id"]])
-                                            for it in items], concurrency)
+                                            for it in items], concurrency, field)
     return sent, accepted, reasons
 
 

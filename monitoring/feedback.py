@@ -112,8 +112,10 @@ def feedback_scores(rows: pd.DataFrame) -> np.ndarray:
 
 def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
             model: str | None = None, since: datetime | None = None) -> list[dict]:
-    """The classifier answers of `tenant` (of `model`, if given) that wait for a label, the most
-    useful first: where the champion and a shadowing challenger disagree; then, once labels show
+    """The answers of `tenant` (of `model`, if given) that wait for a label (a classifier's) or
+    a correction (a generator's: its `output`, ranked as a classifier's answer is, by its
+    confidence, with its finish reason as its label), the most useful first: where the
+    champion and a shadowing challenger disagree; then, once labels show
     the model confidently wrong more often than its confidence allows (a concept shift: the
     moved region is answered with confidence, so doubt never points there), the answers whose
     nearest labelled one is such a mistake, spread over that region (`contradiction`); then the
@@ -125,22 +127,26 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     the queue."""
     log = read(log_uri, INFERENCE, last=config.window, shadow=True, tenant=tenant,
                outcome="ok", model=model)
-    log = log[log.prediction.notna() & log.posterior.notna()]
+    # a classifier's answers (a label and its posterior) and a generator's (its text)
+    log = log[log.prediction.notna() & (log.posterior.notna() | log.output.notna())]
     if log.empty or limit < 1:
         return []
-    shadow = log[log.variant == SHADOW].set_index(["request_id", "item"]).prediction
+    said = log.output.where(log.output.notna(), log.prediction)  # what a reviewer judges
+    shadow = said[log.variant == SHADOW].set_axis(pd.MultiIndex.from_frame(
+        log.loc[log.variant == SHADOW, ["request_id", "item"]]))
     answers = with_feedback(
         log[log.variant != SHADOW].drop_duplicates(["request_id", "item"], keep="last"),
         read(log_uri, FEEDBACK, request_ids=set(log.request_id), tenant=tenant))
-    labelled = answers[answers.label.notna()]
-    answers = answers[answers.label.isna()]
+    given = answers.label.notna() | answers.correction.notna()
+    labelled, answers = answers[given], answers[~given]
     if since is not None:
         at = pd.Timestamp(since)
         answers = answers[answers.ts >= (at if at.tzinfo else at.tz_localize("UTC"))]
     if answers.empty:  # all labelled, or none since: nothing to rank
         return []
     other = [shadow.get(k) for k in zip(answers.request_id, answers.item)]
-    disagree = np.array([o is not None and o != p for o, p in zip(other, answers.prediction)])
+    mine = answers.output.where(answers.output.notna(), answers.prediction)
+    disagree = np.array([o is not None and o != p for o, p in zip(other, mine)])
     similar = _near(answers, labelled, confident_mistakes(labelled, config.confident))
     near = ~disagree & ~np.isnan(similar)
     answers = answers.assign(rank=np.where(disagree, 0, np.where(near, 1, 2)),
@@ -156,7 +162,8 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     page = pd.concat([useful, drawn])
     return [{"request_id": r.request_id, "item": int(r.item), "ts": r.ts.isoformat(),
              "model": r.model, "model_version": r.model_version, "prediction": r.prediction,
-             "confidence": round(float(r.confidence), 4), "reason": r.reason, "text": r.text}
+             "confidence": None if pd.isna(r.confidence) else round(float(r.confidence), 4),
+             "reason": r.reason, "text": r.text, "output": r.output}
             for r in page.itertuples(index=False)]
 
 

@@ -241,7 +241,7 @@ class ChatPipeline(Pipeline):
             raise
         text = "".join(pieces)
         out = {"text": text, "model": first["model"], "finish_reason": "stop",
-               "prompt_tokens": first["prompt_tokens"],
+               "prompt_tokens": first["prompt_tokens"], "embedding": first.get("embedding"),
                "completion_tokens": estimate_tokens([text]) if stream else 0}
         answer = await self.policies.leave(call, Answer(
             [text], [{"generator": first["model"]}], out["prompt_tokens"] +
@@ -258,7 +258,8 @@ class ChatPipeline(Pipeline):
         text = call.texts[0]
         decision = {"model": out.get("model"), "label": out.get("finish_reason"),
                     "confidence": out.get("confidence"), "output": out.get("text"),
-                    "features": descriptors(text, out.get("prompt_tokens", 0))}
+                    "features": {**descriptors(text, out.get("prompt_tokens", 0)),
+                                 "embedding": out.get("embedding")}}
         stages = {"generator": out["model"]} if out.get("model") else {}  # none: the fallback
         await self.log.record(call.request_id, [text], [decision], [stages], call.started,
                               tenant=call.principal.tenant)

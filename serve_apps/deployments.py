@@ -179,17 +179,22 @@ class Generator(_ModelDeployment):
     async def _continuous_batch(self, model: LoadedModel, items: list[Item], params: tuple
                                 ) -> list[dict | Exception]:
         engine, p = await self.slot.engine(model), dict(params)
-        return await asyncio.gather(*(engine.generate(it.text, p["max_new_tokens"], p["stop"])
+        outs = await asyncio.gather(*(engine.generate(it.text, p["max_new_tokens"], p["stop"])
                                       for it in items), return_exceptions=True)
+        embedded = await asyncio.to_thread(model.embed_prompts, [it.text for it in items])
+        return [out if isinstance(out, Exception) else {**out, "embedding": e}
+                for out, e in zip(outs, embedded)]
 
     @staticmethod
     def run_batch(model: LoadedModel, items: list[Item], params: tuple) -> list[dict]:
         for it in items:  # the base moved under a request that holds an adapter of the old one
             if it.adapter is not None:
                 check_base(it.adapter.identity, model.identity.uri)
-        outs = model.generate([it.text for it in items], **{k: v for k, v in params if k != "salt"},
+        texts = [it.text for it in items]
+        outs = model.generate(texts, **{k: v for k, v in params if k != "salt"},
                               adapters=[it.adapter for it in items])
-        return [{**out, "batch_size": len(items)} for out in outs]
+        return [{**out, "batch_size": len(items), "embedding": e}
+                for out, e in zip(outs, model.embed_prompts(texts))]
 
     async def stream(self, text: str, request_id: str, model: str | None = None,
                      **options) -> AsyncIterator[dict]:
@@ -200,7 +205,8 @@ class Generator(_ModelDeployment):
         variant = self.slot.variants.split(request_id)[0] if adapter is None else CHAMPION_VARIANT
         loaded = self.slot.variants.model(variant)
         head = {"model": answered_by(loaded, adapter, side or variant),
-                "prompt_tokens": loaded.prompt_tokens(text)}
+                "prompt_tokens": loaded.prompt_tokens(text),
+                "embedding": (await asyncio.to_thread(loaded.embed_prompts, [text]))[0]}
         if self.continuous(params):
             engine = await self.slot.engine(loaded)
             yield head

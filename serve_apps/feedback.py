@@ -5,7 +5,8 @@ answer takes `"correction": "the answer as it should have been"` instead of a la
 `serve.get_app_handle("feedback").submit.remote({...})`. A request id the log does not hold is a
 404, a label outside the answering model's label set a 422. `GET /v1/feedback/pending?limit=50
 &model=...` (`pending` on the handle) is the caller's tenant's queue of answers awaiting a
-label, the most useful first (`monitoring.feedback.pending`).
+label (or a generator's answers awaiting a correction), the most useful first
+(`monitoring.feedback.pending`).
 """
 
 import asyncio
@@ -71,12 +72,13 @@ class PendingItem(BaseModel):
     ts: str
     model: str
     model_version: str
-    prediction: str
-    confidence: float
-    reason: str = Field(description="disagreement (champion and shadow), uncertain, or random "
-                        "(the uniform share of the page)")
+    prediction: str = Field(description="a classifier's label; a generator's finish reason")
+    confidence: float | None
+    reason: str = Field(description="disagreement (champion and shadow), contradiction, "
+                        "uncertain, or coverage (the share of the page spread over the rest)")
     text: str | None = Field(description="the text as logged (PII redacted; null when the log "
                              "keeps no text)")
+    output: str | None = Field(None, description="a generator's answer as logged, to correct")
 
 
 class FeedbackReceipt(BaseModel):

@@ -123,6 +123,17 @@ class LoadedModel:
                                       prepare), stop)
 
     @_one_at_a_time
+    def embed_prompts(self, texts: Sequence[str]) -> list[list[float]]:
+        """A generator's embedding of each prompt (`training.features.prompt_embeddings`, by
+        the base: adapters attached for other requests are off for these rows), which the
+        chat log keeps for its drift checks."""
+        from training.features import prompt_embeddings
+
+        module, names = self.adapters.prepare(self.model, [None] * len(texts))
+        return prompt_embeddings(module, self.tokenizer, texts, self.meta.get("max_length"),
+                                 **({"adapter_names": names} if names else {})).tolist()
+
+    @_one_at_a_time
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -65,23 +65,57 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
     return profile
 
 
+def prompt_embeddings(model, tokenizer, texts: Sequence[str], max_length: int | None = None,
+                      batch_size: int = 32, **forward) -> np.ndarray:
+    """A generator's own view of its prompts, for drift checks: its last hidden state,
+    mean-pooled over each prompt as it reads it (`prompt_of`), projected to `EMBEDDING_DIMS`
+    numbers as a classifier's sentence embedding is (`training.models.projection`). Positions
+    follow the attention mask, so a prompt's embedding does not depend on its batch's padding.
+    A prompt is cut at `max_length` tokens (None: the positions the model has). `forward`:
+    more arguments of the model's forward (a PEFT model's `adapter_names`)."""
+    import torch
+
+    from training.models import projection, prompt_of
+
+    out = []
+    device = next(model.parameters()).device
+    config = model.config
+    max_length = max_length or getattr(config, "max_position_embeddings", None) \
+        or getattr(config, "n_positions", 512)
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer([prompt_of(tokenizer, t) for t in texts[i:i + batch_size]],
+                            truncation=True, max_length=max_length, padding=True,
+                            add_special_tokens=False, return_tensors="pt").to(device)
+            mask = enc["attention_mask"]
+            hidden = model(**enc, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           output_hidden_states=True, **{k: v[i:i + batch_size] for k, v in
+                                                         forward.items()}).hidden_states[-1]
+            weights = mask.unsqueeze(-1).float()
+            pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+            out.append((pooled @ projection(pooled.shape[-1], EMBEDDING_DIMS).to(device))
+                       .cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, EMBEDDING_DIMS), np.float32)
+
+
 def generation_profile(task_model, df: pd.DataFrame, rows: int = 500, seed: int = 0
                        ) -> pd.DataFrame:
     """A generator's reference profile: the descriptors of (up to `rows` of) held-out prompts,
-    counted in the tokens it reads (as serving counts them), and its answers to them beside
-    their reference texts (`output`, `correction`: what a reviewer's correction is compared
-    with). No class, confidence or embedding: a generator's live drift is its prompts' wording
-    and its corrected answers' words (`monitoring/drift.py`)."""
+    counted in the tokens it reads (as serving counts them), their `prompt_embeddings`, and its
+    answers to them beside their reference texts (`output`, `correction`: what a reviewer's
+    correction is compared with). No class or confidence: a generator's live drift is its
+    prompts' wording and meaning and its corrected answers' words (`monitoring/drift.py`)."""
     from training.models import prompt_of
 
     sample = df.sample(n=min(rows, len(df)), random_state=seed) if len(df) > rows else df
-    tokenizer = task_model.tokenizer
+    tokenizer, texts = task_model.tokenizer, list(sample.text)
     tokens = [len(tokenizer(prompt_of(tokenizer, t), add_special_tokens=False)["input_ids"])
-              for t in sample.text]
-    profile = pd.DataFrame([descriptors(t, n) for t, n in zip(sample.text, tokens)])
+              for t in texts]
+    profile = pd.DataFrame([descriptors(t, n) for t, n in zip(texts, tokens)])
     nothing = [None] * len(profile)
-    return profile.assign(embedding=nothing, prediction=nothing, confidence=np.nan,
-                          posterior=nothing, label=nothing,
+    embedded = prompt_embeddings(task_model.model, tokenizer, texts, task_model.meta["max_length"])
+    return profile.assign(embedding=[e.astype(np.float32).tolist() for e in embedded],
+                          prediction=nothing, confidence=np.nan, posterior=nothing, label=nothing,
                           output=list(task_model.predict(None, sample[["text"]]).text),
                           correction=list(sample.rewrite), **{SERVED: False})
 

@@ -14,7 +14,7 @@ from training.config import RetrainConfig
 from training.data import generate
 from training.errors import InvalidData
 from training.evaluate import GENERATION_METRIC, token_f1
-from training.features import descriptors
+from training.features import descriptors, prompt_embeddings
 from training.registry import CHAMPION, REFERENCE_FILE, Registry
 from training.retrain import ORIGINAL, RECENT, generation_retraining_data
 from training.taskdata import TaskData
@@ -57,12 +57,15 @@ def log_chat(settings, n: int, corrected: int, seed: int = 5, scenario: str = "n
         if distinct else df
     champion = registry and registry.load_model(MODEL, 1)
     outputs = list(champion.predict(None, df[["text"]]).text) if champion else [None] * n
+    embedded = prompt_embeddings(champion.model, champion.tokenizer, list(df.text),
+                                 champion.meta["max_length"]).tolist() if champion else [None] * n
     ts = now()
     SegmentWriter(settings.log_uri, INFERENCE, LogConfig()).write_segment([
         {"request_id": f"c{seed}-{i}", "item": 0, "ts": ts, "tenant": "default",
          "application": "chat", "model": MODEL, "model_version": "1", "variant": "champion",
          "stages": {"generator": f"{MODEL}/1"}, "prediction": "stop", "confidence": 0.5,
          "latency_ms": 20.0, "outcome": "ok", "text": text, "output": outputs[i],
+         "embedding": embedded[i],
          **(descriptors(text, len(champion.tokenizer(prompt_of(champion.tokenizer, text),
                                                      add_special_tokens=False)["input_ids"]))
             if champion else {})} for i, text in enumerate(df.text)])
@@ -142,9 +145,10 @@ def test_a_generator_retrains_on_corrected_answers_and_the_gate_scores_its_words
 
 
 def test_a_generators_drift_is_its_prompts_wording_and_its_corrected_answers_words(rewriter):
-    """Against its profile (its answers to held-out prompts beside their references), the
-    champion's answers to clean prompts, corrected, hold their words; a new product's lose
-    them, and its reviewers' corrections say so."""
+    """Against its profile (its held-out prompts' wording and embeddings, its answers to them
+    beside their references), clean prompts and their corrected answers hold; a new product's
+    prompts read as new to the generator, and its answers lose words, which its reviewers'
+    corrections say."""
     settings, registry, _ = rewriter
     profile = registry.reference_profile(MODEL, 1)
     assert profile.prediction.isna().all() and profile.output.notna().all()
@@ -153,12 +157,15 @@ def test_a_generators_drift_is_its_prompts_wording_and_its_corrected_answers_wor
     [clean] = check_model(settings.log_uri, registry, config, MODEL).windows
     drop = {m.name: m for m in clean.metrics}["feedback_quality_drop"]
     assert not clean.drifted and clean.labelled == 60, clean
-    assert {m.name for m in clean.metrics} == {"share_of_drifted_descriptors",
+    assert {m.name for m in clean.metrics} == {"share_of_drifted_descriptors", "embedding_drift",
                                                "feedback_quality_drop"}
     log_chat(settings, 500, 60, seed=4, registry=registry)
     [drifted] = check_model(settings.log_uri, registry, config, MODEL).windows
-    moved = {m.name: m for m in drifted.metrics}["feedback_quality_drop"]
-    assert drifted.drifted and moved.drifted and moved.value > drop.value + 0.2, drifted
+    moved = {m.name: m for m in drifted.metrics}
+    assert drifted.drifted and moved["feedback_quality_drop"].drifted, drifted
+    assert moved["feedback_quality_drop"].value > drop.value + 0.2
+    # the new product's prompts mean something else to the generator
+    assert moved["embedding_drift"].drifted, drifted
 
 
 def test_a_generator_retrain_needs_enough_corrections(rewriter):

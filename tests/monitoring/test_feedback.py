@@ -54,6 +54,32 @@ def test_feedback_is_checked_against_the_log_and_the_models_labels_or_correction
     assert [type(c) for c in checked] == [case[4] for case in bad]
 
 
+def test_the_queue_lists_a_generators_answers_to_correct_least_sure_first(tmp_path):
+    """A generator's answers wait for a correction, ranked as a classifier's answers are: a
+    shadowing challenger that wrote something else first, then the least confident; the
+    corrected ones, a classifier's rows and another tenant's stay off its page."""
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    uri = str(tmp_path / "log")
+    confidence = [0.9, 0.2, 0.6, 0.4, 0.95, 0.3]
+    rows = [log_record(i, model="rewriter", application="chat", prediction="stop",
+                       posterior=None, confidence=c, output=f"answer {i}", text=f"post {i}")
+            for i, c in enumerate(confidence)]
+    shadow = {**rows[4], "variant": "shadow", "model_version": "2", "output": "another answer"}
+    router = log_record(50, confidence=0.01, posterior=[1.0, 0.0])
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment([*rows, shadow, router])
+    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
+        {"request_id": "r1", "item": 0, "label": None, "correction": "a better answer",
+         "ts": now(), "tenant": "default"}])
+    page = pending(uri, "default", 4, LabelQueueConfig(explore=0.0), model="rewriter")
+    assert [(it["request_id"], it["reason"]) for it in page] == [
+        ("r4", "disagreement"), ("r5", "uncertain"), ("r3", "uncertain"), ("r2", "uncertain")]
+    assert page[1]["output"] == "answer 5" and page[1]["text"] == "post 5"
+    assert page[1]["confidence"] == 0.3 and page[1]["prediction"] == "stop"
+    assert pending(uri, "neighbour", 4, LabelQueueConfig(), model="rewriter") == []
+
+
 def test_the_label_queue_puts_disagreements_and_doubts_first_per_label_and_covers(tmp_path):
     from monitoring.config import LabelQueueConfig
     from monitoring.feedback import pending

@@ -132,13 +132,14 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     assert "jane.doe" not in fixed.correction and not isinstance(fixed.label, str)
     labels = joined[joined.request_id != chat].set_index(["request_id", "item"]).label
     assert labels[(third, 0)] == "spam" and labels[(many, 1)] == label
-    # `llmops traffic chat` asks the chat generator and corrects half its answers
+    # `llmops traffic chat` asks the chat generator and corrects half its answers: the ones
+    # the label queue lists first
     sent = llmops_here((platform.env, platform.config), "traffic", "chat", "--n", "8",
                        "--feedback", "0.5", "--seed", "3", "--json")
     assert sent.returncode == 0, sent.stderr[-2000:]
-    report = json.loads(sent.stdout)
-    assert report["ok"] == 8 and report["feedback"]["labelling"] == "random"
-    assert report["feedback"]["accepted"] == report["feedback"]["sent"] > 0
+    report = json.loads(sent.stdout)["feedback"]
+    assert json.loads(sent.stdout)["ok"] == 8 and report["labelling"] == "queue"
+    assert report["accepted"] == report["sent"] == 4 and sum(report["reasons"].values()) == 4
     assert labels.isna().sum() == 2  # items 0 and 2 of the support request got no feedback
     # another tenant cannot label this tenant's request: 404, as for an unknown one
     with pytest.raises(UnknownRequest, match="no logged request"):
