@@ -135,7 +135,6 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
     corrected answers lose words against what it wrote on held-out prompts."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import DriftedColumnsCount, ValueDrift
-    from evidently.metrics.embeddings import MMDDriftMethod
 
     if len(current) < min_rows:
         raise NotEnoughData(f"the window holds {len(current)} requests of {model}; a drift check "
@@ -156,38 +155,57 @@ def check_window(current: pd.DataFrame, reference: pd.DataFrame, thresholds: Dri
                             for df in (sample, reference)))
     share, *drifts = [m["value"] for m in json.loads(snapshot.json())["metrics"]]
     metrics = [_metric("share_of_drifted_descriptors", share["share"],
-                       t.share_of_drifted_descriptors, "evidently:wasserstein")]
+                       t.share_of_drifted_descriptors, "evidently:wasserstein"),
+               *([_metric("prediction_drift", drifts[0], t.prediction_drift,
+                          "evidently:jensenshannon"),
+                  _metric("confidence_drift", drifts[1], t.confidence_drift,
+                          "evidently:wasserstein")] if answers else []),
+               *_embedding_drift(sample, reference, t.embedding_drift)]
     if answers:
         predicted, expected = current["prediction"].astype(str), reference["prediction"].astype(str)
         kl = kl_divergence(predicted, expected, sorted(set(expected) | set(predicted)))
-        metrics += [
-            _metric("prediction_drift", drifts[0], t.prediction_drift, "evidently:jensenshannon"),
-            _metric("confidence_drift", drifts[1], t.confidence_drift, "evidently:wasserstein"),
-            _metric("kl_divergence", kl, t.kl_divergence, "kl(current||reference)")]
-    embedded = sample[sample.embedding.notna()]  # a generator's fallback answers have none
-    if reference.embedding.notna().all() and len(embedded) >= len(sample) // 2:
-        # Evidently's MMD method, called directly: its EmbeddingsDrift metric also fits a t-SNE
-        # for its plot, 95% of a check's time (7 of 7.7 s on a 2k-row window).
-        mmd = MMDDriftMethod(threshold=t.embedding_drift)(embedding_frame(embedded),
-                                                           embedding_frame(reference))[0]
-        metrics.insert(-1 if answers else 1, _metric("embedding_drift", mmd, t.embedding_drift,
-                                                     "evidently:mmd", digits=5))
-    labelled = current.dropna(subset=["label"]) if "label" in current else current.iloc[:0]
-    if len(labelled) >= MIN_LABELS and "label" in profile and profile.label.notna().any():
-        metrics.append(accuracy_shortfall(labelled, profile, t.feedback_accuracy_drop))
-    corrected = correction_scores(current)
-    if len(corrected) >= MIN_LABELS and len(held := correction_scores(profile)):
-        metrics.append(quality_shortfall(corrected, held, t.feedback_accuracy_drop))
+        metrics.append(_metric("kl_divergence", kl, t.kl_divergence, "kl(current||reference)"))
+    feedback, labelled = _feedback_drift(current, profile, t.feedback_accuracy_drop)
     html = None
     if html_path is not None:
         html_path.parent.mkdir(parents=True, exist_ok=True)
         snapshot.save_html(str(html_path))
         html = str(html_path)
     return DriftReport(model=model, version=version, rows=len(current), sampled=len(sample),
-                       start=str(current.ts.min()), end=str(current.ts.max()), metrics=metrics,
-                       drifted=any(m.drifted for m in metrics),
+                       start=str(current.ts.min()), end=str(current.ts.max()),
+                       metrics=metrics + feedback, drifted=any(m.drifted for m in metrics + feedback),
                        seconds=round(time.perf_counter() - started, 3), html=html,
-                       labelled=len(labelled) + len(corrected))
+                       labelled=labelled)
+
+
+def _embedding_drift(sample: pd.DataFrame, reference: pd.DataFrame,
+                     threshold: float) -> list[Metric]:
+    """The MMD of the window's embeddings against the reference's, where both have them (a
+    generator's fallback answers have none). Evidently's MMD method, called directly: its
+    EmbeddingsDrift metric also fits a t-SNE for its plot, 95% of a check's time (7 of 7.7 s on
+    a 2k-row window)."""
+    from evidently.metrics.embeddings import MMDDriftMethod
+
+    embedded = sample[sample.embedding.notna()]
+    if not reference.embedding.notna().all() or len(embedded) < len(sample) // 2:
+        return []
+    mmd = MMDDriftMethod(threshold=threshold)(embedding_frame(embedded),
+                                               embedding_frame(reference))[0]
+    return [_metric("embedding_drift", mmd, threshold, "evidently:mmd", digits=5)]
+
+
+def _feedback_drift(current: pd.DataFrame, profile: pd.DataFrame, threshold: float
+                    ) -> tuple[list[Metric], int]:
+    """The feedback's metrics, each once 30 answers have it (a classifier's labels, a
+    generator's corrections), and how many answers have feedback."""
+    metrics = []
+    labelled = current.dropna(subset=["label"]) if "label" in current else current.iloc[:0]
+    if len(labelled) >= MIN_LABELS and "label" in profile and profile.label.notna().any():
+        metrics.append(accuracy_shortfall(labelled, profile, threshold))
+    corrected = correction_scores(current)
+    if len(corrected) >= MIN_LABELS and len(held := correction_scores(profile)):
+        metrics.append(quality_shortfall(corrected, held, threshold))
+    return metrics, len(labelled) + len(corrected)
 
 
 def inputs(reference: pd.DataFrame) -> pd.DataFrame:
