@@ -117,19 +117,22 @@ class RetrainSteps:
     def _submit(self, state: ControllerState) -> None:
         c = self.c
         folder = c.work / state.retrain_id
-        # fine-tune the champion's weights, not a fresh model; a LoRA task's champion is an
-        # adapter, not a base: a new adapter trains on the exact base the champion's was
-        # trained on (a registry base stays pinned to that version)
-        champion = reference(c.model, state.champion)
-        if c.settings.training.task(c.model).method == "lora":
-            champion = resolve(champion, c.registry.tracking_uri).base
-        config = c.job_settings(folder, champion)
+        config = c.job_settings(folder, self.source(state.champion))
         # (no runtime_env: the command sets the platform's environment for its own driver)
         c.job_client().submit_job(
             submission_id=state.retrain_id,
             entrypoint=(f"{sys.executable} -m cluster.cli train {c.model} --data "
                         f"{folder / 'data'} --config {config} "
                         f"--tag {RETRAIN_TAG}={state.retrain_id} --json"))
+
+    def source(self, champion: int) -> str:
+        """What a retrain fine-tunes: the champion's weights, not a fresh model. A LoRA task's
+        champion is an adapter, not a base: a new adapter trains on the exact base the
+        champion's was trained on (a registry base stays pinned to that version)."""
+        ref = reference(self.c.model, champion)
+        if self.c.settings.training.task(self.c.model).method == "lora":
+            return resolve(ref, self.c.registry.tracking_uri).base
+        return ref
 
     def follow(self, state: ControllerState) -> ControllerState:
         """`retraining`: the job's version registered -> `evaluating`; the job failed ->

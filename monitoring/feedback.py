@@ -131,9 +131,8 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     log = log[log.prediction.notna() & (log.posterior.notna() | log.output.notna())]
     if log.empty or limit < 1:
         return []
-    said = log.output.where(log.output.notna(), log.prediction)  # what a reviewer judges
-    shadow = said[log.variant == SHADOW].set_axis(pd.MultiIndex.from_frame(
-        log.loc[log.variant == SHADOW, ["request_id", "item"]]))
+    log = log.assign(said=log.output.where(log.output.notna(), log.prediction))  # judged
+    shadow = log[log.variant == SHADOW].set_index(["request_id", "item"]).said
     answers = with_feedback(
         log[log.variant != SHADOW].drop_duplicates(["request_id", "item"], keep="last"),
         read(log_uri, FEEDBACK, request_ids=set(log.request_id), tenant=tenant))
@@ -145,8 +144,7 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     if answers.empty:  # all labelled, or none since: nothing to rank
         return []
     other = [shadow.get(k) for k in zip(answers.request_id, answers.item)]
-    mine = answers.output.where(answers.output.notna(), answers.prediction)
-    disagree = np.array([o is not None and o != p for o, p in zip(other, mine)])
+    disagree = np.array([o is not None and o != p for o, p in zip(other, answers.said)])
     similar = _near(answers, labelled, confident_mistakes(labelled, config.confident))
     near = ~disagree & ~np.isnan(similar)
     answers = answers.assign(rank=np.where(disagree, 0, np.where(near, 1, 2)),

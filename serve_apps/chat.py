@@ -163,7 +163,8 @@ class ChatPipeline(Pipeline):
         try:
             out = await self.breaker.call(lambda: self._generator_for(request.model).generate
                                           .remote(call.texts[0], call.request_id,
-                                                  model=request.model, **request.options()))
+                                                  model=request.model, embed=True,
+                                                  **request.options()))
             degraded = False
         except Exception as exc:
             if callers_fault(exc):  # this caller's input: its own 4xx, no fallback
@@ -217,7 +218,7 @@ class ChatPipeline(Pipeline):
         stream = None
         try:
             stream = self._generator_for(request.model, stream=True).stream.remote(
-                call.texts[0], rid, model=request.model, **request.options())
+                call.texts[0], rid, model=request.model, embed=True, **request.options())
             try:
                 first = await self.breaker.call(lambda: anext(stream))
             except Exception as exc:

@@ -150,12 +150,13 @@ class Generator(_ModelDeployment):
         return tuple(sorted(p.items())) + key
 
     async def generate(self, text: str, request_id: str, model: str | None = None,
-                       **options) -> dict:
+                       embed: bool = False, **options) -> dict:
         """The answer to one text by `model` (the base's or an adapter's name; None: this
-        deployment's `adapter`)."""
+        deployment's `adapter`); with `embed`, also the prompt's embedding (for drift checks:
+        `training.features.prompt_embeddings`)."""
         adapter, variant = await self.adapter(model, request_id)
         item = Item(text, request_id, self.params(salt=request_id, **options), adapter,
-                    variant=variant)
+                    variant=variant, embed=embed)
         if self.continuous(item.params):
             return unwrap((await self.slot.run([item], self._continuous_batch))[0])
         return await self.predict(item)
@@ -181,24 +182,21 @@ class Generator(_ModelDeployment):
         engine, p = await self.slot.engine(model), dict(params)
         outs = await asyncio.gather(*(engine.generate(it.text, p["max_new_tokens"], p["stop"])
                                       for it in items), return_exceptions=True)
-        embedded = await asyncio.to_thread(model.embed_prompts, [it.text for it in items])
-        return [out if isinstance(out, Exception) else {**out, "embedding": e}
-                for out, e in zip(outs, embedded)]
+        return await asyncio.to_thread(_embedded, model, items, outs)
 
     @staticmethod
     def run_batch(model: LoadedModel, items: list[Item], params: tuple) -> list[dict]:
         for it in items:  # the base moved under a request that holds an adapter of the old one
             if it.adapter is not None:
                 check_base(it.adapter.identity, model.identity.uri)
-        texts = [it.text for it in items]
-        outs = model.generate(texts, **{k: v for k, v in params if k != "salt"},
+        outs = model.generate([it.text for it in items], **{k: v for k, v in params if k != "salt"},
                               adapters=[it.adapter for it in items])
-        return [{**out, "batch_size": len(items), "embedding": e}
-                for out, e in zip(outs, model.embed_prompts(texts))]
+        return _embedded(model, items, [{**out, "batch_size": len(items)} for out in outs])
 
     async def stream(self, text: str, request_id: str, model: str | None = None,
-                     **options) -> AsyncIterator[dict]:
-        """Pieces of the answer as they are generated; the first carries the model identity."""
+                     embed: bool = False, **options) -> AsyncIterator[dict]:
+        """Pieces of the answer as they are generated; the first carries the model identity
+        (and with `embed`, the prompt's embedding)."""
         params = self.params(**options)
         p = dict(kv for kv in params if kv[0] != "salt")
         adapter, side = await self.adapter(model, request_id)
@@ -206,7 +204,8 @@ class Generator(_ModelDeployment):
         loaded = self.slot.variants.model(variant)
         head = {"model": answered_by(loaded, adapter, side or variant),
                 "prompt_tokens": loaded.prompt_tokens(text),
-                "embedding": (await asyncio.to_thread(loaded.embed_prompts, [text]))[0]}
+                "embedding": (await asyncio.to_thread(loaded.embed_prompts, [text]))[0]
+                if embed else None}
         if self.continuous(params):
             engine = await self.slot.engine(loaded)
             yield head
@@ -224,3 +223,15 @@ class Generator(_ModelDeployment):
                 yield {"text": piece}
         finally:
             cancel.set()
+
+
+def _embedded(model: LoadedModel, items: list[Item], outs: list) -> list:
+    """`outs` (answers, or exceptions in their place) with the prompt embeddings of the items
+    that asked for them (`Item.embed`): one forward pass for all of them."""
+    asked = [i for i, it in enumerate(items) if it.embed and not isinstance(outs[i], Exception)]
+    if not asked:
+        return outs
+    vectors = dict(zip(asked, model.embed_prompts([items[i].text for i in asked])))
+    return [{**out, "embedding": vectors[i]} if i in vectors else out
+            for i, out in enumerate(outs)]
+

@@ -4,7 +4,14 @@ fine-tunes the champion on them beside a replay of its training rows, and the ga
 challenger by token-level F1 of its answers on the held-out corrections and the golden set."""
 
 import pytest
-from conftest import TINY_GPT2, register_quick, tiny_settings, wait_for
+from conftest import (
+    TINY_GPT2,
+    lora_adapter,
+    register_quick,
+    tiny_llama_folder,
+    tiny_settings,
+    wait_for,
+)
 
 from cluster.controller import Controller
 from monitoring.config import LogConfig
@@ -179,3 +186,42 @@ def test_a_generator_retrain_needs_enough_corrections(rewriter):
     state = controller.state()
     after = controller.retrain.start(state, "drift")
     assert after.state == "serving" and "12 corrected answers" in after.detail["waiting"]
+
+
+def test_a_lora_tasks_retrain_trains_a_new_adapter_on_its_champions_exact_base(tmp_path):
+    """The champion of a LoRA task is an adapter: its retrain starts from the base version the
+    adapter was trained on, even after the base's alias moved on; a full task's from the
+    champion's own weights."""
+    import time
+
+    import yaml
+
+    from training.job import register_model_dir
+    from training.refs import reference
+    from training.registry import download_hf_model
+    from training.taskdata import build_task_data
+
+    settings = tiny_settings(tmp_path / "state")
+    settings.training.tasks = {**settings.training.tasks, "rewriter-lora": {
+        "dataset": "moderation", "kind": "causal-lm", "label_priors": {"toxic": 1.0},
+        "method": "lora", "model": {"source": "models:/rewriter@champion", "max_length": 64},
+        "train_size": 48, "holdout_size": 16, "golden_size": 16, "holdouts": ["base"]}}
+    registry = Registry(settings.registry, settings.data_dir)
+
+    def register(task: str, folder) -> int:
+        return register_model_dir(settings.training, registry, task,
+                                  build_task_data(settings.training, task), folder, [],
+                                  history=[], ds_config={}, started=time.perf_counter()).version
+
+    base = register(MODEL, tiny_llama_folder(tmp_path / "base", settings))
+    adapter = register("rewriter-lora", lora_adapter(
+        download_hf_model(reference(MODEL, base)), reference(MODEL, base), tmp_path / "a", 1))
+    moved = register(MODEL, tiny_llama_folder(tmp_path / "base-2", settings))
+    registry.set_alias(MODEL, CHAMPION, moved)  # the base's alias moves on
+    lora = Controller(settings, "rewriter-lora", registry).retrain
+    assert lora.source(adapter) == reference(MODEL, base)
+    written = yaml.safe_load(lora.c.job_settings(tmp_path / "job", lora.source(adapter))
+                             .read_text())["training"]["tasks"]["rewriter-lora"]
+    assert written["method"] == "lora" and written["model"]["source"] == reference(MODEL, base)
+    assert Controller(settings, MODEL, registry).retrain.source(base) == reference(MODEL, base)
+

@@ -81,14 +81,19 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
         ids.append(r.json()["request_id"])
     multi = httpx.post(f"{platform.url}/v1/support/route", json={"texts": SUPPORT_TEXTS[:3]},
                        headers=platform.auth, timeout=60).json()
-    chat = httpx.post(f"{platform.url}/v1/chat/completions", headers=platform.auth, json={
+    chatted = httpx.post(f"{platform.url}/v1/chat/completions", headers=platform.auth, json={
         "model": "rewriter", "messages": [{"role": "user", "content": texts[0]}],
-        "max_tokens": 8}, timeout=60).json()["llmops"]["request_id"]
+        "max_tokens": 8}, timeout=60).json()
+    chat = chatted["llmops"]["request_id"]
     many, third = multi["request_id"], ids[3]
     log = logged(platform, {*ids, many, chat})
     assert len(log) == len(texts) + 4  # N requests in, N records out (one per text)
     mod = log[log.application == "moderation"].set_index("request_id")
     assert (mod.model == "moderation").all() and (mod.model_version == "1").all()
+    # a generated answer is logged (redacted) with the embedding of its prompt by the generator
+    [answer] = log[log.request_id == chat].itertuples()
+    assert answer.model == "rewriter" and len(answer.embedding) == 32
+    assert answer.output == redact(chatted["choices"][0]["message"]["content"]).text
     assert (mod.outcome == "ok").all() and (mod.latency_ms > 0).all()
     assert all(len(e) == 32 for e in mod.embedding) and (mod.chars > 0).all()
     # the texts are kept with personal data redacted (what retraining on feedback needs)
