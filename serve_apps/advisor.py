@@ -240,11 +240,14 @@ class AdvisorPipeline(Pipeline):
         """Classify the question, plan (`earlier`: the client's earlier messages), run the tool
         (here, or hand the call to the client)."""
         question, rid = call.texts[0], call.request_id
+        recent = earlier[-dialogue.FOLLOW_UPS:]  # what the conversation's intent is read from
         with self.pressure.track() as peak:
             async with self.log.on_failure(rid, [question], call.started, call.principal.tenant):
-                verdict = check_label(unwrap(await self._classify(Item(question, rid,
-                                                                       fallback=peak))))
-        plan = dialogue.plan(question, verdict, _advice(call), self.config, earlier)
+                verdict, *before = [check_label(unwrap(v)) for v in await asyncio.gather(*(
+                    self._classify(Item(text, rid, fallback=peak))
+                    for text in [question, *recent]))]
+        plan = dialogue.plan(question, verdict, _advice(call), self.config, earlier,
+                             dialogue.conversation_intent(list(zip(recent, before)), self.config))
         result, tools = None, []
         if plan.arguments is not None:
             call_id = f"call_{rid}"

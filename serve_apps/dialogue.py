@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from serve_apps.portfolio import InvalidPortfolio, SimulationRequest, request_of
 from serve_apps.quoting import TEMPLATE_TEXT, compose
-from serve_apps.slots import extract
+from serve_apps.slots import extract, gives
 
 TOOL = "simulate_portfolio"
 SPEC = {"type": "function", "function": {
@@ -73,6 +73,9 @@ _ASK = {"holdings": "your holdings with their weights (for example 60% SPY and 4
         "horizon_years": "the horizon (for example 10 years)"}
 
 
+FOLLOW_UPS = 4  # the client's newest earlier messages a question's intent may carry from
+
+
 @dataclass
 class Plan:
     """What to answer: a tool call (`arguments`) or text of its own, and a refusal beside."""
@@ -94,16 +97,44 @@ class Plan:
         return {"explain": "explain", "recommend": "refuse"}.get(self.intent, "answer")
 
 
+def intent_of(text: str, verdict: dict, before: str | None, config) -> str:
+    """A message's intent: the classifier's `verdict`, except for a follow-up of a simulation
+    that only changes its arguments ("and over 20 years?"). Read alone, such a message asks
+    for nothing (`other`) or leaves the classifier unsure whether it asks to simulate; it gives
+    an argument, and the conversation's intent (`before`) was to simulate, so that intent
+    carries (dialogue state tracking). A confident other intent, and any request for a
+    recommendation, stay what they are."""
+    label, candidates = verdict["label"], verdict.get("candidates") or [verdict["label"]]
+    unsure = label == "other" or (len(candidates) > 1 and "simulate" in candidates)
+    if before == "simulate" and label != "recommend" and unsure and gives(text, config.portfolio):
+        return "simulate"
+    return label
+
+
+def conversation_intent(earlier: Sequence[tuple[str, dict]], config) -> str | None:
+    """The task the conversation is in after the client's earlier messages (each with its
+    verdict, oldest first): the newest simulation or recommendation asked for, each message
+    read as a follow-up of the ones before (`intent_of`). A question about a term, or anything
+    else, is an aside that leaves the task as it was."""
+    task = None
+    for text, verdict in earlier:
+        intent = intent_of(text, verdict, task, config)
+        task = intent if intent in ("simulate", "recommend") else task
+    return task
+
+
 def plan(question: str, verdict: dict, advice_found: bool, config,
-         earlier: Sequence[str] = ()) -> Plan:
+         earlier: Sequence[str] = (), before: str | None = None) -> Plan:
     """The plan for `question` (`config`: the advisor's `AdvisorAppConfig`; `earlier`: the
-    client's earlier messages of the conversation, oldest first)."""
-    intent = verdict["label"]
-    refused = advice_found or "recommend" in (verdict.get("candidates") or [intent])
+    client's earlier messages of the conversation, oldest first; `before`: the intent they
+    left the conversation in, `conversation_intent`)."""
+    intent = intent_of(question, verdict, before, config)
+    refused = advice_found or "recommend" in (verdict.get("candidates") or [verdict["label"]])
     out = Plan(intent, refused=refused)
     if intent == "simulate":
         slots = extract(question, config.portfolio, earlier)
-        out.missing, out.carried = slots.missing, slots.carried
+        out.missing = slots.missing
+        out.carried = (["intent"] if intent != verdict["label"] else []) + slots.carried
         if not slots.missing:
             arguments = slots.arguments({"paths": config.paths, "seed": config.seed})
             try:
@@ -143,7 +174,8 @@ def reply(p: Plan, result: dict | None, config) -> str:
 
 def _carried(p: Plan) -> str:
     """What a follow-up took from earlier messages, in words (no figure: those are the tool's)."""
-    said = {"holdings": f"your holdings ({', '.join(p.arguments['holdings'])})",
+    said = {"intent": "a simulation",
+            "holdings": f"your holdings ({', '.join(p.arguments['holdings'])})",
             "horizon_years": "the horizon",
             "risk_profile": f"the {p.arguments.get('risk_profile')} profile"}
     return ", ".join(said[name] for name in p.carried)

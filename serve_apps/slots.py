@@ -87,6 +87,12 @@ def _read(text: str, config: PortfolioConfig) -> Slots:
         None))
 
 
+def gives(text: str, config: PortfolioConfig) -> bool:
+    """Whether `text` gives any of the simulation's arguments (holdings, a horizon, a profile)."""
+    slots = _read(text, config)
+    return bool(slots.holdings or slots.horizon_years is not None or slots.risk_profile)
+
+
 def extract(text: str, config: PortfolioConfig, earlier: Sequence[str] = ()) -> Slots:
     """The simulation's arguments found in `text`, or else in the newest of the `earlier`
     messages (oldest first) that has them, and the names of those found in neither."""

@@ -193,6 +193,12 @@ def test_the_chat_simulates_what_it_reads_quotes_it_exactly_and_is_replayed(advi
     assert (tool["arguments"]["holdings"], tool["arguments"]["horizon_years"]) == (
         {"VTI": 0.7, "TLT": 0.3}, 5)
     assert again["answer"].startswith("As in your earlier messages: your holdings (VTI, TLT)")
+    # one that only gives an argument, after an aside: still a simulation, whatever the
+    # classifier reads in it alone (its earlier messages are classified with it)
+    more = _chat(advisor, "and over 20 years?", [question, "What is CVaR?"])
+    assert more["intent"] == "simulate" and more["action"] == "simulate", more
+    assert more["carried"][-2:] == ["holdings", "risk_profile"]
+    assert more["tool_calls"][0]["arguments"]["horizon_years"] == 20
 
 
 def test_the_chat_asks_explains_and_refuses_recommendations(advisor):

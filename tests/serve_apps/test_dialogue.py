@@ -5,7 +5,7 @@ refusal), and every reply ends with the disclaimer and passes the numbers check.
 import pytest
 
 from serve_apps.config import AdvisorAppConfig
-from serve_apps.dialogue import SPEC, TOOL, fixed_text, plan, reply
+from serve_apps.dialogue import SPEC, TOOL, conversation_intent, fixed_text, plan, reply
 from serve_apps.portfolio import simulate
 from serve_apps.quoting import check
 
@@ -68,6 +68,41 @@ def test_a_follow_up_keeps_what_it_leaves_out_from_the_earlier_messages_and_says
                  CONFIG, earlier)
     assert fresh.carried == ["risk_profile"] and "earlier" in reply(fresh, simulate(
         fresh.arguments, CONFIG.portfolio, workers=0), CONFIG)
+
+
+def test_a_follow_up_that_only_gives_an_argument_keeps_the_conversations_simulation():
+    """"and over 20 years?" read alone asks for nothing (or leaves the classifier unsure): after
+    a simulation, even with a question about a term between, it simulates again and says what
+    it carried; a message with no argument, a confident other intent, a recommendation, or a
+    conversation that never simulated keep their own."""
+    first = "How risky is 70% VTI and 30% TLT over 15 years? I'm conservative."
+    earlier = [first, "And what is CVaR?"]
+    before = conversation_intent([(first, verdict("simulate")),
+                                  ("And what is CVaR?", verdict("explain"))], CONFIG)
+    assert before == "simulate"
+    p = plan("and over 20 years?", verdict("other"), False, CONFIG, earlier, before)
+    assert p.action == "simulate" and p.carried == ["intent", "holdings", "risk_profile"]
+    assert p.arguments["horizon_years"] == 20.0 and p.arguments["holdings"] == {"VTI": 0.7,
+                                                                               "TLT": 0.3}
+    text = reply(p, simulate(p.arguments, CONFIG.portfolio, workers=0), CONFIG)
+    assert text.startswith("As in your earlier messages: a simulation, your holdings (VTI, "
+                           "TLT), the conservative profile.")
+    unsure = plan("and over 20 years?", verdict("explain", ["explain", "simulate"]), False,
+                  CONFIG, earlier, before)
+    assert unsure.action == "simulate"
+    for question, said in [("thanks!", verdict("other")),
+                           ("what is VaR over 20 years?", verdict("explain")),
+                           ("should I buy more SPY over 20 years?", verdict("recommend"))]:
+        own = plan(question, said, False, CONFIG, earlier, before)
+        assert own.intent == said["label"] and own.arguments is None, question
+    assert plan("should I buy more SPY over 20 years?", verdict("recommend"), False, CONFIG,
+                earlier, before).refused
+    never = conversation_intent([("hello there", verdict("other"))], CONFIG)
+    assert plan("and over 20 years?", verdict("other"), False, CONFIG, ["hello there"],
+                never).intent == "other"
+    # a follow-up of a follow-up: the third message still carries the simulation
+    assert conversation_intent([(first, verdict("simulate")),
+                                ("and over 20 years?", verdict("other"))], CONFIG) == "simulate"
 
 
 def test_a_portfolio_the_simulation_refuses_is_explained_not_run():
