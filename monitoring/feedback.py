@@ -94,12 +94,12 @@ def _checked(record, lab: Label, labels_of) -> dict | LLMOpsError:
 def correction_scores(rows: pd.DataFrame) -> np.ndarray:
     """Each corrected generator answer's token-level F1 against its correction (`output` and
     `correction` columns; none without them)."""
-    from training.evaluate import token_f1  # sklearn: not on the feedback app's path
+    from training.evaluate import token_f1s  # sklearn: not on the feedback app's path
 
     if not {"correction", "output"} <= set(rows.columns):
         return np.array([])
     corrected = rows[rows.correction.notna() & rows.output.notna()]
-    return np.array([token_f1(a, c) for a, c in zip(corrected.output, corrected.correction)])
+    return token_f1s(corrected.output, corrected.correction)
 
 
 def feedback_scores(rows: pd.DataFrame) -> np.ndarray:

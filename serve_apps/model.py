@@ -137,11 +137,12 @@ class LoadedModel:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @_one_at_a_time
     def prompt_tokens(self, text: str) -> int:
         """Tokens of the prompt a generator actually reads for `text`."""
-        from training.models import prompt_of
+        from training.features import prompt_tokens
 
-        return self.count_tokens(prompt_of(self.tokenizer, text))
+        return prompt_tokens(self.tokenizer, text)
 
     @_one_at_a_time
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -124,6 +124,11 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * sum((Counter(said) & Counter(meant)).values()) / (len(said) + len(meant))
 
 
+def token_f1s(answers: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """`token_f1` of each answer against its reference."""
+    return np.array([token_f1(a, r) for a, r in zip(answers, references)], dtype=float)
+
+
 def score(task_model, holdout: pd.DataFrame, metric: str,
           priors: dict[str, float] | None = None) -> float:
     """`metric` of a registered classifier (`TaskModel`, adjusted to `priors` if given) on a
@@ -132,7 +137,7 @@ def score(task_model, holdout: pd.DataFrame, metric: str,
     not hold). A generator's is the mean `token_f1` of its answers against `rewrite`."""
     if metric == GENERATION_METRIC:
         answers = task_model.predict(None, holdout[["text"]])["text"]
-        return float(np.mean([token_f1(a, r) for a, r in zip(answers, holdout["rewrite"])]))
+        return float(token_f1s(answers, holdout["rewrite"]).mean())
     predicted = task_model.predict(None, holdout[["text"]], {"priors": priors})["label"]
     if metric == "accuracy":
         return float(accuracy_score(holdout["label"], predicted))
@@ -169,8 +174,7 @@ def measure(predict: Callable[[pd.DataFrame], pd.DataFrame], golden: pd.DataFram
         right = out["label"].to_numpy() == golden["label"].to_numpy()
     else:
         right = out["text"].str.strip().to_numpy() == golden["rewrite"].str.strip().to_numpy()
-        words = {GENERATION_METRIC: float(np.mean([token_f1(a, r) for a, r in
-                                                   zip(out["text"], golden["rewrite"])]))}
+        words = {GENERATION_METRIC: float(token_f1s(out["text"], golden["rewrite"]).mean())}
     ms = np.array(seconds) * 1000
     return {QUALITY[kind]: float(right.mean()), **words,
             "confidence": float(out["confidence"].mean()),

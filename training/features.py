@@ -65,6 +65,14 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
     return profile
 
 
+def prompt_tokens(tokenizer, text: str) -> int:
+    """Tokens of the prompt a generator reads for `text` (`prompt_of`): what its descriptors
+    count, at registration and in serving alike."""
+    from training.models import prompt_of
+
+    return len(tokenizer(prompt_of(tokenizer, text), add_special_tokens=False)["input_ids"])
+
+
 def prompt_embeddings(model, tokenizer, texts: Sequence[str], max_length: int | None = None,
                       batch_size: int = 32, **forward) -> np.ndarray:
     """A generator's own view of its prompts, for drift checks: its last hidden state,
@@ -105,13 +113,9 @@ def generation_profile(task_model, df: pd.DataFrame, rows: int = 500, seed: int 
     answers to them beside their reference texts (`output`, `correction`: what a reviewer's
     correction is compared with). No class or confidence: a generator's live drift is its
     prompts' wording and meaning and its corrected answers' words (`monitoring/drift.py`)."""
-    from training.models import prompt_of
-
     sample = df.sample(n=min(rows, len(df)), random_state=seed) if len(df) > rows else df
     tokenizer, texts = task_model.tokenizer, list(sample.text)
-    tokens = [len(tokenizer(prompt_of(tokenizer, t), add_special_tokens=False)["input_ids"])
-              for t in texts]
-    profile = pd.DataFrame([descriptors(t, n) for t, n in zip(texts, tokens)])
+    profile = pd.DataFrame([descriptors(t, prompt_tokens(tokenizer, t)) for t in texts])
     nothing = [None] * len(profile)
     embedded = prompt_embeddings(task_model.model, tokenizer, texts, task_model.meta["max_length"])
     return profile.assign(embedding=[e.astype(np.float32).tolist() for e in embedded],
