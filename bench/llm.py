@@ -14,10 +14,12 @@ LoRA over full (same data, batch size, DeepSpeed stage and workers).
 generate: answer tokens/s of greedy answers at 1, 8 and 32 concurrent callers, in this process,
 through what a generator replica runs: the continuous batch (`serve_apps/engine.py`: every
 caller sends its next request as soon as its answer arrives), one request at a time
-(`LoadedModel.generate` on one text), and one `generate` per batch (what `@serve.batch` did:
-the callers' requests, up to 16, start together and all wait for the batch's end). Answers end
-after 8, 16, 32 or 64 tokens in turn (`--new-tokens`: the longest), as answers ending at their
-EOS do: a batch runs until its longest answer ends, and only each answer's own tokens count.
+(`LoadedModel.generate` on one text), and one `generate` per batch (what `@serve.batch` does
+where continuous batching is off: the callers' requests, up to 16, start together and all
+wait for the batch's end). Answers end after 8, 16, 32 or 64 tokens in turn (`--new-tokens`:
+the longest), as answers ending at their EOS do: a batch runs until its longest answer ends,
+and only each answer's own tokens count. Twice: by the base alone, and by two LoRA adapters
+(rank 8 on q and v, random weights) and the base in turn, a third of the requests each.
 
 swap: the base registered, two LoRA adapter versions on it (random weights, registered as a
 LoRA fine-tune registers one), the chat application serving the adapter by name from one
@@ -64,13 +66,11 @@ def _bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def generation(base: Path, prompts: list[str], new_tokens: int, seconds: float) -> dict:
-    """Tokens/s per mode and concurrency (see the module's docstring)."""
-    import asyncio
-
-    from serve_apps.engine import ContinuousEngine
+def generation(base: Path, prompts: list[str], new_tokens: int, seconds: float,
+               storage: Path) -> dict:
+    """Tokens/s per mode and concurrency, by the base and by a mix of two adapters and the base
+    (see the module's docstring)."""
     from serve_apps.model import LoadedModel
-    from serve_apps.model_config import GenerationConfig
     from training.pyfunc import load_hf, write_meta
     from training.refs import ModelIdentity
 
@@ -78,27 +78,51 @@ def generation(base: Path, prompts: list[str], new_tokens: int, seconds: float) 
     model, tokenizer, meta = load_hf(base)
     loaded = LoadedModel(ModelIdentity("bench", "1"), model, tokenizer, meta)
     lengths = [new_tokens // 8, new_tokens // 4, new_tokens // 2, new_tokens]
+    adapters = [None, *(_loaded_adapter(base, storage / f"mix{s}", s) for s in (1, 2))]
+    out = {}
+    for name, mix in (("base", [None]), ("adapters", adapters)):
+        cells = _cells(loaded, prompts, lengths, mix, seconds, new_tokens)
+        cells["continuous_vs_per_batch_c32"] = round(cells["continuous"][32]
+                                                     / cells["per_batch"][32], 2)
+        out[name] = cells
+    out["base"]["continuous_vs_one_at_a_time_c32"] = round(
+        out["base"]["continuous"][32] / out["base"]["one_at_a_time"], 2)
+    return out
+
+
+def _cells(loaded, prompts: list[str], lengths: list[int], mix: list, seconds: float,
+           new_tokens: int) -> dict:
+    """Tokens/s one request at a time, per batch and continuously at 1, 8 and 32 callers; the
+    i-th request asks about the i-th prompt for the i-th length by the i-th of `mix` (adapters,
+    None: the base), in turn."""
+    import asyncio
+
+    from serve_apps.engine import ContinuousEngine
+    from serve_apps.model_config import GenerationConfig
+
+    def request(i: int) -> tuple[str, int, object]:
+        return prompts[i % len(prompts)], lengths[i % len(lengths)], mix[i % len(mix)]
 
     def batches(size: int) -> float:
         done, started, i = 0, time.perf_counter(), 0
         while time.perf_counter() - started < seconds:
-            wanted = [lengths[(i + k) % len(lengths)] for k in range(size)]
-            loaded.generate([prompts[(i + k) % len(prompts)] for k in range(size)], max(wanted),
-                            0.0, 0, [])
-            done += sum(wanted)  # each answer's own tokens: the rest of its row is waste
+            wanted = [request(i + k) for k in range(size)]
+            loaded.generate([w[0] for w in wanted], max(w[1] for w in wanted), 0.0, 0, [],
+                            adapters=[w[2] for w in wanted])
+            done += sum(w[1] for w in wanted)  # each answer's own tokens: the rest is waste
             i += size
         return done / (time.perf_counter() - started)
 
     async def continuous(callers: int) -> float:
-        engine = ContinuousEngine(model, tokenizer, GenerationConfig(max_new_tokens=new_tokens))
-        await engine.generate(prompts[0], 4, [])  # its cache is allocated on the first request
+        engine = ContinuousEngine(loaded, GenerationConfig(max_new_tokens=new_tokens))
+        await engine.generate(request(0)[0], 4, [])  # its cache is allocated on the first request
         done, started = [0], time.perf_counter()
 
-        async def caller(k: int) -> None:
-            i = k
+        async def caller(i: int) -> None:
             while time.perf_counter() - started < seconds:
-                await engine.generate(prompts[i % len(prompts)], lengths[i % len(lengths)], [])
-                done[0] += lengths[i % len(lengths)]
+                text, tokens, adapter = request(i)
+                await engine.generate(text, tokens, [], adapter)
+                done[0] += tokens
                 i += callers
 
         await asyncio.gather(*(caller(k) for k in range(callers)))
@@ -107,14 +131,25 @@ def generation(base: Path, prompts: list[str], new_tokens: int, seconds: float) 
         return rate
 
     batches(1)  # warm-up
-    alone = batches(1)
-    out = {"one_at_a_time": round(alone, 1), "per_batch": {}, "continuous": {}}
-    for callers in (1, 8, 32):
-        out["per_batch"][callers] = round(batches(min(callers, 16)), 1)
-        out["continuous"][callers] = round(asyncio.run(continuous(callers)), 1)
-    out["continuous_vs_one_at_a_time_c32"] = round(out["continuous"][32] / alone, 2)
-    out["continuous_vs_per_batch_c32"] = round(out["continuous"][32] / out["per_batch"][32], 2)
+    out = {"one_at_a_time": round(batches(1), 1), "per_batch": {}, "continuous": {}}
+    for c in (1, 8, 32):
+        out["per_batch"][c] = round(batches(min(c, 16)), 1)
+        out["continuous"][c] = round(asyncio.run(continuous(c)), 1)
     return out
+
+
+def _loaded_adapter(base: Path, folder: Path, seed: int):
+    """A random LoRA adapter of `base` as a replica holds one after fetching it."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from serve_apps.adapters import Adapter
+    from training.lora import ADAPTER_WEIGHTS
+    from training.refs import ModelIdentity
+
+    _adapter("models:/bench/1", base, folder, seed)
+    return Adapter(ModelIdentity(f"mix{seed}", "1", base="models:/bench/1"),
+                   LoraConfig.from_pretrained(folder), load_file(folder / ADAPTER_WEIGHTS))
 
 
 def main() -> None:
@@ -145,7 +180,7 @@ def main() -> None:
         if "generate" in parts:
             report["generate"] = {"new_tokens": args.new_tokens, "seconds_per_cell": args.seconds,
                                   "tokens_per_s": generation(base, list(df.text), args.new_tokens,
-                                                             args.seconds)}
+                                                             args.seconds, Path(storage))}
         if "swap" in parts:
             report["swap"] = adapter_swap(args, base, Path(storage))
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))

@@ -6,7 +6,9 @@ replica fetches an adapter on its first request for it through Serve's model mul
 (`@serve.multiplexed`, keyed by the pinned version): it keeps the `max_adapters` most recently
 used ones, and Serve routes a request to a replica that already holds its adapter. Batches mix
 adapters: PEFT applies each row's own adapter (`adapter_names`, `__base__` for the base), so
-requests for different adapters share one forward pass.
+requests for different adapters share one forward pass; in a continuous batch, whose step packs
+every request's tokens into one row, each token is a row of PEFT's mixed-adapter forward
+(`AdapterHost.per_token`).
 
 Swapping an adapter pins its new version in the generator's `user_config`: the next request
 for it fetches that version under its own multiplexed id, requests already holding the old one
@@ -20,6 +22,7 @@ Light to import (the deploy client uses `pin_adapters`): torch and PEFT load whe
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -111,6 +114,21 @@ class AdapterHost:
             return model, None
         return self.peft, [a.key if a is not None else BASE_ROW for a in adapters]
 
+    def per_token(self, names: Sequence[str]) -> list:
+        """Run the attached LoRA layers with `names[i]` as token i's adapter, until the returned
+        hook handles are removed. A continuous batch's step is one row of every request's tokens
+        (shape 1 x tokens); PEFT mixes adapters across the rows of a batch, so each layer sees
+        its input with the tokens as rows (tokens x 1) and gives its output back as one row."""
+        from peft.tuners.lora import LoraLayer
+
+        handles = []
+        for layer in self.peft.modules():
+            if isinstance(layer, LoraLayer):
+                handles += [layer.register_forward_pre_hook(
+                    functools.partial(_tokens_as_rows, names=list(names)), with_kwargs=True),
+                    layer.register_forward_hook(_rows_as_tokens)]
+        return handles
+
     def _attach(self, model, adapter: Adapter) -> None:
         from peft import get_peft_model
         from peft.utils import set_peft_model_state_dict
@@ -132,3 +150,11 @@ class AdapterHost:
             self.peft.unload()
             self.peft = None
 
+
+
+def _tokens_as_rows(_layer, args, kwargs, names):
+    return (args[0].transpose(0, 1), *args[1:]), {**kwargs, "adapter_names": names}
+
+
+def _rows_as_tokens(_layer, _args, output):
+    return output.transpose(0, 1)

@@ -96,8 +96,9 @@ class Encoder(_ModelDeployment):
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Generator(_ModelDeployment):
     """Any registered causal LM, and the LoRA adapters served over it (`serve_apps/adapters.py`),
-    picked per request by name. Greedy requests batch together, whatever their adapters; a
-    sampled request (temperature above 0) runs alone so its seed alone decides its output."""
+    picked per request by name. Greedy requests share the continuous batch (or one `generate`
+    per batch, where it is off), whatever their adapters; a sampled request (temperature above
+    0) runs alone so its seed alone decides its output."""
 
     def __init__(self, tracking_uri: str | None = None):
         super().__init__(tracking_uri)
@@ -173,22 +174,21 @@ class Generator(_ModelDeployment):
 
     def continuous(self, params: tuple) -> bool:
         """Whether a request with `params` joins the continuous batch (`serve_apps/engine.py`):
-        greedy ones of a generator serving no adapters, unless it is turned off."""
-        return self.slot.generation.continuous_batching and not self.slot.adapters \
-            and dict(params)["temperature"] == 0
+        greedy ones, unless it is turned off."""
+        return self.slot.generation.continuous_batching and dict(params)["temperature"] == 0
 
     async def _continuous_batch(self, model: LoadedModel, items: list[Item], params: tuple
                                 ) -> list[dict | Exception]:
+        _check_bases(model, items)
         engine, p = await self.slot.engine(model), dict(params)
-        outs = await asyncio.gather(*(engine.generate(it.text, p["max_new_tokens"], p["stop"])
-                                      for it in items), return_exceptions=True)
+        outs = await asyncio.gather(*(engine.generate(it.text, p["max_new_tokens"], p["stop"],
+                                                      it.adapter) for it in items),
+                                    return_exceptions=True)
         return await asyncio.to_thread(_embedded, model, items, outs)
 
     @staticmethod
     def run_batch(model: LoadedModel, items: list[Item], params: tuple) -> list[dict]:
-        for it in items:  # the base moved under a request that holds an adapter of the old one
-            if it.adapter is not None:
-                check_base(it.adapter.identity, model.identity.uri)
+        _check_bases(model, items)
         outs = model.generate([it.text for it in items], **{k: v for k, v in params if k != "salt"},
                               adapters=[it.adapter for it in items])
         return _embedded(model, items, [{**out, "batch_size": len(items)} for out in outs])
@@ -210,7 +210,7 @@ class Generator(_ModelDeployment):
             engine = await self.slot.engine(loaded)
             yield head
             async for piece in engine.stream(text, p["max_new_tokens"], p["stop"],
-                                             self.slot.generation.piece_timeout_s):
+                                             self.slot.generation.piece_timeout_s, adapter):
                 yield {"text": piece}
             return
         cancel = threading.Event()  # set when the caller leaves: the generation stops
@@ -223,6 +223,13 @@ class Generator(_ModelDeployment):
                 yield {"text": piece}
         finally:
             cancel.set()
+
+
+def _check_bases(model: LoadedModel, items: list[Item]) -> None:
+    """Refuse the batch if the base moved under a request holding an adapter of the old one."""
+    for it in items:
+        if it.adapter is not None:
+            check_base(it.adapter.identity, model.identity.uri)
 
 
 def _embedded(model: LoadedModel, items: list[Item], outs: list) -> list:

@@ -7,10 +7,14 @@ answer never waits for a long one and concurrent streams share every forward pas
 one `generate` per `@serve.batch` batch, which held each request until the longest answer of
 its batch ended and let no request join a batch already running.
 
+Requests for different LoRA adapters of the model share the steps too: before each step, under
+the model's lock (adapters are state of its modules, `serve_apps/adapters.py`), the step's
+requests' adapters are attached and each token is routed to its request's adapter
+(`AdapterHost.per_token`). The step loop runs that in Python before every forward pass, so the
+engine runs without CUDA graphs (vLLM is the engine for GPUs, `engine: vllm`).
+
 What keeps the per-batch path (`LoadedModel.generate`): sampled requests (each runs alone, so
-its seed alone decides its answer) and every request of a generator serving LoRA adapters
-(PEFT's per-row adapters need rows of a padded batch; the engine packs all requests' tokens
-into one row).
+its seed alone decides its answer).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import asyncio
 import copy
 import itertools
 import math
+import threading
 from collections.abc import AsyncIterator, Sequence
 
-from serve_apps.model import StopTrimmer, finished
+from serve_apps.adapters import BASE_ROW, Adapter
+from serve_apps.model import LoadedModel, StopTrimmer, finished
 from serve_apps.model_config import GenerationConfig
 
 PAGE = 256  # tokens per KV cache page
@@ -29,14 +35,20 @@ PAGE = 256  # tokens per KV cache page
 
 class ContinuousEngine:
     """One loaded causal LM's step loop; `generate` and `stream` are called on the replica's
-    event loop, and their answers equal `LoadedModel.generate`'s for the same text."""
+    event loop, and their answers equal `LoadedModel.generate`'s for the same text and
+    adapter."""
 
-    def __init__(self, model, tokenizer, settings: GenerationConfig):
+    def __init__(self, loaded: LoadedModel, settings: GenerationConfig):
         from transformers import ContinuousBatchingConfig
         from transformers import GenerationConfig as Generation
 
+        model, tokenizer = loaded.model, loaded.tokenizer
+        self.loaded = loaded
         self.tokenizer = copy.deepcopy(tokenizer)  # used on the event loop alone: no shared state
         self.model_config = model.config
+        self.adapters: dict[str, Adapter] = {}  # by engine request id: requests that have one
+        self.stepping: int | None = None  # the step loop's thread while a step runs
+        self.routed: list = []  # the per-token adapter hooks of the running step
         eos = tokenizer.eos_token_id
         self.manager = model.init_continuous_batching(
             generation_config=Generation(do_sample=False, max_new_tokens=settings.max_new_tokens,
@@ -44,12 +56,40 @@ class ContinuousEngine:
                                          pad_token_id=tokenizer.pad_token_id),
             continuous_batching_config=ContinuousBatchingConfig(
                 page_size=PAGE, num_blocks=max(1, math.ceil(settings.kv_cache_tokens / PAGE)),
-                max_batch_tokens=settings.max_batch_tokens, return_logprobs=True))
+                max_batch_tokens=settings.max_batch_tokens, return_logprobs=True,
+                use_cuda_graph=False, use_async_batching=False))
+        self.hooks = [model.register_forward_pre_hook(self._step_begins, with_kwargs=True),
+                      model.register_forward_hook(self._step_ends, always_call=True)]
         self.manager.start()
         self.ids = itertools.count()
         self.active = 0  # requests in the engine now
 
-    def _submit(self, text: str, max_new_tokens: int, streaming: bool
+    def _step_begins(self, _model, _args, kwargs) -> None:
+        """Before a step of this engine (not another caller's forward pass: those hold the
+        model's lock already), take the lock and route each token to its request's adapter."""
+        processor = getattr(self.manager, "batch_processor", None)
+        if processor is None or kwargs.get("cache") is not processor.cache:
+            return
+        self.loaded.lock.acquire()
+        self.stepping = threading.get_ident()
+        requests = processor.inputs_and_outputs.requests_in_batch
+        host = self.loaded.adapters
+        _, names = host.prepare(self.loaded.model, [self.adapters.get(r.state.request_id)
+                                                    for r in requests])
+        if names is not None:  # some adapter is attached: every token says which one it takes
+            tokens = [name for r, name in zip(requests, names) for _ in range(r.query_length)]
+            padding = kwargs["input_ids"].shape[1] - len(tokens)
+            self.routed = host.per_token(tokens + [BASE_ROW] * padding)
+
+    def _step_ends(self, _model, _args, _output) -> None:
+        if self.stepping != threading.get_ident():
+            return
+        for handle in self.routed:
+            handle.remove()
+        self.routed, self.stepping = [], None
+        self.loaded.lock.release()
+
+    def _submit(self, text: str, max_new_tokens: int, streaming: bool, adapter: Adapter | None
                 ) -> tuple[str, asyncio.Queue, int]:
         from training.models import prompt_of, token_budget
 
@@ -57,15 +97,19 @@ class ContinuousEngine:
         prompt = self.tokenizer(prompt_of(self.tokenizer, text),
                                 add_special_tokens=False)["input_ids"][-limit:]
         rid, outputs = f"g{next(self.ids)}", asyncio.Queue()
+        if adapter is not None:
+            self.adapters[rid] = adapter
         self.manager.register_result_handler(rid, outputs.put_nowait)
         self.manager.add_request(prompt, request_id=rid, max_new_tokens=max_new_tokens,
                                  streaming=streaming)
         self.active += 1
         return rid, outputs, len(prompt)
 
-    async def generate(self, text: str, max_new_tokens: int, stop: Sequence[str]) -> dict:
-        """The answer to `text`, as `LoadedModel.generate` gives it."""
-        rid, outputs, prompt_tokens = self._submit(text, max_new_tokens, streaming=False)
+    async def generate(self, text: str, max_new_tokens: int, stop: Sequence[str],
+                       adapter: Adapter | None = None) -> dict:
+        """The answer to `text` by `adapter` (None: the base), as `LoadedModel.generate` gives
+        it."""
+        rid, outputs, prompt_tokens = self._submit(text, max_new_tokens, False, adapter)
         done = False
         try:
             out = _checked(await outputs.get())
@@ -80,10 +124,11 @@ class ContinuousEngine:
                 "batch_size": self.active + 1}
 
     async def stream(self, text: str, max_new_tokens: int, stop: Sequence[str],
-                     piece_timeout_s: float) -> AsyncIterator[str]:
+                     piece_timeout_s: float, adapter: Adapter | None = None
+                     ) -> AsyncIterator[str]:
         """Pieces of `generate`'s answer as its tokens are generated; leaving early (or a piece
         slower than `piece_timeout_s`, `TimeoutError`) takes the request out of the engine."""
-        rid, outputs, _ = self._submit(text, max_new_tokens, streaming=True)
+        rid, outputs, _ = self._submit(text, max_new_tokens, True, adapter)
         trim, decoded, done = StopTrimmer(stop), "", False
         try:
             while not (done or trim.stopped):
@@ -108,6 +153,7 @@ class ContinuousEngine:
 
     def _leave(self, rid: str, done: bool) -> None:
         self.active -= 1
+        self.adapters.pop(rid, None)
         if not done:  # its caller left (or failed): stop generating for nobody
             self.manager.cancel_request(rid)
 
@@ -116,6 +162,8 @@ class ContinuousEngine:
         while self.active:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self.manager.stop, block=True)
+        for hook in self.hooks:
+            hook.remove()
 
 
 def _checked(out):

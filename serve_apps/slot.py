@@ -121,7 +121,7 @@ class ModelSlot:
         started = self.engines.get(key)
         if started is None or started.done() and (started.cancelled() or started.exception()):
             started = self.engines[key] = asyncio.ensure_future(asyncio.to_thread(
-                ContinuousEngine, model.model, model.tokenizer, self.generation))
+                ContinuousEngine, model, self.generation))
         return await asyncio.shield(started)
 
     def _retire_engines(self, generation: GenerationConfig) -> None:

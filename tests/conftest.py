@@ -326,6 +326,25 @@ def exposed(name: str, lines: list[str]) -> bool:
     return any(line.startswith((name + "{", name + " ")) for line in lines)
 
 
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A 1-layer GPT-2 with random weights and the bundled encoder's tokenizer (no EOS token,
+    so it generates until stopped)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from serve_apps.model import LoadedModel
+    from training.config import BUNDLED_ENCODER
+    from training.models import resolve_source
+    from training.refs import ModelIdentity
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(BUNDLED_ENCODER))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=8192,
+                                       n_embd=16, n_layer=1, n_head=2)).eval()
+    return LoadedModel(ModelIdentity("lm", "1"), model, tokenizer, {"kind": "generator"})
+
+
 def tiny_llama_folder(folder: Path, settings: Settings) -> Path:
     """A local Hugging Face folder with a tiny Llama (random weights) and a tokenizer trained on
     the rewriter's corpus: what a user's own base model folder looks like."""
