@@ -55,9 +55,23 @@ def feedback_rows(log_uri: str, labels_of, labels: Sequence[Label]) -> list[dict
     tenant's requests can be labelled: another tenant's request is as unknown as one never
     made."""
     logged = read(log_uri, INFERENCE, request_ids={lab.request_id for lab in labels})
-    latest = {(r.request_id, r.item, r.tenant): r for r in logged.itertuples(index=False)}
-    return [_checked(latest.get((lab.request_id, lab.item, lab.tenant)), lab, labels_of)
-            for lab in labels]
+    answers: dict[tuple, dict] = {}  # the latest record per item and kind of answer
+    for r in logged.itertuples(index=False):
+        answers.setdefault((r.request_id, r.item, r.tenant), {})[_is_text(r)] = r
+    return [_checked(_answer(answers.get((lab.request_id, lab.item, lab.tenant), {}), lab),
+                     lab, labels_of) for lab in labels]
+
+
+def _is_text(record) -> bool:
+    return isinstance(getattr(record, "output", None), str)
+
+
+def _answer(kinds: dict, lab: Label):
+    """The answer `lab` is for: a correction's is the one given as text (a generator's), a
+    label's the other (a moderated post rewritten has both); else whichever there is, for
+    `_checked` to say what it takes."""
+    wanted = lab.correction is not None
+    return kinds.get(wanted, kinds.get(not wanted))
 
 
 def feedback_row(log_uri: str, labels_of, request_id: str, item: int, label: str,
@@ -132,9 +146,9 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     if log.empty or limit < 1:
         return []
     log = log.assign(said=log.output.where(log.output.notna(), log.prediction))  # judged
-    shadow = log[log.variant == SHADOW].set_index(["request_id", "item"]).said
+    shadow = log[log.variant == SHADOW].set_index(["request_id", "item", "model"]).said
     answers = with_feedback(
-        log[log.variant != SHADOW].drop_duplicates(["request_id", "item"], keep="last"),
+        log[log.variant != SHADOW].drop_duplicates(["request_id", "item", "model"], keep="last"),
         read(log_uri, FEEDBACK, request_ids=set(log.request_id), tenant=tenant))
     given = answers.label.notna() | answers.correction.notna()
     labelled, answers = answers[given], answers[~given]
@@ -143,7 +157,7 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
         answers = answers[answers.ts >= (at if at.tzinfo else at.tz_localize("UTC"))]
     if answers.empty:  # all labelled, or none since: nothing to rank
         return []
-    other = [shadow.get(k) for k in zip(answers.request_id, answers.item)]
+    other = [shadow.get(k) for k in zip(answers.request_id, answers.item, answers.model)]
     disagree = np.array([o is not None and o != p for o, p in zip(other, answers.said)])
     similar = _near(answers, labelled, confident_mistakes(labelled, config.confident))
     near = ~disagree & ~np.isnan(similar)

@@ -59,8 +59,9 @@ FEEDBACK_SCHEMA = pa.schema([
 ])
 SCHEMAS = {INFERENCE: INFERENCE_SCHEMA, FEEDBACK: FEEDBACK_SCHEMA}
 # What makes a record unique: while a compaction has written its merged segment but not yet
-# removed the ones it merged, a reader sees both, and keeps one of each
-KEYS = {INFERENCE: ["request_id", "item", "variant", "ts"],
+# removed the ones it merged, a reader sees both, and keeps one of each (a moderated post
+# rewritten has two answers: its classifier's and its rewrite's generator's)
+KEYS = {INFERENCE: ["request_id", "item", "model", "variant", "ts"],
         FEEDBACK: ["request_id", "item", "label", "ts"]}
 PARTITION = "date"  # segments lie under <kind>/date=YYYY-MM-DD/ (UTC)
 _log = logging.getLogger(__name__)
@@ -246,8 +247,15 @@ def _and(a, b):
 
 
 def with_feedback(log: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
-    """The log with `label` and `correction` columns from feedback (the latest per request and
-    item)."""
-    latest = (feedback.sort_values("ts").drop_duplicates(["request_id", "item"], keep="last")
-              .reindex(columns=["request_id", "item", "label", "correction"]))
-    return log.merge(latest, on=["request_id", "item"], how="left")
+    """The log with `label` and `correction` columns from feedback: a record that answered with
+    text (`output`: a generator's) gets the latest correction of its request and item, any other
+    the latest label. One item can have both: a moderated post's label for its classifier, a
+    correction for its rewrite."""
+    key = ["request_id", "item"]
+    out = log
+    for column in ("label", "correction"):
+        given = feedback[feedback[column].notna()] if column in feedback else feedback.iloc[:0]
+        out = out.merge(given.sort_values("ts").drop_duplicates(key, keep="last")
+                        .reindex(columns=[*key, column]), on=key, how="left")
+    text = out.output.notna() if "output" in out else pd.Series(False, index=out.index)
+    return out.assign(label=out.label.where(~text), correction=out.correction.where(text))

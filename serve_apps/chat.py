@@ -24,9 +24,9 @@ from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable, callers_fau
 from serve_apps.call import Answer, Call, Caller, estimate_tokens
 from serve_apps.config import ChatAppConfig
 from serve_apps.http import create_app, parse
+from serve_apps.inference_log import generated
 from serve_apps.openai_schema import Message, last_user_message
 from serve_apps.pipeline import Pipeline
-from training.features import descriptors
 from training.refs import UnknownModel, reference
 
 
@@ -256,11 +256,7 @@ class ChatPipeline(Pipeline):
     async def _record(self, call: Call, out: dict) -> None:
         """The log keeps the prompt and the answer (redacted: what a reviewer corrects), the
         prompt's descriptors and how the answer ended."""
-        text = call.texts[0]
-        decision = {"model": out.get("model"), "label": out.get("finish_reason"),
-                    "confidence": out.get("confidence"), "output": out.get("text"),
-                    "features": {**descriptors(text, out.get("prompt_tokens", 0)),
-                                 "embedding": out.get("embedding")}}
         stages = {"generator": out["model"]} if out.get("model") else {}  # none: the fallback
-        await self.log.record(call.request_id, [text], [decision], [stages], call.started,
-                              tenant=call.principal.tenant)
+        text = call.texts[0]
+        await self.log.record(call.request_id, [text], [generated(text, out)], [stages],
+                              call.started, tenant=call.principal.tenant)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from monitoring.log import INFERENCE, SegmentWriter, now
 from serve_apps import metrics
 from serve_apps.pii import redact
-from training.features import DESCRIPTORS
+from training.features import DESCRIPTORS, descriptors
 
 DEFAULT_TENANT = "default"
 
@@ -26,10 +26,13 @@ class InferenceLog:
     async def record(self, request_id: str, texts: Sequence[str], decisions: list[dict],
                      stages: list[Mapping], started: float, outcome: str = "ok",
                      tenant: str = DEFAULT_TENANT) -> None:
-        """One record per text: `decisions[i]` is the stage output the drift checks watch (its
-        model, prediction, confidence, features, and a generator's answer as `output`),
-        `stages[i]` every stage's model; `started` is the request's `time.perf_counter()` at
-        arrival. Texts and answers are kept PII-redacted, or not at all (`keep_text: false`)."""
+        """One record per text and answering model: `decisions[i]` is the stage output the
+        drift checks watch (its model, prediction, confidence, features, and a generator's
+        answer as `output`), with, as records of their own, a shadowing challenger's answer
+        (`shadow`) and a generator's answer that a classifier's decision led to (`generated`,
+        `generated()`: a moderated post's rewrite); `stages[i]` every stage's model; `started`
+        is the request's `time.perf_counter()` at arrival. Texts and answers are kept
+        PII-redacted, or not at all (`keep_text: false`)."""
         seconds = time.perf_counter() - started
         for d in decisions:
             model = d.get("model") or {}
@@ -50,7 +53,7 @@ class InferenceLog:
             {**_row(request_id, i, ts, tenant, self.application, answer, s, latency, outcome),
              "text": kept(text), "output": kept(answer.get("output"))}
             for i, (d, s, text) in enumerate(zip(decisions, stages, texts))
-            for answer in (d, d.get("shadow")) if answer is not None])
+            for answer in (d, d.get("shadow"), d.get("generated")) if answer is not None])
 
     @contextlib.asynccontextmanager
     async def on_failure(self, request_id: str, texts: Sequence[str], started: float,
@@ -67,6 +70,16 @@ class InferenceLog:
     async def close(self) -> None:
         if self.writer is not None:
             await self.writer.close()
+
+
+def generated(text: str, out: dict) -> dict:
+    """A generator's answer to `text` (`Generator.generate`'s) as a log decision: what a
+    reviewer corrects (`output`), how it ended, and its prompt's descriptors and embedding
+    (what the generator's drift checks compare)."""
+    return {"model": out.get("model"), "label": out.get("finish_reason"),
+            "confidence": out.get("confidence"), "output": out.get("text"),
+            "features": {**descriptors(text, out.get("prompt_tokens", 0)),
+                         "embedding": out.get("embedding")}}
 
 
 def _row(request_id: str, item: int, ts, tenant: str, application: str, decision: dict,

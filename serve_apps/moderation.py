@@ -22,6 +22,7 @@ from serve_apps.http import (
     check_label,
     create_app,
 )
+from serve_apps.inference_log import generated
 from serve_apps.pii import redact
 from serve_apps.pipeline import TextsPipeline
 
@@ -79,29 +80,35 @@ class ModerationPipeline(TextsPipeline):
 
     async def decide(self, item: Item) -> Decided:
         verdict = check_label(unwrap(await self._classify(item)))
-        result, tokens, degraded = await self._finish(item.text, verdict, item.request_id,
-                                                      item.fallback)
+        result, tokens, degraded, rewrite = await self._finish(item.text, verdict,
+                                                               item.request_id, item.fallback)
         metrics.guardrail_action(result.action)
-        return Decided(result, verdict, result.safe_text, tokens, degraded)
+        logged = verdict if rewrite is None else {**verdict, "generated": generated(item.text,
+                                                                                   rewrite)}
+        return Decided(result, logged, result.safe_text, tokens, degraded)
 
     async def _rewrite(self, text: str, rid: str) -> dict | None:
-        """The generator's safe version of `text`; None when it failed or its breaker is open
-        (the post is then hidden: never shown unrewritten)."""
+        """The generator's safe version of `text` (with its prompt's embedding: the rewrite is
+        logged as the generator's answer, for its drift checks and its reviewers'
+        corrections); None when it failed or its breaker is open (the post is then hidden:
+        never shown unrewritten)."""
         try:
-            return await self.breaker.call(lambda: self.generator.generate.remote(text, rid))
+            return await self.breaker.call(
+                lambda: self.generator.generate.remote(text, rid, embed=True))
         except Exception as exc:
             metrics.degraded(type(exc).__name__)
             return None
 
     async def _finish(self, text: str, verdict: dict, rid: str, peak: bool
-                      ) -> tuple[Moderation, int, bool]:
+                      ) -> tuple[Moderation, int, bool, dict | None]:
         """The result of one text, the tokens its rewrite used, whether a fallback answered
-        (at a peak a post to rewrite may be hidden unrewritten: `skip_generation`)."""
+        (at a peak a post to rewrite may be hidden unrewritten: `skip_generation`), and the
+        generator's answer if it was rewritten."""
         label, candidates = verdict["label"], verdict.get("candidates")
         models = {"classifier": StageModel(**verdict["model"])}
         if "shadow" in verdict:  # the challenger's answer is recorded, never returned as text
             models["classifier_shadow"] = StageModel(**verdict["shadow"]["model"])
-        tokens, degraded = 0, False
+        tokens, degraded, rewrite = 0, False, None
         abstained = verdict.get("abstained", False)
         if abstained:
             metrics.abstained(verdict["model"])
@@ -128,7 +135,8 @@ class ModerationPipeline(TextsPipeline):
         return (Moderation(verdict=label, flagged=label != "safe" or action == "hold",
                            action=action, confidence=verdict["confidence"],
                            scores=verdict["scores"], abstained=abstained, candidates=candidates,
-                           safe_text=safe, redactions=found, models=models), tokens, degraded)
+                           safe_text=safe, redactions=found, models=models), tokens, degraded,
+                rewrite)
 
     def _acts(self, label: str) -> str:
         """What a label calls for: block, rewrite, or show (redacted where needed)."""

@@ -1,7 +1,7 @@
 """The inference log (`monitoring/log.py`, `monitoring/compaction.py`): segments written in
 batches with bounded memory, compaction that loses nothing (a merge cut off midway included),
 reads while it writes and compacts, a failed write that keeps its rows, feedback joined by
-request and item."""
+request and item (a rewritten post's two answers each with its own)."""
 
 import asyncio
 from datetime import timedelta
@@ -178,3 +178,25 @@ def test_feedback_joins_by_request_and_item_latest_label_wins(tmp_path):
     assert joined.label.isna().tolist() == [True, True, False]
     assert joined.label.iloc[2] == "billing"
 
+
+
+def test_a_rewritten_posts_two_answers_are_kept_and_take_their_own_feedback(tmp_path):
+    """A moderated post that was rewritten has two records of one request and item: its
+    classifier's label and its generator's text. Both are read back; a label joins the first,
+    a correction the second, whichever came last."""
+    from monitoring.feedback import Label, feedback_rows
+
+    uri, t = str(tmp_path / "log"), now()
+    post = log_record(1, application="moderation", model="moderation", prediction="toxic", ts=t)
+    rewrite = {**post, "model": "rewriter", "prediction": "stop", "output": "a kind post"}
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment([post, rewrite])
+    log = read(uri)
+    assert sorted(log.model) == ["moderation", "rewriter"]
+    labels = {"moderation": ["safe", "toxic"], "rewriter": []}
+    [label, correction] = feedback_rows(uri, lambda model, _version: labels[model], [
+        Label("r1", 0, "toxic", "default"), Label("r1", 0, None, "default", "be kind")])
+    assert (label["label"], correction["correction"]) == ("toxic", "be kind")
+    feedback = pd.DataFrame([{**label, "ts": t}, {**correction, "ts": t + timedelta(seconds=1)}])
+    joined = with_feedback(log, feedback).set_index("model")
+    assert joined.label["moderation"] == "toxic" and pd.isna(joined.correction["moderation"])
+    assert joined.correction["rewriter"] == "be kind" and pd.isna(joined.label["rewriter"])

@@ -225,8 +225,8 @@ def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():
     assert finish("spam", None).abstained is False  # abstention off
     rewrites = []
 
-    async def rewrite(text: str, rid: str) -> dict:
-        rewrites.append(text)
+    async def rewrite(text: str, rid: str, **options) -> dict:
+        rewrites.append((text, options))
         return {**reply, "text": "a kind post", "model": {**reply["model"], "name": "rewriter"}}
 
     moderation.pressure = Pressure(PeakFallbackConfig(model="models:/moderation/2"))
@@ -237,7 +237,9 @@ def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():
     assert rewrites == []
     calm = finish("toxic", None)
     assert (calm.action, calm.safe_text, calm.models["generator"].name) == (
-        "rewrite", "a kind post", "rewriter") and len(rewrites) == 1
+        "rewrite", "a kind post", "rewriter")
+    # the rewrite is asked with its prompt's embedding: it is logged as the generator's answer
+    assert [options for _, options in rewrites] == [{"embed": True}]
 
     support = object.__new__(SupportPipeline.func_or_class)
     support.config = SupportAppConfig()

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 import yaml
 from conftest import (
@@ -73,12 +74,15 @@ def test_replicas_log_json_lines_carrying_the_platform_request_id(platform):
 def test_every_request_is_logged_and_feedback_joins_it(platform):
     began = datetime.now(UTC).isoformat()
     texts = list(generate("moderation", "base", 20, seed=21).text)
-    ids = []
+    ids, rewritten = [], {}
     for text in texts:
         r = httpx.post(f"{platform.url}/v1/moderate", json={"text": text},
                        headers=platform.auth, timeout=60)
         assert r.status_code == 200
         ids.append(r.json()["request_id"])
+        if r.json()["results"][0]["action"] == "rewrite":
+            rewritten[ids[-1]] = r.json()["results"][0]["safe_text"]
+    assert set(rewritten) - {ids[0], ids[3]}  # toxic posts among them, rewritten
     multi = httpx.post(f"{platform.url}/v1/support/route", json={"texts": SUPPORT_TEXTS[:3]},
                        headers=platform.auth, timeout=60).json()
     chatted = httpx.post(f"{platform.url}/v1/chat/completions", headers=platform.auth, json={
@@ -87,8 +91,14 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     chat = chatted["llmops"]["request_id"]
     many, third = multi["request_id"], ids[3]
     log = logged(platform, {*ids, many, chat})
-    assert len(log) == len(texts) + 4  # N requests in, N records out (one per text)
-    mod = log[log.application == "moderation"].set_index("request_id")
+    # N requests in, N records out (one per text), and one more per rewritten post: the
+    # rewrite is the generator's answer, logged (redacted) with its prompt's embedding
+    assert len(log) == len(texts) + 4 + len(rewritten)
+    rewrites = log[(log.application == "moderation") & (log.model == "rewriter")]
+    assert set(rewrites.request_id) == set(rewritten)
+    assert all(o == rewritten[r] for r, o in zip(rewrites.request_id, rewrites.output))
+    assert all(len(e) == 32 for e in rewrites.embedding)
+    mod = log[log.model == "moderation"].set_index("request_id")
     assert (mod.model == "moderation").all() and (mod.model_version == "1").all()
     # a generated answer is logged (redacted) with the embedding of its prompt by the generator
     [answer] = log[log.request_id == chat].itertuples()
@@ -128,14 +138,25 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
         "request_id": chat, "correction": "Please write to jane.doe@example.com instead."},
         timeout=30)
     assert r.status_code == 201 and r.json()["corrected"] and r.json()["label"] is None, r.text
-    wait_for("three labels in the feedback log",
-             lambda: len(read(platform.log_uri, FEEDBACK)) >= 3, 20)
+    # a rewritten post takes a label for its classifier and a correction for its rewrite
+    post = next(r for r in rewritten if r not in {ids[0], third})  # the queue checks those
+    for body in ({"request_id": post, "label": "toxic"},
+                 {"request_id": post, "correction": "Please be kinder."}):
+        r = httpx.post(f"{platform.url}/v1/feedback/", json=body, headers=platform.auth,
+                       timeout=30)
+        assert r.status_code == 201, r.text
+    wait_for("five labels in the feedback log",
+             lambda: len(read(platform.log_uri, FEEDBACK)) >= 5, 20)
     feedback = read(platform.log_uri, FEEDBACK)
-    joined = with_feedback(logged(platform, {many, third, chat}), feedback)
+    joined = with_feedback(logged(platform, {many, third, chat, post}), feedback)
     [fixed] = joined[joined.request_id == chat].itertuples()
     assert fixed.correction == redact("Please write to jane.doe@example.com instead.").text
     assert "jane.doe" not in fixed.correction and not isinstance(fixed.label, str)
-    labels = joined[joined.request_id != chat].set_index(["request_id", "item"]).label
+    answers = joined[joined.request_id == post].set_index("model")
+    assert answers.label["moderation"] == "toxic" and pd.isna(answers.correction["moderation"])
+    assert answers.correction["rewriter"] == "Please be kinder."
+    assert pd.isna(answers.label["rewriter"])
+    labels = joined[joined.model != "rewriter"].set_index(["request_id", "item"]).label
     assert labels[(third, 0)] == "spam" and labels[(many, 1)] == label
     # `llmops traffic chat` asks the chat generator and corrects half its answers: the ones
     # the label queue lists first
@@ -153,10 +174,11 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     r = httpx.get(f"{platform.url}/v1/feedback/pending", params={"limit": 500, "since": began},
                   headers=platform.auth, timeout=30)
     assert r.status_code == 200, r.text
-    queue = {(it["request_id"], it["item"]): it for it in r.json()}
-    assert (many, 0) in queue and (ids[0], 0) in queue
-    assert (many, 1) not in queue and (third, 0) not in queue
-    assert queue[(ids[0], 0)]["text"] == redact(texts[0]).text
+    queue = {(it["request_id"], it["item"], it["model"]): it for it in r.json()}
+    assert (many, 0, "support-router") in queue and (ids[0], 0, "moderation") in queue
+    assert (many, 1, "support-router") not in queue and (third, 0, "moderation") not in queue
+    assert (post, 0, "rewriter") not in queue  # corrected
+    assert queue[(ids[0], 0, "moderation")]["text"] == redact(texts[0]).text
     page = httpx.get(f"{platform.url}/v1/feedback/pending", params={
         "limit": 4, "model": "moderation", "since": began}, headers=platform.auth, timeout=30).json()
     assert len(page) == 4 and {it["model"] for it in page} == {"moderation"}
