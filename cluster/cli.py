@@ -85,8 +85,8 @@ def _data_and_training(cmds: _Commands) -> None:
     train.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE",
                        help="tag the MLflow run (repeatable)")
     distill = cmds.add("distill", commands.cmd_distill, "train a smaller student of a "
-                       "classifier's champion: its peak fallback (alias fallback)")
-    distill.add_argument("task", help="a classification task with a champion")
+                       "champion: its peak fallback (alias fallback)")
+    distill.add_argument("task", help="a task with a champion (not one of LoRA adapters)")
     distill.add_argument("--workers", type=int)
     tune = cmds.add("tune", commands.cmd_tune, "search learning rate and epochs")
     tune.add_argument("task")

@@ -301,12 +301,15 @@ def fallback_gate(champion: dict[str, float], student: dict[str, float], metric:
                       {k: round(v, 4) for k, v in student.items()})
 
 
+def gate_metric(kind: str, config: GateConfig) -> str:
+    """What a gate compares: classifiers the configured metric, generators `GENERATION_METRIC`."""
+    return config.metric if kind == "classification" else GENERATION_METRIC
+
+
 def evaluate_pair(champion_model, challenger_model, holdouts: dict[str, pd.DataFrame],
                   config: GateConfig) -> GateResult:
-    """Both models scored on the same holdouts, then `gate`: classifiers by the configured
-    metric, generators by `GENERATION_METRIC`."""
-    metric = config.metric if champion_model.meta["kind"] == "classification" \
-        else GENERATION_METRIC
+    """Both models scored on the same holdouts, then `gate` by `gate_metric`."""
+    metric = gate_metric(champion_model.meta["kind"], config)
     return gate({name: score(champion_model, df, metric) for name, df in holdouts.items()},
                 {name: score(challenger_model, df, metric) for name, df in holdouts.items()},
                 config, metric)

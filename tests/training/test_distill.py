@@ -1,6 +1,6 @@
 """Distillation, the peak fallback: a 1-layer student of a 2-layer champion trained on its soft
-labels with DeepSpeed on Ray Train, registered with its lineage and aliased `fallback` by the
-gate; the gate's rule; the distillation loss itself."""
+labels (a generator's: on its answers) with DeepSpeed on Ray Train, registered with its lineage
+and aliased `fallback` by the gate; the gate's rule; the distillation loss itself."""
 
 import pytest
 import torch
@@ -37,12 +37,44 @@ def test_a_student_of_the_champion_is_registered_and_aliased_fallback(ray_sessio
     assert {"new-product", "slang"} <= set(result.job.metrics)  # measured, not gated
 
 
-def test_distilling_needs_a_champion_classifier(settings, registry):
+def test_a_generators_student_learns_the_champions_own_answers(ray_session, settings, registry):
+    """Sequence-level distillation: a 1-layer student of a 2-layer generator trained on the
+    champion's greedy answers to its training prompts (not the references), gated by token F1
+    on the base holdout and the golden set, aliased `fallback` exactly when the gate passes."""
+    import mlflow
+
+    from training.registry import REFERENCE_FILE
+
+    task = settings.training.tasks["rewriter"]
+    task.model = task.model.model_copy(update={"architecture": {
+        **task.model.architecture, "n_layer": 2}})
+    task.distill = task.distill.model_copy(update={"layers": 1, "margin": 0.2, "epochs": 6,
+                                                   "learning_rate": 3e-3})
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    teacher = register_quick(settings, registry, "rewriter", epochs=8)
+    result = distill_and_register(settings.training, registry, "rewriter",
+                                  storage_path=settings.storage_path, use_gpu=False)
+    assert result.teacher == teacher.version and result.job.version == teacher.version + 1
+    champion = registry.load_model("rewriter", str(teacher.version))
+    learnt = registry.run_data("rewriter", str(result.job.version), REFERENCE_FILE)
+    answers = champion.predict(None, learnt[["text"]])["text"]
+    assert list(learnt.rewrite) == list(answers)  # the champion's answers, not the references
+    assert "token_f1" in result.gate.reason and set(result.gate.champion) == {"base", "golden"}
+    fallback = registry.alias_version("rewriter", FALLBACK)
+    assert (fallback == result.job.version) == result.gate.promote, result.gate.reason
+    student = registry.load_model("rewriter", str(result.job.version))
+    assert student.model.config.num_hidden_layers == 1
+
+
+def test_distilling_needs_a_champion_and_a_whole_model(settings, registry):
     with pytest.raises(InvalidData, match="no champion to distil"):
         distill_and_register(settings.training, registry, "moderation",
                              storage_path=settings.storage_path, use_gpu=False)
-    with pytest.raises(InvalidData, match="distillation trains classifiers"):
-        distill_and_register(settings.training, registry, "rewriter",
+    lora = settings.training.tasks["rewriter"].model_copy(update={
+        "method": "lora", "model": {"source": "models:/rewriter@champion"}})
+    settings.training.tasks = {**settings.training.tasks, "rewriter-lora": lora}
+    with pytest.raises(InvalidData, match="LoRA adapters: its student"):
+        distill_and_register(settings.training, registry, "rewriter-lora",
                              storage_path=settings.storage_path, use_gpu=False)
 
 
