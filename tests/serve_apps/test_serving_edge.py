@@ -222,12 +222,16 @@ def test_hardening_tenants_are_isolated_and_anonymous_floods_cost_little(platfor
                    headers=platform.headers(X_Request_ID="pii-variants"), timeout=60)
     assert r.status_code == 200, r.text
     [record] = _audit(platform, "pii-variants")
-    kept_texts = logged(platform, {r.json()["request_id"]}).sort_values("item").text
-    assert len(kept_texts) == len(texts)
-    for name, audited, kept in zip(PII_VARIANTS, record["input"], kept_texts):
-        for text in (audited, kept):
+    kept = logged(platform, {r.json()["request_id"]}).sort_values("item")
+    posts = kept[kept.model == "moderation"]  # and a record per rewrite: the rewriter's answer
+    assert len(posts) == len(texts)
+    for name, audited, post in zip(PII_VARIANTS, record["input"], posts.text):
+        for text in (audited, post):
             assert "[" in text and not any(k in text.lower() for k in (
                 "4155550134", "7946", "4111", "west1234", "jane")), (name, text)
+    for text in [*kept.text, *kept.output.dropna()]:
+        assert not any(k in text.lower() for k in ("4155550134", "7946", "4111", "west1234",
+                                                   "jane")), text
     for text in INJECTION_VARIANTS:
         r = httpx.post(url, headers=platform.auth, timeout=60, json={
             "model": "rewriter", "messages": [{"role": "user", "content": text}]})

@@ -258,7 +258,7 @@ def test_the_log_has_one_compactor_that_merges_its_small_segments(ray_session, p
     assert len(segments) <= 2 * len({p.parent for p in segments})  # a flush may land meanwhile
     after = read(platform.log_uri)
     assert set(before.request_id) <= set(after.request_id)
-    assert not after.duplicated(["request_id", "item", "variant"]).any()
+    assert not after.duplicated(["request_id", "item", "model", "variant"]).any()
 
 
 def test_at_a_peak_the_students_classify_and_no_generator_is_waited_for(platform):
