@@ -118,10 +118,12 @@ def app_deployments(name: str, app_cfg, ingress_cpus: float, use_gpu: bool,
 def pipeline_config(app_cfg) -> dict:
     """The application's settings its pipeline is built with (its `args`): without those that
     change in place, which its deployments' options hold (`app_deployments`): the overload
-    limits, the peak fallback's thresholds and the generator's breaker. Serve replaces every
-    replica of an application whose args change, and none for a user_config or those limits."""
+    limits, the peak fallbacks (the switch's thresholds, the students) and the generator's
+    breaker. Serve replaces every replica of an application whose args change, and none for a
+    user_config or those limits."""
     return app_cfg.model_dump(mode="json", exclude={"overload": True, "breaker": True,
-                                                    "classifier": {"fallback"}})
+                                                    "classifier": {"fallback"},
+                                                    "generator": {"fallback"}})
 
 
 def _pipeline(name: str, args: dict) -> Application:

@@ -98,12 +98,19 @@ class _AppConfig(StrictModel):
         for stage in ("classifier", "encoder"):
             if getattr(getattr(self, stage, None), "adapters", None):
                 raise ValueError(f"{stage}.adapters: LoRA adapters are served by generators")
+        classifier = getattr(self, "classifier", None)
+        switch = getattr(classifier, "fallback", None)
         for stage in ("encoder", "generator"):
             if getattr(getattr(self, stage, None), "error_rate", None) is not None:
                 raise ValueError(f"{stage}.error_rate: only classifiers abstain")
-            if getattr(getattr(self, stage, None), "fallback", None) is not None:
-                raise ValueError(f"{stage}.fallback: the peak fallback is a classifier's")
-        classifier = getattr(self, "classifier", None)
+        if getattr(getattr(self, "encoder", None), "fallback", None) is not None:
+            raise ValueError("encoder.fallback: the peak fallback is a classifier's or a "
+                             "generator's")
+        if getattr(getattr(self, "generator", None), "fallback", None) is not None and (
+                switch is None or switch.generation != "keep"):
+            raise ValueError("generator.fallback: a generator's student answers at a peak that "
+                             "the classifier's fallback switches with `generation: keep`; set "
+                             "those (a chat application has no peak switch)")
         if classifier is not None and "error_rate" not in classifier.model_fields_set:
             classifier.error_rate = ABSTAIN_ERROR_RATE  # however the classifier was given
         return self

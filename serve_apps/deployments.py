@@ -151,23 +151,25 @@ class Generator(_ModelDeployment):
         return tuple(sorted(p.items())) + key
 
     async def generate(self, text: str, request_id: str, model: str | None = None,
-                       embed: bool = False, **options) -> dict:
+                       embed: bool = False, fallback: bool = False, **options) -> dict:
         """The answer to one text by `model` (the base's or an adapter's name; None: this
         deployment's `adapter`); with `embed`, also the prompt's embedding (for drift checks:
-        `training.features.prompt_embeddings`)."""
+        `training.features.prompt_embeddings`); with `fallback` (a pipeline at a peak), by the
+        generator's distilled student where it has one (`fallback`)."""
         adapter, variant = await self.adapter(model, request_id)
         item = Item(text, request_id, self.params(salt=request_id, **options), adapter,
-                    variant=variant, embed=embed)
+                    variant=variant, embed=embed, fallback=fallback)
         if self.continuous(item.params):
             return unwrap((await self.slot.run([item], self._continuous_batch))[0])
         return await self.predict(item)
 
     async def generate_many(self, items: list[Item]) -> list[dict]:
-        """A batch a pipeline already formed, with this deployment's generation settings and
-        adapter."""
+        """A batch a pipeline already formed (items at a peak by the student, as `generate`),
+        with this deployment's generation settings and adapter."""
         picked = [await self.adapter(None, it.request_id) for it in items]
         items = [Item(it.text, it.request_id, self.params(salt=it.request_id), adapter,
-                      variant=variant) for it, (adapter, variant) in zip(items, picked)]
+                      variant=variant, fallback=it.fallback)
+                 for it, (adapter, variant) in zip(items, picked)]
         if items and self.continuous(items[0].params):
             return await self.slot.run(items, self._continuous_batch)
         return await self.predict_many(items)

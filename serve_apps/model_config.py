@@ -98,7 +98,8 @@ class PeakFallbackConfig(StrictModel):
         "skip", description="while on, skip the pipeline's generator: moderation hides a post "
         "to rewrite, support suggests the closest resolved ticket's reply (both `degraded`, as "
         "when the generator's breaker is open): a generated answer costs more than a "
-        "classification, with a real LLM by far. keep: generate as usual")
+        "classification, with a real LLM by far. keep: generate, by the generator's own "
+        "student where it has one (its `fallback`)")
 
     @model_validator(mode="after")
     def _hysteresis(self) -> PeakFallbackConfig:
@@ -122,8 +123,10 @@ class ModelDeploymentConfig(StrictModel):
         "auto", description="auto: fp16 on GPU, fp32 on CPU; int8: quantized linear layers on "
         "CPU (faster; scores depend slightly on the batch a text lands in)")
     canary: CanaryConfig | None = None
-    fallback: PeakFallbackConfig | None = Field(None, description="classifiers: the distilled "
-                                                "student that answers at peaks")
+    fallback: PeakFallbackConfig | None = Field(
+        None, description="the distilled student that answers at peaks: a classifier's, with "
+        "the switch's thresholds; a generator's (only its model is read), by which a pipeline "
+        "whose classifier's fallback says `generation: keep` generates at a peak")
     generation: GenerationConfig | None = None
     adapters: dict[str, str] = Field(
         default_factory=dict, description="a generator's LoRA adapters, served over `model` "

@@ -87,14 +87,14 @@ class ModerationPipeline(TextsPipeline):
                                                                                    rewrite)}
         return Decided(result, logged, result.safe_text, tokens, degraded)
 
-    async def _rewrite(self, text: str, rid: str) -> dict | None:
-        """The generator's safe version of `text` (with its prompt's embedding: the rewrite is
-        logged as the generator's answer, for its drift checks and its reviewers'
-        corrections); None when it failed or its breaker is open (the post is then hidden:
-        never shown unrewritten)."""
+    async def _rewrite(self, text: str, rid: str, peak: bool) -> dict | None:
+        """The generator's safe version of `text` (at a peak by its student, where it has one;
+        with its prompt's embedding: the rewrite is logged as the generator's answer, for its
+        drift checks and its reviewers' corrections); None when it failed or its breaker is
+        open (the post is then hidden: never shown unrewritten)."""
         try:
             return await self.breaker.call(
-                lambda: self.generator.generate.remote(text, rid, embed=True))
+                lambda: self.generator.generate.remote(text, rid, embed=True, fallback=peak))
         except Exception as exc:
             metrics.degraded(type(exc).__name__)
             return None
@@ -117,7 +117,8 @@ class ModerationPipeline(TextsPipeline):
         elif label in self.config.block_labels:
             action, safe = "block", None
         elif label in self.config.rewrite_labels:
-            rewrite = None if self.skip_generation(peak) else await self._rewrite(text, rid)
+            rewrite = None if self.skip_generation(peak) else await self._rewrite(text, rid,
+                                                                                 peak)
             if rewrite is None:
                 action, safe, degraded = "block", None, True
             else:

@@ -147,7 +147,7 @@ def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
     """And the settings that change in place (peak fallback, breaker, overload) are in the
     pipeline's options, not in the args its replicas are built with."""
     from serve_apps.apps import app_deployments, pipeline_config
-    from serve_apps.config import BreakerConfig, ServeConfig, SupportAppConfig
+    from serve_apps.config import BreakerConfig, ChatAppConfig, ServeConfig, SupportAppConfig
 
     cfg = ServeConfig.model_validate({"support": {
         "autoscaling": {"min_replicas": 1, "max_replicas": 3},
@@ -181,6 +181,21 @@ def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
     assert "fallback" not in args["classifier"] and args["classifier"]["model"]
     assert SupportAppConfig.model_validate(args).classifier.fallback is None
     assert gpu["Classifier"]["ray_actor_options"]["num_gpus"] == 0.25
+    # a generator's student: loaded by the generator's replicas, kept out of the pipeline's args,
+    # and only where the classifier's switch keeps generating at a peak
+    student = {"model": "models:/support-reply@fallback"}
+    with pytest.raises(ValueError, match="generation: keep"):
+        cfg.support.generator = cfg.support.generator.model_copy(update={"fallback": student})
+        SupportAppConfig.model_validate(cfg.support.model_dump())
+    cfg.support.classifier.fallback.generation = "keep"
+    both = app_deployments("support", SupportAppConfig.model_validate(cfg.support.model_dump()),
+                           0.1, True, None, pin_models=False)
+    inline = both["SupportPipeline"]["user_config"]["models"]  # placement inline, above
+    assert inline["Generator"]["fallback"]["model"] == student["model"]
+    assert "fallback" not in pipeline_config(cfg.support)["generator"]
+    with pytest.raises(ValueError, match="no peak switch"):
+        ChatAppConfig.model_validate({"generator": {"model": "models:/rewriter@champion",
+                                                    "fallback": student}})
 
 
 def _verdict(label: str, candidates: list[str] | None) -> dict:
@@ -239,7 +254,12 @@ def test_unsure_classifiers_hold_the_post_or_send_the_ticket_to_review():
     assert (calm.action, calm.safe_text, calm.models["generator"].name) == (
         "rewrite", "a kind post", "rewriter")
     # the rewrite is asked with its prompt's embedding: it is logged as the generator's answer
-    assert [options for _, options in rewrites] == [{"embed": True}]
+    assert [options for _, options in rewrites] == [{"embed": True, "fallback": False}]
+    # a peak that keeps generating asks the generator's student (where it has one)
+    moderation.pressure = Pressure(PeakFallbackConfig(model="models:/moderation/2",
+                                                      generation="keep"))
+    assert finish("toxic", None, peak=True).action == "rewrite"
+    assert rewrites[-1][1] == {"embed": True, "fallback": True}
 
     support = object.__new__(SupportPipeline.func_or_class)
     support.config = SupportAppConfig()

@@ -183,3 +183,36 @@ def test_the_continuous_batch_answers_each_request_by_its_own_adapter(wide_lm):
     assert left == {}  # no request left in the engine holds an adapter
     assert after == plain and base.adapters.peft is None
     assert not any("lora" in name for name, _ in base.model.named_modules())
+
+
+def test_at_a_peak_a_generators_student_answers_in_the_continuous_batch(wide_lm):
+    """A generator with a distilled student (`fallback`): a request a pipeline sends at a peak
+    is answered by the student, as the student alone answers it, and says so; others by the
+    champion."""
+    import torch
+
+    from serve_apps.deployments import Generator
+
+    student = LoadedModel(ModelIdentity("lm", "2"), _fresh(wide_lm.model), wide_lm.tokenizer,
+                          wide_lm.meta)
+    with torch.no_grad():
+        for weight in student.model.parameters():
+            weight.mul_(-1.0)  # another model: other answers
+    generator = Generator.func_or_class(None)
+    generator.slot = ModelSlot(None, Variants(wide_lm, fallback=student),
+                               GenerationConfig(max_new_tokens=6, stop=[]))
+    text = "message 3 word word word"
+
+    async def ask():
+        try:
+            return await asyncio.gather(generator.generate(text, "r1"),
+                                        generator.generate(text, "r2", fallback=True))
+        finally:
+            for started in generator.slot.engines.values():
+                await (await started).close()
+
+    calm, peak = asyncio.run(ask())
+    assert (calm["model"]["variant"], peak["model"]["variant"]) == ("champion", "fallback")
+    assert peak["model"]["version"] == "2"
+    assert calm["text"] == wide_lm.generate([text], 6, 0.0, 0, [])[0]["text"]
+    assert peak["text"] == student.generate([text], 6, 0.0, 0, [])[0]["text"] != calm["text"]
