@@ -56,14 +56,10 @@ def feedback_rows(log_uri: str, labels_of, labels: Sequence[Label]) -> list[dict
     made."""
     logged = read(log_uri, INFERENCE, request_ids={lab.request_id for lab in labels})
     answers: dict[tuple, dict] = {}  # the latest record per item and kind of answer
-    for r in logged.itertuples(index=False):
-        answers.setdefault((r.request_id, r.item, r.tenant), {})[_is_text(r)] = r
+    for r, text in zip(logged.itertuples(index=False), logged.output.notna()):
+        answers.setdefault((r.request_id, r.item, r.tenant), {})[bool(text)] = r
     return [_checked(_answer(answers.get((lab.request_id, lab.item, lab.tenant), {}), lab),
                      lab, labels_of) for lab in labels]
-
-
-def _is_text(record) -> bool:
-    return isinstance(getattr(record, "output", None), str)
 
 
 def _answer(kinds: dict, lab: Label):
