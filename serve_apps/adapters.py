@@ -151,7 +151,6 @@ class AdapterHost:
             self.peft = None
 
 
-
 def _tokens_as_rows(_layer, args, kwargs, names):
     return (args[0].transpose(0, 1), *args[1:]), {**kwargs, "adapter_names": names}
 
