@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from monitoring.config import LabelQueueConfig
-from monitoring.log import FEEDBACK, INFERENCE, SHADOW, read, with_feedback
+from monitoring.log import FEEDBACK, INFERENCE, SHADOW, by_generator, read, with_feedback
 from training.errors import LLMOpsError
 
 # labelled requests before an accuracy counts: a drift window's, or each side of a canary's
@@ -56,7 +56,7 @@ def feedback_rows(log_uri: str, labels_of, labels: Sequence[Label]) -> list[dict
     made."""
     logged = read(log_uri, INFERENCE, request_ids={lab.request_id for lab in labels})
     answers: dict[tuple, dict] = {}  # the latest record per item and kind of answer
-    for r, text in zip(logged.itertuples(index=False), logged.output.notna()):
+    for r, text in zip(logged.itertuples(index=False), by_generator(logged)):
         answers.setdefault((r.request_id, r.item, r.tenant), {})[bool(text)] = r
     return [_checked(_answer(answers.get((lab.request_id, lab.item, lab.tenant), {}), lab),
                      lab, labels_of) for lab in labels]

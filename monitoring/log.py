@@ -246,16 +246,25 @@ def _and(a, b):
     return b if a is None else a & b
 
 
+def by_generator(log: pd.DataFrame) -> pd.Series:
+    """Which records are a generator's answers: their text as `output`, or no posterior (a
+    classifier's answer carries one; a generator's text may not be kept)."""
+    text = log.output.notna() if "output" in log else pd.Series(False, index=log.index)
+    return text | log.posterior.isna() if "posterior" in log else text
+
+
 def with_feedback(log: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
-    """The log with `label` and `correction` columns from feedback: a record that answered with
-    text (`output`: a generator's) gets the latest correction of its request and item, any other
-    the latest label. One item can have both: a moderated post's label for its classifier, a
-    correction for its rewrite."""
+    """The log with `label` and `correction` columns from feedback: the latest of each for the
+    record's request and item. An item with two answers, a moderated post's label and its
+    rewrite, splits them: the generator's record (`by_generator`) gets the correction, the
+    classifier's the label."""
     key = ["request_id", "item"]
     out = log
     for column in ("label", "correction"):
         given = feedback[feedback[column].notna()] if column in feedback else feedback.iloc[:0]
         out = out.merge(given.sort_values("ts").drop_duplicates(key, keep="last")
                         .reindex(columns=[*key, column]), on=key, how="left")
-    text = out.output.notna() if "output" in out else pd.Series(False, index=out.index)
-    return out.assign(label=out.label.where(~text), correction=out.correction.where(text))
+    text = by_generator(out)
+    alone = ~out.duplicated(key, keep=False)  # the item's only answer takes either
+    return out.assign(label=out.label.where(alone | ~text),
+                      correction=out.correction.where(alone | text))

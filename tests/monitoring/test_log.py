@@ -187,8 +187,10 @@ def test_a_rewritten_posts_two_answers_are_kept_and_take_their_own_feedback(tmp_
     from monitoring.feedback import Label, feedback_rows
 
     uri, t = str(tmp_path / "log"), now()
-    post = log_record(1, application="moderation", model="moderation", prediction="toxic", ts=t)
-    rewrite = {**post, "model": "rewriter", "prediction": "stop", "output": "a kind post"}
+    post = log_record(1, application="moderation", model="moderation", prediction="toxic", ts=t,
+                      posterior=[0.2, 0.8])
+    rewrite = {**post, "model": "rewriter", "prediction": "stop", "output": "a kind post",
+               "posterior": None}
     SegmentWriter(uri, INFERENCE, LogConfig()).write_segment([post, rewrite])
     log = read(uri)
     assert sorted(log.model) == ["moderation", "rewriter"]
@@ -200,3 +202,6 @@ def test_a_rewritten_posts_two_answers_are_kept_and_take_their_own_feedback(tmp_
     joined = with_feedback(log, feedback).set_index("model")
     assert joined.label["moderation"] == "toxic" and pd.isna(joined.correction["moderation"])
     assert joined.correction["rewriter"] == "be kind" and pd.isna(joined.label["rewriter"])
+    # the rewrite's text not kept (`keep_text: false`): still the generator's, no label for it
+    unkept = with_feedback(log.assign(output=None), feedback).set_index("model")
+    assert unkept.label["moderation"] == "toxic" and pd.isna(unkept.label["rewriter"])
