@@ -142,7 +142,7 @@ def cmd_lineage(args) -> Output:
 
 
 def cmd_traffic(args) -> Output:
-    from cluster.traffic import chat_target, send, token
+    from cluster.traffic import chat_target, judged, send, token
     from serve_apps.tls import client_context
 
     settings = settings_of(args)
@@ -152,7 +152,8 @@ def cmd_traffic(args) -> Output:
     report = send(settings.serve.url, args.app, prefix, args.scenario, args.n, args.seed,
                   args.fraction, args.concurrency, args.feedback,
                   settings.serve.feedback.route_prefix, token(settings),
-                  client_context(settings.serve.tls), args.labelling, chat)
+                  client_context(settings.serve.tls), args.labelling, chat,
+                  judged(settings, args.app, chat))
     return Output(report, lambda p: (f"{p['requests']} requests ({p['scenario']}) to {p['url']}: "
                                      f"{p['ok']} ok, {p['failed']} failed, {p['rps']} req/s, "
                                      f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms; "

@@ -81,7 +81,7 @@ class Traffic:
         r = send(s.serve.url, "chat" if generator else "support", app.route_prefix, scenario, n,
                  seed, fraction, 8, self.labels if labelled else 0.0,
                  s.serve.feedback.route_prefix, token(s), client_context(s.serve.tls),
-                 self.labelling, chat_target(s, self.model) if generator else None)
+                 self.labelling, chat_target(s, self.model) if generator else None, self.model)
         self.reports.append(r)
         self.step(f"sent {n} {scenario} requests ({r['ok']} ok, {r['failed']} failed, "
                   f"{r['rps']} req/s), {r['feedback']['accepted']} labelled")

@@ -52,19 +52,28 @@ def chat_target(settings: Settings, model: str | None) -> tuple[str, dict[str, f
     return model, {"dataset": task.dataset, "priors": task.label_priors}
 
 
+def judged(settings: Settings, app: str, chat: tuple[str, dict] | None) -> str:
+    """The model whose answers `app`'s traffic gives feedback to: the generator chat asks
+    (`chat_target`), else the application's classifier (the label queue also lists the
+    answers of its generator, a post's rewrite or a ticket's reply, which take corrections)."""
+    from training.refs import model_name
+
+    return chat[0] if chat else model_name(getattr(settings.serve, app).classifier.model)
+
+
 def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed: int,
          fraction: float, concurrency: int, feedback: float = 0.0,
          feedback_prefix: str = "/v1/feedback", bearer: str | None = None,
          verify: ssl.SSLContext | bool = True, labelling: str = "queue",
-         chat: tuple[str, dict] | None = None) -> dict:
+         chat: tuple[str, dict] | None = None, model: str | None = None) -> dict:
     """Send `n` generated texts (with the `bearer` token; over HTTPS verified by `verify`, as
     `serve_apps.tls.client_context` gives it); the report counts answers by status code and
     gives latency. A `feedback` share of the answered requests then gets its true label
     through the feedback application, as human review would (the labels retraining learns
     from): the ones the platform's queue of pending labels puts first (`labelling` queue), or
-    a seeded random draw (random). Chat traffic (`chat`: the generator asked and where its
-    prompts come from, `chat_target`) gets corrections instead: each prompt's reference
-    text."""
+    a seeded random draw (random); the queue is read for `model`'s answers (`judged`). Chat
+    traffic (`chat`: the generator asked and where its prompts come from, `chat_target`) gets
+    corrections instead: each prompt's reference text."""
     import httpx
 
     if app not in TARGETS:
@@ -78,12 +87,12 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
     if (app == "chat") != (chat is not None):
         raise LLMOpsError("chat traffic, and only chat traffic, asks a generator (`chat_target`)")
     dataset, path = TARGETS[app]
-    model, data = chat or (None, {"dataset": dataset, "priors": None})
+    asked, data = chat or (None, {"dataset": dataset, "priors": None})
     rows = generate(data["dataset"], scenario, n, seed, fraction, priors=data["priors"])
-    truth = rows.rewrite if model else rows.label
+    truth = rows.rewrite if asked else rows.label
 
     def body(text: str) -> dict:
-        return {"model": model, "messages": [{"role": "user", "content": text}]} if model \
+        return {"model": asked, "messages": [{"role": "user", "content": text}]} if asked \
             else {"text": text}
 
     url = base_url + route_prefix.rstrip("/") + path
@@ -102,7 +111,7 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
                     if code == 200]
         labels = _label(client, base_url + feedback_prefix.rstrip("/") + "/", answered,
                         feedback, labelling, seed, began, concurrency,
-                        "correction" if model else "label")
+                        "correction" if asked else "label", model or asked)
     codes = [c for c, _, _ in results]
     latency = np.array([t for _, t, _ in results]) * 1000
     return {"url": url, "scenario": scenario, "fraction": fraction, "requests": n,
@@ -133,13 +142,15 @@ def _polite_post(client, url: str, body: dict) -> tuple[int, float, str | None]:
 
 
 def _label(client, url: str, answered: list[tuple[str, str]], share: float, labelling: str,
-           seed: int, since: str, concurrency: int, field: str = "label") -> dict:
+           seed: int, since: str, concurrency: int, field: str = "label",
+           model: str | None = None) -> dict:
     """Give a `share` of the `answered` requests (request id, true label or correction, as
-    `field`) their feedback: the queue's first (`labelling` queue) or a seeded random draw."""
+    `field`) their feedback: the queue's first for `model`'s answers (`labelling` queue) or a
+    seeded random draw."""
     truth = dict(answered)
     if labelling == "queue":
         sent, accepted, reasons = _from_queue(client, url, truth, round(share * len(truth)),
-                                              since, concurrency, field)
+                                              since, concurrency, field, model)
     else:
         chosen = np.random.default_rng(seed).random(len(answered)) < share
         picked = [pair for pair, pick in zip(answered, chosen) if pick]
@@ -149,15 +160,16 @@ def _label(client, url: str, answered: list[tuple[str, str]], share: float, labe
 
 
 def _from_queue(client, url: str, truth: dict[str, str], budget: int, since: str,
-                concurrency: int, field: str = "label", wait_s: float = 30.0
-                ) -> tuple[int, int, dict[str, int]]:
+                concurrency: int, field: str = "label", model: str | None = None,
+                wait_s: float = 30.0) -> tuple[int, int, dict[str, int]]:
     """Label (or correct: `field`) `budget` of this run's answers (`truth`: request id -> true
-    label or reference text) as the platform's queue of pending labels orders them (`GET
-    /pending`, one page after another), once the log holds them all (it is written every flush
-    interval) or `wait_s` has passed. Returns labels sent, accepted, and how many of each
-    reason the queue gave."""
+    label or reference text) by `model` (None: any) as the platform's queue of pending labels
+    orders them (`GET /pending`, one page after another), once the log holds them all (it is
+    written every flush interval) or `wait_s` has passed. Returns labels sent, accepted, and
+    how many of each reason the queue gave."""
     def page(limit: int) -> list[dict]:
-        r = client.get(url + "pending", params={"limit": limit, "since": since})
+        params = {"limit": limit, "since": since, **({"model": model} if model else {})}
+        r = client.get(url + "pending", params=params)
         if r.status_code != 200:
             raise LLMOpsError(f"the label queue answered {r.status_code}: {r.text[:200]}")
         return [it for it in r.json() if it["request_id"] in truth]

@@ -20,7 +20,7 @@ class Item:
     adapter: Adapter | None = None
     fallback: bool = False
     variant: str | None = None  # an adapter's canary side (None: the replica's variants route)
-    embed: bool = False  # a generator's: its prompt's embedding wanted too (chat logs it)
+    embed: bool = False  # a generator's: its prompt's embedding wanted too (the log keeps it)
 
 
 def set_batching(method, max_batch_size: int, batch_wait_timeout_s: float) -> None:

@@ -164,11 +164,12 @@ class Generator(_ModelDeployment):
         return await self.predict(item)
 
     async def generate_many(self, items: list[Item]) -> list[dict]:
-        """A batch a pipeline already formed (items at a peak by the student, as `generate`),
-        with this deployment's generation settings and adapter."""
+        """A batch a pipeline already formed (items at a peak by the student, and with their
+        prompts' embeddings, as `generate`'s `fallback` and `embed`), with this deployment's
+        generation settings and adapter."""
         picked = [await self.adapter(None, it.request_id) for it in items]
         items = [Item(it.text, it.request_id, self.params(salt=it.request_id), adapter,
-                      variant=variant, fallback=it.fallback)
+                      variant=variant, fallback=it.fallback, embed=it.embed)
                  for it, (adapter, variant) in zip(items, picked)]
         if items and self.continuous(items[0].params):
             return await self.slot.run(items, self._continuous_batch)

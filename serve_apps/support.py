@@ -3,12 +3,15 @@ suggest a reply. The reply generator (`support-reply`) answers first; when it is
 (`min_reply_confidence`), the suggestion is the reply that resolved the closest earlier ticket
 instead (nearest neighbour by sentence embedding among resolved tickets of the router's own
 training data), so a ticket unlike anything seen in training gets a real agent's reply, not a
-guess. Router and generator run side by side; the encoder only for the unsure ones.
+guess. Router and generator run side by side; the encoder only for the unsure ones. The log
+holds both answers of a ticket: the router's (it takes a label) and the reply generator's,
+suggested or not (it takes a correction).
 
 HTTP: `POST /v1/support/route`. Python: `serve.get_app_handle("support").route.remote({...})`.
 """
 
 import asyncio
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -31,6 +34,7 @@ from serve_apps.http import (
     check_label,
     create_app,
 )
+from serve_apps.inference_log import generated
 from serve_apps.pipeline import TextsPipeline
 from training.data.support import RESOLUTIONS
 
@@ -124,28 +128,33 @@ class SupportPipeline(TextsPipeline):
         unsure = [i for i, r in enumerate(replies)
                   if r is None or r["confidence"] < self.config.min_reply_confidence]
         retrieved = dict(zip(unsure, await self._retrieve([items[i] for i in unsure])))
-        return [self._decided(route, reply, retrieved.get(i))
-                for i, (route, reply) in enumerate(zip(routes, replies))]
+        return [self._decided(item.text, route, reply, retrieved.get(i))
+                for i, (item, route, reply) in enumerate(zip(items, routes, replies))]
 
-    def _decided(self, route: dict | Exception, reply: dict | None,
+    def _decided(self, text: str, route: dict | Exception, reply: dict | None,
                  retrieved: dict | Exception | None) -> Decided | Exception:
         """One item's decision, or the exception that failed that item alone (its caller raises
-        it; the other items of the batch are answered)."""
+        it; the other items of the batch are answered). The generator's reply is logged as its
+        answer whether or not it was the suggestion (an unsure reply is the one most worth a
+        reviewer's correction)."""
         try:
             route = check_label(unwrap(route))
             result = self._result(route, reply, unwrap(retrieved))
-            return Decided(result, route, result.suggestion.reply,
+            logged = route if reply is None else {**route, "generated": generated(text, reply)}
+            return Decided(result, logged, result.suggestion.reply,
                            reply["prompt_tokens"] + reply["completion_tokens"] if reply else 0,
                            degraded="generator" not in result.models)
         except Exception as exc:
             return exc
 
     async def _replies(self, items: list[Item]) -> list[dict | None]:
-        """The generator's replies; Nones when it failed or its breaker is open."""
+        """The generator's replies, with their prompts' embeddings (the reply generator's drift
+        checks compare them); Nones when it failed or its breaker is open."""
         if not items:
             return []
+        asked = [replace(it, embed=True) for it in items]
         try:
-            replies = await self.breaker.call(lambda: self.generator.generate_many.remote(items))
+            replies = await self.breaker.call(lambda: self.generator.generate_many.remote(asked))
         except Exception as exc:
             metrics.degraded(type(exc).__name__)
             return [None] * len(items)

@@ -91,9 +91,10 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     chat = chatted["llmops"]["request_id"]
     many, third = multi["request_id"], ids[3]
     log = logged(platform, {*ids, many, chat})
-    # N requests in, N records out (one per text), and one more per rewritten post: the
-    # rewrite is the generator's answer, logged (redacted) with its prompt's embedding
-    assert len(log) == len(texts) + 4 + len(rewritten)
+    # N requests in, N records out (one per text), and one more per generated answer a
+    # classifier's decision led to (a rewritten post's rewrite, a ticket's reply): the
+    # generator's answer, logged (redacted) with its prompt's embedding
+    assert len(log) == len(texts) + 4 + len(rewritten) + 3
     rewrites = log[(log.application == "moderation") & (log.model == "rewriter")]
     assert set(rewrites.request_id) == set(rewritten)
     assert all(o == rewritten[r] for r, o in zip(rewrites.request_id, rewrites.output))
@@ -109,10 +110,18 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     # the texts are kept with personal data redacted (what retraining on feedback needs)
     assert [mod.text[rid] for rid in ids] == [redact(t).text for t in texts]
     assert any(redact(t).found for t in texts)
-    sup = log[log.request_id == many].sort_values("item")
+    sup = log[(log.request_id == many) & (log.model == "support-router")].sort_values("item")
     assert list(sup.item) == [0, 1, 2]
     assert list(sup.prediction) == [r["label"] for r in multi["results"]]  # the router's own
     assert dict(sup.stages.iloc[0])["router"] == "support-router/1"
+    # each ticket's generated reply is the reply generator's answer, suggested or not (an
+    # unsure one gave way to retrieval)
+    replies = log[(log.request_id == many) & (log.model == "support-reply")].sort_values("item")
+    assert list(replies.item) == [0, 1, 2] and all(len(e) == 32 for e in replies.embedding)
+    assert replies.output.map(lambda o: isinstance(o, str)).all()
+    assert all(o == redact(r["suggestion"]["reply"]).text for o, r in zip(replies.output,
+                                                                          multi["results"])
+               if r["suggestion"]["source"] == "generator")
 
     label = "refund" if multi["results"][1]["label"] != "refund" else "billing"
     r = httpx.post(f"{platform.url}/v1/feedback/", headers=platform.auth,
@@ -138,15 +147,17 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
         "request_id": chat, "correction": "Please write to jane.doe@example.com instead."},
         timeout=30)
     assert r.status_code == 201 and r.json()["corrected"] and r.json()["label"] is None, r.text
-    # a rewritten post takes a label for its classifier and a correction for its rewrite
+    # a rewritten post takes a label for its classifier and a correction for its rewrite; a
+    # ticket a correction of its reply
     post = next(r for r in rewritten if r not in {ids[0], third})  # the queue checks those
     for body in ({"request_id": post, "label": "toxic"},
-                 {"request_id": post, "correction": "Please be kinder."}):
+                 {"request_id": post, "correction": "Please be kinder."},
+                 {"request_id": many, "item": 2, "correction": "Reset it from the login page."}):
         r = httpx.post(f"{platform.url}/v1/feedback/", json=body, headers=platform.auth,
                        timeout=30)
         assert r.status_code == 201, r.text
-    wait_for("five labels in the feedback log",
-             lambda: len(read(platform.log_uri, FEEDBACK)) >= 5, 20)
+    wait_for("six labels in the feedback log",
+             lambda: len(read(platform.log_uri, FEEDBACK)) >= 6, 20)
     feedback = read(platform.log_uri, FEEDBACK)
     joined = with_feedback(logged(platform, {many, third, chat, post}), feedback)
     [fixed] = joined[joined.request_id == chat].itertuples()
@@ -156,7 +167,11 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     assert answers.label["moderation"] == "toxic" and pd.isna(answers.correction["moderation"])
     assert answers.correction["rewriter"] == "Please be kinder."
     assert pd.isna(answers.label["rewriter"])
-    labels = joined[joined.model != "rewriter"].set_index(["request_id", "item"]).label
+    ticket = joined[(joined.request_id == many) & (joined.item == 2)].set_index("model")
+    assert ticket.correction["support-reply"] == "Reset it from the login page."
+    assert pd.isna(ticket.label["support-reply"]) and pd.isna(ticket.correction["support-router"])
+    labels = joined[joined.model.isin(["moderation", "support-router"])].set_index(
+        ["request_id", "item"]).label
     assert labels[(third, 0)] == "spam" and labels[(many, 1)] == label
     # `llmops traffic chat` asks the chat generator and corrects half its answers: the ones
     # the label queue lists first
@@ -166,7 +181,17 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     report = json.loads(sent.stdout)["feedback"]
     assert json.loads(sent.stdout)["ok"] == 8 and report["labelling"] == "queue"
     assert report["accepted"] == report["sent"] == 4 and sum(report["reasons"].values()) == 4
-    assert labels.isna().sum() == 2  # items 0 and 2 of the support request got no feedback
+    assert labels.isna().sum() == 2  # items 0 and 2 of the support request got no label
+    # `llmops traffic support` labels the router's answers the queue lists first, not the
+    # reply generator's it lists beside them: each of the four tickets once
+    since = datetime.now(UTC)
+    sent = llmops_here((platform.env, platform.config), "traffic", "support", "--n", "4",
+                       "--feedback", "1", "--seed", "4", "--json")
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    report = json.loads(sent.stdout)["feedback"]
+    assert report["accepted"] == report["sent"] == 4, report
+    wait_for("four labels", lambda: len(read(platform.log_uri, FEEDBACK, since=since)) >= 4, 20)
+    assert read(platform.log_uri, FEEDBACK, since=since).request_id.nunique() == 4
     # another tenant cannot label this tenant's request: 404, as for an unknown one
     with pytest.raises(UnknownRequest, match="no logged request"):
         handle.submit.remote({"request_id": third, "label": "spam"}, None, neighbour).result()
@@ -177,7 +202,8 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     queue = {(it["request_id"], it["item"], it["model"]): it for it in r.json()}
     assert (many, 0, "support-router") in queue and (ids[0], 0, "moderation") in queue
     assert (many, 1, "support-router") not in queue and (third, 0, "moderation") not in queue
-    assert (post, 0, "rewriter") not in queue  # corrected
+    assert (post, 0, "rewriter") not in queue and (many, 2, "support-reply") not in queue
+    assert (many, 0, "support-reply") in queue  # a reply awaiting its correction
     assert queue[(ids[0], 0, "moderation")]["text"] == redact(texts[0]).text
     page = httpx.get(f"{platform.url}/v1/feedback/pending", params={
         "limit": 4, "model": "moderation", "since": began}, headers=platform.auth, timeout=30).json()
