@@ -101,9 +101,9 @@ def app_deployments(name: str, app_cfg, ingress_cpus: float, use_gpu: bool,
         if md.resources.memory_mb:
             actor["memory"] = actor.get("memory", 0) + md.resources.memory_mb * 2**20
     live = {}  # what the pipeline's `reconfigure` changes in place (`pipeline_config`)
-    if "Classifier" in models:
-        fallback = getattr(app_cfg, models["Classifier"]).fallback
-        live["pressure"] = fallback and fallback.model_dump(mode="json")
+    if {"Classifier", "Generator"} & set(models):
+        switch = app_cfg.peak_switch()
+        live["pressure"] = switch and switch.model_dump(mode="json")
     if "breaker" in type(app_cfg).model_fields:
         live["breaker"] = app_cfg.breaker.model_dump(mode="json")
     if inline:

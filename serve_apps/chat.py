@@ -23,7 +23,7 @@ from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable, callers_fault
 from serve_apps.call import Answer, Call, Caller, estimate_tokens
 from serve_apps.config import ChatAppConfig
-from serve_apps.http import create_app, parse
+from serve_apps.http import create_app, parse, served_by
 from serve_apps.inference_log import generated
 from serve_apps.openai_schema import Message, last_user_message
 from serve_apps.pipeline import Pipeline
@@ -156,23 +156,28 @@ class ChatPipeline(Pipeline):
             "usage": {"prompt_tokens": out["prompt_tokens"],
                       "completion_tokens": out["completion_tokens"],
                       "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
-            "llmops": self._meta(call, answer.degraded, out["model"])}, call)
+            "llmops": self._meta(call, answer.degraded, out["model"], answer.served_by)}, call)
 
     async def _generate(self, call: Call, request: ChatRequest) -> Answer:
-        """The generator's answer, or the fallback reply while it fails or its breaker is open."""
-        try:
-            out = await self.breaker.call(lambda: self._generator_for(request.model).generate
-                                          .remote(call.texts[0], call.request_id,
-                                                  model=request.model, embed=True,
-                                                  **request.options()))
-            degraded = False
-        except Exception as exc:
-            if callers_fault(exc):  # this caller's input: its own 4xx, no fallback
-                raise
-            out, degraded = self._fallback(exc), True
+        """The generator's answer (at a peak its student's, where it has one: the switch is the
+        generator's `fallback`), or the fallback reply while it fails or its breaker is open."""
+        with self.pressure.track() as peak:
+            try:
+                out = await self.breaker.call(lambda: self._generator_for(request.model)
+                                              .generate.remote(call.texts[0], call.request_id,
+                                                               model=request.model, embed=True,
+                                                               fallback=peak,
+                                                               **request.options()))
+                degraded = False
+            except Exception as exc:
+                if callers_fault(exc):  # this caller's input: its own 4xx, no fallback
+                    raise
+                out, degraded = self._fallback(exc), True
         await self._record(call, out)
+        student = served_by([out])
         return Answer([out["text"]], [{"generator": out["model"]}],
-                      out["prompt_tokens"] + out["completion_tokens"], degraded, out)
+                      out["prompt_tokens"] + out["completion_tokens"],
+                      degraded or student is not None, out, served_by=student)
 
     def _fallback(self, error: Exception) -> dict:
         metrics.degraded(type(error).__name__)
@@ -184,8 +189,9 @@ class ChatPipeline(Pipeline):
         return {"text": self.config.fallback_reply, "finish_reason": "stop", "model": None,
                 "prompt_tokens": 0, "completion_tokens": 0}
 
-    def _meta(self, call: Call, degraded: bool, model: dict | None) -> dict:
-        return {**call.summary(degraded), "model": model}
+    def _meta(self, call: Call, degraded: bool, model: dict | None,
+              peak: str | None = None) -> dict:
+        return {**call.summary(degraded, peak), "model": model}
 
     async def _enter(self, request: ChatRequest, caller: Caller) -> Call:
         call = await self._open(request, caller)
@@ -216,41 +222,45 @@ class ChatPipeline(Pipeline):
 
         pieces: list[str] = []
         stream = None
-        try:
-            stream = self._generator_for(request.model, stream=True).stream.remote(
-                call.texts[0], rid, model=request.model, embed=True, **request.options())
+        with self.pressure.track() as peak:
             try:
-                first = await self.breaker.call(lambda: anext(stream))
-            except Exception as exc:
-                if callers_fault(exc):
-                    raise
-                first, stream = self._fallback(exc), None
-                pieces.append(first["text"])
-            yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                        "finish_reason": None}],
-                   "llmops": {"request_id": rid, "model": first["model"]}}
-            wait = self.config.generator.generation_config.piece_timeout_s
-            while stream is not None and (piece := await asyncio.wait_for(
-                    anext(stream, None), wait)) is not None:
-                pieces.append(piece["text"])
-                if not hold:
-                    yield content(piece["text"])
-        except BaseException as exc:  # a client gone (cancelled, closed) is settled too
-            if stream is not None:
-                stream.cancel()  # the generator replica stops generating for nobody
-            await self.policies.fail(call, exc)  # shielded there: settled even when cancelled
-            raise
+                stream = self._generator_for(request.model, stream=True).stream.remote(
+                    call.texts[0], rid, model=request.model, embed=True, fallback=peak,
+                    **request.options())
+                try:
+                    first = await self.breaker.call(lambda: anext(stream))
+                except Exception as exc:
+                    if callers_fault(exc):
+                        raise
+                    first, stream = self._fallback(exc), None
+                    pieces.append(first["text"])
+                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
+                                            "finish_reason": None}],
+                       "llmops": {"request_id": rid, "model": first["model"]}}
+                wait = self.config.generator.generation_config.piece_timeout_s
+                while stream is not None and (piece := await asyncio.wait_for(
+                        anext(stream, None), wait)) is not None:
+                    pieces.append(piece["text"])
+                    if not hold:
+                        yield content(piece["text"])
+            except BaseException as exc:  # a client gone (cancelled, closed) is settled too
+                if stream is not None:
+                    stream.cancel()  # the generator replica stops generating for nobody
+                await self.policies.fail(call, exc)  # shielded: settled even when cancelled
+                raise
         text = "".join(pieces)
         out = {"text": text, "model": first["model"], "finish_reason": "stop",
                "prompt_tokens": first["prompt_tokens"], "embedding": first.get("embedding"),
                "completion_tokens": estimate_tokens([text]) if stream else 0}
+        student = served_by([first])
         answer = await self.policies.leave(call, Answer(
             [text], [{"generator": first["model"]}], out["prompt_tokens"] +
-            out["completion_tokens"], stream is None, out))
+            out["completion_tokens"], stream is None or student is not None, out,
+            served_by=student))
         if hold or stream is None:
             yield content(answer.outputs[0])
         yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-               "llmops": self._meta(call, answer.degraded, first["model"])}
+               "llmops": self._meta(call, answer.degraded, first["model"], answer.served_by)}
         await self._record(call, out)
 
     async def _record(self, call: Call, out: dict) -> None:

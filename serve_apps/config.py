@@ -16,6 +16,7 @@ from serve_apps.model_config import (
     AutoscalingConfig,
     GenerationConfig,
     ModelDeploymentConfig,
+    PeakFallbackConfig,
     ResourcesConfig,
 )
 from serve_apps.policy_config import AuthConfig, GuardrailRule, GuardrailsConfig, QuotaConfig
@@ -106,14 +107,25 @@ class _AppConfig(StrictModel):
         if getattr(getattr(self, "encoder", None), "fallback", None) is not None:
             raise ValueError("encoder.fallback: the peak fallback is a classifier's or a "
                              "generator's")
-        if getattr(getattr(self, "generator", None), "fallback", None) is not None and (
+        student = getattr(getattr(self, "generator", None), "fallback", None)
+        if student is not None and classifier is not None and (
                 switch is None or switch.generation != "keep"):
             raise ValueError("generator.fallback: a generator's student answers at a peak that "
                              "the classifier's fallback switches with `generation: keep`; set "
-                             "those (a chat application has no peak switch)")
+                             "those")
+        if student is not None and classifier is None and student.generation == "skip" and \
+                "generation" in student.model_fields_set:
+            raise ValueError("generator.fallback.generation: chat answers nothing without its "
+                             "generator; at a peak its student answers (keep)")
         if classifier is not None and "error_rate" not in classifier.model_fields_set:
             classifier.error_rate = ABSTAIN_ERROR_RATE  # however the classifier was given
         return self
+
+    def peak_switch(self) -> PeakFallbackConfig | None:
+        """The fallback whose thresholds switch this application at a peak
+        (`serve_apps/pressure.py`): its classifier's; chat's, which has none, its generator's."""
+        stage = getattr(self, "classifier", None) or getattr(self, "generator", None)
+        return getattr(stage, "fallback", None)
 
 
 def _classifier(model: str) -> ModelDeploymentConfig:

@@ -197,13 +197,15 @@ class Generator(_ModelDeployment):
         return _embedded(model, items, [{**out, "batch_size": len(items)} for out in outs])
 
     async def stream(self, text: str, request_id: str, model: str | None = None,
-                     embed: bool = False, **options) -> AsyncIterator[dict]:
+                     embed: bool = False, fallback: bool = False, **options
+                     ) -> AsyncIterator[dict]:
         """Pieces of the answer as they are generated; the first carries the model identity
-        (and with `embed`, the prompt's embedding)."""
+        (and with `embed`, the prompt's embedding); `fallback` as `generate`'s."""
         params = self.params(**options)
         p = dict(kv for kv in params if kv[0] != "salt")
         adapter, side = await self.adapter(model, request_id)
-        variant = self.slot.variants.split(request_id)[0] if adapter is None else CHAMPION_VARIANT
+        variant, _ = self.slot.variants.route(Item(text, request_id, adapter=adapter,
+                                                   fallback=fallback))
         loaded = self.slot.variants.model(variant)
         head = {"model": answered_by(loaded, adapter, side or variant),
                 "prompt_tokens": loaded.prompt_tokens(text),

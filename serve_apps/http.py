@@ -57,7 +57,8 @@ class TextsRequest(BaseModel):
 
 def served_by(verdicts: list[dict]) -> str | None:
     """`fallback` when the peak fallback answered any of a request's classifications."""
-    return "fallback" if any(v["model"].get("variant") == "fallback" for v in verdicts) else None
+    return "fallback" if any((v.get("model") or {}).get("variant") == "fallback"
+                             for v in verdicts) else None
 
 
 class StageModel(BaseModel):

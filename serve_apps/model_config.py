@@ -83,7 +83,9 @@ class PeakFallbackConfig(StrictModel):
     """A classifier's peak fallback (`serve_apps/pressure.py`): while its pipeline replica is
     under pressure, `model` (a distilled student, `llmops distill`) answers instead, and the
     pipeline skips its generation (`generation`). On when either `enter_*` threshold is
-    crossed; off once both are back under their `exit_*` and it has been on `min_on_s`."""
+    crossed; off once both are back under their `exit_*` and it has been on `min_on_s`. A
+    generator's: its student, and in chat (no classifier) the switch too, thresholds and all
+    (set them for generated answers, which take far longer than a classification)."""
 
     model: str = Field(description="models:/NAME@fallback or models:/NAME/VERSION")
     alias: str | None = Field(None, description="set when the version was pinned from an alias")
@@ -125,8 +127,9 @@ class ModelDeploymentConfig(StrictModel):
     canary: CanaryConfig | None = None
     fallback: PeakFallbackConfig | None = Field(
         None, description="the distilled student that answers at peaks: a classifier's, with "
-        "the switch's thresholds; a generator's (only its model is read), by which a pipeline "
-        "whose classifier's fallback says `generation: keep` generates at a peak")
+        "the switch's thresholds; a generator's, by which a pipeline whose classifier's "
+        "fallback says `generation: keep` generates at a peak (only its model is read), or "
+        "chat's, with the switch's thresholds (chat has no classifier)")
     generation: GenerationConfig | None = None
     adapters: dict[str, str] = Field(
         default_factory=dict, description="a generator's LoRA adapters, served over `model` "

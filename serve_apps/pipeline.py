@@ -48,7 +48,7 @@ class Pipeline:
         self.config = self.settings.model_validate(config or {})
         self.limits = LimitsConfig.model_validate(limits or {})
         self.log = InferenceLog(self.application, log)
-        self.pressure = Pressure(None)  # a classifier's peak fallback: set by `reconfigure`
+        self.pressure = Pressure(None)  # the peak switch (`peak_switch`): set by `reconfigure`
         self.policies = chain(self.application, self.config.policies, self.config.guardrails,
                               governance)
         app.state.edge = self.policies.edge(self.limits)

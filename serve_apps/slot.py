@@ -45,11 +45,12 @@ class Variants:
 
     def route(self, item: Item) -> tuple[str, bool]:
         """(variant that answers, whether the challenger also shadows the request). At a peak
-        the fallback answers everything; an adapter runs on the base it was trained on."""
-        if item.fallback and self.fallback is not None:
-            return FALLBACK_VARIANT, False
+        the fallback answers everything but an adapter's requests (a student distils one model,
+        not the adapters over it); an adapter runs on the base it was trained on."""
         if item.adapter is not None:
             return CHAMPION_VARIANT, False
+        if item.fallback and self.fallback is not None:
+            return FALLBACK_VARIANT, False
         return self.split(item.request_id)
 
     def split(self, request_id: str) -> tuple[str, bool]:

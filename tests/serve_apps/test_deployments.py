@@ -62,16 +62,22 @@ def test_a_failing_shadow_never_fails_the_answer():
 
 
 def test_at_a_peak_the_fallback_answers_every_item_canary_or_not():
+    """But an adapter's: a student distils the model, not the adapters served over it."""
+    from serve_apps.adapters import Adapter
     from serve_apps.model_config import CanaryConfig
 
     def run(model, items, params):
-        return [{"label": model.identity.version} for _ in items]
+        return [{"label": model.identity.version, "adapter": it.adapter is not None}
+                for it in items]
 
     canary = CanaryConfig(model="models:/m/2", fraction=1.0)
     slot = ModelSlot(None, Variants(_model("1"), _model("2"), canary, fallback=_model("3")))
-    calm, peak = asyncio.run(slot.run([Item("a", "r1"), Item("b", "r2", fallback=True)], run))
+    tuned = Adapter(ModelIdentity("m-lora", "1", base="models:/m/1"), None, {})
+    calm, peak, own = asyncio.run(slot.run([Item("a", "r1"), Item("b", "r2", fallback=True),
+                                            Item("c", "r3", adapter=tuned, fallback=True)], run))
     assert (calm["label"], calm["model"]["variant"]) == ("2", "challenger")
     assert (peak["label"], peak["model"]["variant"]) == ("3", "fallback")
+    assert (own["label"], own["adapter"]) == ("1", True)
     # no fallback loaded: a peak item is answered as any other
     slot = ModelSlot(None, Variants(_model("1")))
     [item] = asyncio.run(slot.run([Item("b", "r2", fallback=True)], run))
@@ -193,9 +199,22 @@ def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
     inline = both["SupportPipeline"]["user_config"]["models"]  # placement inline, above
     assert inline["Generator"]["fallback"]["model"] == student["model"]
     assert "fallback" not in pipeline_config(cfg.support)["generator"]
-    with pytest.raises(ValueError, match="no peak switch"):
+    # chat has no classifier: its generator's fallback is the switch, thresholds and all
+    chat = ChatAppConfig.model_validate({"generator": {
+        "model": "models:/rewriter@champion", "placement": "replica",
+        "fallback": {"model": "models:/rewriter@fallback", "enter_ongoing": 6,
+                     "exit_ongoing": 2}}})
+    deployments = app_deployments("chat", chat, 0.1, False, None, pin_models=False)
+    assert deployments["ChatPipeline"]["user_config"]["pressure"]["enter_ongoing"] == 6
+    assert deployments["Generator"]["user_config"]["fallback"]["model"] == \
+        "models:/rewriter@fallback"
+    assert "fallback" not in pipeline_config(chat)["generator"]
+    assert app_deployments("chat", ChatAppConfig(), 0.1, False, None, pin_models=False)[
+        "ChatPipeline"]["user_config"]["pressure"] is None
+    with pytest.raises(ValueError, match="chat answers nothing without its generator"):
         ChatAppConfig.model_validate({"generator": {"model": "models:/rewriter@champion",
-                                                    "fallback": student}})
+                                                    "fallback": {**student,
+                                                                 "generation": "skip"}}})
 
 
 def _verdict(label: str, candidates: list[str] | None) -> dict:

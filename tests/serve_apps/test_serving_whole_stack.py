@@ -266,26 +266,30 @@ def test_at_a_peak_the_students_classify_and_no_generator_is_waited_for(platform
     student here is the champion's own version; `llmops distill` trains a smaller one), turned
     on in place (user_config: no replica replaced): what the fallback answered hides a toxic
     post (moderation) or suggests the closest resolved ticket's reply (support), `degraded`,
-    without calling the generator; a request before the peak was generated. It leaves them so:
-    the tests after it need support's answers logged, then replace the applications."""
+    without calling the generator; a request before the peak was generated. Chat, which has no
+    classifier, switches on its generator's fallback: its student writes the answers of a peak,
+    streams included. It leaves them so: the tests after it need support's answers logged, then
+    replace the applications."""
     from cluster.platform import generated_serve_config
     from cluster.settings import load_settings
     from serve_apps.model_config import PeakFallbackConfig
 
     before = platform.cluster.deployed_config()
     settings = load_settings(platform.config)
-    for app, model in ((settings.serve.moderation, "moderation"),
-                       (settings.serve.support, "support-router")):
-        app.classifier.fallback = PeakFallbackConfig(
+    for stage, model in ((settings.serve.moderation.classifier, "moderation"),
+                         (settings.serve.support.classifier, "support-router"),
+                         (settings.serve.chat.generator, "rewriter")):
+        stage.fallback = PeakFallbackConfig(
             model=f"models:/{model}@champion", enter_ongoing=2, exit_ongoing=1, min_on_s=60,
             enter_p95_ms=60_000, exit_p95_ms=30_000)  # in flight decides, not a slow machine
     peaked = {app["name"]: app for app in generated_serve_config(
         settings, platform.registry, 0)["applications"]}  # the other applications unchanged
-    serving = replica_ids(platform, ("moderation", "support"))
+    switched = ("moderation", "support", "chat")
+    serving = replica_ids(platform, switched)
     platform.cluster.deploy({**before, "applications": [
-        peaked[app["name"]] if app["name"] in ("moderation", "support") else app
+        peaked[app["name"]] if app["name"] in switched else app
         for app in before["applications"]]})
-    assert replica_ids(platform, ("moderation", "support")) == serving
+    assert replica_ids(platform, switched) == serving
     toxic = list(generate("moderation", "base", 12, seed=5, priors={"toxic": 1.0}).text)
 
     def ask(route: str, text: str) -> dict:
@@ -316,6 +320,33 @@ def test_at_a_peak_the_students_classify_and_no_generator_is_waited_for(platform
                 assert result["suggestion"]["source"] == "retrieval"
             elif result["verdict"] == "toxic":
                 assert (result["action"], result["safe_text"]) == ("block", None), result
+
+    def chat(text: str, stream: bool = False) -> dict:
+        """A completion's `llmops` meta (a stream's: its last chunk's) and its text."""
+        r = httpx.post(f"{platform.url}/v1/chat/completions", headers=platform.auth, json={
+            "model": "rewriter", "messages": [{"role": "user", "content": text}],
+            "max_tokens": 8, "stream": stream}, timeout=120)
+        assert r.status_code == 200, r.text
+        if not stream:
+            return {**r.json()["llmops"], "text": r.json()["choices"][0]["message"]["content"]}
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        return {**chunks[-1]["llmops"], "text": "".join(
+            c["choices"][0]["delta"].get("content", "") for c in chunks)}
+
+    calm = chat(toxic[0])
+    assert (calm["served_by"], calm["degraded"], calm["model"]["variant"]) == (
+        None, False, "champion")
+    with ThreadPoolExecutor(len(toxic)) as pool:
+        burst = list(pool.map(chat, toxic))
+    peak = [out for out in burst if out["served_by"] == "fallback"]
+    assert peak, [out["served_by"] for out in burst]
+    assert all(out["degraded"] and out["model"]["variant"] == "fallback" for out in peak)
+    # on for `min_on_s`: a stream right after is the student's too, word for word the
+    # champion's here (the same version)
+    streamed = chat(toxic[0], stream=True)
+    assert (streamed["served_by"], streamed["degraded"]) == ("fallback", True), streamed
+    assert streamed["model"]["variant"] == "fallback" and streamed["text"] == calm["text"]
 
 
 def test_log_survives_a_graceful_shutdown(platform):
