@@ -122,8 +122,10 @@ def _platform(cmds: _Commands) -> None:
     traffic = cmds.add("traffic", commands.cmd_traffic,
                        "send seeded traffic of a scenario to a running pipeline")
     traffic.add_argument("app", help="support, moderation or chat")
-    traffic.add_argument("--model", help="chat: the generator asked (default: chat's own); its "
-                         "answers get their reference texts as corrections")
+    traffic.add_argument("--model", help="chat: the generator asked (default: chat's own); "
+                         "support: its reply generator, whose replies are then corrected "
+                         "instead of the router's answers labelled. Its answers get their "
+                         "reference texts as corrections")
     traffic.add_argument("--scenario", default="base")
     traffic.add_argument("--n", type=int, default=500, help="requests (one text each)")
     traffic.add_argument("--fraction", type=float, default=1.0,
@@ -176,8 +178,9 @@ def _loop(cmds: _Commands) -> None:
                     "drift, retrain, gate, canary, promote")
     demo.add_argument("--scenario", default="new-product", help="the drift to mix in")
     demo.add_argument("--model", default="support-router", help="the model whose loop runs: "
-                      "the support router (support traffic, labels), or a generator such as "
-                      "rewriter (chat traffic, corrected answers)")
+                      "the support router (support traffic, labels), or a generator: rewriter "
+                      "(chat traffic, corrected answers) or support-reply (support traffic, "
+                      "corrected replies)")
     demo.add_argument("--teardown", action="store_true", help="stop everything at the end")
     demo.add_argument("--canary-fraction", type=float, default=0.5, help="the demo's canary "
                       "answers this share (one or two bursts of traffic judge it); the "

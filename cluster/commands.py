@@ -142,18 +142,19 @@ def cmd_lineage(args) -> Output:
 
 
 def cmd_traffic(args) -> Output:
-    from cluster.traffic import chat_target, judged, send, token
+    from cluster.traffic import generator_target, judged, send, token
     from serve_apps.tls import client_context
 
     settings = settings_of(args)
     app = getattr(settings.serve, args.app, None)
     prefix = app.route_prefix if app is not None else ""
-    chat = chat_target(settings, args.model) if args.app == "chat" else None
+    asked = generator_target(settings, args.app, args.model) \
+        if args.app == "chat" or args.model else None
     report = send(settings.serve.url, args.app, prefix, args.scenario, args.n, args.seed,
                   args.fraction, args.concurrency, args.feedback,
                   settings.serve.feedback.route_prefix, token(settings),
-                  client_context(settings.serve.tls), args.labelling, chat,
-                  judged(settings, args.app, chat))
+                  client_context(settings.serve.tls), args.labelling, asked,
+                  judged(settings, args.app, asked))
     return Output(report, lambda p: (f"{p['requests']} requests ({p['scenario']}) to {p['url']}: "
                                      f"{p['ok']} ok, {p['failed']} failed, {p['rps']} req/s, "
                                      f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms; "

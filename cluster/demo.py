@@ -2,7 +2,8 @@
 absent, deploys the pipelines, starts the support router's controller, replays clean traffic,
 then a drift scenario with feedback labels, and prints the controller's transitions as they
 happen until the retrained router serves (or the loop stops at the gate or the canary). With
-`--model rewriter` the same for a generator: chat traffic, corrected answers as feedback."""
+`--model rewriter` the same for a generator: chat traffic, corrected answers as feedback
+(`--model support-reply`: support traffic, its replies corrected)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from cluster import platform, runtime
 from cluster.loop import actor, control
 from cluster.settings import Settings
-from cluster.traffic import chat_target, send, token
+from cluster.traffic import generator_app, generator_target, send, token
 from serve_apps.tls import client_context
 from training.errors import LLMOpsError
 from training.registry import CHAMPION, Registry
@@ -62,9 +63,10 @@ def prepare(settings: Settings, settings_args: list[str], step: Callable[[str], 
 
 @dataclass
 class Traffic:
-    """The demo's traffic to the support pipeline (or, for a generator `model`, to chat), a
-    `labels` share of each batch labelled (a generator's answers: corrected) as human review
-    would (`labelling`: from the platform's queue, or at random)."""
+    """The demo's traffic to the support pipeline (or, for a generator `model`, to the
+    application it answers in, `generator_app`), a `labels` share of each batch labelled (a
+    generator's answers: corrected) as human review would (`labelling`: from the platform's
+    queue, or at random)."""
 
     settings: Settings
     step: Callable[[str], None]
@@ -77,11 +79,12 @@ class Traffic:
                  labelled: bool = True) -> None:
         s = self.settings
         generator = s.training.task(self.model).kind == "causal-lm"
-        app = s.serve.chat if generator else s.serve.support
-        r = send(s.serve.url, "chat" if generator else "support", app.route_prefix, scenario, n,
+        app = generator_app(s, self.model) if generator else "support"
+        r = send(s.serve.url, app, getattr(s.serve, app).route_prefix, scenario, n,
                  seed, fraction, 8, self.labels if labelled else 0.0,
                  s.serve.feedback.route_prefix, token(s), client_context(s.serve.tls),
-                 self.labelling, chat_target(s, self.model) if generator else None, self.model)
+                 self.labelling, generator_target(s, app, self.model) if generator else None,
+                 self.model)
         self.reports.append(r)
         self.step(f"sent {n} {scenario} requests ({r['ok']} ok, {r['failed']} failed, "
                   f"{r['rps']} req/s), {r['feedback']['accepted']} labelled")

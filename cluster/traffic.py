@@ -2,7 +2,8 @@
 pipeline over HTTP, one text per request, from a few concurrent clients, and the feedback human
 review would give (a classifier answer's true label, a generated answer's reference text as its
 correction). For demos, drift drills and smoke tests (`llmops traffic support --scenario
-new-product`, `llmops traffic chat --model rewriter`)."""
+new-product`, `llmops traffic chat --model rewriter`, `llmops traffic support --model
+support-reply`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ QUEUE_PAGE = 500  # the most a page of the label queue holds (its default max_li
 TARGETS = {"support": ("support-tickets", "/route"), "moderation": ("moderation", "/"),
            "chat": (None, "/chat/completions")}
 TENANT = "traffic"  # the tenant generated traffic is charged to
+# applications where every answer holds a generator's, which traffic can correct instead of
+# labelling the classifier's (moderation rewrites only the posts it finds toxic)
+GENERATING = ("chat", "support")
 
 
 def token(settings: Settings) -> str:
@@ -40,40 +44,59 @@ def token(settings: Settings) -> str:
                  ttl_s=24 * 3600)
 
 
-def chat_target(settings: Settings, model: str | None) -> tuple[str, dict[str, float]]:
-    """The generator chat traffic asks (`model`, or the chat application's own) and the
-    dataset and label mix its prompts are drawn from (its task's)."""
+def generator_target(settings: Settings, app: str, model: str | None
+                     ) -> tuple[str, dict[str, float]]:
+    """The generator whose answers `app`'s traffic corrects (chat: `model`, or its own;
+    support: its reply generator) and the dataset and label mix its prompts are drawn from
+    (its task's)."""
     from training.refs import model_name
 
-    model = model or model_name(settings.serve.chat.generator.model)
+    if app not in GENERATING:
+        raise LLMOpsError(f"a generator's answers are corrected through {' or '.join(GENERATING)}"
+                          f" traffic, not {app}'s")
+    own = model_name(getattr(settings.serve, app).generator.model)
+    if app != "chat" and model not in (None, own):
+        raise LLMOpsError(f"{app}'s generator is {own}, not {model}")
+    model = model or own
     task = settings.training.task(model)
     if task.kind != "causal-lm":
-        raise LLMOpsError(f"chat traffic asks a generator; {model} is a {task.kind} model")
+        raise LLMOpsError(f"{app} traffic corrects a generator; {model} is a {task.kind} model")
     return model, {"dataset": task.dataset, "priors": task.label_priors}
 
 
-def judged(settings: Settings, app: str, chat: tuple[str, dict] | None) -> str:
-    """The model whose answers `app`'s traffic gives feedback to: the generator chat asks
-    (`chat_target`), else the application's classifier (the label queue also lists the
+def generator_app(settings: Settings, model: str) -> str:
+    """The application whose traffic drives generator `model`'s loop: support where it writes
+    support's replies and is not chat's own generator, else chat."""
+    from training.refs import model_name
+
+    serve = settings.serve
+    return "support" if model == model_name(serve.support.generator.model) != model_name(
+        serve.chat.generator.model) else "chat"
+
+
+def judged(settings: Settings, app: str, asked: tuple[str, dict] | None) -> str:
+    """The model whose answers `app`'s traffic gives feedback to: the generator it corrects
+    (`generator_target`), else the application's classifier (the label queue also lists the
     answers of its generator, a post's rewrite or a ticket's reply, which take corrections)."""
     from training.refs import model_name
 
-    return chat[0] if chat else model_name(getattr(settings.serve, app).classifier.model)
+    return asked[0] if asked else model_name(getattr(settings.serve, app).classifier.model)
 
 
 def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed: int,
          fraction: float, concurrency: int, feedback: float = 0.0,
          feedback_prefix: str = "/v1/feedback", bearer: str | None = None,
          verify: ssl.SSLContext | bool = True, labelling: str = "queue",
-         chat: tuple[str, dict] | None = None, model: str | None = None) -> dict:
+         generator: tuple[str, dict] | None = None, model: str | None = None) -> dict:
     """Send `n` generated texts (with the `bearer` token; over HTTPS verified by `verify`, as
     `serve_apps.tls.client_context` gives it); the report counts answers by status code and
     gives latency. A `feedback` share of the answered requests then gets its true label
     through the feedback application, as human review would (the labels retraining learns
     from): the ones the platform's queue of pending labels puts first (`labelling` queue), or
-    a seeded random draw (random); the queue is read for `model`'s answers (`judged`). Chat
-    traffic (`chat`: the generator asked and where its prompts come from, `chat_target`) gets
-    corrections instead: each prompt's reference text."""
+    a seeded random draw (random); the queue is read for `model`'s answers (`judged`). Traffic
+    for a `generator` (the one corrected and where its prompts come from, `generator_target`:
+    chat's, or support's reply generator) gets corrections instead: each prompt's reference
+    text."""
     import httpx
 
     if app not in TARGETS:
@@ -84,16 +107,16 @@ def send(base_url: str, app: str, route_prefix: str, scenario: str, n: int, seed
         raise LLMOpsError(f"--feedback is a share between 0 and 1, got {feedback}")
     if labelling not in LABELLING:
         raise LLMOpsError(f"--labelling is one of {', '.join(LABELLING)}, not {labelling!r}")
-    if (app == "chat") != (chat is not None):
-        raise LLMOpsError("chat traffic, and only chat traffic, asks a generator (`chat_target`)")
+    if app == "chat" and generator is None:
+        raise LLMOpsError("chat traffic asks a generator (`generator_target`)")
     dataset, path = TARGETS[app]
-    asked, data = chat or (None, {"dataset": dataset, "priors": None})
+    asked, data = generator or (None, {"dataset": dataset, "priors": None})
     rows = generate(data["dataset"], scenario, n, seed, fraction, priors=data["priors"])
     truth = rows.rewrite if asked else rows.label
 
     def body(text: str) -> dict:
-        return {"model": asked, "messages": [{"role": "user", "content": text}]} if asked \
-            else {"text": text}
+        return {"model": asked, "messages": [{"role": "user", "content": text}]} \
+            if app == "chat" else {"text": text}
 
     url = base_url + route_prefix.rstrip("/") + path
     auth = {"Authorization": f"Bearer {bearer}"} if bearer else {}

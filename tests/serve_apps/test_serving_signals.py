@@ -192,6 +192,25 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     assert report["accepted"] == report["sent"] == 4, report
     wait_for("four labels", lambda: len(read(platform.log_uri, FEEDBACK, since=since)) >= 4, 20)
     assert read(platform.log_uri, FEEDBACK, since=since).request_id.nunique() == 4
+    # `--model support-reply` corrects the replies instead, each with its reference reply
+    since = datetime.now(UTC)
+    sent = llmops_here((platform.env, platform.config), "traffic", "support", "--model",
+                       "support-reply", "--n", "4", "--feedback", "1", "--seed", "5", "--json")
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    report = json.loads(sent.stdout)["feedback"]
+    assert report["accepted"] == report["sent"] == 4, report
+    wait_for("four corrections", lambda: len(read(platform.log_uri, FEEDBACK, since=since)) >= 4,
+             20)
+    fixes = read(platform.log_uri, FEEDBACK, since=since)
+    replies = with_feedback(logged(platform, set(fixes.request_id)), fixes)
+    replies = replies[replies.model == "support-reply"]
+    assert len(replies) == 4 and replies.correction.notna().all(), replies
+    assert set(replies.correction) <= {redact(r).text for r in RESOLUTIONS.values()}
+    for app, model, message in (("moderation", "rewriter", "chat or support traffic"),
+                                ("support", "rewriter", "support's generator is support-reply")):
+        refused = llmops_here((platform.env, platform.config), "traffic", app, "--model", model,
+                              "--n", "1")
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-500:]
     # another tenant cannot label this tenant's request: 404, as for an unknown one
     with pytest.raises(UnknownRequest, match="no logged request"):
         handle.submit.remote({"request_id": third, "label": "spam"}, None, neighbour).result()
