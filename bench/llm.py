@@ -2,10 +2,14 @@
 with continuous batching against one request at a time and one `generate` per batch.
 
     python bench/llm.py --json [--parts train,generate,swap] [--samples 512] [--stage 2]
+                               [--width 1024]
 
 The base is a Llama built from a config (random weights: throughput and sizes do not depend on
-what the weights hold) with a tokenizer trained on the rewriter's corpus, saved as a local model
-folder, the way a user's own base arrives.
+what the weights hold), 4 layers of `--width` (1024: 49.8 M parameters; 512: 13.1 M), with a
+tokenizer trained on the rewriter's corpus, saved as a local model folder, the way a user's own
+base arrives. LoRA's advantage grows with the width: the weight gradients, their all-reduce and
+AdamW that it saves grow with the parameters, the activations it still runs through with the
+tokens.
 
 train: per method, trainable parameters, samples/s measured inside the training loop (start-up
 excluded), the last checkpoint's bytes, and the peak resident memory of a worker; ratios are
@@ -49,14 +53,18 @@ from training.data import generate  # noqa: E402
 from training.finetune import FinetuneSpec, fit  # noqa: E402
 from training.models import build_model, load_tokenizer, train_bpe_tokenizer  # noqa: E402
 
-LLAMA = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 512,
-         "intermediate_size": 1408, "num_attention_heads": 8, "num_key_value_heads": 4,
-         "max_position_embeddings": 256}
+
+def llama(width: int) -> dict:
+    """The tiny Llama of `width`: 4 layers, heads of 64, 2 query heads per KV head, Llama's MLP
+    ratio (1408 at 512 wide)."""
+    return {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": width,
+            "intermediate_size": width * 11 // 4, "num_attention_heads": width // 64,
+            "num_key_value_heads": width // 128, "max_position_embeddings": 256}
 
 
-def base_folder(folder: Path, corpus: list[str]) -> Path:
+def base_folder(folder: Path, corpus: list[str], architecture: dict) -> Path:
     tokenizer = train_bpe_tokenizer(corpus, 2000)
-    build_model(ModelSpec(source="scratch", architecture=LLAMA), "causal-lm", [],
+    build_model(ModelSpec(source="scratch", architecture=architecture), "causal-lm", [],
                 tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -165,6 +173,7 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--width", type=int, default=1024, choices=[256, 512, 768, 1024, 2048])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -172,9 +181,10 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     df = generate("moderation", "base", args.samples, seed=0, priors={"toxic": 1.0})
     parts = set(args.parts.split(","))
-    report: dict = {"model": LLAMA}
+    report: dict = {"model": llama(args.width)}
     with tempfile.TemporaryDirectory() as storage:
-        base = base_folder(Path(storage) / "base", [f"{t} {r}" for t, r in zip(df.text, df.rewrite)])
+        base = base_folder(Path(storage) / "base", [f"{t} {r}" for t, r in zip(df.text, df.rewrite)],
+                           report["model"])
         if "train" in parts:
             report["train"] = training(args, df, base, storage)
         if "generate" in parts:
