@@ -174,10 +174,7 @@ class ChatPipeline(Pipeline):
                     raise
                 out, degraded = self._fallback(exc), True
         await self._record(call, out)
-        student = served_by([out])
-        return Answer([out["text"]], [{"generator": out["model"]}],
-                      out["prompt_tokens"] + out["completion_tokens"],
-                      degraded or student is not None, out, served_by=student)
+        return _answer(out, degraded)
 
     def _fallback(self, error: Exception) -> dict:
         metrics.degraded(type(error).__name__)
@@ -252,11 +249,7 @@ class ChatPipeline(Pipeline):
         out = {"text": text, "model": first["model"], "finish_reason": "stop",
                "prompt_tokens": first["prompt_tokens"], "embedding": first.get("embedding"),
                "completion_tokens": estimate_tokens([text]) if stream else 0}
-        student = served_by([first])
-        answer = await self.policies.leave(call, Answer(
-            [text], [{"generator": first["model"]}], out["prompt_tokens"] +
-            out["completion_tokens"], stream is None or student is not None, out,
-            served_by=student))
+        answer = await self.policies.leave(call, _answer(out, stream is None))
         if hold or stream is None:
             yield content(answer.outputs[0])
         yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
@@ -270,3 +263,13 @@ class ChatPipeline(Pipeline):
         text = call.texts[0]
         await self.log.record(call.request_id, [text], [generated(text, out)], [stages],
                               call.started, tenant=call.principal.tenant)
+
+
+def _answer(out: dict, failed: bool) -> Answer:
+    """A generator's answer `out` (a completion's or a whole stream's) as the call's: degraded
+    where the fallback reply stands in for it (`failed`) or the peak's student wrote it
+    (served by the fallback)."""
+    student = served_by([out])
+    return Answer([out["text"]], [{"generator": out["model"]}],
+                  out["prompt_tokens"] + out["completion_tokens"], failed or student is not None,
+                  out, served_by=student)
