@@ -63,6 +63,16 @@ class ChatRequest(BaseModel):
                 "temperature": self.temperature, "seed": self.seed, "stop": stop}
 
 
+def _answer(out: dict, failed: bool) -> Answer:
+    """A generator's answer `out` (a completion's or a whole stream's) as the call's: degraded
+    where the fallback reply stands in for it (`failed`) or the peak's student wrote it
+    (served by the fallback)."""
+    student = served_by([out])
+    return Answer([out["text"]], [{"generator": out["model"]}],
+                  out["prompt_tokens"] + out["completion_tokens"], failed or student is not None,
+                  out, served_by=student)
+
+
 app = create_app("llmops chat", "OpenAI-compatible chat completions over registered causal LMs.")
 
 
@@ -263,13 +273,3 @@ class ChatPipeline(Pipeline):
         text = call.texts[0]
         await self.log.record(call.request_id, [text], [generated(text, out)], [stages],
                               call.started, tenant=call.principal.tenant)
-
-
-def _answer(out: dict, failed: bool) -> Answer:
-    """A generator's answer `out` (a completion's or a whole stream's) as the call's: degraded
-    where the fallback reply stands in for it (`failed`) or the peak's student wrote it
-    (served by the fallback)."""
-    student = served_by([out])
-    return Answer([out["text"]], [{"generator": out["model"]}],
-                  out["prompt_tokens"] + out["completion_tokens"], failed or student is not None,
-                  out, served_by=student)
