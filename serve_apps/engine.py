@@ -38,7 +38,11 @@ class ContinuousEngine:
     event loop, and their answers equal `LoadedModel.generate`'s for the same text and
     adapter."""
 
-    def __init__(self, loaded: LoadedModel, settings: GenerationConfig):
+    def __init__(self, loaded: LoadedModel, settings: GenerationConfig,
+                 share_prefixes: bool = False):
+        """`share_prefixes`: complete KV pages of a prompt serve later prompts that begin alike
+        (transformers' block sharing). Only where no request names an adapter: a page holds
+        the keys and values one adapter computed, and would answer another's request."""
         from transformers import ContinuousBatchingConfig
         from transformers import GenerationConfig as Generation
 
@@ -57,7 +61,8 @@ class ContinuousEngine:
             continuous_batching_config=ContinuousBatchingConfig(
                 page_size=PAGE, num_blocks=max(1, math.ceil(settings.kv_cache_tokens / PAGE)),
                 max_batch_tokens=settings.max_batch_tokens, return_logprobs=True,
-                use_cuda_graph=False, use_async_batching=False))
+                use_cuda_graph=False, use_async_batching=False,
+                allow_block_sharing=share_prefixes))
         self.hooks = [model.register_forward_pre_hook(self._step_begins, with_kwargs=True),
                       model.register_forward_hook(self._step_ends, always_call=True)]
         self.manager.start()

@@ -106,11 +106,13 @@ class ModelSlot:
             challengers = await asyncio.to_thread(
                 pin_adapters, {name: c.model for name, c in canaries.items()},
                 champion.identity.uri, self.tracking_uri)
+            had_adapters = self.serves_adapters
             self.variants = Variants(champion, challenger, canary, fallback)
             self.adapters = adapters
             self.adapter_canaries = {name: (challengers[name], c) for name, c in canaries.items()}
             self.adapter = user_config.get("adapter")
-            self._retire_engines(generation)
+            self._retire_engines(generation != self.generation
+                                 or had_adapters != self.serves_adapters)
             self.generation = generation
             if self._reporter is None:
                 self._reporter = asyncio.get_running_loop().create_task(self._report_versions())
@@ -122,14 +124,19 @@ class ModelSlot:
         started = self.engines.get(key)
         if started is None or started.done() and (started.cancelled() or started.exception()):
             started = self.engines[key] = asyncio.ensure_future(asyncio.to_thread(
-                ContinuousEngine, model, self.generation))
+                ContinuousEngine, model, self.generation, not self.serves_adapters))
         return await asyncio.shield(started)
 
-    def _retire_engines(self, generation: GenerationConfig) -> None:
-        """Close the engines of models no longer served (or all, when their settings changed),
+    @property
+    def serves_adapters(self) -> bool:
+        return bool(self.adapters or self.adapter_canaries)
+
+    def _retire_engines(self, changed: bool) -> None:
+        """Close the engines of models no longer served (or all, when their settings `changed`:
+        the generation's, or adapters came or went, `ContinuousEngine`'s `share_prefixes`),
         each once its requests have ended."""
         held = {id(m.model) for m in self.variants.held()}
-        for key in [k for k in self.engines if k not in held or generation != self.generation]:
+        for key in [k for k in self.engines if k not in held or changed]:
             self.engines.pop(key).add_done_callback(_close_engine)
 
     async def _report_versions(self, every_s: float = 5.0) -> None:

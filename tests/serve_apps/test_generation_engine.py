@@ -185,6 +185,35 @@ def test_the_continuous_batch_answers_each_request_by_its_own_adapter(wide_lm):
     assert not any("lora" in name for name, _ in base.model.named_modules())
 
 
+def test_a_long_prompts_cache_pages_never_answer_another_adapters_request(wide_lm):
+    """A prompt longer than a KV page (256 tokens) leaves complete pages that transformers
+    shares with later prompts beginning alike; a page holds the keys and values one adapter
+    computed. A generator serving adapters shares none, so the same long prompt gets the base's
+    answer after the adapter's and the adapter's after the base's; one serving the base alone
+    shares them (the same answers, from the cache)."""
+    base = LoadedModel(wide_lm.identity, _fresh(wide_lm.model), wide_lm.tokenizer, wide_lm.meta)
+    adapter = _lora(base.model, 1)[0]
+    text = " ".join(f"message {i}" for i in range(150))
+    assert base.prompt_tokens(text) > 300
+    want = {name: base.generate([text], 6, 0.0, 0, [], adapters=[a])[0]["text"]
+            for name, a in (("adapter", adapter), ("base", None))}
+    assert want["adapter"] != want["base"]
+
+    async def use(slot: ModelSlot, order: list) -> tuple[list, bool]:
+        engine = await slot.engine(base)
+        try:
+            return ([(await engine.generate(text, 6, [], a))["text"] for a in order],
+                    engine.manager.batch_processor.cache.use_prefix_sharing)
+        finally:
+            await engine.close()
+
+    serving = ModelSlot(None, Variants(base), adapters={"a": adapter.identity})
+    got, shared = asyncio.run(use(serving, [adapter, None, adapter]))
+    assert got == [want["adapter"], want["base"], want["adapter"]] and not shared
+    got, shared = asyncio.run(use(ModelSlot(None, Variants(base)), [None, None]))
+    assert got == [want["base"]] * 2 and shared
+
+
 def test_at_a_peak_a_generators_student_answers_in_the_continuous_batch(wide_lm):
     """A generator with a distilled student (`fallback`): a request a pipeline sends at a peak
     is answered by the student, as the student alone answers it, and says so; others by the
