@@ -27,6 +27,7 @@ from serve_apps.slot import CHALLENGER_VARIANT, CHAMPION_VARIANT, ModelSlot, ans
 from training.refs import UnknownModel, resolve
 
 MAX_ADAPTERS = ModelDeploymentConfig.model_fields["max_adapters"].default
+EMBED_BATCH, EMBED_WAIT_S = 16, 0.01  # a generator's prompt embeddings (`Generator._embed`)
 
 
 class _ModelDeployment:
@@ -37,6 +38,10 @@ class _ModelDeployment:
         self.slot = ModelSlot(tracking_uri)
 
     async def reconfigure(self, user_config: dict) -> None:
+        if user_config.get("threads"):
+            import torch
+
+            torch.set_num_threads(user_config["threads"])
         await self.slot.configure(user_config)
         batching = user_config.get("batching") or {}
         if batching:
@@ -58,9 +63,10 @@ class _ModelDeployment:
     def identity(self) -> dict:
         """The versions this replica serves now, and where it runs."""
         import ray
+        import torch
 
         return {**self.slot.identities(), "device": str(device()),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "threads": torch.get_num_threads()}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -187,14 +193,33 @@ class Generator(_ModelDeployment):
         outs = await asyncio.gather(*(engine.generate(it.text, p["max_new_tokens"], p["stop"],
                                                       it.adapter) for it in items),
                                     return_exceptions=True)
-        return await asyncio.to_thread(_embedded, model, items, outs)
+        asked = _asked(items, outs)
+        return _embedded(outs, asked, await asyncio.gather(
+            *(self._embed(model, items[i].text) for i in asked)))
+
+    @serve.batch(max_batch_size=EMBED_BATCH, batch_wait_timeout_s=EMBED_WAIT_S)
+    async def _embed(self, models: list[LoadedModel], texts: list[str]) -> list[list[float]]:
+        """The prompt embeddings of concurrent requests (answers of the continuous batch end at
+        different steps, streams start one by one), one forward pass per model: a pass reads
+        all of the model's weights, so one prompt costs about what a dozen do, and it holds
+        the model's lock, which the continuous batch's steps wait for."""
+        vectors: list = [None] * len(texts)
+        for model in {id(m): m for m in models}.values():
+            at = [i for i, m in enumerate(models) if m is model]
+            for i, v in zip(at, await asyncio.to_thread(model.embed_prompts,
+                                                        [texts[i] for i in at])):
+                vectors[i] = v
+        return vectors
 
     @staticmethod
     def run_batch(model: LoadedModel, items: list[Item], params: tuple) -> list[dict]:
         _check_bases(model, items)
         outs = model.generate([it.text for it in items], **{k: v for k, v in params if k != "salt"},
                               adapters=[it.adapter for it in items])
-        return _embedded(model, items, [{**out, "batch_size": len(items)} for out in outs])
+        outs = [{**out, "batch_size": len(items)} for out in outs]
+        asked = _asked(items, outs)
+        return _embedded(outs, asked, model.embed_prompts([items[i].text for i in asked])
+                         if asked else [])
 
     async def stream(self, text: str, request_id: str, model: str | None = None,
                      embed: bool = False, fallback: bool = False, **options
@@ -209,8 +234,7 @@ class Generator(_ModelDeployment):
         loaded = self.slot.variants.model(variant)
         head = {"model": answered_by(loaded, adapter, side or variant),
                 "prompt_tokens": loaded.prompt_tokens(text),
-                "embedding": (await asyncio.to_thread(loaded.embed_prompts, [text]))[0]
-                if embed else None}
+                "embedding": await self._embed(loaded, text) if embed else None}
         if self.continuous(params):
             engine = await self.slot.engine(loaded)
             yield head
@@ -237,13 +261,12 @@ def _check_bases(model: LoadedModel, items: list[Item]) -> None:
             check_base(it.adapter.identity, model.identity.uri)
 
 
-def _embedded(model: LoadedModel, items: list[Item], outs: list) -> list:
-    """`outs` (answers, or exceptions in their place) with the prompt embeddings of the items
-    that asked for them (`Item.embed`): one forward pass for all of them."""
-    asked = [i for i, it in enumerate(items) if it.embed and not isinstance(outs[i], Exception)]
-    if not asked:
-        return outs
-    vectors = dict(zip(asked, model.embed_prompts([items[i].text for i in asked])))
-    return [{**out, "embedding": vectors[i]} if i in vectors else out
-            for i, out in enumerate(outs)]
+def _asked(items: list[Item], outs: list) -> list[int]:
+    """Where the items that asked for their prompt's embedding (`Item.embed`) were answered."""
+    return [i for i, it in enumerate(items) if it.embed and not isinstance(outs[i], Exception)]
 
+
+def _embedded(outs: list, asked: list[int], vectors: list) -> list:
+    """`outs` (answers, or exceptions in their place) with the embeddings of `asked`."""
+    at = dict(zip(asked, vectors))
+    return [{**out, "embedding": at[i]} if i in at else out for i, out in enumerate(outs)]

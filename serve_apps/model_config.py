@@ -45,6 +45,12 @@ class ResourcesConfig(StrictModel):
     num_cpus: float = Field(0.25, gt=0)
     num_gpus: float = Field(0.25, ge=0, le=8)
     memory_mb: int | None = Field(None, ge=1)
+    threads: int | None = Field(
+        None, ge=1, le=512, description="torch's threads for the replica's forward passes "
+        "(empty: what Ray sets, the whole CPUs of num_cpus and at least 1; inline: the pipeline "
+        "replica's). A generator's continuous batch runs one forward pass at a time, so where "
+        "its neighbours leave cores idle, more threads answer sooner; past the idle cores they "
+        "take turns with the other replicas")
 
 
 class CanaryConfig(StrictModel):
@@ -189,5 +195,6 @@ class ModelDeploymentConfig(StrictModel):
                 "canary": canary.model_dump() if canary else None,
                 **({"fallback": fallback.model_dump()} if fallback else {}),
                 "generation": self.generation_config.model_dump(),
+                **({"threads": self.resources.threads} if self.resources.threads else {}),
                 **({"adapters": adapters, "adapter": self.adapter,
                     "max_adapters": self.max_adapters} if self.adapters else {})}

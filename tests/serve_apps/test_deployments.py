@@ -119,6 +119,8 @@ def test_inline_stages_answer_like_their_deployment_handles(ray_session, tiny_lm
     """Deployment classes inside the pipeline replica, called as their handles would be: loaded
     by the pipeline's `reconfigure()`, awaited answers (sync methods too, raising when awaited),
     a stream its caller can cancel. (`identity()` reads the replica's GPUs from Ray.)"""
+    import torch
+
     from serve_apps.stages import Stages
 
     encoder = Stages({"Encoder": None}, None)
@@ -126,9 +128,15 @@ def test_inline_stages_answer_like_their_deployment_handles(ray_session, tiny_lm
     generator.model.slot.variants = Variants(tiny_lm)  # what reconfigure() would load
 
     async def use() -> tuple:
-        await encoder.reconfigure({"models": {"Encoder": {"model": "all-MiniLM-L6-v2"}}})
-        embedded = await encoder["Encoder"].predict_many.remote([Item("hello", "r1")])
-        identity = await encoder["Encoder"].identity.remote()
+        threads = torch.get_num_threads()
+        try:  # `resources.threads`: the replica's (here the pipeline's) forward passes
+            await encoder.reconfigure({"models": {"Encoder": {"model": "all-MiniLM-L6-v2",
+                                                              "threads": threads + 1}}})
+            embedded = await encoder["Encoder"].predict_many.remote([Item("hello", "r1")])
+            identity = await encoder["Encoder"].identity.remote()
+        finally:
+            torch.set_num_threads(threads)
+        assert identity["threads"] == threads + 1
         refused = generator.params.remote(seed=-1)  # raises when awaited, as a handle's would
         with pytest.raises(InvalidRequest, match="32-bit"):
             await refused
@@ -158,7 +166,7 @@ def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
     cfg = ServeConfig.model_validate({"support": {
         "autoscaling": {"min_replicas": 1, "max_replicas": 3},
         "encoder": {"model": "all-MiniLM-L6-v2", "placement": "replica",
-                    "resources": {"num_cpus": 0.5, "memory_mb": 100}}}})
+                    "resources": {"num_cpus": 0.5, "memory_mb": 100, "threads": 3}}}})
     default = app_deployments("support", ServeConfig().support, 0.1, False, None,
                               pin_models=False)  # `auto`: a generator keeps a process of its own
     assert set(default) == {"SupportPipeline", "Generator"}
@@ -171,6 +179,9 @@ def test_placement_puts_cpu_models_inline_and_gpu_models_in_replicas():
     assert pipeline["ray_actor_options"]["num_cpus"] == pytest.approx(0.1 + 0.25 + 0.25)
     assert pipeline["autoscaling_config"]["max_replicas"] == 3  # the inline models scale with it
     assert cpu["Encoder"]["ray_actor_options"]["memory"] == 100 * 2**20
+    # torch's threads: set by the replica's reconfigure (in place), Ray's where unset
+    assert cpu["Encoder"]["user_config"]["threads"] == 3
+    assert "threads" not in default["Generator"]["user_config"]
     gpu = app_deployments("support", ServeConfig().support, 0.1, True, None, pin_models=False)
     assert set(gpu) == {"SupportPipeline", "Classifier", "Encoder", "Generator"}
     # what changes in place is in the pipeline's user_config and options, never in its args
