@@ -27,11 +27,13 @@ and only each answer's own tokens count. Twice: by the base alone, and by two Lo
 
 swap: the base registered, two LoRA adapter versions on it (random weights, registered as a
 LoRA fine-tune registers one), the chat application serving the adapter by name from one
-generator replica; `--callers` HTTP clients ask for the adapter while its alias moves to the
-second version and `llmops swap` pins it. Reported: failed requests, p99 before / during / after
-the command, the command's seconds, when the first answer by the new version arrived (after
-the command began, and after it returned: the new adapter loads on first use), and old answers
-after the command returned.
+generator replica (`--threads`: its torch threads, `resources.threads`); `--callers` HTTP
+clients ask for the adapter while its alias moves to the second version and `llmops swap` pins
+it. Reported: failed requests, p99 before / during / after the command, the command's seconds,
+when the first answer by the new version arrived (after the command began, and after it
+returned: the new adapter loads on first use), when the switch happened as the callers saw it
+(the first request the new version answered and the last the old one did, by when they were
+sent), and old answers after the command returned.
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="train,generate,swap")
     parser.add_argument("--callers", type=int, default=8, help="HTTP clients during the swap")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch's threads in the swap's generator replica (resources.threads)")
     parser.add_argument("--phase", type=float, default=8.0, help="seconds before and after it")
     parser.add_argument("--port", type=int, default=8031)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -291,6 +295,7 @@ def adapter_swap(args, base: Path, storage: Path) -> dict:
         "advisor": {"enabled": False},
         "chat": {"generator": {"model": "models:/rewriter@champion", "placement": "replica",
                                "adapters": {"toxic-a": "models:/rewriter-a@champion"},
+                               "resources": {"threads": args.threads},
                                "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}})
     cluster = start_ray(settings)
     cluster.deploy(serve_config(config, registry.tracking_uri, False,

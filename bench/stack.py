@@ -292,11 +292,17 @@ async def swap_under_load(url: str, body: Callable[[int], dict], version_of: Cal
     during = [r for r in log if r[0] < returned and r[1] >= begun]
     after = [r for r in log if r[0] >= returned]
     first = min((e for _, e, _, v in log if v == new), default=None)
+    sent_new = min((s for s, _, _, v in log if v == new), default=None)
+    sent_old = max((s for s, _, _, v in log if v is not None and v != new), default=None)
     return {"requests": len(log), "failed": sum(1 for r in log if r[2] != 200),
             "requests_during": len(during),
             "p99_ms": {"before": p99(before), "during": p99(during), "after": p99(after)},
             "swap_command_s": round(returned - begun, 2),
             "first_new_answer_after_begin_s": round(first - begun, 2) if first else None,
             "first_new_answer_after_return_s": round(first - returned, 2) if first else None,
+            # when the switch happened as callers saw it: the first request the new version
+            # answered, and the last the old one did, by when they were sent (from the begin)
+            "first_new_request_sent_s": round(sent_new - begun, 2) if sent_new else None,
+            "last_old_request_sent_s": round(sent_old - begun, 2) if sent_old else None,
             "old_answers_after_return": sum(1 for r in after if r[3] != new),
             "versions_seen": sorted({r[3] for r in log if r[3]}), "result": result}

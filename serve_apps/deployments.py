@@ -191,23 +191,24 @@ class Generator(_ModelDeployment):
         _check_bases(model, items)
         engine, p = await self.slot.engine(model), dict(params)
         outs = await asyncio.gather(*(engine.generate(it.text, p["max_new_tokens"], p["stop"],
-                                                      it.adapter) for it in items),
+                                                      it.adapter, it.embed) for it in items),
                                     return_exceptions=True)
-        asked = _asked(items, outs)
-        return _embedded(outs, asked, await asyncio.gather(
-            *(self._embed(model, items[i].text) for i in asked)))
+        # the prefill pooled most prompts' embeddings; the rest (cut, or a shared prefix) here
+        missed = [i for i in _asked(items, outs) if "embedding" not in outs[i]]
+        return _embedded(outs, missed, await asyncio.gather(
+            *(self._embed(model, items[i].text, items[i].adapter) for i in missed)))
 
     @serve.batch(max_batch_size=EMBED_BATCH, batch_wait_timeout_s=EMBED_WAIT_S)
-    async def _embed(self, models: list[LoadedModel], texts: list[str]) -> list[list[float]]:
-        """The prompt embeddings of concurrent requests (answers of the continuous batch end at
-        different steps, streams start one by one), one forward pass per model: a pass reads
-        all of the model's weights, so one prompt costs about what a dozen do, and it holds
-        the model's lock, which the continuous batch's steps wait for."""
+    async def _embed(self, models: list[LoadedModel], texts: list[str],
+                     adapters: list[Adapter | None]) -> list[list[float]]:
+        """The prompt embeddings of concurrent requests that the continuous batch's prefill did
+        not give (streams, cut prompts), one forward pass per model: it holds the model's lock,
+        which the continuous batch's steps wait for."""
         vectors: list = [None] * len(texts)
         for model in {id(m): m for m in models}.values():
             at = [i for i, m in enumerate(models) if m is model]
-            for i, v in zip(at, await asyncio.to_thread(model.embed_prompts,
-                                                        [texts[i] for i in at])):
+            for i, v in zip(at, await asyncio.to_thread(
+                    model.embed_prompts, [texts[i] for i in at], [adapters[i] for i in at])):
                 vectors[i] = v
         return vectors
 
@@ -218,7 +219,8 @@ class Generator(_ModelDeployment):
                               adapters=[it.adapter for it in items])
         outs = [{**out, "batch_size": len(items)} for out in outs]
         asked = _asked(items, outs)
-        return _embedded(outs, asked, model.embed_prompts([items[i].text for i in asked])
+        return _embedded(outs, asked, model.embed_prompts([items[i].text for i in asked],
+                                                          [items[i].adapter for i in asked])
                          if asked else [])
 
     async def stream(self, text: str, request_id: str, model: str | None = None,
@@ -234,7 +236,7 @@ class Generator(_ModelDeployment):
         loaded = self.slot.variants.model(variant)
         head = {"model": answered_by(loaded, adapter, side or variant),
                 "prompt_tokens": loaded.prompt_tokens(text),
-                "embedding": await self._embed(loaded, text) if embed else None}
+                "embedding": await self._embed(loaded, text, adapter) if embed else None}
         if self.continuous(params):
             engine = await self.slot.engine(loaded)
             yield head

@@ -46,8 +46,11 @@ class ContinuousEngine:
         from transformers import ContinuousBatchingConfig
         from transformers import GenerationConfig as Generation
 
+        from training.features import embedded_tokens
+
         model, tokenizer = loaded.model, loaded.tokenizer
         self.loaded = loaded
+        self.embed_length = embedded_tokens(model.config, loaded.meta.get("max_length"))
         self.tokenizer = copy.deepcopy(tokenizer)  # used on the event loop alone: no shared state
         self.model_config = model.config
         self.adapters: dict[str, Adapter] = {}  # by engine request id: requests that have one
@@ -63,8 +66,12 @@ class ContinuousEngine:
                 max_batch_tokens=settings.max_batch_tokens, return_logprobs=True,
                 use_cuda_graph=False, use_async_batching=False,
                 allow_block_sharing=share_prefixes))
+        self.pooled: dict[str, _Pooled] = {}  # by engine request id: prompts being embedded
+        self.step: list[tuple[str, int, int]] = []  # the step's (request id, first position, tokens)
+        decoder = model.base_model  # its output's last hidden states are what prompts pool
         self.hooks = [model.register_forward_pre_hook(self._step_begins, with_kwargs=True),
-                      model.register_forward_hook(self._step_ends, always_call=True)]
+                      model.register_forward_hook(self._step_ends, always_call=True),
+                      *([decoder.register_forward_hook(self._pool)] if decoder is not model else [])]
         self.manager.start()
         self.ids = itertools.count()
         self.active = 0  # requests in the engine now
@@ -85,25 +92,49 @@ class ContinuousEngine:
             tokens = [name for r, name in zip(requests, names) for _ in range(r.query_length)]
             padding = kwargs["input_ids"].shape[1] - len(tokens)
             self.routed = host.per_token(tokens + [BASE_ROW] * padding)
+        if self.pooled:  # where each request's tokens sit in the step's row, and from which position
+            positions, at = kwargs["position_ids"][0].tolist(), 0
+            for r in requests:
+                self.step.append((r.state.request_id, positions[at], r.query_length))
+                at += r.query_length
 
+    def _pool(self, _decoder, _args, output) -> None:
+        """A step's last hidden states, summed over the prompt tokens of the requests that asked
+        for their prompt's embedding: the prefill computes them anyway, so the embedding costs
+        no forward pass of its own. A prompt's positions count only in order from 0, each once
+        (a prefill split across steps adds up; one that restarts, or skips a shared prefix,
+        leaves the sum incomplete, and the caller embeds the prompt itself)."""
+        hidden = getattr(output, "last_hidden_state", None)
+        if self.stepping != threading.get_ident() or not self.step or hidden is None:
+            return
+        hidden, at = hidden[0], 0
+        for rid, first, count in self.step:
+            pooled = self.pooled.get(rid)
+            if pooled is not None and first == pooled.seen < pooled.length:
+                n = min(count, pooled.length - first)
+                pooled.total = pooled.total + hidden[at:at + n].float().sum(0)
+                pooled.seen += n
+            at += count
     def _step_ends(self, _model, _args, _output) -> None:
         if self.stepping != threading.get_ident():
             return
         for handle in self.routed:
             handle.remove()
-        self.routed, self.stepping = [], None
+        self.routed, self.step, self.stepping = [], [], None
         self.loaded.lock.release()
 
-    def _submit(self, text: str, max_new_tokens: int, streaming: bool, adapter: Adapter | None
-                ) -> tuple[str, asyncio.Queue, int]:
+    def _submit(self, text: str, max_new_tokens: int, streaming: bool, adapter: Adapter | None,
+                embed: bool = False) -> tuple[str, asyncio.Queue, int]:
         from training.models import prompt_of, token_budget
 
         limit, max_new_tokens = token_budget(self.model_config, max_new_tokens)
-        prompt = self.tokenizer(prompt_of(self.tokenizer, text),
-                                add_special_tokens=False)["input_ids"][-limit:]
+        whole = self.tokenizer(prompt_of(self.tokenizer, text), add_special_tokens=False)["input_ids"]
+        prompt = whole[-limit:]
         rid, outputs = f"g{next(self.ids)}", asyncio.Queue()
         if adapter is not None:
             self.adapters[rid] = adapter
+        if embed and len(whole) <= min(limit, self.embed_length):  # as prompt_embeddings reads it
+            self.pooled[rid] = _Pooled(len(prompt))
         self.manager.register_result_handler(rid, outputs.put_nowait)
         self.manager.add_request(prompt, request_id=rid, max_new_tokens=max_new_tokens,
                                  streaming=streaming)
@@ -111,22 +142,25 @@ class ContinuousEngine:
         return rid, outputs, len(prompt)
 
     async def generate(self, text: str, max_new_tokens: int, stop: Sequence[str],
-                       adapter: Adapter | None = None) -> dict:
+                       adapter: Adapter | None = None, embed: bool = False) -> dict:
         """The answer to `text` by `adapter` (None: the base), as `LoadedModel.generate` gives
-        it."""
-        rid, outputs, prompt_tokens = self._submit(text, max_new_tokens, False, adapter)
+        it; with `embed`, also its prompt's embedding by the model that answered (as
+        `LoadedModel.embed_prompts` gives it) where the prefill gave all of it (else none)."""
+        rid, outputs, prompt_tokens = self._submit(text, max_new_tokens, False, adapter, embed)
         done = False
         try:
             out = _checked(await outputs.get())
             done = True
         finally:
+            pooled = self.pooled.pop(rid, None)
             self._leave(rid, done)
         answer = finished(self._decode(out.generated_tokens).strip(),
                           round(math.exp(min(out.logprobs, default=0.0)), 6), stop)
         return {**answer, "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(self.tokenizer(answer["text"],
                                                         add_special_tokens=False)["input_ids"]),
-                "batch_size": self.active + 1}
+                "batch_size": self.active + 1,
+                **({"embedding": pooled.embedding()} if pooled and pooled.complete else {})}
 
     async def stream(self, text: str, max_new_tokens: int, stop: Sequence[str],
                      piece_timeout_s: float, adapter: Adapter | None = None
@@ -169,6 +203,22 @@ class ContinuousEngine:
         await asyncio.to_thread(self.manager.stop, block=True)
         for hook in self.hooks:
             hook.remove()
+
+
+class _Pooled:
+    """A prompt's last hidden states summed as its prefill runs."""
+
+    def __init__(self, length: int):
+        self.length, self.seen, self.total = length, 0, 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == self.length > 0
+
+    def embedding(self) -> list[float]:
+        from training.features import projected
+
+        return projected((self.total / self.length).unsqueeze(0))[0].tolist()
 
 
 def _checked(out):

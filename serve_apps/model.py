@@ -123,13 +123,15 @@ class LoadedModel:
                                       prepare), stop)
 
     @_one_at_a_time
-    def embed_prompts(self, texts: Sequence[str]) -> list[list[float]]:
-        """A generator's embedding of each prompt (`training.features.prompt_embeddings`, by
-        the base: adapters attached for other requests are off for these rows), which the
-        chat log keeps for its drift checks."""
+    def embed_prompts(self, texts: Sequence[str], adapters: Sequence | None = None
+                      ) -> list[list[float]]:
+        """A generator's embedding of each prompt (`training.features.prompt_embeddings`) by
+        the model that answers it: the base, or its adapter (`adapters[i]`, None: the base), as
+        the adapter's registered profile embeds its prompts; the chat log keeps it for drift
+        checks."""
         from training.features import prompt_embeddings
 
-        module, names = self.adapters.prepare(self.model, [None] * len(texts))
+        module, names = self.adapters.prepare(self.model, adapters or [None] * len(texts))
         return prompt_embeddings(module, self.tokenizer, texts, self.meta.get("max_length"),
                                  **({"adapter_names": names} if names else {})).tolist()
 

@@ -83,13 +83,11 @@ def prompt_embeddings(model, tokenizer, texts: Sequence[str], max_length: int | 
     more arguments of the model's forward (a PEFT model's `adapter_names`)."""
     import torch
 
-    from training.models import projection, prompt_of
+    from training.models import prompt_of
 
     out = []
     device = next(model.parameters()).device
-    config = model.config
-    max_length = max_length or getattr(config, "max_position_embeddings", None) \
-        or getattr(config, "n_positions", 512)
+    max_length = embedded_tokens(model.config, max_length)
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             enc = tokenizer([prompt_of(tokenizer, t) for t in texts[i:i + batch_size]],
@@ -100,10 +98,23 @@ def prompt_embeddings(model, tokenizer, texts: Sequence[str], max_length: int | 
                            output_hidden_states=True, **{k: v[i:i + batch_size] for k, v in
                                                          forward.items()}).hidden_states[-1]
             weights = mask.unsqueeze(-1).float()
-            pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
-            out.append((pooled @ projection(pooled.shape[-1], EMBEDDING_DIMS).to(device))
-                       .cpu().numpy())
+            out.append(projected((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)))
     return np.concatenate(out) if out else np.zeros((0, EMBEDDING_DIMS), np.float32)
+
+
+def embedded_tokens(config, max_length: int | None) -> int:
+    """How much of a prompt `prompt_embeddings` reads: its first `max_length` tokens (None: the
+    positions the model has)."""
+    return max_length or getattr(config, "max_position_embeddings", None) \
+        or getattr(config, "n_positions", 512)
+
+
+def projected(pooled) -> np.ndarray:
+    """Mean-pooled last hidden states (rows) as `prompt_embeddings` gives them: projected to
+    `EMBEDDING_DIMS` numbers (a generator's continuous batch pools its prefills with this)."""
+    from training.models import projection
+
+    return (pooled @ projection(pooled.shape[-1], EMBEDDING_DIMS).to(pooled.device)).cpu().numpy()
 
 
 def generation_profile(task_model, df: pd.DataFrame, rows: int = 500, seed: int = 0

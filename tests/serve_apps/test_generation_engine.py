@@ -185,6 +185,34 @@ def test_the_continuous_batch_answers_each_request_by_its_own_adapter(wide_lm):
     assert not any("lora" in name for name, _ in base.model.named_modules())
 
 
+def test_the_prefill_gives_each_prompts_embedding_by_the_model_that_answers(wide_lm):
+    """A request that asks for its prompt's embedding (the chat log's, for drift checks) gets
+    what `embed_prompts` gives by the base or by its adapter, pooled from the prefill of the
+    continuous batch (prompts split across steps too), beside requests that ask for none; a
+    prompt longer than the model reads whole gets none (its caller embeds it)."""
+    base = LoadedModel(wide_lm.identity, _fresh(wide_lm.model), wide_lm.tokenizer,
+                       {**wide_lm.meta, "max_length": 120})
+    adapter = _lora(base.model, 3)[0]
+    texts = [" ".join(f"message {i} word" for i in range(n)) for n in (1, 9, 2, 30)]
+    picks = [None, adapter, adapter, None]
+    assert 64 < base.prompt_tokens(texts[1]) <= 120 < base.prompt_tokens(texts[3])
+    want = [base.embed_prompts([t], [a])[0] for t, a in zip(texts, picks)]
+    assert max(abs(x - y) for x, y in zip(want[1], base.embed_prompts([texts[1]])[0])) > 1e-3
+
+    async def use():
+        engine = ContinuousEngine(base, GenerationConfig(max_batch_tokens=64, kv_cache_tokens=2048))
+        try:
+            return await asyncio.gather(*(engine.generate(t, 5, [], a, embed=i != 2)
+                                          for i, (t, a) in enumerate(zip(texts, picks))))
+        finally:
+            await engine.close()
+
+    got = asyncio.run(use())
+    for i in (0, 1):
+        assert got[i]["embedding"] == pytest.approx(want[i], abs=1e-4)
+    assert "embedding" not in got[2] and "embedding" not in got[3]
+
+
 def test_a_long_prompts_cache_pages_never_answer_another_adapters_request(wide_lm):
     """A prompt longer than a KV page (256 tokens) leaves complete pages that transformers
     shares with later prompts beginning alike; a page holds the keys and values one adapter
