@@ -235,15 +235,20 @@ class Generator(_ModelDeployment):
                                                    fallback=fallback))
         loaded = self.slot.variants.model(variant)
         head = {"model": answered_by(loaded, adapter, side or variant),
-                "prompt_tokens": loaded.prompt_tokens(text),
-                "embedding": await self._embed(loaded, text, adapter) if embed else None}
-        if self.continuous(params):
+                "prompt_tokens": loaded.prompt_tokens(text), "embedding": None}
+        if self.continuous(params):  # the head once the prefill has given the embedding
             engine = await self.slot.engine(loaded)
+            pieces = engine.stream(text, p["max_new_tokens"], p["stop"],
+                                   self.slot.generation.piece_timeout_s, adapter, embed)
+            if embed:
+                head["embedding"] = await anext(pieces, None) \
+                    or await self._embed(loaded, text, adapter)
             yield head
-            async for piece in engine.stream(text, p["max_new_tokens"], p["stop"],
-                                             self.slot.generation.piece_timeout_s, adapter):
+            async for piece in pieces:
                 yield {"text": piece}
             return
+        if embed:
+            head["embedding"] = await self._embed(loaded, text, adapter)
         cancel = threading.Event()  # set when the caller leaves: the generation stops
         try:
             pieces = await asyncio.to_thread(loaded.stream, text, **p, cancel=cancel,

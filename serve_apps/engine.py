@@ -163,11 +163,13 @@ class ContinuousEngine:
                 **({"embedding": pooled.embedding()} if pooled and pooled.complete else {})}
 
     async def stream(self, text: str, max_new_tokens: int, stop: Sequence[str],
-                     piece_timeout_s: float, adapter: Adapter | None = None
-                     ) -> AsyncIterator[str]:
-        """Pieces of `generate`'s answer as its tokens are generated; leaving early (or a piece
-        slower than `piece_timeout_s`, `TimeoutError`) takes the request out of the engine."""
-        rid, outputs, _ = self._submit(text, max_new_tokens, True, adapter)
+                     piece_timeout_s: float, adapter: Adapter | None = None, embed: bool = False
+                     ) -> AsyncIterator:
+        """Pieces of `generate`'s answer as its tokens are generated; with `embed`, first the
+        prompt's embedding as `generate` gives it (None where the prefill gave none), once the
+        prefill has run. Leaving early (or a piece slower than `piece_timeout_s`,
+        `TimeoutError`) takes the request out of the engine."""
+        rid, outputs, _ = self._submit(text, max_new_tokens, True, adapter, embed)
         trim, decoded, done = StopTrimmer(stop), "", False
         try:
             while not (done or trim.stopped):
@@ -175,6 +177,9 @@ class ContinuousEngine:
                     out = _checked(await asyncio.wait_for(outputs.get(), piece_timeout_s))
                 except TimeoutError:
                     raise TimeoutError(f"no generated piece within {piece_timeout_s} s") from None
+                if embed:  # the first token came out of the prefill's last step
+                    pooled, embed = self.pooled.pop(rid, None), False
+                    yield pooled.embedding() if pooled and pooled.complete else None
                 done = out.is_finished()
                 text_now = self._decode(out.generated_tokens)
                 if text_now.endswith("\ufffd") and not done:
@@ -185,6 +190,7 @@ class ContinuousEngine:
             if rest := trim.end():
                 yield rest
         finally:
+            self.pooled.pop(rid, None)
             self._leave(rid, done)
 
     def _decode(self, tokens: list[int]) -> str:

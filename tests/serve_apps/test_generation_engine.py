@@ -202,15 +202,23 @@ def test_the_prefill_gives_each_prompts_embedding_by_the_model_that_answers(wide
     async def use():
         engine = ContinuousEngine(base, GenerationConfig(max_batch_tokens=64, kv_cache_tokens=2048))
         try:
-            return await asyncio.gather(*(engine.generate(t, 5, [], a, embed=i != 2)
-                                          for i, (t, a) in enumerate(zip(texts, picks))))
+            got = await asyncio.gather(*(engine.generate(t, 5, [], a, embed=i != 2)
+                                         for i, (t, a) in enumerate(zip(texts, picks))))
+            streams = []
+            for i in (1, 3):
+                streams.append([p async for p in engine.stream(texts[i], 5, [], 30, picks[i],
+                                                               embed=True)])
+            return got, streams, engine.pooled
         finally:
             await engine.close()
 
-    got = asyncio.run(use())
+    got, streams, left = asyncio.run(use())
     for i in (0, 1):
         assert got[i]["embedding"] == pytest.approx(want[i], abs=1e-4)
     assert "embedding" not in got[2] and "embedding" not in got[3]
+    # a stream: the embedding first (none for the prompt it cannot read whole), then the answer
+    assert streams[0][0] == pytest.approx(want[1], abs=1e-4) and streams[1][0] is None
+    assert ["".join(s[1:]) for s in streams] == [got[1]["text"], got[3]["text"]] and not left
 
 
 def test_a_long_prompts_cache_pages_never_answer_another_adapters_request(wide_lm):

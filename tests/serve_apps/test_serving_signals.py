@@ -89,12 +89,16 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
         "model": "rewriter", "messages": [{"role": "user", "content": texts[0]}],
         "max_tokens": 8}, timeout=60).json()
     chat = chatted["llmops"]["request_id"]
+    streamed = httpx.post(f"{platform.url}/v1/chat/completions", headers=platform.auth, json={
+        "model": "rewriter", "messages": [{"role": "user", "content": texts[0]}],
+        "max_tokens": 8, "stream": True}, timeout=60)
+    stream = json.loads(streamed.text.split("data: ", 2)[1])["llmops"]["request_id"]
     many, third = multi["request_id"], ids[3]
-    log = logged(platform, {*ids, many, chat})
+    log = logged(platform, {*ids, many, chat, stream})
     # N requests in, N records out (one per text), and one more per generated answer a
     # classifier's decision led to (a rewritten post's rewrite, a ticket's reply): the
     # generator's answer, logged (redacted) with its prompt's embedding
-    assert len(log) == len(texts) + 4 + len(rewritten) + 3
+    assert len(log) == len(texts) + 5 + len(rewritten) + 3
     rewrites = log[(log.application == "moderation") & (log.model == "rewriter")]
     assert set(rewrites.request_id) == set(rewritten)
     assert all(o == rewritten[r] for r, o in zip(rewrites.request_id, rewrites.output))
@@ -104,6 +108,8 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     # a generated answer is logged (redacted) with the embedding of its prompt by the generator
     [answer] = log[log.request_id == chat].itertuples()
     assert answer.model == "rewriter" and len(answer.embedding) == 32
+    [again] = log[log.request_id == stream].itertuples()  # a stream's, as the prefill pools it
+    assert list(again.embedding) == pytest.approx(list(answer.embedding), abs=1e-4)
     assert answer.output == redact(chatted["choices"][0]["message"]["content"]).text
     assert (mod.outcome == "ok").all() and (mod.latency_ms > 0).all()
     assert all(len(e) == 32 for e in mod.embedding) and (mod.chars > 0).all()
