@@ -114,18 +114,26 @@ class AdapterHost:
             return model, None
         return self.peft, [a.key if a is not None else BASE_ROW for a in adapters]
 
-    def per_token(self, names: Sequence[str]) -> list:
-        """Run the attached LoRA layers with `names[i]` as token i's adapter, until the returned
-        hook handles are removed. A continuous batch's step is one row of every request's tokens
-        (shape 1 x tokens); PEFT mixes adapters across the rows of a batch, so each layer sees
-        its input with the tokens as rows (tokens x 1) and gives its output back as one row."""
+    def per_token(self, names: Sequence[str], padding: int = 0) -> list:
+        """Run the attached LoRA layers with `names[i]` as token i's adapter (and the base for
+        `padding` tokens after them), until the returned hook handles are removed. A continuous
+        batch's step is one row of every request's tokens (shape 1 x tokens); PEFT mixes
+        adapters across the rows of a batch, so each layer sees its input with the tokens as
+        rows (tokens x 1) and gives its output back as one row. A step whose tokens all take
+        one adapter (one adapter's traffic) runs PEFT's plain forward with it active instead:
+        the same sums, without gathering and scattering each adapter's rows in every layer."""
         from peft.tuners.lora import LoraLayer
 
+        if names and names[0] != BASE_ROW and all(n == names[0] for n in names):
+            if self.peft.active_adapter != names[0]:
+                self.peft.set_adapter(names[0], inference_mode=True)
+            return []
+        names = [*names, *[BASE_ROW] * padding]
         handles = []
         for layer in self.peft.modules():
             if isinstance(layer, LoraLayer):
                 handles += [layer.register_forward_pre_hook(
-                    functools.partial(_tokens_as_rows, names=list(names)), with_kwargs=True),
+                    functools.partial(_tokens_as_rows, names=names), with_kwargs=True),
                     layer.register_forward_hook(_rows_as_tokens)]
         return handles
 

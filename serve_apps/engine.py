@@ -26,7 +26,7 @@ import math
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from serve_apps.adapters import BASE_ROW, Adapter
+from serve_apps.adapters import Adapter
 from serve_apps.model import LoadedModel, StopTrimmer, finished
 from serve_apps.model_config import GenerationConfig
 
@@ -90,8 +90,7 @@ class ContinuousEngine:
                                                     for r in requests])
         if names is not None:  # some adapter is attached: every token says which one it takes
             tokens = [name for r, name in zip(requests, names) for _ in range(r.query_length)]
-            padding = kwargs["input_ids"].shape[1] - len(tokens)
-            self.routed = host.per_token(tokens + [BASE_ROW] * padding)
+            self.routed = host.per_token(tokens, kwargs["input_ids"].shape[1] - len(tokens))
         if self.pooled:  # where each request's tokens sit in the step's row, and from which position
             positions, at = kwargs["position_ids"][0].tolist(), 0
             for r in requests:

@@ -155,8 +155,14 @@ def test_the_continuous_batch_answers_each_request_by_its_own_adapter(wide_lm):
     want = [alone(i, 6 + i % 4, picks[i]) for i in range(12)]
     beside_want, plain = alone(2, 9, "b"), alone(1, 6, None)
     assert want[0] != alone(0, 6, None) and want[2] != alone(2, 8, None)  # they change answers
-    steps, per_token = [], base.adapters.per_token
-    base.adapters.per_token = lambda names: steps.append(set(names)) or per_token(names)
+    steps, routed, per_token = [], [], base.adapters.per_token
+
+    def recorded(names, padding=0):
+        steps.append(set(names))
+        routed.append(per_token(names, padding))
+        return routed[-1]
+
+    base.adapters.per_token = recorded
 
     async def use():
         engine = ContinuousEngine(base, GenerationConfig(max_batch_tokens=64, kv_cache_tokens=2048))
@@ -179,6 +185,8 @@ def test_the_continuous_batch_answers_each_request_by_its_own_adapter(wide_lm):
     got, beside, streamed, left, after = asyncio.run(use())
     assert got == want and beside == beside_want
     assert {"adapter-1-v1", "adapter-2-v1", BASE_ROW} in steps  # a step held all three
+    # the stream's steps, its adapter's alone, ran PEFT's plain forward: no token routed
+    assert {"adapter-2-v1"} in steps and [] in routed and any(routed)
     assert streamed == want[5]
     assert left == {}  # no request left in the engine holds an adapter
     assert after == plain and base.adapters.peft is None
