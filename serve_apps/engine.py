@@ -13,6 +13,11 @@ requests' adapters are attached and each token is routed to its request's adapte
 (`AdapterHost.per_token`). The step loop runs that in Python before every forward pass, so the
 engine runs without CUDA graphs (vLLM is the engine for GPUs, `engine: vllm`).
 
+A request that asks for its prompt's embedding (the chat log's, for drift checks) gets it from
+its own prefill: the decoder's last hidden states, summed over the prompt's tokens as the steps
+run, pooled and projected as `training.features.prompt_embeddings` does, so no forward pass of
+its own is needed.
+
 What keeps the per-batch path (`LoadedModel.generate`): sampled requests (each runs alone, so
 its seed alone decides its answer).
 """
@@ -114,6 +119,7 @@ class ContinuousEngine:
                 pooled.total = pooled.total + hidden[at:at + n].float().sum(0)
                 pooled.seen += n
             at += count
+
     def _step_ends(self, _model, _args, _output) -> None:
         if self.stepping != threading.get_ident():
             return
