@@ -201,8 +201,8 @@ class Generator(_ModelDeployment):
     @serve.batch(max_batch_size=EMBED_BATCH, batch_wait_timeout_s=EMBED_WAIT_S)
     async def _embed(self, models: list[LoadedModel], texts: list[str],
                      adapters: list[Adapter | None]) -> list[list[float]]:
-        """The prompt embeddings of concurrent requests that the continuous batch's prefill did
-        not give (streams, cut prompts), one forward pass per model: it holds the model's lock,
+        """The prompt embeddings of concurrent requests that no continuous batch's prefill gave
+        (sampled answers, cut prompts), one forward pass per model: it holds the model's lock,
         which the continuous batch's steps wait for."""
         vectors: list = [None] * len(texts)
         for model in {id(m): m for m in models}.values():
@@ -240,12 +240,15 @@ class Generator(_ModelDeployment):
             engine = await self.slot.engine(loaded)
             pieces = engine.stream(text, p["max_new_tokens"], p["stop"],
                                    self.slot.generation.piece_timeout_s, adapter, embed)
-            if embed:
-                head["embedding"] = await anext(pieces, None) \
-                    or await self._embed(loaded, text, adapter)
-            yield head
-            async for piece in pieces:
-                yield {"text": piece}
+            try:
+                if embed:
+                    head["embedding"] = await anext(pieces, None) \
+                        or await self._embed(loaded, text, adapter)
+                yield head
+                async for piece in pieces:
+                    yield {"text": piece}
+            finally:  # a caller gone takes its request out of the engine now, not when collected
+                await pieces.aclose()
             return
         if embed:
             head["embedding"] = await self._embed(loaded, text, adapter)
