@@ -96,8 +96,10 @@ class ContinuousEngine:
         if names is not None:  # some adapter is attached: every token says which one it takes
             tokens = [name for r, name in zip(requests, names) for _ in range(r.query_length)]
             self.routed = host.per_token(tokens, kwargs["input_ids"].shape[1] - len(tokens))
-        if self.pooled:  # where each request's tokens sit in the step's row, and from which position
-            positions, at = kwargs["position_ids"][0].tolist(), 0
+        # for `_pool`: where each request's tokens sit in the step's row, from which position
+        positions = kwargs.get("position_ids")
+        if self.pooled and positions is not None:
+            positions, at = positions[0].tolist(), 0
             for r in requests:
                 self.step.append((r.state.request_id, positions[at], r.query_length))
                 at += r.query_length
