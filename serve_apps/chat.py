@@ -2,8 +2,10 @@
 the LoRA adapters served over it, picked by the request's `model` (`serve_apps/adapters.py`).
 
 `POST /v1/chat/completions` (with `stream: true`, server-sent events ending in `data: [DONE]`)
-and `GET /v1/models`, so the official `openai` client works with `base_url=.../v1`. The last
-user message is what the model answers. Python: `serve.get_app_handle("chat").complete.remote`.
+and `GET /v1/models`, so the official `openai` client works with `base_url=.../v1`. The model
+reads the whole conversation and the tools offered through its chat template
+(`training/prompts.py`), and its tool calls come back as `tool_calls` (`serve_apps/tool_calls.py`).
+Python: `serve.get_app_handle("chat").complete.remote`.
 """
 
 import asyncio
@@ -25,8 +27,10 @@ from serve_apps.call import Answer, Call, Caller, estimate_tokens
 from serve_apps.config import ChatAppConfig
 from serve_apps.http import create_app, parse, served_by
 from serve_apps.inference_log import generated
-from serve_apps.openai_schema import Message, last_user_message
+from serve_apps.openai_schema import Message, Tool, ToolChoice, conversation_texts, reading_order
 from serve_apps.pipeline import Pipeline
+from serve_apps.tool_calls import parse as parse_tool_calls
+from training.prompts import Chat
 from training.refs import UnknownModel, reference
 
 
@@ -49,6 +53,8 @@ class ChatRequest(BaseModel):
         None, max_length=4)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
+    tools: list[Tool] | None = Field(None, max_length=64)
+    tool_choice: ToolChoice | None = None
 
     @field_validator("stop")
     @classmethod
@@ -57,10 +63,58 @@ class ChatRequest(BaseModel):
             raise ValueError("a stop sequence has 1-64 characters")
         return value
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value):
+        if value is not None and value not in ("none", "auto"):
+            raise ValueError("'required' or a named function would need guided decoding, which "
+                             "this server does not do: use 'auto' (the model decides) or 'none'")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _arguments(cls, messages: list[Message]):
+        for m in messages:
+            for call in m.tool_calls or []:
+                try:
+                    if not isinstance(json.loads(call.function.arguments), dict):
+                        raise ValueError
+                except ValueError:
+                    raise ValueError(f"tool call {call.id!r}: arguments must be a JSON "
+                                     "object") from None
+        return messages
+
+    @property
+    def offered(self) -> list[Tool]:
+        """The tools the model may call (none with `tool_choice: none`)."""
+        return (self.tools or []) if self.tool_choice != "none" else []
+
+    def prompt(self, texts: list[str]) -> str | Chat:
+        """What the generator answers, with the guardrails' `texts` (in `reading_order`) in
+        place of the messages' own: a lone user message as a text, else the conversation."""
+        if len(self.messages) == 1 and not self.offered:
+            return texts[0]
+        content = dict(zip(reading_order(self.messages), texts))
+        return Chat(tuple(_templated(m, content.get(i, "")) for i, m in enumerate(self.messages)),
+                    tuple(t.model_dump(exclude_none=True) for t in self.offered))
+
     def options(self) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return {"max_new_tokens": self.max_completion_tokens or self.max_tokens,
                 "temperature": self.temperature, "seed": self.seed, "stop": stop}
+
+
+def _templated(message: Message, content: str) -> dict:
+    """A message as chat templates read it: a developer's as a system message, tool calls'
+    arguments as objects."""
+    out = {"role": "system" if message.role == "developer" else message.role, "content": content}
+    if message.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+            for c in message.tool_calls]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def _answer(out: dict, failed: bool) -> Answer:
@@ -140,10 +194,10 @@ class ChatPipeline(Pipeline):
         if request.model not in served:
             raise UnknownModel(f"model {request.model!r} is not served here; "
                                f"GET /v1/models lists {sorted(served)}")
-        text = last_user_message(request.messages, self.limits)
+        texts = conversation_texts(request.messages, self.limits)  # guardrails read them all
         cap = self.config.generator.generation_config.max_new_tokens  # the generator's own cap
         limit = min(request.options()["max_new_tokens"] or cap, cap)
-        return self.policies.open("chat", [text], caller, estimate_tokens([text], limit))
+        return self.policies.open("chat", texts, caller, estimate_tokens(texts, limit))
 
     async def complete(self, request: ChatRequest | dict, correlation_id: str | None = None,
                        principal: Principal | dict | None = None) -> dict:
@@ -158,25 +212,36 @@ class ChatPipeline(Pipeline):
         call = await self._open(request, caller)
         answer = await self.policies.run(call, lambda c: self._generate(c, request))
         out, rid = answer.payload, call.request_id
+        content, calls = self._tool_calls(answer.outputs[0], request, rid)
         return ({
             "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
             "model": request.model,
-            "choices": [{"index": 0, "finish_reason": out["finish_reason"],
-                         "message": {"role": "assistant", "content": answer.outputs[0]}}],
+            "choices": [{"index": 0, "finish_reason": "tool_calls" if calls else out["finish_reason"],
+                         "message": {"role": "assistant", "content": content,
+                                     **({"tool_calls": calls} if calls else {})}}],
             "usage": {"prompt_tokens": out["prompt_tokens"],
                       "completion_tokens": out["completion_tokens"],
                       "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
             "llmops": self._meta(call, answer.degraded, out["model"], answer.served_by)}, call)
 
+    def _tool_calls(self, text: str, request: ChatRequest, rid: str) -> tuple[str | None, list]:
+        """The answer's text and the calls it makes of the tools offered."""
+        if not request.offered:
+            return text, []
+        return parse_tool_calls(text, self.config.tool_parser,
+                                {t.function.name for t in request.offered}, f"call_{rid}")
+
     async def _generate(self, call: Call, request: ChatRequest) -> Answer:
         """The generator's answer (at a peak its student's, where it has one: the switch is the
-        generator's `fallback`), or the fallback reply while it fails or its breaker is open."""
+        generator's `fallback`; not with tools offered, which the student never learnt to
+        call), or the fallback reply while it fails or its breaker is open."""
         with self.pressure.track() as peak:
             try:
                 out = await self.breaker.call(lambda: self._generator_for(request.model)
-                                              .generate.remote(call.texts[0], call.request_id,
+                                              .generate.remote(request.prompt(call.texts),
+                                                               call.request_id,
                                                                model=request.model, embed=True,
-                                                               fallback=peak,
+                                                               fallback=peak and not request.offered,
                                                                **request.options()))
                 degraded = False
             except Exception as exc:
@@ -218,8 +283,9 @@ class ChatPipeline(Pipeline):
 
     async def _chunks(self, call: Call, request: ChatRequest) -> AsyncIterator[dict]:
         """The chunks of a call the policies let in. With output guardrails the content is
-        held until the whole answer is checked (a pattern may span pieces), then sent."""
-        rid, hold = call.request_id, self.policies.checks_output
+        held until the whole answer is checked (a pattern may span pieces), then sent; so is
+        an answer to a request offering tools (a call is only known once it is whole)."""
+        rid, hold = call.request_id, self.policies.checks_output or bool(request.offered)
         base = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": request.model}
 
@@ -232,8 +298,8 @@ class ChatPipeline(Pipeline):
         with self.pressure.track() as peak:
             try:
                 stream = self._generator_for(request.model, stream=True).stream.remote(
-                    call.texts[0], rid, model=request.model, embed=True, fallback=peak,
-                    **request.options())
+                    request.prompt(call.texts), rid, model=request.model, embed=True,
+                    fallback=peak and not request.offered, **request.options())
                 try:
                     first = await self.breaker.call(lambda: anext(stream))
                 except Exception as exc:
@@ -260,9 +326,14 @@ class ChatPipeline(Pipeline):
                "prompt_tokens": first["prompt_tokens"], "embedding": first.get("embedding"),
                "completion_tokens": estimate_tokens([text]) if stream else 0}
         answer = await self.policies.leave(call, _answer(out, stream is None))
-        if hold or stream is None:
-            yield content(answer.outputs[0])
-        yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        text, calls = self._tool_calls(answer.outputs[0], request, rid)
+        if (hold or stream is None) and text:
+            yield content(text)
+        if calls:
+            yield {**base, "choices": [{"index": 0, "finish_reason": None, "delta": {
+                "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}}]}
+        yield {**base, "choices": [{"index": 0, "delta": {},
+                                    "finish_reason": "tool_calls" if calls else "stop"}],
                "llmops": self._meta(call, answer.degraded, first["model"], answer.served_by)}
         await self._record(call, out)
 

@@ -21,6 +21,7 @@ from serve_apps.model_config import (
 )
 from serve_apps.policy_config import AuthConfig, GuardrailRule, GuardrailsConfig, QuotaConfig
 from serve_apps.portfolio_config import PortfolioConfig
+from serve_apps.tool_calls import ToolParser
 from training.config import GpuChoice, StrictModel
 
 
@@ -185,6 +186,10 @@ class ChatAppConfig(_AppConfig):
     generator: ModelDeploymentConfig = Field(default_factory=_generator)
     guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    tool_parser: ToolParser = Field("hermes", description="how the model writes tool calls: "
+                                    "`hermes` (<tool_call>{...}</tool_call>: Qwen 2.5-3, "
+                                    "Hermes) or `json` (the answer a JSON call or list of "
+                                    "them: Llama 3.1-3.3)")
     fallback_reply: str | None = Field(
         "The assistant is busy right now; please try again in a minute.",
         description="the answer (`degraded`) while the generator fails or its breaker is open; "

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Sequence
 from serve_apps.adapters import Adapter
 from serve_apps.model import LoadedModel, StopTrimmer, finished
 from serve_apps.model_config import GenerationConfig
+from training.prompts import Chat, prompt_of
 
 PAGE = 256  # tokens per KV cache page
 
@@ -130,9 +131,9 @@ class ContinuousEngine:
         self.routed, self.step, self.stepping = [], [], None
         self.loaded.lock.release()
 
-    def _submit(self, text: str, max_new_tokens: int, streaming: bool, adapter: Adapter | None,
+    def _submit(self, text: str | Chat, max_new_tokens: int, streaming: bool, adapter: Adapter | None,
                 embed: bool = False) -> tuple[str, asyncio.Queue, int]:
-        from training.models import prompt_of, token_budget
+        from training.models import token_budget
 
         limit, max_new_tokens = token_budget(self.model_config, max_new_tokens)
         whole = self.tokenizer(prompt_of(self.tokenizer, text), add_special_tokens=False)["input_ids"]
@@ -140,7 +141,8 @@ class ContinuousEngine:
         rid, outputs = f"g{next(self.ids)}", asyncio.Queue()
         if adapter is not None:
             self.adapters[rid] = adapter
-        if embed and len(whole) <= min(limit, self.embed_length):  # as prompt_embeddings reads it
+        # as prompt_embeddings reads it; a conversation's is its last user message's (a Chat)
+        if embed and isinstance(text, str) and len(whole) <= min(limit, self.embed_length):
             self.pooled[rid] = _Pooled(len(prompt))
         self.manager.register_result_handler(rid, outputs.put_nowait)
         self.manager.add_request(prompt, request_id=rid, max_new_tokens=max_new_tokens,
@@ -148,7 +150,7 @@ class ContinuousEngine:
         self.active += 1
         return rid, outputs, len(prompt)
 
-    async def generate(self, text: str, max_new_tokens: int, stop: Sequence[str],
+    async def generate(self, text: str | Chat, max_new_tokens: int, stop: Sequence[str],
                        adapter: Adapter | None = None, embed: bool = False) -> dict:
         """The answer to `text` by `adapter` (None: the base), as `LoadedModel.generate` gives
         it; with `embed`, also its prompt's embedding by the model that answered (as
@@ -161,15 +163,17 @@ class ContinuousEngine:
         finally:
             pooled = self.pooled.pop(rid, None)
             self._leave(rid, done)
-        answer = finished(self._decode(out.generated_tokens).strip(),
-                          round(math.exp(min(out.logprobs, default=0.0)), 6), stop)
+        tokens = out.generated_tokens
+        answer = finished(self._decode(tokens).strip(),
+                          round(math.exp(min(out.logprobs, default=0.0)), 6), stop,
+                          bool(tokens) and tokens[-1] == self.tokenizer.eos_token_id)
         return {**answer, "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(self.tokenizer(answer["text"],
                                                         add_special_tokens=False)["input_ids"]),
                 "batch_size": self.active + 1,
                 **({"embedding": pooled.embedding()} if pooled and pooled.complete else {})}
 
-    async def stream(self, text: str, max_new_tokens: int, stop: Sequence[str],
+    async def stream(self, text: str | Chat, max_new_tokens: int, stop: Sequence[str],
                      piece_timeout_s: float, adapter: Adapter | None = None, embed: bool = False
                      ) -> AsyncIterator:
         """Pieces of `generate`'s answer as its tokens are generated; with `embed`, first the

@@ -132,14 +132,20 @@ def check_texts(texts: Sequence[str], limits: LimitsConfig) -> list[str]:
     if len(texts) > limits.max_items:
         raise InvalidRequest(f"at most {limits.max_items} texts per request, got {len(texts)}")
     for i, text in enumerate(texts):
-        if _SURROGATE.search(text):
-            raise InvalidRequest(f"text {i} is not valid Unicode (it holds a lone surrogate)")
-        if not text.strip():
-            raise InvalidRequest(f"text {i} is empty")
-        if len(text) > limits.max_chars:
-            raise InvalidRequest(f"text {i} has {len(text)} characters; the limit is "
-                                 f"{limits.max_chars}")
+        check_text(text, f"text {i}", limits)
     return list(texts)
+
+
+def check_text(text: str, name: str, limits: LimitsConfig) -> str:
+    """One text within the limits (422 otherwise, naming it)."""
+    if _SURROGATE.search(text):
+        raise InvalidRequest(f"{name} is not valid Unicode (it holds a lone surrogate)")
+    if not text.strip():
+        raise InvalidRequest(f"{name} is empty")
+    if len(text) > limits.max_chars:
+        raise InvalidRequest(f"{name} has {len(text)} characters; the limit is "
+                             f"{limits.max_chars}")
+    return text
 
 
 class InvalidOutput(LLMOpsError):

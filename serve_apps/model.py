@@ -100,8 +100,8 @@ class LoadedModel:
         outs = generate_text(module, self.tokenizer, texts, max_new_tokens, temperature, seed,
                              batch_size=max(len(texts), 1), adapter_names=names)
         results = []
-        for text, (out, confidence) in zip(texts, outs):
-            answer = finished(out, confidence, stop)
+        for text, out in zip(texts, outs):
+            answer = finished(out.text, out.confidence, stop, out.ended)
             results.append({**answer, "prompt_tokens": self.prompt_tokens(text),
                             "completion_tokens": self.count_tokens(answer["text"])})
         return results
@@ -155,12 +155,14 @@ class LoadedModel:
                                    batch_size=max(len(texts), 1))
 
 
-def finished(text: str, confidence: float, stop: Sequence[str]) -> dict:
+def finished(text: str, confidence: float, stop: Sequence[str], ended: bool) -> dict:
     """A generated text as an answer: cut before its first stop sequence (`finish_reason`
-    "stop"), else whole ("length")."""
+    "stop"), else whole: "stop" where the model `ended` it, "length" where the token limit
+    did."""
     cut = min([text.find(s) for s in stop if s and s in text], default=-1)
     return {"text": text[:cut].strip() if cut >= 0 else text,
-            "finish_reason": "stop" if cut >= 0 else "length", "confidence": confidence}
+            "finish_reason": "stop" if cut >= 0 or ended else "length",
+            "confidence": confidence}
 
 
 class StopTrimmer:

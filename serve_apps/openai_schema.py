@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_apps.config import LimitsConfig
-from serve_apps.http import InvalidRequest, check_texts
+from serve_apps.http import InvalidRequest, check_text, check_texts
 
 
 class ContentPart(BaseModel):
@@ -64,6 +64,21 @@ class NamedToolChoice(BaseModel):
 
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def reading_order(messages: list[Message]) -> list[int]:
+    """The messages a model reads text of: the newest user message first (what the log and
+    drift checks keep of a conversation), then every other one with text, oldest first."""
+    last = max(i for i, m in enumerate(messages) if m.role == "user")
+    return [last] + [i for i, m in enumerate(messages) if i != last and m.text()]
+
+
+def conversation_texts(messages: list[Message], limits: LimitsConfig) -> list[str]:
+    """The texts of `reading_order`, each within the limits (422 otherwise, naming the
+    message)."""
+    last_user_message(messages, limits)
+    return [check_text(messages[i].text(), f"messages[{i}]", limits)
+            for i in reading_order(messages)]
 
 
 def last_user_message(messages: list[Message], limits: LimitsConfig) -> str:

@@ -68,29 +68,31 @@ def reference_profile(model, tokenizer, df: pd.DataFrame, labels: Sequence[str],
 def prompt_tokens(tokenizer, text: str) -> int:
     """Tokens of the prompt a generator reads for `text` (`prompt_of`): what its descriptors
     count, at registration and in serving alike."""
-    from training.models import prompt_of
+    from training.prompts import prompt_of
 
     return len(tokenizer(prompt_of(tokenizer, text), add_special_tokens=False)["input_ids"])
 
 
-def prompt_embeddings(model, tokenizer, texts: Sequence[str], max_length: int | None = None,
+def prompt_embeddings(model, tokenizer, texts: Sequence, max_length: int | None = None,
                       batch_size: int = 32, **forward) -> np.ndarray:
     """A generator's own view of its prompts, for drift checks: its last hidden state,
-    mean-pooled over each prompt as it reads it (`prompt_of`), projected to `EMBEDDING_DIMS`
+    mean-pooled over each prompt as it reads it (`prompt_of`; a conversation's newest user
+    message alone, as the registration's prompts were read), projected to `EMBEDDING_DIMS`
     numbers as a classifier's sentence embedding is (`training.models.projection`). Positions
     follow the attention mask, so a prompt's embedding does not depend on its batch's padding.
     A prompt is cut at `max_length` tokens (None: the positions the model has). `forward`:
     more arguments of the model's forward (a PEFT model's `adapter_names`)."""
     import torch
 
-    from training.models import prompt_of
+    from training.prompts import Chat, prompt_of
 
     out = []
     device = next(model.parameters()).device
     max_length = embedded_tokens(model.config, max_length)
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer([prompt_of(tokenizer, t) for t in texts[i:i + batch_size]],
+            enc = tokenizer([prompt_of(tokenizer, t.last_user if isinstance(t, Chat) else t)
+                             for t in texts[i:i + batch_size]],
                             truncation=True, max_length=max_length, padding=True,
                             add_special_tokens=False, return_tensors="pt").to(device)
             mask = enc["attention_mask"]

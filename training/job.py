@@ -24,7 +24,8 @@ from training.errors import InvalidData, UnknownName
 from training.evaluate import evaluate_classifier, evaluate_lm, golden_set, measure
 from training.features import generation_profile, reference_profile
 from training.finetune import FinetuneSpec, run_finetune, run_names
-from training.models import PROMPT, load_tokenizer, predict_proba, resolve_source
+from training.models import load_tokenizer, predict_proba, resolve_source
+from training.prompts import PROMPT
 from training.pyfunc import META_FILE, TaskModel, write_meta
 from training.refs import RETRAIN_TAG, pin
 from training.registry import RegisteredVersion, Registry, RunRecord

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,8 +30,8 @@ from transformers import (
 
 from training.config import BUNDLED_ENCODER, SCRATCH, ModelSpec
 from training.errors import LLMOpsError
+from training.prompts import prompt_of
 
-PROMPT = "Message: {text}\nRewrite:"
 _EOS = "<|endoftext|>"
 
 
@@ -150,16 +151,6 @@ def encode_classification(tokenizer, texts: Sequence[str], label_ids: Sequence[i
                           max_length: int) -> list[dict]:
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], label_ids)]
-
-
-def prompt_of(tokenizer, text: str) -> str:
-    """What a causal LM reads for `text`, in training and in serving alike: its tokenizer's
-    chat template (one user turn and the generation prompt) when it has one, as a chat-tuned
-    base expects; else the platform's `PROMPT`."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return PROMPT.format(text=text)
 
 
 def encode_causal_lm(tokenizer, prompts: Sequence[str], targets: Sequence[str],
@@ -315,17 +306,25 @@ def _sampling(temperature: float) -> dict:
     return {"do_sample": temperature > 0, "temperature": temperature if temperature > 0 else None}
 
 
+class Generated(NamedTuple):
+    """A generated text; `ended`: the model ended it (EOS), rather than the token limit."""
+
+    text: str
+    confidence: float
+    ended: bool
+
+
 @torch.inference_mode()
-def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_new_tokens: int = 48,
+def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence, max_new_tokens: int = 48,
                   temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
-                  adapter_names: Sequence[str] | None = None) -> list[tuple[str, float]]:
-    """(text, confidence) per input: greedy (deterministic) at temperature 0, seeded sampling
+                  adapter_names: Sequence[str] | None = None) -> list[Generated]:
+    """A `Generated` per input: greedy (deterministic) at temperature 0, seeded sampling
     above it. Confidence is the probability of the least likely generated token (EOS included):
     one unsure choice (which reply, which fact) is enough to distrust a text, while a mean over
     tokens is dominated by the easy ones that follow it. `adapter_names`: each text's LoRA
     adapter in a PEFT model holding several (PEFT's mixed-adapter batches)."""
     torch.manual_seed(seed)
-    out: list[tuple[str, float]] = []
+    out: list[Generated] = []
     for i in range(0, len(texts), batch_size):
         enc, kw = _prompt_inputs(model, tokenizer, texts[i:i + batch_size], max_new_tokens)
         if adapter_names is not None:
@@ -339,7 +338,8 @@ def generate_text(model: PreTrainedModel, tokenizer, texts: Sequence[str], max_n
         counted = (eos.cumsum(1) - eos) == 0  # up to and including the first EOS
         weakest = torch.where(counted, logp.float(), 0.0).min(1).values
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-        out.extend((t.strip(), round(math.exp(float(w)), 6)) for t, w in zip(decoded, weakest))
+        out.extend(Generated(t.strip(), round(math.exp(float(w)), 6), bool(e))
+                   for t, w, e in zip(decoded, weakest, eos.any(1)))
     return out
 
 

@@ -72,4 +72,4 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         p = {**GENERATION_PARAMS, **(params or {})}
         out = generate_text(self.model, self.tokenizer, texts, int(p["max_new_tokens"]),
                             float(p["temperature"]), int(p["seed"]))
-        return pd.DataFrame(out, columns=["text", "confidence"])
+        return pd.DataFrame([(g.text, g.confidence) for g in out], columns=["text", "confidence"])

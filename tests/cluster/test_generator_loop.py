@@ -56,7 +56,7 @@ def log_chat(settings, n: int, corrected: int, seed: int = 5, scenario: str = "n
     """What the chat application logs for `n` prompts (posts of `scenario`, each once if
     `distinct`) the champion answered (its real answers where `registry` is given), and
     reviewers' corrections (the reference rewrites) of the first `corrected`."""
-    from training.models import prompt_of
+    from training.prompts import prompt_of
 
     df = generate("moderation", scenario, 2 * n if distinct else n, seed=seed,
                   priors={"toxic": 1.0})

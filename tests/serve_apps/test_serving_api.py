@@ -207,6 +207,10 @@ def test_openai_client_round_trip_with_streaming(platform):
     ("POST", "/v1/chat/completions", {"json": {"model": "rewriter", "messages": []}}, 422),
     ("POST", "/v1/chat/completions", {"json": {"model": "rewriter", "messages": [
         {"role": "robot", "content": "hi"}]}}, 422),
+    # the rewriter has no chat template: it cannot be offered tools (a refusal of its replica)
+    ("POST", "/v1/chat/completions", {"json": {"model": "rewriter", "messages": [
+        {"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "get_time"}}]}}, 422),
     ("GET", "/v1/moderate", {}, 405),
     ("POST", "/v1/moderate/nothing", {"json": {"text": "hi"}}, 404),
 ])

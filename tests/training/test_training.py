@@ -18,7 +18,8 @@ from training import lora
 from training.config import TaskConfig
 from training.errors import InvalidData, LLMOpsError
 from training.job import fit_and_register, make_spec, register_model_dir
-from training.models import encode_causal_lm, predict_proba, prompt_of, train_bpe_tokenizer
+from training.models import encode_causal_lm, predict_proba, train_bpe_tokenizer
+from training.prompts import prompt_of
 from training.pyfunc import load_hf
 from training.taskdata import build_task_data
 from training.tune import tune_task
