@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 
 from monitoring.batching import unwrap
 from serve_apps import dialogue
+from serve_apps.assistant import Assistant, Turn
 from serve_apps.auth import Principal
 from serve_apps.batch import Item
 from serve_apps.call import Answer, Call, Caller
@@ -46,11 +47,17 @@ from serve_apps.http import (
     parse,
     served_by,
 )
-from serve_apps.openai_schema import Message, ToolChoice, last_user_message
+from serve_apps.openai_schema import (
+    Message,
+    ToolChoice,
+    conversation,
+    conversation_texts,
+    last_user_message,
+)
 from serve_apps.openai_schema import Tool as ToolSpec
 from serve_apps.pipeline import Pipeline
 from serve_apps.portfolio import SimulationRequest, digest, request_of, simulate
-from serve_apps.quoting import QUOTED, check
+from serve_apps.quoting import QUOTED, check, invented
 from training.refs import UnknownModel
 
 MODEL_ID = "advisor"  # the one model name the OpenAI route serves
@@ -98,6 +105,12 @@ def _advice(call: Call) -> bool:
     return any(f.kind == "advice" for f in call.findings)
 
 
+def _client_text(messages) -> str:
+    """What the client wrote in a conversation (as templates read it): the numbers an answer
+    may repeat."""
+    return " ".join(m["content"] for m in messages if m["role"] in ("user", "system"))
+
+
 def _tool_results(messages: list[Message]) -> tuple[dict, dict] | None:
     """The client's follow-up to a `simulate_portfolio` call: the call (id -> arguments) and the
     result of each, from the `tool` messages after the last assistant message with tool calls;
@@ -129,13 +142,7 @@ def _tool_results(messages: list[Message]) -> tuple[dict, dict] | None:
                                  f"the JSON object POST /simulate returns, with figures "
                                  f"{', '.join(QUOTED)}")
         results[m.tool_call_id] = content
-    arguments = {}
-    for call_id in results:
-        try:
-            arguments[call_id] = json.loads(calls[call_id].function.arguments)
-        except ValueError:
-            raise InvalidRequest(f"tool call {call_id!r}: arguments are not JSON") from None
-    return arguments, results
+    return {i: json.loads(calls[i].function.arguments) for i in results}, results
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=64)
@@ -143,11 +150,13 @@ def _tool_results(messages: list[Message]) -> tuple[dict, dict] | None:
 class AdvisorPipeline(Pipeline):
     application, settings = "advisor", AdvisorAppConfig
 
-    def __init__(self, classifier: DeploymentHandle | None, config: dict, limits: dict,
-                 tracking_uri: str | None, log: dict | None = None,
+    def __init__(self, classifier: DeploymentHandle | None, generator: DeploymentHandle | None,
+                 config: dict, limits: dict, tracking_uri: str | None, log: dict | None = None,
                  governance: dict | None = None):
-        super().__init__(app, {"Classifier": classifier}, config, limits, tracking_uri, log,
-                         governance)
+        assisted = {"Generator": generator} if config.get("assistant") else {}
+        super().__init__(app, {"Classifier": classifier, **assisted}, config, limits,
+                         tracking_uri, log, governance)
+        self.assistant = Assistant(self.stages["Generator"], self.config) if assisted else None
         self.digest = digest(self.config.portfolio)
         self.fixed = dialogue.fixed_text(self.config)
         self.created = int(time.time())
@@ -200,8 +209,15 @@ class AdvisorPipeline(Pipeline):
             raise InvalidRequest(f"history: at most {self.limits.max_messages - 1} earlier "
                                  f"messages")
         earlier = check_texts(request.history, self.limits) if request.history else []
-        call, answer = await self.policies.apply(
-            "advise", [question], caller, lambda c: self._advise(c, True, earlier))
+
+        async def work(c: Call) -> Answer:
+            if self.assistant:  # the model reads the history too: the guardrails do first
+                told = [*c.texts[1:], c.texts[0]]
+                return await self._write(c, True, [{"role": "user", "content": t} for t in told])
+            return await self._advise(c, True, earlier)
+
+        texts = [question, *earlier] if self.assistant else [question]
+        call, answer = await self.policies.apply("advise", texts, caller, work)
         return {**call.summary(answer.degraded, answer.served_by), "answer": answer.outputs[0],
                 **answer.payload}
 
@@ -218,11 +234,15 @@ class AdvisorPipeline(Pipeline):
         returned = _tool_results(request.messages)
 
         async def work(c: Call) -> Answer:
+            told = conversation(request.messages, c.texts) if self.assistant else None
             if returned:
-                return await self._quote(c, *returned)
+                return await self._quote(c, *returned, told)
+            if told:
+                return await self._write(c, not request.offers_tool(), list(told))
             return await self._advise(c, not request.offers_tool(), earlier)
 
-        call, answer = await self.policies.apply("advise", [asked], caller, work)
+        texts = conversation_texts(request.messages, self.limits) if self.assistant else [asked]
+        call, answer = await self.policies.apply("advise", texts, caller, work)
         payload = answer.payload
         message = {"role": "assistant", "content": answer.outputs[0]}
         if payload["action"] == "tool_call":
@@ -236,16 +256,21 @@ class AdvisorPipeline(Pipeline):
                           "total_tokens": answer.tokens},
                 "llmops": {**call.summary(answer.degraded, answer.served_by), **payload}}
 
+    async def _verdicts(self, call: Call, texts: list[str]) -> list[dict]:
+        """The classifier's verdicts on `texts` (at a peak, its student's)."""
+        rid = call.request_id
+        with self.pressure.track() as peak:
+            async with self.log.on_failure(rid, call.texts[:1], call.started,
+                                           call.principal.tenant):
+                return [check_label(unwrap(v)) for v in await asyncio.gather(*(
+                    self._classify(Item(text, rid, fallback=peak)) for text in texts))]
+
     async def _advise(self, call: Call, run_tool: bool, earlier: list[str]) -> Answer:
         """Classify the question, plan (`earlier`: the client's earlier messages), run the tool
         (here, or hand the call to the client)."""
         question, rid = call.texts[0], call.request_id
         recent = earlier[-dialogue.FOLLOW_UPS:]  # what the conversation's intent is read from
-        with self.pressure.track() as peak:
-            async with self.log.on_failure(rid, [question], call.started, call.principal.tenant):
-                verdict, *before = [check_label(unwrap(v)) for v in await asyncio.gather(*(
-                    self._classify(Item(text, rid, fallback=peak))
-                    for text in [question, *recent]))]
+        verdict, *before = await self._verdicts(call, [question, *recent])
         plan = dialogue.plan(question, verdict, _advice(call), self.config, earlier,
                              dialogue.conversation_intent(list(zip(recent, before)), self.config))
         result, tools = None, []
@@ -260,33 +285,85 @@ class AdvisorPipeline(Pipeline):
                               call.started, tenant=call.principal.tenant)
         return self._answer(text, plan, verdict, result, tools)
 
-    async def _quote(self, call: Call, calls: dict[str, dict], results: dict[str, dict]) -> Answer:
-        """The answer to a client's follow-up carrying the tool's result: its figures quoted."""
+    async def _write(self, call: Call, run_tool: bool, messages: list[dict]) -> Answer:
+        """The assistant's answer (`serve_apps/assistant.py`): its call of the simulation run
+        here (or handed to the client), its text vetted; the classifier still reads the
+        question (the refusal rule, the log)."""
+        question, rid = call.texts[0], call.request_id
+        (verdict,) = await self._verdicts(call, [question])
+        turn = await self.assistant.decide(rid, messages)
+        p = dialogue.Plan(verdict["label"], turn.request, problem=turn.problem,
+                          refused=dialogue.refuses(verdict, _advice(call)))
+        result, tools, text = None, [], turn.text
+        if turn.request is not None:
+            if run_tool:
+                result = await asyncio.to_thread(simulate, turn.request, self.config.portfolio)
+                text = await self.assistant.answer(rid, messages, turn, result["figures"])
+            tools = [tool_call(turn.call["id"], turn.request, result, self.digest)]
+        elif turn.problem:
+            text = dialogue.unsimulated(turn.problem)
+        vetted, rejected = (None, []) if tools and result is None else self._vetted(
+            text or "", p, result, _client_text(messages))
+        await self.log.record(rid, [question], [verdict], [{"classifier": verdict["model"]}],
+                              call.started, tenant=call.principal.tenant)
+        return self._answer(vetted, p, verdict, result, tools, turn, rejected)
+
+    def _vetted(self, text: str, p: dialogue.Plan, result: dict | None, client_text: str
+                ) -> tuple[str, list[str]]:
+        """The assistant's `text` with the refusal and the disclaimer, if every number in it is
+        supported; else the template's answer, and the numbers that were not."""
+        written = dialogue.reply(dialogue.Plan(p.intent, text=text, refused=p.refused), None,
+                                 self.config)
+        rejected = invented(written, [r for r in (result, p.problem) if r], client_text,
+                            self.fixed)
+        if rejected:
+            instead = p if result is not None else dialogue.Plan(
+                p.intent, text=dialogue.unsimulated(p.problem) if p.problem
+                else self.config.other_reply, refused=p.refused)
+            written = self._checked(dialogue.reply(instead, result, self.config),
+                                    [result, p.problem], client_text)
+        return written, rejected
+
+    async def _quote(self, call: Call, calls: dict[str, dict], results: dict[str, dict],
+                     messages: tuple[dict, ...] | None = None) -> Answer:
+        """The answer to a client's follow-up carrying the tool's result: its figures quoted,
+        by the assistant where there is one (`messages`: the conversation it reads)."""
         question = call.texts[0]
         call_id, arguments = next(iter(calls.items()))
         request = request_of(arguments, self.config.portfolio).model_dump()
         # only the figures are quoted: a client's own tool need not suggest a rebalancing
         result = {"figures": results[call_id]["figures"], "request": request}
         p = dialogue.Plan("simulate", request, refused=_advice(call))
-        text = self._checked(dialogue.reply(p, result, self.config), [result], question)
         tools = [tool_call(call_id, request, result, self.digest)]
-        return self._answer(text, p, None, result, tools)
+        if messages is None:
+            text = self._checked(dialogue.reply(p, result, self.config), [result], question)
+            return self._answer(text, p, None, result, tools)
+        text, turn = await self.assistant.follow_up(call.request_id, list(messages))
+        text, rejected = self._vetted(text, p, result, _client_text(messages))
+        return self._answer(text, p, None, result, tools, turn, rejected)
 
     def _checked(self, text: str, tool_results: list, question: str) -> str:
         return check(text, [r for r in tool_results if r is not None], question, self.fixed)
 
     def _answer(self, text: str | None, plan: dialogue.Plan, verdict: dict | None,
-                result: dict | None, tools: list[dict]) -> Answer:
+                result: dict | None, tools: list[dict], turn: Turn | None = None,
+                rejected: list[str] | None = None) -> Answer:
+        """The call's answer; with the assistant's `turn`, its model and what of its text was
+        `rejected` (the numbers no tool or client gave: the template's answer went instead)."""
         models = {"classifier": StageModel(**verdict["model"])} if verdict else {}
+        if turn is not None and turn.outs:
+            models["assistant"] = StageModel(**turn.outs[-1]["model"])
         action = "tool_call" if tools and result is None else plan.action
         payload = {"intent": plan.intent, "action": action, "refused": plan.refused,
                    "confidence": verdict["confidence"] if verdict else None,
                    "missing": plan.missing, "carried": plan.carried, "tool_calls": tools,
                    "simulation": result, "disclaimer": self.config.disclaimer,
-                   "models": {k: m.model_dump() for k, m in models.items()}}
+                   "models": {k: m.model_dump() for k, m in models.items()},
+                   **({"written_by": "template" if rejected else "assistant",
+                       "rejected": rejected} if turn is not None else {})}
         fallback = served_by([verdict]) if verdict else None
-        return Answer([text], [models], verdict["tokens"] if verdict else 0,
-                      fallback is not None, payload, tools, fallback)
+        tokens = (verdict["tokens"] if verdict else 0) + (turn.tokens if turn else 0)
+        return Answer([text], [models], tokens, fallback is not None, payload, tools, fallback)
 
     async def _simulate(self, request: SimulationRequest | dict, caller: Caller) -> dict:
         body = request_of(request, self.config.portfolio)

@@ -91,7 +91,9 @@ def app_deployments(name: str, app_cfg, ingress_cpus: float, use_gpu: bool,
     pipeline_name = pipeline.rsplit(":", 1)[1]  # the deployment's name: its class's
     out, inline = {}, {}
     for dep, field in models.items():
-        md: ModelDeploymentConfig = getattr(app_cfg, field)
+        md: ModelDeploymentConfig | None = getattr(app_cfg, field)
+        if md is None:  # an optional stage not configured (the advisor's assistant)
+            continue
         if not md.inline(use_gpu, generates=dep == "Generator"):
             out[dep] = deployment_options(md, use_gpu, tracking_uri, gpu_resource, pin_models)
             continue
@@ -177,7 +179,8 @@ APPS = {
                 {"Classifier": "classifier", "Encoder": "encoder", "Generator": "generator"}),
     "chat": ("serve_apps.chat:ChatPipeline", {"Generator": "generator"}),
     "feedback": ("serve_apps.feedback:FeedbackService", {}),
-    "advisor": ("serve_apps.advisor:AdvisorPipeline", {"Classifier": "classifier"}),
+    "advisor": ("serve_apps.advisor:AdvisorPipeline",
+                {"Classifier": "classifier", "Generator": "assistant"}),
 }
 CONFIGS = {"moderation": ModerationAppConfig, "support": SupportAppConfig, "chat": ChatAppConfig,
            "feedback": FeedbackAppConfig, "advisor": AdvisorAppConfig}

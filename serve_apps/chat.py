@@ -27,7 +27,7 @@ from serve_apps.call import Answer, Call, Caller, estimate_tokens
 from serve_apps.config import ChatAppConfig
 from serve_apps.http import create_app, parse, served_by
 from serve_apps.inference_log import generated
-from serve_apps.openai_schema import Message, Tool, ToolChoice, conversation_texts, reading_order
+from serve_apps.openai_schema import Message, Tool, ToolChoice, conversation, conversation_texts
 from serve_apps.pipeline import Pipeline
 from serve_apps.tool_calls import parse as parse_tool_calls
 from training.prompts import Chat
@@ -71,19 +71,6 @@ class ChatRequest(BaseModel):
                              "this server does not do: use 'auto' (the model decides) or 'none'")
         return value
 
-    @field_validator("messages")
-    @classmethod
-    def _arguments(cls, messages: list[Message]):
-        for m in messages:
-            for call in m.tool_calls or []:
-                try:
-                    if not isinstance(json.loads(call.function.arguments), dict):
-                        raise ValueError
-                except ValueError:
-                    raise ValueError(f"tool call {call.id!r}: arguments must be a JSON "
-                                     "object") from None
-        return messages
-
     @property
     def offered(self) -> list[Tool]:
         """The tools the model may call (none with `tool_choice: none`)."""
@@ -94,27 +81,13 @@ class ChatRequest(BaseModel):
         place of the messages' own: a lone user message as a text, else the conversation."""
         if len(self.messages) == 1 and not self.offered:
             return texts[0]
-        content = dict(zip(reading_order(self.messages), texts))
-        return Chat(tuple(_templated(m, content.get(i, "")) for i, m in enumerate(self.messages)),
+        return Chat(conversation(self.messages, texts),
                     tuple(t.model_dump(exclude_none=True) for t in self.offered))
 
     def options(self) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return {"max_new_tokens": self.max_completion_tokens or self.max_tokens,
                 "temperature": self.temperature, "seed": self.seed, "stop": stop}
-
-
-def _templated(message: Message, content: str) -> dict:
-    """A message as chat templates read it: a developer's as a system message, tool calls'
-    arguments as objects."""
-    out = {"role": "system" if message.role == "developer" else message.role, "content": content}
-    if message.tool_calls:
-        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-            "name": c.function.name, "arguments": json.loads(c.function.arguments)}}
-            for c in message.tool_calls]
-    if message.tool_call_id:
-        out["tool_call_id"] = message.tool_call_id
-    return out
 
 
 def _answer(out: dict, failed: bool) -> Answer:
@@ -228,7 +201,7 @@ class ChatPipeline(Pipeline):
         """The answer's text and the calls it makes of the tools offered."""
         if not request.offered:
             return text, []
-        return parse_tool_calls(text, self.config.tool_parser,
+        return parse_tool_calls(text, self.config.generator.generation_config.tool_parser,
                                 {t.function.name for t in request.offered}, f"call_{rid}")
 
     async def _generate(self, call: Call, request: ChatRequest) -> Answer:

@@ -21,7 +21,6 @@ from serve_apps.model_config import (
 )
 from serve_apps.policy_config import AuthConfig, GuardrailRule, GuardrailsConfig, QuotaConfig
 from serve_apps.portfolio_config import PortfolioConfig
-from serve_apps.tool_calls import ToolParser
 from training.config import GpuChoice, StrictModel
 
 
@@ -186,10 +185,6 @@ class ChatAppConfig(_AppConfig):
     generator: ModelDeploymentConfig = Field(default_factory=_generator)
     guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
-    tool_parser: ToolParser = Field("hermes", description="how the model writes tool calls: "
-                                    "`hermes` (<tool_call>{...}</tool_call>: Qwen 2.5-3, "
-                                    "Hermes) or `json` (the answer a JSON call or list of "
-                                    "them: Llama 3.1-3.3)")
     fallback_reply: str | None = Field(
         "The assistant is busy right now; please try again in a minute.",
         description="the answer (`degraded`) while the generator fails or its breaker is open; "
@@ -226,6 +221,19 @@ class AdvisorAppConfig(_AppConfig):
     route_prefix: str = "/v1/advisor"
     classifier: ModelDeploymentConfig = Field(default_factory=lambda: ModelDeploymentConfig(
         model="models:/advisor-intent@champion", resources=ResourcesConfig(num_cpus=0.03)))
+    assistant: ModelDeploymentConfig | None = Field(
+        None, description="a chat-tuned causal LM (a chat template that renders tools) that "
+        "decides when to simulate, through its own tool calls, and writes the answers; every "
+        "number it writes is checked, and an answer with an invented one is replaced by the "
+        "template's (`serve_apps/assistant.py`). Set its `generation` (`stop: []`, a "
+        "`max_new_tokens` for whole answers, its `tool_parser`). Empty: the classifier and "
+        "the slots decide and templates write")
+    assistant_prompt: str = Field(
+        "You are a portfolio risk assistant. To answer a question about a portfolio's risk or "
+        "returns, call simulate_portfolio with the holdings (weights summing to 1), the horizon "
+        "in years and the risk profile the client gave, then explain its figures, quoting them "
+        "exactly. Never invent a figure, and never recommend products to buy or sell.",
+        min_length=1, description="the assistant's system message")
     guardrails: GuardrailsConfig = Field(default_factory=_advice_rules)
     # its simulations run as Ray tasks asking for CPUs of their own (or in the replica when none
     # is free): the replica itself reserves little, so a retrain still fits on a 2-core head

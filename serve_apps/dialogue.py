@@ -123,14 +123,19 @@ def conversation_intent(earlier: Sequence[tuple[str, dict]], config) -> str | No
     return task
 
 
+def refuses(verdict: dict, advice_found: bool) -> bool:
+    """Whether a product recommendation is refused: the `advice` guardrail found a request for
+    one, or the classifier reads one (or keeps it among its candidates)."""
+    return advice_found or "recommend" in (verdict.get("candidates") or [verdict["label"]])
+
+
 def plan(question: str, verdict: dict, advice_found: bool, config,
          earlier: Sequence[str] = (), before: str | None = None) -> Plan:
     """The plan for `question` (`config`: the advisor's `AdvisorAppConfig`; `earlier`: the
     client's earlier messages of the conversation, oldest first; `before`: the intent they
     left the conversation in, `conversation_intent`)."""
     intent = intent_of(question, verdict, before, config)
-    refused = advice_found or "recommend" in (verdict.get("candidates") or [verdict["label"]])
-    out = Plan(intent, refused=refused)
+    out = Plan(intent, refused=refuses(verdict, advice_found))
     if intent == "simulate":
         slots = extract(question, config.portfolio, earlier)
         out.missing = slots.missing
@@ -147,12 +152,17 @@ def plan(question: str, verdict: dict, advice_found: bool, config,
                                    assets=", ".join(names.names[:2])) for m in out.missing]
             out.text = f"To simulate your portfolio I need {' and '.join(asks)}."
         elif out.problem:
-            out.text = f"I could not simulate that portfolio: {out.problem}."
+            out.text = unsimulated(out.problem)
     elif intent == "explain":
         out.text = explain(question, config.portfolio.method)
     elif intent == "other":
         out.text = config.other_reply
     return out
+
+
+def unsimulated(problem: str) -> str:
+    """The answer to a portfolio the simulation refuses."""
+    return f"I could not simulate that portfolio: {problem}."
 
 
 def explain(question: str, method: str) -> str:

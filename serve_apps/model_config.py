@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from serve_apps.tool_calls import ToolParser
 from training.config import StrictModel
 
 
@@ -83,6 +84,10 @@ class GenerationConfig(StrictModel):
     kv_cache_tokens: int = Field(16384, ge=256, description="KV cache of the continuous batch, "
                                  "in tokens of all its requests together (allocated per loaded "
                                  "model when its first request arrives)")
+    tool_parser: ToolParser = Field("hermes", description="how the model writes tool calls "
+                                    "(`serve_apps/tool_calls.py`): `hermes` (<tool_call>{...}"
+                                    "</tool_call>: Qwen 2.5-3, Hermes) or `json` (the answer a "
+                                    "JSON call or a list of them: Llama 3.1-3.3)")
 
 
 class PeakFallbackConfig(StrictModel):

@@ -5,9 +5,10 @@ OpenAI-compatible servers do."""
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_apps.config import LimitsConfig
 from serve_apps.http import InvalidRequest, check_text, check_texts
@@ -21,6 +22,16 @@ class ContentPart(BaseModel):
 class FunctionCall(BaseModel):
     name: str = Field(max_length=64)
     arguments: str = Field(max_length=20_000, description="a JSON object, as a string")
+
+    @field_validator("arguments")
+    @classmethod
+    def _object(cls, value: str) -> str:
+        try:
+            if isinstance(json.loads(value), dict):
+                return value
+        except ValueError:
+            pass
+        raise ValueError("arguments must be a JSON object")
 
 
 class ToolCall(BaseModel):
@@ -79,6 +90,25 @@ def conversation_texts(messages: list[Message], limits: LimitsConfig) -> list[st
     last_user_message(messages, limits)
     return [check_text(messages[i].text(), f"messages[{i}]", limits)
             for i in reading_order(messages)]
+
+
+def conversation(messages: list[Message], texts: list[str]) -> tuple[dict, ...]:
+    """The messages as chat templates read them, with `texts` (in `reading_order`: what the
+    guardrails let through) in place of their own: a developer's as a system message, tool
+    calls' arguments as objects (a request's are checked to be JSON objects)."""
+    content = dict(zip(reading_order(messages), texts))
+    out = []
+    for i, m in enumerate(messages):
+        message = {"role": "system" if m.role == "developer" else m.role,
+                   "content": content.get(i, "")}
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return tuple(out)
 
 
 def last_user_message(messages: list[Message], limits: LimitsConfig) -> str:
