@@ -32,10 +32,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from monitoring.batching import unwrap
-from serve_apps import dialogue
+from serve_apps import dialogue, metrics
 from serve_apps.assistant import Assistant, Turn
 from serve_apps.auth import Principal
 from serve_apps.batch import Item
+from serve_apps.breaker import callers_fault
 from serve_apps.call import Answer, Call, Caller
 from serve_apps.config import AdvisorAppConfig
 from serve_apps.http import (
@@ -291,17 +292,27 @@ class AdvisorPipeline(Pipeline):
         question (the refusal rule, the log)."""
         question, rid = call.texts[0], call.request_id
         (verdict,) = await self._verdicts(call, [question])
-        turn = await self.assistant.decide(rid, messages)
-        p = dialogue.Plan(verdict["label"], turn.request, problem=turn.problem,
-                          refused=dialogue.refuses(verdict, _advice(call)))
-        result, tools, text = None, [], turn.text
-        if turn.request is not None:
-            if run_tool:
-                result = await asyncio.to_thread(simulate, turn.request, self.config.portfolio)
-                text = await self.assistant.answer(rid, messages, turn, result["figures"])
-            tools = [tool_call(turn.call["id"], turn.request, result, self.digest)]
-        elif turn.problem:
-            text = dialogue.unsimulated(turn.problem)
+        try:
+            turn = await self.assistant.decide(rid, messages)
+            p = dialogue.Plan(verdict["label"], turn.request, problem=turn.problem,
+                              refused=dialogue.refuses(verdict, _advice(call)))
+            result, tools, text = None, [], turn.text
+            if turn.request is not None:
+                if run_tool:
+                    result = await asyncio.to_thread(simulate, turn.request,
+                                                     self.config.portfolio)
+                    text = await self.assistant.answer(rid, messages, turn, result["figures"])
+                tools = [tool_call(turn.call["id"], turn.request, result, self.digest)]
+            elif turn.problem:
+                text = dialogue.unsimulated(turn.problem)
+        except Exception as exc:  # the model failed: the classifier and templates answer
+            if callers_fault(exc):
+                raise
+            metrics.degraded(type(exc).__name__)
+            earlier = [m["content"] for m in messages if m["role"] == "user"][:-1]
+            answer = await self._advise(call, run_tool, earlier)
+            answer.degraded = True
+            return answer
         vetted, rejected = (None, []) if tools and result is None else self._vetted(
             text or "", p, result, _client_text(messages))
         await self.log.record(rid, [question], [verdict], [{"classifier": verdict["model"]}],

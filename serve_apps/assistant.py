@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps.dialogue import SPEC, TOOL
-from serve_apps.portfolio import InvalidPortfolio, request_of
+from serve_apps.http import InvalidRequest
+from serve_apps.portfolio import request_of
 from serve_apps.tool_calls import parse
 from training.prompts import Chat
 
@@ -66,7 +67,7 @@ class Assistant:
         arguments.update(paths=self.config.paths, seed=self.config.seed)  # the service's
         try:
             turn.request = request_of(arguments, self.config.portfolio).model_dump()
-        except InvalidPortfolio as exc:
+        except InvalidRequest as exc:  # the model's arguments, not the client's request: no 422
             turn.problem = str(exc)
         return turn
 
