@@ -106,6 +106,9 @@ def _advice(call: Call) -> bool:
     return any(f.kind == "advice" for f in call.findings)
 
 
+_BY_ASSISTANT = {"written_by": "assistant", "rejected": []}
+
+
 def _client_text(messages) -> str:
     """What the client wrote in a conversation (as templates read it): the numbers an answer
     may repeat."""
@@ -313,27 +316,28 @@ class AdvisorPipeline(Pipeline):
             answer = await self._advise(call, run_tool, earlier)
             answer.degraded = True
             return answer
-        vetted, rejected = (None, []) if tools and result is None else self._vetted(
+        vetted, vetting = (None, _BY_ASSISTANT) if tools and result is None else self._vetted(
             text or "", p, result, _client_text(messages))
         await self.log.record(rid, [question], [verdict], [{"classifier": verdict["model"]}],
                               call.started, tenant=call.principal.tenant)
-        return self._answer(vetted, p, verdict, result, tools, turn, rejected)
+        return self._answer(vetted, p, verdict, result, tools, turn, vetting)
 
     def _vetted(self, text: str, p: dialogue.Plan, result: dict | None, client_text: str
-                ) -> tuple[str, list[str]]:
-        """The assistant's `text` with the refusal and the disclaimer, if every number in it is
-        supported; else the template's answer, and the numbers that were not."""
+                ) -> tuple[str, dict]:
+        """The assistant's `text` with the refusal and the disclaimer, if it wrote one and every
+        number in it is supported; else the template's answer. And who wrote it (`written_by`)
+        with the numbers that were not supported (`rejected`)."""
         written = dialogue.reply(dialogue.Plan(p.intent, text=text, refused=p.refused), None,
                                  self.config)
         rejected = invented(written, [r for r in (result, p.problem) if r], client_text,
                             self.fixed)
-        if rejected:
-            instead = p if result is not None else dialogue.Plan(
-                p.intent, text=dialogue.unsimulated(p.problem) if p.problem
-                else self.config.other_reply, refused=p.refused)
-            written = self._checked(dialogue.reply(instead, result, self.config),
-                                    [result, p.problem], client_text)
-        return written, rejected
+        if text.strip() and not rejected:
+            return written, _BY_ASSISTANT
+        instead = p if result is not None else dialogue.Plan(
+            p.intent, text=dialogue.unsimulated(p.problem) if p.problem
+            else self.config.other_reply, refused=p.refused)
+        return self._checked(dialogue.reply(instead, result, self.config), [result, p.problem],
+                             client_text), {"written_by": "template", "rejected": rejected}
 
     async def _quote(self, call: Call, calls: dict[str, dict], results: dict[str, dict],
                      messages: tuple[dict, ...] | None = None) -> Answer:
@@ -350,17 +354,17 @@ class AdvisorPipeline(Pipeline):
             text = self._checked(dialogue.reply(p, result, self.config), [result], question)
             return self._answer(text, p, None, result, tools)
         text, turn = await self.assistant.follow_up(call.request_id, list(messages))
-        text, rejected = self._vetted(text, p, result, _client_text(messages))
-        return self._answer(text, p, None, result, tools, turn, rejected)
+        text, vetting = self._vetted(text, p, result, _client_text(messages))
+        return self._answer(text, p, None, result, tools, turn, vetting)
 
     def _checked(self, text: str, tool_results: list, question: str) -> str:
         return check(text, [r for r in tool_results if r is not None], question, self.fixed)
 
     def _answer(self, text: str | None, plan: dialogue.Plan, verdict: dict | None,
                 result: dict | None, tools: list[dict], turn: Turn | None = None,
-                rejected: list[str] | None = None) -> Answer:
-        """The call's answer; with the assistant's `turn`, its model and what of its text was
-        `rejected` (the numbers no tool or client gave: the template's answer went instead)."""
+                vetting: dict | None = None) -> Answer:
+        """The call's answer; with the assistant's `turn`, its model and who wrote the text
+        (`vetting`, `_vetted`'s)."""
         models = {"classifier": StageModel(**verdict["model"])} if verdict else {}
         if turn is not None and turn.outs:
             models["assistant"] = StageModel(**turn.outs[-1]["model"])
@@ -369,9 +373,7 @@ class AdvisorPipeline(Pipeline):
                    "confidence": verdict["confidence"] if verdict else None,
                    "missing": plan.missing, "carried": plan.carried, "tool_calls": tools,
                    "simulation": result, "disclaimer": self.config.disclaimer,
-                   "models": {k: m.model_dump() for k, m in models.items()},
-                   **({"written_by": "template" if rejected else "assistant",
-                       "rejected": rejected} if turn is not None else {})}
+                   "models": {k: m.model_dump() for k, m in models.items()}, **(vetting or {})}
         fallback = served_by([verdict]) if verdict else None
         tokens = (verdict["tokens"] if verdict else 0) + (turn.tokens if turn else 0)
         return Answer([text], [models], tokens, fallback is not None, payload, tools, fallback)
