@@ -94,7 +94,21 @@ def _advisor_cases() -> list[tuple[Chat, str]]:
         result = {"role": "tool", "tool_call_id": "c", "content": json.dumps({"figures": figures})}
         cases += [(Chat(asked, (SPEC,)), _call_text(SIMULATE, arguments)),
                   (Chat((*asked, called, result), (SPEC,)), _advice(name))]
-    return cases
+    return [*cases, (Chat((SYSTEM, *_ran_by_client()), (SPEC,)), _advice("quoted"))]
+
+
+def _ran_by_client(call_id: str = "c") -> list[dict]:
+    """A client's conversation after it ran the call it was handed (the first portfolio's,
+    with the service's paths and seed) itself: the question, the call, its result."""
+    question, arguments = PORTFOLIOS["quoted"]
+    handed = request_of({**arguments, "paths": ADVISOR.paths, "seed": ADVISOR.seed},
+                        ADVISOR.portfolio).model_dump()
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": "", "tool_calls": [{
+                "id": call_id, "type": "function",
+                "function": {"name": SIMULATE, "arguments": handed}}]},
+            {"role": "tool", "tool_call_id": call_id,
+             "content": json.dumps({"figures": _simulated(arguments)["figures"]})}]
 
 
 def _tool_calling_llama(folder):
@@ -272,3 +286,14 @@ def test_the_assistants_call_goes_to_a_client_that_offers_the_tool(url):
     assert (sent["holdings"], sent["horizon_years"], sent["seed"]) == (
         arguments["holdings"], arguments["horizon_years"], ADVISOR.seed)
     assert out["llmops"]["tool_calls"][0]["result"] is None  # the client runs it
+    # it sends the call and its result back: the assistant answers, quoting the client's figures
+    asked, _, result = _ran_by_client(call["id"])
+    r = httpx.post(f"{url}/v1/advisor/chat/completions", timeout=120, json={
+        "model": "advisor", "tools": [SPEC],
+        "messages": [asked, choice["message"], result]})
+    assert r.status_code == 200, r.text
+    meta = r.json()["llmops"]
+    assert (meta["written_by"], meta["action"]) == ("assistant", "simulate")
+    assert r.json()["choices"][0]["message"]["content"] == \
+        f"{_advice('quoted')} {ADVISOR.disclaimer}"
+    assert meta["tool_calls"][0]["result"] == json.loads(result["content"])["figures"]
