@@ -16,7 +16,7 @@ from typing import Annotated
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -25,10 +25,11 @@ from serve_apps.auth import Principal
 from serve_apps.breaker import CircuitBreaker, GeneratorUnavailable, callers_fault
 from serve_apps.call import Answer, Call, Caller, estimate_tokens
 from serve_apps.config import ChatAppConfig
-from serve_apps.http import create_app, parse, served_by
+from serve_apps.http import InvalidOutput, create_app, parse, served_by
 from serve_apps.inference_log import generated
 from serve_apps.openai_schema import Message, Tool, ToolChoice, conversation, conversation_texts
 from serve_apps.pipeline import Pipeline
+from serve_apps.tool_calls import ToolParser, forced_call
 from serve_apps.tool_calls import parse as parse_tool_calls
 from training.prompts import Chat
 from training.refs import UnknownModel, reference
@@ -63,26 +64,37 @@ class ChatRequest(BaseModel):
             raise ValueError("a stop sequence has 1-64 characters")
         return value
 
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, value):
-        if value is not None and value not in ("none", "auto"):
-            raise ValueError("'required' or a named function would need guided decoding, which "
-                             "this server does not do: use 'auto' (the model decides) or 'none'")
-        return value
+    @model_validator(mode="after")
+    def _tool_choice(self) -> "ChatRequest":
+        names = {t.function.name for t in self.tools or ()}
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools to call")
+        named = getattr(self.tool_choice, "function", None)
+        if named is not None and named.name not in names:
+            raise ValueError(f"tool_choice names {named.name!r}, which is not among the tools")
+        return self
 
     @property
     def offered(self) -> list[Tool]:
         """The tools the model may call (none with `tool_choice: none`)."""
         return (self.tools or []) if self.tool_choice != "none" else []
 
-    def prompt(self, texts: list[str]) -> str | Chat:
+    def forced(self, parser: ToolParser) -> str:
+        """The start of a call the answer is made to begin with: for `tool_choice: required`
+        (any function offered) or a named function; else nothing."""
+        if self.tool_choice in (None, "auto", "none"):
+            return ""
+        return forced_call(parser, getattr(self.tool_choice, "function", None) and
+                           self.tool_choice.function.name)
+
+    def prompt(self, texts: list[str], prefix: str = "") -> str | Chat:
         """What the generator answers, with the guardrails' `texts` (in `reading_order`) in
-        place of the messages' own: a lone user message as a text, else the conversation."""
+        place of the messages' own: a lone user message as a text, else the conversation (and
+        the `prefix` its answer begins with)."""
         if len(self.messages) == 1 and not self.offered:
             return texts[0]
         return Chat(conversation(self.messages, texts),
-                    tuple(t.model_dump(exclude_none=True) for t in self.offered))
+                    tuple(t.model_dump(exclude_none=True) for t in self.offered), prefix)
 
     def options(self) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -201,28 +213,45 @@ class ChatPipeline(Pipeline):
         """The answer's text and the calls it makes of the tools offered."""
         if not request.offered:
             return text, []
-        return parse_tool_calls(text, self.config.generator.generation_config.tool_parser,
-                                {t.function.name for t in request.offered}, f"call_{rid}")
+        return parse_tool_calls(text, self.parser, {t.function.name for t in request.offered},
+                                f"call_{rid}")
 
     async def _generate(self, call: Call, request: ChatRequest) -> Answer:
         """The generator's answer (at a peak its student's, where it has one: the switch is the
         generator's `fallback`; not with tools offered, which the student never learnt to
         call), or the fallback reply while it fails or its breaker is open."""
+        prefix = request.forced(self.parser)
         with self.pressure.track() as peak:
             try:
                 out = await self.breaker.call(lambda: self._generator_for(request.model)
-                                              .generate.remote(request.prompt(call.texts),
+                                              .generate.remote(request.prompt(call.texts, prefix),
                                                                call.request_id,
                                                                model=request.model, embed=True,
                                                                fallback=peak and not request.offered,
                                                                **request.options()))
+                out = self._forced(out, prefix, request, call.request_id)
                 degraded = False
             except Exception as exc:
-                if callers_fault(exc):  # this caller's input: its own 4xx, no fallback
+                if callers_fault(exc) or isinstance(exc, InvalidOutput):  # no fallback for these
                     raise
                 out, degraded = self._fallback(exc), True
         await self._record(call, out)
         return _answer(out, degraded)
+
+    @property
+    def parser(self) -> ToolParser:
+        return self.config.generator.generation_config.tool_parser
+
+    def _forced(self, out: dict, prefix: str, request: ChatRequest, rid: str) -> dict:
+        """A generator's answer begun with a forced call's `prefix`, whole again; one that does
+        not make a call is refused (502: the model answered outside the request's contract)."""
+        if not prefix:
+            return out
+        out = {**out, "text": prefix + out["text"]}
+        if not self._tool_calls(out["text"], request, rid)[1]:
+            raise InvalidOutput(f"tool_choice asked for a call, and the model wrote none that "
+                                f"parses as {self.parser}")
+        return out
 
     def _fallback(self, error: Exception) -> dict:
         metrics.degraded(type(error).__name__)
@@ -267,11 +296,11 @@ class ChatPipeline(Pipeline):
                                          "finish_reason": None}]}
 
         pieces: list[str] = []
-        stream = None
+        stream, prefix = None, request.forced(self.parser)
         with self.pressure.track() as peak:
             try:
                 stream = self._generator_for(request.model, stream=True).stream.remote(
-                    request.prompt(call.texts), rid, model=request.model, embed=True,
+                    request.prompt(call.texts, prefix), rid, model=request.model, embed=True,
                     fallback=peak and not request.offered, **request.options())
                 try:
                     first = await self.breaker.call(lambda: anext(stream))
@@ -289,6 +318,8 @@ class ChatPipeline(Pipeline):
                     pieces.append(piece["text"])
                     if not hold:
                         yield content(piece["text"])
+                if stream is not None:  # a forced call's start is part of its answer
+                    pieces = [self._forced({"text": "".join(pieces)}, prefix, request, rid)["text"]]
             except BaseException as exc:  # a client gone (cancelled, closed) is settled too
                 if stream is not None:
                     stream.cancel()  # the generator replica stops generating for nobody

@@ -19,6 +19,16 @@ ToolParser = Literal["hermes", "json"]
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
+def forced_call(parser: ToolParser, name: str | None) -> str:
+    """The start of a call that an answer is made to begin with (written after the generation
+    prompt, so the model writes on from it): of any function offered (`name` None: OpenAI's
+    `tool_choice: required`), or of the one named. Only a grammar could force the rest; what
+    does not parse then is the caller's to refuse."""
+    key = "arguments" if parser == "hermes" else "parameters"
+    start = '<tool_call>\n{"name": "' if parser == "hermes" else '{"name": "'
+    return start + (f'{name}", "{key}":' if name else "")  # the model writes the space on
+
+
 def parse(text: str, parser: ToolParser, offered: set[str], call_id: str
           ) -> tuple[str | None, list[dict]]:
     """(the answer's remaining text or None, its calls); ids are `call_id` and the call's

@@ -30,6 +30,7 @@ class Chat:
 
     messages: tuple[dict, ...]
     tools: tuple[dict, ...] = ()
+    prefix: str = ""  # what the answer is made to begin with (a forced tool call's start)
 
     @property
     def last_user(self) -> str:
@@ -40,7 +41,8 @@ def prompt_of(tokenizer, text: str | Chat) -> str:
     """What a causal LM reads for `text`: its tokenizer's chat template (the conversation, or
     one user turn, and the generation prompt) when it has one, as a chat-tuned base expects;
     else the platform's `PROMPT` over the text (a conversation's newest user message: without
-    a template there is no way to frame the rest, nor to offer tools)."""
+    a template there is no way to frame the rest, nor to offer tools). A conversation's
+    `prefix` follows the generation prompt: the model writes on from it."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(text, Chat):
         if not template:
@@ -49,7 +51,7 @@ def prompt_of(tokenizer, text: str | Chat) -> str:
                                           "offered tools; send the request without 'tools'")
             text = text.last_user
         else:
-            return _render(tokenizer, list(text.messages), list(text.tools) or None)
+            return _render(tokenizer, list(text.messages), list(text.tools) or None) + text.prefix
     if template:
         return _render(tokenizer, [{"role": "user", "content": text}], None)
     return PROMPT.format(text=text)

@@ -28,6 +28,7 @@ from serve_apps.dialogue import SPEC
 from serve_apps.dialogue import TOOL as SIMULATE
 from serve_apps.portfolio import request_of, simulate
 from serve_apps.quoting import compose
+from serve_apps.tool_calls import forced_call
 from training.prompts import Chat, prompt_of
 from training.registry import Registry
 
@@ -36,7 +37,7 @@ TEMPLATE = ("{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }} {%
             "{% for c in m.tool_calls %}<tool_call>"
             "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
             "</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -45,6 +46,9 @@ QUESTION = {"role": "user", "content": "What is the weather in Paris?"}
 ARGUMENTS = {"city": "Paris"}
 RESULT = '{"temperature": 21}'
 NO_TOOL = "I cannot look up the weather."
+GREETING = {"role": "user", "content": "Hello there!"}
+HELLO = "Hello! Ask me about the weather."  # offered the tool, the model calls none for this
+FORCED = {"required": None, "named": "get_weather"}  # tool_choice -> the function it names
 ANSWER = "It is 21 degrees in Paris."
 
 
@@ -72,7 +76,8 @@ def _simulated(arguments: dict) -> dict:
 
 
 def _call_text(name: str, arguments: dict) -> str:
-    return f'<tool_call>{json.dumps({"name": name, "arguments": arguments})}</tool_call>'
+    """A call as Qwen writes one."""
+    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
 
 
 def _advice(name: str) -> str:
@@ -120,9 +125,14 @@ def _tool_calling_llama(folder):
 
     call = _call_text("get_weather", ARGUMENTS)
     cases = [(Chat((QUESTION,), (WEATHER,)), call), (Chat((QUESTION,)), NO_TOOL),
-             (Chat((QUESTION, *_asked()), (WEATHER,)), ANSWER), *_advisor_cases()]
+             (Chat((QUESTION, *_asked()), (WEATHER,)), ANSWER),
+             (Chat((GREETING,), (WEATHER,)), HELLO), *_advisor_cases()]
+    for name in FORCED.values():  # made to begin a call, it writes the rest of it
+        prefix = forced_call("hermes", name)
+        cases.append((Chat((GREETING,), (WEATHER,), prefix), call.removeprefix(prefix)))
     tokenizer = train_bpe_tokenizer([TEMPLATE, SYSTEM["content"], *(p[0] for p in PORTFOLIOS.values()),
-                                     *(t for _, t in cases), RESULT, QUESTION["content"]] * 4, 400)
+                                     *(t for _, t in cases), RESULT, QUESTION["content"],
+                                     GREETING["content"]] * 4, 400)
     tokenizer.chat_template = TEMPLATE
     torch.manual_seed(0)
     model = build_model(ModelSpec(source="scratch", architecture={
@@ -170,7 +180,7 @@ def url(ray_session, tmp_path_factory):
         "port": port, "use_gpu": "no", "moderation": off, "support": off, "feedback": off,
         "chat": {"policies": ["guardrails"], "generator": {
             "model": "models:/rewriter@champion", "placement": "replica",
-            "generation": {"max_new_tokens": 64}, "resources": {"num_cpus": 0.25}}},
+            "generation": {"max_new_tokens": 64, "stop": []}, "resources": {"num_cpus": 0.25}}},
         "advisor": {"policies": ["guardrails"], "assistant": {
             "model": "models:/rewriter@champion", "placement": "replica",
             "generation": {"max_new_tokens": 96, "stop": []}, "resources": {"num_cpus": 0.25}}}})
@@ -209,6 +219,21 @@ def test_the_model_calls_an_offered_tool_and_answers_with_its_result(client):
         assert plain.choices[0].message.tool_calls is None
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": FORCED["named"]}}])
+def test_a_required_or_named_call_is_made_to_begin_the_answer(client, choice):
+    """Greeted, with the tool offered, the model answers in words; made to begin a call (of
+    any function offered, or of the one named) it writes the rest of it."""
+    auto = client.chat.completions.create(model="rewriter", messages=[GREETING], tools=[WEATHER])
+    assert auto.choices[0].message.content == HELLO and not auto.choices[0].message.tool_calls
+    forced = client.chat.completions.create(model="rewriter", messages=[GREETING],
+                                            tools=[WEATHER], tool_choice=choice)
+    (call,) = forced.choices[0].message.tool_calls
+    assert forced.choices[0].finish_reason == "tool_calls"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather",
+                                                                         ARGUMENTS)
+
+
 def test_a_streamed_tool_call_comes_whole_in_one_delta(client):
     chunks = list(client.chat.completions.create(model="rewriter", messages=[QUESTION],
                                                  tools=[WEATHER], stream=True))
@@ -221,9 +246,9 @@ def test_a_streamed_tool_call_comes_whole_in_one_delta(client):
 
 
 @pytest.mark.parametrize("body,fragment", [
-    ({"tool_choice": "required"}, "guided decoding"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-     "guided decoding"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+     "not among the tools"),
+    ({"tools": None, "tool_choice": "required"}, "needs tools"),
     ({"messages": [QUESTION, {"role": "assistant", "content": None, "tool_calls": [{
         "id": "c1", "type": "function",
         "function": {"name": "get_weather", "arguments": "Paris"}}]}]}, "JSON object"),

@@ -13,7 +13,7 @@ from serve_apps.chat import ChatRequest
 from serve_apps.config import LimitsConfig
 from serve_apps.http import InvalidRequest
 from serve_apps.openai_schema import conversation_texts
-from serve_apps.tool_calls import parse
+from serve_apps.tool_calls import forced_call, parse
 from training.prompts import PROMPT, Chat, InvalidConversation, prompt_of
 
 OFFERED = {"get_weather", "get_time"}
@@ -71,6 +71,17 @@ def test_json_calls_are_the_whole_answer_with_arguments_or_parameters():
         assert parse(text, "json", OFFERED, "r") == (text, [])
 
 
+def test_a_forced_call_begins_in_the_parsers_format_and_parses_once_written_on():
+    named = forced_call("hermes", "get_time")
+    assert named == '<tool_call>\n{"name": "get_time", "arguments":'
+    content, calls = parse(named + ' {"tz": "CET"}}\n</tool_call>', "hermes", OFFERED, "r")
+    assert content is None and _named(calls) == [("r-0", "get_time", {"tz": "CET"})]
+    assert forced_call("hermes", None) == '<tool_call>\n{"name": "'
+    assert forced_call("json", "get_time") == '{"name": "get_time", "parameters":'
+    assert _named(parse(forced_call("json", None) + 'get_time", "parameters": {}}', "json",
+                        OFFERED, "r")[1]) == [("r-0", "get_time", {})]
+
+
 class _Templated:
     """A tokenizer's chat-template side (what `prompt_of` uses), without a vocabulary."""
 
@@ -94,6 +105,7 @@ def test_a_conversation_is_framed_by_the_chat_template_with_its_tools():
                  {"role": "user", "content": "weather?"}), (tool,))
     assert prompt_of(_Templated(), chat) == f"{[tool]}|system:be brief;user:weather?;>"
     assert prompt_of(_Templated(), "hi") == "None|user:hi;>"
+    assert prompt_of(_Templated(), Chat(chat.messages, (tool,), "<call>")).endswith(";><call>")
     with pytest.raises(InvalidConversation, match="refuses this conversation"):
         prompt_of(_Templated(), Chat(({"role": "robot", "content": "x"},)))
 
@@ -137,7 +149,7 @@ def test_the_guardrails_read_every_text_and_the_model_what_they_let_through():
 
 
 @pytest.mark.parametrize("body", [
-    {"tool_choice": "required"},
+    {"tool_choice": "required"},  # no tools to call
     {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
     {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
                    "function": {"name": "f", "arguments": "[1]"}}]}]},
