@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serve_apps.adapters import Adapter
+from training.prompts import Chat
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,7 @@ class Item:
     peak, `serve_apps/pressure.py`), how to run it (params) and, for a generator, the LoRA
     adapter that answers it (None: the base)."""
 
-    text: str
+    text: str | Chat  # a conversation for a generator's chat completions
     request_id: str
     params: tuple = ()
     adapter: Adapter | None = None

@@ -24,6 +24,7 @@ from serve_apps.http import InvalidRequest
 from serve_apps.model import LoadedModel, device
 from serve_apps.model_config import ModelDeploymentConfig
 from serve_apps.slot import CHALLENGER_VARIANT, CHAMPION_VARIANT, ModelSlot, answered_by, bucket
+from training.prompts import Chat
 from training.refs import UnknownModel, resolve
 
 MAX_ADAPTERS = ModelDeploymentConfig.model_fields["max_adapters"].default
@@ -156,9 +157,10 @@ class Generator(_ModelDeployment):
         key = (("salt", salt),) if p["temperature"] > 0 else ()
         return tuple(sorted(p.items())) + key
 
-    async def generate(self, text: str, request_id: str, model: str | None = None,
+    async def generate(self, text: str | Chat, request_id: str, model: str | None = None,
                        embed: bool = False, fallback: bool = False, **options) -> dict:
-        """The answer to one text by `model` (the base's or an adapter's name; None: this
+        """The answer to one text (or a conversation, `training.prompts.Chat`) by `model` (the
+        base's or an adapter's name; None: this
         deployment's `adapter`); with `embed`, also the prompt's embedding (for drift checks:
         `training.features.prompt_embeddings`); with `fallback` (a pipeline at a peak), by the
         generator's distilled student where it has one (`fallback`)."""
@@ -223,7 +225,7 @@ class Generator(_ModelDeployment):
                                                           [items[i].adapter for i in asked])
                          if asked else [])
 
-    async def stream(self, text: str, request_id: str, model: str | None = None,
+    async def stream(self, text: str | Chat, request_id: str, model: str | None = None,
                      embed: bool = False, fallback: bool = False, **options
                      ) -> AsyncIterator[dict]:
         """Pieces of the answer as they are generated; the first carries the model identity

@@ -16,6 +16,7 @@ import torch
 
 from serve_apps.adapters import Adapter, AdapterHost
 from training.config import BUNDLED_ENCODER
+from training.prompts import Chat
 from training.refs import ModelIdentity, resolve
 
 
@@ -107,7 +108,7 @@ class LoadedModel:
         return results
 
     @_one_at_a_time
-    def stream(self, text: str, max_new_tokens: int, temperature: float, seed: int,
+    def stream(self, text: str | Chat, max_new_tokens: int, temperature: float, seed: int,
                stop: Sequence[str], piece_timeout_s: float, cancel: threading.Event,
                adapter: Adapter | None = None) -> Iterator[str]:
         """Pieces of `generate`'s answer as they appear; joined they equal its text. Setting
@@ -140,7 +141,7 @@ class LoadedModel:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @_one_at_a_time
-    def prompt_tokens(self, text: str) -> int:
+    def prompt_tokens(self, text: str | Chat) -> int:
         """Tokens of the prompt a generator actually reads for `text`."""
         from training.features import prompt_tokens
 
