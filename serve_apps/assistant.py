@@ -30,7 +30,7 @@ class Turn:
     text: str | None = None
     request: dict | None = None
     problem: str | None = None
-    call: dict | None = None  # the model's call, as the conversation carries it
+    call: dict | None = None  # the model's call, its arguments as it wrote them (an object)
     outs: list[dict] = field(default_factory=list)
 
     @property
@@ -54,6 +54,11 @@ class Assistant:
         turn.outs.append(out)
         return out["text"]
 
+    async def _written(self, rid: str, messages: list[dict], turn: Turn) -> str:
+        """The model's text answer to `messages` (a call it makes there is not run)."""
+        return parse(await self._generate(rid, messages, turn), self.parser, {TOOL},
+                     f"call_{rid}")[0] or ""
+
     async def decide(self, rid: str, messages: list[dict]) -> Turn:
         """The model's first answer to the conversation: a call of the simulation or a text."""
         turn = Turn()
@@ -62,11 +67,12 @@ class Assistant:
         if not calls:
             turn.text = content
             return turn
-        turn.call = calls[0]
-        arguments = json.loads(turn.call["function"]["arguments"])
-        arguments.update(paths=self.config.paths, seed=self.config.seed)  # the service's
-        try:
-            turn.request = request_of(arguments, self.config.portfolio).model_dump()
+        arguments = json.loads(calls[0]["function"]["arguments"])
+        turn.call = {**calls[0], "function": {"name": TOOL, "arguments": arguments}}
+        try:  # the service's paths and seed
+            turn.request = request_of({**arguments, "paths": self.config.paths,
+                                       "seed": self.config.seed},
+                                      self.config.portfolio).model_dump()
         except InvalidRequest as exc:  # the model's arguments, not the client's request: no 422
             turn.problem = str(exc)
         return turn
@@ -74,16 +80,12 @@ class Assistant:
     async def answer(self, rid: str, messages: list[dict], turn: Turn, figures: dict) -> str:
         """The model's answer once the simulation's `figures` are back (to 4 decimals: what
         an answer quotes, in fewer tokens), after its own call as it wrote it."""
-        call = {"role": "assistant", "content": "", "tool_calls": [{
-            **turn.call, "function": {"name": TOOL,
-                                      "arguments": json.loads(turn.call["function"]["arguments"])}}]}
+        call = {"role": "assistant", "content": "", "tool_calls": [turn.call]}
         result = {"role": "tool", "tool_call_id": turn.call["id"], "content": json.dumps(
             {"figures": {k: round(v, 4) for k, v in figures.items()}})}
-        text = await self._generate(rid, [*messages, call, result], turn)
-        return parse(text, self.parser, {TOOL}, f"call_{rid}")[0] or ""
+        return await self._written(rid, [*messages, call, result], turn)
 
     async def follow_up(self, rid: str, messages: list[dict]) -> tuple[str, Turn]:
         """The model's answer to a conversation that ends with the client's tool results."""
         turn = Turn()
-        text = await self._generate(rid, messages, turn)
-        return parse(text, self.parser, {TOOL}, f"call_{rid}")[0] or "", turn
+        return await self._written(rid, messages, turn), turn
