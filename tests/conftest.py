@@ -229,6 +229,18 @@ def registry(settings):
     return Registry(settings.registry, settings.data_dir)
 
 
+def advisor_registry(tmp_path_factory, name: str) -> tuple[Path, Settings, object]:
+    """A module's own folder (`name`), settings and registry, with the advisor's intent
+    classifier trained quickly and registered as its champion (`models:/advisor-intent/1`)."""
+    from training.registry import Registry
+
+    root = tmp_path_factory.mktemp(name)
+    settings = tiny_settings(root / "state")
+    registry = Registry(settings.registry, settings.data_dir)
+    register_quick(settings, registry, "advisor-intent", epochs=4, lr=1e-3)
+    return root, settings, registry
+
+
 def register_quick(settings: Settings, registry, task: str, epochs: int = 6, seed: int = 0,
                    lr: float = 3e-3):
     """A tiny model trained in-process (plain PyTorch, seconds) and registered as a new version:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, register_quick, tiny_settings
+from conftest import advisor_registry, free_port, register_quick
 
 from cluster.runtime import PLATFORM_ENV
 from serve_apps.auth import issue
@@ -40,12 +40,7 @@ class Advisor:
 def advisor(ray_session, tmp_path_factory):
     from ray import serve
 
-    from training.registry import Registry
-
-    root = tmp_path_factory.mktemp("advisor")
-    settings = tiny_settings(root / "state")
-    registry = Registry(settings.registry, settings.data_dir)
-    register_quick(settings, registry, "advisor-intent", epochs=4, lr=1e-3)
+    root, settings, registry = advisor_registry(tmp_path_factory, "advisor")
     # a second version stands for the distilled student (tests/training/test_distill.py)
     student = register_quick(settings, registry, "advisor-intent", epochs=3, lr=1e-3, seed=1)
     registry.set_alias("advisor-intent", "fallback", student.version)

@@ -19,7 +19,7 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, register_quick, tiny_settings
+from conftest import advisor_registry, free_port
 
 from cluster.runtime import PLATFORM_ENV
 from serve_apps.config import AdvisorAppConfig, ServeConfig
@@ -30,7 +30,6 @@ from serve_apps.portfolio import request_of, simulate
 from serve_apps.quoting import compose
 from serve_apps.tool_calls import forced_call
 from training.prompts import Chat, prompt_of
-from training.registry import Registry
 
 TEMPLATE = ("{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }} {% endfor %}\n"
             "{% endif %}{% for m in messages %}<|{{ m.role }}|>{% if m.tool_calls %}"
@@ -165,10 +164,7 @@ def url(ray_session, tmp_path_factory):
     from training.job import register_model_dir
     from training.taskdata import build_task_data
 
-    root = tmp_path_factory.mktemp("tools")
-    settings = tiny_settings(root / "state")
-    registry = Registry(settings.registry, settings.data_dir)
-    register_quick(settings, registry, "advisor-intent", epochs=4, lr=1e-3)
+    root, settings, registry = advisor_registry(tmp_path_factory, "tools")
     register_model_dir(settings.training, registry, "rewriter",
                        build_task_data(settings.training, "rewriter"),
                        _tool_calling_llama(root / "model"), [], history=[], ds_config={},
