@@ -139,9 +139,9 @@ class Controller:
     def _drift_suspected(self, state: ControllerState) -> ControllerState:
         cfg = self.settings.controller
         if cfg.label_shift.enabled and "label_shift_refuted" not in state.detail:
-            reweighted = self.label_shift.reweight(state)
-            if reweighted is not None:
-                return reweighted
+            state = self.label_shift.reweight(state)
+            if state.state == "reweighted":
+                return state
         now = time.time()
         today = [t for t in state.retrain_started if now - t < DAY_S]
         if len(today) >= cfg.max_retrains_per_day:

@@ -12,6 +12,7 @@ rule: their accuracy may not fall below their calibrated confidence (`monitoring
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -23,6 +24,8 @@ from cluster.settings import LabelShiftPolicy
 from monitoring.config import DriftConfig
 from monitoring.drift import NotEnoughData, accuracy_shortfall, check_window
 from training import priors as em
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,10 @@ def detect(window: pd.DataFrame, reference: pd.DataFrame, labels: list[str],
 
 def confirm(labelled: pd.DataFrame, reference: pd.DataFrame,
             policy: LabelShiftPolicy) -> tuple[bool | None, str]:
-    """Whether the adjusted answers since the priors moved (`labelled`: log rows with a
-    feedback `label`) are as accurate as their calibrated confidence says, as on the reference
-    rows; None while fewer than `min_labels` have come."""
+    """Whether labelled answers (log rows with a feedback `label`: the adjusted ones since the
+    priors moved, or the champion's since the drift began, which new priors would change only
+    near its boundaries) are as accurate as their calibrated confidence says, as on the
+    reference rows; None while fewer than `min_labels` have come."""
     if len(labelled) < policy.min_labels:
         return None, f"{len(labelled)} of {policy.min_labels} labels to confirm the new priors"
     shortfall = accuracy_shortfall(labelled, reference, policy.max_accuracy_drop)
@@ -94,27 +98,46 @@ class LabelShiftSteps:
         self.c = controller
 
     def reweight(self, state):
-        """`reweighted` with the champion's answers adjusted, or None: not a label shift. The
-        window carries its feedback labels: answers that labels show wrong (a concept shift,
-        with inputs unchanged) are drift no new priors explain."""
+        """`reweighted` with the champion's answers adjusted; else `state`: not a label shift,
+        or one the labels since the drift began already refute (saved in its detail). The
+        window carries its feedback labels too, but the label queue answers behind the traffic:
+        a concept shift's newest window can hold too few while its earlier labels show it."""
         from monitoring.log import FEEDBACK, read, with_feedback
 
-        c, drift = self.c, self.c.settings.monitoring.drift
+        c = self.c
+        drift, policy = c.settings.monitoring.drift, c.settings.controller.label_shift
+        version = str(state.champion)
+        reference = c.registry.reference_profile(c.model, version)
+        refuted, reason = confirm(self._labelled(state.drift_onset or state.serving_since,
+                                                 state.champion), reference, policy)
+        if refuted is False:
+            log.warning("%s: label shift refuted before any answer was adjusted: %s", c.model,
+                        reason)
+            state = state.model_copy(update={"detail": {**state.detail,
+                                                        "label_shift_refuted": reason}})
+            c.store.save(state)
+            return state
         since = _moment(state.serving_since)
         window = with_feedback(read(c.settings.log_uri, model=c.model, outcome="ok",
                                     since=since, last=drift.window),
                                read(c.settings.log_uri, FEEDBACK, since=since))
-        version = str(state.champion)
-        shift = detect(window[window.model_version == version],
-                       c.registry.reference_profile(c.model, version),
-                       c.registry.labels(c.model, version), c.settings.controller.label_shift,
-                       drift, c.model, version)
+        shift = detect(window[window.model_version == version], reference,
+                       c.registry.labels(c.model, version), policy, drift, c.model, version)
         if shift is None:
-            return None
+            return state
         self._set_priors(state.champion, shift)
         return c._to(state, "reweighted", f"label shift explains the drift: priors re-estimated "
                      f"from {shift.rows} requests ({shift.describe()}); answers adjusted, no "
                      f"retrain", detail={**state.detail, "label_shift": shift.to_dict()})
+
+    def _labelled(self, since: float | None, champion: int) -> pd.DataFrame:
+        """The champion's logged answers since `since` that carry a feedback label."""
+        from monitoring.log import FEEDBACK, read, with_feedback
+
+        c, at = self.c, _moment(since)
+        rows = with_feedback(read(c.settings.log_uri, model=c.model, outcome="ok", since=at),
+                             read(c.settings.log_uri, FEEDBACK, since=at))
+        return rows[(rows.model_version == str(champion)) & rows.label.notna()]
 
     def _set_priors(self, version: int, shift: Shift | None) -> None:
         """The version's priors as the registry records them (what drift checks read) and as
@@ -139,16 +162,10 @@ class LabelShiftSteps:
         self._set_priors(version, None)
 
     def confirm(self, state):
-        from monitoring.log import FEEDBACK, read, with_feedback
-
         c, policy = self.c, self.c.settings.controller.label_shift
-        since = _moment(state.since)
-        rows = with_feedback(read(c.settings.log_uri, model=c.model, outcome="ok", since=since),
-                             read(c.settings.log_uri, FEEDBACK, since=since))
-        rows = rows[(rows.model_version == str(state.champion)) & rows.label.notna()]
         shift = state.detail["label_shift"]
-        verdict, reason = confirm(rows, c.registry.reference_profile(c.model, state.champion),
-                                  policy)
+        verdict, reason = confirm(self._labelled(state.since, state.champion),
+                                  c.registry.reference_profile(c.model, state.champion), policy)
         if verdict is None:
             if time.time() - state.since > policy.timeout_s:
                 return c._to(state, "serving", f"label shift unconfirmed ({reason}); the new "

@@ -143,6 +143,32 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
     assert controller.step().state == "retraining"
 
 
+def test_labels_since_the_onset_refute_a_label_shift_before_any_answer_is_adjusted(accurate):
+    """The label queue answers behind the traffic: a concept shift's labelled answers can all
+    lie before the newest window, whose drift new priors alone would explain."""
+    settings, registry, controller = accurate
+    onset = time.time() - 1
+    budget = [time.time()] * settings.controller.max_retrains_per_day  # no retrain job: it holds
+    controller.store.save(ControllerState(model=MODEL, state="drift_suspected", champion=1,
+                                          serving_since=onset, drift_onset=onset,
+                                          retrain_started=budget))
+    log_served(settings, registry, "concept-shift", 120, 120, seed=15)
+    log_served(settings, registry, "label-shift", 600, 0, seed=16)  # the newest window: unlabelled
+    state = controller.step()
+    assert state.state == "drift_suspected", state.detail
+    assert state.detail["label_shift_refuted"].startswith("feedback accuracy")
+    assert registry.priors(MODEL, 1) is None  # no answer was adjusted
+    assert "budget" in state.detail["waiting"]  # on to the retrain, held by its budget alone
+    # a label shift is still taken for one while its labels, on the unadjusted answers, agree
+    controller.store.save(ControllerState(model=MODEL, state="drift_suspected", champion=1,
+                                          serving_since=time.time(), drift_onset=time.time(),
+                                          retrain_started=budget))
+    log_served(settings, registry, "label-shift", 600, 60, seed=17)
+    state = controller.step()
+    assert state.state == "reweighted", state.detail
+    controller.label_shift.clear(1)
+
+
 def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown(accurate):
     """A concept shift found by its first labels: refunds are billing now (20 labels: a move
     the retraining set shows), and damaged parcels are refunds (3 labels the champion answered
