@@ -47,7 +47,7 @@ class LoadedModel:
     precision: str = "fp32"
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     adapters: AdapterHost = field(default_factory=AdapterHost, repr=False, compare=False)
-    thresholds: dict[float, float | None] = field(default_factory=dict, repr=False, compare=False)
+    thresholds: dict[tuple, float | None] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -72,7 +72,7 @@ class LoadedModel:
                        temperature=temperature(self.meta))
         labels = self.meta["labels"]
         probs = adjust(out.probs, weights(labels, priors)) if priors else out.probs
-        q = self._threshold(error_rate) if error_rate else None
+        q = self._threshold(error_rate, priors) if error_rate else None
         sets = [None if q is None else [labels[i] for i in prediction_set(p, q)] for p in probs]
         return [{"label": labels[int(p.argmax())], "confidence": round(float(p.max()), 6),
                  "scores": {lbl: round(float(x), 6) for lbl, x in zip(labels, p)},
@@ -82,14 +82,20 @@ class LoadedModel:
                 for p, raw, s, features, n in zip(probs, out.probs, sets,
                                                   input_features(texts, out), out.tokens)]
 
-    def _threshold(self, error_rate: float) -> float | None:
-        """The conformal threshold at `error_rate` (None: uncalibrated), once per rate."""
+    def _threshold(self, error_rate: float, priors: Mapping[str, float] | None = None
+                   ) -> float | None:
+        """The conformal threshold at `error_rate` (None: uncalibrated) for answers adjusted
+        to `priors` (`Calibration.under`), once per rate and priors."""
         from training.calibration import Calibration
+        from training.priors import weights
 
-        if error_rate not in self.thresholds:
+        key = (error_rate, tuple(sorted((priors or {}).items())))
+        if key not in self.thresholds:
             calibration = Calibration.of(self.meta)
-            self.thresholds[error_rate] = calibration and calibration.threshold(error_rate)
-        return self.thresholds[error_rate]
+            if calibration and priors:
+                calibration = calibration.under(weights(self.meta["labels"], priors))
+            self.thresholds[key] = calibration and calibration.threshold(error_rate)
+        return self.thresholds[key]
 
     @_one_at_a_time
     def generate(self, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,

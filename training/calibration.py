@@ -20,6 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 MIN_T, MAX_T = 0.05, 20.0
+# conformal scores are stored to this many decimals, so sets compare at that precision: a
+# confident model's scores round to 0, and a strict comparison with q = 0 left sets empty
+DECIMALS = 6
+TOLERANCE = 10.0 ** -DECIMALS
 
 
 def rescale(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -71,7 +75,7 @@ def threshold(scores: list[float], error_rate: float, label_noise: float = 0.0,
         order = np.argsort(p.ravel(), kind="stable")
         flat = p.ravel()[order]
         above = np.concatenate([np.cumsum(np.repeat(w, p.shape[1])[order][::-1])[::-1], [0.0]])
-        sizes = above[np.searchsorted(flat, 1 - q, side="left")] / w.sum()  # weighted mean
+        sizes = above[np.searchsorted(flat, 1 - q - TOLERANCE, side="left")] / w.sum()  # mean
         covered = (covered - label_noise * sizes / p.shape[1]) / (1 - label_noise)
     enough = np.flatnonzero(covered >= 1 - error_rate)
     return float(q[enough[0]]) if len(enough) else math.inf
@@ -84,8 +88,9 @@ class Calibration:
     temperature: float
     scores: list[float]  # conformal scores of the calibration rows, with that temperature
     label_noise: float = 0.0  # the share of their labels given at random
-    probs: list[list[float]] | None = None  # their calibrated probabilities, where noise > 0
+    probs: list[list[float]] | None = None  # their calibrated probabilities
     weights: list[float] | None = None  # their weights, where some rows count for more
+    targets: list[int] | None = None  # their labels (indices)
 
     @classmethod
     def fit(cls, probs: np.ndarray, y: np.ndarray, label_noise: float = 0.0,
@@ -94,29 +99,53 @@ class Calibration:
         `label_noise` share of them random), each row counting by its weight where given
         (`threshold`); all kept in the order of the rows' conformal scores, 1 - p(label)."""
         t = fit_temperature(probs, y)
-        calibrated = rescale(probs, t)
-        scores = np.round(1 - calibrated[np.arange(len(y)), y].astype(np.float64), 6)
+        return cls._sorted(t, rescale(probs, t), np.asarray(y), label_noise, weights)
+
+    @classmethod
+    def _sorted(cls, temperature: float, calibrated: np.ndarray, y: np.ndarray,
+                label_noise: float, weights: np.ndarray | None) -> Calibration:
+        scores = np.round(1 - calibrated[np.arange(len(y)), y].astype(np.float64), DECIMALS)
         order = np.argsort(scores, kind="stable")
-        return cls(t, scores[order].tolist(), label_noise,
-                   np.round(calibrated[order].astype(np.float64), 6).tolist()
-                   if label_noise else None,
+        return cls(temperature, scores[order].tolist(), label_noise,
+                   np.round(calibrated[order].astype(np.float64), DECIMALS).tolist(),
                    None if weights is None else np.round(np.asarray(weights, np.float64)[order],
-                                                         8).tolist())
+                                                         8).tolist(),
+                   [int(i) for i in y[order]])
+
+    def under(self, prior_weights: np.ndarray) -> Calibration:
+        """The calibration rows as the served answers see them after a label shift to priors
+        `prior_weights * training` (`training/priors.py`): probabilities adjusted as serving
+        adjusts them, and each row weighing by its label's ratio q(y) / p(y) (weighted
+        conformal under label shift, Podkopaev and Ramdas 2021; the sets keep their coverage
+        on the shifted traffic, where the training mix's threshold over-covers the labels
+        that became rarer and under-covers those that became common). Unchanged where the
+        rows' labels were not stored (registered before they were)."""
+        from training.priors import adjust
+
+        if self.targets is None or self.probs is None:
+            return self
+        y = np.asarray(self.targets)
+        w = np.asarray(prior_weights, np.float64)[y] * (
+            1.0 if self.weights is None else np.asarray(self.weights))
+        return self._sorted(self.temperature, adjust(np.asarray(self.probs), prior_weights), y,
+                            self.label_noise, w)
 
     @classmethod
     def of(cls, meta: dict) -> Calibration | None:
         c = meta.get("calibration")
         return cls(float(c["temperature"]), list(c["scores"]), float(c.get("label_noise", 0.0)),
-                   c.get("probs"), c.get("weights")) if c else None
+                   c.get("probs"), c.get("weights"), c.get("targets")) if c else None
 
     def threshold(self, error_rate: float) -> float:
-        return threshold(self.scores, error_rate, self.label_noise, self.probs, self.weights)
+        return threshold(self.scores, error_rate, self.label_noise,
+                         self.probs if self.label_noise else None, self.weights)
 
     def to_meta(self) -> dict:
         return {"calibration": {"temperature": self.temperature, "scores": self.scores,
-                                **({"label_noise": self.label_noise, "probs": self.probs}
-                                   if self.label_noise else {}),
-                                **({"weights": self.weights} if self.weights else {})}}
+                                **({"label_noise": self.label_noise} if self.label_noise else {}),
+                                **{k: v for k, v in (("probs", self.probs),
+                                                     ("weights", self.weights),
+                                                     ("targets", self.targets)) if v}}}
 
 
 def temperature(meta: dict) -> float:
@@ -127,4 +156,4 @@ def temperature(meta: dict) -> float:
 
 def prediction_set(probs: np.ndarray, q: float) -> list[int]:
     """The labels (indices) of one row's calibrated probabilities inside the conformal set."""
-    return [int(i) for i in np.flatnonzero(probs >= 1 - q)]
+    return [int(i) for i in np.flatnonzero(probs >= 1 - q - TOLERANCE)]

@@ -97,7 +97,7 @@ def test_with_random_labels_the_sets_hold_the_true_label_at_the_rate_and_no_more
     # no noise: the plain split-conformal quantile, whichever way it is asked for
     plain = Calibration.fit(probs, y)
     assert plain.threshold(error_rate) == threshold(plain.scores, error_rate)
-    assert plain.probs is None and "probs" not in plain.to_meta()["calibration"]
+    assert "label_noise" not in plain.to_meta()["calibration"]
 
 
 def test_metadata_round_trip_and_uncalibrated_models():
@@ -136,3 +136,45 @@ def test_rows_weighted_towards_the_traffic_to_serve_give_its_coverage():
     assert equal.threshold(0.1) == plain.threshold(0.1) == threshold(plain.scores, 0.1)
     assert Calibration.fit(probs, y, 0.1, np.full(len(y), 2.0)).threshold(0.1) == \
         Calibration.fit(probs, y, 0.1).threshold(0.1)  # and so with label noise
+
+
+def _shifted(n: int, priors: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of four labels drawn in the proportions `priors`, and their true posteriors under
+    uniform priors (a calibrated model trained on a balanced mix): labels 0 and 1 overlap
+    (hard), 2 and 3 lie apart (easy)."""
+    rng = np.random.default_rng(seed)
+    means = np.array([[0.0, 0.0], [0.8, 0.0], [6.0, 6.0], [-6.0, 6.0]])
+    y = rng.choice(4, size=n, p=priors)
+    x = means[y] + rng.normal(size=(n, 2))
+    return _softmax(-0.5 * ((x[:, None, :] - means[None]) ** 2).sum(axis=2)), y
+
+
+@pytest.mark.parametrize("shifted", [[0.45, 0.45, 0.05, 0.05], [0.05, 0.05, 0.45, 0.45]])
+def test_after_a_label_shift_the_sets_of_adjusted_answers_keep_the_promised_coverage(shifted):
+    """Calibrated on a balanced mix, served to traffic where the two hard labels became 90%
+    (or 10%): with the training mix's threshold the adjusted answers' sets hold the true label
+    less (more) often than promised; calibrated `under` the new priors (rows weighted by
+    q(y) / p(y), probabilities adjusted as serving adjusts them) they hold it at the promised
+    rate. Where the easy labels weigh most, q is 0 (their scores round to it): sets compare at
+    the stored precision, or they would be empty."""
+    from training.priors import adjust
+
+    uniform, shifted = np.full(4, 0.25), np.array(shifted)
+    ratios = shifted / uniform
+    calibration = Calibration.fit(*_shifted(2000, uniform, seed=30))
+    under = calibration.under(ratios)
+    assert Calibration.of({"kind": "classification", **under.to_meta()}) == under
+    assert under.scores == sorted(under.scores) and under.weights is not None
+    probs, y = _shifted(5000, shifted, seed=32)
+    served = adjust(rescale(probs, calibration.temperature), ratios)
+    coverage = {}
+    for name, c in (("training mix", calibration), ("under the new priors", under)):
+        q = c.threshold(0.1)
+        coverage[name] = np.mean([t in prediction_set(p, q) for p, t in zip(served, y)])
+    assert abs(coverage["training mix"] - 0.9) > 0.03, coverage
+    assert 0.9 - 0.015 <= coverage["under the new priors"] <= 0.9 + 0.05, coverage
+    # unchanged priors change nothing; a calibration stored without its labels is kept as is
+    assert calibration.under(np.ones(4)).threshold(0.1) == pytest.approx(
+        calibration.threshold(0.1), abs=1e-6)
+    legacy = Calibration(calibration.temperature, calibration.scores)
+    assert legacy.under(ratios) is legacy

@@ -15,10 +15,12 @@ from conftest import HEAVY, TINY_LLAMA, imported_by, lora_adapter, tiny_llama_fo
 
 from serve_apps.model import load
 from training import lora
+from training.calibration import Calibration
 from training.config import TaskConfig
 from training.errors import InvalidData, LLMOpsError
 from training.job import fit_and_register, make_spec, register_model_dir
 from training.models import encode_causal_lm, predict_proba, train_bpe_tokenizer
+from training.priors import weights
 from training.prompts import prompt_of
 from training.pyfunc import load_hf
 from training.taskdata import build_task_data
@@ -69,6 +71,17 @@ def test_two_worker_zero2_finetune_registers_champion_then_a_resumed_challenger(
     assert all(s["candidates"] == [s["label"]] for s in served if len(s["candidates"]) == 1)
     assert "candidates" not in load("models:/support-router@champion",
                                     registry.tracking_uri).classify(texts[:1])[0]
+    # answers adjusted to new priors get sets sized for the shifted mix: the calibration rows
+    # (stored with their labels) weighted by q(y) / p(y) (`Calibration.under`)
+    assert len(meta["calibration"]["targets"]) == fitted["rows"]
+    ratios = {label: 3.0 if i == 0 else 0.5 for i, label in enumerate(meta["labels"])}
+    q = Calibration.of(meta).under(weights(meta["labels"], ratios)).threshold(0.2)
+    assert q != Calibration.of(meta).threshold(0.2)
+    for answer in load("models:/support-router@champion", registry.tracking_uri).classify(
+            texts, 0.2, priors=ratios):
+        scores = answer["scores"]
+        assert {k for k, p in scores.items() if p >= 1 - q + 1e-5} <= set(answer["candidates"])
+        assert not {k for k, p in scores.items() if p < 1 - q - 1e-5} & set(answer["candidates"])
 
     # The run records lineage: datasets with digests, DeepSpeed config, git commit, epochs.
     inputs = run.inputs.dataset_inputs
