@@ -87,13 +87,10 @@ class LoadedModel:
         """The conformal threshold at `error_rate` (None: uncalibrated) for answers adjusted
         to `priors` (`Calibration.under`), once per rate and priors."""
         from training.calibration import Calibration
-        from training.priors import weights
 
         key = (error_rate, tuple(sorted((priors or {}).items())))
         if key not in self.thresholds:
-            calibration = Calibration.of(self.meta)
-            if calibration and priors:
-                calibration = calibration.under(weights(self.meta["labels"], priors))
+            calibration = Calibration.served(self.meta, priors)
             self.thresholds[key] = calibration and calibration.threshold(error_rate)
         return self.thresholds[key]
 

@@ -136,6 +136,16 @@ class Calibration:
         return cls(float(c["temperature"]), list(c["scores"]), float(c.get("label_noise", 0.0)),
                    c.get("probs"), c.get("weights"), c.get("targets")) if c else None
 
+    @classmethod
+    def served(cls, meta: dict, priors: dict[str, float] | None = None) -> Calibration | None:
+        """A registered classifier's calibration as its answers are served: `under` its
+        priors (`{label: q(y) / p(y)}`, `training/priors.py`) where given."""
+        from training.priors import weights
+
+        calibration = cls.of(meta)
+        return calibration.under(weights(meta["labels"], priors)) if calibration and priors \
+            else calibration
+
     def threshold(self, error_rate: float) -> float:
         return threshold(self.scores, error_rate, self.label_noise,
                          self.probs if self.label_noise else None, self.weights)

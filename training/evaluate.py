@@ -66,15 +66,12 @@ def abstention_metrics(task_model, df, error_rate: float | None,
     accuracy of those answers (precision), also against `noisy` labels of the same rows if
     given (what annotators said, beside the truth in `label`)."""
     from training.calibration import Calibration, prediction_set
-    from training.priors import weights
 
     labels = task_model.meta["labels"]
     out = task_model.predict(None, df[["text"]], {"priors": priors})
     probs = out[[f"prob_{lbl}" for lbl in labels]].to_numpy()
     y = _indices(df.label, labels)
-    calibration = Calibration.of(task_model.meta)
-    if calibration and priors:
-        calibration = calibration.under(weights(labels, priors))
+    calibration = Calibration.served(task_model.meta, priors)
     q = calibration.threshold(error_rate) if calibration and error_rate else None
     answered = np.array([q is None or len(prediction_set(p, q)) == 1 for p in probs])
     def precision(truth: np.ndarray) -> float | None:
