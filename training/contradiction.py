@@ -21,8 +21,9 @@ row alone (its closest, with no second one near it saying the same), or grown fr
 is retired there too: one label cannot tell a sparse move from label noise, which the label
 queue over-samples (a wrong label looks like a confident mistake, the queue's cue):
 relabelling after one label taught whole regions a move that never happened. The report says
-which labels moved where, what each table did with its rows, and examples; and the moves
-suspected, not shown (too few rows yet: the loop waits for labels there, `cluster/retrain.py`)."""
+which labels moved where, what each table did with its rows, and examples; the moves
+suspected, not shown (too few rows yet); and the moved labels' rows that recent traffic asks
+about and no label reached (`_unreached`): the loop waits for labels there (`cluster/retrain.py`)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ class Contradictions:
     # "A -> B" -> recent rows: a move said in an A region by too few rows, or too thin a region
     suspected: dict[str, int] = field(default_factory=dict)
     single: dict[str, int] = field(default_factory=dict)  # "A -> B": its rows one label moved
+    # A (a moved label) -> its first table's rows, kept as A, that recent traffic asks about
+    # and no label has reached (`_unreached`)
+    unreached: dict[str, list[str]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.moved)
@@ -82,7 +86,9 @@ class Contradictions:
 
     def to_dict(self) -> dict:
         return {"moved": self.moved, "retired": self.retired, "relabelled": self.relabelled,
-                "examples": self.examples, "suspected": self.suspected, "single": self.single}
+                "examples": self.examples, "suspected": self.suspected, "single": self.single,
+                "unreached": {a: {"rows": len(texts), "examples": texts[:EXAMPLES]}
+                              for a, texts in self.unreached.items()}}
 
 
 def embed(texts: list[str]) -> np.ndarray:
@@ -232,20 +238,47 @@ def _follow(rows_e: np.ndarray, rows_labels: np.ndarray, primary_e: np.ndarray,
     return moved
 
 
+def _unreached(rows_e: np.ndarray, labels: np.ndarray, moves: np.ndarray, recent_e: np.ndarray,
+               recent_labels: np.ndarray, traffic_e: np.ndarray,
+               min_rows: int) -> dict[str, np.ndarray]:
+    """Per label a move left (A), its rows kept as A that the unlabelled `traffic` still asks
+    about (among the `K` nearest, within `MIN_SIMILARITY`, of `MIN_VOTES` requests) and no
+    labelled recent row near confirms, where at
+    least `min_rows`: a reorganisation moves a label's phrasings that lie far apart in meaning,
+    and the labels find the ones near the first mistakes first. Whether these moved too only
+    labels can tell; a retrain now would keep them as A (`cluster/retrain.py` waits)."""
+    sources = {a for a, b in zip(labels, moves) if b is not None}
+    if not sources or not len(traffic_e):
+        return {}
+    open_ = np.isin(labels, list(sources)) & (moves == None)  # noqa: E711 (elementwise)
+    confirmed = ((rows_e @ recent_e.T >= MIN_SIMILARITY)
+                 & (labels[:, None] == recent_labels[None, :])).any(axis=1)
+    sims = traffic_e @ rows_e.T
+    asked = np.zeros(len(labels))
+    for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K]):
+        asked[near[sims[j, near] >= MIN_SIMILARITY]] += 1
+    rows = open_ & ~confirmed & (asked >= MIN_VOTES)
+    return {a: np.flatnonzero(rows & (labels == a)) for a in sorted(sources)
+            if (rows & (labels == a)).sum() >= min_rows}
+
+
 def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
-            relabel: Collection[str] = ()) -> tuple[dict[str, pd.DataFrame], Contradictions]:
+            relabel: Collection[str] = (), traffic: Collection[str] = ()
+            ) -> tuple[dict[str, pd.DataFrame], Contradictions]:
     """`tables` (each with `text` and `label`) less the rows recent labelled traffic
     contradicts, or with those rows relabelled for the tables named in `relabel`. The first
     table defines the regions: a move needs `MIN_REGION_ROWS` of its rows, or 1% of them if
-    more (the other tables, such as a small golden set, follow the moves found there)."""
+    more (the other tables, such as a small golden set, follow the moves found there).
+    `traffic`: the unlabelled recent requests, for the moved labels' rows no label reached."""
     if recent.empty or not tables:
         return tables, Contradictions()
     min_region_rows = max(MIN_REGION_ROWS, len(next(iter(tables.values()))) // 100)
-    texts = list(recent.text)
+    texts = list(recent.text) + list(traffic)
     for df in tables.values():
         texts += list(df.text)
     embedded = embed(texts)
     recent_e, at = embedded[:len(recent)], len(recent)
+    traffic_e, at = embedded[at:at + len(traffic)], at + len(traffic)
     recent_labels = recent.label.astype(str).to_numpy()
     report, kept, primary = Contradictions(), {}, None
     for name, df in tables.items():
@@ -260,6 +293,9 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
             moves = np.array([b if b is not None and f"{a} -> {b}" in accepted else None
                               for a, b in zip(labels, moves)], dtype=object)
             primary = rows_e, labels, moves
+            report.unreached = {a: list(df.text.iloc[rows]) for a, rows in _unreached(
+                rows_e, labels, moves, recent_e, recent_labels, traffic_e,
+                min_region_rows).items()}
         else:
             moves, shown = _follow(rows_e, labels, *primary), np.ones(len(df), dtype=bool)
         unshown = (moves != None) & ~shown  # noqa: E711 (elementwise)

@@ -15,7 +15,7 @@ its own (a versioned golden set).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -70,7 +70,8 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     tables = {"replay": replay, "golden": golden, PRE_DRIFT: earlier}
     notes, original = {}, golden
     if config.resolve_contradictions:
-        tables, found, notes = _resolve(learn[["text", "label"]], tables, config, teacher)
+        tables, found, notes = _resolve(learn[["text", "label"]], tables, config, teacher,
+                                        () if served is None else served.text)
         # where the concept moved, recent labels judge: a golden row of a moved label that was
         # not found contradicted may still be, so the no-forgetting check skips them
         original = tables["golden"][~tables["golden"].label.astype(str).isin(found.sources)]
@@ -179,12 +180,13 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
 
 
 def _resolve(learnt: pd.DataFrame, tables: dict[str, pd.DataFrame], config: RetrainConfig,
-             teacher: Callable[[pd.DataFrame], Judge | None] | None
+             teacher: Callable[[pd.DataFrame], Judge | None] | None, traffic: Collection[str]
              ) -> tuple[dict[str, pd.DataFrame], Contradictions, dict]:
     """The replay, golden and pre-drift tables less (or, the replay, relabelled where) the
-    labelled rows `learnt` contradict them, the contradictions, and the notes that say so."""
+    labelled rows `learnt` contradict them, the contradictions, and the notes that say so
+    (`traffic`: the unlabelled requests since the drift, where labels have not reached)."""
     resolved, found = resolve(learnt, tables, relabel={"replay"}
-                              if config.contradicted_replay == "relabel" else ())
+                              if config.contradicted_replay == "relabel" else (), traffic=traffic)
     notes = {k: v for k, v in (("suspected_moves", found.suspected),
                                ("thin_moves", found.thin)) if v}
     if not found:
