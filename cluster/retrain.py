@@ -75,21 +75,13 @@ class RetrainSteps:
 
     def _waiting(self, recent: pd.DataFrame, notes: dict) -> str | None:
         """Why a retrain on drift waits for labels, if it does: moves the labels cannot show
-        yet (`_unseen_moves`), a moved label's regions that the traffic asks about and no label
-        reached (`training.contradiction`; the label queue asks there), or a concept shift
-        found on fewer labels since the onset than
+        yet (`_unseen_moves`), or a concept shift found on fewer labels since the onset than
         `controller.concept_shift_labels` (the first hundred reach only part of the moved
         regions, and what they miss keeps its old label in the replay)."""
         unseen = self._unseen_moves(recent, notes)
         if unseen:
             return ("feedback suggests " + ", ".join(f"{m} ({why})" for m, why in unseen.items())
                     + ", too few labels to tell a concept shift from noise")
-        unreached = notes.get("contradictions", {}).get("unreached")
-        if unreached:
-            return "labels have not reached " + ", ".join(
-                f"{u['rows']} replay rows of {a} that the traffic asks about (such as "
-                f"{u['examples'][0][:80]!r})" for a, u in unreached.items()) \
-                + ": whether they moved too, only labels can tell"
         need = self.c.settings.controller.concept_shift_labels
         if notes.get("concept_shift") and notes["labelled"] < need:
             moved = ", ".join(notes["contradictions"]["moved"])

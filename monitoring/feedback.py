@@ -132,11 +132,8 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     least confident (calibrated confidence: a conformal set of several labels comes first);
     taken in turn from each predicted label so no label is starved. `explore` of the page is
     spread over the rest (`_cover`): a new product's intents answered with confidence, or a
-    moved region no label has reached yet, are asked about without waiting for doubt; while
-    confident mistakes exceed chance, half of it over the answers of the labels they were
-    made in (`unreached`): a reorganisation moves a label's phrasings far apart in meaning,
-    and the ones no label reached kept their old label in the retrain (0.947 of clean). Each
-    item says why it was chosen. `since` limits the answers listed, not the labelled ones that point
+    moved region no label has reached yet, are asked about without waiting for doubt. Each item
+    says why it was chosen. `since` limits the answers listed, not the labelled ones that point
     the queue."""
     log = read(log_uri, INFERENCE, last=config.window, shadow=True, tenant=tenant,
                outcome="ok", model=model)
@@ -158,8 +155,7 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
         return []
     other = [shadow.get(k) for k in zip(answers.request_id, answers.item, answers.model)]
     disagree = np.array([o is not None and o != p for o, p in zip(other, answers.said)])
-    wrong = confident_mistakes(labelled, config.confident)
-    similar = _near(answers, labelled, wrong)
+    similar = _near(answers, labelled, confident_mistakes(labelled, config.confident))
     near = ~disagree & ~np.isnan(similar)
     answers = answers.assign(rank=np.where(disagree, 0, np.where(near, 1, 2)),
                              order=np.where(near, _spread(answers, labelled, near, limit),
@@ -169,8 +165,9 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     ranked = answers.sort_values(["rank", "order"])
     explore = round(min(limit, len(ranked)) * config.explore)
     useful = interleave(ranked, limit - explore)
-    page = pd.concat([useful, _explore(ranked.drop(index=useful.index),
-                                       pd.concat([labelled, useful]), wrong, explore)])
+    rest = ranked.drop(index=useful.index)
+    drawn = _cover(rest, pd.concat([labelled, useful]), explore).assign(reason="coverage")
+    page = pd.concat([useful, drawn])
     return [{"request_id": r.request_id, "item": int(r.item), "ts": r.ts.isoformat(),
              "model": r.model, "model_version": r.model_version, "prediction": r.prediction,
              "confidence": None if pd.isna(r.confidence) else round(float(r.confidence), 4),
@@ -228,18 +225,6 @@ def _spread(answers: pd.DataFrame, labelled: pd.DataFrame, near: np.ndarray,
         order[idx] = k + 1 - best
         order[idx[_farthest_first(cand, best, k)]] = range(min(k, len(idx)))
     return order
-
-
-def _explore(rest: pd.DataFrame, known: pd.DataFrame, wrong: pd.DataFrame,
-             n: int) -> pd.DataFrame:
-    """A page's `n` explored answers: half over the answers of the labels the confident
-    mistakes `wrong` were made in (per model version; reason `unreached`), the rest over all
-    (`coverage`), each spread by `_cover` away from the `known` answers."""
-    keys = ["model", "model_version", "prediction"]
-    moved = pd.MultiIndex.from_frame(rest[keys]).isin(list(map(tuple, wrong[keys].to_numpy())))
-    first = _cover(rest[moved], known, n // 2).assign(reason="unreached")
-    return pd.concat([first, _cover(rest.drop(index=first.index), pd.concat([known, first]),
-                                    n - len(first)).assign(reason="coverage")])
 
 
 def _cover(rest: pd.DataFrame, known: pd.DataFrame, n: int) -> pd.DataFrame:

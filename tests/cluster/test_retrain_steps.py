@@ -1,8 +1,7 @@
 """When a retrain on drift waits for labels (`cluster/retrain.py`): a move the contradiction
 check suspects and the champion's confident mistakes say too; a move found on single labels;
 once a concept shift is found, a pair the confident mistakes keep saying that no move found
-explains; a moved label's rows the traffic asks about that no label reached; and a concept
-shift found on fewer labels than `controller.concept_shift_labels`."""
+explains; and a concept shift found on fewer labels than `controller.concept_shift_labels`."""
 
 from types import SimpleNamespace
 
@@ -46,17 +45,3 @@ def test_a_concept_shift_found_on_its_first_labels_waits_for_more():
         f"retrain waits for {need}")
     assert steps._waiting(recent, {**found, "labelled": need}) is None
     assert steps._waiting(recent, {"labelled": 10}) is None  # no concept shift: new inputs
-
-
-def test_a_concept_shift_waits_while_a_moved_labels_rows_the_traffic_asks_about_are_unreached():
-    steps = RetrainSteps(SimpleNamespace(settings=load_settings(environ={})))
-    need = steps.c.settings.controller.concept_shift_labels
-    recent = _labelled({(label, label): 20 for label in ("billing", "refund", "technical")})
-    found = {"concept_shift": "account -> security (40 replay rows relabelled)", "labelled": need,
-             "contradictions": {"moved": {"account -> security": 40}, "unreached": {
-                 "account": {"rows": 14, "examples": ["Verification code never arrives."]}}}}
-    assert steps._waiting(recent, found) == (
-        "labels have not reached 14 replay rows of account that the traffic asks about (such "
-        "as 'Verification code never arrives.'): whether they moved too, only labels can tell")
-    found["contradictions"]["unreached"] = {}
-    assert steps._waiting(recent, found) is None

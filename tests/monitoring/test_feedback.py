@@ -267,39 +267,3 @@ def test_the_asks_around_confident_mistakes_spread_over_the_region(tmp_path):
         explore=0)) if it["reason"] == "contradiction"]
     assert len(asked) == 4 and max(asked) >= 90, asked  # the far end is asked about
     assert len({i // 25 for i in asked}) >= 3, asked  # and the page covers most of the region
-
-
-def test_once_a_label_moved_the_queue_covers_its_answers_no_label_reached_first(tmp_path):
-    """A reorganisation moves a label's phrasings that lie far apart in meaning: the labels
-    find the phrasing near the first mistakes, not the one no label has reached, which the
-    retrain would keep under its old label. While confident mistakes exceed chance, half of
-    the page's explore share goes to the answers of the labels they were made in that no
-    label reached; larger unlabelled groups of other labels get the rest."""
-    from monitoring.config import LabelQueueConfig
-    from monitoring.feedback import pending
-
-    rng = np.random.default_rng(4)
-
-    def answer(i, region, prediction, confidence=0.97):
-        e = np.eye(10)[region] + rng.normal(0, 0.1, 10)
-        return log_record(i, prediction=prediction, confidence=confidence, posterior=[0.5, 0.5],
-                          embedding=e.tolist(), text=f"r{region} {i}")
-
-    rows = [answer(i, i % 3, "shipping") for i in range(60)]  # regions 0-2: labelled below
-    rows += [answer(100 + i, 3, "shipping") for i in range(10)]  # the phrasing nobody labelled
-    rows += [answer(200 + i, 6 + i % 2, "billing", 0.95) for i in range(80)]  # two big groups
-    uri = str(tmp_path / "log")
-    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
-
-    def label(ids_labels):
-        SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
-            {"request_id": f"r{i}", "item": 0, "label": lab, "ts": now(), "tenant": "default"}
-            for i, lab in ids_labels])
-
-    config = LabelQueueConfig(explore=0.5)
-    label([(i, "shipping") for i in (0, 2, 3, 5, 6, 8)] + [(200, "billing"), (201, "billing")])
-    assert "unreached" not in {it["reason"] for it in pending(uri, "default", 4, config)}
-    label([(1, "refund"), (4, "refund"), (7, "refund"), (10, "refund")])  # region 1 moved
-    page = pending(uri, "default", 4, config)
-    assert [it["reason"] for it in page[2:]] == ["unreached", "coverage"], page
-    assert page[2]["text"].startswith("r3 ") and page[3]["prediction"] == "billing", page

@@ -229,8 +229,8 @@ def test_the_moved_labels_rows_that_traffic_asks_about_and_no_label_confirms_are
     """A reorganisation moved every phrasing of `account_locked` to security, one of them
     ("Verification code ...") far in meaning from the rest; the labels found the rest. Its
     replay rows keep account, unconfirmed: they are reported while the traffic asks about
-    them (the loop waits for labels there), and not once two labels say where it went, nor
-    where the traffic no longer asks."""
+    them (where labels are needed), and not once two labels say where it went, nor where the
+    traffic no longer asks."""
     phrase = "Verification code"
     replay = generate("support-tickets", "base", 1200, seed=1)
     feedback = generate("support-tickets", "concept-shift", 120, seed=3)[["text", "label"]]
