@@ -55,7 +55,7 @@ class Contradictions:
     suspected: dict[str, int] = field(default_factory=dict)
     single: dict[str, int] = field(default_factory=dict)  # "A -> B": its rows one label moved
     # A (a moved label) -> its first table's rows, kept as A, that recent traffic asks about
-    # and no label has reached (`_unreached`)
+    # and no labelled row near confirms (`_unreached`)
     unreached: dict[str, list[str]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
