@@ -164,17 +164,29 @@ def _contradicting(recent_labels: np.ndarray, neighbours: list[np.ndarray],
     return moves, said
 
 
+def _own(rows_e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' similarities to each other (each to itself -1) and, per row, the others,
+    most similar first."""
+    own = rows_e @ rows_e.T
+    np.fill_diagonal(own, -1.0)
+    return own, np.argsort(-own, axis=1)
+
+
+def _agrees(labels: np.ndarray, ranked: np.ndarray) -> np.ndarray:
+    """Per row, whether its 5 nearest rows mostly (60%) carry its label: else it is
+    mislabelled or between two intents, noise rather than a concept."""
+    return (labels[ranked[:, :5]] == labels[:, None]).mean(axis=1) >= 0.6
+
+
 def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
-           rows_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, Counter]:
+           rows_labels: np.ndarray, own: np.ndarray,
+           ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray, Counter]:
     """Per row, the label it moved to (None where it did not) and whether two labelled recent
     rows or more show it (else one label alone moved it, or rows it alone moved); and the
-    pairs the recent rows say (`_contradicting`)."""
+    pairs the recent rows say (`_contradicting`). `own`, `ranked`: `_own` of the rows."""
     sims = recent_e @ rows_e.T
     neighbours = [near[sims[j, near] >= MIN_SIMILARITY]
                   for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K])]
-    own = rows_e @ rows_e.T
-    np.fill_diagonal(own, -1.0)
-    ranked = np.argsort(-own, axis=1)
     pairs, said = _contradicting(recent_labels, neighbours, rows_labels,
                                  _disagreement(own, ranked, rows_labels))
     confirm = np.zeros(len(rows_labels))
@@ -185,13 +197,12 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
                 confirm[x] += 1
             elif (rows_labels[x], recent_labels[j]) in pairs:
                 against[x][recent_labels[j]] += 1
-    order = ranked[:, :5]
+    order, agree = ranked[:, :5], _agrees(rows_labels, ranked)
     moved = np.full(len(rows_labels), None, dtype=object)
     for x, votes in enumerate(against):
         if votes:
             label, n = votes.most_common(1)[0]
-            if (n >= MIN_VOTES and n > confirm[x]
-                    and (rows_labels[order[x]] == rows_labels[x]).mean() >= 0.6):
+            if n >= MIN_VOTES and n > confirm[x] and agree[x]:
                 moved[x] = label
     shown = moved != None  # noqa: E711 (elementwise)
     nearest = sims.argmax(axis=0)  # each row's closest labelled recent row
@@ -239,8 +250,8 @@ def _follow(rows_e: np.ndarray, rows_labels: np.ndarray, primary_e: np.ndarray,
     return moved
 
 
-def _unreached(rows_e: np.ndarray, labels: np.ndarray, moves: np.ndarray, recent_e: np.ndarray,
-               recent_labels: np.ndarray, traffic_e: np.ndarray,
+def _unreached(rows_e: np.ndarray, labels: np.ndarray, moves: np.ndarray, agree: np.ndarray,
+               recent_e: np.ndarray, recent_labels: np.ndarray, traffic_e: np.ndarray,
                min_rows: int) -> dict[str, np.ndarray]:
     """Per label a move left (A), its rows kept as A that the unlabelled `traffic` still asks
     about (among the `K` nearest, within `MIN_SIMILARITY`, of `MIN_VOTES` requests) and no
@@ -249,13 +260,10 @@ def _unreached(rows_e: np.ndarray, labels: np.ndarray, moves: np.ndarray, recent
     and the labels find the ones near the first mistakes first. Whether these moved too only
     labels can tell, and the retrain keeps them as A: in loop runs such phrasings, 1-2% of
     the tickets each, kept their old label (0.947-0.961 of clean). A row its own neighbours
-    disagree with (label noise, which no label will confirm) is not one."""
+    disagree with (`agree`, `_agrees`: label noise, which no label will confirm) is not one."""
     sources = {a for a, b in zip(labels, moves) if b is not None}
     if not sources or not len(traffic_e):
         return {}
-    own = rows_e @ rows_e.T
-    np.fill_diagonal(own, -1.0)
-    agree = (labels[np.argsort(-own, axis=1)[:, :5]] == labels[:, None]).mean(axis=1) >= 0.6
     open_ = np.isin(labels, list(sources)) & (moves == None) & agree  # noqa: E711 (elementwise)
     confirmed = ((rows_e @ recent_e.T >= MIN_SIMILARITY)
                  & (labels[:, None] == recent_labels[None, :])).any(axis=1)
@@ -279,19 +287,19 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
     if recent.empty or not tables:
         return tables, Contradictions()
     min_region_rows = max(MIN_REGION_ROWS, len(next(iter(tables.values()))) // 100)
-    texts = list(recent.text) + list(traffic)
+    texts = list(recent.text)
     for df in tables.values():
         texts += list(df.text)
     embedded = embed(texts)
     recent_e, at = embedded[:len(recent)], len(recent)
-    traffic_e, at = embedded[at:at + len(traffic)], at + len(traffic)
     recent_labels = recent.label.astype(str).to_numpy()
     report, kept, primary = Contradictions(), {}, None
     for name, df in tables.items():
         rows_e, at = embedded[at:at + len(df)], at + len(df)
         labels = df.label.astype(str).to_numpy()
         if primary is None:  # the regions: the first table's moved rows
-            moves, shown, said = _moves(recent_e, recent_labels, rows_e, labels)
+            own, ranked = _own(rows_e)
+            moves, shown, said = _moves(recent_e, recent_labels, rows_e, labels, own, ranked)
             pairs = Counter(f"{a} -> {b}" for a, b in zip(labels, moves) if b is not None)
             accepted = {move for move, n in pairs.items() if n >= min_region_rows}
             report.suspected = {f"{a} -> {b}": n for (a, b), n in sorted(said.items())
@@ -299,9 +307,10 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
             moves = np.array([b if b is not None and f"{a} -> {b}" in accepted else None
                               for a, b in zip(labels, moves)], dtype=object)
             primary = rows_e, labels, moves
-            report.unreached = {a: list(df.text.iloc[rows]) for a, rows in _unreached(
-                rows_e, labels, moves, recent_e, recent_labels, traffic_e,
-                min_region_rows).items()}
+            if accepted and len(traffic):  # embedded only where a move was found
+                report.unreached = {a: list(df.text.iloc[rows]) for a, rows in _unreached(
+                    rows_e, labels, moves, _agrees(labels, ranked), recent_e, recent_labels,
+                    embed(list(traffic)), min_region_rows).items()}
         else:
             moves, shown = _follow(rows_e, labels, *primary), np.ones(len(df), dtype=bool)
         unshown = (moves != None) & ~shown  # noqa: E711 (elementwise)
