@@ -179,11 +179,12 @@ def _agrees(labels: np.ndarray, ranked: np.ndarray) -> np.ndarray:
 
 
 def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
-           rows_labels: np.ndarray, own: np.ndarray,
-           ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray, Counter]:
+           rows_labels: np.ndarray, own: np.ndarray, ranked: np.ndarray,
+           agree: np.ndarray) -> tuple[np.ndarray, np.ndarray, Counter]:
     """Per row, the label it moved to (None where it did not) and whether two labelled recent
     rows or more show it (else one label alone moved it, or rows it alone moved); and the
-    pairs the recent rows say (`_contradicting`). `own`, `ranked`: `_own` of the rows."""
+    pairs the recent rows say (`_contradicting`). `own`, `ranked`: `_own` of the rows;
+    `agree`: `_agrees` of them."""
     sims = recent_e @ rows_e.T
     neighbours = [near[sims[j, near] >= MIN_SIMILARITY]
                   for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K])]
@@ -197,7 +198,7 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
                 confirm[x] += 1
             elif (rows_labels[x], recent_labels[j]) in pairs:
                 against[x][recent_labels[j]] += 1
-    order, agree = ranked[:, :5], _agrees(rows_labels, ranked)
+    order = ranked[:, :5]
     moved = np.full(len(rows_labels), None, dtype=object)
     for x, votes in enumerate(against):
         if votes:
@@ -262,8 +263,6 @@ def _unreached(rows_e: np.ndarray, labels: np.ndarray, moves: np.ndarray, agree:
     the tickets each, kept their old label (0.947-0.961 of clean). A row its own neighbours
     disagree with (`agree`, `_agrees`: label noise, which no label will confirm) is not one."""
     sources = {a for a, b in zip(labels, moves) if b is not None}
-    if not sources or not len(traffic_e):
-        return {}
     open_ = np.isin(labels, list(sources)) & (moves == None) & agree  # noqa: E711 (elementwise)
     confirmed = ((rows_e @ recent_e.T >= MIN_SIMILARITY)
                  & (labels[:, None] == recent_labels[None, :])).any(axis=1)
@@ -299,7 +298,9 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
         labels = df.label.astype(str).to_numpy()
         if primary is None:  # the regions: the first table's moved rows
             own, ranked = _own(rows_e)
-            moves, shown, said = _moves(recent_e, recent_labels, rows_e, labels, own, ranked)
+            agree = _agrees(labels, ranked)
+            moves, shown, said = _moves(recent_e, recent_labels, rows_e, labels, own, ranked,
+                                        agree)
             pairs = Counter(f"{a} -> {b}" for a, b in zip(labels, moves) if b is not None)
             accepted = {move for move, n in pairs.items() if n >= min_region_rows}
             report.suspected = {f"{a} -> {b}": n for (a, b), n in sorted(said.items())
@@ -309,7 +310,7 @@ def resolve(recent: pd.DataFrame, tables: dict[str, pd.DataFrame],
             primary = rows_e, labels, moves
             if accepted and len(traffic):  # embedded only where a move was found
                 report.unreached = {a: list(df.text.iloc[rows]) for a, rows in _unreached(
-                    rows_e, labels, moves, _agrees(labels, ranked), recent_e, recent_labels,
+                    rows_e, labels, moves, agree, recent_e, recent_labels,
                     embed(list(traffic)), min_region_rows).items()}
         else:
             moves, shown = _follow(rows_e, labels, *primary), np.ones(len(df), dtype=bool)
