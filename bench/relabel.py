@@ -2,16 +2,15 @@
 measured apart from the loop: minutes, where `bench/loop.py` takes half an hour.
 
     python bench/relabel.py --json --data-dir .llmops [--version 1] [--labels 240] [--seed 5]
-                            [--asked random|queue]
+                            [--asked random|queue] [--ways contradiction_teacher ...]
 
 `--labels` concept-shifted support tickets, labelled, are the feedback: drawn at random, or
-as the label queue asks (`queue`: of 4x as many tickets, those the version answers wrongly
-first, taken in turn from each label it predicts, a fifth of them at random, the way
-`monitoring.feedback.pending` asks once a shift shows: few labels where a moved label's
-remainder is still answered right). The retraining set is
-what the loop's retrain builds from them and the champion's replay (`training/retrain.py`,
-70% of them learnt from), four ways: the replay as it is (no contradiction check), relabelled
-by `training/contradiction.py` alone, relabelled by it with the teacher's second opinion
+as the platform's label queue asks for them in the loop (`queue`, `asked_by_queue`: batches
+of 250 answered by the version and logged as its replica logs them, 25 of each labelled from
+`monitoring.feedback.pending`). The retraining set is what the loop's retrain builds from
+them and the champion's replay (`training/retrain.py`, 70% of them learnt from), four ways
+(`--ways`: all by default): the replay as it is (no contradiction check), relabelled by
+`training/contradiction.py` alone, relabelled by it with the teacher's second opinion
 (`training/teacher.py`: the loop's setting), and relabelled by the generator's own truth (the
 ceiling of any relabelling). Each set fine-tunes the router's `--version` in this process as a
 retrain does (`training/worker.fit_in_process`: its task's epochs, learning rate, batch size,
@@ -26,6 +25,8 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,8 @@ from stack import report  # noqa: E402
 from training.registry import GOLDEN_FILE, REFERENCE_FILE, Registry  # noqa: E402
 
 MODEL, DATASET, SCENARIO = "support-router", "support-tickets", "concept-shift"
+BATCH, LABELLED = 250, 25  # the loop's drifted batches and labels per batch (`bench/loop.py`)
+WAYS = ("as_is", "contradiction", "contradiction_teacher", "truth")
 
 
 def retrained(settings, registry, folder: str, data):
@@ -65,30 +68,58 @@ def scorer(settings, labels: list[str], seed: int):
     return score
 
 
-def asked_by_queue(model, tokenizer, labels: list[str], max_length: int, n: int,
-                   seed: int):
-    """`n` labelled shifted tickets as the label queue asks for them (the module's text; the
-    turns per predicted label are the queue's own, `monitoring.feedback.interleave`)."""
-    import numpy as np
+def asked_by_queue(settings, registry, version: str, n: int, seed: int, folder: Path):
+    """`n` labelled shifted tickets as the platform's label queue asks for them in the loop:
+    batches of `BATCH`, answered by `version` (`serve_apps.model`, as its replica answers),
+    written to an inference log in `folder` as the serving path writes them
+    (`serve_apps.inference_log`), and `LABELLED` of each batch labelled, the queue's first
+    (`monitoring.feedback.pending` since the batch, with what earlier batches' labels point
+    it to), as `llmops traffic --feedback` labels them; the clean traffic before the drift,
+    unlabelled, first."""
+    import asyncio
+    import uuid
+
     import pandas as pd
 
-    from monitoring.feedback import interleave
+    from monitoring.config import LogConfig
+    from monitoring.feedback import pending
+    from monitoring.log import FEEDBACK, SegmentWriter, now
+    from serve_apps.inference_log import InferenceLog
+    from serve_apps.model import load
     from training.data import generate
-    from training.models import classify
+    from training.refs import reference as reference_of
 
-    pool = generate(DATASET, SCENARIO, 4 * n, seed=seed)
-    probs = classify(model, tokenizer, list(pool.text), max_length).probs
-    pool = pool.assign(prediction=[labels[i] for i in probs.argmax(1)],
-                       right=[labels[i] == y for i, y in zip(probs.argmax(1), pool.label)],
-                       draw=np.random.default_rng(seed).random(len(pool)))
-    pool = pool.sort_values(["right", "draw"])
-    asked = interleave(pool, n - n // 5)
-    drawn = pool.drop(index=asked.index).sample(n=n // 5, random_state=seed)
-    return pd.concat([asked, drawn])[["text", "label"]].reset_index(drop=True)
+    model = load(reference_of(MODEL, version), registry.tracking_uri)
+    log = {"uri": str(folder), **LogConfig(compact_interval_s=None).model_dump(exclude={"uri"})}
+    who = {"name": MODEL, "version": version, "variant": "champion"}
+
+    async def answer(rows: pd.DataFrame) -> dict[str, str]:
+        writer, ids = InferenceLog("support", log), [uuid.uuid4().hex for _ in range(len(rows))]
+        for rid, text, out in zip(ids, rows.text, model.classify(list(rows.text))):
+            await writer.record(rid, [text], [{**out, "model": who}], [{"router": who}],
+                                time.perf_counter())
+        await writer.close()
+        return dict(zip(ids, rows.label))
+
+    asyncio.run(answer(generate(DATASET, "base", 300, seed=seed)))
+    labels, batch, config = [], 0, settings.serve.feedback.queue
+    while len(labels) < n:
+        since = now()
+        truth = asyncio.run(answer(generate(DATASET, SCENARIO, BATCH, seed=seed * 1000 + batch)))
+        page = pending(str(folder), "default", min(LABELLED, n - len(labels)), config,
+                       model=MODEL, since=since)
+        asked = [(it["request_id"], it["text"], truth[it["request_id"]]) for it in page]
+        SegmentWriter(str(folder), FEEDBACK, LogConfig()).write_segment([
+            {"request_id": rid, "item": 0, "tenant": "default", "label": label,
+             "correction": None, "ts": now()} for rid, _, label in asked])
+        labels += [(text, label) for _, text, label in asked]
+        batch += 1
+    return pd.DataFrame(labels, columns=["text", "label"])
 
 
-def measure(settings, version: str, n_labels: int, seed: int, asked: str) -> dict:
-    """The four ways' retrains of `version` from `n_labels` labelled shifted tickets."""
+def measure(settings, version: str, n_labels: int, seed: int, asked: str,
+            ways: list[str]) -> dict:
+    """The `ways`' retrains of `version` from `n_labels` labelled shifted tickets."""
     import mlflow
     import numpy as np
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -112,9 +143,11 @@ def measure(settings, version: str, n_labels: int, seed: int, asked: str) -> dic
     right = dict(zip(truth.text, truth.label))  # each replay row's label in the new concept
     served = (AutoModelForSequenceClassification.from_pretrained(folder).eval(),
               AutoTokenizer.from_pretrained(folder))
-    recent = asked_by_queue(*served, registry.labels(MODEL, version),
-                            settings.training.tasks[MODEL].model.max_length, n_labels, seed) \
-        if asked == "queue" else generate(DATASET, SCENARIO, n_labels, seed=seed)[["text", "label"]]
+    if asked == "queue":
+        with tempfile.TemporaryDirectory(prefix="relabel-log-") as log:
+            recent = asked_by_queue(settings, registry, version, n_labels, seed, Path(log))
+    else:
+        recent = generate(DATASET, SCENARIO, n_labels, seed=seed)[["text", "label"]]
     clean = registry.run_metrics(MODEL, version)["base_macro_f1"]
     result = {"model": MODEL, "version": version, "labels": n_labels, "asked": asked,
               "labelled": recent.label.value_counts().to_dict(),
@@ -125,6 +158,8 @@ def measure(settings, version: str, n_labels: int, seed: int, asked: str) -> dic
     for way, replay, resolve, judge in [
             ("as_is", reference, False, None), ("contradiction", reference, True, None),
             ("contradiction_teacher", reference, True, teach), ("truth", truth, False, None)]:
+        if way not in ways:
+            continue
         data = retraining_data(recent, replay, golden, retrain.model_copy(
             update={"resolve_contradictions": resolve}), settings.training.seed, judge)
         replayed = data.train.dropna(subset=["intent"])  # recent rows have no provenance
@@ -146,8 +181,9 @@ def main() -> None:
     parser.add_argument("--asked", choices=("random", "queue"), default="random",
                         help="which tickets get the labels")
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     report(parser, lambda settings, args: measure(settings, args.version, args.labels,
-                                                  args.seed, args.asked))
+                                                  args.seed, args.asked, args.ways))
 
 
 if __name__ == "__main__":
