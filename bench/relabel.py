@@ -77,7 +77,6 @@ def asked_by_queue(settings, registry, version: str, n: int, seed: int, folder: 
     it to), as `llmops traffic --feedback` labels them; the clean traffic before the drift,
     unlabelled, first."""
     import asyncio
-    import uuid
 
     import pandas as pd
 
@@ -93,19 +92,20 @@ def asked_by_queue(settings, registry, version: str, n: int, seed: int, folder: 
     log = {"uri": str(folder), **LogConfig(compact_interval_s=None).model_dump(exclude={"uri"})}
     who = {"name": MODEL, "version": version, "variant": "champion"}
 
-    async def answer(rows: pd.DataFrame) -> dict[str, str]:
-        writer, ids = InferenceLog("support", log), [uuid.uuid4().hex for _ in range(len(rows))]
+    async def answer(rows: pd.DataFrame, batch: int) -> dict[str, str]:
+        writer, ids = InferenceLog("support", log), [f"b{batch}-{i}" for i in range(len(rows))]
         for rid, text, out in zip(ids, rows.text, model.classify(list(rows.text))):
             await writer.record(rid, [text], [{**out, "model": who}], [{"router": who}],
                                 time.perf_counter())
         await writer.close()
         return dict(zip(ids, rows.label))
 
-    asyncio.run(answer(generate(DATASET, "base", 300, seed=seed)))
+    asyncio.run(answer(generate(DATASET, "base", 300, seed=seed), -1))
     labels, batch, config = [], 0, settings.serve.feedback.queue
     while len(labels) < n:
         since = now()
-        truth = asyncio.run(answer(generate(DATASET, SCENARIO, BATCH, seed=seed * 1000 + batch)))
+        truth = asyncio.run(answer(generate(DATASET, SCENARIO, BATCH, seed=seed * 1000 + batch),
+                                   batch))
         page = pending(str(folder), "default", min(LABELLED, n - len(labels)), config,
                        model=MODEL, since=since)
         asked = [(it["request_id"], it["text"], truth[it["request_id"]]) for it in page]
