@@ -81,7 +81,7 @@ def asked_by_queue(settings, registry, version: str, n: int, seed: int, folder: 
     import pandas as pd
 
     from monitoring.config import LogConfig
-    from monitoring.feedback import pending
+    from monitoring.feedback import Label, feedback_rows, pending
     from monitoring.log import FEEDBACK, SegmentWriter, now
     from serve_apps.inference_log import InferenceLog
     from serve_apps.model import load
@@ -91,6 +91,7 @@ def asked_by_queue(settings, registry, version: str, n: int, seed: int, folder: 
     model = load(reference_of(MODEL, version), registry.tracking_uri)
     log = {"uri": str(folder), **LogConfig(compact_interval_s=None).model_dump(exclude={"uri"})}
     who = {"name": MODEL, "version": version, "variant": "champion"}
+    labels_of = functools.cache(registry.labels)
 
     async def answer(rows: pd.DataFrame, batch: int) -> dict[str, str]:
         writer, ids = InferenceLog("support", log), [f"b{batch}-{i}" for i in range(len(rows))]
@@ -108,11 +109,10 @@ def asked_by_queue(settings, registry, version: str, n: int, seed: int, folder: 
                                    batch))
         page = pending(str(folder), "default", min(LABELLED, n - len(labels)), config,
                        model=MODEL, since=since)
-        asked = [(it["request_id"], it["text"], truth[it["request_id"]]) for it in page]
-        SegmentWriter(str(folder), FEEDBACK, LogConfig()).write_segment([
-            {"request_id": rid, "item": 0, "tenant": "default", "label": label,
-             "correction": None, "ts": now()} for rid, _, label in asked])
-        labels += [(text, label) for _, text, label in asked]
+        asked = [Label(it["request_id"], 0, truth[it["request_id"]], "default") for it in page]
+        SegmentWriter(str(folder), FEEDBACK, LogConfig()).write_segment([  # as the feedback app
+            {**row, "ts": now()} for row in feedback_rows(str(folder), labels_of, asked)])
+        labels += [(it["text"], lab.label) for it, lab in zip(page, asked)]
         batch += 1
     return pd.DataFrame(labels, columns=["text", "label"])
 
