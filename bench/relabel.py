@@ -37,7 +37,7 @@ from stack import report  # noqa: E402
 from training.registry import GOLDEN_FILE, REFERENCE_FILE, Registry  # noqa: E402
 
 MODEL, DATASET, SCENARIO = "support-router", "support-tickets", "concept-shift"
-BATCH, LABELLED = 250, 25  # the loop's drifted batches and labels per batch (`bench/loop.py`)
+BATCH, LABELLED = 250, 25  # the loop's drifted batches (`cluster/demo.py`), a tenth labelled
 WAYS = ("as_is", "contradiction", "contradiction_teacher", "truth")
 
 
@@ -68,11 +68,11 @@ def scorer(settings, labels: list[str], seed: int):
     return score
 
 
-def asked_by_queue(settings, registry, version: str, n: int, seed: int, folder: Path):
+def asked_by_queue(settings, registry, model, n: int, seed: int, folder: Path):
     """`n` labelled shifted tickets as the platform's label queue asks for them in the loop:
-    batches of `BATCH`, answered by `version` (`serve_apps.model`, as its replica answers),
-    written to an inference log in `folder` as the serving path writes them
-    (`serve_apps.inference_log`), and `LABELLED` of each batch labelled, the queue's first
+    batches of `BATCH`, answered by `model` (the version loaded as its replica loads it,
+    `serve_apps.model`), written to an inference log in `folder` as the serving path writes
+    them (`serve_apps.inference_log`), and `LABELLED` of each batch labelled, the queue's first
     (`monitoring.feedback.pending` since the batch, with what earlier batches' labels point
     it to), as `llmops traffic --feedback` labels them; the clean traffic before the drift,
     unlabelled, first."""
@@ -84,13 +84,10 @@ def asked_by_queue(settings, registry, version: str, n: int, seed: int, folder: 
     from monitoring.feedback import Label, feedback_rows, pending
     from monitoring.log import FEEDBACK, SegmentWriter, now
     from serve_apps.inference_log import InferenceLog
-    from serve_apps.model import load
     from training.data import generate
-    from training.refs import reference as reference_of
 
-    model = load(reference_of(MODEL, version), registry.tracking_uri)
     log = {"uri": str(folder), **LogConfig(compact_interval_s=None).model_dump(exclude={"uri"})}
-    who = {"name": MODEL, "version": version, "variant": "champion"}
+    who = {"name": MODEL, "version": model.identity.version, "variant": "champion"}
     labels_of = functools.cache(registry.labels)
 
     async def answer(rows: pd.DataFrame, batch: int) -> dict[str, str]:
@@ -122,8 +119,8 @@ def measure(settings, version: str, n_labels: int, seed: int, asked: str,
     """The `ways`' retrains of `version` from `n_labels` labelled shifted tickets."""
     import mlflow
     import numpy as np
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from serve_apps.model import load
     from training import teacher
     from training.data import DATASETS, generate
     from training.refs import reference as reference_of
@@ -141,11 +138,11 @@ def measure(settings, version: str, n_labels: int, seed: int, asked: str,
     truth = reference.assign(label=[moved.get(i, y) for i, y in zip(reference.intent,
                                                                     reference.label)])
     right = dict(zip(truth.text, truth.label))  # each replay row's label in the new concept
-    served = (AutoModelForSequenceClassification.from_pretrained(folder).eval(),
-              AutoTokenizer.from_pretrained(folder))
+    loaded = load(reference_of(MODEL, version), registry.tracking_uri)
+    served = (loaded.model, loaded.tokenizer)
     if asked == "queue":
         with tempfile.TemporaryDirectory(prefix="relabel-log-") as log:
-            recent = asked_by_queue(settings, registry, version, n_labels, seed, Path(log))
+            recent = asked_by_queue(settings, registry, loaded, n_labels, seed, Path(log))
     else:
         recent = generate(DATASET, SCENARIO, n_labels, seed=seed)[["text", "label"]]
     clean = registry.run_metrics(MODEL, version)["base_macro_f1"]
