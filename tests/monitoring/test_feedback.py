@@ -267,3 +267,38 @@ def test_the_asks_around_confident_mistakes_spread_over_the_region(tmp_path):
         explore=0)) if it["reason"] == "contradiction"]
     assert len(asked) == 4 and max(asked) >= 90, asked  # the far end is asked about
     assert len({i // 25 for i in asked}) >= 3, asked  # and the page covers most of the region
+
+
+def test_half_the_coverage_goes_to_the_label_confident_mistakes_were_made_on(tmp_path):
+    """A reorganisation moves phrasings of a label that lie far apart in meaning: the labels
+    near its first confident mistakes do not reach the others, answered with confidence too,
+    and a spread over all the traffic asks mostly where nothing moved. Once the mistakes exceed
+    chance, half the coverage goes to the answers of the label they were made on."""
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    rng = np.random.default_rng(4)
+    centres = np.eye(12)
+
+    def answer(i, region, prediction):
+        return log_record(i, prediction=prediction, confidence=0.97, posterior=[0.5, 0.5],
+                          embedding=(centres[region] + rng.normal(0, 0.1, 12)).tolist(),
+                          text=f"r{region} {i}")
+
+    rows = [answer(i, 0, "shipping") for i in range(20)]  # moved: its labels say refund
+    rows += [answer(100 + i, 1, "shipping") for i in range(10)]  # moved too, no label yet
+    rows += [answer(200 + i, 2 + i % 6, "billing") for i in range(240)]  # six regions of 40
+    uri = str(tmp_path / "log")
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
+
+    def covered(label: str) -> list[str]:
+        SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
+            {"request_id": f"r{i}", "item": 0, "label": label, "ts": now(), "tenant": "default"}
+            for i in range(10)])
+        page = pending(uri, "default", 4, LabelQueueConfig(explore=1.0))
+        assert [it["reason"] for it in page] == ["coverage"] * 4
+        return [it["text"].split()[0] for it in page]
+
+    assert "r1" not in covered("shipping")  # confirmed: the largest groups, all billing
+    regions = covered("refund")  # the same ten, relabelled: confident mistakes
+    assert regions.count("r1") == 2 and "r0" not in regions, regions  # where no label is
