@@ -200,8 +200,8 @@ def _moved(rest: pd.DataFrame, wrong: pd.DataFrame) -> pd.DataFrame:
     moved phrasings of 1-2% of the traffic without a label (the retrain kept their old
     answer). Only half: all of it there found no move that had no mistake yet."""
     keys = ["model", "model_version", "prediction"]
-    return rest[rest.merge(wrong[keys].drop_duplicates(), on=keys, how="left", indicator=True
-                           )._merge.eq("both").to_numpy()]
+    made = set(zip(*(wrong[k] for k in keys)))
+    return rest[np.array([k in made for k in zip(*(rest[k] for k in keys))], dtype=bool)]
 
 
 def _near(answers: pd.DataFrame, labelled: pd.DataFrame, wrong: pd.DataFrame) -> np.ndarray:
