@@ -75,7 +75,8 @@ class PendingItem(BaseModel):
     prediction: str = Field(description="a classifier's label; a generator's finish reason")
     confidence: float | None
     reason: str = Field(description="disagreement (champion and shadow), contradiction, "
-                        "uncertain, or coverage (the share of the page spread over the rest)")
+                        "second (a lone confident mistake's second label), uncertain, or "
+                        "coverage (the share of the page spread over the rest)")
     text: str | None = Field(description="the text as logged (PII redacted; null when the log "
                              "keeps no text)")
     output: str | None = Field(None, description="a generator's answer as logged, to correct")

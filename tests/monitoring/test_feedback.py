@@ -302,3 +302,43 @@ def test_half_the_coverage_goes_to_the_label_confident_mistakes_were_made_on(tmp
     assert "r1" not in covered("shipping")  # confirmed: the largest groups, all billing
     regions = covered("refund")  # the same ten, relabelled: confident mistakes
     assert regions.count("r1") == 2 and "r0" not in regions, regions  # where no label is
+
+
+def test_a_lone_confident_mistake_gets_one_second_label_beside_it(tmp_path):
+    """One label cannot tell a moved phrasing from an annotator's mistake: a confident mistake
+    that no other label backs gets a second, the unlabelled answer nearest to it, asked in turn
+    with the spread over the region; once that label is in (whatever it says), no third."""
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    rng = np.random.default_rng(2)
+    centres = np.eye(8)
+
+    def answer(i, region):
+        e = centres[region] + rng.normal(0, 0.15, 8)
+        return log_record(i, prediction="shipping", confidence=0.97, posterior=[0.5, 0.5],
+                          embedding=e.tolist(), text=f"r{region} {i}")
+
+    rows = [answer(i, region) for region in range(3) for i in range(30 * region, 30 * region + 30)]
+    uri = str(tmp_path / "log")
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
+
+    def label(ids_labels):
+        SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
+            {"request_id": f"r{i}", "item": 0, "label": lab, "ts": now(), "tenant": "default"}
+            for i, lab in ids_labels])
+
+    # region 0 confirmed; region 1 moved (three labels back each other); region 2 one label
+    label([(i, "shipping") for i in range(5)] + [(30, "refund"), (31, "refund"), (32, "refund"),
+                                                 (60, "refund")])
+    config = LabelQueueConfig(explore=0)
+    page = pending(uri, "default", 40, config)
+    seconds = [it for it in page if it["reason"] == "second"]
+    unlabelled = np.array([r["embedding"] for r in rows[61:]])
+    nearest = 61 + int(np.argmax(unlabelled @ rows[60]["embedding"]
+                                 / np.linalg.norm(unlabelled, axis=1)))  # cosine
+    assert [it["request_id"] for it in seconds] == [f"r{nearest}"]
+    assert page[0]["reason"] == "second" and page[1]["reason"] == "contradiction"  # in turn
+    # the second label disagrees (the first was the annotator's mistake): no third is asked
+    label([(nearest, "shipping")])
+    assert "second" not in {it["reason"] for it in pending(uri, "default", 40, config)}
