@@ -8,7 +8,9 @@ measured apart from the loop: minutes, where `bench/loop.py` takes half an hour.
 as the platform's label queue asks for them in the loop (`queue`, `asked_by_queue`: batches
 of 250 answered by the version and logged as its replica logs them, 25 of each labelled from
 `monitoring.feedback.pending`). The retraining set is what the loop's retrain builds from
-them and the champion's replay (`training/retrain.py`, 70% of them learnt from), four ways
+them, each with the version's answer as the loop logs it (its holdout keeps the labels that
+alone contradict an answer learnt), and the champion's replay (`training/retrain.py`, 70% of
+them learnt from), four ways
 (`--ways`: all by default): the replay as it is (no contradiction check), relabelled by
 `training/contradiction.py` alone, relabelled by it with the teacher's second opinion
 (`training/teacher.py`: the loop's setting), and relabelled by the generator's own truth (the
@@ -145,6 +147,7 @@ def measure(settings, version: str, n_labels: int, seed: int, asked: str,
             recent = asked_by_queue(settings, registry, loaded, n_labels, seed, Path(log))
     else:
         recent = generate(DATASET, SCENARIO, n_labels, seed=seed)[["text", "label"]]
+    recent = recent.assign(prediction=[out["label"] for out in loaded.classify(list(recent.text))])
     clean = registry.run_metrics(MODEL, version)["base_macro_f1"]
     result = {"model": MODEL, "version": version, "labels": n_labels, "asked": asked,
               "labelled": recent.label.value_counts().to_dict(),
