@@ -11,6 +11,13 @@ from monitoring.config import LogConfig
 from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
 
 
+def label(uri: str, ids_labels) -> None:
+    """Feedback for requests `r{i}`: (i, label) pairs."""
+    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
+        {"request_id": f"r{i}", "item": 0, "label": lab, "ts": now(), "tenant": "default"}
+        for i, lab in ids_labels])
+
+
 def test_feedback_is_checked_against_the_log_and_the_models_labels_or_corrections(tmp_path):
     from monitoring.feedback import InvalidLabel, Label, UnknownRequest, feedback_row, feedback_rows
 
@@ -210,16 +217,11 @@ def test_the_label_queue_asks_around_confident_mistakes_once_they_exceed_chance(
     uri = str(tmp_path / "log")
     SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
 
-    def label(ids_labels):
-        SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
-            {"request_id": f"r{i}", "item": 0, "label": lab, "ts": now(), "tenant": "default"}
-            for i, lab in ids_labels])
-
     config = LabelQueueConfig(explore=0)
     # region 0 and 2 confirmed; one mistake in region 1: a calibrated model's share, not a region
-    label([(i, "shipping") for i in (0, 2, 3, 5, 6, 8, 9, 11, 12, 14)] + [(1, "refund")])
+    label(uri, [(i, "shipping") for i in (0, 2, 3, 5, 6, 8, 9, 11, 12, 14)] + [(1, "refund")])
     assert {it["reason"] for it in pending(uri, "default", 40, config)} == {"uncertain"}
-    label([(4, "refund"), (7, "refund"), (10, "refund")])  # four of fourteen at 0.97: a region
+    label(uri, [(4, "refund"), (7, "refund"), (10, "refund")])  # four of fourteen at 0.97: a region
     page = pending(uri, "default", 40, config)
     asked = [it for it in page if it["reason"] == "contradiction"]
     assert len(asked) >= 10 and {it["text"][:2] for it in asked} == {"r1"}
@@ -323,13 +325,8 @@ def test_a_lone_confident_mistake_gets_one_second_label_beside_it(tmp_path):
     uri = str(tmp_path / "log")
     SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
 
-    def label(ids_labels):
-        SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
-            {"request_id": f"r{i}", "item": 0, "label": lab, "ts": now(), "tenant": "default"}
-            for i, lab in ids_labels])
-
     # region 0 confirmed; region 1 moved (three labels back each other); region 2 one label
-    label([(i, "shipping") for i in range(5)] + [(30, "refund"), (31, "refund"), (32, "refund"),
+    label(uri, [(i, "shipping") for i in range(5)] + [(30, "refund"), (31, "refund"), (32, "refund"),
                                                  (60, "refund")])
     config = LabelQueueConfig(explore=0)
     page = pending(uri, "default", 40, config)
@@ -340,5 +337,5 @@ def test_a_lone_confident_mistake_gets_one_second_label_beside_it(tmp_path):
     assert [it["request_id"] for it in seconds] == [f"r{nearest}"]
     assert page[0]["reason"] == "second" and page[1]["reason"] == "contradiction"  # in turn
     # the second label disagrees (the first was the annotator's mistake): no third is asked
-    label([(nearest, "shipping")])
+    label(uri, [(nearest, "shipping")])
     assert "second" not in {it["reason"] for it in pending(uri, "default", 40, config)}
