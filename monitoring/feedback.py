@@ -158,9 +158,9 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     other = [shadow.get(k) for k in zip(answers.request_id, answers.item, answers.model)]
     disagree = np.array([o is not None and o != p for o, p in zip(other, answers.said)])
     wrong = confident_mistakes(labelled, config.confident)
-    similar = _near(answers, labelled, wrong)
+    similar, seconds = _near(answers, labelled, wrong)
     near = ~disagree & ~np.isnan(similar)
-    second = near & ~np.isnan(seconds := _seconds(answers, labelled, wrong))
+    second = near & ~np.isnan(seconds)  # a disagreement keeps its reason
     # a mistake's second opinion and the spread over its region take turns
     spread = np.where(second, 2 * seconds, 2 * _spread(answers, labelled, near, limit) + 1)
     answers = answers.assign(rank=np.where(disagree, 0, np.where(near, 1, 2)),
@@ -207,41 +207,23 @@ def _moved(rest: pd.DataFrame, wrong: pd.DataFrame) -> pd.DataFrame:
     return rest[np.array([k in made for k in zip(*(rest[k] for k in keys))], dtype=bool)]
 
 
-def _near(answers: pd.DataFrame, labelled: pd.DataFrame, wrong: pd.DataFrame) -> np.ndarray:
+def _near(answers: pd.DataFrame, labelled: pd.DataFrame,
+          wrong: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Per answer, where the labelled answer nearest to it (same model version, same
     prediction; the model's own logged embedding, cosine) is a confidently wrong one, its
     similarity to it (NaN elsewhere): the region a concept shift moved, found from its first
-    labels and bounded by the labels that confirm the model around it."""
-    out = np.full(len(answers), np.nan)
+    labels and bounded by the labels that confirm the model around it. And per answer, where
+    it is asked as a lone mistake's second label, that mistake's turn (NaN elsewhere): a
+    mistake is alone when its nearest labelled answer says another label and no later label
+    has been its nearest's second; its second is the closest answer of those nearest to it.
+    One label cannot tell a move from an annotator's mistake, and a concept shift's rarer
+    phrasings got one each: the retrain retires the replay rows one label moved
+    (`training/contradiction.py`), and one wrong label decided a phrasing in two of seven loop
+    runs (docs/closed-loop.md)."""
+    near, seconds, turn = np.full(len(answers), np.nan), np.full(len(answers), np.nan), 0
     if wrong.empty:
-        return out
+        return near, seconds
     keys = ["model", "model_version", "prediction"]
-    seeds = set(zip(wrong.request_id, wrong.item))
-    for key, group in labelled[labelled.embedding.notna()].groupby(keys):
-        is_wrong = np.array([k in seeds for k in zip(group.request_id, group.item)])
-        mine = np.flatnonzero((answers[keys] == pd.Series(key, index=keys)).all(axis=1)
-                              & answers.embedding.notna())
-        if is_wrong.any() and len(mine):
-            sims = _unit(answers.embedding.iloc[mine]) @ _unit(group.embedding).T
-            nearest = sims.argmax(axis=1)
-            hit = is_wrong[nearest]
-            out[mine[hit]] = sims[hit, nearest[hit]]
-    return out
-
-
-def _seconds(answers: pd.DataFrame, labelled: pd.DataFrame, wrong: pd.DataFrame) -> np.ndarray:
-    """Per answer, where it is asked as a lone confident mistake's second label, that
-    mistake's turn (NaN elsewhere). A mistake is alone when its nearest labelled answer (same
-    model version and prediction, the model's logged embedding) says another label and no
-    later label has been its nearest's second; its second is the answer nearest to it of
-    those whose nearest labelled one it is. One label cannot tell a move from an annotator's
-    mistake, and a concept shift's rarer phrasings got one each: the retrain retires the replay
-    rows one label moved (`training/contradiction.py`), and one wrong label decided a phrasing
-    in two of seven loop runs (docs/closed-loop.md)."""
-    out = np.full(len(answers), np.nan)
-    if wrong.empty:
-        return out
-    keys, turn = ["model", "model_version", "prediction"], 0
     seeds = set(zip(wrong.request_id, wrong.item))
     for key, group in labelled[labelled.embedding.notna()].groupby(keys):
         is_wrong = np.array([k in seeds for k in zip(group.request_id, group.item)])
@@ -250,23 +232,22 @@ def _seconds(answers: pd.DataFrame, labelled: pd.DataFrame, wrong: pd.DataFrame)
         if not is_wrong.any() or not len(mine):
             continue
         known = _unit(group.embedding)
-        sims = known @ known.T
-        np.fill_diagonal(sims, -np.inf)
-        nearest, said = sims.argmax(axis=1), group.label.to_numpy()
+        sims = _unit(answers.embedding.iloc[mine]) @ known.T
+        nearest = sims.argmax(axis=1)
+        hit = is_wrong[nearest]
+        near[mine[hit]] = sims[hit, nearest[hit]]
+        between = known @ known.T
+        np.fill_diagonal(between, -np.inf)
+        neighbour, said = between.argmax(axis=1), group.label.to_numpy()
         seconded = np.zeros(len(group), bool)
-        later = group.ts.to_numpy() > group.ts.to_numpy()[nearest]
-        seconded[nearest[later]] = True
-        alone = is_wrong & ~seconded & ((said[nearest] != said) | (len(group) == 1))
-        if not alone.any():
-            continue
-        to_known = _unit(answers.embedding.iloc[mine]) @ known.T
-        cell = to_known.argmax(axis=1)
+        seconded[neighbour[group.ts.to_numpy() > group.ts.to_numpy()[neighbour]]] = True
+        alone = is_wrong & ~seconded & ((said[neighbour] != said) | (len(group) == 1))
         for w in np.flatnonzero(alone):
-            members = np.flatnonzero(cell == w)
+            members = np.flatnonzero(nearest == w)
             if len(members):
-                out[mine[members[to_known[members, w].argmax()]]] = turn
+                seconds[mine[members[sims[members, w].argmax()]]] = turn
                 turn += 1
-    return out
+    return near, seconds
 
 
 def _spread(answers: pd.DataFrame, labelled: pd.DataFrame, near: np.ndarray,
