@@ -104,8 +104,7 @@ def test_the_label_queue_puts_disagreements_and_doubts_first_per_label_and_cover
              for i in range(5)]
     generated = {**log_record(200, confidence=0.01), "posterior": None}  # no posterior: a generator
     SegmentWriter(uri, INFERENCE, LogConfig()).write_segment([*rows, shadow, *other, generated])
-    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([  # already labelled: not pending
-        {"request_id": "r7", "item": 0, "label": "billing", "ts": now(), "tenant": "default"}])
+    label(uri, [(7, "billing")])  # already labelled: not pending
     config = LabelQueueConfig(explore=0.25)
     page = pending(uri, "default", 12, config)
     ids = [it["request_id"] for it in page]
@@ -186,9 +185,7 @@ def test_the_label_queue_covers_a_new_phrasing_before_outliers(tmp_path):
              for i in range(6)]
     uri = str(tmp_path / "log")
     SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
-    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([  # ten in each known region
-        {"request_id": f"r{i}", "item": 0, "label": "billing", "ts": now(), "tenant": "default"}
-        for i in range(30)])
+    label(uri, [(i, "billing") for i in range(30)])  # ten in each known region
     page = pending(uri, "default", 2, LabelQueueConfig(explore=1.0))
     assert [it["reason"] for it in page] == ["coverage"] * 2
     assert any(it["text"].startswith("new") for it in page), page
@@ -261,10 +258,7 @@ def test_the_asks_around_confident_mistakes_spread_over_the_region(tmp_path):
     rows += [answer(200 + i, np.eye(8)[2] + 0.01 * i * np.eye(8)[3]) for i in range(12)]
     uri = str(tmp_path / "log")
     SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
-    SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
-        {"request_id": f"r{i}", "item": 0, "label": lab, "ts": now(), "tenant": "default"}
-        for i, lab in [(0, "refund"), (1, "refund"), (2, "refund"), (3, "refund")]
-        + [(200 + i, "shipping") for i in range(12)]])
+    label(uri, [(i, "refund") for i in range(4)] + [(200 + i, "shipping") for i in range(12)])
     asked = [int(it["request_id"][1:]) for it in pending(uri, "default", 4, LabelQueueConfig(
         explore=0)) if it["reason"] == "contradiction"]
     assert len(asked) == 4 and max(asked) >= 90, asked  # the far end is asked about
@@ -293,10 +287,8 @@ def test_half_the_coverage_goes_to_the_label_confident_mistakes_were_made_on(tmp
     uri = str(tmp_path / "log")
     SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
 
-    def covered(label: str) -> list[str]:
-        SegmentWriter(uri, FEEDBACK, LogConfig()).write_segment([
-            {"request_id": f"r{i}", "item": 0, "label": label, "ts": now(), "tenant": "default"}
-            for i in range(10)])
+    def covered(said: str) -> list[str]:
+        label(uri, [(i, said) for i in range(10)])
         page = pending(uri, "default", 4, LabelQueueConfig(explore=1.0))
         assert [it["reason"] for it in page] == ["coverage"] * 4
         return [it["text"].split()[0] for it in page]
@@ -326,8 +318,8 @@ def test_a_lone_confident_mistake_gets_one_second_label_beside_it(tmp_path):
     SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
 
     # region 0 confirmed; region 1 moved (three labels back each other); region 2 one label
-    label(uri, [(i, "shipping") for i in range(5)] + [(30, "refund"), (31, "refund"), (32, "refund"),
-                                                 (60, "refund")])
+    label(uri, [(i, "shipping") for i in range(5)]
+          + [(30, "refund"), (31, "refund"), (32, "refund"), (60, "refund")])
     config = LabelQueueConfig(explore=0)
     page = pending(uri, "default", 40, config)
     seconds = [it for it in page if it["reason"] == "second"]
