@@ -7,13 +7,20 @@
    of that many) and, where memory allows, on every row (the baseline).
 2. Per embedding drift method Evidently offers (mmd, distance, ratio, model): seconds on a
    2k-row window and its score on clean traffic and on 50% new-product traffic.
-3. Logging overhead: `support` and `moderation` pipeline throughput over handles at concurrency
+3. Confidence drift (`check_window`'s rule: normed Wasserstein and energy distance, both past
+   their thresholds, against the normed Wasserstein alone) on 20 clean windows of 500 requests
+   and on windows of each drift scenario, for the champion as served and as more confident
+   versions would answer (its posteriors, reference's and windows' alike, sharpened to
+   temperatures 0.7 and 0.5: a promoted retrain's confidences spread over a hundredth or
+   less); and on every window of every router version in the data dir's inference log (what
+   the loop's runs served), each against its version's reference profile.
+4. Logging overhead: `support` and `moderation` pipeline throughput over handles at concurrency
    32 with the inference log off and on, measured off, on, on, off (so warm-up and drift over
    the run weigh on both sides equally); the cost is 1 - mean(on) / mean(off).
 
-Features come from the support router (the `--data-dir` champion, else the configured
-architecture untrained) on texts of the seeded generator; large windows are drawn with
-replacement from 2k computed rows.
+Features come from the support router (the `--data-dir` champion and its registered reference
+profile, else the configured architecture untrained) on texts of the seeded generator; large
+windows are drawn with replacement from 4k computed rows.
 """
 
 from __future__ import annotations
@@ -85,6 +92,66 @@ def embedding_methods(clean: pd.DataFrame, shifted: pd.DataFrame, big: pd.DataFr
     return out
 
 
+def confidence_rules(reference: pd.DataFrame, clean: list[pd.DataFrame],
+                     scenarios: dict[str, pd.DataFrame]) -> dict:
+    """Per spread of confidence: how often each rule drifts on clean windows, and its verdict
+    on each scenario's window."""
+    t = DriftThresholds()
+
+    def sharpened(df: pd.DataFrame, temperature: float) -> pd.DataFrame:
+        p = np.stack(df.posterior.to_numpy()) ** (1 / temperature)
+        return df.assign(confidence=(p / p.sum(axis=1, keepdims=True)).max(axis=1))
+
+    def verdicts(window: pd.DataFrame, ref: pd.DataFrame) -> dict:
+        report = check_window(window, ref, t, model="support-router", version="bench",
+                              min_rows=1)
+        normed, energy = report.metric("confidence_drift"), report.metric("confidence_energy")
+        return {"normed_wasserstein": normed.value, "energy": energy.value,
+                "normed_alone_drifts": normed.value >= t.confidence_drift,
+                "drifts": normed.drifted}
+
+    out = {}
+    for temperature in (1.0, 0.7, 0.5):
+        ref = sharpened(reference, temperature)
+        quiet = [verdicts(sharpened(w, temperature), ref) for w in clean]
+        out[f"temperature_{temperature}"] = {
+            "reference_confidence_std": round(float(ref.confidence.std()), 4),
+            "clean_windows": len(quiet),
+            "clean_drifted": {"normed_alone": sum(v["normed_alone_drifts"] for v in quiet),
+                              "both": sum(v["drifts"] for v in quiet)},
+            "clean_max": {"normed_wasserstein": max(v["normed_wasserstein"] for v in quiet),
+                          "energy": max(v["energy"] for v in quiet)},
+            "scenarios": {k: verdicts(sharpened(w, temperature), ref)
+                          for k, w in scenarios.items()}}
+    return out
+
+
+def logged_windows(settings, registry, model: str = "support-router") -> dict:
+    """Both confidence rules on each logged window of each version, against its profile as
+    the monitor reads it; the windows where they disagree."""
+    from monitoring.drift import reweighted, windows
+    from monitoring.log import read
+
+    config = settings.monitoring.drift
+    log = read(settings.log_uri, model=model, outcome="ok")
+    counts, disagree = {"windows": 0, "normed_alone": 0, "both": 0}, []
+    for version, served in log.groupby("model_version", sort=False):
+        reference = reweighted(registry.reference_profile(model, version),
+                               registry.priors(model, version))
+        reference = reference.sample(n=min(len(reference), config.reference_rows), random_state=0)
+        for window in (w for w in windows(served, config.window) if len(w) >= config.min_rows):
+            report = check_window(window, reference, config.thresholds, model=model,
+                                  version=version, min_rows=config.min_rows)
+            normed, energy = report.metric("confidence_drift"), report.metric("confidence_energy")
+            alone = normed.value >= normed.threshold
+            counts = {"windows": counts["windows"] + 1, "both": counts["both"] + normed.drifted,
+                      "normed_alone": counts["normed_alone"] + alone}
+            if alone != normed.drifted:
+                disagree.append({"version": version, "start": report.start,
+                                 "normed_wasserstein": normed.value, "energy": energy.value})
+    return {**counts, "versions": int(log.model_version.nunique()), "disagreements": disagree}
+
+
 def logging_overhead(settings, registry, duration: float) -> dict:
     """Handle throughput at c=32 of both pipelines with the log off and on (ABBA order)."""
     import ray
@@ -127,11 +194,19 @@ def main() -> None:
     settings, registry = platform(args.data_dir)
     model = load("models:/support-router@champion", registry.tracking_uri)
 
-    held_out = generate("support-tickets", "base", 1000, seed=901)
-    reference = reference_profile(model.model, model.tokenizer, held_out, model.meta["labels"],
-                                  model.meta["max_length"])
-    pool = features(model, "base", 2000, seed=902)
+    if args.data_dir:  # what the monitor compares with: calibrated as served
+        reference = registry.reference_profile("support-router", model.identity.version)
+    else:
+        held_out = generate("support-tickets", "base", 1000, seed=901)
+        reference = reference_profile(model.model, model.tokenizer, held_out,
+                                      model.meta["labels"], model.meta["max_length"])
+    pool = features(model, "base", 4000, seed=902)
     shifted = features(model, "new-product", 500, seed=903, fraction=0.5)
+    scenarios = {"new-product_10pct": features(model, "new-product", 500, seed=904, fraction=0.1),
+                 "new-product_20pct": features(model, "new-product", 500, seed=905, fraction=0.2),
+                 "new-product_50pct": shifted,
+                 **{s: features(model, s, 500, seed=906 + i)
+                    for i, s in enumerate(("label-shift", "slang", "concept-shift"))}}
     rng = np.random.default_rng(0)
 
     def window(n: int) -> pd.DataFrame:
@@ -148,6 +223,10 @@ def main() -> None:
               "check_window": checks,
               "embedding_methods": embedding_methods(window(500), shifted, window(2000),
                                                      reference),
+              "confidence_drift": confidence_rules(reference, [
+                  pool.iloc[np.random.default_rng(i).choice(len(pool), 500, replace=False)]
+                  for i in range(20)], scenarios),
+              "confidence_drift_logged": logged_windows(settings, registry),
               "inference_log": logging_overhead(settings, registry, args.duration)}
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
 

@@ -55,7 +55,11 @@ class DriftThresholds(StrictModel):
     prediction_drift: float = Field(0.1, gt=0, le=1, description="Evidently's Jensen-Shannon "
                                     "distance of the predicted class (above drifts)")
     confidence_drift: float = Field(0.3, gt=0, description="Evidently's normed Wasserstein "
-                                    "distance of confidence (above drifts)")
+                                    "distance of confidence (above drifts, with "
+                                    "confidence_energy)")
+    confidence_energy: float = Field(0.015, gt=0, description="Evidently's energy distance of "
+                                     "confidence, unnormed (above drifts, with "
+                                     "confidence_drift)")
     embedding_drift: float = Field(0.015, gt=0, description="Evidently's MMD embedding drift "
                                    "score (above drifts)")
     kl_divergence: float = Field(0.05, gt=0, description="KL(window || reference) of the "

@@ -97,6 +97,37 @@ def test_drift_detected_in_one_window_for_every_scenario_and_quiet_on_clean_traf
     assert not concept.metric("embedding_drift").drifted
 
 
+def test_confidence_drifts_only_when_it_moved_against_its_spread_and_in_itself(router):
+    """A confident version (confidences within a hundredth) with a few more doubts than its
+    reference is quiet, though its normed Wasserstein passes; a real fall in confidence drifts,
+    and so does a widely spread one's."""
+    registry, model = router
+    thresholds = DriftConfig().thresholds
+    reference = registry.reference_profile("support-router", "1")
+    window = _window(model, "base", 8)
+    rng = np.random.default_rng(0)
+
+    def check(ref_conf: np.ndarray, conf: np.ndarray):
+        report = check_window(window.assign(confidence=conf), reference.assign(confidence=ref_conf),
+                              thresholds, model="support-router", version="1", min_rows=100)
+        return report.metric("confidence_drift"), report.metric("confidence_energy")
+
+    confident = 1 - np.abs(rng.normal(0, 0.01, len(reference)))
+    doubts = 1 - np.abs(rng.normal(0, 0.01, len(window)))
+    doubts[:8] = rng.uniform(0.75, 0.9, 8)  # 1.6% of answers unsure, against about 0 before
+    normed, energy = check(confident, doubts)
+    assert normed.value >= thresholds.confidence_drift and not normed.drifted
+    assert energy.value < thresholds.confidence_energy and not energy.drifted
+    fallen = doubts.copy()
+    fallen[:100] = rng.uniform(0.4, 0.8, 100)  # a fifth of the answers unsure
+    assert all(m.drifted for m in check(confident, fallen))
+    spread = rng.uniform(0.5, 1.0, len(reference))
+    normed, energy = check(spread, rng.uniform(0.5, 1.0, len(window)))  # the same world
+    assert energy.value >= thresholds.confidence_energy and not energy.drifted
+    assert normed.value < thresholds.confidence_drift and not normed.drifted
+    assert all(m.drifted for m in check(spread, rng.uniform(0.4, 0.85, len(window))))
+
+
 def test_drift_policy_needs_k_of_n_windows_and_enough_rows(router):
     registry, model = router
     config = DriftConfig(k=2, n=3, window=100, min_rows=100)
@@ -191,7 +222,7 @@ def test_drift_report_saves_an_evidently_html_report(router, tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert "Drifted Columns" in html and "column 'confidence" in html
     assert {m.name for m in report.metrics} == {
-        "share_of_drifted_descriptors", "prediction_drift", "confidence_drift",
+        "share_of_drifted_descriptors", "prediction_drift", "confidence_drift", "confidence_energy",
         "embedding_drift", "kl_divergence"}
     assert all(np.isfinite(m.value) for m in report.metrics)
 
