@@ -129,27 +129,25 @@ def confidence_rules(reference: pd.DataFrame, clean: list[pd.DataFrame],
 def logged_windows(settings, registry, model: str = "support-router") -> dict:
     """Both confidence rules on each logged window of each version, against its profile as
     the monitor reads it; the windows where they disagree."""
-    from monitoring.drift import reweighted, windows
+    from monitoring.drift import version_reference, windows
     from monitoring.log import read
 
     config = settings.monitoring.drift
     log = read(settings.log_uri, model=model, outcome="ok")
-    counts, disagree = {"windows": 0, "normed_alone": 0, "both": 0}, []
+    verdicts, disagree = [], []
     for version, served in log.groupby("model_version", sort=False):
-        reference = reweighted(registry.reference_profile(model, version),
-                               registry.priors(model, version))
-        reference = reference.sample(n=min(len(reference), config.reference_rows), random_state=0)
+        reference = version_reference(registry, config, model, version)
         for window in (w for w in windows(served, config.window) if len(w) >= config.min_rows):
             report = check_window(window, reference, config.thresholds, model=model,
                                   version=version, min_rows=config.min_rows)
             normed, energy = report.metric("confidence_drift"), report.metric("confidence_energy")
-            alone = normed.value >= normed.threshold
-            counts = {"windows": counts["windows"] + 1, "both": counts["both"] + normed.drifted,
-                      "normed_alone": counts["normed_alone"] + alone}
-            if alone != normed.drifted:
+            verdicts.append((normed.value >= normed.threshold, normed.drifted))
+            if verdicts[-1][0] != normed.drifted:
                 disagree.append({"version": version, "start": report.start,
                                  "normed_wasserstein": normed.value, "energy": energy.value})
-    return {**counts, "versions": int(log.model_version.nunique()), "disagreements": disagree}
+    return {"versions": int(log.model_version.nunique()), "windows": len(verdicts),
+            "normed_alone": sum(alone for alone, _ in verdicts),
+            "both": sum(both for _, both in verdicts), "disagreements": disagree}
 
 
 def logging_overhead(settings, registry, duration: float) -> dict:

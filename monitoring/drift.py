@@ -12,9 +12,9 @@ predicted-class distribution and, when the window has enough feedback labels, ho
 accuracy falls (beyond chance) below what the model's calibrated confidence promised for those
 very rows (concept shift changes the right answers, not the inputs; comparing each labelled
 row with its own confidence keeps the metric fair however the labels were asked for, the
-uncertain ones first or at random). A window drifts when any metric
-passes its threshold; drift is *declared* when `k` of the last `n` windows drifted (hysteresis:
-one noisy window does not trigger a retrain).
+uncertain ones first or at random). A window drifts when any metric passes its threshold;
+drift is *declared* when `k` of the last `n` windows drifted (hysteresis: one noisy window does
+not trigger a retrain).
 """
 
 from __future__ import annotations
@@ -294,6 +294,16 @@ def reweighted(reference: pd.DataFrame, priors: dict[str, float] | None) -> pd.D
                         confidence=answered.max(axis=1))
 
 
+def version_reference(registry, config: DriftConfig, model: str, version: str) -> pd.DataFrame:
+    """What a version's windows are checked against: its reference profile as it answers now
+    (`reweighted` to the priors it serves), at most `reference_rows` of it."""
+    reference = reweighted(registry.reference_profile(model, version),
+                           registry.priors(model, version))
+    if len(reference) > config.reference_rows:
+        reference = reference.sample(n=config.reference_rows, random_state=0)
+    return reference
+
+
 def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
                 window: int | None = None, report_dir: Path | None = None,
                 since: datetime | None = None, trace: bool = False) -> Decision:
@@ -320,10 +330,7 @@ def check_model(log_uri: str, registry, config: DriftConfig, model: str, *,
     if not full:
         raise NotEnoughData(f"{model} version {version} has {len(log)} logged requests; a drift "
                             f"check needs a window of at least {config.min_rows}")
-    reference = reweighted(registry.reference_profile(model, version),
-                           registry.priors(model, version))
-    if len(reference) > config.reference_rows:
-        reference = reference.sample(n=config.reference_rows, random_state=0)
+    reference = version_reference(registry, config, model, version)
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     def check(window: pd.DataFrame, html_path: Path | None = None) -> DriftReport:
