@@ -92,6 +92,13 @@ def embedding_methods(clean: pd.DataFrame, shifted: pd.DataFrame, big: pd.DataFr
     return out
 
 
+def confidence_verdict(report) -> dict:
+    """One window's confidence distances, the normed one's verdict alone and the rule's."""
+    normed, energy = report.metric("confidence_drift"), report.metric("confidence_energy")
+    return {"normed_wasserstein": normed.value, "energy": energy.value,
+            "normed_alone_drifts": normed.value >= normed.threshold, "drifts": normed.drifted}
+
+
 def confidence_rules(reference: pd.DataFrame, clean: list[pd.DataFrame],
                      scenarios: dict[str, pd.DataFrame]) -> dict:
     """Per spread of confidence: how often each rule drifts on clean windows, and its verdict
@@ -103,12 +110,8 @@ def confidence_rules(reference: pd.DataFrame, clean: list[pd.DataFrame],
         return df.assign(confidence=(p / p.sum(axis=1, keepdims=True)).max(axis=1))
 
     def verdicts(window: pd.DataFrame, ref: pd.DataFrame) -> dict:
-        report = check_window(window, ref, t, model="support-router", version="bench",
-                              min_rows=1)
-        normed, energy = report.metric("confidence_drift"), report.metric("confidence_energy")
-        return {"normed_wasserstein": normed.value, "energy": energy.value,
-                "normed_alone_drifts": normed.value >= t.confidence_drift,
-                "drifts": normed.drifted}
+        return confidence_verdict(check_window(window, ref, t, model="support-router",
+                                               version="bench", min_rows=1))
 
     out = {}
     for temperature in (1.0, 0.7, 0.5):
@@ -140,14 +143,14 @@ def logged_windows(settings, registry, model: str = "support-router") -> dict:
         for window in (w for w in windows(served, config.window) if len(w) >= config.min_rows):
             report = check_window(window, reference, config.thresholds, model=model,
                                   version=version, min_rows=config.min_rows)
-            normed, energy = report.metric("confidence_drift"), report.metric("confidence_energy")
-            verdicts.append((normed.value >= normed.threshold, normed.drifted))
-            if verdicts[-1][0] != normed.drifted:
+            verdicts.append(verdict := confidence_verdict(report))
+            if verdict["normed_alone_drifts"] != verdict["drifts"]:
                 disagree.append({"version": version, "start": report.start,
-                                 "normed_wasserstein": normed.value, "energy": energy.value})
+                                 "normed_wasserstein": verdict["normed_wasserstein"],
+                                 "energy": verdict["energy"]})
     return {"versions": int(log.model_version.nunique()), "windows": len(verdicts),
-            "normed_alone": sum(alone for alone, _ in verdicts),
-            "both": sum(both for _, both in verdicts), "disagreements": disagree}
+            "normed_alone": sum(v["normed_alone_drifts"] for v in verdicts),
+            "both": sum(v["drifts"] for v in verdicts), "disagreements": disagree}
 
 
 def logging_overhead(settings, registry, duration: float) -> dict:
