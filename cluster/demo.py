@@ -98,7 +98,7 @@ class Traffic:
 
 def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
                timeout_s: float = 900, labels: float = 0.3, labelling: str = "queue",
-               settle: int = 0, model: str = MODEL) -> dict:
+               settle: int = 0, model: str = MODEL, quality_rows: int = QUALITY_ROWS) -> dict:
     """Clean traffic, then `scenario` with feedback labels, with the router's controller running;
     follows its transitions until the loop ends (a new champion, new class priors confirmed,
     or a stop at the gate or the canary). With `settle`, the loop's outcome goes on answering
@@ -106,7 +106,7 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
     serving (the drift checks may find what a retrain missed, or that the drift is still
     there, and start again). Returns the figures:
     when each step happened after the drift began, macro-F1 (a generator's token F1) before
-    and after, requests served and failed, labels used."""
+    and after (on `quality_rows` fresh rows), requests served and failed, labels used."""
     registry = Registry(settings.registry, settings.data_dir)
     old = registry.alias_version(model, CHAMPION)
     actor(settings, model, start=True)
@@ -146,12 +146,12 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
         seed += 1
     return _summary(registry, scenario, old, events, onset, traffic.totals(), recovered_with,
                     settings.serve.support.classifier.error_rate, model,
-                    settings.training.task(model))
+                    settings.training.task(model), quality_rows)
 
 
 def _summary(registry: Registry, scenario: str, old: int, events: list[dict], onset: float,
              totals: dict, recovered_with: int | None, error_rate: float | None, model: str,
-             task) -> dict:
+             task, quality_rows: int) -> dict:
     def after(to: str, came_from: str | None = None, last: bool = False) -> float | None:
         found = [round(e["ts"] - onset, 1) for e in events
                  if e["to"] == to and came_from in (None, e["from"])]
@@ -170,7 +170,7 @@ def _summary(registry: Registry, scenario: str, old: int, events: list[dict], on
             "challenger_registered": after("evaluating", "retraining"),
             "new_champion_serving": after("serving", "promoting", last=True),
             "priors_confirmed": after("serving", "reweighted")},
-        **({"macro_f1": quality(registry, scenario, old, new, error_rate)}
+        **({"macro_f1": quality(registry, scenario, old, new, error_rate, quality_rows)}
            if task.kind == "classification" else
            {"token_f1": generation_quality(registry, model, task, scenario, old, new)}),
         **totals,
@@ -220,8 +220,8 @@ def _progress(settings: Settings, job_id: str, shown: int, step: Callable[[str],
 
 
 def quality(registry: Registry, scenario: str, old: int, new: int,
-            error_rate: float | None) -> dict:
-    """Macro-F1 on `QUALITY_ROWS` of fresh traffic (a seed of its own) against their true labels
+            error_rate: float | None, rows: int = QUALITY_ROWS) -> dict:
+    """Macro-F1 on `rows` of fresh traffic (a seed of its own) against their true labels
     (`true_labels`): the old champion on clean traffic (the level to recover), each version on
     the drifted traffic, and the recovered share; how the version now served abstains on the
     drifted traffic (at `error_rate`), its precision also against the generator's noisy labels
@@ -231,9 +231,9 @@ def quality(registry: Registry, scenario: str, old: int, new: int,
     from training.priors import ratios, training_priors
 
     models = {v: registry.load_model(MODEL, v) for v in {old, new}}
-    noisy = generate("support-tickets", scenario, QUALITY_ROWS, seed=4242)
+    noisy = generate("support-tickets", scenario, rows, seed=4242)
     clean, drifted = (df.assign(label=true_labels("support-tickets", df)) for df in (
-        generate("support-tickets", "base", QUALITY_ROWS, seed=4242), noisy))
+        generate("support-tickets", "base", rows, seed=4242), noisy))
     before = score(models[old], clean, "macro_f1")
     on_drift = {f"v{v}": round(score(m, drifted, "macro_f1"), 4) for v, m in sorted(models.items())}
     served, weights = f"v{new}", None
