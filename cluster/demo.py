@@ -226,14 +226,11 @@ def quality(registry: Registry, scenario: str, old: int, new: int,
     the drifted traffic, and the recovered share; how the version now served abstains on the
     drifted traffic (at `error_rate`), its precision also against the generator's noisy labels
     (what annotators would have said)."""
-    from training.data import generate, true_labels
     from training.evaluate import abstention_metrics, score
     from training.priors import ratios, training_priors
 
     models = {v: registry.load_model(MODEL, v) for v in {old, new}}
-    noisy = generate("support-tickets", scenario, rows, seed=4242)
-    clean, drifted = (df.assign(label=true_labels("support-tickets", df)) for df in (
-        generate("support-tickets", "base", rows, seed=4242), noisy))
+    clean, drifted, noisy = quality_rows(scenario, rows)
     before = score(models[old], clean, "macro_f1")
     on_drift = {f"v{v}": round(score(m, drifted, "macro_f1"), 4) for v, m in sorted(models.items())}
     served, weights = f"v{new}", None
@@ -247,6 +244,17 @@ def quality(registry: Registry, scenario: str, old: int, new: int,
             "recovered": round(on_drift[served] / before, 3),
             "served_on_drifted_traffic": abstention_metrics(models[new], drifted, error_rate,
                                                             weights, noisy.label)}
+
+
+def quality_rows(scenario: str, rows: int) -> tuple:
+    """The tickets `quality` scores on (a seed of their own): clean and `scenario` traffic with
+    their true labels, and the same `scenario` traffic with the generator's noisy ones."""
+    from training.data import generate, true_labels
+
+    noisy = generate("support-tickets", scenario, rows, seed=4242)
+    clean, drifted = (df.assign(label=true_labels("support-tickets", df)) for df in (
+        generate("support-tickets", "base", rows, seed=4242), noisy))
+    return clean, drifted, noisy
 
 
 def generation_quality(registry: Registry, model: str, task, scenario: str, old: int,

@@ -1,0 +1,48 @@
+"""Macro-F1 of registered router versions on fresh traffic of a scenario against their true
+labels, each as a share of a baseline version's on clean traffic: how `bench/loop.py` reads a
+run's outcome (`cluster.demo.quality`), for the versions earlier runs registered (re-read on
+more rows, or another scenario).
+
+    python bench/quality.py --json --data-dir DIR --versions 14 15 16 [--baseline 1]
+                            [--scenario concept-shift] [--rows 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stack import report  # noqa: E402
+
+from cluster.demo import MODEL, quality_rows  # noqa: E402
+from training.data import SCENARIOS  # noqa: E402
+from training.registry import Registry  # noqa: E402
+
+
+def measure(settings, args: argparse.Namespace) -> dict:
+    from training.evaluate import score
+
+    registry = Registry(settings.registry, settings.data_dir)
+    clean, drifted, _ = quality_rows(args.scenario, args.rows)
+    before = score(registry.load_model(MODEL, args.baseline), clean, "macro_f1")
+    versions = {}
+    for v in args.versions:
+        f1 = score(registry.load_model(MODEL, v), drifted, "macro_f1")
+        versions[f"v{v}"] = {"macro_f1": round(f1, 4), "recovered": round(f1 / before, 3)}
+    return {"model": MODEL, "scenario": args.scenario, "rows": args.rows,
+            "baseline": {"version": args.baseline, "clean_macro_f1": round(before, 4)},
+            "versions": versions}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--versions", type=int, nargs="+", required=True)
+    parser.add_argument("--baseline", type=int, default=1,
+                        help="the version whose clean macro-F1 is the level to recover")
+    parser.add_argument("--scenario", default="concept-shift",
+                        choices=[s for s in SCENARIOS if s != "base"])
+    parser.add_argument("--rows", type=int, default=5000)
+    report(parser, measure)
