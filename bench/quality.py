@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stack import report  # noqa: E402
 
-from cluster.demo import MODEL, quality_rows  # noqa: E402
+from cluster.demo import MODEL, scored_tickets  # noqa: E402
 from training.data import SCENARIOS  # noqa: E402
 from training.registry import Registry  # noqa: E402
 
@@ -26,7 +26,7 @@ def measure(settings, args: argparse.Namespace) -> dict:
     from training.evaluate import score
 
     registry = Registry(settings.registry, settings.data_dir)
-    clean, drifted, _ = quality_rows(args.scenario, args.rows)
+    clean, drifted, _ = scored_tickets(args.scenario, args.rows)
     before = score(registry.load_model(MODEL, args.baseline), clean, "macro_f1")
     versions = {}
     for v in args.versions:

@@ -230,7 +230,7 @@ def quality(registry: Registry, scenario: str, old: int, new: int,
     from training.priors import ratios, training_priors
 
     models = {v: registry.load_model(MODEL, v) for v in {old, new}}
-    clean, drifted, noisy = quality_rows(scenario, rows)
+    clean, drifted, noisy = scored_tickets(scenario, rows)
     before = score(models[old], clean, "macro_f1")
     on_drift = {f"v{v}": round(score(m, drifted, "macro_f1"), 4) for v, m in sorted(models.items())}
     served, weights = f"v{new}", None
@@ -246,7 +246,7 @@ def quality(registry: Registry, scenario: str, old: int, new: int,
                                                             weights, noisy.label)}
 
 
-def quality_rows(scenario: str, rows: int) -> tuple:
+def scored_tickets(scenario: str, rows: int) -> tuple:
     """The tickets `quality` scores on (a seed of their own): clean and `scenario` traffic with
     their true labels, and the same `scenario` traffic with the generator's noisy ones."""
     from training.data import generate, true_labels
