@@ -42,11 +42,11 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     on the relabelled replay rows of a concept shift. `onset` (when the drift began): the
     labels of requests before it are checked against those since, as the replay is (a concept
     shift supersedes them: they would outvote the new concept where it moved), only the
-    labels since count towards `min_labelled` and the holdout, and the unlabelled requests
-    since are the traffic the version is retrained to serve (`served`)."""
+    labels since count towards `min_labelled` and the holdout, and the requests since are the
+    traffic the version is retrained to serve (`served`, `_served`)."""
     from training.taskdata import TaskData
 
-    served = _served(recent, onset, config.served_rows)
+    unlabelled, share = _unlabelled(recent, onset, config.served_rows)
     labelled = recent.dropna(subset=["text", "label"]).reset_index(drop=True)
     rows = labelled[["text", "label"]].assign(_copies=copies(labelled, config))
     answers = labelled.prediction.astype(str).to_numpy() if "prediction" in labelled else None
@@ -71,7 +71,7 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     notes, original = {}, golden
     if config.resolve_contradictions:
         tables, found, notes = _resolve(learn[["text", "label"]], tables, config, teacher,
-                                        () if served is None else served.text)
+                                        () if unlabelled is None else unlabelled.text)
         # where the concept moved, recent labels judge: a golden row of a moved label that was
         # not found contradicted may still be, so the no-forgetting check skips them
         original = tables["golden"][~tables["golden"].label.astype(str).isin(found.sources)]
@@ -82,7 +82,8 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                     holdouts={RECENT: holdout[["text", "label"]].reset_index(drop=True),
                               ORIGINAL: original[["text", "label"]].reset_index(drop=True)},
                     scenario="retrain", golden=tables["golden"].reset_index(drop=True),
-                    notes=notes, served=served)
+                    notes=notes, served=_served(unlabelled, holdout, share, config.served_rows,
+                                                         seed))
 
 
 def generation_retraining_data(recent: pd.DataFrame, reference: pd.DataFrame,
@@ -120,23 +121,40 @@ def generation_retraining_data(recent: pd.DataFrame, reference: pd.DataFrame,
                     notes={"labelled": len(rows)})
 
 
-def _served(recent: pd.DataFrame, onset: datetime | None, n: int) -> pd.DataFrame | None:
-    """The newest `n` unlabelled requests (their texts) since the drift's `onset`: what the
-    retrained version will answer, never trained on, profiled as its drift reference
-    (`training/job.py`). Its held-out rows are mostly replay: against them a new product's
-    traffic read as drift again once its retrained version served it (each check, until a
-    retrain the gate rejected). The newest: the onset is a window's start, and the first
-    drifted window began in clean traffic (a random draw since it held a fifth of clean rows,
-    and their descriptors read as drift). None without an onset (a manual retrain)."""
+def _unlabelled(recent: pd.DataFrame, onset: datetime | None, n: int
+                ) -> tuple[pd.DataFrame | None, float]:
+    """The newest `n` unlabelled requests (their texts) since the drift's `onset`, and the
+    labelled share of the requests since. The newest: the onset is a window's start, and the
+    first drifted window began in clean traffic (a random draw since it held a fifth of clean
+    rows, and their descriptors read as drift). None without an onset (a manual retrain)."""
     if onset is None or not n or not {"ts", "label", "text"} <= set(recent.columns):
-        return None
+        return None, 0.0
     ts = pd.to_datetime(recent.ts, utc=True)
-    rows = recent[(ts >= pd.to_datetime(onset, utc=True)) & recent.label.isna()
-                  & recent.text.notna()]
+    since = (ts >= pd.to_datetime(onset, utc=True)) & recent.text.notna()
+    rows = recent[since & recent.label.isna()]
     if rows.empty:
-        return None
+        return None, 0.0
     newest = rows.assign(_ts=ts).sort_values("_ts", kind="stable").tail(n)
-    return newest[["text"]].reset_index(drop=True)
+    return newest[["text"]].reset_index(drop=True), 1 - len(rows) / int(since.sum())
+
+
+def _served(unlabelled: pd.DataFrame | None, holdout: pd.DataFrame, share: float, n: int,
+            seed: int) -> pd.DataFrame | None:
+    """What the retrained version will answer, never trained on, profiled as its drift
+    reference (`training/job.py`): `unlabelled` requests with held-out labelled ones in the
+    labelled `share` of the traffic since the onset (up to `n` rows, fewer where the holdout is
+    short of that share). Held-out rows alone are mostly replay: against them a new product's
+    traffic read as drift again once its retrained version served it. Unlabelled rows alone
+    leave out the requests the queue picked for a label, the champion's doubts: the retrained
+    version's answers to all its traffic were less sure than to those (mean confidence 0.968,
+    1.3% under 0.9, against 0.972 and 0.1%), and read as drift again."""
+    if unlabelled is None:
+        return None
+    want = round(n * share)
+    k = min(len(holdout), want)
+    u = min(len(unlabelled), n - k if k == want else round(k * (1 - share) / share))
+    return pd.concat([unlabelled.tail(u), holdout[["text"]].sample(n=k, random_state=seed)],
+                     ignore_index=True)
 
 
 def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,

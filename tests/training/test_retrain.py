@@ -81,33 +81,41 @@ def test_labelled_rows_weigh_by_recency():
     assert by_age == {0: {8}, 1: {4}, 2: {2}, 3: {1}}
 
 
-def test_the_unlabelled_traffic_since_the_drift_is_what_the_retrained_version_serves(tmp_path):
-    """Profiled as its drift reference (`training/job.py`): the newest `served_rows` requests
-    since the onset that no label made part of the training set; none without an onset."""
+def test_the_traffic_since_the_drift_in_its_labelled_share_is_what_the_retrained_version_serves(
+        tmp_path):
+    """Profiled as its drift reference (`training/job.py`): the newest unlabelled requests
+    since the onset, and held-out labelled ones (never learnt) in the labelled share of the
+    requests since (the queue labels the champion's doubts: without them the reference is surer
+    than the traffic), up to `served_rows`, fewer where the holdout is short; none without an
+    onset."""
     now = pd.Timestamp("2026-12-03T12:00:00Z")
     before = generate("support-tickets", "base", 100, seed=1)[["text", "label"]].assign(
         ts=now - pd.Timedelta(hours=1))
     since = generate("support-tickets", "new-product", 300, seed=2)[["text", "label"]].assign(
         ts=[now - pd.Timedelta(seconds=300 - i) for i in range(300)])
-    since.loc[100:, "label"] = None
+    since.loc[100:, "label"] = None  # a third of the traffic since is labelled
     before.loc[50:, "label"] = None
     recent = pd.concat([before, since], ignore_index=True)
     reference = generate("support-tickets", "base", 600, seed=3)
     golden = generate("support-tickets", "base", 50, seed=4)
-    config = RetrainConfig(replay_rows=300, validation_rows=50, served_rows=150)
+    config = RetrainConfig(replay_rows=300, validation_rows=50, served_rows=60)
     onset = (now - pd.Timedelta(minutes=5)).to_pydatetime()
     data = retraining_data(recent, reference, golden, config, onset=onset)
-    assert data.served.text.tolist() == since.text[150:].tolist()
+    held_out = set(data.holdouts["recent"].text)
+    assert len(held_out) == 30 and not held_out & set(data.train.text)
+    assert data.served.text[:40].tolist() == since.text[260:].tolist()
+    assert set(data.served.text[40:]) < held_out and len(data.served) == 60
     assert list(data.served.columns) == ["text"]
-    everything = retraining_data(recent, reference, golden, config.model_copy(
-        update={"served_rows": 1000}), onset=onset)
-    assert len(everything.served) == 200
+    short = retraining_data(recent, reference, golden, config.model_copy(
+        update={"served_rows": 1000}), onset=onset)  # 30 held out: 60 unlabelled beside them
+    assert short.served.text[:60].tolist() == since.text[240:].tolist()
+    assert set(short.served.text[60:]) == held_out and len(short.served) == 90
     assert retraining_data(recent, reference, golden, config).served is None
     assert retraining_data(recent, reference, golden, config.model_copy(
         update={"served_rows": 0}), onset=onset).served is None
     back = TaskData.load(data.save(tmp_path / "d"))
     assert back.served.equals(data.served)
-    assert TaskData.load(everything.__class__(**{**vars(data), "served": None}).save(
+    assert TaskData.load(short.__class__(**{**vars(data), "served": None}).save(
         tmp_path / "e")).served is None
 
 
