@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cluster import platform, runtime
@@ -104,7 +105,8 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
     or a stop at the gate or the canary). With `settle`, the loop's outcome goes on answering
     the drifted traffic until it has answered `settle` requests with the controller still
     serving (the drift checks may find what a retrain missed, or that the drift is still
-    there, and start again). Returns the figures:
+    there, and start again), and one window more while the last checks hold a drifted one
+    (`_undecided`). Returns the figures:
     when each step happened after the drift began, macro-F1 (a generator's token F1) before
     and after (on `quality_rows` fresh rows), requests served and failed, labels used."""
     registry = Registry(settings.registry, settings.data_dir)
@@ -114,6 +116,7 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
     traffic = Traffic(settings, step, labels, labelling, model)
     seen, events, seed, shown = len(control(settings, model, "events")), [], 3, 0
     drifted = calm = 0  # drifted requests since the last transition; since it, while serving
+    window = settings.monitoring.drift.window
     recovered_with, sent = None, time.time()  # labels when the loop last came back to serving
     started = time.time()
     traffic("base", 300, seed=1, labelled=False)
@@ -131,10 +134,13 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
         settled = last.get("to") == "serving" and calm >= settle
         # once the checks have seen the last batch (a step every interval_s after the log's flush)
         if settled and (not settle or time.time() - sent > 2 * settings.controller.interval_s):
-            break
+            if not settle or calm >= settle + window or not _undecided(settings, registry, model,
+                                                                       last["ts"]):
+                break
+            settled = False
         current = control(settings, model, "state")
-        if current["state"] in ("serving", "drift_suspected", "reweighted") and drifted < 2000 \
-                and not settled:
+        if current["state"] in ("serving", "drift_suspected", "reweighted") and not settled \
+                and drifted < max(2000, settle + window):
             traffic(scenario, 250, seed=seed)  # until the controller acts on it
             drifted, calm, sent = drifted + 250, calm + 250, time.time()
         elif current["state"] == "canary":
@@ -147,6 +153,20 @@ def drift_loop(settings: Settings, scenario: str, step: Callable[[str], None],
     return _summary(registry, scenario, old, events, onset, traffic.totals(), recovered_with,
                     settings.serve.support.classifier.error_rate, model,
                     settings.training.task(model), quality_rows)
+
+
+def _undecided(settings: Settings, registry: Registry, model: str, since: float) -> bool:
+    """Whether the drift checks of the traffic since `since` hold a drifted window: fewer than
+    the policy's `k` of its last `n`, but the next window may tip it (a concept
+    shift a retrain partly missed read as drift on its third window, one check before the
+    settle would have ended)."""
+    from monitoring.drift import NotEnoughData, check_model
+
+    try:
+        return check_model(settings.log_uri, registry, settings.monitoring.drift, model,
+                           since=datetime.fromtimestamp(since, UTC)).drifted_windows > 0
+    except NotEnoughData:
+        return False
 
 
 def _summary(registry: Registry, scenario: str, old: int, events: list[dict], onset: float,

@@ -199,7 +199,7 @@ class RetrainSteps:
                                       f"{state.retrain_id}: {result.reason}")
         return (f"; v{state.champion} answers the drifted traffic as well as its golden set "
                 f"({result.champion[RECENT]:.4f} vs {result.champion[ORIGINAL]:.4f}): its "
-                f"{len(profile)} newest requests are its drift reference now")
+                f"{len(profile)} requests since the drift are its drift reference now")
 
     def evaluate(self, state: ControllerState) -> ControllerState:
         """`evaluating`: the gate on the retrain's holdouts -> `canary`, or `rejected`."""

@@ -176,10 +176,11 @@ class RetrainConfig(StrictModel):
     replay_rows: int = Field(1200, ge=0, description="rows of the champion's training data mixed in")
     validation_rows: int = Field(200, ge=16, description="held out of the mix for early stopping "
                                  "and calibration; its labels anchor the new version's reference")
-    served_rows: int = Field(500, ge=0, description="the newest unlabelled requests since the "
-                             "drift's onset, profiled as the retrained version's drift reference: "
-                             "the traffic it is retrained to serve (0: its held-out rows, mostly "
-                             "replay, whose mix the drifted traffic no longer has)")
+    served_rows: int = Field(500, ge=0, description="requests since the drift's onset (the "
+                             "newest unlabelled ones, held-out labelled ones in their share), "
+                             "profiled as the retrained version's drift reference: the traffic it "
+                             "is retrained to serve (0: its held-out rows, mostly replay, whose mix "
+                             "the drifted traffic no longer has)")
     resolve_contradictions: bool = Field(
         True, description="resolve replayed and golden rows that recent feedback contradicts "
         "(concept shift, `training/contradiction.py`)")
