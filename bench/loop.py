@@ -17,9 +17,10 @@ with a `--baseline-labels` share labelled at random (0: no baseline). Before eac
 router's first champion is restored (`llmops rollback --to-version`, `--from-version` picks it)
 with its training priors and profile, so every run starts from the same model; the retrain
 cooldown and daily budget are lifted. Where the loop comes back to serving, the drifted traffic
-goes on until the drift checks have seen it (`--settle` requests): a retrain that missed part
-of the drift, or a drift still declared, starts the loop again, and the run reports where the
-loop settles, not its first step. Each row's baselines: the old champion's macro-F1 on the
+goes on until the drift checks have seen it (`--settle` requests, and one window more while
+the last checks hold a drifted window): a retrain that missed part of the drift, or a drift
+still declared, starts the loop again, and the run reports where the loop settles, not its
+first step. Each row's baselines: the old champion's macro-F1 on the
 drifted traffic, and the random-labelling run of the same scenario.
 """
 
