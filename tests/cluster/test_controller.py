@@ -13,7 +13,7 @@ from conftest import log_record, register_quick, tiny_settings, wait_for
 from loop_stack import MODEL, log_served
 
 from cluster.controller import PREVIOUS, Controller, Refused
-from cluster.demo import quality
+from cluster.demo import _undecided, quality
 from cluster.state import ControllerState
 from monitoring.drift import DriftReport, check_model
 from serve_apps.apps import pinned_user_config
@@ -65,6 +65,24 @@ def test_clean_traffic_never_starts_a_retrain_and_a_drift_is_traced_to_its_onset
     assert state.state == "drift_suspected", state.detail
     assert "and the 2 before them" in controller.events()[-1]["reason"]
     assert begun[0] <= state.drift_onset < begun[1]
+
+
+def test_the_benchmark_settles_only_once_no_recent_window_drifted(loop):
+    """`bench/loop.py` follows a loop back in serving one window further while its last checks
+    hold a drifted window the policy has not declared (`cluster.demo._undecided`): a retrain
+    that missed part of a drift may read as drift on the next one."""
+    settings, registry, controller = loop
+    since = time.time()
+    controller.state()
+    # clean seeds whose every window is quiet against the tiny router's small profile (a lone
+    # window of other seeds reads 3 of 7 descriptors as drifted: what the k-of-n policy absorbs)
+    log_served(settings, registry, "base", 1000, 0, seed=22)
+    assert not _undecided(settings, registry, MODEL, since)
+    log_served(settings, registry, "new-product", 500, 0, seed=20)
+    assert controller.step().state == "serving"  # one of three windows drifted: not declared
+    assert _undecided(settings, registry, MODEL, since)
+    log_served(settings, registry, "base", 1500, 0, seed=24)
+    assert not _undecided(settings, registry, MODEL, since)
 
 
 @pytest.fixture
