@@ -91,6 +91,7 @@ class Controller:
                     f"{state.state} -> {new}: {reason}"[:5000]})
             except Exception:  # the event log and the state still hold the decision
                 log.exception("could not tag %s v%s", self.model, version)
+        self._mark_drift(state, new, changes)
         detail = {k: v for k, v in changes.pop("detail", state.detail).items() if k != "waiting"}
         if new == "serving":
             changes |= {"serving_since": now, "drift_onset": None}
@@ -100,6 +101,22 @@ class Controller:
         export(new_state, moved_from=state.state)
         log.warning("%s: %s -> %s (%s)", self.model, state.state, new, reason)
         return new_state
+
+    def _mark_drift(self, state: ControllerState, new: str, changes: dict) -> None:
+        """Tell the label queue which labels describe the traffic now: the champion carries
+        the onset of the drift being handled until a version serves again (`Registry.
+        mark_drift`; the queue counts only the labels since, as the retrain does)."""
+        marks = {changes.get("champion", state.champion): changes["drift_onset"]} \
+            if changes.get("drift_onset") else {}
+        if new == "serving":
+            marks = dict.fromkeys({state.champion, changes.get("champion", state.champion)})
+        for version, onset in marks.items():
+            if version is None:
+                continue
+            try:
+                self.registry.mark_drift(self.model, version, onset)
+            except Exception:  # the queue then counts older labels too, as before a drift
+                log.exception("could not mark the drift on %s v%s", self.model, version)
 
     # -- the loop ------------------------------------------------------------------------------
 

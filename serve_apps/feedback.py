@@ -11,6 +11,7 @@ label (or a generator's answers awaiting a correction), the most useful first
 
 import asyncio
 import functools
+import logging
 from datetime import UTC, datetime
 
 from fastapi import Request
@@ -27,6 +28,7 @@ from serve_apps.http import InvalidRequest, create_app, parse
 from serve_apps.pii import redact
 from serve_apps.pipeline import Pipeline
 
+log = logging.getLogger(__name__)
 MAX_CORRECTION = 8000  # characters: a generated answer's corrected text
 
 
@@ -98,6 +100,19 @@ def _labels(tracking_uri: str, model: str, version: str) -> tuple[str, ...]:
     return tuple(Registry.at(tracking_uri).labels(model, version))
 
 
+def _drift_onset(tracking_uri: str, model: str, version: str) -> datetime | None:
+    """The onset of the drift the loop is handling on a model version (read on each page: the
+    controller sets and clears it), or None, also where the registry cannot say: the queue
+    then counts every label, as it does before a drift."""
+    from training.registry import Registry
+
+    try:
+        return Registry.at(tracking_uri).drift_onset(model, version)
+    except Exception:
+        log.warning("no drift onset of %s v%s from the registry", model, version, exc_info=True)
+        return None
+
+
 app = create_app("llmops feedback", "Ground-truth labels for logged requests.")
 
 
@@ -135,8 +150,9 @@ class FeedbackService(Pipeline):
             raise InvalidRequest(f"limit is at most {self.config.queue.max_limit}, got {body.limit}")
 
         async def page(call) -> Answer:
-            items = await asyncio.to_thread(pending, self.uri, call.principal.tenant,
-                                            body.limit, self.config.queue, body.model, body.since)
+            items = await asyncio.to_thread(
+                pending, self.uri, call.principal.tenant, body.limit, self.config.queue,
+                body.model, body.since, functools.partial(_drift_onset, self.tracking_uri))
             return Answer([f"{len(items)} pending"], [{}], payload=items)
 
         _, answer = await self.policies.apply(

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,8 @@ REFERENCE_FILE, PROFILE_FILE, GOLDEN_FILE = "reference.parquet", "profile.parque
 PRIORS_TAG = "llmops.priors"  # a version's re-estimated class priors, JSON {label: prior}
 # a version's drift reference now includes the drifted traffic it answers (`adopt_traffic`)
 ADOPTED_FILE, ADOPTED_TAG = "profile-adopted.parquet", "llmops.adopted_traffic"
+# the onset (epoch seconds) of the drift the loop is handling on a version (`drift_onset`)
+DRIFT_TAG = "llmops.drift_onset"
 # where `download_hf_model` keeps the versions this machine loaded, and how many of them
 MODEL_CACHE, CACHED_VERSIONS = Path(tempfile.gettempdir()) / "llmops-models", 16
 
@@ -267,6 +270,21 @@ class Registry:
         (`PRIORS_TAG`, set by the controller), or None: the training priors hold."""
         tag = self._version(name, version).tags.get(PRIORS_TAG)
         return (json.loads(tag) or None) if tag else None
+
+    def drift_onset(self, name: str, version: str) -> datetime | None:
+        """When the drift the loop is handling on the version began (`DRIFT_TAG`, set by the
+        controller from drift to serving again), or None: the labels of answers before it
+        describe the traffic before the drift, and only those since count towards a retrain."""
+        tag = self._version(name, version).tags.get(DRIFT_TAG)
+        return datetime.fromtimestamp(float(tag), UTC) if tag else None
+
+    def mark_drift(self, name: str, version: int, onset: float | None) -> None:
+        """Record the onset of the drift the loop handles on the version (None: it serves
+        again, the tag goes)."""
+        if onset is not None:
+            self.tag_version(name, version, {DRIFT_TAG: repr(float(onset))})
+        elif DRIFT_TAG in self._version(name, version).tags:
+            self.client.delete_model_version_tag(name, str(version), DRIFT_TAG)
 
     def alias_version(self, name: str, alias: str) -> int | None:
         from mlflow.exceptions import MlflowException

@@ -65,6 +65,8 @@ def test_clean_traffic_never_starts_a_retrain_and_a_drift_is_traced_to_its_onset
     assert state.state == "drift_suspected", state.detail
     assert "and the 2 before them" in controller.events()[-1]["reason"]
     assert begun[0] <= state.drift_onset < begun[1]
+    # the label queue counts the labels since the onset only (`Registry.drift_onset`)
+    assert registry.drift_onset(MODEL, "1").timestamp() == pytest.approx(state.drift_onset)
 
 
 def test_the_benchmark_settles_only_once_no_recent_window_drifted(loop):
@@ -336,7 +338,10 @@ def test_every_state_handles_itself_and_moves_only_as_the_table_says(loop):
 
 def test_manual_promotion_then_rollback_move_the_champion_and_record_it(loop):
     settings, registry, controller = loop
+    registry.mark_drift(MODEL, 1, time.time() - 60)  # a drift being handled on v1
     assert controller.promote().champion == 2
+    # a version serving again: every label counts for the queue, on either version
+    assert registry.drift_onset(MODEL, "1") is None and registry.drift_onset(MODEL, "2") is None
     assert registry.alias_version(MODEL, CHAMPION) == 2 and \
         registry.alias_version(MODEL, PREVIOUS) == 1
     state = controller.rollback()

@@ -193,6 +193,44 @@ def test_the_label_queue_covers_a_new_phrasing_before_outliers(tmp_path):
     assert sum(it["text"].startswith("new") for it in again) == 1, again
 
 
+def test_labels_from_before_a_drift_being_handled_do_not_count_as_coverage(tmp_path):
+    """A phrasing labelled before a concept shift is the old concept's: while the loop handles
+    a drift of the version (`drift_onset`), only the labels since its onset point the queue,
+    as only those teach the retrain, so the phrasing is asked about again; another version's
+    onset, or none, leaves the labels counted."""
+    from datetime import timedelta
+
+    from monitoring.config import LabelQueueConfig
+    from monitoring.feedback import pending
+
+    rng = np.random.default_rng(4)
+    centre = np.eye(16)
+
+    def answer(i, e, text, ts):
+        return log_record(i, prediction="shipping", confidence=0.99, posterior=[0.5, 0.5],
+                          embedding=e.tolist(), text=text, ts=ts)
+
+    before = now()
+    onset = before + timedelta(seconds=1)
+    after = onset + timedelta(seconds=1)
+    rows = [answer(i, centre[1 + i % 3] + rng.normal(0, 0.2, 16), f"known {i}", after)
+            for i in range(60)]  # each region labelled since the onset too
+    rows += [answer(300 + i, centre[0] + rng.normal(0, 0.03, 16), f"phrasing {i}",
+                    before if i < 2 else after) for i in range(10)]
+    uri = str(tmp_path / "log")
+    SegmentWriter(uri, INFERENCE, LogConfig()).write_segment(rows)
+    label(uri, [(i, "shipping") for i in range(30)] + [(300, "shipping"), (301, "shipping")])
+    config = LabelQueueConfig(explore=1.0)
+
+    def asked(drift_onset) -> int:
+        page = pending(uri, "default", 3, config, drift_onset=drift_onset)
+        return sum(it["text"].startswith("phrasing") for it in page)
+
+    assert asked(None) == 0  # covered by the labels from before
+    assert asked(lambda model, version: onset if version == "1" else None) == 1
+    assert asked(lambda model, version: onset if version == "2" else None) == 0
+
+
 def test_the_label_queue_asks_around_confident_mistakes_once_they_exceed_chance(tmp_path):
     """A concept shift moves a region the model answers with confidence: doubt never points
     there. Once labels find the model confidently wrong more often than chance, the queue asks
