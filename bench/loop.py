@@ -38,6 +38,7 @@ from cluster import demo, traffic  # noqa: E402
 from cluster.controller import Controller  # noqa: E402
 from cluster.loop import stop  # noqa: E402
 from cluster.settings import Settings, load_settings  # noqa: E402
+from cluster.state import BUSY  # noqa: E402
 from training.data import SCENARIOS  # noqa: E402
 from training.registry import CHAMPION, Registry  # noqa: E402
 
@@ -75,10 +76,12 @@ def _start_from(settings: Settings, registry: Registry, first: int, say) -> None
         say(f"{demo.MODEL}: back to v{first}")
     controller.label_shift.clear(first)
     registry.forget_traffic(demo.MODEL, first)
+    registry.mark_drift(demo.MODEL, first, None)
     state = controller.state()
-    if state.state == "serving":
-        controller.store.save(state.model_copy(update={"since": time.time(),
-                                                       "serving_since": time.time()}))
+    if state.state not in BUSY:  # serving, or a drift an interrupted run left being handled
+        controller.store.save(state.model_copy(update={
+            "state": "serving", "since": time.time(), "serving_since": time.time(),
+            "drift_onset": None, "detail": {}}))
 
 
 def _print(rows: list[dict]) -> None:
