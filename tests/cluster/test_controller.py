@@ -189,18 +189,24 @@ def test_labels_since_the_onset_refute_a_label_shift_before_any_answer_is_adjust
     controller.label_shift.clear(1)
 
 
-def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown(accurate):
+def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown(accurate,
+                                                                               monkeypatch):
     """A concept shift found by its first labels: refunds are billing now (20 labels: a move
     the retraining set shows), and damaged parcels are refunds (3 labels the champion answered
     with confidence: suspected, not shown; a move takes 4). The retrain on drift waits for labels there, up to
     `controller.label_wait_s`; by hand, it starts at once. Refunds labelled refund before the
     drift's onset, twice as many, do not outvote the move: they are checked against the labels
     since, and retired. (The accurate router's 1,200 training rows: regions the tiny one's 192
-    are too sparse to hold.)"""
+    are too sparse to hold.) The teacher, a fine-tune, is fitted only when the retrain starts,
+    not at each step that waits."""
     from monitoring.config import LogConfig
     from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
+    from training import retrain
 
     settings, registry, controller = accurate
+    teachers, build = [], retrain.retraining_data  # the teacher each build of the set was given
+    monkeypatch.setattr(retrain, "retraining_data", lambda *a, **k: teachers.append(
+        a[5] if len(a) > 5 else k.get("teacher")) or build(*a, **k))
     shift = generate("support-tickets", "concept-shift", 3000, seed=21)
     base = generate("support-tickets", "base", 600, seed=21)
     rows = pd.concat([
@@ -229,6 +235,7 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     assert state.state == "drift_suspected" and state.retrain_started == []
     assert "waiting for labels" in state.detail["waiting"] and \
         "shipping -> refund" in state.detail["waiting"], state.detail
+    assert teachers == [None]
     assert controller.retrain_now().state == "retraining"  # by hand: at once
     # waited long enough: the retrain starts with what it has
     controller.store.save(suspected.model_copy(update={
@@ -238,6 +245,7 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     assert state.state == "retraining" and "refund -> billing" in found["moved"] and \
         "shipping -> refund" in found["suspected"]
     assert found["retired"]["pre-drift"]["refund -> billing"] >= 20, found
+    assert teachers[-2] is None and teachers[-1] is not None  # for the set it trains on
 
 
 def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):
