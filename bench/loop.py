@@ -38,7 +38,7 @@ from cluster import demo, traffic  # noqa: E402
 from cluster.controller import Controller  # noqa: E402
 from cluster.loop import stop  # noqa: E402
 from cluster.settings import Settings, load_settings  # noqa: E402
-from cluster.state import BUSY  # noqa: E402
+from cluster.state import StateStore  # noqa: E402
 from training.data import SCENARIOS  # noqa: E402
 from training.registry import CHAMPION, Registry  # noqa: E402
 
@@ -77,11 +77,19 @@ def _start_from(settings: Settings, registry: Registry, first: int, say) -> None
     controller.label_shift.clear(first)
     registry.forget_traffic(demo.MODEL, first)
     registry.mark_drift(demo.MODEL, first, None)
-    state = controller.state()
-    if state.state not in BUSY:  # serving, or a drift an interrupted run left being handled
-        controller.store.save(state.model_copy(update={
+    _serving(settings)
+
+
+def _serving(settings: Settings) -> None:
+    """The loop's state back to serving from now: also where an interrupted run left a drift
+    being handled or a retrain of its labels under way (its Ray job went with its Ray), which
+    the controller `llmops up` starts would go on with (a retrain on the killed run's labels)."""
+    store = StateStore(settings.controller_uri)
+    state = store.load(demo.MODEL)
+    if state is not None:
+        store.save(state.model_copy(update={
             "state": "serving", "since": time.time(), "serving_since": time.time(),
-            "drift_onset": None, "detail": {}}))
+            "drift_onset": None, "challenger": None, "retrain_id": None, "detail": {}}))
 
 
 def _print(rows: list[dict]) -> None:
@@ -114,6 +122,7 @@ def main() -> None:
     def say(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
+    _serving(settings)  # before `llmops up` starts the controller
     demo.prepare(settings, settings_args, say)
     registry = Registry(settings.registry, settings.data_dir)
     first = args.from_version or registry.alias_version(demo.MODEL, CHAMPION)
