@@ -29,7 +29,12 @@ def actor_name(model: str) -> str:
 
 class ControllerActor:
     """A controller as a detached Ray actor (it resumes from the stored state after a restart).
-    Manual commands run on the actor between steps, never beside one."""
+    Manual commands run on the actor between steps, never beside one; reads of the stored
+    state and events (`READS`) are answered beside a step, as the state file is replaced whole
+    and an event line appended whole, so the demo's traffic, which follows the state, does not
+    wait on a step that fits a teacher."""
+
+    READS = ("state", "events")
 
     def __init__(self, settings_json: str, model: str):
         self.controller = Controller(Settings.model_validate_json(settings_json), model)
@@ -56,12 +61,17 @@ class ControllerActor:
     def call(self, method: str, *args):
         """`step`, `state`, `events`, `promote`, `rollback` or `retrain_now` (a Refused error
         comes back as its message, so the caller can raise it again)."""
+        if method in self.READS:
+            return self._answer(method, *args)
         with self.lock:
-            try:
-                result = getattr(self.controller, method)(*args)
-            except Refused as exc:
-                return {"refused": str(exc)}
-            return result.model_dump() if isinstance(result, ControllerState) else result
+            return self._answer(method, *args)
+
+    def _answer(self, method: str, *args):
+        try:
+            result = getattr(self.controller, method)(*args)
+        except Refused as exc:
+            return {"refused": str(exc)}
+        return result.model_dump() if isinstance(result, ControllerState) else result
 
     def stop(self) -> None:
         """Returns once no step runs, and no further one will."""

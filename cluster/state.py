@@ -113,8 +113,8 @@ class StateStore:
         path = self._path(model, ".events.jsonl")
         if not self.fs.exists(path):
             return []
-        with self.fs.open(path, "r") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with self.fs.open(path, "r") as f:  # a line being appended (no newline yet) is not one
+            return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 def export(state: ControllerState, moved_from: str | None = None) -> None:

@@ -246,3 +246,38 @@ def test_a_retrain_lost_with_the_cluster_is_submitted_again_and_a_stopped_one_ab
     state = controller.step()
     assert state.state == "serving" and state.champion == 1 and state.challenger is None
     assert registry.alias_version(MODEL, CHAMPION) == 1
+
+
+def test_the_controller_actor_answers_reads_beside_a_step_and_commands_after_it(loop):
+    """The state and the events answer while a step runs (one that fits a teacher takes
+    minutes), and an event line still being appended is not read; a command waits for the
+    step to end."""
+    import threading
+
+    from cluster.loop import ControllerActor
+
+    settings, registry, controller = loop
+    actor = ControllerActor(settings.model_dump_json(), MODEL)
+    actor.stop()  # its own steps end: the test holds the lock as a step does
+    controller.store.append_event({"ts": time.time(), "model": MODEL, "from": "serving",
+                                   "to": "drift_suspected", "reason": "a drift"})
+    events = controller.events()
+    with open(f"{settings.controller_uri}/{MODEL}.events.jsonl", "a") as f:
+        f.write('{"ts": 1, "model"')  # the next transition, half written
+
+    def answered(method: str) -> list:  # what the actor answered within 30 s
+        out = []
+        call = threading.Thread(target=lambda: out.append(actor.call(method)), daemon=True)
+        call.start()
+        call.join(30)
+        return out
+
+    with actor.lock:
+        [state], [read] = answered("state"), answered("events")
+        assert state["state"] == "serving" and read == events and len(events) == 1
+        command = threading.Thread(target=actor.call, args=("step",))
+        command.start()
+        command.join(2)
+        assert command.is_alive()  # waits for the step
+    command.join(120)
+    assert not command.is_alive()
