@@ -31,7 +31,7 @@ class RetrainSteps:
         from monitoring.log import FEEDBACK, read, with_feedback
         from training import teacher
         from training.errors import InvalidData
-        from training.retrain import generation_retraining_data, retraining_data
+        from training.retrain import generation_retraining_data, retraining_plan
 
         c = self.c
         champion = c.registry.alias_version(c.model, CHAMPION)
@@ -48,20 +48,19 @@ class RetrainSteps:
                   c.settings.training.seed)
         classifier = c.settings.training.task(c.model).kind == "classification"
         try:
-            # the teacher (a fine-tune) only once the retrain goes ahead: fitted at each step
-            # while the retrain waits for labels, it made each step a fine-tune that held the
-            # controller (the loop benchmark, paced by its steps, sent a batch in 105-141 s
-            # instead of 30, so fewer labels came before `label_wait_s`)
-            data = retraining_data(*tables, onset=onset) if classifier \
-                else generation_retraining_data(*tables, onset=onset)
-            waiting = self._waiting(recent, data.notes) if trigger == "drift" and classifier \
+            # built once; the teacher (a fine-tune) only once the retrain goes ahead: fitted at
+            # each step while the retrain waits for labels, it made each step a fine-tune that
+            # held the controller (the loop benchmark, paced by its steps, sent a batch in
+            # 105-141 s instead of 30, so fewer labels came before `label_wait_s`)
+            planned = retraining_plan(*tables, onset=onset) if classifier else None
+            waiting = self._waiting(recent, planned.notes) if planned and trigger == "drift" \
                 else None
             if waiting and time.time() - state.since < c.settings.controller.label_wait_s:
                 return c._hold(state, f"waiting for labels: {waiting}")
-            if data.notes.get("concept_shift"):
-                data = retraining_data(*tables, functools.partial(
+            data = generation_retraining_data(*tables, onset=onset) if planned is None \
+                else planned.data(functools.partial(
                     teacher.fit, c.settings.training, c.registry, c.model,
-                    reference(c.model, champion)), onset=onset)
+                    reference(c.model, champion)) if planned.notes.get("concept_shift") else None)
         except InvalidData as exc:
             return c._hold(state, str(exc))
         retrain_id = f"retrain-{c.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"

@@ -15,7 +15,7 @@ its own (a versioned golden set).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -37,15 +37,18 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                     config: RetrainConfig, seed: int = 0,
                     teacher: Callable[[pd.DataFrame], Judge | None] | None = None,
                     onset: datetime | None = None):
-    """A `TaskData` (`scenario` "retrain") with holdouts `recent` and `original`. `teacher`
-    (the labelled rows learnt from -> a judge, `training/teacher.fit`) gives a second opinion
-    on the relabelled replay rows of a concept shift. `onset` (when the drift began): the
-    labels of requests before it are checked against those since, as the replay is (a concept
-    shift supersedes them: they would outvote the new concept where it moved), only the
-    labels since count towards `min_labelled` and the holdout, and the requests since are the
-    traffic the version is retrained to serve (`served`, `_served`)."""
-    from training.taskdata import TaskData
+    """A `TaskData` (`scenario` "retrain") with holdouts `recent` and `original` (`retraining_plan`,
+    then its `data(teacher)`)."""
+    return retraining_plan(recent, reference, golden, config, seed, onset).data(teacher)
 
+
+def retraining_plan(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.DataFrame,
+                    config: RetrainConfig, seed: int = 0, onset: datetime | None = None) -> Plan:
+    """The retraining set up to the teacher's second opinion (`Plan`). `onset` (when the drift
+    began): the labels of requests before it are checked against those since, as the replay
+    is (a concept shift supersedes them: they would outvote the new concept where it moved),
+    only the labels since count towards `min_labelled` and the holdout, and the requests since
+    are the traffic the version is retrained to serve (`served`, `_served`)."""
     unlabelled, share = _unlabelled(recent, onset, config.served_rows)
     labelled = recent.dropna(subset=["text", "label"]).reset_index(drop=True)
     rows = labelled[["text", "label"]].assign(_copies=copies(labelled, config))
@@ -68,22 +71,66 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     kept = ["text", "label"] + [c for c in PROVENANCE if c in reference.columns]
     replay = reference[kept].sample(n=min(config.replay_rows, len(reference)), random_state=seed)
     tables = {"replay": replay, "golden": golden, PRE_DRIFT: earlier}
-    notes, original = {}, golden
+    resolved, found, notes = tables, Contradictions(), {}
     if config.resolve_contradictions:
-        tables, found, notes = _resolve(learn[["text", "label"]], tables, config, teacher,
-                                        () if unlabelled is None else unlabelled.text)
+        resolved, found = resolve(learn[["text", "label"]], tables, relabel={"replay"}
+                                  if config.contradicted_replay == "relabel" else (),
+                                  traffic=() if unlabelled is None else unlabelled.text)
+        notes = {k: v for k, v in (("suspected_moves", found.suspected),
+                                   ("thin_moves", found.thin)) if v}
+        if found:
+            notes |= {"contradictions": found.to_dict(), "concept_shift": found.summary()}
+        else:
+            resolved = tables
+    notes["labelled"] = len(recent)  # since the onset
+    return Plan(config, seed, learn, holdout, tables, resolved, found, notes,
+                _served(unlabelled, holdout, share, config.served_rows, seed))
+
+
+@dataclass
+class Plan:
+    """A classifier's retraining set decided but for the teacher's second opinion on the
+    relabelled replay: `notes` say what the contradiction check found (the controller waits
+    for labels on them), and `data(teacher)` builds the set without checking again."""
+
+    config: RetrainConfig
+    seed: int
+    learn: pd.DataFrame  # the labelled rows learnt from
+    holdout: pd.DataFrame
+    tables: dict[str, pd.DataFrame]  # replay, golden and pre-drift rows as they were
+    resolved: dict[str, pd.DataFrame]  # less (or relabelled where) the labels contradict them
+    found: Contradictions
+    notes: dict
+    served: pd.DataFrame | None
+
+    def data(self, teacher: Callable[[pd.DataFrame], Judge | None] | None = None):
+        """The `TaskData`; `teacher` (the labelled rows learnt from -> a judge,
+        `training/teacher.fit`), fitted only where it may decide something (a fine-tune, not
+        a lookup), gives a second opinion on the replay rows a concept shift relabelled."""
+        from training.taskdata import TaskData
+
+        config, tables, notes = self.config, dict(self.resolved), dict(self.notes)
+        labels = list(self.learn.label.astype(str))
+        if teacher and self.found and config.contradicted_replay == "relabel" \
+                and decidable(self.found.pairs, labels) \
+                and (judge := teacher(self.learn[["text", "label"]])) is not None:
+            relabelled = tables["replay"]
+            before = self.tables["replay"].loc[relabelled.index]  # less the rows it retired
+            refined, n = refine(list(before.text), list(before.label.astype(str)),
+                                list(relabelled.label), self.found.pairs, judge, labels)
+            tables["replay"] = relabelled.assign(label=refined)
+            notes["teacher_relabelled"] = n
         # where the concept moved, recent labels judge: a golden row of a moved label that was
         # not found contradicted may still be, so the no-forgetting check skips them
-        original = tables["golden"][~tables["golden"].label.astype(str).isin(found.sources)]
-    notes["labelled"] = len(recent)  # since the onset
-    served = _served(unlabelled, holdout, share, config.served_rows, seed)
-    train, validation = _mix(tables["replay"], pd.concat([learn.assign(**{RECENT: True}),
-                                                          tables[PRE_DRIFT]]), config, seed)
-    return TaskData(train=train, validation=validation,
-                    holdouts={RECENT: holdout[["text", "label"]].reset_index(drop=True),
-                              ORIGINAL: original[["text", "label"]].reset_index(drop=True)},
-                    scenario="retrain", golden=tables["golden"].reset_index(drop=True),
-                    notes=notes, served=served)
+        golden = tables["golden"]
+        original = golden[~golden.label.astype(str).isin(self.found.sources)]
+        train, validation = _mix(tables["replay"], pd.concat(
+            [self.learn.assign(**{RECENT: True}), tables[PRE_DRIFT]]), config, self.seed)
+        return TaskData(train=train, validation=validation,
+                        holdouts={RECENT: self.holdout[["text", "label"]].reset_index(drop=True),
+                                  ORIGINAL: original[["text", "label"]].reset_index(drop=True)},
+                        scenario="retrain", golden=golden.reset_index(drop=True), notes=notes,
+                        served=self.served)
 
 
 def generation_retraining_data(recent: pd.DataFrame, reference: pd.DataFrame,
@@ -195,34 +242,6 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
     first = set(held) | set(others)
     return np.array([x for x in order if x in first] + [x for x in order if x not in first],
                     dtype=int)
-
-
-def _resolve(learnt: pd.DataFrame, tables: dict[str, pd.DataFrame], config: RetrainConfig,
-             teacher: Callable[[pd.DataFrame], Judge | None] | None, traffic: Collection[str]
-             ) -> tuple[dict[str, pd.DataFrame], Contradictions, dict]:
-    """The replay, golden and pre-drift tables less (or, the replay, relabelled where) the
-    labelled rows `learnt` contradict them, the contradictions, and the notes that say so
-    (`traffic`: the unlabelled requests since the drift, where labels have not reached)."""
-    resolved, found = resolve(learnt, tables, relabel={"replay"}
-                              if config.contradicted_replay == "relabel" else (), traffic=traffic)
-    notes = {k: v for k, v in (("suspected_moves", found.suspected),
-                               ("thin_moves", found.thin)) if v}
-    if not found:
-        return tables, found, notes
-    moves = found.pairs
-    labels = list(learnt.label.astype(str))
-    # fitted only where it may decide something: a fine-tune, not a lookup
-    judge = teacher(learnt) if teacher and config.contradicted_replay == "relabel" \
-        and decidable(moves, labels) else None
-    if judge is not None:
-        relabelled = resolved["replay"]
-        before = tables["replay"].loc[relabelled.index]  # less the rows it retired
-        refined, n = refine(list(before.text), list(before.label.astype(str)),
-                            list(relabelled.label), moves, judge, labels)
-        resolved["replay"] = relabelled.assign(label=refined)
-        notes["teacher_relabelled"] = n
-    return resolved, found, notes | {"contradictions": found.to_dict(),
-                                     "concept_shift": found.summary()}
 
 
 def calibration_rows(data, share: float | None) -> tuple[pd.DataFrame, np.ndarray | None]:

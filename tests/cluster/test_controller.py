@@ -199,15 +199,18 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     drift's onset, twice as many, do not outvote the move: they are checked against the labels
     since, and retired. (The accurate router's 1,200 training rows: regions the tiny one's 192
     are too sparse to hold.) The teacher, a fine-tune, is fitted only when the retrain starts,
-    not at each step that waits."""
+    not at each step that waits, and the set is built once a step (its contradiction check
+    embeds every row)."""
     from monitoring.config import LogConfig
     from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
     from training import retrain
 
     settings, registry, controller = accurate
-    teachers, build = [], retrain.retraining_data  # the teacher each build of the set was given
-    monkeypatch.setattr(retrain, "retraining_data", lambda *a, **k: teachers.append(
-        a[5] if len(a) > 5 else k.get("teacher")) or build(*a, **k))
+    teachers, build = [], retrain.Plan.data  # the teacher each built set was given
+    monkeypatch.setattr(retrain.Plan, "data", lambda plan, teacher=None: teachers.append(
+        teacher) or build(plan, teacher))
+    checks, check = [], retrain.resolve  # the contradiction checks
+    monkeypatch.setattr(retrain, "resolve", lambda *a, **k: checks.append(1) or check(*a, **k))
     shift = generate("support-tickets", "concept-shift", 3000, seed=21)
     base = generate("support-tickets", "base", 600, seed=21)
     rows = pd.concat([
@@ -236,7 +239,7 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     assert state.state == "drift_suspected" and state.retrain_started == []
     assert "waiting for labels" in state.detail["waiting"] and \
         "shipping -> refund" in state.detail["waiting"], state.detail
-    assert teachers == [None]
+    assert teachers == [] and len(checks) == 1  # waiting: no set built, no teacher
     assert controller.retrain_now().state == "retraining"  # by hand: at once
     # waited long enough: the retrain starts with what it has
     controller.store.save(suspected.model_copy(update={
@@ -246,7 +249,7 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     assert state.state == "retraining" and "refund -> billing" in found["moved"] and \
         "shipping -> refund" in found["suspected"]
     assert found["retired"]["pre-drift"]["refund -> billing"] >= 20, found
-    assert teachers[-2] is None and teachers[-1] is not None  # for the set it trains on
+    assert len(teachers) == 2 and teachers[-1] is not None and len(checks) == 3
 
 
 def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):
