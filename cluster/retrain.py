@@ -58,9 +58,8 @@ class RetrainSteps:
             if waiting and time.time() - state.since < c.settings.controller.label_wait_s:
                 return c._hold(state, f"waiting for labels: {waiting}")
             data = generation_retraining_data(*tables, onset=onset) if planned is None \
-                else planned.data(functools.partial(
-                    teacher.fit, c.settings.training, c.registry, c.model,
-                    reference(c.model, champion)) if planned.notes.get("concept_shift") else None)
+                else planned.data(functools.partial(teacher.fit, c.settings.training, c.registry,
+                                                    c.model, reference(c.model, champion)))
         except InvalidData as exc:
             return c._hold(state, str(exc))
         retrain_id = f"retrain-{c.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
