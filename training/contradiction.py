@@ -28,7 +28,8 @@ where labels are still needed, and what the retrain keeps under the old label un
 
 from __future__ import annotations
 
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -93,11 +94,30 @@ class Contradictions:
 
 
 def embed(texts: list[str]) -> np.ndarray:
-    """L2-normalised sentence embeddings of the bundled encoder."""
+    """L2-normalised sentence embeddings of the bundled encoder, each text encoded once per
+    process (the newest `EMBEDDED_TEXTS` kept): while it waits for labels the controller
+    checks the same replay, golden rows and labels again at every step."""
     from training.models import load_encoder, sentence_embeddings
 
-    model, tokenizer = load_encoder()
-    return sentence_embeddings(model, tokenizer, texts)
+    with _EMBEDDING:
+        missing = list(dict.fromkeys(t for t in texts if t not in _EMBEDDED))
+        if missing or not texts:
+            model, tokenizer = load_encoder()
+            fresh = sentence_embeddings(model, tokenizer, missing)
+            if not texts:
+                return fresh
+            _EMBEDDED.update(zip(missing, fresh))
+        for text in texts:
+            _EMBEDDED.move_to_end(text)
+        out = np.stack([_EMBEDDED[t] for t in texts])
+        while len(_EMBEDDED) > EMBEDDED_TEXTS:
+            _EMBEDDED.popitem(last=False)
+        return out
+
+
+EMBEDDED_TEXTS = 20_000  # about 30 MB of embeddings
+_EMBEDDED: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> embedding, least recent first
+_EMBEDDING = threading.Lock()
 
 
 def _region(labels: np.ndarray, near: np.ndarray) -> str | None:

@@ -4,6 +4,8 @@ the replayed ones their new label), region by region, and says which labels move
 feedback that only shifts the label mix, or brings new vocabulary, or is noisy, retires
 nothing."""
 
+from collections import OrderedDict
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,22 +20,36 @@ from training.taskdata import TaskData
 
 REPLAY = generate("support-tickets", "base", 800, seed=1)
 GOLDEN = generate("support-tickets", "base", 150, seed=9)
-_EMBEDDED: dict[str, np.ndarray] = {}
 
 
-@pytest.fixture(autouse=True)
-def embed_each_text_once(monkeypatch):
-    """Every test resolves against the same replay and golden rows: each text goes through the
-    encoder once per session (the vectors are the encoder's own)."""
-    embed = contradiction.embed
+def test_each_text_goes_through_the_encoder_once_and_gets_its_own_vector(monkeypatch):
+    """The controller checks the same replay again at every step while it waits for labels:
+    a text is encoded once, then answered from memory, the least recently used forgotten
+    first."""
+    from training import models
 
-    def once(texts: list[str]) -> np.ndarray:
-        new = list(dict.fromkeys(t for t in texts if t not in _EMBEDDED))
-        if new:
-            _EMBEDDED.update(zip(new, embed(new)))
-        return np.stack([_EMBEDDED[t] for t in texts])
+    encoded, encode = [], models.sentence_embeddings
 
-    monkeypatch.setattr(contradiction, "embed", once)
+    def counting(model, tokenizer, texts, **kw):
+        encoded.extend(texts)
+        return encode(model, tokenizer, texts, **kw)
+
+    monkeypatch.setattr(models, "sentence_embeddings", counting)
+    monkeypatch.setattr(contradiction, "_EMBEDDED", OrderedDict())
+    monkeypatch.setattr(contradiction, "EMBEDDED_TEXTS", 3)
+    texts = ["My parcel never arrived.", "I was charged twice.", "My parcel never arrived.",
+             "Reset my password please."]
+    first = contradiction.embed(texts)
+    assert encoded == ["My parcel never arrived.", "I was charged twice.",
+                       "Reset my password please."]
+    np.testing.assert_allclose(first, encode(*models.load_encoder(), texts), atol=1e-5)
+    assert np.allclose(first[0], first[2]) and not np.allclose(first[0], first[1])
+    again = contradiction.embed(["Reset my password please.", "I was charged twice."])
+    assert len(encoded) == 3 and np.array_equal(again, first[[3, 1]])
+    contradiction.embed(["Where is my order?"])  # a fourth: the least recently used goes
+    contradiction.embed(["I was charged twice.", "My parcel never arrived."])
+    assert encoded[3:] == ["Where is my order?", "My parcel never arrived."]
+    assert contradiction.embed([]).shape == (0, first.shape[1])
 
 
 MOVED = {f"{old} -> {new}" for old, new in {  # the reorganisation of the concept-shift scenario
