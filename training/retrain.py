@@ -215,20 +215,30 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
     relabels a replay row from two labels near it and retires it on one, and a concept shift's
     or a new product's rarer phrasings get a label or two each: held out, they are not learnt
     (both labels of a moved phrasing in the holdout left it with its old label; the only label
-    of a new one, its intent wrong, docs/limitations.md)."""
+    of a new one, its intent wrong, docs/limitations.md). A label whose closest other label
+    (within `MIN_SIMILARITY`) says another is never held out: its phrasing's labels disagree,
+    and held out it left an annotator's mistake to decide the phrasing (a password phrasing
+    stayed `account`, its right label held out, its one learnt label `shipping`)."""
     labels = recent.label.astype(str).to_numpy()
     contradicts = labels != answers
     moved = np.flatnonzero(contradicts)
     if not len(moved):
         return order
-    e, said, was = embed(list(recent.text.iloc[moved])), labels[moved], answers[moved]
+    every = embed(list(recent.text))
+    e, said, was = every[moved], labels[moved], answers[moved]
     near = ((e @ e.T >= MIN_SIMILARITY) & (said[:, None] == said[None, :])
             & (was[:, None] == was[None, :]))  # among the contradicting labels only
+    closest = e @ every.T
+    closest[np.arange(len(moved)), moved] = -1
+    other = closest.argmax(axis=1)  # each one's closest other label, any answer
+    torn = (closest[np.arange(len(moved)), other] >= MIN_SIMILARITY) & (labels[other] != said)
     rank = np.empty(len(recent), int)
     rank[order] = np.arange(len(order))
     count, learnt, held = near.sum(axis=1), np.ones(len(moved), bool), []
     for _ in range(min(len(moved), round(n * len(moved) / len(recent)))):
-        left = np.flatnonzero(learnt)
+        left = np.flatnonzero(learnt & ~torn)
+        if not len(left):
+            break
         # each one's move: the fewest learnt labels any learnt label near it would keep
         support = np.where(near[left] & learnt, count, np.iinfo(int).max).min(axis=1)
         top = np.lexsort((rank[moved[left]], -support))[0]

@@ -182,3 +182,28 @@ def test_the_holdout_leaves_a_move_two_labels_near_each_of_its_phrasings():
     # without the champion's answers (no log), a plain draw
     plain = retraining_data(recent.drop(columns="prediction"), reference, golden, config)
     assert len(plain.holdouts[RECENT]) == 50
+
+
+def test_a_label_its_phrasing_disagrees_on_is_learnt_not_held_out():
+    """A moved phrasing with a right label and an annotator's mistake: held out, the right
+    label left the mistake to decide the phrasing (it kept its old label). A contradicting
+    label whose closest other label says another stays learnt, whatever the draw."""
+    common = generate("support-tickets", "base", 120, seed=6)[["text", "label"]]
+    common = common.assign(prediction=common.label)
+    password = ["I forgot my password and the reset email never arrives.",
+                "I forgot my password and I cannot log in to reset it.",
+                "Please help, I forgot my password and cannot sign in.",
+                "I forgot my password, how do I get back into my account?"]
+    right, mistake = password[0], "Hi, I forgot my password and the reset email never arrives."
+    moved = pd.DataFrame({"text": [*password, mistake], "prediction": "account",
+                          "label": ["security"] * 4 + ["shipping"]})
+    recent = pd.concat([common, moved], ignore_index=True)
+    reference = generate("support-tickets", "base", 600, seed=2)
+    golden = generate("support-tickets", "base", 40, seed=3)
+    config = RetrainConfig(min_labelled=60, recent_holdout_share=0.4, replay_rows=300,
+                           validation_rows=50)
+    held = pd.concat([retraining_data(recent, reference, golden, config, seed=seed)
+                      .holdouts[RECENT] for seed in range(8)])
+    moves = held[held.label == "security"].text  # (the base phrasings hold the first too)
+    assert right not in set(moves)
+    assert set(password[1:]) & set(moves)  # its move's other labels are still drawn
