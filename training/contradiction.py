@@ -101,12 +101,10 @@ def embed(texts: list[str]) -> np.ndarray:
 
     with _EMBEDDING:
         missing = list(dict.fromkeys(t for t in texts if t not in _EMBEDDED))
-        if missing or not texts:
-            model, tokenizer = load_encoder()
-            fresh = sentence_embeddings(model, tokenizer, missing)
-            if not texts:
-                return fresh
-            _EMBEDDED.update(zip(missing, fresh))
+        fresh = sentence_embeddings(*load_encoder(), missing)  # none: an empty (0, width)
+        if not texts:
+            return fresh
+        _EMBEDDED.update(zip(missing, fresh))
         for text in texts:
             _EMBEDDED.move_to_end(text)
         out = np.stack([_EMBEDDED[t] for t in texts])
