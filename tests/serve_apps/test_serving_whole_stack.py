@@ -81,7 +81,7 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
             read(platform.log_uri, FEEDBACK, since=began)) >= accepted, 30)
         return proc
 
-    sent = [send(500, 50, 0.4)]
+    sent = [send(300, 50, 0.6)]  # a drift window (250) of the launch, and labels to learn it
     assert json.loads(sent[0].stdout)["feedback"]["accepted"] >= 150, sent[0].stderr[-2000:]
     seen, state = [], controller.step()
     deadline = time.monotonic() + 480
@@ -91,7 +91,7 @@ def test_closed_loop_retrains_on_drift_canaries_and_promotes_without_failing_a_r
         if state.state == "drift_suspected":  # a retrain learns the labels since the onset
             assert state.drift_onset is not None and state.drift_onset < time.time(), state
         if state.state == "canary":  # live traffic for the canary to be judged on
-            sent.append(send(200, 60 + len(sent), 0.5))
+            sent.append(send(150, 60 + len(sent), 0.5))
         else:
             time.sleep(1)  # a retrain is a Ray job: its status is read again in a second
         state = controller.step()
