@@ -154,7 +154,7 @@ def _tool_calling_llama(folder):
                      torch.tensor([[-100] * len(prompt) + answer])))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(300):  # until each answer is the greedy one, at a loss under 0.01 each
+    for _ in range(300):  # until each answer is the greedy one, at a mean loss under 0.01
         outputs = [model(input_ids=ids, labels=labels) for ids, labels in rows]
         loss = sum(o.loss for o in outputs)
         if loss < 0.01 * len(rows) and all(_greedy(o.logits, labels)
