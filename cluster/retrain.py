@@ -28,22 +28,16 @@ class RetrainSteps:
 
     def start(self, state: ControllerState, trigger: str) -> ControllerState:
         """Assemble the training set, then hand over to `retraining` (which submits the job)."""
-        from monitoring.log import FEEDBACK, read, with_feedback
         from training import teacher
         from training.errors import InvalidData
         from training.retrain import generation_retraining_data, retraining_plan
 
         c = self.c
         champion = c.registry.alias_version(c.model, CHAMPION)
-        # the champion's own traffic: what earlier champions were retrained on is in the replay
-        since = None if state.serving_since is None else datetime.fromtimestamp(
-            state.serving_since, UTC)
-        recent = with_feedback(read(c.settings.log_uri, model=c.model, outcome="ok",
-                                    since=since, last=c.settings.controller.recent_rows),
-                               read(c.settings.log_uri, FEEDBACK))
+        recent = self._recent(state)
         onset = datetime.fromtimestamp(state.drift_onset, UTC) \
             if trigger == "drift" and state.drift_onset else None
-        tables = (recent, c.registry.run_data(c.model, champion, REFERENCE_FILE),
+        replay = (c.registry.run_data(c.model, champion, REFERENCE_FILE),
                   c.registry.run_data(c.model, champion, GOLDEN_FILE), c.settings.training.retrain,
                   c.settings.training.seed)
         classifier = c.settings.training.task(c.model).kind == "classification"
@@ -52,14 +46,22 @@ class RetrainSteps:
             # each step while the retrain waits for labels, it made each step a fine-tune that
             # held the controller (the loop benchmark, paced by its steps, sent a batch in
             # 105-141 s instead of 30, so fewer labels came before `label_wait_s`)
-            planned = retraining_plan(*tables, onset=onset) if classifier else None
-            waiting = self._waiting(recent, planned.notes) if planned and trigger == "drift" \
-                else None
-            if waiting and time.time() - state.since < c.settings.controller.label_wait_s:
-                return c._hold(state, f"waiting for labels: {waiting}")
-            data = generation_retraining_data(*tables, onset=onset) if planned is None \
-                else planned.data(functools.partial(teacher.fit, c.settings.training, c.registry,
-                                                    c.model, reference(c.model, champion)))
+            if not classifier:
+                data = generation_retraining_data(recent, *replay, onset=onset)
+            else:
+                planned = retraining_plan(recent, *replay, onset=onset)
+                waiting = self._waiting(recent, planned.notes) if trigger == "drift" else None
+                if waiting and time.time() - state.since < c.settings.controller.label_wait_s:
+                    return c._hold(state, f"waiting for labels: {waiting}")
+                judged = planned.judge(functools.partial(
+                    teacher.fit, c.settings.training, c.registry, c.model,
+                    reference(c.model, champion)))
+                # the check and the teacher take minutes in a busy loop (3.7 in one benchmark
+                # run, when a third of its labels came): the set is built on those too
+                fresh = self._recent(state)
+                if fresh.label.notna().sum() > recent.label.notna().sum():
+                    recent, planned = fresh, retraining_plan(fresh, *replay, onset=onset)
+                data = planned.data(judged)
         except InvalidData as exc:
             return c._hold(state, str(exc))
         retrain_id = f"retrain-{c.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -77,6 +79,18 @@ class RetrainSteps:
                      retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
                      detail={k: v for k, v in data.notes.items()
                              if k in ("contradictions", "teacher_relabelled")})
+
+    def _recent(self, state: ControllerState) -> pd.DataFrame:
+        """The champion's own traffic with its feedback labels: what earlier champions were
+        retrained on is in the replay."""
+        from monitoring.log import FEEDBACK, read, with_feedback
+
+        c = self.c
+        since = None if state.serving_since is None else datetime.fromtimestamp(
+            state.serving_since, UTC)
+        return with_feedback(read(c.settings.log_uri, model=c.model, outcome="ok", since=since,
+                                  last=c.settings.controller.recent_rows),
+                             read(c.settings.log_uri, FEEDBACK))
 
     def _waiting(self, recent: pd.DataFrame, notes: dict) -> str | None:
         """Why a retrain on drift waits for labels, if it does: moves the labels cannot show

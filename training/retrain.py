@@ -39,7 +39,8 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                     onset: datetime | None = None):
     """A `TaskData` (`scenario` "retrain") with holdouts `recent` and `original` (`retraining_plan`,
     then its `data(teacher)`)."""
-    return retraining_plan(recent, reference, golden, config, seed, onset).data(teacher)
+    plan = retraining_plan(recent, reference, golden, config, seed, onset)
+    return plan.data(plan.judge(teacher) if teacher else None)
 
 
 def retraining_plan(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.DataFrame,
@@ -91,7 +92,8 @@ def retraining_plan(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
 class Plan:
     """A classifier's retraining set decided but for the teacher's second opinion on the
     relabelled replay: `notes` say what the contradiction check found (the controller waits
-    for labels on them), and `data(teacher)` builds the set without checking again."""
+    for labels on them), `judge(teacher)` fits the teacher, and `data(judged)` builds the set
+    without checking again."""
 
     config: RetrainConfig
     seed: int
@@ -103,21 +105,30 @@ class Plan:
     notes: dict
     served: pd.DataFrame | None
 
-    def data(self, teacher: Callable[[pd.DataFrame], Judge | None] | None = None):
-        """The `TaskData`; `teacher` (the labelled rows learnt from -> a judge,
-        `training/teacher.fit`), fitted only where it may decide something (a fine-tune, not
-        a lookup), gives a second opinion on the replay rows a concept shift relabelled."""
+    def judge(self, teacher: Callable[[pd.DataFrame], Judge | None]
+              ) -> tuple[Judge, list[str]] | None:
+        """`teacher` (the labelled rows learnt from -> a judge, `training/teacher.fit`) fitted
+        on this plan's rows where it may decide something (a fine-tune, not a lookup), with the
+        labels it learnt; else None. A plan of the same drift built later, on the labels that
+        came while it was fitted, may take it (`data`)."""
+        labels = list(self.learn.label.astype(str))
+        if not (self.found and self.config.contradicted_replay == "relabel"
+                and decidable(self.found.pairs, labels)):
+            return None
+        judge = teacher(self.learn[["text", "label"]])
+        return None if judge is None else (judge, labels)
+
+    def data(self, judged: tuple[Judge, list[str]] | None = None):
+        """The `TaskData`; `judged` (`judge`) gives a second opinion on the replay rows a
+        concept shift relabelled, between labels it learnt."""
         from training.taskdata import TaskData
 
         config, tables, notes = self.config, dict(self.resolved), dict(self.notes)
-        labels = list(self.learn.label.astype(str))
-        if teacher and self.found and config.contradicted_replay == "relabel" \
-                and decidable(self.found.pairs, labels) \
-                and (judge := teacher(self.learn[["text", "label"]])) is not None:
+        if judged and self.found and config.contradicted_replay == "relabel":
             relabelled = tables["replay"]
             before = self.tables["replay"].loc[relabelled.index]  # less the rows it retired
             refined, n = refine(list(before.text), list(before.label.astype(str)),
-                                list(relabelled.label), self.found.pairs, judge, labels)
+                                list(relabelled.label), self.found.pairs, *judged)
             tables["replay"] = relabelled.assign(label=refined)
             notes["teacher_relabelled"] = n
         # where the concept moved, recent labels judge: a golden row of a moved label that was

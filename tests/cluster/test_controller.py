@@ -200,15 +200,16 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     since, and retired. (The accurate router's 1,200 training rows: regions the tiny one's 192
     are too sparse to hold.) The teacher, a fine-tune, is fitted only when the retrain starts,
     not at each step that waits, and the set is built once a step (its contradiction check
-    embeds every row)."""
+    embeds every row), or twice where labels came while the teacher was fitted: the set is
+    built on them too."""
     from monitoring.config import LogConfig
     from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
     from training import retrain
 
     settings, registry, controller = accurate
-    teachers, build = [], retrain.Plan.data  # the teacher each built set was given
-    monkeypatch.setattr(retrain.Plan, "data", lambda plan, teacher=None: teachers.append(
-        teacher) or build(plan, teacher))
+    teachers, build = [], retrain.Plan.data  # the fitted teacher each built set was given
+    monkeypatch.setattr(retrain.Plan, "data", lambda plan, judged=None: teachers.append(
+        judged) or build(plan, judged))
     checks, check = [], retrain.resolve  # the contradiction checks
     monkeypatch.setattr(retrain, "resolve", lambda *a, **k: checks.append(1) or check(*a, **k))
     shift = generate("support-tickets", "concept-shift", 3000, seed=21)
@@ -223,15 +224,18 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
             prediction=lambda df: df.label)], ignore_index=True)
     earlier = base[base.intent.isin(["refund_request", "refund_status"])].head(40).assign(
         prediction="refund")
+
+    def served(answered: list[tuple], first: int = 0) -> None:
+        """(row, when) answered as `row.prediction`, then labelled."""
+        SegmentWriter(settings.log_uri, INFERENCE, LogConfig()).write_segment([
+            log_record(i, request_id=f"c{i}", model=MODEL, ts=at, prediction=r.prediction,
+                       confidence=0.97, text=r.text) for i, (r, at) in enumerate(answered, first)])
+        SegmentWriter(settings.log_uri, FEEDBACK, LogConfig()).write_segment([
+            {"request_id": f"c{i}", "item": 0, "label": r.label, "ts": now(),
+             "tenant": "default"} for i, (r, _) in enumerate(answered, first)])
+
     ts, hour_ago = now(), now() - timedelta(hours=1)
-    SegmentWriter(settings.log_uri, INFERENCE, LogConfig()).write_segment([
-        log_record(i, request_id=f"c{i}", model=MODEL, ts=at, prediction=r.prediction,
-                   confidence=0.97, text=r.text)
-        for i, (r, at) in enumerate([(r, hour_ago) for r in earlier.itertuples()]
-                                    + [(r, ts) for r in rows.itertuples()])])
-    SegmentWriter(settings.log_uri, FEEDBACK, LogConfig()).write_segment([
-        {"request_id": f"c{i}", "item": 0, "label": r.label, "ts": ts, "tenant": "default"}
-        for i, r in enumerate([*earlier.itertuples(), *rows.itertuples()])])
+    served([(r, hour_ago) for r in earlier.itertuples()] + [(r, ts) for r in rows.itertuples()])
     suspected = ControllerState(model=MODEL, state="drift_suspected", champion=1,
                                 serving_since=time.time() - 7200, drift_onset=time.time() - 60)
     controller.store.save(suspected)
@@ -241,15 +245,33 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
         "shipping -> refund" in state.detail["waiting"], state.detail
     assert teachers == [] and len(checks) == 1  # waiting: no set built, no teacher
     assert controller.retrain_now().state == "retraining"  # by hand: at once
-    # waited long enough: the retrain starts with what it has
+    # waited long enough: the retrain starts with what it has, and with the damaged parcels
+    # labelled while its teacher is fitted (a fine-tune: minutes in a busy loop)
+    fit = retrain.Plan.judge
+    parcels = shift[shift.intent == "damaged_parcel"].iloc[3:11].assign(prediction="shipping")
+
+    fitted_on = []  # the labelled rows of each plan the teacher was asked about
+
+    def labels_come(plan, teacher):
+        fitted_on.append(len(plan.learn))
+        judged = fit(plan, teacher)
+        served([(r, now()) for r in parcels.itertuples()], first=len(earlier) + len(rows))
+        return judged
+
+    monkeypatch.setattr(retrain.Plan, "judge", labels_come)
     controller.store.save(suspected.model_copy(update={
         "since": time.time() - settings.controller.label_wait_s - 1}))
     state = controller.step()
     found = state.detail["contradictions"]
-    assert state.state == "retraining" and "refund -> billing" in found["moved"] and \
-        "shipping -> refund" in found["suspected"]
+    assert state.state == "retraining" and "refund -> billing" in found["moved"]
+    assert "shipping -> refund" in found["moved"], found  # shown by the labels that came
     assert found["retired"]["pre-drift"]["refund -> billing"] >= 20, found
-    assert len(teachers) == 2 and teachers[-1] is not None and len(checks) == 3
+    assert len(teachers) == 2 and teachers[0] is not None and len(checks) == 4
+    # the teacher asked once, on the labels the step began with; the set holds out 30% of all
+    share = settings.training.retrain.recent_holdout_share
+    assert fitted_on == [len(rows) - round(len(rows) * share)]
+    assert f"({round((len(rows) + len(parcels)) * share)} recent labelled held out)" in \
+        controller.events()[-1]["reason"]
 
 
 def test_gate_rejects_a_worse_challenger_and_nothing_is_served_or_moved(loop):
