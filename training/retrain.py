@@ -38,7 +38,7 @@ def retraining_data(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                     teacher: Callable[[pd.DataFrame], Judge | None] | None = None,
                     onset: datetime | None = None):
     """A `TaskData` (`scenario` "retrain") with holdouts `recent` and `original` (`retraining_plan`,
-    then its `data(teacher)`)."""
+    then its `judge(teacher)` and `data`)."""
     plan = retraining_plan(recent, reference, golden, config, seed, onset)
     return plan.data(plan.judge(teacher) if teacher else None)
 
@@ -124,7 +124,7 @@ class Plan:
         from training.taskdata import TaskData
 
         config, tables, notes = self.config, dict(self.resolved), dict(self.notes)
-        if judged and self.found and config.contradicted_replay == "relabel":
+        if judged and self.found:  # (`judge` fits none where the replay is retired)
             relabelled = tables["replay"]
             before = self.tables["replay"].loc[relabelled.index]  # less the rows it retired
             refined, n = refine(list(before.text), list(before.label.astype(str)),
