@@ -37,9 +37,10 @@ class RetrainSteps:
         recent = self._recent(state)
         onset = datetime.fromtimestamp(state.drift_onset, UTC) \
             if trigger == "drift" and state.drift_onset else None
-        replay = (c.registry.run_data(c.model, champion, REFERENCE_FILE),
-                  c.registry.run_data(c.model, champion, GOLDEN_FILE), c.settings.training.retrain,
-                  c.settings.training.seed)
+        # beside the traffic: the champion's replay and golden set, the retrain's settings
+        rest = (c.registry.run_data(c.model, champion, REFERENCE_FILE),
+                c.registry.run_data(c.model, champion, GOLDEN_FILE), c.settings.training.retrain,
+                c.settings.training.seed)
         classifier = c.settings.training.task(c.model).kind == "classification"
         try:
             # built once; the teacher (a fine-tune) only once the retrain goes ahead: fitted at
@@ -47,9 +48,9 @@ class RetrainSteps:
             # held the controller (the loop benchmark, paced by its steps, sent a batch in
             # 105-141 s instead of 30, so fewer labels came before `label_wait_s`)
             if not classifier:
-                data = generation_retraining_data(recent, *replay, onset=onset)
+                data = generation_retraining_data(recent, *rest, onset=onset)
             else:
-                planned = retraining_plan(recent, *replay, onset=onset)
+                planned = retraining_plan(recent, *rest, onset=onset)
                 waiting = self._waiting(recent, planned.notes) if trigger == "drift" else None
                 if waiting and time.time() - state.since < c.settings.controller.label_wait_s:
                     return c._hold(state, f"waiting for labels: {waiting}")
@@ -60,7 +61,7 @@ class RetrainSteps:
                 # run, when a third of its labels came): the set is built on those too
                 fresh = self._recent(state)
                 if fresh.label.notna().sum() > recent.label.notna().sum():
-                    recent, planned = fresh, retraining_plan(fresh, *replay, onset=onset)
+                    recent, planned = fresh, retraining_plan(fresh, *rest, onset=onset)
                 data = planned.data(judged)
         except InvalidData as exc:
             return c._hold(state, str(exc))
