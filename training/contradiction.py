@@ -182,6 +182,13 @@ def _contradicting(recent_labels: np.ndarray, neighbours: list[np.ndarray],
     return moves, said
 
 
+def nearest_rows(sims: np.ndarray) -> list[np.ndarray]:
+    """Per text (`sims`: texts x a table's rows), the rows it speaks for: its `K` nearest
+    within `MIN_SIMILARITY`. A labelled text votes on them, an unlabelled one asks of them."""
+    return [near[sims[j, near] >= MIN_SIMILARITY]
+            for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K])]
+
+
 def _own(rows_e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rows' similarities to each other (each to itself -1) and, per row, the others,
     most similar first."""
@@ -204,8 +211,7 @@ def _moves(recent_e: np.ndarray, recent_labels: np.ndarray, rows_e: np.ndarray,
     pairs the recent rows say (`_contradicting`). `own`, `ranked`: `_own` of the rows;
     `agree`: `_agrees` of them."""
     sims = recent_e @ rows_e.T
-    neighbours = [near[sims[j, near] >= MIN_SIMILARITY]
-                  for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K])]
+    neighbours = nearest_rows(sims)
     pairs, said = _contradicting(recent_labels, neighbours, rows_labels,
                                  _disagreement(own, ranked, rows_labels))
     confirm = np.zeros(len(rows_labels))
@@ -286,8 +292,8 @@ def _unreached(rows_e: np.ndarray, labels: np.ndarray, moves: np.ndarray, agree:
                  & (labels[:, None] == recent_labels[None, :])).any(axis=1)
     sims = traffic_e @ rows_e.T
     asked = np.zeros(len(labels))
-    for j, near in enumerate(np.argsort(-sims, axis=1)[:, :K]):
-        asked[near[sims[j, near] >= MIN_SIMILARITY]] += 1
+    for near in nearest_rows(sims):
+        asked[near] += 1
     rows = open_ & ~confirmed & (asked >= MIN_VOTES)
     return {a: np.flatnonzero(rows & (labels == a)) for a in sorted(sources)
             if (rows & (labels == a)).sum() >= min_rows}

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from training.config import GateConfig, RetrainConfig
-from training.contradiction import MIN_SIMILARITY, Contradictions, embed, resolve
+from training.contradiction import MIN_SIMILARITY, Contradictions, embed, nearest_rows, resolve
 from training.errors import InvalidData
 from training.evaluate import GENERATION_METRIC, score
 from training.teacher import Judge, decidable, refine
@@ -62,15 +62,15 @@ def retraining_plan(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
                           + (f" since the drift began ({onset:%Y-%m-%d %H:%M:%S})" if onset
                              else "") + f"; a retrain needs {config.min_labelled} "
                           "(send feedback labels: POST /v1/feedback)")
-    order = np.random.default_rng(seed).permutation(len(recent))
-    n_holdout = max(1, round(len(recent) * config.recent_holdout_share))
-    if config.resolve_contradictions and answers is not None:
-        order = _evidence_last(recent, answers[~before], order, n_holdout)
-    holdout, learn = recent.iloc[order[:n_holdout]], recent.iloc[order[n_holdout:]]
     # the replay keeps its provenance (`intent`, `scenario`) where the reference has it: the
     # support pipeline picks its resolved tickets from the serving router's training data
     kept = ["text", "label"] + [c for c in PROVENANCE if c in reference.columns]
     replay = reference[kept].sample(n=min(config.replay_rows, len(reference)), random_state=seed)
+    order = np.random.default_rng(seed).permutation(len(recent))
+    n_holdout = max(1, round(len(recent) * config.recent_holdout_share))
+    if config.resolve_contradictions and answers is not None:
+        order = _evidence_last(recent, answers[~before], order, n_holdout, replay)
+    holdout, learn = recent.iloc[order[:n_holdout]], recent.iloc[order[n_holdout:]]
     tables = {"replay": replay, "golden": golden, PRE_DRIFT: earlier}
     resolved, found, notes = tables, Contradictions(), {}
     if config.resolve_contradictions:
@@ -215,21 +215,21 @@ def _served(unlabelled: pd.DataFrame | None, holdout: pd.DataFrame, share: float
                      ignore_index=True)
 
 
-def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
-                   n: int) -> np.ndarray:
+def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray, n: int,
+                   replay: pd.DataFrame) -> np.ndarray:
     """`order` with `n` rows to hold out first: the labels that contradict the champion's
     answer (`answers`) up to their share of all (the gate must see the move to pass the
     challenger: a holdout of only confirming labels rejected a right one, +0.004), each next
-    from the move with the most labels left learnt near it (the same answer and label, within
-    cosine `MIN_SIMILARITY` in the bundled encoder's space; the order breaks ties) while every
-    label near it keeps 2 learnt; the other labels in `order`. The contradiction check
-    relabels a replay row from two labels near it and retires it on one, and a concept shift's
-    or a new product's rarer phrasings get a label or two each: held out, they are not learnt
-    (both labels of a moved phrasing in the holdout left it with its old label; the only label
-    of a new one, its intent wrong, docs/limitations.md). A label whose closest other label
-    (within `MIN_SIMILARITY`) says another is never held out: its phrasing's labels disagree,
-    and held out it left an annotator's mistake to decide the phrasing (a password phrasing
-    stayed `account`, its right label held out, its one learnt label `shipping`)."""
+    from the move with the most learnt labels left behind it, the other labels in `order`.
+    Held out, a label moves nothing, and the contradiction check relabels a replay row from two
+    labels or more among whose nearest rows it is (`nearest_rows`), retires it on one: a label
+    is held out only where half the replay rows it votes to move keep two votes or more (its
+    phrasing's; the edges of its nearest differ from label to label), and each label of its
+    move near it (the same answer and label, within cosine `MIN_SIMILARITY`) keeps two learnt.
+    Near labels of other phrasings are no stand-in for votes: a password phrasing's two labels,
+    both held out for the password labels near them, left its 7 replay rows `account`. A label
+    whose closest other label (within `MIN_SIMILARITY`) says another is never held out: its
+    phrasing's labels disagree, and held out it left an annotator's mistake to decide it."""
     labels = recent.label.astype(str).to_numpy()
     contradicts = labels != answers
     moved = np.flatnonzero(contradicts)
@@ -237,21 +237,30 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
         return order
     every = embed(list(recent.text))
     e, said, was = every[moved], labels[moved], answers[moved]
-    near = ((e @ e.T >= MIN_SIMILARITY) & (said[:, None] == said[None, :])
-            & (was[:, None] == was[None, :]))  # among the contradicting labels only
+    same = said[:, None] == said[None, :]
+    near = (e @ e.T >= MIN_SIMILARITY) & same & (was[:, None] == was[None, :])
     closest = e @ every.T
     closest[np.arange(len(moved)), moved] = -1
     other = closest.argmax(axis=1)  # each one's closest other label, any answer
     torn = (closest[np.arange(len(moved)), other] >= MIN_SIMILARITY) & (labels[other] != said)
+    replayed = replay.label.astype(str).to_numpy()
+    votes = np.zeros((len(moved), len(replay)), int)  # label x replay row it votes to move
+    for j, rows in enumerate(nearest_rows(e @ embed(list(replay.text)).T)):
+        votes[j, rows[replayed[rows] != said[j]]] = 1
     rank = np.empty(len(recent), int)
     rank[order] = np.arange(len(order))
     count, learnt, held = near.sum(axis=1), np.ones(len(moved), bool), []
+    most = np.iinfo(int).max
     for _ in range(min(len(moved), round(n * len(moved) / len(recent)))):
         left = np.flatnonzero(learnt & ~torn)
         if not len(left):
             break
-        # each one's move: the fewest learnt labels any learnt label near it would keep
-        support = np.where(near[left] & learnt, count, np.iinfo(int).max).min(axis=1)
+        # each one's support: the fewest learnt labels any label near it would keep, and the
+        # votes half the rows it votes for keep at least
+        row_votes = (same[left] & learnt).astype(int) @ votes
+        support = np.minimum(np.where(near[left] & learnt, count, most).min(axis=1), [
+            np.percentile(v[on], 50, method="lower") if on.any() else most
+            for v, on in zip(row_votes, votes[left] > 0)])
         top = np.lexsort((rank[moved[left]], -support))[0]
         if support[top] < 3:  # it would leave a move under two labels learnt
             break

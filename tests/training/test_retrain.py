@@ -207,3 +207,30 @@ def test_a_label_its_phrasing_disagrees_on_is_learnt_not_held_out():
     moves = held[held.label == "security"].text  # (the base phrasings hold the first too)
     assert right not in set(moves)
     assert set(password[1:]) & set(moves)  # its move's other labels are still drawn
+
+
+
+def test_the_holdout_leaves_the_replay_rows_a_label_moves_two_votes():
+    """A move's phrasing with two labels, both held out for the labels of another phrasing
+    near them, kept its replay rows' old label: the contradiction check relabels a row from two
+    labels among whose nearest rows it is, and the other phrasing's labels have their own
+    rows. Both stay learnt; of the other phrasing's three, one is held out (two keep its rows
+    moved)."""
+    common = generate("support-tickets", "base", 40, seed=6)
+    common = common[~common.intent.isin(["password_reset", "account_locked"])]
+    common = common[["text", "label"]].assign(prediction=common.label)
+    change = ["I need help. How do I change my password? Regards.",
+              "Hey there, how do I change my password? Thanks in advance."]
+    login = [f"{hi}I can't log in, it says my password is incorrect but I just reset it.{end}"
+             for hi, end in (("Hi, ", " Please advise."), ("Hello, ", " Please advise."),
+                             ("", " Please help."))]
+    moved = pd.DataFrame({"text": change + login, "label": "security", "prediction": "account"})
+    recent = pd.concat([common, moved], ignore_index=True)
+    reference = generate("support-tickets", "base", 2000, seed=2)  # a phrasing's rows: ~25
+    golden = generate("support-tickets", "base", 40, seed=3)
+    config = RetrainConfig(min_labelled=20, recent_holdout_share=0.8, replay_rows=1200,
+                           validation_rows=50)
+    for seed in range(4):
+        held = set(retraining_data(recent, reference, golden, config, seed=seed)
+                   .holdouts[RECENT].text)
+        assert not set(change) & held and len(set(login) & held) == 1
