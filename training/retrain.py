@@ -244,9 +244,9 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
     other = closest.argmax(axis=1)  # each one's closest other label, any answer
     torn = (closest[np.arange(len(moved)), other] >= MIN_SIMILARITY) & (labels[other] != said)
     replayed = replay.label.astype(str).to_numpy()
-    votes = np.zeros((len(moved), len(replay)), int)  # label x replay row it votes to move
+    votes = np.zeros((len(moved), len(replay)), bool)  # label x replay row it votes to move
     for j, rows in enumerate(nearest_rows(e @ embed(list(replay.text)).T)):
-        votes[j, rows[replayed[rows] != said[j]]] = 1
+        votes[j, rows[replayed[rows] != said[j]]] = True
     rank = np.empty(len(recent), int)
     rank[order] = np.arange(len(order))
     count, learnt, held = near.sum(axis=1), np.ones(len(moved), bool), []
@@ -260,7 +260,7 @@ def _evidence_last(recent: pd.DataFrame, answers: np.ndarray, order: np.ndarray,
         row_votes = (same[left] & learnt).astype(int) @ votes
         support = np.minimum(np.where(near[left] & learnt, count, most).min(axis=1), [
             np.percentile(v[on], 50, method="lower") if on.any() else most
-            for v, on in zip(row_votes, votes[left] > 0)])
+            for v, on in zip(row_votes, votes[left])])
         top = np.lexsort((rank[moved[left]], -support))[0]
         if support[top] < 3:  # it would leave a move under two labels learnt
             break
