@@ -202,6 +202,46 @@ def test_labels_since_the_onset_refute_a_label_shift_before_any_answer_is_adjust
     controller.label_shift.clear(1)
 
 
+def test_priors_explain_no_drift_the_newest_window_does_not_show(accurate):
+    """A drift declared on earlier windows (a promoted version's small first window read as
+    drift on descriptors, its next on labels) while the newest window is as clean as the
+    profile: priors re-estimated there moved by chance alone and explain nothing, so the loop
+    goes on to its retrain; once the newest window drifts and the priors explain it, it is
+    answered with them."""
+    from training import priors as em
+
+    settings, registry, controller = accurate
+    settings.controller.label_shift.min_shift = 0.02
+    budget = [time.time()] * settings.controller.max_retrains_per_day  # no retrain job: it holds
+    since = time.time()
+    controller.store.save(ControllerState(model=MODEL, state="drift_suspected", champion=1,
+                                          serving_since=since, retrain_started=budget))
+    log_served(settings, registry, "base", 500, 0, seed=18)
+    reference = registry.reference_profile(MODEL, "1")
+    train = em.training_priors(registry.labels(MODEL, "1"), reference.label)
+    window = check_model(settings.log_uri, registry, settings.monitoring.drift, MODEL, window=500)
+    assert not window.windows[-1].drifted  # nothing in it to explain
+    posteriors = np.stack(log_posteriors(settings, since))
+    assert 0.5 * np.abs(em.estimate(posteriors, train) - train).sum() >= 0.02  # by chance
+    state = controller.step()
+    assert state.state == "drift_suspected" and "budget" in state.detail["waiting"], state.detail
+    assert registry.priors(MODEL, 1) is None  # no answer adjusted
+    controller.store.save(state.model_copy(update={"serving_since": time.time()}))
+    log_served(settings, registry, "label-shift", 500, 0, seed=19)
+    assert controller.step().state == "reweighted"
+    controller.label_shift.clear(1)
+
+
+def log_posteriors(settings, since: float) -> list:
+    """The posteriors logged since `since`."""
+    from datetime import UTC, datetime
+
+    from monitoring.log import read
+
+    return list(read(settings.log_uri, model=MODEL, since=datetime.fromtimestamp(
+        since, UTC)).posterior)
+
+
 def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown(accurate,
                                                                                monkeypatch):
     """A concept shift found by its first labels: refunds are billing now (20 labels: a move
