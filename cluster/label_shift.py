@@ -66,14 +66,16 @@ def detect(window: pd.DataFrame, reference: pd.DataFrame, labels: list[str],
     moved = float(0.5 * np.abs(new - train).sum())
     if moved < policy.min_shift:
         return None
-    try:
-        drifted = [check_window(window, profile, drift.thresholds_for(model), model=model,
-                                version=version, min_rows=drift.min_rows,
-                                sample_rows=drift.sample_rows).drifted
-                   for profile in (reference, em.resample(reference, labels, new))]
+
+    def drifts(profile: pd.DataFrame) -> bool:
+        return check_window(window, profile, drift.thresholds_for(model), model=model,
+                            version=version, min_rows=drift.min_rows,
+                            sample_rows=drift.sample_rows).drifted
+
+    try:  # the redrawn profile only where the window drifts from the trained one
+        if not drifts(reference) or drifts(em.resample(reference, labels, new)):
+            return None
     except NotEnoughData:
-        return None
-    if drifted != [True, False]:
         return None
     return Shift(priors={k: round(float(q), 6) for k, q in zip(labels, new)},
                  training={k: round(float(p), 6) for k, p in zip(labels, train)},
