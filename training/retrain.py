@@ -128,7 +128,7 @@ class Plan:
             relabelled = tables["replay"]
             before = self.tables["replay"].loc[relabelled.index]  # less the rows it retired
             refined, n = refine(list(before.text), list(before.label.astype(str)),
-                                list(relabelled.label), self.found.pairs, *judged)
+                                list(relabelled.label), self.found.pairs, *judged, self.learn)
             tables["replay"] = relabelled.assign(label=refined)
             notes["teacher_relabelled"] = n
         # where the concept moved, recent labels judge: a golden row of a moved label that was

@@ -1,6 +1,6 @@
 """The teacher's second opinion on a relabelled replay (`training/teacher.py`): it decides only
 rows of a moved label, only between that label and where it moved, only when sure, only
-between labels it learnt from enough rows; it is the
+between labels it learnt from enough rows, only where it answers the labels; it is the
 champion fine-tuned on the labelled rows, and `retraining_data` asks it where a concept moved."""
 
 import numpy as np
@@ -33,21 +33,51 @@ def test_the_teacher_decides_moved_rows_between_their_label_and_its_move_when_su
     asked = []
 
     def judge(batch):
-        asked.extend(batch)
+        asked.append(batch)
         return judge_of(probs)(batch)
 
     moves = [("refund", "billing"), ("account", "security")]
     learnt = [label for label in LABELS for _ in range(teacher.MIN_ROWS)]
-    out, changed = teacher.refine(texts, before, relabelled, moves, judge, learnt)
+    labelled = pd.DataFrame({"text": ["refund me", "return label"], "label": ["billing", "refund"]})
+    out, changed = teacher.refine(texts, before, relabelled, moves, judge, learnt, labelled)
     assert out == ["billing", "refund", "refund", "account", "billing"] and changed == 2
-    assert asked == texts[:4]
-    assert teacher.refine(texts, before, relabelled, [], judge, learnt) == (relabelled, 0)
+    assert asked == [list(labelled.text), texts[:4]]  # it answers the labels, then decides
+    assert teacher.refine(texts, before, relabelled, [], judge, learnt, labelled) == (relabelled, 0)
     # a label it learnt from too few rows (the queue asked elsewhere): that move is not its call
     few = [label for label in learnt if label != "account"] + ["account"] * 2
     asked.clear()
-    out, changed = teacher.refine(texts, before, relabelled, moves, judge, few)
+    out, changed = teacher.refine(texts, before, relabelled, moves, judge, few, labelled)
     assert out == ["billing", "refund", "refund", "security", "billing"] and changed == 1
-    assert asked == texts[:3]
+    assert asked[-1] == texts[:3]
+
+
+def test_the_teacher_does_not_judge_the_rows_of_a_label_it_answers_otherwise():
+    """A label the teacher never saw (it came after the teacher was fitted) or did not learn:
+    the rows it speaks for keep the encoder's relabelling, which counted it."""
+    texts = ["Only one of the two items in order #4 was in the package.",
+             "Hi team, only one of the two items in order #9 was in the package.",
+             "Where is my order #4? It has been 5 days.",
+             "I want a refund for order #4, the lamp doesn't work."]
+    before = ["shipping", "shipping", "shipping", "refund"]
+    relabelled = ["refund", "refund", "shipping", "billing"]  # the encoder's, by the labels
+    late = "Good morning, only one of the two items in order #7 was in the package."
+    # over billing, refund, security, shipping: the teacher holds the old concept
+    old = [0.0, 0.05, 0.0, 0.95]
+    probs = {texts[0]: old, texts[1]: old, late: old, texts[2]: old,
+             texts[3]: [0.95, 0.05, 0.0, 0.0]}
+
+    def judge(batch):
+        return ["billing", "refund", "security", "shipping"], np.array([probs[t] for t in batch])
+
+    moves = [("shipping", "refund"), ("refund", "billing")]
+    learnt = [label for label in ("billing", "refund", "shipping") for _ in range(teacher.MIN_ROWS)]
+    labelled = pd.DataFrame({"text": [late, texts[3]], "label": ["refund", "billing"]})
+    out, changed = teacher.refine(texts, before, relabelled, moves, judge, learnt, labelled)
+    # the late label's phrasing keeps its move; the rest is the teacher's call
+    assert out == ["refund", "refund", "shipping", "billing"] and changed == 0
+    answered = labelled.assign(label=["shipping", "billing"])  # one it answers as labelled
+    out, changed = teacher.refine(texts, before, relabelled, moves, judge, learnt, answered)
+    assert out == ["shipping", "shipping", "shipping", "billing"] and changed == 2
 
 
 def test_the_teacher_is_the_champion_fine_tuned_on_the_labels_and_the_retrain_asks_it(
