@@ -1,10 +1,12 @@
 """Macro-F1 of registered router versions on fresh traffic of a scenario against their true
 labels, each as a share of a baseline version's on clean traffic: how `bench/loop.py` reads a
 run's outcome (`cluster.demo.quality`), for the versions earlier runs registered (re-read on
-more rows, or another scenario).
+more rows, or another scenario); with `--error-rates`, how each would abstain there at each
+conformal error rate (share answered and its precision against the true labels, as
+`bench/loop.py` reports the served version at the configured one).
 
     python bench/quality.py --json --data-dir DIR --versions 14 15 16 [--baseline 1]
-                            [--scenario concept-shift] [--rows 5000]
+                            [--scenario concept-shift] [--rows 5000] [--error-rates 0.04 0.05]
 """
 
 from __future__ import annotations
@@ -23,15 +25,20 @@ from training.registry import Registry  # noqa: E402
 
 
 def measure(settings, args: argparse.Namespace) -> dict:
-    from training.evaluate import score
+    from training.evaluate import abstention_metrics, score
 
     registry = Registry(settings.registry, settings.data_dir)
     clean, drifted, _ = scored_tickets(args.scenario, args.rows)
     before = score(registry.load_model(MODEL, args.baseline), clean, "macro_f1")
     versions = {}
     for v in args.versions:
-        f1 = score(registry.load_model(MODEL, v), drifted, "macro_f1")
+        model = registry.load_model(MODEL, v)
+        f1 = score(model, drifted, "macro_f1")
         versions[f"v{v}"] = {"macro_f1": round(f1, 4), "recovered": round(f1 / before, 3)}
+        for rate in args.error_rates:
+            figures = abstention_metrics(model, drifted, rate)
+            versions[f"v{v}"].setdefault("abstention", {})[str(rate)] = {
+                k: figures[k] for k in ("coverage", "precision")}
     return {"model": MODEL, "scenario": args.scenario, "rows": args.rows,
             "baseline": {"version": args.baseline, "clean_macro_f1": round(before, 4)},
             "versions": versions}
@@ -45,4 +52,6 @@ if __name__ == "__main__":
     parser.add_argument("--scenario", default="concept-shift",
                         choices=[s for s in SCENARIOS if s != "base"])
     parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--error-rates", type=float, nargs="*", default=[],
+                        help="conformal error rates to read each version's abstention at")
     report(parser, measure)
