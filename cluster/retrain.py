@@ -79,7 +79,7 @@ class RetrainSteps:
                      trigger=trigger, champion=champion, challenger=None,
                      retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
                      detail={k: v for k, v in data.notes.items()
-                             if k in ("contradictions", "teacher_relabelled")})
+                             if k in ("contradictions", "label_mistakes", "teacher_relabelled")})
 
     def _recent(self, state: ControllerState) -> pd.DataFrame:
         """The champion's own traffic with its feedback labels: what earlier champions were

@@ -184,6 +184,9 @@ class RetrainConfig(StrictModel):
     resolve_contradictions: bool = Field(
         True, description="resolve replayed and golden rows that recent feedback contradicts "
         "(concept shift, `training/contradiction.py`)")
+    drop_label_mistakes: bool = Field(
+        True, description="leave out of the rows learnt from a labelled recent row whose own "
+        "phrasing's labels say another label (an annotator's mistake, `training/noise.py`)")
     recent_calibration_share: float | None = Field(
         0.5, gt=0, lt=1, description="of the retrained version's calibration rows' weight, the "
         "share of the labelled requests since the drift (weighted conformal, "

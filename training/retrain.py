@@ -2,7 +2,8 @@
 retrained challenger may replace the champion.
 
 Training rows: the labelled recent requests (texts from the inference log, labels from feedback;
-the part not held out, repeated `recent_repeats` times, fewer as they age) plus a replay sample
+the part not held out, repeated `recent_repeats` times, fewer as they age, less the labels their
+own phrasing's labels call a mistake: `training/noise.py`) plus a replay sample
 of the champion's own training rows, so the new version learns the new traffic without
 forgetting the old. Where the feedback contradicts replayed or golden rows (a concept shift),
 the replayed rows take the label their region moved to (or are retired) and the golden rows
@@ -26,6 +27,7 @@ from training.config import GateConfig, RetrainConfig
 from training.contradiction import MIN_SIMILARITY, Contradictions, embed, nearest_rows, resolve
 from training.errors import InvalidData
 from training.evaluate import GENERATION_METRIC, score
+from training.noise import label_mistakes
 from training.teacher import Judge, decidable, refine
 
 RECENT, ORIGINAL = "recent", "original"
@@ -71,14 +73,18 @@ def retraining_plan(recent: pd.DataFrame, reference: pd.DataFrame, golden: pd.Da
     if config.resolve_contradictions and answers is not None:
         order = _evidence_last(recent, answers[~before], order, n_holdout, replay)
     holdout, learn = recent.iloc[order[:n_holdout]], recent.iloc[order[n_holdout:]]
+    notes = {}
+    if config.drop_label_mistakes:
+        mistaken, mistakes = label_mistakes(learn, holdout)
+        learn, notes = learn[~mistaken], {"label_mistakes": mistakes} if mistakes else {}
     tables = {"replay": replay, "golden": golden, PRE_DRIFT: earlier}
-    resolved, found, notes = tables, Contradictions(), {}
+    resolved, found = tables, Contradictions()
     if config.resolve_contradictions:
         resolved, found = resolve(learn[["text", "label"]], tables, relabel={"replay"}
                                   if config.contradicted_replay == "relabel" else (),
                                   traffic=() if unlabelled is None else unlabelled.text)
-        notes = {k: v for k, v in (("suspected_moves", found.suspected),
-                                   ("thin_moves", found.thin)) if v}
+        notes |= {k: v for k, v in (("suspected_moves", found.suspected),
+                                    ("thin_moves", found.thin)) if v}
         if found:
             notes |= {"contradictions": found.to_dict(), "concept_shift": found.summary()}
         else:
@@ -308,15 +314,17 @@ def copies(recent: pd.DataFrame, config: RetrainConfig) -> np.ndarray:
 def _mix(replay: pd.DataFrame, learn: pd.DataFrame, config: RetrainConfig, seed: int
          ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The training and validation rows of the replay and the labelled rows learnt from (each
-    with its `_copies`). Validation is drawn before the repeats, so a row and its copy never sit
-    on both sides (validation calibrates the version's confidence and is its drift reference)."""
+    with its `_copies`). Validation is drawn by text before the repeats, so no text sits on both
+    sides, neither a row's copies nor a text sent twice (validation calibrates the version's
+    confidence and is its drift reference): a validation text's other rows are not trained on."""
     rows = pd.concat([replay.assign(_copies=1), learn], ignore_index=True).sample(
         frac=1.0, random_state=seed)
     n_val = min(config.validation_rows, int(rows._copies.sum()) // 5)
-    fit = rows.iloc[n_val:]
+    validation = rows.drop_duplicates("text").iloc[:n_val]
+    fit = rows[~rows.text.isin(validation.text)]
     train = fit.loc[fit.index.repeat(fit._copies)].sample(frac=1.0, random_state=seed)
     return (train.drop(columns="_copies").reset_index(drop=True),
-            rows.iloc[:n_val].drop(columns="_copies").reset_index(drop=True))
+            validation.drop(columns="_copies").reset_index(drop=True))
 
 
 

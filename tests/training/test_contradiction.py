@@ -210,14 +210,17 @@ def test_a_moved_sub_intent_is_a_move_though_a_small_share_of_its_label():
 
 def test_the_retraining_set_and_the_next_golden_set_follow_the_new_concept(tmp_path):
     recent = generate("support-tickets", "concept-shift", 300, seed=4)[["text", "label"]]
-    config = RetrainConfig(min_labelled=60, replay_rows=800, validation_rows=100,
-                           contradicted_replay="retire")
-    data = retraining_data(recent, REPLAY, GOLDEN, config)
+    # each text once (a validation text's other rows are not trained on: `_mix`)
+    replay = REPLAY.drop_duplicates("text")
+    replay = replay[~replay.text.isin(recent.text)]
+    config = RetrainConfig(min_labelled=60, replay_rows=len(replay), validation_rows=100,
+                           contradicted_replay="retire", drop_label_mistakes=False)
+    data = retraining_data(recent, replay, GOLDEN, config)
     moved = data.notes["contradictions"]["moved"]
     assert set(moved) == MOVED
     mix = pd.concat([data.train, data.validation])
     replayed = mix[mix.intent.notna()]  # (recent rows carry no provenance)
-    assert len(replayed) == 800 - sum(moved.values())
+    assert len(replayed) == len(replay) - sum(moved.values())
     # the version it registers keeps the golden set less its contradicted rows (the next
     # retrain starts from it); the gate's no-forgetting check skips the labels that moved
     assert len(data.golden) < len(GOLDEN)
@@ -227,16 +230,16 @@ def test_the_retraining_set_and_the_next_golden_set_follow_the_new_concept(tmp_p
     assert len(data.holdouts[RECENT]) == 90  # 30% of the labelled recent rows, for the gate
     back = TaskData.load(data.save(tmp_path / "d"))
     assert back.golden.equals(data.golden) and back.notes == data.notes
-    off = retraining_data(recent, REPLAY, GOLDEN, config.model_copy(
+    off = retraining_data(recent, replay, GOLDEN, config.model_copy(
         update={"resolve_contradictions": False}))
     assert off.golden.equals(GOLDEN) and off.notes == {"labelled": 300}  # labels, no moves
     assert len(off.holdouts[ORIGINAL]) == len(GOLDEN)
-    relabelled = retraining_data(recent, REPLAY, GOLDEN, config.model_copy(
+    relabelled = retraining_data(recent, replay, GOLDEN, config.model_copy(
         update={"contradicted_replay": "relabel"}))  # (the default)
     mix = pd.concat([relabelled.train, relabelled.validation])
     replayed = mix[mix.intent.notna()]
     single = sum(relabelled.notes["contradictions"]["retired"]["replay"].values())
-    assert len(replayed) == 800 - single and relabelled.golden.equals(data.golden)
+    assert len(replayed) == len(replay) - single and relabelled.golden.equals(data.golden)
     assert (replayed.label == replayed.intent.map(LEXICON.concept_relabel).fillna(
         replayed.label)).mean() >= 0.97  # the replay teaches the new concept
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from training.config import GateConfig, RetrainConfig
-from training.data import generate
+from training.data import generate, true_labels
 from training.errors import InvalidData
 from training.retrain import ORIGINAL, RECENT, calibration_rows, copies, gate, retraining_data
 from training.taskdata import TaskData
@@ -26,12 +26,16 @@ def test_gate_needs_a_gain_on_recent_traffic_and_no_loss_on_the_original():
 
 
 def test_retraining_set_mixes_labelled_recent_traffic_with_a_replay_sample(tmp_path):
-    recent = generate("support-tickets", "new-product", 120, seed=1)[["text", "label"]]
+    recent = generate("support-tickets", "new-product", 120, seed=1)
+    recent = recent[["text"]].assign(label=true_labels("support-tickets", recent))  # no mistake
     recent.loc[100:, "label"] = None  # answered, never labelled
-    reference = generate("support-tickets", "base", 2000, seed=2)
+    sent = generate("support-tickets", "base", 2000, seed=2)  # some texts more than once
+    reference = sent.drop_duplicates("text")
     golden = generate("support-tickets", "base", 50, seed=3)
     config = RetrainConfig(min_labelled=60, recent_holdout_share=0.3, recent_repeats=2,
                            replay_rows=500, validation_rows=100)
+    twice = retraining_data(recent, sent, golden, config.model_copy(update={"replay_rows": 2000}))
+    assert not set(twice.validation.text) & set(twice.train.text)
     data = retraining_data(recent, reference, golden, config)
     assert len(data.holdouts[RECENT]) == 30 and data.holdouts[ORIGINAL].equals(
         golden[["text", "label"]])
