@@ -35,10 +35,10 @@ def measure(settings, args: argparse.Namespace) -> dict:
         model = registry.load_model(MODEL, v)
         f1 = score(model, drifted, "macro_f1")
         versions[f"v{v}"] = {"macro_f1": round(f1, 4), "recovered": round(f1 / before, 3)}
-        for rate in args.error_rates:
-            figures = abstention_metrics(model, drifted, rate)
-            versions[f"v{v}"].setdefault("abstention", {})[str(rate)] = {
-                k: figures[k] for k in ("coverage", "precision")}
+        if args.error_rates:
+            versions[f"v{v}"]["abstention"] = {
+                str(rate): {k: figures[k] for k in ("coverage", "precision")} for rate, figures
+                in zip(args.error_rates, abstention_metrics(model, drifted, args.error_rates))}
     return {"model": MODEL, "scenario": args.scenario, "rows": args.rows,
             "baseline": {"version": args.baseline, "clean_macro_f1": round(before, 4)},
             "versions": versions}

@@ -262,8 +262,8 @@ def quality(registry: Registry, scenario: str, old: int, new: int,
         on_drift[served] = round(score(models[new], drifted, "macro_f1", weights), 4)
     return {"clean_traffic_before_drift": round(before, 4), "drifted_traffic": on_drift,
             "recovered": round(on_drift[served] / before, 3),
-            "served_on_drifted_traffic": abstention_metrics(models[new], drifted, error_rate,
-                                                            weights, noisy.label)}
+            "served_on_drifted_traffic": abstention_metrics(models[new], drifted, [error_rate],
+                                                            weights, noisy.label)[0]}
 
 
 def scored_tickets(scenario: str, rows: int) -> tuple:

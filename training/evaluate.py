@@ -57,31 +57,35 @@ def classification_metrics(probs: np.ndarray, y_true: Sequence[str], labels: Seq
     }
 
 
-def abstention_metrics(task_model, df, error_rate: float | None,
+def abstention_metrics(task_model, df, error_rates: Sequence[float | None],
                        priors: dict[str, float] | None = None,
-                       noisy: Sequence[str] | None = None) -> dict:
-    """How a registered classifier (`TaskModel`, adjusted to `priors`) that abstains at
-    `error_rate` (conformal sets, `training/calibration.py`; None, or an uncalibrated model:
-    never) does on labelled rows: calibration error, the share it answers (coverage) and the
-    accuracy of those answers (precision), also against `noisy` labels of the same rows if
-    given (what annotators said, beside the truth in `label`)."""
+                       noisy: Sequence[str] | None = None) -> list[dict]:
+    """How a registered classifier (`TaskModel`, adjusted to `priors`) that abstains at each of
+    `error_rates` (conformal sets, `training/calibration.py`; None, or an uncalibrated model:
+    never) does on labelled rows, predicted once: calibration error, the share it answers
+    (coverage) and the accuracy of those answers (precision), also against `noisy` labels of
+    the same rows if given (what annotators said, beside the truth in `label`)."""
     from training.calibration import Calibration, prediction_set
 
     labels = task_model.meta["labels"]
     out = task_model.predict(None, df[["text"]], {"priors": priors})
     probs = out[[f"prob_{lbl}" for lbl in labels]].to_numpy()
     y = _indices(df.label, labels)
+    ece = round(expected_calibration_error(probs, y), 4)
     calibration = Calibration.served(task_model.meta, priors)
-    q = calibration.threshold(error_rate) if calibration and error_rate else None
-    answered = np.array([q is None or len(prediction_set(p, q)) == 1 for p in probs])
-    def precision(truth: np.ndarray) -> float | None:
-        right = probs.argmax(axis=1) == truth
-        return round(float(right[answered].mean()), 4) if answered.any() else None
+    right = probs.argmax(axis=1)[:, None] == np.stack(
+        [y] + ([] if noisy is None else [_indices(noisy, labels)]), axis=1)
 
-    return {"ece": round(expected_calibration_error(probs, y), 4),
-            "coverage": round(float(answered.mean()), 4), "precision": precision(y),
-            **({} if noisy is None else
-               {"precision_against_noisy_labels": precision(_indices(noisy, labels))})}
+    def at(error_rate: float | None) -> dict:
+        q = calibration.threshold(error_rate) if calibration and error_rate else None
+        answered = np.array([q is None or len(prediction_set(p, q)) == 1 for p in probs])
+        precision = [round(float(r[answered].mean()), 4) if answered.any() else None
+                     for r in right.T]
+        return {"ece": ece, "coverage": round(float(answered.mean()), 4),
+                "precision": precision[0],
+                **({} if noisy is None else {"precision_against_noisy_labels": precision[1]})}
+
+    return [at(rate) for rate in error_rates]
 
 
 def evaluate_classifier(model, tokenizer, holdouts: dict, labels: Sequence[str],

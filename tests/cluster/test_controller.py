@@ -19,7 +19,7 @@ from cluster.state import ControllerState
 from monitoring.drift import DriftReport, check_model
 from serve_apps.apps import pinned_user_config
 from training.data import generate
-from training.evaluate import score
+from training.evaluate import abstention_metrics, score
 from training.features import SERVED
 from training.registry import (
     ADOPTED_TAG,
@@ -160,6 +160,10 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
     # scored against the true labels; the generator's random ones (about a dozen of the answered
     # rows) would count right answers wrong
     assert served["precision_against_noisy_labels"] < served["precision"], figures
+    # several error rates read from one prediction: each as if read alone, none never abstains
+    never, same = abstention_metrics(v1, shifted, [None, 0.05], weights)
+    assert never["coverage"] == 1.0 and never["ece"] == same["ece"] == served["ece"]
+    assert (same["coverage"], same["precision"]) == (served["coverage"], served["precision"])
     # refuted: labels that disagree with the adjusted answers send the loop to a retrain
     controller.store.save(state.model_copy(update={"state": "reweighted", "since": time.time()}))
     log_served(settings, registry, "concept-shift", 60, 60, seed=13)
