@@ -160,7 +160,7 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
     # scored against the true labels; the generator's random ones (about a dozen of the answered
     # rows) would count right answers wrong
     assert served["precision_against_noisy_labels"] < served["precision"], figures
-    # several error rates read from one prediction: each as if read alone, none never abstains
+    # several error rates read from one prediction, each as if read alone (None: no abstention)
     never, same = abstention_metrics(v1, shifted, [None, 0.05], weights)
     assert never["coverage"] == 1.0 and never["ece"] == same["ece"] == served["ece"]
     assert (same["coverage"], same["precision"]) == (served["coverage"], served["precision"])
