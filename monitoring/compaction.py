@@ -1,4 +1,4 @@
-"""Compaction of the inference and feedback logs: every replica writes a small segment each
+"""Compaction of the inference, feedback and lease logs: every replica writes a small segment each
 flush interval (thousands a day per replica), and every reader (drift checks, the controller,
 feedback lookups) opens every segment it cannot rule out by day. Small segments of a day are
 merged into segments of up to `LogConfig.segment_target_bytes`, as table formats do
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from monitoring.config import LogConfig
-from monitoring.log import FEEDBACK, INFERENCE, KEYS, SCHEMAS, filesystem, write_table
+from monitoring.log import KEYS, SCHEMAS, filesystem, write_table
 from monitoring.singleton import keyed, singleton
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _merge(fs, folder: str, paths: list[str], kind: str) -> None:
 
 
 class LogCompactor:
-    """The compactor of one log as a detached actor: it compacts both kinds every
+    """The compactor of one log as a detached actor: it compacts every kind every
     `compact_interval_s` (a failed pass is logged and tried again at the next)."""
 
     def __init__(self, uri: str, config_json: str):
@@ -108,10 +108,10 @@ class LogCompactor:
                 log.exception("compacting the log at %s failed; trying again later", self.uri)
 
     def compact(self) -> dict[str, int]:
-        """One pass now: segments merged away and written, of both kinds."""
+        """One pass now: segments merged away and written, of every kind."""
         with self.lock:
             total = Compacted()
-            for kind in (INFERENCE, FEEDBACK):
+            for kind in SCHEMAS:
                 done = compact(self.uri, kind, self.config.segment_target_bytes)
                 total.merged += done.merged
                 total.written += done.written

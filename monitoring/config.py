@@ -43,6 +43,9 @@ class LabelQueueConfig(StrictModel):
     confident: float = Field(0.9, gt=0, le=1, description="calibrated confidence from which a "
                              "labelled answer found wrong points the queue at its neighbours")
     max_limit: int = Field(500, ge=1, description="the most items one page returns")
+    lease_s: float = Field(600, ge=0, description="how long a page's items are left out of the "
+                           "pages of the tenant's other reviewers, unless labelled first "
+                           "(`monitoring/leases.py`; 0: every reviewer sees every item)")
 
 
 class DriftThresholds(StrictModel):

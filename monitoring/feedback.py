@@ -6,7 +6,7 @@ first: where the loop asks for labels instead of a fixed random share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
@@ -122,7 +122,8 @@ def feedback_scores(rows: pd.DataFrame) -> np.ndarray:
 
 def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
             model: str | None = None, since: datetime | None = None,
-            drift_onset: Callable[[str, str], datetime | None] | None = None) -> list[dict]:
+            drift_onset: Callable[[str, str], datetime | None] | None = None,
+            held: Collection[tuple[str, int, str]] = frozenset()) -> list[dict]:
     """The answers of `tenant` (of `model`, if given) that wait for a label (a classifier's) or
     a correction (a generator's: its `output`, ranked as a classifier's answer is, by its
     confidence, with its finish reason as its label), the most useful first: where the
@@ -137,7 +138,9 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     there are such, `_moved`): a new product's intents answered with confidence, or a moved
     region no label has reached yet, are asked about without waiting for doubt. Each item
     says why it was chosen. `since` limits the answers listed, not the labelled ones that point
-    the queue; `drift_onset(model, version)` those (`_current`)."""
+    the queue; `drift_onset(model, version)` those (`_current`). The answers `held` (request
+    id, item, model: leased to another reviewer) are left out, and counted as known where the
+    rest is spread."""
     log = read(log_uri, INFERENCE, last=config.window, shadow=True, tenant=tenant,
                outcome="ok", model=model)
     # a classifier's answers (a label and its posterior) and a generator's (its text)
@@ -154,7 +157,10 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     if since is not None:
         at = pd.Timestamp(since)
         answers = answers[answers.ts >= (at if at.tzinfo else at.tz_localize("UTC"))]
-    if answers.empty:  # all labelled, or none since: nothing to rank
+    leased = np.array([k in held for k in zip(answers.request_id, answers.item, answers.model)],
+                      dtype=bool)
+    leased, answers = answers[leased], answers[~leased]
+    if answers.empty:  # all labelled or leased, or none since: nothing to rank
         return []
     other = [shadow.get(k) for k in zip(answers.request_id, answers.item, answers.model)]
     disagree = np.array([o is not None and o != p for o, p in zip(other, answers.said)])
@@ -172,9 +178,9 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     explore = round(min(limit, len(ranked)) * config.explore)
     useful = interleave(ranked, limit - explore)
     rest = ranked.drop(index=useful.index)
-    moved = _cover(_moved(rest, wrong), pd.concat([labelled, useful]), -(-explore // 2))
+    moved = _cover(_moved(rest, wrong), pd.concat([labelled, leased, useful]), -(-explore // 2))
     drawn = pd.concat([moved, _cover(rest.drop(index=moved.index),
-                                     pd.concat([labelled, useful, moved]),
+                                     pd.concat([labelled, leased, useful, moved]),
                                      explore - len(moved))]).assign(reason="coverage")
     page = pd.concat([useful, drawn])
     return [{"request_id": r.request_id, "item": int(r.item), "ts": r.ts.isoformat(),

@@ -1,5 +1,5 @@
-"""The inference log and the feedback log: append-only Parquet segments under a folder or any
-fsspec URI, written off the request path, read back by window.
+"""The inference log, the feedback log and the label queue's leases: append-only Parquet segments
+under a folder or any fsspec URI, written off the request path, read back by window.
 
 Each pipeline replica owns a `SegmentWriter`: records wait in memory and are written as one new
 segment every `flush_interval_s`, or at once when `max_buffered` wait (the request that fills the
@@ -38,6 +38,7 @@ from training.features import DESCRIPTORS
 
 INFERENCE = "inference"
 FEEDBACK = "feedback"
+LEASE = "lease"  # a label queue's item handed to one reviewer for a while (`monitoring/leases.py`)
 SHADOW = "shadow"  # the variant of a shadowing challenger's answers
 
 INFERENCE_SCHEMA = pa.schema([
@@ -57,12 +58,18 @@ FEEDBACK_SCHEMA = pa.schema([
     ("request_id", pa.string()), ("item", pa.int32()), ("label", pa.string()),
     ("ts", pa.timestamp("us", tz="UTC")), ("tenant", pa.string()), ("correction", pa.string()),
 ])
-SCHEMAS = {INFERENCE: INFERENCE_SCHEMA, FEEDBACK: FEEDBACK_SCHEMA}
+LEASE_SCHEMA = pa.schema([
+    ("request_id", pa.string()), ("item", pa.int32()), ("model", pa.string()),
+    ("ts", pa.timestamp("us", tz="UTC")), ("tenant", pa.string()), ("reviewer", pa.string()),
+    ("until", pa.timestamp("us", tz="UTC")),
+])
+SCHEMAS = {INFERENCE: INFERENCE_SCHEMA, FEEDBACK: FEEDBACK_SCHEMA, LEASE: LEASE_SCHEMA}
 # What makes a record unique: while a compaction has written its merged segment but not yet
 # removed the ones it merged, a reader sees both, and keeps one of each (a moderated post
 # rewritten has two answers: its classifier's and its rewrite's generator's)
 KEYS = {INFERENCE: ["request_id", "item", "model", "variant", "ts"],
-        FEEDBACK: ["request_id", "item", "label", "ts"]}
+        FEEDBACK: ["request_id", "item", "label", "ts"],
+        LEASE: ["request_id", "item", "model", "reviewer", "ts"]}
 PARTITION = "date"  # segments lie under <kind>/date=YYYY-MM-DD/ (UTC)
 _log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ answer takes `"correction": "the answer as it should have been"` instead of a la
 404, a label outside the answering model's label set a 422. `GET /v1/feedback/pending?limit=50
 &model=...` (`pending` on the handle) is the caller's tenant's queue of answers awaiting a
 label (or a generator's answers awaiting a correction), the most useful first
-(`monitoring.feedback.pending`).
+(`monitoring.feedback.pending`), each item leased to the caller for a while so the tenant's
+other reviewers are handed other items (`monitoring.leases`).
 """
 
 import asyncio
@@ -19,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray import serve
 
 from monitoring.batching import unwrap
-from monitoring.feedback import Label, feedback_rows, pending
+from monitoring.feedback import Label, feedback_rows
+from monitoring.leases import leased_page
 from monitoring.log import FEEDBACK, SegmentWriter, now
 from serve_apps.auth import Principal
 from serve_apps.call import Answer, Caller
@@ -82,6 +84,8 @@ class PendingItem(BaseModel):
     text: str | None = Field(description="the text as logged (PII redacted; null when the log "
                              "keeps no text)")
     output: str | None = Field(None, description="a generator's answer as logged, to correct")
+    leased_until: str | None = Field(None, description="until when the tenant's other reviewers "
+                                     "are handed other items (null: leases are off)")
 
 
 class FeedbackReceipt(BaseModel):
@@ -128,6 +132,7 @@ class FeedbackService(Pipeline):
         super().__init__(app, {}, config, None, tracking_uri, None, governance)
         self.uri = log["uri"]
         self.writer = SegmentWriter.from_settings(log, FEEDBACK)
+        self._paging = asyncio.Lock()  # one page at a time: its leases written before the next
 
     @app.post("/", response_model=FeedbackReceipt, status_code=201)
     async def http_submit(self, body: FeedbackRequest, request: Request) -> FeedbackReceipt:
@@ -150,9 +155,11 @@ class FeedbackService(Pipeline):
             raise InvalidRequest(f"limit is at most {self.config.queue.max_limit}, got {body.limit}")
 
         async def page(call) -> Answer:
-            items = await asyncio.to_thread(
-                pending, self.uri, call.principal.tenant, body.limit, self.config.queue,
-                body.model, body.since, functools.partial(_drift_onset, self.tracking_uri))
+            async with self._paging:
+                items = await asyncio.to_thread(
+                    leased_page, self.uri, call.principal.tenant, call.principal.subject,
+                    body.limit, self.config.queue, body.model, body.since,
+                    functools.partial(_drift_onset, self.tracking_uri))
             return Answer([f"{len(items)} pending"], [{}], payload=items)
 
         _, answer = await self.policies.apply(

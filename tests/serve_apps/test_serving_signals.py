@@ -233,6 +233,11 @@ def test_every_request_is_logged_and_feedback_joins_it(platform):
     page = httpx.get(f"{platform.url}/v1/feedback/pending", params={
         "limit": 4, "model": "moderation", "since": began}, headers=platform.auth, timeout=30).json()
     assert len(page) == 4 and {it["model"] for it in page} == {"moderation"}
+    assert all(datetime.fromisoformat(it["leased_until"]) > datetime.fromisoformat(began)
+               for it in page)  # handed to this token's reviewer
+    # the tenant's other reviewer (the handle's principal) is handed none of those items
+    assert not {(it["request_id"], it["item"], it["model"]) for it in handle.pending.remote(
+        {"limit": 500, "since": began}, None, platform.principal).result()} & set(queue)
     assert not {it["request_id"] for it in handle.pending.remote({"limit": 500}, None,
                                                                    neighbour).result()} & set(ids)
     for params in ({"limit": 0}, {"limit": 100_000}, {"limit": "many"}, {"since": "yesterday"}):
