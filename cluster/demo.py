@@ -252,18 +252,19 @@ def quality(registry: Registry, scenario: str, old: int, new: int,
     models = {v: registry.load_model(MODEL, v) for v in {old, new}}
     clean, drifted, noisy = scored_tickets(scenario, rows)
     before = score(models[old], clean, "macro_f1")
-    on_drift = {f"v{v}": round(score(m, drifted, "macro_f1"), 4) for v, m in sorted(models.items())}
+    on_drift = {f"v{v}": round(score(m, drifted, "macro_f1"), 4) for v, m in sorted(models.items())
+                if v != new}
     served, weights = f"v{new}", None
     priors = registry.priors(MODEL, new)
     if priors:  # the loop answered a label shift with new priors: what serving answers now
         trained = training_priors(list(priors), registry.reference_profile(MODEL, new).label)
+        on_drift[served] = round(score(models[new], drifted, "macro_f1"), 4)
         served, weights = served + " with its new priors", ratios(priors, dict(zip(priors,
                                                                                   trained)))
-        on_drift[served] = round(score(models[new], drifted, "macro_f1", weights), 4)
+    now = abstention_metrics(models[new], drifted, [error_rate], weights, noisy.label)[0]
+    on_drift[served] = now.pop("macro_f1")  # the served version predicted once
     return {"clean_traffic_before_drift": round(before, 4), "drifted_traffic": on_drift,
-            "recovered": round(on_drift[served] / before, 3),
-            "served_on_drifted_traffic": abstention_metrics(models[new], drifted, [error_rate],
-                                                            weights, noisy.label)[0]}
+            "recovered": round(on_drift[served] / before, 3), "served_on_drifted_traffic": now}
 
 
 def scored_tickets(scenario: str, rows: int) -> tuple:

@@ -62,9 +62,10 @@ def abstention_metrics(task_model, df, error_rates: Sequence[float | None],
                        noisy: Sequence[str] | None = None) -> list[dict]:
     """How a registered classifier (`TaskModel`, adjusted to `priors`) that abstains at each of
     `error_rates` (conformal sets, `training/calibration.py`; None, or an uncalibrated model:
-    never) does on labelled rows, predicted once: calibration error, the share it answers
-    (coverage) and the accuracy of those answers (precision), also against `noisy` labels of
-    the same rows if given (what annotators said, beside the truth in `label`)."""
+    never) does on labelled rows, predicted once: its macro-F1 (as `score`), calibration
+    error, the share it answers (coverage) and the accuracy of those answers (precision), also
+    against `noisy` labels of the same rows if given (what annotators said, beside the truth
+    in `label`)."""
     from training.calibration import Calibration, prediction_set
 
     labels = task_model.meta["labels"]
@@ -72,6 +73,7 @@ def abstention_metrics(task_model, df, error_rates: Sequence[float | None],
     probs = out[[f"prob_{lbl}" for lbl in labels]].to_numpy()
     y = _indices(df.label, labels)
     ece = round(expected_calibration_error(probs, y), 4)
+    f1 = round(macro_f1(df.label, np.asarray(labels)[probs.argmax(axis=1)]), 4)
     calibration = Calibration.served(task_model.meta, priors)
     right = probs.argmax(axis=1)[:, None] == np.stack(
         [y] + ([] if noisy is None else [_indices(noisy, labels)]), axis=1)
@@ -81,7 +83,7 @@ def abstention_metrics(task_model, df, error_rates: Sequence[float | None],
         answered = np.array([q is None or len(prediction_set(p, q)) == 1 for p in probs])
         precision = [round(float(r[answered].mean()), 4) if answered.any() else None
                      for r in right.T]
-        return {"ece": ece, "coverage": round(float(answered.mean()), 4),
+        return {"macro_f1": f1, "ece": ece, "coverage": round(float(answered.mean()), 4),
                 "precision": precision[0],
                 **({} if noisy is None else {"precision_against_noisy_labels": precision[1]})}
 
@@ -136,17 +138,22 @@ def token_f1s(answers: Sequence[str], references: Sequence[str]) -> np.ndarray:
 def score(task_model, holdout: pd.DataFrame, metric: str,
           priors: dict[str, float] | None = None) -> float:
     """`metric` of a registered classifier (`TaskModel`, adjusted to `priors` if given) on a
-    labelled holdout; macro-F1 over the holdout's own labels (a holdout without some labels,
-    such as a golden set whose moved labels are skipped, is not scored 0 on a label it does
-    not hold). A generator's is the mean `token_f1` of its answers against `rewrite`."""
+    labelled holdout; macro-F1 over the holdout's own labels (`macro_f1`). A generator's is
+    the mean `token_f1` of its answers against `rewrite`."""
     if metric == GENERATION_METRIC:
         answers = task_model.predict(None, holdout[["text"]])["text"]
         return float(token_f1s(answers, holdout["rewrite"]).mean())
     predicted = task_model.predict(None, holdout[["text"]], {"priors": priors})["label"]
     if metric == "accuracy":
         return float(accuracy_score(holdout["label"], predicted))
-    return float(f1_score(holdout["label"], predicted, labels=sorted(holdout["label"].unique()),
-                          average="macro", zero_division=0))
+    return macro_f1(holdout["label"], predicted)
+
+
+def macro_f1(truth: pd.Series, predicted) -> float:
+    """Macro-F1 over the labels `truth` holds: a holdout without some labels (a golden set
+    whose moved labels are skipped) is not scored 0 on a label it does not hold."""
+    return float(f1_score(truth, predicted, labels=sorted(truth.unique()), average="macro",
+                          zero_division=0))
 
 
 GOLDEN_SEED = 7919

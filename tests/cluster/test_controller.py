@@ -164,6 +164,7 @@ def test_a_label_shift_is_answered_with_new_priors_then_confirmed_or_refuted_by_
     never, same = abstention_metrics(v1, shifted, [None, 0.05], weights)
     assert never["coverage"] == 1.0 and never["ece"] == same["ece"] == served["ece"]
     assert (same["coverage"], same["precision"]) == (served["coverage"], served["precision"])
+    assert never["macro_f1"] == same["macro_f1"] == drifted["v1 with its new priors"]
     # refuted: labels that disagree with the adjusted answers send the loop to a retrain
     controller.store.save(state.model_copy(update={"state": "reweighted", "since": time.time()}))
     log_served(settings, registry, "concept-shift", 60, 60, seed=13)
