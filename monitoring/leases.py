@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from monitoring.config import LabelQueueConfig, LogConfig
 from monitoring.feedback import pending
-from monitoring.log import LEASE, SegmentWriter, now, read
+from monitoring.log import LEASE, LogUnavailable, SegmentWriter, now, read
 
 
 def held(uri: str, tenant: str, reviewer: str, at: datetime,
@@ -43,7 +43,10 @@ def leased_page(uri: str, tenant: str, reviewer: str, limit: int, config: LabelQ
     if config.lease_s <= 0 or not items:
         return [{**it, "leased_until": None} for it in items]
     until = at + timedelta(seconds=config.lease_s)
-    SegmentWriter(uri, LEASE, LogConfig()).write_segment([
-        {"request_id": it["request_id"], "item": it["item"], "model": it["model"], "ts": at,
-         "tenant": tenant, "reviewer": reviewer, "until": until} for it in items])
+    try:  # a page whose leases are not written is not handed out
+        SegmentWriter(uri, LEASE, LogConfig()).write_segment([
+            {"request_id": it["request_id"], "item": it["item"], "model": it["model"], "ts": at,
+             "tenant": tenant, "reviewer": reviewer, "until": until} for it in items])
+    except OSError as exc:
+        raise LogUnavailable(f"cannot lease the page: {exc}") from exc
     return [{**it, "leased_until": until.isoformat()} for it in items]

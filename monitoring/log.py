@@ -75,7 +75,10 @@ _log = logging.getLogger(__name__)
 
 
 class LogUnavailable(LLMOpsError):
-    """The log folder cannot be read or written."""
+    """The log folder cannot be read or written: the platform's outage, not the caller's error."""
+
+    status = 503
+    headers = {"Retry-After": "5"}
 
 
 def filesystem(uri: str):

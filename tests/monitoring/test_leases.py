@@ -6,11 +6,12 @@ import time
 from datetime import datetime
 
 import numpy as np
+import pytest
 from conftest import log_record
 
 from monitoring.config import LabelQueueConfig, LogConfig
 from monitoring.leases import leased_page
-from monitoring.log import FEEDBACK, INFERENCE, LEASE, SegmentWriter, now, read
+from monitoring.log import FEEDBACK, INFERENCE, LEASE, LogUnavailable, SegmentWriter, now, read
 
 
 def answers(uri: str) -> None:
@@ -67,3 +68,16 @@ def test_a_lease_runs_out_and_leases_can_be_off(tmp_path):
     first, second = (leased_page(uri, "default", who, 5, off) for who in ("dee", "eve"))
     assert ids(first) == ids(second) == ids(ana)
     assert {it["leased_until"] for it in first} == {None}
+
+
+def test_a_page_whose_leases_cannot_be_written_is_not_handed_out(tmp_path, monkeypatch):
+    uri = str(tmp_path / "log")
+    answers(uri)
+
+    def full(self, rows):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(SegmentWriter, "write_segment", full)
+    with pytest.raises(LogUnavailable, match="cannot lease the page: no space left") as refused:
+        leased_page(uri, "default", "ana", 5, LabelQueueConfig())
+    assert refused.value.status == 503  # the platform's outage: over HTTP a 503, not a 4xx
