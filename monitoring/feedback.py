@@ -157,9 +157,9 @@ def pending(log_uri: str, tenant: str, limit: int, config: LabelQueueConfig,
     if since is not None:
         at = pd.Timestamp(since)
         answers = answers[answers.ts >= (at if at.tzinfo else at.tz_localize("UTC"))]
-    leased = np.array([k in held for k in zip(answers.request_id, answers.item, answers.model)],
-                      dtype=bool)
-    leased, answers = answers[leased], answers[~leased]
+    is_held = np.array([k in held for k in zip(answers.request_id, answers.item, answers.model)],
+                       dtype=bool)
+    leased, answers = answers[is_held], answers[~is_held]
     if answers.empty:  # all labelled or leased, or none since: nothing to rank
         return []
     other = [shadow.get(k) for k in zip(answers.request_id, answers.item, answers.model)]

@@ -73,9 +73,10 @@ def abstention_metrics(task_model, df, error_rates: Sequence[float | None],
     probs = out[[f"prob_{lbl}" for lbl in labels]].to_numpy()
     y = _indices(df.label, labels)
     ece = round(expected_calibration_error(probs, y), 4)
-    f1 = round(macro_f1(df.label, np.asarray(labels)[probs.argmax(axis=1)]), 4)
+    predicted = probs.argmax(axis=1)
+    f1 = round(macro_f1(df.label, np.asarray(labels)[predicted]), 4)
     calibration = Calibration.served(task_model.meta, priors)
-    right = probs.argmax(axis=1)[:, None] == np.stack(
+    right = predicted[:, None] == np.stack(
         [y] + ([] if noisy is None else [_indices(noisy, labels)]), axis=1)
 
     def at(error_rate: float | None) -> dict:
