@@ -7,7 +7,7 @@ requests.
 
     python bench/loop.py --json [--scenarios new-product slang ...] [--data-dir .llmops]
                          [--labels 0.1] [--baseline-labels 0.3] [--settle REQUESTS]
-                         [--quality-rows 5000]
+                         [--quality-rows 5000] [--moves INTENT=LABEL ...]
 
 Runs on the demo's stack (`make demo` trains the champions; the pipelines are deployed if they
 are not): for each scenario, what `llmops demo` does after its setup (clean traffic, then the
@@ -20,7 +20,9 @@ cooldown and daily budget are lifted. Where the loop comes back to serving, the 
 goes on until the drift checks have seen it (`--settle` requests, and one window more while
 the last checks hold a drifted window): a retrain that missed part of the drift, or a drift
 still declared, starts the loop again, and the run reports where the loop settles, not its
-first step. Each row's baselines: the old champion's macro-F1 on the
+first step. `--moves` replaces the support lexicon's reorganisation (the concept shift's
+moved intents) by others, to measure the loop on a shift its thresholds were not chosen on.
+Each row's baselines: the old champion's macro-F1 on the
 drifted traffic, and the random-labelling run of the same scenario.
 """
 
@@ -39,7 +41,8 @@ from cluster.controller import Controller  # noqa: E402
 from cluster.loop import stop  # noqa: E402
 from cluster.settings import Settings, load_settings  # noqa: E402
 from cluster.state import StateStore  # noqa: E402
-from training.data import SCENARIOS  # noqa: E402
+from training.data import SCENARIOS, reorganise  # noqa: E402
+from training.errors import LLMOpsError  # noqa: E402
 from training.registry import CHAMPION, Registry  # noqa: E402
 
 
@@ -60,10 +63,19 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--quality-rows", type=int, default=5000,
                         help="fresh rows each macro-F1 is measured on (the demo's 1,000 read a "
                              "version up to 0.007 off its macro-F1 on 10,000)")
+    parser.add_argument("--moves", nargs="+", type=_move, metavar="INTENT=LABEL", default=None,
+                        help="the concept shift's moves instead of the lexicon's")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--config", default=None)
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
+
+
+def _move(text: str) -> tuple[str, str]:
+    intent, to = text.partition("=")[::2]
+    if not intent or not to:
+        raise argparse.ArgumentTypeError(f"{text!r} is not INTENT=LABEL")
+    return intent, to
 
 
 def _start_from(settings: Settings, registry: Registry, first: int, say) -> None:
@@ -107,6 +119,11 @@ def main() -> None:
     args = _arguments()
     settings = load_settings(args.config, overrides={"data_dir": args.data_dir} if args.data_dir
                              else None)
+    if args.moves:
+        try:
+            reorganise(settings.training.task(demo.MODEL).dataset, dict(args.moves))
+        except LLMOpsError as exc:
+            sys.exit(f"--moves: {exc}")
     settings.controller.cooldown_s = 0
     drift = settings.monitoring.drift
     settle = drift.window * drift.n if args.settle is None else args.settle
@@ -137,7 +154,8 @@ def main() -> None:
                                         labelling=labelling, settle=settle,
                                         timeout_s=1800, quality_rows=args.quality_rows))
     stop(settings, demo.MODEL)
-    result = {"model": demo.MODEL, "first_champion": first, "scenarios": rows}
+    result = {"model": demo.MODEL, "first_champion": first, "scenarios": rows,
+              **({"concept_moves": dict(args.moves)} if args.moves else {})}
     if args.json:
         print(json.dumps(result))
     else:

@@ -54,6 +54,31 @@ def test_concept_shift_routes_the_same_phrasing_elsewhere():
         assert (labels == expected).mean() > 0.9
 
 
+def test_a_reorganisation_given_moves_the_concept_shift_and_its_true_labels(monkeypatch):
+    monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))  # undone after the test
+    data.reorganise("support-tickets", {"payment_failed": "technical", "two_factor": "account"})
+    base = data.generate("support-tickets", "base", 2000, seed=0)
+    shifted = data.generate("support-tickets", "concept-shift", 2000, seed=0)
+    truth = data.true_labels("support-tickets", shifted)
+    for intent, before, after in (("payment_failed", "billing", "technical"),
+                                  ("two_factor", "security", "account"),
+                                  ("refund_request", "refund", "refund")):  # the lexicon's: off
+        assert (base[base.intent == intent].label == before).mean() > 0.9
+        assert (shifted[shifted.intent == intent].label == after).mean() > 0.9
+        assert (truth[shifted.intent == intent] == after).all()
+
+
+@pytest.mark.parametrize("moves, error", [
+    ({}, InvalidData), ({"payment_failed": "billing"}, InvalidData),
+    ({"rainy_day": "billing"}, UnknownName), ({"payment_failed": "sales"}, UnknownName)])
+def test_a_reorganisation_that_moves_nothing_known_is_refused(monkeypatch, moves, error):
+    monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))
+    before = data.DATASETS["support-tickets"]
+    with pytest.raises(error):
+        data.reorganise("support-tickets", moves)
+    assert data.DATASETS["support-tickets"] is before
+
+
 @pytest.mark.parametrize("dataset", list(data.DATASETS))
 def test_true_labels_are_the_labels_without_the_annotators_random_mistakes(dataset):
     lexicon = data.DATASETS[dataset]
