@@ -142,9 +142,9 @@ class Controller:
                                    self.settings.monitoring.drift, self.model,
                                    since=datetime.fromtimestamp(state.since, UTC), trace=True)
         except NotEnoughData:
-            return state
-        if not decision.drift:
-            return state
+            decision = None
+        if decision is None or not decision.drift:
+            return self.retrain.contradicted(state)
         return self._to(state, "drift_suspected",
                         f"drift in {decision.drifted_windows} of the last "
                         f"{len(decision.windows)} windows of v{decision.version}"

@@ -37,10 +37,7 @@ class RetrainSteps:
         recent = self._recent(state)
         onset = datetime.fromtimestamp(state.drift_onset, UTC) \
             if trigger == "drift" and state.drift_onset else None
-        # beside the traffic: the champion's replay and golden set, the retrain's settings
-        rest = (c.registry.run_data(c.model, champion, REFERENCE_FILE),
-                c.registry.run_data(c.model, champion, GOLDEN_FILE), c.settings.training.retrain,
-                c.settings.training.seed)
+        rest = self._beside(champion)
         classifier = c.settings.training.task(c.model).kind == "classification"
         try:
             # built once; the teacher (a fine-tune) only once the retrain goes ahead: fitted at
@@ -80,6 +77,52 @@ class RetrainSteps:
                      retrain_id=retrain_id, retrain_started=[*state.retrain_started, time.time()],
                      detail={k: v for k, v in data.notes.items()
                              if k in ("contradictions", "label_mistakes", "teacher_relabelled")})
+
+    def _beside(self, champion: int) -> tuple:
+        """What a retraining set takes beside the traffic: the champion's replay and golden set,
+        the retrain's settings."""
+        c = self.c
+        return (c.registry.run_data(c.model, champion, REFERENCE_FILE),
+                c.registry.run_data(c.model, champion, GOLDEN_FILE), c.settings.training.retrain,
+                c.settings.training.seed)
+
+    def contradicted(self, state: ControllerState) -> ControllerState:
+        """`serving` with no drift: the labels since the loop came back to serving checked
+        against the champion's training data every `controller.contradiction_labels` new ones
+        (the retraining set's contradiction check). A move they show is a concept shift ->
+        `drift_suspected`, its onset when serving began. The drift check cannot see it where the
+        champion doubts: a retrain that learnt a moved intent from three labels answered it 42%
+        right at a calibrated 0.5-0.67, so its labels' accuracy matched its confidence, while
+        its labels there said the new label in its old one's region."""
+        from monitoring.log import FEEDBACK, read
+        from training.errors import InvalidData
+        from training.retrain import retraining_plan
+
+        c = self.c
+        every, config = c.settings.controller.contradiction_labels, c.settings.training.retrain
+        if not every or not config.resolve_contradictions \
+                or c.settings.training.task(c.model).kind != "classification":
+            return state
+        since = datetime.fromtimestamp(state.since, UTC)
+        labelled = len(read(c.settings.log_uri, FEEDBACK, since=since))  # the labels given since
+        if labelled < max(config.min_labelled, state.detail.get("contradiction_checked", 0) + every):
+            return state
+        state = state.model_copy(update={"detail": {**state.detail,
+                                                    "contradiction_checked": labelled}})
+        c.store.save(state)
+        champion = c.registry.alias_version(c.model, CHAMPION)
+        try:
+            notes = retraining_plan(self._recent(state), *self._beside(champion),
+                                    onset=since).notes
+        except InvalidData:
+            return state
+        if not notes.get("concept_shift"):
+            return state
+        return c._to(state, "drift_suspected", f"the {labelled} labels since v{champion} served "
+                     f"contradict its training data: {notes['concept_shift']}", trigger="drift",
+                     drift_onset=state.since, detail={
+                         "contradictions": notes["contradictions"],
+                         "label_shift_refuted": "the labels moved regions: not a label shift"})
 
     def _recent(self, state: ControllerState) -> pd.DataFrame:
         """The champion's own traffic with its feedback labels: what earlier champions were

@@ -105,6 +105,10 @@ class ControllerConfig(BaseModel):
                                       "label_wait_s: the replay is relabelled as far as the "
                                       "labels reach the moved regions (a retrain on 107 learnt "
                                       "part of a reorganisation and needed a second)")
+    contradiction_labels: int = Field(50, ge=0, description="while serving with no drift, "
+                                      "the labels since are checked against the champion's "
+                                      "training data every this many new ones: a move they "
+                                      "show starts a retrain (0: never)")
     retrain_workers: int = Field(2, ge=1, description="Ray Train workers of a retrain")
     retrain_cpus_per_worker: float = Field(0.02, gt=0, description="what each asks of the "
                                            "scheduler: a retrain shares the nodes with serving")

@@ -1,7 +1,8 @@
 """The closed-loop controller against a real MLflow registry and the session's Ray: its state
 file, then the state machine resumed from stored states (clean traffic, a label shift answered
-with priors, a worse challenger rejected, manual promotion and rollback, refusals that change
-nothing, a re-distillation, a crash mid-promotion). Its actors: test_loop.py."""
+with priors, labels that contradict the training data with no drift, a worse challenger
+rejected, manual promotion and rollback, refusals that change nothing, a re-distillation, a
+crash mid-promotion). Its actors: test_loop.py."""
 
 import json
 import time
@@ -247,6 +248,56 @@ def log_posteriors(settings, since: float) -> list:
         since, UTC)).posterior)
 
 
+def served(settings, answered: list[tuple], first: int = 0) -> None:
+    """(row, when) answered as `row.prediction` at 0.97, then labelled `row.label`."""
+    from monitoring.config import LogConfig
+    from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
+
+    SegmentWriter(settings.log_uri, INFERENCE, LogConfig()).write_segment([
+        log_record(i, request_id=f"c{i}", model=MODEL, ts=at, prediction=r.prediction,
+                   confidence=0.97, text=r.text) for i, (r, at) in enumerate(answered, first)])
+    SegmentWriter(settings.log_uri, FEEDBACK, LogConfig()).write_segment([
+        {"request_id": f"c{i}", "item": 0, "label": r.label, "ts": now(),
+         "tenant": "default"} for i, (r, _) in enumerate(answered, first)])
+
+
+def test_labels_that_contradict_the_training_data_start_a_retrain_with_no_drift(accurate):
+    """Serving, the drift check quiet: the labels since the loop came back to serving are
+    checked against the champion's training data every `controller.contradiction_labels` new
+    ones. Labels that agree with it, and moved labels logged before serving began, start
+    nothing (their labels count towards the check's cadence, not as evidence); refunds labelled
+    billing since then are a concept shift: `drift_suspected`, its onset when serving began, no
+    label shift tried."""
+    from monitoring.log import now
+
+    settings, registry, controller = accurate
+    shift = generate("support-tickets", "concept-shift", 3000, seed=22)
+    base = generate("support-tickets", "base", 600, seed=22)
+    moved = shift[shift.intent.isin(["refund_request", "refund_status"])].head(20).assign(
+        prediction="refund")
+    right = base[base.label != "refund"].head(60).assign(prediction=lambda df: df.label)
+    since = time.time() - 60
+    serving = ControllerState(model=MODEL, state="serving", champion=1, since=since,
+                              serving_since=time.time() - 7200)
+    controller.store.save(serving)
+    served(settings, [(r, now() - timedelta(hours=1)) for r in moved.itertuples()])
+    served(settings, [(r, now()) for r in right.itertuples()], first=len(moved))
+    state = controller.step()  # the labels given since serving began: the moved ones too
+    given = len(moved) + len(right)
+    assert state.state == "serving" and state.detail["contradiction_checked"] == given
+    every = settings.controller.contradiction_labels
+    later = base[base.label != "refund"].iloc[60:60 + every - 1].assign(
+        prediction=lambda df: df.label)
+    served(settings, [(r, now()) for r in later.itertuples()], first=given)
+    assert controller.step().detail["contradiction_checked"] == given  # not yet due
+    served(settings, [(r, now()) for r in moved.itertuples()], first=given + len(later))
+    state = controller.step()
+    assert state.state == "drift_suspected" and state.drift_onset == since, state.detail
+    assert "refund -> billing" in state.detail["contradictions"]["moved"], state.detail
+    assert "label_shift_refuted" in state.detail
+    assert "contradict its training data: refund -> billing" in controller.events()[-1]["reason"]
+
+
 def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown(accurate,
                                                                                monkeypatch):
     """A concept shift found by its first labels: refunds are billing now (20 labels: a move
@@ -259,8 +310,7 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     not at each step that waits, and the set is built once a step (its contradiction check
     embeds every row), or twice where labels came while the teacher was fitted: the set is
     built on them too."""
-    from monitoring.config import LogConfig
-    from monitoring.log import FEEDBACK, INFERENCE, SegmentWriter, now
+    from monitoring.log import now
     from training import retrain
 
     settings, registry, controller = accurate
@@ -282,17 +332,9 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     earlier = base[base.intent.isin(["refund_request", "refund_status"])].head(40).assign(
         prediction="refund")
 
-    def served(answered: list[tuple], first: int = 0) -> None:
-        """(row, when) answered as `row.prediction`, then labelled."""
-        SegmentWriter(settings.log_uri, INFERENCE, LogConfig()).write_segment([
-            log_record(i, request_id=f"c{i}", model=MODEL, ts=at, prediction=r.prediction,
-                       confidence=0.97, text=r.text) for i, (r, at) in enumerate(answered, first)])
-        SegmentWriter(settings.log_uri, FEEDBACK, LogConfig()).write_segment([
-            {"request_id": f"c{i}", "item": 0, "label": r.label, "ts": now(),
-             "tenant": "default"} for i, (r, _) in enumerate(answered, first)])
-
     ts, hour_ago = now(), now() - timedelta(hours=1)
-    served([(r, hour_ago) for r in earlier.itertuples()] + [(r, ts) for r in rows.itertuples()])
+    served(settings, [(r, hour_ago) for r in earlier.itertuples()]
+           + [(r, ts) for r in rows.itertuples()])
     suspected = ControllerState(model=MODEL, state="drift_suspected", champion=1,
                                 serving_since=time.time() - 7200, drift_onset=time.time() - 60)
     controller.store.save(suspected)
@@ -312,7 +354,8 @@ def test_a_retrain_on_drift_waits_for_labels_where_a_move_is_suspected_not_shown
     def labels_come(plan, teacher):
         fitted_on.append(len(plan.learn))
         judged = fit(plan, teacher)
-        served([(r, now()) for r in parcels.itertuples()], first=len(earlier) + len(rows))
+        served(settings, [(r, now()) for r in parcels.itertuples()],
+               first=len(earlier) + len(rows))
         return judged
 
     monkeypatch.setattr(retrain.Plan, "judge", labels_come)
