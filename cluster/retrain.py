@@ -90,10 +90,10 @@ class RetrainSteps:
         """`serving` with no drift: the labels since the loop came back to serving checked
         against the champion's training data every `controller.contradiction_labels` new ones
         (the retraining set's contradiction check). A move they show is a concept shift ->
-        `drift_suspected`, its onset when serving began. The drift check cannot see it where the
-        champion doubts: a retrain that learnt a moved intent from three labels answered it 42%
-        right at a calibrated 0.5-0.67, so its labels' accuracy matched its confidence, while
-        its labels there said the new label in its old one's region."""
+        `drift_suspected`, its onset when serving began. The drift check judges each window's
+        few labels against the champion's confidence alone: the phrasings of a move that a
+        retrain's labels did not reach, kept under the old label, show there only once they
+        are mistakes beyond chance in one window; here their labels add up."""
         from monitoring.log import FEEDBACK, read
         from training.errors import InvalidData
         from training.retrain import retraining_plan
@@ -105,10 +105,13 @@ class RetrainSteps:
             return state
         since = datetime.fromtimestamp(state.since, UTC)
         labelled = len(read(c.settings.log_uri, FEEDBACK, since=since))  # the labels given since
-        if labelled < max(config.min_labelled, state.detail.get("contradiction_checked", 0) + every):
+        # (when this serving began, the labels at the last check): a detail outlives its state
+        checked = state.detail.get("contradiction_checked") or [None, 0]
+        done = checked[1] if checked[0] == state.since else 0
+        if labelled < max(config.min_labelled, done + every):
             return state
-        state = state.model_copy(update={"detail": {**state.detail,
-                                                    "contradiction_checked": labelled}})
+        state = state.model_copy(update={"detail": {
+            **state.detail, "contradiction_checked": [state.since, labelled]}})
         c.store.save(state)
         champion = c.registry.alias_version(c.model, CHAMPION)
         try:

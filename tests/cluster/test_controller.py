@@ -277,19 +277,21 @@ def test_labels_that_contradict_the_training_data_start_a_retrain_with_no_drift(
         prediction="refund")
     right = base[base.label != "refund"].head(60).assign(prediction=lambda df: df.label)
     since = time.time() - 60
+    # a count an earlier serving left in the detail (a manual promotion carries it) is not this one's
     serving = ControllerState(model=MODEL, state="serving", champion=1, since=since,
-                              serving_since=time.time() - 7200)
+                              serving_since=time.time() - 7200,
+                              detail={"contradiction_checked": [since - 600, 10**6]})
     controller.store.save(serving)
     served(settings, [(r, now() - timedelta(hours=1)) for r in moved.itertuples()])
     served(settings, [(r, now()) for r in right.itertuples()], first=len(moved))
     state = controller.step()  # the labels given since serving began: the moved ones too
     given = len(moved) + len(right)
-    assert state.state == "serving" and state.detail["contradiction_checked"] == given
+    assert state.state == "serving" and state.detail["contradiction_checked"] == [since, given]
     every = settings.controller.contradiction_labels
     later = base[base.label != "refund"].iloc[60:60 + every - 1].assign(
         prediction=lambda df: df.label)
     served(settings, [(r, now()) for r in later.itertuples()], first=given)
-    assert controller.step().detail["contradiction_checked"] == given  # not yet due
+    assert controller.step().detail["contradiction_checked"] == [since, given]  # not yet due
     served(settings, [(r, now()) for r in moved.itertuples()], first=given + len(later))
     state = controller.step()
     assert state.state == "drift_suspected" and state.drift_onset == since, state.detail
